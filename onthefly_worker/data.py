@@ -1,0 +1,240 @@
+"""Data order owned by the worker.
+
+The permutation of an epoch is a pure function of (seed, epoch), the sample ids of each
+batch are known in the main process before the batch is loaded, and a mid-epoch resume
+starts the batch sampler at batch k, so skipped samples are never loaded. The user's
+DataLoader is re-created around this sampler with the user's own dataset, batch size,
+collate function, worker count and pinning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
+
+from onthefly_worker.errors import OnTheFlyError
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 63-bit seed for (seed, epoch): neighbouring epochs get unrelated orders."""
+    x = (seed * 6364136223846793005 + (epoch + 1) * _GOLDEN) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def dataset_size(loader: DataLoader) -> int:
+    ds = loader.dataset
+    if isinstance(ds, IterableDataset):
+        return -1
+    try:
+        return len(ds)  # type: ignore[arg-type]
+    except TypeError:
+        return -1
+
+
+class EpochOrder:
+    """Computes the index order of an epoch as the user's loader would have drawn it.
+
+    * RandomSampler (shuffle=True) without replacement: a permutation from (seed, epoch).
+    * SequentialSampler (shuffle=False): 0..n-1.
+    * Any other sampler (weighted, subset, custom): iterated under a torch RNG forked and
+      seeded from (seed, epoch), so the order is reproducible and the training RNG is
+      untouched.
+    `subset` restricts training to those dataset positions (a fork's selection).
+    """
+
+    def __init__(self, loader: DataLoader, seed: int, subset: np.ndarray | None = None) -> None:
+        self.loader = loader
+        self.seed = seed
+        self.n = dataset_size(loader)
+        self.subset = None if subset is None else np.asarray(subset, dtype=np.int64)
+        if self.subset is not None and self.subset.size == 0:
+            raise OnTheFlyError("the selection is empty: there are no samples to train on")
+        self.sampler = loader.sampler
+        self.user_batch_sampler = loader.batch_sampler
+        self.batch_size = loader.batch_size
+        self.drop_last = loader.drop_last
+        if self.batch_size is None:
+            bs = getattr(self.user_batch_sampler, "batch_size", None)
+            if bs is None:
+                raise OnTheFlyError(
+                    "the train loader has a custom batch_sampler without a batch_size; "
+                    "OnTheFly needs to know the batch size to own the data order"
+                )
+            self.batch_size = int(bs)
+            self.drop_last = bool(getattr(self.user_batch_sampler, "drop_last", False))
+            self.sampler = getattr(self.user_batch_sampler, "sampler", self.sampler)
+
+    def order(self, epoch: int) -> np.ndarray:
+        s = epoch_seed(self.seed, epoch)
+        if self.subset is not None:
+            g = torch.Generator().manual_seed(s)
+            if isinstance(self.sampler, SequentialSampler):
+                return self.subset.copy()
+            return self.subset[torch.randperm(len(self.subset), generator=g).numpy()]
+        if isinstance(self.sampler, SequentialSampler):
+            return np.arange(self.n, dtype=np.int64)
+        if (
+            isinstance(self.sampler, RandomSampler)
+            and not self.sampler.replacement
+            and self.sampler.num_samples == self.n
+        ):
+            g = torch.Generator().manual_seed(s)
+            return torch.randperm(self.n, generator=g).numpy()
+        # Generic sampler: draw it with a private, seeded RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            gen = getattr(self.sampler, "generator", None)
+            if isinstance(gen, torch.Generator):
+                saved = gen.get_state()
+                gen.manual_seed(s)
+                try:
+                    idx = list(iter(self.sampler))
+                finally:
+                    gen.set_state(saved)
+            else:
+                idx = list(iter(self.sampler))
+        return np.asarray(idx, dtype=np.int64)
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        order = self.order(epoch)
+        bs = int(self.batch_size or 1)
+        n_full = len(order) // bs
+        out = [order[i * bs : (i + 1) * bs] for i in range(n_full)]
+        if not self.drop_last and len(order) % bs:
+            out.append(order[n_full * bs :])
+        return out
+
+
+class _ListBatchSampler(Sampler[list[int]]):
+    def __init__(self, batches: Sequence[np.ndarray]) -> None:
+        self._batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self._batches:
+            yield b.tolist()
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+def epoch_loader(loader: DataLoader, batches: Sequence[np.ndarray], seed: int, epoch: int) -> DataLoader:
+    """The user's DataLoader, re-created to yield exactly `batches` in order.
+
+    The generator seeds the loader workers' base seed from (seed, epoch) instead of the
+    global torch RNG, so creating an iterator does not disturb training randomness.
+    """
+    kwargs: dict[str, Any] = {
+        "batch_sampler": _ListBatchSampler(batches),
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "generator": torch.Generator().manual_seed(epoch_seed(seed, epoch) ^ 0x5DEECE66D),
+    }
+    if loader.num_workers > 0:
+        kwargs["multiprocessing_context"] = loader.multiprocessing_context
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    return DataLoader(loader.dataset, **kwargs)
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """(inputs, target) from what the loader yielded, or a clear error naming the structure."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict):
+        for xk, yk in (("x", "y"), ("input", "target"), ("inputs", "targets"), ("features", "label"), ("image", "label")):
+            if xk in batch and yk in batch:
+                return batch[xk], batch[yk]
+        raise OnTheFlyError(
+            f"the loader yielded a dict with keys {sorted(batch)}; OnTheFly needs (inputs, target): "
+            "use keys x/y, input/target or inputs/targets, or yield a tuple"
+        )
+    raise OnTheFlyError(
+        f"the loader yielded a {type(batch).__name__}; OnTheFly needs (inputs, target) pairs "
+        "(a tuple/list of at least two items, or a dict with x/y keys)"
+    )
+
+
+def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(o, device, non_blocking) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+    return obj
+
+
+def batch_len(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() > 0 else 1
+    if isinstance(x, (list, tuple)) and x:
+        return batch_len(x[0])
+    if isinstance(x, dict) and x:
+        return batch_len(next(iter(x.values())))
+    return 0
+
+
+def data_fingerprint(loader: DataLoader, k: int = 4) -> str:
+    """sha256 over the first k samples, so a fork can tell that its data equals the parent's."""
+    ds = loader.dataset
+    h = hashlib.sha256()
+    n = dataset_size(loader)
+    h.update(str(n).encode())
+    if n <= 0:
+        return h.hexdigest()
+    with torch.random.fork_rng(devices=[]):
+        for i in range(min(k, n)):
+            try:
+                item = ds[i]  # type: ignore[index]
+            except Exception:  # a dataset whose __getitem__ needs more than an int
+                return h.hexdigest()
+            _hash_into(h, item)
+    return h.hexdigest()
+
+
+def _hash_into(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, np.ndarray):
+        h.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _hash_into(h, o)
+    elif isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            h.update(str(key).encode())
+            _hash_into(h, obj[key])
+    else:
+        h.update(repr(obj).encode())
+
+
+__all__ = [
+    "BatchSampler",
+    "EpochOrder",
+    "batch_len",
+    "data_fingerprint",
+    "dataset_size",
+    "epoch_loader",
+    "epoch_seed",
+    "split_batch",
+    "to_device",
+]

@@ -1,0 +1,86 @@
+"""Worker entry point: `python -m onthefly_worker.launch SCRIPT [ARGS...]`.
+
+The supervisor starts every worker through this module. It is wrapped once, the way
+torchelastic's `@record` wraps a rank: the parent-death signal is armed first (no worker
+outlives its supervisor), then the user's script runs as `__main__`, and an uncaught
+exception is written to the JSON error file the supervisor named, so the root cause
+crosses the process boundary as data.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import runpy
+import signal
+import sys
+import time
+
+from onthefly_worker import env as wenv
+from onthefly_worker.errors import error_record, write_error_file
+
+EXIT_NO_FIT = 3
+_PR_SET_PDEATHSIG = 1
+
+
+def arm_parent_death_signal(expected_parent: int) -> None:
+    """Ask the kernel to SIGKILL us when the supervisor dies (Linux); no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:
+            pass
+    # The parent may have died before prctl took effect: then we were re-parented.
+    if expected_parent and os.getppid() != expected_parent:
+        os._exit(1)
+
+
+def _sigterm_to_exit(signum: int, _frame: object) -> None:
+    # SIGTERM becomes an exception so `finally:` blocks (checkpoint flush, stream close) run.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python -m onthefly_worker.launch SCRIPT [ARGS...]", file=sys.stderr)
+        return 2
+    parent = int(os.environ.get("ONTHEFLY_PARENT_PID", "0") or 0)
+    arm_parent_death_signal(parent)
+    signal.signal(signal.SIGTERM, _sigterm_to_exit)
+
+    script = os.path.abspath(argv[0])
+    error_file = os.environ.get(wenv.ERROR_FILE, "")
+    marker = os.environ.get(wenv.FIT_MARKER, "")
+    sys.argv = [argv[0], *argv[1:]]
+    script_dir = os.path.dirname(script)
+    sys.path.insert(0, script_dir)
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code != 0 and not isinstance(e.code, int):
+            write_error_file(
+                error_file,
+                {"message": f"SystemExit: {e.code}", "traceback": "", "filename": script, "lineno": 0, "time": time.time()},
+            )
+        return code
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the supervisor as data
+        write_error_file(error_file, error_record(e, script_dir))
+        raise
+    if marker and not os.path.exists(marker):
+        msg = (
+            f"{os.path.basename(script)} finished without calling Trainer.fit(), quickstart() "
+            "or trainer.fit() after attach_lightning(): nothing was trained"
+        )
+        write_error_file(
+            error_file,
+            {"message": f"OnTheFlyError: {msg}", "traceback": "", "filename": script, "lineno": 0, "time": time.time()},
+        )
+        print(f"[onthefly] error: {msg}", file=sys.stderr)
+        return EXIT_NO_FIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,101 @@
+"""Per-sample loss from the training forward pass itself.
+
+The user's loss is re-run with `reduction='none'` on the same outputs (no extra model
+forward); the scalar for backward is reduced exactly as the user's own reduction would
+be, so the gradients equal those of the user's loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from onthefly_worker.errors import OnTheFlyError
+
+LossFn = Callable[..., torch.Tensor]
+
+
+def _per_row(l: torch.Tensor, batch: int) -> torch.Tensor:
+    if l.dim() == 0:
+        raise OnTheFlyError("internal: per-sample loss is a scalar")
+    if l.shape[0] != batch:
+        raise OnTheFlyError(
+            f"the per-sample loss has shape {tuple(l.shape)} but the batch has {batch} samples; "
+            "the loss's first dimension must be the batch"
+        )
+    if l.dim() == 1:
+        return l
+    return l.reshape(batch, -1).mean(dim=1)
+
+
+class PerSampleLoss:
+    """Wraps the user's loss: `__call__(output, target, batch) -> (loss_for_backward, per_sample)`."""
+
+    def __init__(self, loss_fn: Any) -> None:
+        if loss_fn is None or not callable(loss_fn):
+            raise OnTheFlyError(f"loss_fn must be callable (e.g. nn.CrossEntropyLoss()), got {loss_fn!r}")
+        self.user = loss_fn
+        self.reduction = "mean"
+        self._none: LossFn | None = None
+        self._kwarg = False
+        if isinstance(loss_fn, nn.Module) and isinstance(getattr(loss_fn, "reduction", None), str):
+            self.reduction = loss_fn.reduction
+            clone = copy.copy(loss_fn)  # shares parameters/buffers (e.g. class weights)
+            clone.reduction = "none"
+            self._none = clone
+        elif not isinstance(loss_fn, nn.Module):
+            try:
+                params = inspect.signature(loss_fn).parameters
+                self._kwarg = "reduction" in params or any(
+                    p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+                )
+            except (TypeError, ValueError):
+                self._kwarg = False
+        self.name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+
+    def _weighted_denominator(self, target: torch.Tensor) -> torch.Tensor | None:
+        """CrossEntropy/NLL 'mean' divides by the summed class weights of the targets."""
+        fn = self._none
+        if not isinstance(fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+            return None
+        if target.dtype not in (torch.int64, torch.int32, torch.long):
+            return None
+        weight = fn.weight
+        valid = target != fn.ignore_index
+        if weight is None:
+            if bool(valid.all()):
+                return None
+            return valid.sum().to(torch.float32)
+        w = weight[target.clamp(min=0)] * valid
+        return w.sum()
+
+    def __call__(self, output: Any, target: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._none is not None:
+            raw = self._none(output, target)
+        elif self._kwarg:
+            raw = self.user(output, target, reduction="none")
+        else:
+            raw = self.user(output, target)
+        if not isinstance(raw, torch.Tensor):
+            raise OnTheFlyError(f"loss_fn returned {type(raw).__name__}, not a tensor")
+        if raw.dim() == 0:
+            raise OnTheFlyError(
+                f"loss_fn {self.name} returned a scalar and has no reduction='none': OnTheFly records "
+                "the loss of every sample from the training forward pass, so pass an nn loss module "
+                "(e.g. nn.CrossEntropyLoss()), a function that accepts reduction=, or one that "
+                "returns one loss per sample"
+            )
+        per = _per_row(raw, batch)
+        if self.reduction == "sum":
+            total = raw.sum()
+        else:
+            denom = (
+                self._weighted_denominator(target) if isinstance(target, torch.Tensor) else None
+            )
+            total = raw.sum() / denom if denom is not None else raw.mean()
+        return total, per.detach()

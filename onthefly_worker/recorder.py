@@ -1,0 +1,160 @@
+"""Buffers step metrics and per-sample losses, and flushes them as few, packed messages.
+
+Per step the training loop only appends references (the loss tensors stay where they
+are, so there is no device sync per step); a flush every ~50 ms or 64 KB concatenates,
+copies to host once, packs ids as int64 and losses as float32 bytes, and queues one
+`SampleLosses` and one `MetricsBatch` message.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from onthefly_proto import onthefly_pb2 as pb
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Recorder:
+    def __init__(
+        self,
+        send: Any,
+        run_id: str,
+        device: torch.device,
+        flush_interval_s: float = 0.05,
+        max_pending_bytes: int = 64 * 1024,
+    ) -> None:
+        self._send = send
+        self.run_id = run_id
+        self.device = device
+        self.flush_interval_s = flush_interval_s
+        self.max_pending_bytes = max_pending_bytes
+        self._ids: list[np.ndarray] = []
+        self._per: list[torch.Tensor] = []
+        self._losses: list[torch.Tensor] = []
+        self._gnorms: list[torch.Tensor | float] = []
+        self._points: list[tuple[int, int, int, float, float, float, float, float]] = []
+        self._extra: list[dict[str, float]] = []
+        self._epoch = -1
+        self._pending = 0
+        self._last_flush = time.monotonic()
+        self.epoch_sum = 0.0
+        self.epoch_count = 0
+        self.sent_samples = 0
+
+    def record(
+        self,
+        step: int,
+        epoch: int,
+        batch: int,
+        ids: np.ndarray,
+        per: torch.Tensor,
+        loss: torch.Tensor,
+        lr: float,
+        grad_norm: torch.Tensor | float,
+        step_ms: float,
+        data_ms: float,
+        extra: dict[str, float] | None = None,
+    ) -> None:
+        if epoch != self._epoch and self._ids:
+            self.flush()
+        self._epoch = epoch
+        self._ids.append(ids)
+        self._per.append(per)
+        self._losses.append(loss.detach())
+        self._gnorms.append(grad_norm)
+        n = len(ids)
+        sps = n / (step_ms / 1000.0) if step_ms > 0 else 0.0
+        self._points.append((step, epoch, batch, time.time(), lr, sps, step_ms, data_ms))
+        self._extra.append(extra or {})
+        self._pending += 12 * n
+        if (
+            self._pending >= self.max_pending_bytes
+            or time.monotonic() - self._last_flush >= self.flush_interval_s
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._ids:
+            return
+        ids = np.concatenate(self._ids).astype("<i8", copy=False)
+        per = torch.cat([p.reshape(-1) for p in self._per]).float().cpu().numpy().astype("<f4", copy=False)
+        losses = torch.stack([l.float() for l in self._losses]).cpu().tolist()
+        gns = [
+            float(g) if not isinstance(g, torch.Tensor) else g
+            for g in self._gnorms
+        ]
+        tensors = [g for g in gns if isinstance(g, torch.Tensor)]
+        if tensors:
+            values = iter(torch.stack([t.float() for t in tensors]).cpu().tolist())
+            gns = [next(values) if isinstance(g, torch.Tensor) else g for g in gns]
+        finite = per[np.isfinite(per)]
+        self.epoch_sum += float(finite.sum(dtype=np.float64))
+        self.epoch_count += int(finite.size)
+        mem = memory_mb(self.device)
+        points = []
+        for (step, epoch, batch, t, lr, sps, sms, dms), loss, gn, extra in zip(
+            self._points, losses, gns, self._extra, strict=True
+        ):
+            points.append(
+                pb.StepMetric(
+                    step=step,
+                    epoch=epoch,
+                    batch=batch,
+                    time=t,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=float(gn) if gn is not None else math.nan,
+                    samples_per_s=sps,
+                    step_time_ms=sms,
+                    data_time_ms=dms,
+                    memory_mb=mem,
+                    extra=extra,
+                )
+            )
+        first, last = self._points[0][0], self._points[-1][0]
+        self._send(
+            samples=pb.SampleLosses(
+                run_id=self.run_id,
+                epoch=self._epoch,
+                count=int(ids.size),
+                ids=ids.tobytes(),
+                losses=per.tobytes(),
+                first_step=first,
+                last_step=last,
+            )
+        )
+        self._send(metrics=pb.MetricsBatch(run_id=self.run_id, points=points))
+        self.sent_samples += int(ids.size)
+        self._ids.clear()
+        self._per.clear()
+        self._losses.clear()
+        self._gnorms.clear()
+        self._points.clear()
+        self._extra.clear()
+        self._pending = 0
+
+    def take_epoch_mean(self) -> float:
+        self.flush()
+        mean = self.epoch_sum / self.epoch_count if self.epoch_count else math.nan
+        self.epoch_sum = 0.0
+        self.epoch_count = 0
+        return mean

@@ -1,0 +1,602 @@
+"""The OnTheFly Trainer: the user's training loop, owned by a worker process.
+
+`Trainer(...).fit(model, optimizer, loss_fn, train_loader, ...)` connects to the
+supervisor (starting one when the script was run as plain `python train.py`) and does
+what this worker's role says: train the generalist, or train a fork from a parent
+checkpoint on a selection of samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from onthefly_proto import onthefly_pb2 as pb
+from onthefly_worker import checkpoint as ckpt
+from onthefly_worker import env as wenv
+from onthefly_worker.config import TrainerConfig
+from onthefly_worker.connection import PROTOCOL_VERSION, Command, WorkerConnection
+from onthefly_worker.data import (
+    EpochOrder,
+    batch_len,
+    data_fingerprint,
+    dataset_size,
+    epoch_loader,
+    split_batch,
+    to_device,
+)
+from onthefly_worker.errors import OnTheFlyError, error_record
+from onthefly_worker.losses import PerSampleLoss
+from onthefly_worker.recorder import Recorder
+
+ROLE_TO_PB = {"train": pb.ROLE_TRAIN, "fork": pb.ROLE_FORK, "merge": pb.ROLE_MERGE, "health": pb.ROLE_HEALTH}
+
+
+def _log(msg: str) -> None:
+    print(f"[onthefly] {msg}", flush=True)
+
+
+def mark_fit_reached() -> None:
+    marker = os.environ.get(wenv.FIT_MARKER, "")
+    if marker:
+        with open(marker, "a", encoding="utf-8"):
+            pass
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Evaluation and health checks must not move the training RNG (python, numpy, torch)."""
+    py = random.getstate()
+    npst = np.random.get_state()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npst)
+
+
+def connect(env: wenv.WorkerEnv, hello: pb.Hello, timeout: float = 30.0) -> WorkerConnection:
+    conn = WorkerConnection(env.addr, env.token, env.worker_id)
+    conn.send(hello=hello)
+    conn.wait_welcome(timeout)
+    return conn
+
+
+class Trainer:
+    """Train any `nn.Module` with live control. See TrainerConfig for every option."""
+
+    def __init__(self, project: str = "default", run_name: str = "main", **options: Any) -> None:
+        self.config = TrainerConfig.from_kwargs({"project": project, "run_name": run_name, **options})
+        self.state: dict[str, Any] = {}
+
+    # The signature the product READMEs promise.
+    def fit(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Any,
+        train_loader: DataLoader,
+        val_loader: DataLoader | None = None,
+        test_loader: DataLoader | None = None,
+        scheduler: Any = None,
+    ) -> dict[str, Any]:
+        mark_fit_reached()
+        if not isinstance(model, nn.Module):
+            raise OnTheFlyError(f"fit(model=...) must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise OnTheFlyError(f"fit(optimizer=...) must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(train_loader, DataLoader):
+            raise OnTheFlyError(f"fit(train_loader=...) must be a torch DataLoader, got {type(train_loader).__name__}")
+        for name, ld in (("val_loader", val_loader), ("test_loader", test_loader)):
+            if ld is not None and not isinstance(ld, DataLoader):
+                raise OnTheFlyError(f"fit({name}=...) must be a torch DataLoader or None, got {type(ld).__name__}")
+        env = wenv.WorkerEnv.from_environ()
+        if env is None:
+            from onthefly_worker import selfhost
+
+            env = selfhost.ensure_supervisor(self.config)
+        loop = _Loop(self.config, env, model, optimizer, loss_fn, train_loader, val_loader, test_loader, scheduler)
+        result = loop.run()
+        self.state = result
+        if env.role != "train":
+            # A fork/health worker's job ends with its role; the rest of the script is the generalist's.
+            raise SystemExit(0 if result.get("status") == "completed" else 1)
+        return result
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Loop:
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        env: wenv.WorkerEnv,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Any,
+        train_loader: DataLoader,
+        val_loader: DataLoader | None,
+        test_loader: DataLoader | None,
+        scheduler: Any,
+    ) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.model = model
+        self.opt = optimizer
+        self.loss = PerSampleLoss(loss_fn)
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.test_loader = test_loader
+        self.sched = scheduler
+        self.spec: dict[str, Any] = {}
+        if env.spec:
+            with open(env.spec, encoding="utf-8") as f:
+                self.spec = json.load(f)
+        self.run_id = env.run_id
+        self.seed = cfg.seed if cfg.seed is not None else (wenv.session_seed() or 0)
+        if "seed" in self.spec:
+            self.seed = int(self.spec["seed"])
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.amp_dtype: torch.dtype | None = None
+        self.scaler: Any = None
+        if cfg.amp:
+            if self.device.type == "cuda":
+                self.amp_dtype = torch.float16
+                self.scaler = torch.amp.GradScaler("cuda")
+            else:
+                self.amp_dtype = torch.bfloat16
+        self.step = 0
+        self.epoch = 0
+        self.batch = 0
+        self.sample_steps = 0
+        self.paused = False
+        self.stop_reason = ""
+        self.run_test_on_stop = cfg.do_test_after
+        self.nonfinite_run = 0
+        self.nonfinite_total = 0
+        self.grad_clip = cfg.grad_clip
+        self.writer = ckpt.AsyncWriter()
+        self.last_checkpoint = ""
+        self.budget = int(self.spec.get("budget_steps", 0) or 0)
+        subset = None
+        if env.role == "fork":
+            subset = np.load(os.path.join(env.session_dir, self.spec["indices_file"]))
+        self.order = EpochOrder(train_loader, self.seed, subset)
+        self.conn: WorkerConnection | None = None
+        self.rec: Recorder | None = None
+        self.flush_s = 0.05
+        self.hb_s = 1.0
+        self._last_hb = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.model.to(self.device)
+        hello = pb.Hello(
+            role=ROLE_TO_PB[self.env.role],
+            pid=os.getpid(),
+            run_id=self.run_id,
+            project=self.cfg.project,
+            run_name=str(self.spec.get("name", self.cfg.run_name)),
+            dataset_size=dataset_size(self.train_loader),
+            steps_per_epoch=len(self.order.batches(0)),
+            max_epochs=self.cfg.max_epochs,
+            max_steps=self.budget or self.cfg.max_steps,
+            config_json=json.dumps(self.cfg.to_dict()),
+            model_summary=f"{type(self.model).__name__} ({sum(p.numel() for p in self.model.parameters()):,} parameters)",
+            device=str(self.device),
+            data_fingerprint=data_fingerprint(self.train_loader),
+            protocol_version=PROTOCOL_VERSION,
+            framework="native",
+        )
+        self.conn = connect(self.env, hello)
+        welcome = self.conn.welcome
+        assert welcome is not None
+        self.flush_s = welcome.flush_interval_s
+        self.hb_s = welcome.heartbeat_interval_s
+        self.rec = Recorder(self.conn.send, self.run_id, self.device, self.flush_s)
+        status = "failed"
+        try:
+            self._restore()
+            self._status(pb.WORKER_STATE_RUNNING, "training")
+            self._train()
+            if self.run_test_on_stop and self.test_loader is not None:
+                self._evaluate(self.test_loader, "test")
+            if self.env.role == "fork":
+                self._fork_reports()
+            self._checkpoint("final", wait=True)
+            status = "stopped" if self.stop_reason else "completed"
+            self.conn.send(
+                finished=pb.RunFinished(
+                    run_id=self.run_id,
+                    status=pb.RUN_STATUS_STOPPED if self.stop_reason else pb.RUN_STATUS_COMPLETED,
+                    step=self.step,
+                    epoch=self.epoch,
+                    final_checkpoint=self.last_checkpoint,
+                    summary_json=json.dumps({"sample_steps": self.sample_steps, "nonfinite_steps": self.nonfinite_total}),
+                )
+            )
+            return {"status": status, "step": self.step, "epoch": self.epoch, "checkpoint": self.last_checkpoint}
+        except BaseException as e:
+            rec = error_record(e)
+            if self.rec is not None:
+                with contextlib.suppress(Exception):
+                    self.rec.flush()
+            self.conn.send(
+                error=pb.WorkerError(
+                    message=str(rec["message"]),
+                    traceback=str(rec["traceback"]),
+                    filename=str(rec["filename"]),
+                    lineno=int(rec["lineno"]),  # type: ignore[call-overload]
+                    time=float(rec["time"]),  # type: ignore[arg-type]
+                )
+            )
+            raise
+        finally:
+            self.writer.wait()
+            self.conn.close()
+
+    def _status(self, state: int, message: str = "") -> None:
+        assert self.conn is not None
+        self.conn.send(
+            status=pb.StatusUpdate(run_id=self.run_id, state=state, message=message, step=self.step, epoch=self.epoch)  # type: ignore[arg-type]
+        )
+
+    def log(self, text: str, level: str = "info") -> None:
+        assert self.conn is not None
+        self.conn.send(log=pb.LogLine(level=level, text=text))
+
+    # -- restore / checkpoint ----------------------------------------------------------------
+    def _restore(self) -> None:
+        path = ""
+        fork_parent = False
+        if self.env.resume:
+            path = self.env.resume
+        elif self.env.role == "fork":
+            path = self.spec["checkpoint"]
+            fork_parent = True
+        if not path:
+            return
+        full = os.path.join(self.env.session_dir, path)
+        state = ckpt.load(full, map_location=self.device, expected_sha256=None)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if fork_parent:
+            lr_mul = float(self.spec.get("lr_mul", 1.0) or 1.0)
+            wd_mul = float(self.spec.get("wd_mul", 1.0) or 1.0)
+            for g in self.opt.param_groups:
+                g["lr"] = g["lr"] * lr_mul
+                if "weight_decay" in g:
+                    g["weight_decay"] = g["weight_decay"] * wd_mul
+            ckpt.restore_rng(state["rng"])
+            self.log(f"fork started from {path} (parent step {state['counters']['step']})")
+            return
+        if self.sched is not None and state.get("scheduler") is not None:
+            self.sched.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng(state["rng"])
+        cur = state["cursor"]
+        self.epoch, self.batch = int(cur["epoch"]), int(cur["batch"])
+        self.seed = int(cur["seed"])
+        self.order.seed = self.seed
+        self.step = int(state["counters"]["step"])
+        self.sample_steps = int(state["counters"]["sample_steps"])
+        self.log(f"resumed from {path} at epoch {self.epoch}, batch {self.batch}, step {self.step}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": ckpt.FORMAT,
+            "version": ckpt.VERSION,
+            "run_id": self.run_id,
+            "role": self.env.role,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict() if self.sched is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": ckpt.capture_rng(),
+            "cursor": {"epoch": self.epoch, "batch": self.batch, "seed": self.seed},
+            "counters": {"step": self.step, "sample_steps": self.sample_steps},
+            "config": self.cfg.to_dict(),
+            "spec": self.spec,
+        }
+
+    def _checkpoint(self, reason: str, wait: bool = False) -> str:
+        assert self.conn is not None
+        state = ckpt.snapshot(self.state_dict())
+        rel = os.path.join("checkpoints", self.run_id, f"step-{self.step:08d}.pt")
+        path = os.path.join(self.env.session_dir, rel)
+        meta = {"step": self.step, "epoch": self.epoch, "batch": self.batch, "reason": reason, "rel": rel}
+        conn = self.conn
+
+        def done(saved: ckpt.SavedCheckpoint | None, err: BaseException | None) -> None:
+            if saved is not None:
+                conn.send(
+                    checkpoint=pb.CheckpointSaved(
+                        run_id=self.run_id,
+                        path=rel,
+                        sha256=saved.sha256,
+                        step=meta["step"],
+                        epoch=meta["epoch"],
+                        batch=meta["batch"],
+                        reason=reason,
+                        bytes=saved.nbytes,
+                    )
+                )
+            else:
+                conn.send(log=pb.LogLine(level="error", text=f"checkpoint {rel} failed: {err}"))
+
+        self.writer.submit(state, path, meta, done)
+        if wait:
+            self.writer.wait()
+            if self.writer.error is not None:
+                err, self.writer.error = self.writer.error, None
+                raise OnTheFlyError(f"could not write checkpoint {rel}: {err}") from err
+        self.last_checkpoint = rel
+        return rel
+
+    # -- commands ----------------------------------------------------------------------------
+    def _poll(self) -> None:
+        """Handle queued supervisor commands; block here (no spinning) while paused."""
+        conn = self.conn
+        assert conn is not None
+        while True:
+            conn.command_event.clear()
+            while conn.commands:
+                self._handle(conn.commands.popleft())
+            if not self.paused or self.stop_reason:
+                return
+            if conn.closed.is_set():
+                raise OnTheFlyError(f"lost the supervisor while paused: {conn.describe_error()}")
+            conn.command_event.wait(self.hb_s)
+            conn.send(heartbeat=pb.Heartbeat(step=self.step))
+
+    def _handle(self, cmd: Command) -> None:
+        conn = self.conn
+        assert conn is not None and self.rec is not None
+        if cmd.kind == "pause":
+            if not self.paused:
+                self.rec.flush()
+                rel = self._checkpoint("pause", wait=True)
+                self.paused = True
+                self._status(pb.WORKER_STATE_PAUSED, f"paused at step {self.step}")
+                conn.ack(cmd.command_id, True, f"paused at step {self.step}", {"step": self.step, "checkpoint": rel})
+            else:
+                conn.ack(cmd.command_id, True, "already paused", {"step": self.step})
+        elif cmd.kind == "resume":
+            was = self.paused
+            self.paused = False
+            if was:
+                self._status(pb.WORKER_STATE_RUNNING, f"resumed at step {self.step}")
+            conn.ack(cmd.command_id, True, "resumed" if was else "was not paused", {"step": self.step})
+        elif cmd.kind == "checkpoint":
+            rel = self._checkpoint(str(cmd.args.get("reason", "request")), wait=True)
+            conn.ack(cmd.command_id, True, rel, {"checkpoint": rel, "step": self.step})
+        elif cmd.kind == "eval":
+            split = str(cmd.args.get("split", "test"))
+            loader = self.test_loader if split == "test" else self.val_loader
+            if loader is None:
+                conn.ack(cmd.command_id, False, f"this run has no {split} loader")
+            else:
+                res = self._evaluate(loader, split)
+                conn.ack(cmd.command_id, True, f"{split} loss {res['loss']:.4f}", res)
+        elif cmd.kind == "stop":
+            self.stop_reason = str(cmd.args.get("reason") or "stop requested")
+            if cmd.args.get("run_test"):
+                self.run_test_on_stop = True
+            self.paused = False
+            self._status(pb.WORKER_STATE_STOPPING, self.stop_reason)
+            conn.ack(cmd.command_id, True, f"stopping at step {self.step}")
+        elif cmd.kind == "set_hparams":
+            vals = {k: float(v) for k, v in cmd.args.get("values", {}).items()}
+            for g in self.opt.param_groups:
+                if "lr" in vals:
+                    g["lr"] = vals["lr"]
+                if "lr_mul" in vals:
+                    g["lr"] = g["lr"] * vals["lr_mul"]
+                if "weight_decay" in vals and "weight_decay" in g:
+                    g["weight_decay"] = vals["weight_decay"]
+            if "grad_clip" in vals:
+                self.grad_clip = vals["grad_clip"]
+            conn.ack(cmd.command_id, True, f"set {', '.join(sorted(vals))}", vals)
+        elif cmd.kind == "health":
+            conn.ack(cmd.command_id, False, "health checks are not built yet in this worker")
+        else:
+            conn.ack(cmd.command_id, False, f"unknown command {cmd.kind}")
+
+    # -- training ----------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _done(self) -> bool:
+        if self.stop_reason:
+            return True
+        limit = self.budget or self.cfg.max_steps
+        return bool(limit and self.step >= limit)
+
+    def _train(self) -> None:
+        assert self.conn is not None and self.rec is not None
+        model, opt, rec = self.model, self.opt, self.rec
+        conn = self.conn
+        params = [p for g in opt.param_groups for p in g["params"]]
+        max_epochs = self.cfg.max_epochs if self.env.role != "fork" else 10**9
+        model.train()
+        self._poll()
+        while self.epoch < max_epochs and not self._done():
+            batches = self.order.batches(self.epoch)
+            if self.batch >= len(batches):
+                self._end_epoch(len(batches))
+                continue
+            loader = epoch_loader(self.train_loader, batches[self.batch :], self.seed, self.epoch)
+            t_epoch = time.perf_counter()
+            t_prev = time.perf_counter()
+            it = iter(loader)
+            while True:
+                try:
+                    raw = next(it)
+                except StopIteration:
+                    break
+                t_data = time.perf_counter()
+                ids = batches[self.batch]
+                x, y = split_batch(raw)
+                x = to_device(x, self.device)
+                y = to_device(y, self.device)
+                n = batch_len(x) or len(ids)
+                opt.zero_grad(set_to_none=True)
+                with self._autocast():
+                    out = model(x)
+                    total, per = self.loss(out, y, n)
+                finite = bool(torch.isfinite(total))
+                gnorm: torch.Tensor | float = math.nan
+                if finite:
+                    self.nonfinite_run = 0
+                    if self.scaler is not None:
+                        self.scaler.scale(total).backward()
+                        self.scaler.unscale_(opt)
+                    else:
+                        total.backward()
+                    grads = [p.grad for p in params if p.grad is not None]
+                    if grads:
+                        gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                        if self.grad_clip > 0:
+                            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                    if self.scaler is not None:
+                        self.scaler.step(opt)
+                        self.scaler.update()
+                    else:
+                        opt.step()
+                    if self.sched is not None and self.cfg.scheduler_interval == "step":
+                        self.sched.step()
+                else:
+                    self.nonfinite_run += 1
+                    self.nonfinite_total += 1
+                    self.log(f"non-finite loss at step {self.step + 1} (epoch {self.epoch}, batch {self.batch}): step skipped", "warning")
+                    if self.nonfinite_run >= self.cfg.nonfinite_patience:
+                        raise OnTheFlyError(
+                            f"the loss was non-finite for {self.nonfinite_run} consecutive steps "
+                            f"(last at step {self.step + 1}, epoch {self.epoch}); lower the learning rate, "
+                            "enable grad_clip, or check the data"
+                        )
+                self.step += 1
+                self.sample_steps += n
+                b = self.batch
+                self.batch += 1
+                t_end = time.perf_counter()
+                rec.record(
+                    self.step,
+                    self.epoch,
+                    b,
+                    ids,
+                    per,
+                    total,
+                    float(opt.param_groups[0]["lr"]),
+                    gnorm,
+                    (t_end - t_prev) * 1000.0,
+                    (t_data - t_prev) * 1000.0,
+                )
+                t_prev = t_end
+                every = self.cfg.checkpoint_every_n_steps
+                if every and self.step % every == 0:
+                    self._checkpoint("cadence")
+                if conn.commands:
+                    rec.flush()
+                    self._poll()
+                    t_prev = time.perf_counter()
+                if self._done():
+                    break
+            del it
+            if self.batch >= len(batches):
+                self._end_epoch(len(batches), time.perf_counter() - t_epoch)
+        rec.flush()
+
+    def _end_epoch(self, n_batches: int, seconds: float = 0.0) -> None:
+        assert self.conn is not None and self.rec is not None
+        mean = self.rec.take_epoch_mean()
+        epoch = self.epoch
+        self.conn.send(
+            epoch_end=pb.EpochEnd(run_id=self.run_id, epoch=epoch, step=self.step, train_loss=mean, seconds=seconds)
+        )
+        val_loss = None
+        every = self.cfg.val_every_n_epochs
+        if every and (epoch + 1) % every == 0 and self.val_loader is not None:
+            val_loss = self._evaluate(self.val_loader, "val")["loss"]
+        if self.sched is not None and self.cfg.scheduler_interval == "epoch":
+            if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.sched.step(val_loss if val_loss is not None else mean)
+            else:
+                self.sched.step()
+        self.epoch += 1
+        self.batch = 0
+        self._checkpoint("epoch")
+
+    @torch.no_grad()
+    def _evaluate(self, loader: DataLoader, split: str, indices: np.ndarray | None = None) -> dict[str, Any]:
+        assert self.conn is not None
+        model = self.model
+        was_training = model.training
+        total = 0.0
+        count = 0
+        correct = 0
+        classif = True
+        with preserved_rng():
+            model.eval()
+            try:
+                for raw in loader:
+                    x, y = split_batch(raw)
+                    x = to_device(x, self.device)
+                    y = to_device(y, self.device)
+                    n = batch_len(x)
+                    with self._autocast():
+                        out = model(x)
+                        _, per = self.loss(out, y, n)
+                    per = per.float()
+                    total += float(per.sum())
+                    count += n
+                    if (
+                        classif
+                        and isinstance(out, torch.Tensor)
+                        and out.dim() == 2
+                        and isinstance(y, torch.Tensor)
+                        and y.dim() == 1
+                        and not y.is_floating_point()
+                    ):
+                        correct += int((out.argmax(dim=1) == y).sum())
+                    else:
+                        classif = False
+            finally:
+                model.train(was_training)
+        loss = total / count if count else math.nan
+        acc = correct / count if (classif and count) else math.nan
+        self.conn.send(
+            eval=pb.EvalResult(
+                run_id=self.run_id, split=split, step=self.step, epoch=self.epoch, loss=loss, accuracy=acc, samples=count
+            )
+        )
+        return {"split": split, "loss": loss, "accuracy": acc, "samples": count, "step": self.step}
+
+    def _fork_reports(self) -> None:
+        """A fork reports its loss on its own slice (train data restricted to it) and on val."""
+        subset = self.order.subset
+        if subset is None:
+            return
+        sub = torch.utils.data.Subset(self.train_loader.dataset, subset.tolist())
+        bs = int(self.order.batch_size or 256)
+        ld = DataLoader(sub, batch_size=max(bs, 64), collate_fn=self.train_loader.collate_fn)
+        self._evaluate(ld, "slice:self")
+        if self.val_loader is not None:
+            self._evaluate(self.val_loader, "val")
