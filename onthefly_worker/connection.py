@@ -12,7 +12,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +136,15 @@ class WorkerConnection:
         if self.closed.is_set():
             return
         self._out.put(pb.WorkerMessage(worker_id=self.worker_id, time=time.time(), **body))
+
+    def start_heartbeat(self, interval_s: float, step: Callable[[], int]) -> None:
+        """Liveness from a thread of its own: a slow step is not a hang, a stopped process is."""
+
+        def beat() -> None:
+            while not self.closed.wait(interval_s):
+                self.send(heartbeat=pb.Heartbeat(step=step()))
+
+        threading.Thread(target=beat, name="onthefly-heartbeat", daemon=True).start()
 
     def wait_welcome(self, timeout: float) -> Welcome:
         self._welcome_event.wait(timeout)

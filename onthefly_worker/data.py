@@ -202,10 +202,9 @@ def data_fingerprint(loader: DataLoader, k: int = 4) -> str:
     with torch.random.fork_rng(devices=[]):
         for i in range(min(k, n)):
             try:
-                item = ds[i]  # type: ignore[index]
-            except Exception:  # a dataset whose __getitem__ needs more than an int
+                _hash_into(h, ds[i])  # type: ignore[index]
+            except Exception:  # a dataset whose __getitem__ needs more than an int, odd types
                 return h.hexdigest()
-            _hash_into(h, item)
     return h.hexdigest()
 
 
@@ -213,7 +212,7 @@ def _hash_into(h: Any, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(obj, np.ndarray):
         h.update(np.ascontiguousarray(obj).tobytes())
     elif isinstance(obj, (list, tuple)):

@@ -208,6 +208,7 @@ class _Loop:
         self.flush_s = welcome.flush_interval_s
         self.hb_s = welcome.heartbeat_interval_s
         self.rec = Recorder(self.conn.send, self.run_id, self.device, self.flush_s)
+        self.conn.start_heartbeat(self.hb_s, lambda: self.step)
         status = "failed"
         try:
             self._restore()
@@ -362,7 +363,6 @@ class _Loop:
             if conn.closed.is_set():
                 raise OnTheFlyError(f"lost the supervisor while paused: {conn.describe_error()}")
             conn.command_event.wait(self.hb_s)
-            conn.send(heartbeat=pb.Heartbeat(step=self.step))
 
     def _handle(self, cmd: Command) -> None:
         conn = self.conn

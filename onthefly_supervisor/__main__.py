@@ -1,0 +1,5 @@
+import sys
+
+from onthefly_supervisor.cli import main
+
+sys.exit(main())

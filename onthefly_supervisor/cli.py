@@ -1,0 +1,589 @@
+"""`onthefly` command line: the contract that docs, tests and the dashboard share."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import grpc
+
+from onthefly_proto import onthefly_pb2 as pb
+from onthefly_supervisor import serde
+from onthefly_supervisor.client import ControlClient, NoSupervisor, connect, read_connection
+from onthefly_supervisor.store import Store, resolve_session, sessions_root
+from onthefly_supervisor.supervisor import (
+    DEFAULT_PORT,
+    Supervisor,
+    SupervisorConfig,
+    SupervisorError,
+    install_signal_handlers,
+)
+
+
+class CliError(Exception):
+    pass
+
+
+def _die(msg: str, code: int = 1) -> int:
+    print(f"onthefly: error: {msg}", file=sys.stderr)
+    return code
+
+
+# -- run / serve / resume --------------------------------------------------------------------
+def _script_path(script: str) -> str:
+    path = os.path.abspath(script)
+    if not os.path.isfile(path):
+        raise CliError(f"script not found: {script}")
+    return path
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    script = _script_path(a.script)
+    cfg = SupervisorConfig(
+        script=script,
+        argv=tuple(a.args),
+        port=a.port,
+        seed=a.seed,
+        automode=a.automode,
+        headless=a.headless,
+        keep_alive=a.keep_alive,
+        max_restarts=a.max_restarts,
+        gpus=a.gpus,
+        hang_timeout_s=a.hang_timeout,
+    )
+    return _serve(Supervisor(cfg), headless=a.headless)
+
+
+def _serve(sup: Supervisor, headless: bool) -> int:
+    from onthefly_supervisor.tui import TerminalView
+
+    should_stop = install_signal_handlers(sup)
+    try:
+        sup.start()
+    except BaseException:
+        sup.shutdown()
+        raise
+    view = TerminalView(sup, rich_mode=False if headless else None)
+    view.print(f"[onthefly] session {sup.session_id} · supervisor on tcp://127.0.0.1:{sup.port} · store {os.path.relpath(sup.dir)}")
+    view.start()
+    code = 1
+    try:
+        code = sup.serve(should_stop)
+    finally:
+        time.sleep(0.3)  # let the view drain the last events
+        view.stop()
+    if code == 130:
+        print("[onthefly] interrupted; unfinished runs were checkpointed — `onthefly resume` continues them", file=sys.stderr)
+    elif code != 0:
+        cause = sup.root_cause() or "the main run failed"
+        print(f"[onthefly] main run failed: {cause}", file=sys.stderr)
+    else:
+        print(f"[onthefly] done · session {sup.session_id} · `onthefly runs` for the lineage", flush=True)
+    return code
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """Self-hosted mode: `python train.py` started us; that process is the main worker."""
+    if a.args and a.args[0] == "--":
+        a.args = a.args[1:]
+    if not a.args:
+        raise CliError("serve needs -- SCRIPT [ARGS...]")
+    port = -1 if a.port == "auto" else int(a.port)
+    cfg = SupervisorConfig(
+        script=os.path.abspath(a.args[0]) if a.args[0] else "",
+        argv=tuple(a.args[1:]),
+        port=port,
+        owner_pid=a.owner_pid,
+        project=a.project,
+        run_name=a.run_name,
+        seed=int(os.environ.get("ONTHEFLY_SEED", "0") or 0) if os.environ.get("ONTHEFLY_SEED", "0").lstrip("-").isdigit() else 0,
+    )
+    sup = Supervisor(cfg)
+    should_stop = install_signal_handlers(sup)
+    try:
+        sup.start()
+    except BaseException as e:
+        sup.shutdown()
+        return _die(str(e))
+    sys.stdout.write(json.dumps(sup.connection_info()) + "\n")
+    sys.stdout.flush()
+    log = open(os.path.join(sup.dir, "logs", "supervisor.log"), "a", encoding="utf-8")  # noqa: SIM115
+    os.dup2(log.fileno(), 1)
+    return sup.serve(should_stop)
+
+
+def cmd_resume(a: argparse.Namespace) -> int:
+    # With a live supervisor, `resume` resumes a paused run; otherwise it continues a session.
+    try:
+        client = connect(a.session)
+        client.ping()
+    except (NoSupervisor, FileNotFoundError):
+        client = None
+    if client is not None:
+        return _act(client, "Resume", a.run)
+    sdir = resolve_session(a.session)
+    sup = Supervisor(SupervisorConfig(script=_meta_script(sdir), port=a.port, resume_dir=sdir, max_restarts=a.max_restarts, keep_alive=a.keep_alive))
+    return _serve(sup, headless=a.headless)
+
+
+def _meta_script(sdir: str) -> str:
+    st = Store(sdir, readonly=True)
+    try:
+        script = st.get_meta("script", "")
+    finally:
+        st.close()
+    if not script or not os.path.isfile(script):
+        raise CliError(f"the session's script {script!r} is missing; cannot continue it")
+    return str(script)
+
+
+# -- live control ----------------------------------------------------------------------------
+def _client() -> ControlClient:
+    try:
+        c = connect()
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
+    except NoSupervisor as e:
+        raise CliError(str(e)) from None
+    return c
+
+
+def _rpc(client: ControlClient, method: str, request: Any, timeout: float | None = None) -> Any:
+    try:
+        return client.call(method, request, timeout=timeout)
+    except grpc.RpcError as e:
+        code = e.code()
+        if code in (grpc.StatusCode.UNAVAILABLE,):
+            raise CliError(f"the supervisor at {client.conn.addr} does not answer (it has stopped?)") from None
+        raise CliError(f"{e.details()} [{code.name}]") from None
+
+
+def _act(client: ControlClient, method: str, run: str, timeout: float = 60.0) -> int:
+    reply = _rpc(client, method, pb.RunRequest(run=run or "", wait=True, timeout_s=timeout), timeout=timeout + 5)
+    print(reply.message)
+    return 0 if reply.ok else 1
+
+
+def cmd_simple(a: argparse.Namespace) -> int:
+    method = {"pause": "Pause", "test": "Test", "stop": "Stop", "checkpoint": "Checkpoint"}[a.cmd]
+    return _act(_client(), method, a.run)
+
+
+def _status_dict(st: pb.SessionStatus) -> dict[str, Any]:
+    return {
+        "session_id": st.session_id,
+        "session_dir": st.session_dir,
+        "script": st.script,
+        "argv": list(st.argv),
+        "state": st.state,
+        "port": st.port,
+        "automode": st.automode,
+        "last_event_seq": st.last_event_seq,
+        "workers": [
+            {
+                "worker_id": w.worker_id,
+                "run_id": w.run_id,
+                "role": serde.ROLE_FROM_PB.get(w.role).value if serde.ROLE_FROM_PB.get(w.role) else "",  # type: ignore[union-attr]
+                "state": serde.WORKER_STATE_FROM_PB[w.state].value if w.state in serde.WORKER_STATE_FROM_PB else "",
+                "pid": w.pid,
+                "attempt": w.attempt,
+                "gpu": w.gpu,
+                "step": w.step,
+                "epoch": w.epoch,
+                "exit_code": w.exit_code,
+                "exit_signal": w.exit_signal,
+            }
+            for w in st.workers
+        ],
+        "runs": [_run_dict(r) for r in st.runs],
+        "gpus": [{"index": g.index, "name": g.name, "utilization": g.utilization, "memory_used_mb": g.memory_used_mb, "memory_total_mb": g.memory_total_mb, "workers": list(g.worker_ids)} for g in st.gpus],
+    }
+
+
+def _nan_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _run_dict(r: pb.RunInfo) -> dict[str, Any]:
+    status = serde.RUN_STATUS_FROM_PB.get(r.status)
+    return {
+        "run_id": r.run_id,
+        "name": r.name,
+        "kind": r.kind,
+        "status": status.value if status else "",
+        "parents": list(r.parents),
+        "step": r.step,
+        "epoch": r.epoch,
+        "last_loss": _nan_none(r.last_loss),
+        "val_loss": _nan_none(r.val_loss),
+        "test_loss": _nan_none(r.test_loss),
+        "sample_steps": r.sample_steps,
+        "last_checkpoint": r.last_checkpoint,
+        "error": r.error,
+    }
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    client = _client()
+    try:
+        st = client.ping(timeout=10)
+    except NoSupervisor as e:
+        raise CliError(str(e)) from None
+    d = _status_dict(st)
+    if a.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"session {d['session_id']} · {d['state']} · tcp://127.0.0.1:{d['port']} · {d['script']}")
+    for w in d["workers"]:
+        print(f"  worker {w['worker_id']:<10} {w['role']:<6} {w['state']:<10} pid {w['pid']:<7} gpu {w['gpu'] or 'cpu':<4} step {w['step']}")
+    for r in d["runs"]:
+        print(f"  run {r['run_id']:<10} {r['kind']:<5} {r['status']:<10} step {r['step']:<7} loss {_f(r['last_loss'])} val {_f(r['val_loss'])}")
+    for g in d["gpus"]:
+        print(f"  gpu {g['index']} {g['name']} {g['utilization']:.0f}% {g['memory_used_mb']:.0f}/{g['memory_total_mb']:.0f} MiB {','.join(g['workers'])}")
+    return 0
+
+
+def _f(x: Any) -> str:
+    return "—" if x is None else f"{x:.4g}"
+
+
+# -- store-backed views (work on finished sessions too) ---------------------------------------
+def cmd_runs(a: argparse.Namespace) -> int:
+    sdir = resolve_session(a.session)
+    st = Store(sdir, readonly=True)
+    try:
+        runs = [r.to_dict() for r in st.runs()]
+        evals = st.evals()
+    finally:
+        st.close()
+    for r in runs:
+        r.pop("config", None)
+        r["evals"] = [{k: e[k] for k in ("split", "step", "epoch", "loss", "accuracy", "samples")} for e in evals if e["run_id"] == r["run_id"]]
+    if a.json:
+        print(json.dumps({"session_id": os.path.basename(sdir), "runs": runs}, indent=2))
+        return 0
+    children: dict[str, list[dict[str, Any]]] = {}
+    roots = []
+    for r in runs:
+        if r["parents"]:
+            for p in r["parents"]:
+                children.setdefault(p, []).append(r)
+        else:
+            roots.append(r)
+
+    def show(r: dict[str, Any], depth: int) -> None:
+        pad = "  " * depth + ("└─ " if depth else "")
+        print(f"{pad}{r['run_id']} ({r['kind']}, {r['status']}) step {r['step']} loss {_f(r['last_loss'])} val {_f(r['val_loss'])} test {_f(r['test_loss'])} · {r['sample_steps']} sample-steps" + (f" · error: {r['error']}" if r["error"] else ""))
+        for c in children.get(r["run_id"], []):
+            show(c, depth + 1)
+
+    print(f"session {os.path.basename(sdir)}")
+    for r in roots:
+        show(r, 1)
+    return 0
+
+
+def cmd_sessions(a: argparse.Namespace) -> int:
+    root = sessions_root()
+    names = sorted(n for n in os.listdir(root) if n != "latest" and not n.startswith(".")) if os.path.isdir(root) else []
+    if a.action == "ls":
+        latest = os.path.basename(os.path.realpath(os.path.join(root, "latest"))) if os.path.exists(os.path.join(root, "latest")) else ""
+        rows = []
+        for n in names:
+            d = os.path.join(root, n)
+            if not os.path.exists(os.path.join(d, "session.db")):
+                continue
+            try:
+                st = Store(d, readonly=True)
+                runs = st.runs()
+                script = st.get_meta("script", "")
+                st.close()
+            except Exception as e:  # a damaged session is listed, not fatal
+                rows.append({"session_id": n, "error": str(e)})
+                continue
+            live = _live(d)
+            size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(d) for f in fs)
+            main = next((r for r in runs if r.run_id == "main"), None)
+            rows.append({"session_id": n, "script": script, "runs": len(runs), "status": main.status.value if main else "", "live": live, "bytes": size, "latest": n == latest})
+        if a.json:
+            print(json.dumps(rows, indent=2))
+        elif not rows:
+            print(f"no sessions in {root}")
+        else:
+            for r in rows:
+                if "error" in r:
+                    print(f"{r['session_id']}  (unreadable: {r['error']})")
+                    continue
+                mark = "*" if r["latest"] else " "
+                print(f"{mark} {r['session_id']}  {r['status']:<10} {r['runs']} run(s)  {r['bytes'] / 2**20:7.1f} MiB  {'live ' if r['live'] else ''}{r['script']}")
+        return 0
+    if a.action == "rm":
+        if not a.session:
+            raise CliError("sessions rm needs a SESSION id")
+        d = resolve_session(a.session)
+        if _live(d):
+            raise CliError(f"session {a.session} is live; stop it first (`onthefly stop`)")
+        shutil.rmtree(d)
+        _fix_latest(root)
+        print(f"removed {os.path.basename(d)}")
+        return 0
+    if a.action == "gc":
+        keep = a.keep
+        removed = []
+        for n in names[:-keep] if keep else names:
+            d = os.path.join(root, n)
+            if _live(d):
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(n)
+        _fix_latest(root)
+        print(f"removed {len(removed)} session(s), kept the newest {keep}")
+        return 0
+    if a.action == "check":
+        d = resolve_session(a.session)
+        st = Store(d, readonly=True)
+        try:
+            problems = st.integrity_check()
+        finally:
+            st.close()
+        if problems:
+            for p in problems:
+                print(f"problem: {p}")
+            return 1
+        print(f"session {os.path.basename(d)}: ok")
+        return 0
+    raise CliError(f"unknown sessions action {a.action}")
+
+
+def _live(sdir: str) -> bool:
+    path = os.path.join(sdir, "connection.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            pid = int(json.load(f).get("pid", 0))
+        os.kill(pid, 0)
+        return pid > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _fix_latest(root: str) -> None:
+    link = os.path.join(root, "latest")
+    if os.path.islink(link) and not os.path.exists(link):
+        os.unlink(link)
+        rest = sorted(n for n in os.listdir(root) if n != "latest" and os.path.isdir(os.path.join(root, n)))
+        if rest:
+            os.symlink(rest[-1], link)
+
+
+# -- method commands: RPCs (the supervisor says clearly what is not built) --------------------
+def cmd_rpc(a: argparse.Namespace) -> int:
+    client = _client()
+    c = a.cmd
+    if c == "fork":
+        req: Any = pb.ForkRequest(run=a.run, select=a.select, budget_steps=a.budget_steps, lr_mul=a.lr_mul, wd_mul=a.wd_mul, adapters_rank=a.adapters, variants=a.variants, name=a.name or "")
+        method = "Fork"
+    elif c == "gate":
+        req, method = pb.GateRequest(runs=a.runs, name=a.name or ""), "TrainGate"
+    elif c == "merge":
+        req, method = pb.MergeRequest(method=a.method, runs=a.runs, name=a.name or ""), "Merge"
+    elif c == "health":
+        req, method = pb.HealthRequest(run=a.run, check=a.check or ""), "RunHealthCheck"
+    elif c == "export-slice":
+        req, method = pb.ExportSliceRequest(run=a.run, select=a.select, format=a.format, path=os.path.abspath(a.output), force=a.force), "ExportSlice"
+    elif c == "export-model":
+        req, method = pb.ExportModelRequest(run=a.run, path=os.path.abspath(a.output), force=a.force), "ExportModel"
+    elif c == "export-session":
+        req, method = pb.ExportSessionRequest(session=a.session or "", path=os.path.abspath(a.output), force=a.force), "ExportSession"
+    elif c == "import-session":
+        req, method = pb.ImportSessionRequest(path=os.path.abspath(a.file)), "ImportSession"
+    elif c == "plans":
+        req, method = pb.ListPlansRequest(), "ListPlans"
+    elif c in ("approve", "reject"):
+        req, method = pb.PlanRequest(plan_id=a.plan_id), "ApprovePlan" if c == "approve" else "RejectPlan"
+    elif c == "edit":
+        vals = {}
+        for kv in a.values:
+            if "=" not in kv:
+                raise CliError(f"edit expects KEY=VALUE, got {kv!r}")
+            k, v = kv.split("=", 1)
+            vals[k] = v
+        req, method = pb.EditPlanRequest(plan_id=a.plan_id, values=vals), "EditPlan"
+    elif c == "automode":
+        req, method = pb.AutomodeRequest(enabled=a.state == "on"), "SetAutomode"
+    else:
+        raise CliError(f"unknown command {c}")
+    reply = _rpc(client, method, req, timeout=600)
+    from google.protobuf.json_format import MessageToDict
+
+    d = MessageToDict(reply, preserving_proto_field_name=True)
+    if getattr(a, "json", False):
+        print(json.dumps(d, indent=2))
+    else:
+        print(d.get("message") or json.dumps(d, indent=2))
+    return 0 if d.get("ok", True) else 1
+
+
+# -- parser ----------------------------------------------------------------------------------
+def _port(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--port must be an integer, got {s!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"--port must be 0..65535, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onthefly", description="Take control of PyTorch training while it runs.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a training script under a supervisor")
+    r.add_argument("--automode", action="store_true", help="let the planner act on its plan cards")
+    r.add_argument("--headless", action="store_true", help="plain log lines, no live view")
+    r.add_argument("--keep-alive", action="store_true", help="stay up after the work is done")
+    r.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"loopback port (default {DEFAULT_PORT}; 0 = any free port)")
+    r.add_argument("--seed", type=int, default=0, help="session seed applied in every worker (default 0)")
+    r.add_argument("--max-restarts", type=int, default=0, help="restart a crashed main worker from its last checkpoint")
+    r.add_argument("--gpus", default="auto", help="'auto' or a comma list of GPU indices for forks")
+    r.add_argument("--hang-timeout", type=float, default=30.0, help="seconds without a heartbeat before a worker counts as hung")
+    r.add_argument("script")
+    r.add_argument("args", nargs=argparse.REMAINDER)
+    r.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("serve", help=argparse.SUPPRESS)
+    s.add_argument("--owner-pid", type=int, required=True)
+    s.add_argument("--project", default="default")
+    s.add_argument("--run-name", default="main")
+    s.add_argument("--port", default="auto")
+    s.add_argument("args", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_serve)
+
+    st = sub.add_parser("status", help="the live session: workers, runs, GPUs")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+
+    for name, text in (("pause", "pause at the next step boundary (writes a checkpoint)"), ("test", "run the test loader now"), ("stop", "stop at the next step boundary"), ("checkpoint", "write a checkpoint now")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--run", default="main")
+        c.set_defaults(fn=cmd_simple)
+
+    rs = sub.add_parser("resume", help="resume a paused run, or continue an unfinished session")
+    rs.add_argument("session", nargs="?", default=None)
+    rs.add_argument("--run", default="main")
+    rs.add_argument("--port", type=_port, default=DEFAULT_PORT)
+    rs.add_argument("--max-restarts", type=int, default=0)
+    rs.add_argument("--keep-alive", action="store_true")
+    rs.add_argument("--headless", action="store_true")
+    rs.set_defaults(fn=cmd_resume)
+
+    ru = sub.add_parser("runs", help="the lineage tree with metrics")
+    ru.add_argument("--json", action="store_true")
+    ru.add_argument("--session", default=None)
+    ru.set_defaults(fn=cmd_runs)
+
+    se = sub.add_parser("sessions", help="ls | rm SESSION | gc [--keep N] | check [SESSION]")
+    se.add_argument("action", choices=["ls", "rm", "gc", "check"])
+    se.add_argument("session", nargs="?", default=None)
+    se.add_argument("--keep", type=int, default=5)
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(fn=cmd_sessions)
+
+    f = sub.add_parser("fork", help="fork a short-budget specialist on a selection")
+    f.add_argument("--run", default="main")
+    f.add_argument("--select", required=True, help="all | quantile:LO:HI | kmeans:auto[:cluster=K] | indices:FILE")
+    f.add_argument("--budget-steps", type=int, default=300)
+    f.add_argument("--lr-mul", type=float, default=1.0)
+    f.add_argument("--wd-mul", type=float, default=1.0)
+    f.add_argument("--adapters", type=int, default=0, metavar="RANK")
+    f.add_argument("--variants", type=int, default=1)
+    f.add_argument("--name", default=None)
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(fn=cmd_rpc)
+
+    g = sub.add_parser("gate", help="train a router over experts -> MoE run")
+    g.add_argument("runs", nargs="+")
+    g.add_argument("--name", default=None)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(fn=cmd_rpc)
+
+    m = sub.add_parser("merge", help="merge runs (swa | distill | fisher_soup | adapter_fuse)")
+    m.add_argument("--method", required=True, choices=["swa", "distill", "fisher_soup", "adapter_fuse"])
+    m.add_argument("runs", nargs="+")
+    m.add_argument("--name", default=None)
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=cmd_rpc)
+
+    h = sub.add_parser("health", help="health checks with verdicts")
+    h.add_argument("--run", default="main")
+    h.add_argument("--check", choices=["determinism", "numerics", "gradients", "activations", "data", "throughput"])
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(fn=cmd_rpc)
+
+    es = sub.add_parser("export-slice", help="write a slice of samples to CSV/Parquet/JSON")
+    es.add_argument("--run", default="main")
+    es.add_argument("--select", required=True)
+    es.add_argument("--format", required=True, choices=["csv", "parquet", "json"])
+    es.add_argument("-o", "--output", required=True)
+    es.add_argument("--force", action="store_true")
+    es.add_argument("--json", action="store_true")
+    es.set_defaults(fn=cmd_rpc)
+
+    em = sub.add_parser("export-model", help="write a run's model (or the MoE) as one file")
+    em.add_argument("--run", default="main")
+    em.add_argument("-o", "--output", required=True)
+    em.add_argument("--force", action="store_true")
+    em.add_argument("--json", action="store_true")
+    em.set_defaults(fn=cmd_rpc)
+
+    ex = sub.add_parser("export-session", help="one checksummed archive of the session")
+    ex.add_argument("session", nargs="?", default=None)
+    ex.add_argument("-o", "--output", required=True)
+    ex.add_argument("--force", action="store_true")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(fn=cmd_rpc)
+
+    im = sub.add_parser("import-session", help="restore an exported session")
+    im.add_argument("file")
+    im.add_argument("--json", action="store_true")
+    im.set_defaults(fn=cmd_rpc)
+
+    pl = sub.add_parser("plans", help="the planner's plan cards")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=cmd_rpc)
+    for name in ("approve", "reject"):
+        c = sub.add_parser(name, help=f"{name} a plan card")
+        c.add_argument("plan_id")
+        c.add_argument("--json", action="store_true")
+        c.set_defaults(fn=cmd_rpc)
+    ed = sub.add_parser("edit", help="edit a plan card: KEY=VALUE...")
+    ed.add_argument("plan_id")
+    ed.add_argument("values", nargs="+")
+    ed.add_argument("--json", action="store_true")
+    ed.set_defaults(fn=cmd_rpc)
+    am = sub.add_parser("automode", help="turn the planner's automode on or off")
+    am.add_argument("state", choices=["on", "off"])
+    am.add_argument("--json", action="store_true")
+    am.set_defaults(fn=cmd_rpc)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return int(a.fn(a))
+    except (CliError, SupervisorError, FileNotFoundError, NoSupervisor) as e:
+        return _die(str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

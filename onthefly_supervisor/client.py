@@ -1,0 +1,81 @@
+"""Finding and calling the live supervisor of a session (CLI, planner, tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from onthefly_proto import onthefly_pb2 as pb
+from onthefly_proto import onthefly_pb2_grpc as pbg
+from onthefly_supervisor.store import resolve_session
+
+TOKEN_KEY = "x-onthefly-token"
+
+
+class NoSupervisor(RuntimeError):
+    pass
+
+
+@dataclass
+class Connection:
+    addr: str
+    token: str
+    session_id: str
+    session_dir: str
+    pid: int
+
+
+def read_connection(session: str | None = None, project_dir: str = ".") -> Connection:
+    sdir = resolve_session(session, project_dir)
+    path = os.path.join(sdir, "connection.json")
+    if not os.path.exists(path):
+        raise NoSupervisor(f"session {os.path.basename(sdir)} has no live supervisor (it has finished)")
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    return Connection(
+        addr=info.get("addr") or f"{info['host']}:{info['port']}",
+        token=info["token"],
+        session_id=info["session_id"],
+        session_dir=sdir,
+        pid=int(info.get("pid", 0)),
+    )
+
+
+class ControlClient:
+    def __init__(self, conn: Connection, timeout: float = 60.0) -> None:
+        self.conn = conn
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(conn.addr)
+        self.stub = pbg.ControlServiceStub(self.channel)
+        self.metadata = ((TOKEN_KEY, conn.token),)
+
+    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        fn = getattr(self.stub, method)
+        return fn(request, metadata=self.metadata, timeout=timeout or self.timeout)
+
+    def watch(self, from_seq: int = 0, kinds: list[str] | None = None, client: str = "cli") -> Any:
+        return self.stub.WatchEvents(
+            pb.WatchRequest(from_seq=from_seq, kinds=kinds or [], client=client), metadata=self.metadata
+        )
+
+    def ping(self, timeout: float = 3.0) -> pb.SessionStatus:
+        try:
+            return self.call("GetStatus", pb.StatusRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise NoSupervisor(
+                    f"the supervisor of session {self.conn.session_id} at {self.conn.addr} does not answer "
+                    "(it was killed?); `onthefly resume` continues the session"
+                ) from None
+            raise
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def connect(session: str | None = None, project_dir: str = ".") -> ControlClient:
+    return ControlClient(read_connection(session, project_dir))

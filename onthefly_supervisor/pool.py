@@ -1,0 +1,228 @@
+"""Worker pool: what to launch (WorkerSpec), the live thing (Worker), how it ended (WorkerExit).
+
+Policy lives in the supervisor (when to start, stop, restart); the mechanism is a small
+launcher interface (start, poll, stop, close) so tests can swap in fakes and a DDP or Ray
+launcher can replace local processes without the rest of the supervisor knowing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from onthefly_supervisor.lifecycle import Role, WorkerState, check_worker_transition
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What to launch: the user's script re-run in a role. Validated on creation."""
+
+    worker_id: str
+    run_id: str
+    role: Role
+    script: str
+    argv: tuple[str, ...]
+    cwd: str
+    env: dict[str, str] = field(default_factory=dict)
+    gpu: str = ""
+    """CUDA_VISIBLE_DEVICES for the worker; "" = none set (CPU, or inherit)."""
+    threads: int = 0
+    """Bound on intra-op threads (OMP/MKL/torch) for CPU workers sharing cores; 0 = no bound."""
+    log_path: str = ""
+    error_file: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.worker_id or not self.run_id:
+            raise ValueError("WorkerSpec needs a worker_id and a run_id")
+        if not os.path.isfile(self.script):
+            raise ValueError(f"script not found: {self.script}")
+        if self.threads < 0:
+            raise ValueError(f"WorkerSpec.threads must be >= 0, got {self.threads}")
+
+
+@dataclass
+class WorkerExit:
+    """How a worker process ended."""
+
+    exit_code: int | None
+    signal_name: str
+    error: dict[str, object] | None
+    """The worker's JSON error file (message, traceback, filename, lineno, time), if any."""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def describe(self) -> str:
+        if self.error and self.error.get("message"):
+            where = ""
+            if self.error.get("filename"):
+                where = f" ({self.error['filename']}:{self.error.get('lineno', 0)})"
+            return f"{self.error['message']}{where}"
+        if self.signal_name:
+            return f"killed by {self.signal_name}"
+        return f"exited with code {self.exit_code}"
+
+
+@dataclass
+class Worker:
+    """A live worker: an instance of a WorkerSpec (one attempt)."""
+
+    spec: WorkerSpec
+    attempt: int = 0
+    pid: int = 0
+    state: WorkerState = WorkerState.STARTING
+    started: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    step: int = 0
+    epoch: int = 0
+    exit: WorkerExit | None = None
+    stop_requested: bool = False
+
+    def transition(self, new: WorkerState) -> bool:
+        """The one method that changes a worker's state; False when it is already there."""
+        if new == self.state:
+            return False
+        check_worker_transition(self.state, new)
+        self.state = new
+        return True
+
+
+class Launcher(Protocol):
+    def start(self, spec: WorkerSpec, attempt: int) -> int: ...
+    def poll(self, worker_id: str) -> WorkerExit | None: ...
+    def stop(self, worker_id: str, grace_s: float) -> None: ...
+    def signal(self, worker_id: str, sig: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def read_error_file(path: str) -> dict[str, object] | None:
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+class LocalLauncher:
+    """Workers as local child processes, each in its own process group."""
+
+    def __init__(self, on_output: Callable[[str, str], None] | None = None) -> None:
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._specs: dict[str, WorkerSpec] = {}
+        self._pumps: dict[str, threading.Thread] = {}
+        self.on_output = on_output
+
+    def start(self, spec: WorkerSpec, attempt: int) -> int:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ONTHEFLY_")}
+        env.update(spec.env)
+        env["ONTHEFLY_PARENT_PID"] = str(os.getpid())
+        env["PYTHONUNBUFFERED"] = "1"
+        if spec.gpu:
+            env["CUDA_VISIBLE_DEVICES"] = spec.gpu
+        if spec.threads:
+            for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                env[k] = str(spec.threads)
+        if spec.error_file and os.path.exists(spec.error_file):
+            os.unlink(spec.error_file)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "onthefly_worker.launch", spec.script, *spec.argv],
+            cwd=spec.cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl+C reaches the supervisor, which stops workers in order
+        )
+        self._procs[spec.worker_id] = proc
+        self._specs[spec.worker_id] = spec
+        t = threading.Thread(
+            target=self._pump, args=(spec, proc), name=f"onthefly-out-{spec.worker_id}", daemon=True
+        )
+        self._pumps[spec.worker_id] = t
+        t.start()
+        return proc.pid
+
+    def _pump(self, spec: WorkerSpec, proc: subprocess.Popen[bytes]) -> None:
+        """Copy the worker's output to its log file and hand each line to the supervisor."""
+        assert proc.stdout is not None
+        log = None
+        if spec.log_path:
+            os.makedirs(os.path.dirname(spec.log_path), exist_ok=True)
+            log = open(spec.log_path, "ab")  # noqa: SIM115 - closed when the pipe ends
+        try:
+            for raw in iter(proc.stdout.readline, b""):
+                if log is not None:
+                    log.write(raw)
+                    log.flush()
+                if self.on_output is not None:
+                    self.on_output(spec.worker_id, raw.decode("utf-8", "replace").rstrip("\n"))
+        finally:
+            if log is not None:
+                log.close()
+            proc.stdout.close()
+
+    def poll(self, worker_id: str) -> WorkerExit | None:
+        proc = self._procs.get(worker_id)
+        if proc is None:
+            return None
+        code = proc.poll()
+        if code is None:
+            return None
+        pump = self._pumps.get(worker_id)
+        if pump is not None:
+            pump.join(2.0)  # the last lines (a traceback) arrive before the exit is reported
+        spec = self._specs[worker_id]
+        sig = ""
+        if code < 0:
+            try:
+                sig = signal.Signals(-code).name
+            except ValueError:
+                sig = f"signal {-code}"
+        return WorkerExit(code, sig, read_error_file(spec.error_file))
+
+    def signal(self, worker_id: str, sig: int) -> None:
+        proc = self._procs.get(worker_id)
+        if proc is not None and proc.poll() is None:
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, worker_id: str, grace_s: float) -> None:
+        """SIGTERM, bounded wait, SIGKILL (to the whole process group: loader workers too)."""
+        proc = self._procs.get(worker_id)
+        if proc is None:
+            return
+        if proc.poll() is None:
+            _killpg(proc.pid, signal.SIGCONT)
+            _killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                _killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        else:
+            _killpg(proc.pid, signal.SIGKILL)  # stray loader workers left in the group
+
+    def close(self) -> None:
+        for wid in list(self._procs):
+            self.stop(wid, 5.0)
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

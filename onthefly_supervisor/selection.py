@@ -1,0 +1,632 @@
+"""Selection SPECs: which samples a fork trains on, chosen from per-sample losses.
+
+A SPEC is the small string that the CLI, the dashboard, plan cards and the wire share:
+
+    all                     every seen sample
+    quantile:LO:HI          the samples whose loss rank lies in [LO, HI) (0 <= LO < HI <= 1),
+                            e.g. quantile:0.85:1.0 is the hardest 15 %
+    kmeans:auto             residual clustering with k picked by silhouette (2..8);
+    kmeans:auto:cluster=J   the highest-mean-loss cluster unless cluster=J names one
+    kmeans:K[:cluster=J]    the same with a fixed k
+    indices:FILE            explicit sample ids (.npy, or text/CSV)
+
+Losses are a dense float array indexed by sample id with NaN for samples not seen yet
+(that is how the session store keeps them). Non-finite losses are treated as unseen:
+an Inf cannot be ranked against the others or standardized, and a selection must never
+silently depend on it.
+
+This module is supervisor-side, so it uses numpy and scikit-learn only (no torch).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+GRAMMAR = (
+    "all | quantile:LO:HI (0<=LO<HI<=1) | kmeans:auto[:cluster=J] | kmeans:K[:cluster=J] "
+    "| indices:FILE"
+)
+"""The valid SPEC grammar, quoted in every parse error so the user can fix the spec."""
+
+Kind = Literal["all", "quantile", "kmeans", "indices"]
+
+AUTO_K_RANGE = range(2, 9)
+"""Candidate k for kmeans:auto. More than 8 residual clusters is rarely a useful fork."""
+
+AUTO_K_SUBSAMPLE = 10_000
+"""Silhouette is O(n^2); scoring on at most this many samples keeps auto-k bounded."""
+
+SILHOUETTE_SUBSAMPLE = 4_000
+"""Points used to score each candidate k (drawn from the auto-k subsample). Silhouette
+differences between k are stable at a few thousand points, and this keeps the seven
+O(n^2) scorings to about a second in all."""
+
+MINIBATCH_ABOVE = 20_000
+"""Above this many samples, fit MiniBatchKMeans on a subsample and assign all with predict."""
+
+FIT_SUBSAMPLE = 100_000
+"""Samples used to fit the centroids of a large data set; predict then assigns every sample."""
+
+MAX_LABELS_IN_MIX = 10
+"""ClusterInfo.label_mix keeps the most common labels only, so the record stays small."""
+
+
+def _bad(spec: str, why: str) -> ValueError:
+    return ValueError(f"bad selection spec {spec!r}: {why}; valid: {GRAMMAR}")
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """A parsed SPEC. Build it with `parse_spec`; `str(spec)` gives the canonical string."""
+
+    kind: Kind
+    """all | quantile | kmeans | indices."""
+    lo: float = 0.0
+    """quantile: lower loss-rank fraction, inclusive."""
+    hi: float = 1.0
+    """quantile: upper loss-rank fraction, exclusive (1.0 includes the maximum)."""
+    k: int | Literal["auto"] = "auto"
+    """kmeans: the number of clusters, or "auto" to pick it by silhouette."""
+    cluster: int | None = None
+    """kmeans: the cluster to select (ids ordered by mean loss, 0 = easiest); None = hardest."""
+    path: str | None = None
+    """indices: the file of sample ids, as written in the spec (resolved at select time)."""
+
+    def __post_init__(self) -> None:
+        text = str(self)
+        if self.kind not in ("all", "quantile", "kmeans", "indices"):
+            raise _bad(text, f"unknown kind {self.kind!r}")
+        if self.kind == "quantile" and not (
+            math.isfinite(self.lo) and math.isfinite(self.hi) and 0.0 <= self.lo < self.hi <= 1.0
+        ):
+            raise _bad(
+                text, f"quantile bounds must satisfy 0<=LO<HI<=1, got LO={self.lo} HI={self.hi}"
+            )
+        if self.kind == "kmeans":
+            if self.k != "auto" and (
+                isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 2
+            ):
+                raise _bad(
+                    text,
+                    f"K must be 'auto' or an integer >= 2 (use 'all' for one group), got {self.k!r}",
+                )
+            if self.cluster is not None and (
+                isinstance(self.cluster, bool)
+                or not isinstance(self.cluster, int)
+                or self.cluster < 0
+            ):
+                raise _bad(text, f"cluster must be an integer >= 0, got {self.cluster!r}")
+            if isinstance(self.k, int) and self.cluster is not None and self.cluster >= self.k:
+                raise _bad(
+                    text,
+                    f"cluster={self.cluster} does not exist with K={self.k} (ids 0..{self.k - 1})",
+                )
+        if self.kind == "indices" and not self.path:
+            raise _bad(text, "indices needs a file: indices:FILE")
+
+    def __str__(self) -> str:
+        if self.kind == "quantile":
+            return f"quantile:{self.lo:g}:{self.hi:g}"
+        if self.kind == "kmeans":
+            base = f"kmeans:{self.k}"
+            return base if self.cluster is None else f"{base}:cluster={self.cluster}"
+        if self.kind == "indices":
+            return f"indices:{self.path}"
+        return str(self.kind)
+
+
+_FLOAT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _parse_fraction(spec: str, name: str, text: str) -> float:
+    if not _FLOAT.match(text.strip()):
+        raise _bad(spec, f"{name} must be a number in [0, 1], got {text!r}")
+    return float(text)
+
+
+def parse_spec(spec: str) -> SelectionSpec:
+    """Parse a SPEC string; a bad spec raises ValueError naming the bad part and the grammar."""
+    if not isinstance(spec, str):
+        raise ValueError(
+            f"a selection spec must be a string, got {type(spec).__name__}; valid: {GRAMMAR}"
+        )
+    text = spec.strip()
+    if not text:
+        raise _bad(spec, "it is empty")
+    kind, _, rest = text.partition(":")
+    kind = kind.strip().lower()
+    if kind == "all":
+        if rest:
+            raise _bad(spec, f"'all' takes no arguments, got {rest!r}")
+        return SelectionSpec(kind="all")
+    if kind == "quantile":
+        parts = rest.split(":") if rest else []
+        if len(parts) != 2:
+            raise _bad(
+                spec, f"quantile needs exactly LO and HI (quantile:LO:HI), got {len(parts)} part(s)"
+            )
+        lo = _parse_fraction(spec, "LO", parts[0])
+        hi = _parse_fraction(spec, "HI", parts[1])
+        if not 0.0 <= lo < hi <= 1.0:
+            raise _bad(spec, f"quantile bounds must satisfy 0<=LO<HI<=1, got LO={lo:g} HI={hi:g}")
+        return SelectionSpec(kind="quantile", lo=lo, hi=hi)
+    if kind == "kmeans":
+        parts = [p.strip() for p in rest.split(":")] if rest else []
+        if not parts or not parts[0]:
+            raise _bad(spec, "kmeans needs K or auto (kmeans:auto or kmeans:K)")
+        if len(parts) > 2:
+            raise _bad(spec, f"too many parts after kmeans: {rest!r}")
+        k: int | Literal["auto"]
+        if parts[0].lower() == "auto":
+            k = "auto"
+        elif parts[0].isdigit():
+            k = int(parts[0])
+            if k < 2:
+                raise _bad(
+                    spec, f"K must be an integer >= 2 (use 'all' for one group), got {parts[0]!r}"
+                )
+        else:
+            raise _bad(spec, f"K must be 'auto' or an integer >= 2, got {parts[0]!r}")
+        cluster: int | None = None
+        if len(parts) == 2:
+            key, eq, value = parts[1].partition("=")
+            if key.strip().lower() != "cluster" or not eq:
+                raise _bad(spec, f"expected cluster=J after kmeans:{parts[0]}, got {parts[1]!r}")
+            if not value.strip().isdigit():
+                raise _bad(spec, f"cluster must be an integer >= 0, got {value.strip()!r}")
+            cluster = int(value)
+        return SelectionSpec(kind="kmeans", k=k, cluster=cluster)
+    if kind == "indices":
+        # Everything after the first colon is the path, so Windows drive letters and
+        # colons in file names survive.
+        path = rest.strip()
+        if not path:
+            raise _bad(spec, "indices needs a file: indices:FILE")
+        return SelectionSpec(kind="indices", path=path)
+    raise _bad(spec, f"unknown kind {kind!r}")
+
+
+@dataclass
+class ClusterInfo:
+    """One residual cluster. Ids are ordered by mean loss: 0 is the easiest cluster."""
+
+    id: int
+    size: int
+    mean_loss: float
+    indices: np.ndarray
+    """Sample ids in the cluster, int64, sorted."""
+    label_mix: dict[int, int] | None = None
+    """Counts of the most common labels in the cluster (at most 10), when labels were given."""
+
+
+@dataclass
+class Selection:
+    """The result of `select`: which samples, and a human-readable account of why."""
+
+    indices: np.ndarray
+    """Selected sample ids, int64, sorted, unique."""
+    spec: str
+    """The canonical spec that produced this selection."""
+    description: str
+    """One or two sentences for the dashboard / plan card."""
+    clusters: list[ClusterInfo] | None = None
+    """kmeans only: every cluster found, ordered by mean loss."""
+    selected_cluster: int | None = None
+    """kmeans only: the id of the selected cluster."""
+    n_seen: int = 0
+    """How many samples had a finite loss."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """Numbers behind the description (loss thresholds, silhouette), for reports."""
+
+
+@contextmanager
+def _limit_threads(threads: int) -> Iterator[None]:
+    # sklearn's k-means uses OpenMP/BLAS pools sized to the whole machine; the
+    # supervisor shares that machine with training workers, so it pins its pools.
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        # Without it, the small n_init values below are what keeps the cost bounded.
+        yield
+        return
+    with threadpool_limits(limits=threads):
+        yield
+
+
+def _default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def select(
+    spec: str | SelectionSpec,
+    losses: np.ndarray,
+    features: np.ndarray | None = None,
+    seed: int = 0,
+    base_dir: str | os.PathLike[str] | None = None,
+    labels: np.ndarray | None = None,
+    threads: int | None = None,
+) -> Selection:
+    """Apply a SPEC to a dense per-sample loss array (NaN = unseen).
+
+    `features` (n,) or (n, d), rows indexed like `losses`, adds residual features for
+    kmeans (loss history over epochs, margin, embeddings); NaN entries are imputed with the
+    column mean of the seen samples because a history column is naturally missing for
+    samples a run has not revisited. `labels` (n,) ints fill ClusterInfo.label_mix.
+    `base_dir` resolves a relative indices:FILE (default: the current directory).
+    `threads` caps the BLAS/OpenMP pools during k-means (default min(4, cpus)).
+    """
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    loss = np.asarray(losses)
+    if loss.ndim != 1:
+        raise ValueError(f"losses must be a 1-D array indexed by sample id, got shape {loss.shape}")
+    if not np.issubdtype(loss.dtype, np.floating):
+        loss = loss.astype(np.float64)
+    seen_mask = np.isfinite(loss)
+    n_seen = int(seen_mask.sum())
+    n_nonfinite = int(np.count_nonzero(~seen_mask & ~np.isnan(loss)))
+    note = f" ({n_nonfinite} non-finite losses treated as unseen)" if n_nonfinite else ""
+    text = str(parsed)
+
+    if parsed.kind == "indices":
+        return _select_indices(parsed, loss, seen_mask, base_dir)
+    if n_seen == 0:
+        raise ValueError(
+            f"the selection {text} is empty: none of the {loss.size} samples has a finite loss yet"
+        )
+    seen_ids = np.flatnonzero(seen_mask).astype(np.int64)
+
+    if parsed.kind == "all":
+        return Selection(
+            indices=seen_ids,
+            spec=text,
+            description=f"all {n_seen} seen samples of {loss.size}{note}",
+            n_seen=n_seen,
+        )
+    if parsed.kind == "quantile":
+        return _select_quantile(parsed, loss, seen_ids, note)
+    return _select_kmeans(
+        parsed,
+        loss,
+        seen_ids,
+        features,
+        labels,
+        seed,
+        _default_threads() if threads is None else threads,
+        note,
+    )
+
+
+def _select_quantile(
+    spec: SelectionSpec, loss: np.ndarray, seen_ids: np.ndarray, note: str
+) -> Selection:
+    # By rank rather than by threshold value: ties and heavy tails then cannot make a
+    # 15 % slice hold 60 % of the data, and adjacent slices partition the samples.
+    # Ties are broken by sample id (stable sort), so the result is deterministic.
+    n = seen_ids.size
+    order = seen_ids[np.argsort(loss[seen_ids], kind="stable")]
+    start = math.floor(spec.lo * n + 0.5)
+    stop = math.floor(spec.hi * n + 0.5)
+    text = str(spec)
+    if stop <= start:
+        raise ValueError(
+            f"the selection {text} is empty: {n} seen samples give loss ranks [{start}, {stop}); "
+            "widen the quantile range"
+        )
+    chosen = order[start:stop]
+    lo_loss = float(loss[chosen[0]])
+    hi_loss = float(loss[chosen[-1]])
+    return Selection(
+        indices=np.sort(chosen),
+        spec=text,
+        description=(
+            f"{chosen.size} of {n} seen samples with loss rank in [{spec.lo:g}, {spec.hi:g}) "
+            f"(loss {lo_loss:.4g}..{hi_loss:.4g}){note}"
+        ),
+        n_seen=n,
+        extra={"loss_min": lo_loss, "loss_max": hi_loss},
+    )
+
+
+def _feature_matrix(
+    loss: np.ndarray, seen_ids: np.ndarray, features: np.ndarray | None
+) -> tuple[np.ndarray, list[str]]:
+    """Standardized residual features of the seen samples, float32 (n_seen, d)."""
+    notes: list[str] = []
+    cols = [loss[seen_ids].astype(np.float32)[:, None]]
+    if features is not None:
+        f = np.asarray(features)
+        if f.ndim == 1:
+            f = f[:, None]
+        if f.ndim != 2 or f.shape[0] != loss.shape[0]:
+            raise ValueError(
+                f"features must have shape (n,) or (n, d) with n = {loss.shape[0]} (one row per "
+                f"sample id), got {f.shape}"
+            )
+        if not np.issubdtype(f.dtype, np.number):
+            raise ValueError(f"features must be numeric, got dtype {f.dtype}")
+        f = f[seen_ids].astype(np.float32, copy=False)
+        bad = ~np.isfinite(f)
+        if bad.any():
+            empty = bad.all(axis=0)
+            if empty.any():
+                notes.append(f"{int(empty.sum())} feature column(s) with no finite value dropped")
+                f = f[:, ~empty]
+                bad = bad[:, ~empty]
+            if bad.any():
+                means = np.nanmean(np.where(bad, np.nan, f), axis=0)
+                f = np.where(bad, means[None, :], f)
+                notes.append(f"{int(bad.sum())} missing feature value(s) imputed with column means")
+        if f.shape[1]:
+            cols.append(f)
+    x = np.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
+    # Statistics in float64 (1M rows of float32 lose digits), the transform in place in
+    # float32: a float64 copy of 1M x 64 features would be 0.5 GB and slower to cluster.
+    mean = x.mean(axis=0, dtype=np.float64)
+    std = x.std(axis=0, dtype=np.float64)
+    # A constant column carries no information; dividing by 1 keeps it at 0 instead of NaN.
+    std[std == 0] = 1.0
+    x -= mean.astype(np.float32)
+    x /= std.astype(np.float32)
+    return np.ascontiguousarray(x), notes
+
+
+def _n_distinct(x: np.ndarray, cap: int) -> int:
+    """Distinct rows in x, or any number >= cap once that many are found (enough to bound k)."""
+    head = int(np.unique(x[:20_000], axis=0).shape[0])
+    if head >= cap or x.shape[0] <= 20_000:
+        return head
+    # Heavily duplicated data: only then pay for the full count.
+    return int(np.unique(x, axis=0).shape[0])
+
+
+def _fit_kmeans(x: np.ndarray, k: int, seed: int, rng: np.random.Generator) -> np.ndarray:
+    """Labels for every row of x. Large inputs: fit on a subsample, assign all with predict."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    with warnings.catch_warnings():
+        # Duplicate points can leave fewer distinct clusters than k; the caller checks sizes.
+        warnings.simplefilter("ignore")
+        if x.shape[0] <= MINIBATCH_ABOVE:
+            return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x)
+        fit_rows = x
+        if x.shape[0] > FIT_SUBSAMPLE:
+            fit_rows = x[np.sort(rng.choice(x.shape[0], FIT_SUBSAMPLE, replace=False))]
+        model = MiniBatchKMeans(
+            n_clusters=k, n_init=3, batch_size=4096, random_state=seed, max_no_improvement=10
+        ).fit(fit_rows)
+        return model.predict(x)
+
+
+def _auto_k(
+    x: np.ndarray, seed: int, rng: np.random.Generator, k_max: int
+) -> tuple[int, dict[int, float]]:
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    sub = x
+    if x.shape[0] > AUTO_K_SUBSAMPLE:
+        sub = x[np.sort(rng.choice(x.shape[0], AUTO_K_SUBSAMPLE, replace=False))]
+    score_rows = np.arange(sub.shape[0])
+    if sub.shape[0] > SILHOUETTE_SUBSAMPLE:
+        score_rows = np.sort(rng.choice(sub.shape[0], SILHOUETTE_SUBSAMPLE, replace=False))
+    scores: dict[int, float] = {}
+    for k in AUTO_K_RANGE:
+        if k > k_max:
+            break
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lab = KMeans(n_clusters=k, n_init=2, random_state=seed).fit_predict(sub)
+        lab_s = lab[score_rows]
+        if np.unique(lab_s).size < 2 or np.unique(lab_s).size >= score_rows.size:
+            continue
+        scores[k] = float(silhouette_score(sub[score_rows], lab_s))
+    if not scores:
+        return 1, scores
+    # Highest silhouette; ties go to the smaller k (simpler forks).
+    best = max(scores, key=lambda kk: (scores[kk], -kk))
+    return best, scores
+
+
+def _select_kmeans(
+    spec: SelectionSpec,
+    loss: np.ndarray,
+    seen_ids: np.ndarray,
+    features: np.ndarray | None,
+    labels: np.ndarray | None,
+    seed: int,
+    threads: int,
+    note: str,
+) -> Selection:
+    text = str(spec)
+    x, notes = _feature_matrix(loss, seen_ids, features)
+    n = x.shape[0]
+    rng = np.random.default_rng(seed)
+    distinct = _n_distinct(x, cap=max(AUTO_K_RANGE) + 1)
+    scores: dict[int, float] = {}
+    with _limit_threads(threads):
+        if spec.k == "auto":
+            k_max = min(max(AUTO_K_RANGE), distinct - 1)
+            if k_max < 2:
+                k = 1
+                notes.append(
+                    f"too few distinct seen samples ({distinct}) to cluster: one cluster holds all"
+                )
+            else:
+                k, scores = _auto_k(x, seed, rng, k_max)
+                if k == 1:
+                    notes.append(
+                        "no k in 2..8 gave two non-trivial clusters: one cluster holds all"
+                    )
+        else:
+            k = int(spec.k)
+            if distinct < k:
+                raise ValueError(
+                    f"the selection {text} needs at least {k} distinct seen samples to form {k} "
+                    f"clusters, got {distinct} (of {n} seen); use a smaller K or kmeans:auto"
+                )
+        raw = np.zeros(n, dtype=np.int64) if k == 1 else _fit_kmeans(x, k, seed, rng)
+
+    seen_loss = loss[seen_ids]
+    # Re-number clusters by mean loss so ids mean something to a person (0 = easiest)
+    # and the default (the hardest cluster) is simply the last one.
+    present = np.unique(raw)
+    means = np.array([seen_loss[raw == c].mean() for c in present])
+    order = present[np.argsort(means, kind="stable")]
+    remap = np.full(int(raw.max()) + 1, -1, dtype=np.int64)
+    remap[order] = np.arange(order.size)
+    lab = remap[raw]
+    k_found = int(order.size)
+
+    lab_arr: np.ndarray | None = None
+    if labels is not None:
+        lab_arr = np.asarray(labels)
+        if lab_arr.shape != loss.shape:
+            raise ValueError(
+                f"labels must have shape {loss.shape} (one per sample id), got {lab_arr.shape}"
+            )
+        lab_arr = lab_arr[seen_ids]
+
+    clusters: list[ClusterInfo] = []
+    for c in range(k_found):
+        member = lab == c
+        mix = None
+        if lab_arr is not None:
+            mix = {
+                int(key): int(cnt)
+                for key, cnt in Counter(lab_arr[member].tolist()).most_common(MAX_LABELS_IN_MIX)
+            }
+        clusters.append(
+            ClusterInfo(
+                id=c,
+                size=int(member.sum()),
+                mean_loss=float(seen_loss[member].mean()),
+                indices=seen_ids[member],
+                label_mix=mix,
+            )
+        )
+    chosen = k_found - 1 if spec.cluster is None else spec.cluster
+    if chosen >= k_found:
+        raise ValueError(
+            f"the selection {text} names cluster {chosen} but only {k_found} cluster(s) were found "
+            f"(ids 0..{k_found - 1}, ordered by mean loss)"
+        )
+    picked = clusters[chosen]
+    if picked.size == 0:  # pragma: no cover - clusters are built from present labels
+        raise ValueError(f"the selection {text} is empty: cluster {chosen} has no samples")
+    how = (
+        f"k={k_found} chosen by silhouette" if spec.k == "auto" and k_found > 1 else f"k={k_found}"
+    )
+    which = "the highest-mean-loss cluster" if spec.cluster is None else f"cluster {chosen}"
+    desc = (
+        f"{picked.size} of {n} seen samples: {which} (mean loss {picked.mean_loss:.4g}) of a "
+        f"k-means on {x.shape[1]} standardized residual feature(s), {how}{note}"
+    )
+    if notes:
+        desc += "; " + "; ".join(notes)
+    extra = {f"silhouette_k{kk}": s for kk, s in scores.items()}
+    return Selection(
+        indices=picked.indices.copy(),
+        spec=text,
+        description=desc,
+        clusters=clusters,
+        selected_cluster=chosen,
+        n_seen=n,
+        extra=extra,
+    )
+
+
+def _read_ids(path: str) -> np.ndarray:
+    """Sample ids from .npy or text/CSV; order is kept so errors can name the first bad id."""
+    if path.endswith(".npy"):
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise ValueError(f"indices file {path!r} is not a plain .npy array: {exc}") from exc
+        arr = np.ravel(arr)
+        if np.issubdtype(arr.dtype, np.integer):
+            return arr.astype(np.int64)
+        if (
+            np.issubdtype(arr.dtype, np.floating)
+            and np.all(np.isfinite(arr))
+            and np.all(arr == np.round(arr))
+        ):
+            return arr.astype(np.int64)
+        raise ValueError(
+            f"indices file {path!r} must hold integer sample ids, got dtype {arr.dtype}"
+        )
+    with open(path, encoding="utf-8") as fh:
+        lines = [ln.strip() for ln in fh.read().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        return np.zeros(0, dtype=np.int64)
+    first = [t.strip() for t in re.split(r"[,\t;]", lines[0])]
+    ids: list[int] = []
+    if any(t and not re.fullmatch(r"[+-]?\d+", t) for t in first):
+        # A header row: a CSV written by export-slice. Take the id column.
+        names = [t.strip().strip('"').lower() for t in first]
+        col = next((names.index(c) for c in ("sample_id", "id", "index", "idx") if c in names), 0)
+        for lineno, ln in enumerate(lines[1:], start=2):
+            cells = [t.strip().strip('"') for t in re.split(r"[,\t;]", ln)]
+            if col >= len(cells) or not re.fullmatch(r"[+-]?\d+", cells[col]):
+                raise ValueError(
+                    f"indices file {path!r} line {lineno}: column {names[col]!r} is not an integer id"
+                )
+            ids.append(int(cells[col]))
+        return np.asarray(ids, dtype=np.int64)
+    for lineno, ln in enumerate(lines, start=1):
+        for tok in re.split(r"[,\s;]+", ln):
+            if not tok:
+                continue
+            if not re.fullmatch(r"[+-]?\d+", tok):
+                raise ValueError(
+                    f"indices file {path!r} line {lineno}: {tok!r} is not an integer id"
+                )
+            ids.append(int(tok))
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _select_indices(
+    spec: SelectionSpec,
+    loss: np.ndarray,
+    seen_mask: np.ndarray,
+    base_dir: str | os.PathLike[str] | None,
+) -> Selection:
+    assert spec.path is not None  # guaranteed by SelectionSpec validation
+    path = os.path.expanduser(spec.path)
+    if not os.path.isabs(path):
+        path = os.path.join(os.fspath(base_dir) if base_dir is not None else os.getcwd(), path)
+    if not os.path.isfile(path):
+        raise ValueError(f"the indices file {spec.path!r} does not exist (looked at {path})")
+    ids = _read_ids(path)
+    n = loss.shape[0]
+    bad = np.flatnonzero((ids < 0) | (ids >= n))
+    if bad.size:
+        raise ValueError(
+            f"indices file {spec.path!r}: sample id {int(ids[bad[0]])} is out of range [0, {n}) "
+            f"({bad.size} bad id(s) in all)"
+        )
+    chosen = np.unique(ids)
+    if chosen.size == 0:
+        raise ValueError(f"the selection {spec} is empty: the file {spec.path!r} holds no ids")
+    unseen = int(np.count_nonzero(~seen_mask[chosen]))
+    desc = f"{chosen.size} sample ids from {spec.path}"
+    if chosen.size != ids.size:
+        desc += f" ({ids.size - chosen.size} duplicate(s) dropped)"
+    if unseen:
+        desc += f"; {unseen} of them have no loss yet"
+    return Selection(
+        indices=chosen.astype(np.int64),
+        spec=str(spec),
+        description=desc,
+        n_seen=int(seen_mask.sum()),
+    )

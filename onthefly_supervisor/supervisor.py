@@ -1,0 +1,822 @@
+"""The supervisor: one per session. Owns the store, the gRPC server, the worker pool.
+
+Threads: gRPC server threads call `on_worker_message` and the control methods; the main
+thread runs `serve()`, the monitor loop that reaps workers, detects hangs, restarts,
+batches live events and decides when the session is over. Every state change goes
+through `_set_worker_state` / `_set_run_status`, which also publish the event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import secrets
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from onthefly_proto import onthefly_pb2 as pb
+from onthefly_proto import onthefly_pb2_grpc as pbg
+from onthefly_supervisor import serde
+from onthefly_supervisor.events import EventBus
+from onthefly_supervisor.gpu import GpuAllocator
+from onthefly_supervisor.lifecycle import InvalidTransition, Role, RunStatus, WorkerState
+from onthefly_supervisor.pool import Launcher, LocalLauncher, Worker, WorkerExit, WorkerSpec
+from onthefly_supervisor.store import (
+    RunRow,
+    SampleArrays,
+    Store,
+    new_session_id,
+    point_latest,
+    sessions_root,
+)
+
+DEFAULT_PORT = 47621
+TOKEN_KEY = "x-onthefly-token"
+
+
+class SupervisorError(RuntimeError):
+    """A clear, one-line problem that stops the supervisor from starting."""
+
+
+class ControlError(Exception):
+    """A refused control request; the servicer turns it into a gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    script: str
+    """The user's training script (absolute path)."""
+    argv: tuple[str, ...] = ()
+    """Arguments passed to the script, unchanged."""
+    project_dir: str = "."
+    """Where `.onthefly/sessions/` lives (the current directory, like lightning_logs/)."""
+    port: int = DEFAULT_PORT
+    """Loopback port; 0 = any free port; -1 = the default port, else any free one."""
+    seed: int = 0
+    """Session seed given to every worker (ONTHEFLY_SEED)."""
+    automode: bool = False
+    headless: bool = False
+    keep_alive: bool = False
+    """Stay up after the work is done (a dashboard keeps it up too while attached)."""
+    max_restarts: int = 0
+    """Restart a failed main worker from its last checkpoint up to this many times."""
+    gpus: str = "auto"
+    owner_pid: int = 0
+    """Self-hosted mode (`python train.py`): that process is the main worker; we end with it."""
+    project: str = "default"
+    run_name: str = "main"
+    hang_timeout_s: float = 30.0
+    """A worker that sends nothing (not even heartbeats) for this long is stopped as hung."""
+    stop_grace_s: float = 30.0
+    """After a stop request, SIGTERM follows if the worker has not exited by then (then SIGKILL)."""
+    flush_interval_ms: int = 50
+    heartbeat_interval_ms: int = 1000
+    resume_dir: str = ""
+    """Continue the unfinished runs of this existing session folder instead of starting anew."""
+    max_parallel_forks: int = 2
+
+    def __post_init__(self) -> None:
+        if not (self.port in (0, -1) or 1 <= self.port <= 65535):
+            raise SupervisorError(f"--port {self.port}: must be 0 (any free port) or 1..65535")
+        if self.max_restarts < 0:
+            raise SupervisorError(f"--max-restarts {self.max_restarts}: must be >= 0")
+        if self.hang_timeout_s <= 0:
+            raise SupervisorError("hang timeout must be > 0 seconds")
+
+
+@dataclass
+class PendingAck:
+    event: threading.Event = field(default_factory=threading.Event)
+    ok: bool = False
+    message: str = ""
+    payload: Any = None
+
+
+@dataclass
+class WorkerLink:
+    """The open Attach stream of a worker."""
+
+    worker_id: str
+    out: queue.Queue[pb.SupervisorCommand | None] = field(default_factory=queue.Queue)
+    closed: threading.Event = field(default_factory=threading.Event)
+
+
+class Supervisor:
+    def __init__(self, cfg: SupervisorConfig, launcher: Launcher | None = None) -> None:
+        self.cfg = cfg
+        self.token = secrets.token_urlsafe(32)
+        self.launcher: Launcher = launcher or LocalLauncher(on_output=self._on_output)
+        self.lock = threading.RLock()
+        self.workers: dict[str, Worker] = {}
+        self.links: dict[str, WorkerLink] = {}
+        self.external: set[str] = set()
+        self.pending: dict[str, PendingAck] = {}
+        self.errors: dict[str, dict[str, Any]] = {}
+        self.finished: dict[str, pb.RunFinished] = {}
+        self.hung: set[str] = set()
+        self.stop_deadline: dict[str, float] = {}
+        self.restarts: dict[str, int] = {}
+        self._metric_buf: dict[str, list[dict[str, Any]]] = {}
+        self._sample_dirty: dict[str, int] = {}
+        self._last_persist = time.monotonic()
+        self._last_sample_event = 0.0
+        self._exit_code: int | None = None
+        self._root_cause = ""
+        self._shutdown = threading.Event()
+        self.output_hooks: list[Callable[[str, str], None]] = []
+        self.dataset_sizes: dict[str, int] = {}
+        self.started = time.time()
+        self.server: grpc.Server | None = None
+        self.port = 0
+        self.gpu = GpuAllocator(cfg.gpus)
+        self.automode = cfg.automode
+        self.control_hooks: dict[str, Callable[..., Any]] = {}
+        if cfg.resume_dir:
+            self.dir = os.path.abspath(cfg.resume_dir)
+            self.session_id = os.path.basename(self.dir)
+        else:
+            self.session_id = new_session_id()
+            self.dir = os.path.join(sessions_root(cfg.project_dir), self.session_id)
+        os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
+        self.store = Store(self.dir)
+        self.bus = EventBus(self.store)
+        self.arrays = SampleArrays(self.dir)
+
+    # -- start / stop ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._bind()
+        self._write_connection()
+        point_latest(self.dir)
+        st = self.store
+        if not self.cfg.resume_dir:
+            st.set_meta("script", self.cfg.script)
+            st.set_meta("argv", list(self.cfg.argv))
+            st.set_meta("cwd", os.path.abspath(self.cfg.project_dir))
+            st.set_meta("seed", self.cfg.seed)
+            st.set_meta("project", self.cfg.project)
+            st.set_meta("created", self.started)
+            st.add_run(RunRow("main", self.cfg.run_name, "main", RunStatus.PENDING, [], time.time()))
+            self.bus.publish("session", "", state="started", session_id=self.session_id, script=self.cfg.script, argv=list(self.cfg.argv))
+            self.bus.publish("run_created", "main", run=st.run("main").to_dict())  # type: ignore[union-attr]
+        else:
+            self.bus.publish("session", "", state="resumed", session_id=self.session_id)
+        if self.cfg.owner_pid:
+            self._register_external("main-0", "main", self.cfg.owner_pid)
+        elif self.cfg.resume_dir:
+            self._resume_unfinished()
+        else:
+            self.spawn("main", Role.TRAIN)
+
+    def _bind(self) -> None:
+        from onthefly_supervisor.server import ControlServicer, TokenInterceptor, WorkerServicer
+
+        def make() -> grpc.Server:
+            server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="onthefly-rpc"),
+                interceptors=[TokenInterceptor(self.token)],
+                options=[
+                    ("grpc.so_reuseport", 0),  # a second supervisor must not share our port
+                    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ],
+            )
+            pbg.add_WorkerServiceServicer_to_server(WorkerServicer(self), server)
+            pbg.add_ControlServiceServicer_to_server(ControlServicer(self), server)
+            return server
+
+        port = self.cfg.port
+        candidates = [DEFAULT_PORT, 0] if port == -1 else [port]
+        last = ""
+        for p in candidates:
+            server = make()
+            try:
+                bound = server.add_insecure_port(f"127.0.0.1:{p}")
+            except RuntimeError as e:
+                bound, last = 0, str(e)
+            if bound:
+                self.server, self.port = server, bound
+                server.start()
+                return
+            server.stop(None)
+        raise SupervisorError(
+            f"port {candidates[-1]} on 127.0.0.1 is in use (another OnTheFly session?); "
+            "pass --port 0 to use any free port" + (f" [{last}]" if last and "in use" not in last else "")
+        )
+
+    def _write_connection(self) -> None:
+        info = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "addr": f"127.0.0.1:{self.port}",
+            "token": self.token,
+            "session_id": self.session_id,
+            "session_dir": self.dir,
+            "pid": os.getpid(),
+            "started": self.started,
+        }
+        path = os.path.join(self.dir, "connection.json")
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(info, f)
+        os.replace(tmp, path)
+
+    def connection_info(self) -> dict[str, Any]:
+        return {
+            "addr": f"127.0.0.1:{self.port}",
+            "token": self.token,
+            "session_id": self.session_id,
+            "session_dir": self.dir,
+            "run_id": "main",
+            "worker_id": "main-0",
+            "error_file": os.path.join(self.dir, "logs", "main-0.error.json"),
+        }
+
+    def shutdown(self) -> None:
+        """Always runs: stop workers (stop → SIGTERM → SIGKILL), persist, close."""
+        if self._shutdown.is_set():
+            return
+        self._shutdown.set()
+        with self.lock:
+            live = [w for w in self.workers.values() if not w.state.terminal and w.spec.worker_id not in self.external]
+        for w in live:
+            with contextlib.suppress(ControlError):
+                self._send(w.spec.worker_id, pb.SupervisorCommand(stop=pb.Stop(reason="supervisor shutting down")))
+        deadline = time.monotonic() + min(self.cfg.stop_grace_s, 10.0)
+        while time.monotonic() < deadline and any(self.launcher.poll(w.spec.worker_id) is None for w in live):
+            time.sleep(0.05)
+        for w in live:
+            self.launcher.stop(w.spec.worker_id, 3.0)
+            self._reap(w.spec.worker_id)
+        self.launcher.close()
+        self._flush_live_events(force=True)
+        self.arrays.persist()
+        main = self.store.run("main")
+        self._root_cause = main.error if main is not None else ""
+        with self.lock:
+            for r in self.store.runs():
+                if not r.status.terminal:
+                    self._set_run_status(r.run_id, RunStatus.STOPPED, "left unfinished when the supervisor stopped; `onthefly resume` continues it")
+        self.bus.publish("session", "", state="finished", exit_code=self._exit_code or 0)
+        self.bus.close()
+        for link in self.links.values():
+            link.out.put(None)
+        if self.server is not None:
+            self.server.stop(grace=2.0).wait(3.0)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.dir, "connection.json"))
+        self.store.close()
+
+    # -- workers -----------------------------------------------------------------------------
+    def _new_worker_id(self, run_id: str) -> str:
+        n = sum(1 for w in self.workers if w.startswith(f"{run_id}-"))
+        return f"{run_id}-{n}"
+
+    def spawn(self, run_id: str, role: Role, resume: str = "", spec_file: str = "", gpu: bool = False) -> Worker:
+        script = self.store.get_meta("script", self.cfg.script)
+        argv = tuple(self.store.get_meta("argv", list(self.cfg.argv)))
+        cwd = self.store.get_meta("cwd", os.path.abspath(self.cfg.project_dir))
+        with self.lock:
+            wid = self._new_worker_id(run_id)
+            attempt = self.restarts.get(run_id, 0)
+            gpu_id = self.gpu.acquire(wid) if gpu else ""
+            threads = 0
+            if role is not Role.TRAIN and not gpu_id:
+                threads = max(1, (os.cpu_count() or 2) // 2)
+            env = {
+                "ONTHEFLY_ADDR": f"127.0.0.1:{self.port}",
+                "ONTHEFLY_TOKEN": self.token,
+                "ONTHEFLY_WORKER_ID": wid,
+                "ONTHEFLY_ROLE": role.value,
+                "ONTHEFLY_RUN_ID": run_id,
+                "ONTHEFLY_SESSION_DIR": self.dir,
+                "ONTHEFLY_SEED": str(self.store.get_meta("seed", self.cfg.seed)),
+                "ONTHEFLY_ERROR_FILE": os.path.join(self.dir, "logs", f"{wid}.error.json"),
+                "ONTHEFLY_FIT_MARKER": os.path.join(self.dir, "logs", f"{wid}.fit"),
+                "ONTHEFLY_ATTEMPT": str(attempt),
+            }
+            if resume:
+                env["ONTHEFLY_RESUME"] = resume
+            if spec_file:
+                env["ONTHEFLY_SPEC"] = spec_file
+            spec = WorkerSpec(
+                worker_id=wid,
+                run_id=run_id,
+                role=role,
+                script=script,
+                argv=argv,
+                cwd=cwd,
+                env=env,
+                gpu=gpu_id,
+                threads=threads,
+                log_path=os.path.join(self.dir, "logs", f"{wid}.log"),
+                error_file=env["ONTHEFLY_ERROR_FILE"],
+            )
+            w = Worker(spec, attempt=attempt)
+            self.workers[wid] = w
+            w.pid = self.launcher.start(spec, attempt)
+            self._publish_worker(w)
+        return w
+
+    def _register_external(self, wid: str, run_id: str, pid: int) -> None:
+        spec = WorkerSpec(
+            worker_id=wid, run_id=run_id, role=Role.TRAIN, script=self.cfg.script, argv=self.cfg.argv, cwd=os.getcwd()
+        )
+        w = Worker(spec, pid=pid)
+        with self.lock:
+            self.workers[wid] = w
+            self.external.add(wid)
+        self._publish_worker(w)
+
+    def _publish_worker(self, w: Worker) -> None:
+        d = self.worker_dict(w)
+        self.store.upsert_worker(d)
+        self.bus.publish("worker_state", w.spec.run_id, worker=d)
+
+    def worker_dict(self, w: Worker) -> dict[str, Any]:
+        ex = w.exit
+        return {
+            "worker_id": w.spec.worker_id,
+            "run_id": w.spec.run_id,
+            "role": w.spec.role.value,
+            "state": w.state.value,
+            "pid": w.pid,
+            "attempt": w.attempt,
+            "gpu": w.spec.gpu,
+            "step": w.step,
+            "epoch": w.epoch,
+            "last_seen": w.last_seen,
+            "exit_code": ex.exit_code if ex else None,
+            "exit_signal": ex.signal_name if ex else "",
+            "started": w.started,
+            "ended": time.time() if w.state.terminal else None,
+            "error": ex.describe() if ex and not ex.ok else "",
+        }
+
+    def _set_worker_state(self, wid: str, state: WorkerState) -> None:
+        with self.lock:
+            w = self.workers.get(wid)
+            if w is None:
+                return
+            try:
+                changed = w.transition(state)
+            except InvalidTransition as e:
+                self.bus.publish("log", w.spec.run_id, worker_id=wid, level="debug", text=str(e))
+                return
+        if changed:
+            self._publish_worker(w)
+
+    def _set_run_status(self, run_id: str, status: RunStatus, error: str | None = None) -> None:
+        try:
+            old = self.store.set_run_status(run_id, status, error)
+        except InvalidTransition as e:
+            self.bus.publish("log", run_id, level="debug", text=str(e))
+            return
+        except KeyError:
+            return
+        if old != status or error:
+            self.bus.publish("run_status", run_id, status=status.value, previous=old.value, error=error or "")
+
+    def live_worker(self, run_id: str) -> Worker | None:
+        with self.lock:
+            for w in reversed(list(self.workers.values())):
+                if w.spec.run_id == run_id and w.state in (WorkerState.ATTACHED, WorkerState.RUNNING, WorkerState.PAUSED, WorkerState.STOPPING):
+                    return w
+        return None
+
+    # -- messages from workers ---------------------------------------------------------------
+    def attach(self, hello: pb.Hello, worker_id: str) -> tuple[WorkerLink, pb.SupervisorCommand]:
+        with self.lock:
+            w = self.workers.get(worker_id)
+            if w is None:
+                raise ControlError(grpc.StatusCode.PERMISSION_DENIED, f"unknown worker id {worker_id!r}: this supervisor did not start it")
+            if w.state is not WorkerState.STARTING:
+                raise ControlError(grpc.StatusCode.FAILED_PRECONDITION, f"worker {worker_id} is already attached ({w.state.value})")
+            if hello.run_id and hello.run_id != w.spec.run_id:
+                raise ControlError(grpc.StatusCode.INVALID_ARGUMENT, f"worker {worker_id} belongs to run {w.spec.run_id}, not {hello.run_id}")
+            link = WorkerLink(worker_id)
+            self.links[worker_id] = link
+            if hello.pid:
+                w.pid = hello.pid
+            w.last_seen = time.time()
+        run_id = w.spec.run_id
+        self.dataset_sizes[run_id] = int(hello.dataset_size)
+        fields: dict[str, Any] = {"dataset_size": int(hello.dataset_size), "config_json": hello.config_json or "{}"}
+        if hello.data_fingerprint:
+            fields["fingerprint"] = hello.data_fingerprint
+        if run_id == "main" and hello.run_name:
+            fields["name"] = hello.run_name
+        self.store.update_run(run_id, **fields)
+        main = self.store.run("main")
+        if run_id != "main" and main is not None and main.fingerprint and hello.data_fingerprint and main.fingerprint != hello.data_fingerprint:
+            self.bus.publish(
+                "log", run_id, worker_id=worker_id, level="warning",
+                text="this worker's training data differs from the main run's (data fingerprint mismatch): "
+                "the script builds different data on each run; seed it or build it deterministically",
+            )
+        self._set_worker_state(worker_id, WorkerState.ATTACHED)
+        self._set_run_status(run_id, RunStatus.RUNNING)
+        self.bus.publish(
+            "attached", run_id, worker_id=worker_id, pid=int(hello.pid), dataset_size=int(hello.dataset_size),
+            steps_per_epoch=int(hello.steps_per_epoch), max_epochs=int(hello.max_epochs), max_steps=int(hello.max_steps),
+            model=hello.model_summary, device=hello.device, framework=hello.framework, project=hello.project,
+        )
+        welcome = pb.SupervisorCommand(
+            welcome=pb.Welcome(
+                session_id=self.session_id,
+                session_dir=self.dir,
+                run_id=run_id,
+                flush_interval_ms=self.cfg.flush_interval_ms,
+                heartbeat_interval_ms=self.cfg.heartbeat_interval_ms,
+            )
+        )
+        return link, welcome
+
+    def detach(self, worker_id: str) -> None:
+        with self.lock:
+            link = self.links.pop(worker_id, None)
+        if link is not None:
+            link.closed.set()
+            link.out.put(None)
+
+    def on_worker_message(self, wid: str, msg: pb.WorkerMessage) -> None:
+        w = self.workers.get(wid)
+        if w is None:
+            return
+        w.last_seen = time.time()
+        run_id = w.spec.run_id
+        body = msg.WhichOneof("body")
+        if body == "metrics":
+            points = [serde.metric_point(p) for p in msg.metrics.points]
+            if not points:
+                return
+            self.store.add_metrics(run_id, points)
+            last = points[-1]
+            w.step, w.epoch = last["step"], last["epoch"]
+            self.store.update_run(run_id, step=last["step"], epoch=last["epoch"], last_loss=last["loss"])
+            with self.lock:
+                self._metric_buf.setdefault(run_id, []).extend(points)
+        elif body == "samples":
+            ids, losses = serde.unpack_samples(msg.samples)
+            size = self.dataset_sizes.get(run_id, -1)
+            try:
+                self.arrays.ingest(run_id, int(msg.samples.epoch), size, ids, losses)
+            except ValueError as e:
+                self.bus.publish("log", run_id, worker_id=wid, level="error", text=f"per-sample losses rejected: {e}")
+                return
+            run = self.store.run(run_id)
+            if run is not None:
+                self.store.update_run(run_id, sample_steps=run.sample_steps + int(msg.samples.count))
+            with self.lock:
+                self._sample_dirty[run_id] = int(msg.samples.epoch)
+        elif body == "epoch_end":
+            e = msg.epoch_end
+            self.arrays.persist((run_id, int(e.epoch)))
+            self.arrays.evict(run_id, int(e.epoch))
+            self._flush_live_events(force=True)
+            self.bus.publish("epoch_end", run_id, epoch=int(e.epoch), step=int(e.step), train_loss=_num(e.train_loss), seconds=e.seconds)
+        elif body == "checkpoint":
+            c = msg.checkpoint
+            if not _inside(self.dir, c.path):
+                self.bus.publish("log", run_id, worker_id=wid, level="error", text=f"checkpoint path {c.path!r} escapes the session folder; ignored")
+                return
+            self.store.add_checkpoint(run_id, c.path, c.sha256, int(c.step), int(c.epoch), int(c.batch), c.reason, int(c.bytes))
+            self.bus.publish("checkpoint", run_id, path=c.path, sha256=c.sha256, step=int(c.step), epoch=int(c.epoch), batch=int(c.batch), reason=c.reason, bytes=int(c.bytes))
+        elif body == "eval":
+            e2 = msg.eval
+            self.store.add_eval(run_id, e2.split, int(e2.step), int(e2.epoch), e2.loss, e2.accuracy, int(e2.samples), dict(e2.metrics))
+            self.bus.publish("eval", run_id, split=e2.split, step=int(e2.step), epoch=int(e2.epoch), loss=_num(e2.loss), accuracy=_num(e2.accuracy), samples=int(e2.samples))
+        elif body == "status":
+            st = serde.WORKER_STATE_FROM_PB.get(msg.status.state)
+            if st is not None:
+                self._set_worker_state(wid, st)
+                if st is WorkerState.PAUSED:
+                    self._set_run_status(run_id, RunStatus.PAUSED)
+                elif st is WorkerState.RUNNING:
+                    self._set_run_status(run_id, RunStatus.RUNNING)
+            if msg.status.message:
+                self.bus.publish("log", run_id, worker_id=wid, level="info", text=msg.status.message)
+        elif body == "log":
+            self.bus.publish("log", run_id, worker_id=wid, level=msg.log.level or "info", text=msg.log.text)
+        elif body == "error":
+            err = serde.error_from_proto(msg.error)
+            with self.lock:
+                self.errors.setdefault(wid, err)
+            self.bus.publish("error", run_id, worker_id=wid, **err)
+        elif body == "ack":
+            a = msg.ack
+            with self.lock:
+                p = self.pending.pop(a.command_id, None)
+            if p is not None:
+                p.ok, p.message = a.ok, a.message
+                p.payload = json.loads(a.payload_json) if a.payload_json else None
+                p.event.set()
+        elif body == "finished":
+            f = msg.finished
+            self.finished[wid] = f
+            status = serde.RUN_STATUS_FROM_PB.get(f.status, RunStatus.COMPLETED)
+            self._flush_live_events(force=True)
+            self.arrays.persist()
+            self._set_run_status(run_id, status)
+            self.bus.publish("finished", run_id, status=status.value, step=int(f.step), epoch=int(f.epoch), checkpoint=f.final_checkpoint)
+        # heartbeat: last_seen is enough
+
+    def _on_output(self, wid: str, line: str) -> None:
+        for hook in self.output_hooks:
+            hook(wid, line)
+
+    # -- control -----------------------------------------------------------------------------
+    def resolve_run(self, ref: str) -> RunRow:
+        if len(ref) > 200 or any(c in ref for c in "/\\\x00"):
+            raise ControlError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid run reference {ref[:40]!r}")
+        run = self.store.find_run(ref or "main")
+        if run is None:
+            known = ", ".join(r.run_id for r in self.store.runs()) or "none"
+            raise ControlError(grpc.StatusCode.NOT_FOUND, f"no run {ref!r} in this session (runs: {known})")
+        return run
+
+    def _send(self, wid: str, cmd: pb.SupervisorCommand) -> None:
+        link = self.links.get(wid)
+        if link is None or link.closed.is_set():
+            raise ControlError(grpc.StatusCode.FAILED_PRECONDITION, f"worker {wid} is not connected")
+        link.out.put(cmd)
+
+    def command(self, run_ref: str, wait: bool, timeout: float, **body: Any) -> tuple[RunRow, PendingAck]:
+        run = self.resolve_run(run_ref)
+        w = self.live_worker(run.run_id)
+        if w is None:
+            raise ControlError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {run.run_id} has no live worker (status: {run.status.value})",
+            )
+        cid = uuid.uuid4().hex
+        p = PendingAck()
+        with self.lock:
+            self.pending[cid] = p
+        self._send(w.spec.worker_id, pb.SupervisorCommand(command_id=cid, **body))
+        if wait and not p.event.wait(timeout or 30.0):
+            with self.lock:
+                self.pending.pop(cid, None)
+            raise ControlError(grpc.StatusCode.DEADLINE_EXCEEDED, f"worker {w.spec.worker_id} did not answer within {timeout or 30.0:.0f} s")
+        return run, p
+
+    def request_stop(self, run_ref: str, reason: str = "stop requested", run_test: bool = False) -> RunRow:
+        run = self.resolve_run(run_ref)
+        w = self.live_worker(run.run_id)
+        if w is None:
+            raise ControlError(grpc.StatusCode.FAILED_PRECONDITION, f"run {run.run_id} has no live worker (status: {run.status.value})")
+        w.stop_requested = True
+        self.stop_deadline[w.spec.worker_id] = time.monotonic() + self.cfg.stop_grace_s
+        self._send(w.spec.worker_id, pb.SupervisorCommand(command_id="", stop=pb.Stop(reason=reason, run_test=run_test)))
+        self._set_worker_state(w.spec.worker_id, WorkerState.STOPPING)
+        return run
+
+    # -- monitor loop ------------------------------------------------------------------------
+    def serve(self, should_stop: Callable[[], bool] | None = None) -> int:
+        """Run until the session's work is done; returns the exit code."""
+        try:
+            while not self._shutdown.is_set():
+                self.tick()
+                if self._exit_code is not None:
+                    break
+                if should_stop is not None and should_stop():
+                    self._exit_code = 130
+                    break
+                time.sleep(0.1)
+        finally:
+            self.shutdown()
+        return self._exit_code or 0
+
+    def tick(self) -> None:
+        now = time.time()
+        with self.lock:
+            workers = list(self.workers.values())
+        for w in workers:
+            wid = w.spec.worker_id
+            if w.state.terminal:
+                continue
+            if wid in self.external:
+                self._poll_external(w)
+                continue
+            ex = self.launcher.poll(wid)
+            if ex is not None:
+                self._on_exit(w, ex)
+                continue
+            if w.state in (WorkerState.ATTACHED, WorkerState.RUNNING, WorkerState.PAUSED) and now - w.last_seen > self.cfg.hang_timeout_s and wid not in self.hung:
+                self.hung.add(wid)
+                msg = f"worker {wid} sent nothing for {now - w.last_seen:.0f} s (heartbeat every {self.cfg.heartbeat_interval_ms / 1000:.0f} s): hung; stopping it"
+                self.bus.publish("log", w.spec.run_id, worker_id=wid, level="error", text=msg)
+                threading.Thread(target=self.launcher.stop, args=(wid, 2.0), daemon=True).start()
+            dl = self.stop_deadline.get(wid)
+            if dl is not None and time.monotonic() > dl:
+                del self.stop_deadline[wid]
+                self.bus.publish("log", w.spec.run_id, worker_id=wid, level="warning", text=f"worker {wid} did not stop in {self.cfg.stop_grace_s:.0f} s: SIGTERM, then SIGKILL")
+                threading.Thread(target=self.launcher.stop, args=(wid, 5.0), daemon=True).start()
+        self._flush_live_events()
+        if time.monotonic() - self._last_persist > 5.0:
+            self._last_persist = time.monotonic()
+            self.arrays.persist()
+        self._decide_exit()
+
+    def _poll_external(self, w: Worker) -> None:
+        wid = w.spec.worker_id
+        alive = _pid_alive(w.pid)
+        link = self.links.get(wid)
+        done = wid in self.finished
+        if done and (link is None or link.closed.is_set()):
+            self._set_worker_state(wid, WorkerState.SUCCEEDED)
+        elif not alive:
+            err = self.errors.get(wid)
+            ex = WorkerExit(None, "", err)
+            w.exit = ex
+            self._set_worker_state(wid, WorkerState.SUCCEEDED if done else WorkerState.FAILED)
+            if not done:
+                run = self.store.run(w.spec.run_id)
+                if run is not None and not run.status.terminal:
+                    cause = ex.describe() if err else "the training process exited before finishing"
+                    self._set_run_status(w.spec.run_id, RunStatus.FAILED, cause)
+
+    def _reap(self, wid: str) -> None:
+        w = self.workers.get(wid)
+        if w is None or w.state.terminal:
+            return
+        ex = self.launcher.poll(wid)
+        if ex is not None:
+            self._on_exit(w, ex)
+
+    def _on_exit(self, w: Worker, ex: WorkerExit) -> None:
+        wid = w.spec.worker_id
+        run_id = w.spec.run_id
+        if ex.error is None and wid in self.errors:
+            ex.error = self.errors[wid]
+        if wid in self.hung and not ex.error:
+            ex.error = {"message": f"worker hung: no heartbeat for {self.cfg.hang_timeout_s:.0f} s; it was killed", "filename": "", "lineno": 0}
+        w.exit = ex
+        self.gpu.release(wid)
+        self.detach(wid)
+        self.stop_deadline.pop(wid, None)
+        finished = wid in self.finished
+        if ex.ok or (finished and not ex.error):
+            state = WorkerState.STOPPED if w.stop_requested and not finished else WorkerState.SUCCEEDED
+        elif w.stop_requested and not ex.error:
+            state = WorkerState.STOPPED
+        else:
+            state = WorkerState.FAILED
+        self._set_worker_state(wid, state)
+        run = self.store.run(run_id)
+        if run is None or run.status.terminal:
+            return
+        if state is WorkerState.SUCCEEDED:
+            if not finished:
+                self._set_run_status(run_id, RunStatus.STOPPED, "the worker exited without finishing its run")
+            return
+        if state is WorkerState.STOPPED:
+            self._set_run_status(run_id, RunStatus.STOPPED)
+            return
+        cause = ex.describe()
+        self.bus.publish("log", run_id, worker_id=wid, level="error", text=f"worker {wid} failed: {cause}")
+        if w.spec.role is Role.TRAIN and self.restarts.get(run_id, 0) < self.cfg.max_restarts:
+            ck = self.store.latest_checkpoint(run_id)
+            self.restarts[run_id] = self.restarts.get(run_id, 0) + 1
+            n = self.restarts[run_id]
+            where = f"checkpoint {ck['path']} (step {ck['step']})" if ck else "the beginning (no checkpoint yet)"
+            self.bus.publish("log", run_id, level="warning", text=f"restarting {run_id} from {where} (restart {n}/{self.cfg.max_restarts})")
+            self._set_run_status(run_id, RunStatus.PENDING)
+            self.spawn(run_id, Role.TRAIN, resume=ck["path"] if ck else "")
+            return
+        self._set_run_status(run_id, RunStatus.FAILED, cause)
+
+    def _resume_unfinished(self) -> None:
+        runs = [r for r in self.store.runs() if r.status is not RunStatus.COMPLETED and r.kind == "main"]
+        if not runs:
+            raise SupervisorError(f"session {self.session_id} has no unfinished run to resume")
+        for r in runs:
+            ck = self.store.latest_checkpoint(r.run_id)
+            self._set_run_status(r.run_id, RunStatus.PENDING)
+            self.bus.publish("log", r.run_id, level="info", text=f"resuming {r.run_id} from {ck['path'] if ck else 'the beginning'}")
+            self.spawn(r.run_id, Role.TRAIN, resume=ck["path"] if ck else "")
+
+    def _decide_exit(self) -> None:
+        with self.lock:
+            active = [w for w in self.workers.values() if not w.state.terminal]
+        if self.cfg.owner_pid:
+            if not _pid_alive(self.cfg.owner_pid) and not [w for w in active if w.spec.worker_id not in self.external]:
+                main = self.store.run("main")
+                self._exit_code = 0 if main is not None and main.status is RunStatus.COMPLETED else 1
+            elif not _pid_alive(self.cfg.owner_pid):
+                # The owner is gone: stop what it left running.
+                for w in active:
+                    if w.spec.worker_id not in self.external and not w.stop_requested:
+                        with contextlib.suppress(ControlError):
+                            self.request_stop(w.spec.run_id, "the training script exited")
+            return
+        if active:
+            return
+        if self.cfg.keep_alive or self.bus.dashboards > 0:
+            return
+        main = self.store.run("main")
+        ok = main is not None and main.status in (RunStatus.COMPLETED, RunStatus.STOPPED)
+        self._exit_code = 0 if ok else 1
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._exit_code
+
+    def root_cause(self) -> str:
+        if self._shutdown.is_set():
+            return self._root_cause
+        main = self.store.run("main")
+        return main.error if main is not None else ""
+
+    # -- live event batching -----------------------------------------------------------------
+    def _flush_live_events(self, force: bool = False) -> None:
+        with self.lock:
+            bufs, self._metric_buf = self._metric_buf, {}
+            dirty = dict(self._sample_dirty)
+            do_samples = force or time.monotonic() - self._last_sample_event > 1.0
+            if do_samples:
+                self._sample_dirty.clear()
+                self._last_sample_event = time.monotonic()
+        for run_id, pts in bufs.items():
+            cols: dict[str, list[Any]] = {k: [p[k] for p in pts] for k in ("step", "epoch", "time", "loss", "lr", "grad_norm", "samples_per_s", "step_time_ms", "data_time_ms", "memory_mb")}
+            extra_keys = sorted({k for p in pts for k in p["extra"]})
+            for k in extra_keys:
+                cols[k] = [p["extra"].get(k) for p in pts]
+            self.bus.publish("metrics", run_id, **cols)
+        if do_samples:
+            for run_id, epoch in dirty.items():
+                arr = self.arrays.get(run_id, epoch)
+                if arr is None:
+                    continue
+                stats = loss_stats(arr)
+                self.bus.publish("samples", run_id, epoch=epoch, **stats)
+
+    def pause_all_for_test(self) -> None:  # pragma: no cover - debugging aid
+        pass
+
+
+def loss_stats(arr: np.ndarray) -> dict[str, Any]:
+    seen = arr[np.isfinite(arr)]
+    if seen.size == 0:
+        return {"seen": 0, "total": int(arr.size), "p50": None, "p90": None, "p99": None, "mean": None}
+    p50, p90, p99 = np.quantile(seen, [0.5, 0.9, 0.99])
+    return {"seen": int(seen.size), "total": int(arr.size), "p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(seen.mean())}
+
+
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def _inside(root: str, rel: str) -> bool:
+    if not rel or os.path.isabs(rel):
+        return False
+    full = os.path.realpath(os.path.join(root, rel))
+    return full.startswith(os.path.realpath(root) + os.sep)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still "exists"; check its state where /proc is available.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def install_signal_handlers(sup: Supervisor) -> Callable[[], bool]:
+    """SIGINT/SIGTERM end the monitor loop so `finally:` stops workers in order."""
+    flag = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        if flag.is_set():  # second Ctrl+C: hurry
+            sys.stderr.write("[onthefly] stopping now\n")
+        flag.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return flag.is_set

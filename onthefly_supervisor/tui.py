@@ -1,0 +1,199 @@
+"""The terminal view: a live rich display on a terminal, plain log lines otherwise.
+
+It follows the event bus like any other client, so what it shows is exactly what the
+dashboard and the CLI see.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from typing import Any
+
+from onthefly_supervisor.events import Event
+from onthefly_supervisor.supervisor import Supervisor
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+class RunView:
+    def __init__(self) -> None:
+        self.step = 0
+        self.epoch = 0
+        self.loss: float | None = None
+        self.val_loss: float | None = None
+        self.sps: float | None = None
+        self.p50: float | None = None
+        self.p90: float | None = None
+        self.p99: float | None = None
+        self.steps_per_epoch = 0
+        self.max_epochs = 0
+        self.max_steps = 0
+        self.status = "pending"
+        self.t0 = time.time()
+        self.step0 = 0
+
+    @property
+    def total_steps(self) -> int:
+        if self.max_steps:
+            return self.max_steps
+        return self.steps_per_epoch * self.max_epochs if self.steps_per_epoch > 0 else 0
+
+    def eta(self) -> str:
+        total = self.total_steps
+        done = self.step - self.step0
+        if not total or done <= 0:
+            return "—"
+        rate = done / max(1e-6, time.time() - self.t0)
+        left = (total - self.step) / rate if rate > 0 else math.inf
+        if not math.isfinite(left):
+            return "—"
+        m, s = divmod(int(left), 60)
+        return f"{m}:{s:02d}"
+
+
+class TerminalView:
+    def __init__(self, sup: Supervisor, rich_mode: bool | None = None) -> None:
+        self.sup = sup
+        self.rich = sys.stdout.isatty() if rich_mode is None else rich_mode
+        self.runs: dict[str, RunView] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_plain = 0.0
+        self._console: Any = None
+        self._live: Any = None
+        self.sup.output_hooks.append(self.on_output)
+
+    def start(self) -> None:
+        if self.rich:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._console = Console()
+            self._live = Live(self._render(), console=self._console, refresh_per_second=4, transient=False)
+            self._live.start()
+        self._thread = threading.Thread(target=self._follow, name="onthefly-tui", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.stop()
+
+    def print(self, text: str) -> None:
+        if self._console is not None:
+            self._console.print(text, markup=False, highlight=False)
+        else:
+            print(text, flush=True)
+
+    def on_output(self, wid: str, line: str) -> None:
+        prefix = "" if wid.startswith("main-") else f"[{wid}] "
+        self.print(prefix + line)
+
+    def _follow(self) -> None:
+        for ev in self.sup.bus.follow(0, alive=lambda: not self._stop.is_set(), poll_s=0.25):
+            try:
+                self._on_event(ev)
+            except Exception as e:  # the view must never take the supervisor down
+                self.print(f"[onthefly] view error: {e}")
+            if self._live is not None:
+                self._live.update(self._render())
+
+    def _run(self, run_id: str) -> RunView:
+        return self.runs.setdefault(run_id, RunView())
+
+    def _on_event(self, ev: Event) -> None:
+        p = ev.payload
+        rv = self._run(ev.run_id) if ev.run_id else None
+        k = ev.kind
+        if k == "attached" and rv is not None:
+            rv.steps_per_epoch = int(p.get("steps_per_epoch") or 0)
+            rv.max_epochs = int(p.get("max_epochs") or 0)
+            rv.max_steps = int(p.get("max_steps") or 0)
+            rv.t0 = time.time()
+            self.print(f"[onthefly] {ev.run_id}: {p.get('model')} on {p.get('device')} · {p.get('dataset_size')} samples · {rv.steps_per_epoch} steps/epoch")
+        elif k == "metrics" and rv is not None:
+            steps = p.get("step") or []
+            if steps:
+                if rv.step == 0:
+                    rv.step0 = steps[0] - 1
+                    rv.t0 = time.time()
+                rv.step = steps[-1]
+                rv.epoch = (p.get("epoch") or [0])[-1]
+                rv.loss = (p.get("loss") or [None])[-1]
+                sps = [x for x in (p.get("samples_per_s") or []) if x]
+                rv.sps = sum(sps) / len(sps) if sps else rv.sps
+                if not self.rich and time.time() - self._last_plain > 5.0:
+                    self._last_plain = time.time()
+                    self.print(f"[onthefly] {ev.run_id} step {rv.step} epoch {rv.epoch} loss {_fmt(rv.loss)} · {_fmt(rv.sps, 3)} samples/s")
+        elif k == "samples" and rv is not None:
+            rv.p50, rv.p90, rv.p99 = p.get("p50"), p.get("p90"), p.get("p99")
+        elif k == "eval" and rv is not None:
+            if p.get("split") == "val":
+                rv.val_loss = p.get("loss")
+            acc = p.get("accuracy")
+            self.print(f"[onthefly] {ev.run_id} {p.get('split')} loss {_fmt(p.get('loss'))}" + (f" · accuracy {_fmt(acc)}" if acc is not None else "") + f" (step {p.get('step')})")
+        elif k == "epoch_end" and rv is not None:
+            self.print(f"[onthefly] {ev.run_id} epoch {p.get('epoch')} done · train loss {_fmt(p.get('train_loss'))} · p50/p90/p99 {_fmt(rv.p50)}/{_fmt(rv.p90)}/{_fmt(rv.p99)}")
+        elif k == "run_status" and rv is not None:
+            rv.status = str(p.get("status"))
+            if p.get("status") in ("paused", "completed", "failed", "stopped"):
+                extra = f": {p.get('error')}" if p.get("error") else ""
+                self.print(f"[onthefly] {ev.run_id} {p.get('status')}{extra}")
+        elif k == "log":
+            lvl = p.get("level", "info")
+            if lvl in ("warning", "error") or ev.run_id == "" or "resum" in str(p.get("text", "")) or "paused" in str(p.get("text", "")):
+                self.print(f"[onthefly] {lvl}: {p.get('text')}" if lvl != "info" else f"[onthefly] {p.get('text')}")
+        elif k == "error":
+            where = f" ({p.get('filename')}:{p.get('lineno')})" if p.get("filename") else ""
+            self.print(f"[onthefly] error in {p.get('worker_id')}: {p.get('message')}{where}")
+        elif k == "checkpoint" and p.get("reason") in ("pause", "final", "request"):
+            self.print(f"[onthefly] {ev.run_id} checkpoint {p.get('path')} ({p.get('reason')})")
+        elif k == "plan":
+            self.print(f"[onthefly] plan {p.get('plan_id')}: {p.get('action')} ({p.get('reason')}) → {p.get('status')}")
+
+    def _render(self) -> Any:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        parts: list[Any] = []
+        sup = self.sup
+        parts.append(Text(f"OnTheFly · session {sup.session_id} · tcp://127.0.0.1:{sup.port} · {sup.cfg.script}", style="bold"))
+        for run_id, rv in self.runs.items():
+            total = rv.total_steps or max(rv.step, 1)
+            bar = ProgressBar(total=total, completed=min(rv.step, total), width=40)
+            line = Table.grid(padding=(0, 1))
+            line.add_row(
+                Text(f"{run_id:>10}"),
+                bar,
+                Text(f"{rv.step}/{rv.total_steps or '?'} · epoch {rv.epoch} · ETA {rv.eta()} · {rv.status}"),
+            )
+            parts.append(line)
+            parts.append(
+                Text(
+                    f"{'':>10} loss {_fmt(rv.loss)} · val {_fmt(rv.val_loss)} · {_fmt(rv.sps, 3)} samples/s · "
+                    f"per-sample p50/p90/p99 {_fmt(rv.p50)}/{_fmt(rv.p90)}/{_fmt(rv.p99)}"
+                )
+            )
+        table = Table(title=None, show_edge=False, header_style="bold")
+        for col in ("worker", "run", "role", "state", "pid", "gpu", "step"):
+            table.add_column(col)
+        with sup.lock:
+            workers = list(sup.workers.values())
+        for w in workers[-8:]:
+            table.add_row(w.spec.worker_id, w.spec.run_id, w.spec.role.value, w.state.value, str(w.pid), w.spec.gpu or "cpu", str(w.step))
+        parts.append(table)
+        return Group(*parts)

@@ -1,0 +1,732 @@
+"""The math of merging runs: pure functions over state dicts and small training loops.
+
+Everything here takes models, state dicts (`dict[str, Tensor]`) and loaders and returns
+new tensors; nothing talks to the supervisor, so the merge worker and the tests call
+the same code. The methods:
+
+* `swa_average` — (weighted) average of weights; follow it with `recalibrate_batchnorm`,
+  because averaged weights do not match any model's BatchNorm running statistics.
+* `diagonal_fisher` + `fisher_soup` — Fisher-weighted averaging (Matena & Raffel, 2022):
+  each coordinate leans toward the model whose loss is most sensitive to it.
+* `LoRALinear`, `add_adapters`, `adapter_deltas`, `merge_adapters`, `adapter_fuse` —
+  low-rank adapters for cheap forks, and folding their deltas back into full weights.
+* `distill_step` / `distill` — train a student on a teacher's soft targets (Hinton et al.).
+
+Integer tensors (BatchNorm's `num_batches_tracked`, index buffers) are never averaged:
+averaging counters into floats would corrupt them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from onthefly_worker.data import split_batch, to_device
+
+StateDict = dict[str, Tensor]
+BatchFn = Callable[[Any], tuple[Any, Any]]
+"""Splits what a loader yields into (inputs, target); default: the worker's `split_batch`."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_float(t: Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _check_states(states: Sequence[Mapping[str, Tensor]], what: str = "states") -> list[str]:
+    """The common key order; raises naming the first key or shape that differs."""
+    if not states:
+        raise ValueError(f"{what}: need at least one state dict")
+    keys = list(states[0].keys())
+    ref = set(keys)
+    for i, s in enumerate(states[1:], start=1):
+        other = set(s.keys())
+        if other != ref:
+            missing = sorted(ref - other)
+            extra = sorted(other - ref)
+            raise ValueError(
+                f"{what}[{i}] has different keys from {what}[0]: missing {missing[:3]}, extra "
+                f"{extra[:3]}; merging needs models of the same architecture"
+            )
+        for k in keys:
+            if s[k].shape != states[0][k].shape:
+                raise ValueError(
+                    f"{what}[{i}][{k!r}] has shape {tuple(s[k].shape)}, {what}[0] has "
+                    f"{tuple(states[0][k].shape)}; merging needs models of the same architecture"
+                )
+    return keys
+
+
+def _normalized_weights(n: int, weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise ValueError(f"got {len(w)} weights for {n} models")
+    if any(not math.isfinite(x) or x < 0 for x in w):
+        raise ValueError(f"weights must be finite and >= 0, got {w}")
+    total = sum(w)
+    if total <= 0:
+        raise ValueError(f"weights must not all be zero, got {w}")
+    return [x / total for x in w]
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    # Half/bfloat16 sums lose digits; accumulate in at least float32, return the original dtype.
+    if t.is_complex():
+        return t.dtype
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _non_float(key: str, tensors: Sequence[Tensor]) -> Tensor:
+    """Integer/bool entries: counters take the max (most batches seen), the rest the first."""
+    if key.endswith("num_batches_tracked"):
+        return torch.stack([t.to(tensors[0].device) for t in tensors]).max(dim=0).values.clone()
+    return tensors[0].clone()
+
+
+def _inputs(batch: Any, batch_fn: BatchFn | None) -> Any:
+    if batch_fn is not None:
+        return batch_fn(batch)[0]
+    if isinstance(batch, Tensor):
+        return batch
+    return split_batch(batch)[0]
+
+
+def _forward(model: nn.Module, x: Any) -> Any:
+    if isinstance(x, dict):
+        return model(**x)
+    return model(x)
+
+
+def _cycle(loader: Iterable[Any], what: str) -> Iterator[Any]:
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError(f"{what}: the loader yielded no batches")
+
+
+# --------------------------------------------------------------------------- SWA
+
+
+def swa_average(
+    states: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None = None
+) -> StateDict:
+    """Uniform (or weighted) average of state dicts of one architecture.
+
+    Floating tensors are averaged (accumulated in >= float32, returned in their own
+    dtype); integer tensors are not: `num_batches_tracked` takes the max and any other
+    integer buffer is taken from the first state. Weights are normalized to sum to 1.
+    The result lives on the first state's devices and never aliases the inputs.
+    """
+    keys = _check_states(states)
+    w = _normalized_weights(len(states), weights)
+    out: StateDict = {}
+    for k in keys:
+        ts = [s[k] for s in states]
+        if not _is_float(ts[0]):
+            out[k] = _non_float(k, ts)
+            continue
+        acc = torch.zeros_like(ts[0], dtype=_acc_dtype(ts[0]))
+        for wi, t in zip(w, ts, strict=True):
+            acc.add_(t.detach().to(device=acc.device, dtype=acc.dtype), alpha=wi)
+        out[k] = acc.to(ts[0].dtype)
+    return out
+
+
+def recalibrate_batchnorm(
+    model: nn.Module,
+    loader: Iterable[Any],
+    device: torch.device | str,
+    max_batches: int | None = None,
+    batch_fn: BatchFn | None = None,
+) -> int:
+    """Recompute every BatchNorm's running statistics from data; returns the batches used.
+
+    Averaged (SWA / soup) weights produce activations whose statistics match none of the
+    parents' running stats, so they are reset and re-estimated with `momentum=None`
+    (a cumulative average over batches: each batch counts equally, unlike the
+    exponential average used in training). The forward runs in train mode under
+    `no_grad`; the global RNG state is forked so dropout in this pass does not change the
+    training run's randomness. Module modes and momenta are restored afterwards.
+    A model without BatchNorm is left untouched (returns 0).
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    dev = torch.device(device)
+    modes = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in bns}
+    # Kept so that a failing loader leaves the model exactly as it was.
+    saved = {m: [t.clone() for t in _bn_stats(m)] for m in bns}
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    used = 0
+    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+    ok = False
+    try:
+        model.train()
+        with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
+            for batch in loader:
+                if max_batches is not None and used >= max_batches:
+                    break
+                _forward(model, to_device(_inputs(batch, batch_fn), dev))
+                used += 1
+        if used == 0:
+            raise ValueError(
+                "recalibrate_batchnorm: the loader yielded no batches, so the running statistics "
+                "cannot be estimated"
+            )
+        ok = True
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for m in bns:
+            m.momentum = momenta[m]
+            if not ok:
+                with torch.no_grad():
+                    for t, old in zip(_bn_stats(m), saved[m], strict=True):
+                        t.copy_(old)
+    return used
+
+
+def _bn_stats(m: _BatchNorm) -> list[Tensor]:
+    stats = [m.running_mean, m.running_var, m.num_batches_tracked]
+    return [t for t in stats if isinstance(t, Tensor)]
+
+
+# --------------------------------------------------------------------------- Fisher
+
+
+def diagonal_fisher(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn_per_sample: Callable[[Tensor, Tensor], Tensor],
+    device: torch.device | str,
+    max_samples: int,
+    batch_fn: BatchFn | None = None,
+    chunk_size: int = 32,
+) -> StateDict:
+    """Empirical diagonal Fisher: the mean over samples of squared per-sample gradients.
+
+    Returns `{parameter name: tensor}` for every parameter (frozen ones included, so a
+    soup weights every parameter), in float32 on `device`.
+
+    Per-sample gradients come from `torch.func` (`vmap(grad(functional_call))`) over
+    chunks of `chunk_size` samples; chunking bounds memory at chunk_size x #params. If
+    vmap cannot trace the model (data-dependent control flow, unsupported ops) it warns
+    and falls back to one backward per sample — same numbers, slower.
+
+    The model runs in eval mode: in train mode BatchNorm would couple the samples of a
+    batch (a "per-sample" gradient would depend on its neighbours) and dropout noise
+    would inflate the Fisher. `loss_fn_per_sample(output, target)` may return per-sample
+    losses or their mean; it is always called on one sample at a time.
+    """
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    dev = torch.device(device)
+    names = [n for n, _ in model.named_parameters()]
+    if not names:
+        raise ValueError("diagonal_fisher: the model has no parameters")
+    was_training = model.training
+    model.eval()
+    fisher = {
+        n: torch.zeros_like(p, dtype=torch.float32, device=dev) for n, p in model.named_parameters()
+    }
+    seen = 0
+    use_vmap = True
+    try:
+        for batch in loader:
+            if seen >= max_samples:
+                break
+            if batch_fn is not None:
+                x, y = batch_fn(batch)
+            else:
+                x, y = split_batch(batch)
+            x, y = to_device(x, dev), to_device(y, dev)
+            if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+                raise ValueError(
+                    "diagonal_fisher needs tensor inputs and targets (batch dimension first); "
+                    "pass batch_fn to adapt the loader's batches"
+                )
+            take = min(int(x.shape[0]), max_samples - seen)
+            x, y = x[:take], y[:take]
+            for start in range(0, take, chunk_size):
+                xc, yc = x[start : start + chunk_size], y[start : start + chunk_size]
+                if use_vmap:
+                    try:
+                        sq = _sq_grads_vmap(model, loss_fn_per_sample, xc, yc)
+                    except Exception as exc:  # torch.func raises many types; fall back once
+                        warnings.warn(
+                            f"diagonal_fisher: vmap per-sample gradients failed for this model "
+                            f"({type(exc).__name__}: {exc}); using one backward per sample",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                        use_vmap = False
+                if not use_vmap:
+                    sq = _sq_grads_loop(model, loss_fn_per_sample, xc, yc)
+                for n in names:
+                    fisher[n].add_(sq[n])
+            seen += take
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("diagonal_fisher: the loader yielded no samples")
+    for n in names:
+        fisher[n].div_(seen)
+    return fisher
+
+
+def _sq_grads_vmap(
+    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor
+) -> StateDict:
+    """Sum over the chunk of squared per-sample gradients, via torch.func."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return loss_fn(out, yi.unsqueeze(0)).sum()
+
+    g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    return {n: g[n].float().pow(2).sum(dim=0) for n in params}
+
+
+def _sq_grads_loop(
+    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor
+) -> StateDict:
+    """The same sum with one ordinary backward per sample (for models vmap cannot trace)."""
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    out = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for i in range(int(x.shape[0])):
+            with torch.enable_grad():
+                loss = loss_fn(model(x[i : i + 1]), y[i : i + 1]).sum()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for (n, _), gi in zip(named, grads, strict=True):
+                if gi is not None:
+                    out[n].add_(gi.detach().float().pow(2))
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+    return out
+
+
+def fisher_soup(
+    states: Sequence[Mapping[str, Tensor]],
+    fishers: Sequence[Mapping[str, Tensor]],
+    eps: float = 1e-8,
+    weights: Sequence[float] | None = None,
+) -> StateDict:
+    """Fisher-weighted average: theta = sum_i w_i F_i theta_i / sum_i w_i F_i, per coordinate.
+
+    Every key in the Fisher dicts (normally every parameter, from `diagonal_fisher`) is
+    Fisher-weighted; the remaining state keys are buffers: floating ones are averaged
+    uniformly (recalibrate BatchNorm afterwards), integer ones follow `swa_average`.
+
+    `eps` is relative: eps x (mean Fisher over all models and coordinates) is added to
+    every F_i. It only decides coordinates where every model's Fisher is ~0 (there the
+    soup is a plain average) and makes the soup invariant to rescaling the loss.
+    Raises if the Fishers are all zero or do not cover the same keys: a soup that quietly
+    became a plain average would be a wrong answer, not a merge.
+    """
+    keys = _check_states(states)
+    if len(fishers) != len(states):
+        raise ValueError(f"got {len(fishers)} Fisher dicts for {len(states)} models")
+    if eps <= 0 or not math.isfinite(eps):
+        raise ValueError(f"eps must be a small positive number, got {eps}")
+    fkeys = list(fishers[0].keys())
+    if not fkeys:
+        raise ValueError(
+            "fisher_soup: the Fisher dicts are empty; compute them with diagonal_fisher"
+        )
+    for i, f in enumerate(fishers):
+        if set(f.keys()) != set(fkeys):
+            raise ValueError(f"fishers[{i}] covers different keys from fishers[0]")
+    state_keys = set(keys)
+    for k in fkeys:
+        if k not in state_keys:
+            raise ValueError(f"fisher_soup: Fisher key {k!r} is not in the state dicts")
+        for i, (f, s) in enumerate(zip(fishers, states, strict=True)):
+            if f[k].shape != s[k].shape:
+                raise ValueError(
+                    f"fishers[{i}][{k!r}] has shape {tuple(f[k].shape)} but the parameter has "
+                    f"{tuple(s[k].shape)}"
+                )
+            if not _is_float(s[k]):
+                raise ValueError(f"fisher_soup: {k!r} is not a floating tensor; it has no Fisher")
+    w = _normalized_weights(len(states), weights)
+
+    total = 0.0
+    count = 0
+    for i, f in enumerate(fishers):
+        for k in fkeys:
+            fk = f[k].detach()
+            if not torch.isfinite(fk).all() or (fk < 0).any():
+                raise ValueError(f"fishers[{i}][{k!r}] must be finite and >= 0")
+            total += float(fk.double().sum())
+            count += fk.numel()
+    scale = total / max(count, 1)
+    if scale <= 0:
+        raise ValueError(
+            "fisher_soup: every Fisher is zero, so the soup is undefined (it would silently be a "
+            "plain average); check the Fisher data, or use swa_average"
+        )
+    floor = eps * scale
+
+    uniform = swa_average([{k: s[k] for k in keys if k not in fishers[0]} for s in states])
+    out: StateDict = {}
+    for k in keys:
+        if k not in fishers[0]:
+            out[k] = uniform[k]
+            continue
+        ref = states[0][k]
+        dev = ref.device
+        num = torch.zeros_like(ref, dtype=torch.float64, device=dev)
+        den = torch.zeros_like(ref, dtype=torch.float64, device=dev)
+        for wi, s, f in zip(w, states, fishers, strict=True):
+            fw = (f[k].detach().to(dev, torch.float64) + floor) * wi
+            num.add_(fw * s[k].detach().to(dev, torch.float64))
+            den.add_(fw)
+        out[k] = (num / den).to(ref.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+class LoRALinear(nn.Module):
+    """An nn.Linear plus a trainable low-rank update: y = base(x) + scale * x A^T B^T.
+
+    A (rank x in) starts random and B (out x rank) starts at zero, so the wrapped layer
+    computes exactly what the base did until training moves B (Hu et al., 2021).
+    `scale = alpha / rank`, so changing the rank does not change the update's size.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if rank > min(base.in_features, base.out_features):
+            raise ValueError(
+                f"rank {rank} exceeds min(in, out) = {min(base.in_features, base.out_features)} "
+                "of the layer; a full-rank adapter is just a full fine-tune"
+            )
+        self.base = base
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        w = base.weight
+        self.lora_A = nn.Parameter(
+            torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype)
+        )
+        self.lora_B = nn.Parameter(
+            torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype)
+        )
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.base_requires_grad = {n: p.requires_grad for n, p in base.named_parameters()}
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    def delta(self) -> Tensor:
+        """The update to the base weight, scale * B @ A (out x in)."""
+        return (self.lora_B @ self.lora_A).detach() * self.scale
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with the update folded in (the base itself is not modified)."""
+        b = self.base
+        out = nn.Linear(
+            b.in_features,
+            b.out_features,
+            bias=b.bias is not None,
+            device=b.weight.device,
+            dtype=b.weight.dtype,
+        )
+        with torch.no_grad():
+            out.weight.copy_(b.weight + self.delta().to(b.weight.dtype))
+            if b.bias is not None:
+                assert out.bias is not None
+                out.bias.copy_(b.bias)
+        out.weight.requires_grad_(self.base_requires_grad.get("weight", True))
+        if out.bias is not None:
+            out.bias.requires_grad_(self.base_requires_grad.get("bias", True))
+        out.train(b.training)
+        return out
+
+
+_FROZEN_ATTR = "_onthefly_adapter_frozen"
+
+
+def add_adapters(
+    model: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    target: type[nn.Module] | tuple[type[nn.Module], ...] = nn.Linear,
+) -> list[str]:
+    """Wrap every `target` submodule in a LoRALinear, in place; returns the wrapped names.
+
+    Every other parameter of the model is frozen too, so the adapters are the fork's
+    whole change and `adapter_deltas` describes it completely (buffers such as BatchNorm
+    running stats are not parameters and still update in train mode). The match is on the
+    exact class: subclasses of nn.Linear (e.g. MultiheadAttention's out_proj) are used by
+    their owners through `.weight` and would break if wrapped.
+    """
+    targets = target if isinstance(target, tuple) else (target,)
+    if any(t is not nn.Linear for t in targets):
+        raise ValueError(f"only nn.Linear can carry LoRA adapters here, got target={targets}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already has adapters; merge_adapters first")
+    names = [n for n, m in model.named_modules() if type(m) in targets]
+    if not names:
+        raise ValueError(
+            f"the model has no {', '.join(t.__name__ for t in targets)} submodules to adapt"
+        )
+    if "" in names:
+        raise ValueError("the model is itself an nn.Linear; wrap it in LoRALinear directly")
+    frozen = [n for n, p in model.named_parameters() if p.requires_grad]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        parent_name, _, child = n.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        lora = LoRALinear(base, rank, alpha)
+        # The base was frozen above; remember what it was before so merge restores it.
+        lora.base_requires_grad = {pn: f"{n}.{pn}" in frozen for pn, _ in base.named_parameters()}
+        setattr(parent, child, lora)
+    object.__setattr__(model, _FROZEN_ATTR, [f for f in frozen if not _under(f, names)])
+    return names
+
+
+def _under(param: str, modules: Sequence[str]) -> bool:
+    return any(param.startswith(m + ".") for m in modules)
+
+
+def _adapters(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not found:
+        raise ValueError("the model has no LoRA adapters (add_adapters was not called)")
+    return found
+
+
+def adapter_deltas(model: nn.Module) -> StateDict:
+    """`{"<module>.weight": scale * B @ A}` keyed like the original model's state dict."""
+    return {f"{n}.weight": m.delta() for n, m in _adapters(model)}
+
+
+def adapter_factors(model: nn.Module) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """`{"<module>.weight": (A, B, scale)}`: the compact form (rank x (in + out) numbers)."""
+    return {
+        f"{n}.weight": (m.lora_A.detach().clone(), m.lora_B.detach().clone(), m.scale)
+        for n, m in _adapters(model)
+    }
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight, in place, and return the model.
+
+    The LoRALinear modules are replaced by plain nn.Linear, so the state dict keys equal
+    the original model's again, and the parameters frozen by `add_adapters` get their
+    previous `requires_grad` back.
+    """
+    for n, m in _adapters(model):
+        parent_name, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, m.merged())
+    for n in getattr(model, _FROZEN_ATTR, []):
+        model.get_parameter(n).requires_grad_(True)
+    if hasattr(model, _FROZEN_ATTR):
+        object.__delattr__(model, _FROZEN_ATTR)
+    return model
+
+
+AdapterDelta = Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, float]
+
+
+def adapter_fuse(
+    base_state: Mapping[str, Tensor],
+    adapter_deltas: Sequence[Mapping[str, AdapterDelta]],
+    weights: Sequence[float] | None = None,
+) -> StateDict:
+    """W' = W + sum_i w_i * delta_i for every adapted weight; other entries are copied.
+
+    Each delta is a full tensor (from `adapter_deltas`, already scaled), `(A, B)` (scale
+    1) or `(A, B, scale)` giving `scale * B @ A`. Names are state-dict keys
+    ("fc.weight"); a module name ("fc") is accepted and means its ".weight".
+    `weights` default to 1/n: the average of the forks' updates, which for one adapter is
+    exactly the adapted model. Use weights of 1.0 for task-arithmetic style addition.
+    """
+    n = len(adapter_deltas)
+    if n == 0:
+        raise ValueError("adapter_fuse: no adapter deltas given")
+    if weights is None:
+        w = [1.0 / n] * n
+    else:
+        w = [float(x) for x in weights]
+        if len(w) != n or any(not math.isfinite(x) for x in w):
+            raise ValueError(f"adapter_fuse: need {n} finite weights, got {list(weights)}")
+    out: StateDict = {k: v.detach().clone() for k, v in base_state.items()}
+    acc: dict[str, Tensor] = {}
+    for i, deltas in enumerate(adapter_deltas):
+        for name, d in deltas.items():
+            key = name if name in out else f"{name}.weight"
+            if key not in out:
+                raise ValueError(
+                    f"adapter_fuse: adapter {i} targets {name!r}, which is not in the base state"
+                )
+            base = out[key]
+            if isinstance(d, Tensor):
+                delta = d.detach()
+            elif isinstance(d, tuple) and len(d) in (2, 3):
+                a, b = d[0].detach(), d[1].detach()
+                scale = float(d[2]) if len(d) == 3 else 1.0
+                if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+                    raise ValueError(
+                        f"adapter_fuse: adapter {i} {name!r}: A {tuple(a.shape)} and B {tuple(b.shape)} "
+                        "must be (r x in) and (out x r)"
+                    )
+                delta = (b.float() @ a.float()) * scale
+            else:
+                raise ValueError(
+                    f"adapter_fuse: adapter {i} {name!r} must be a tensor, (A, B) or (A, B, scale)"
+                )
+            if delta.shape != base.shape:
+                raise ValueError(
+                    f"adapter_fuse: adapter {i} {name!r} has shape {tuple(delta.shape)}, the weight "
+                    f"{key!r} has {tuple(base.shape)}"
+                )
+            prev = acc.get(key)
+            term = delta.to(base.device, torch.float32) * w[i]
+            acc[key] = term if prev is None else prev + term
+    for key, total in acc.items():
+        out[key] = (out[key].float() + total).to(out[key].dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def distill_step(student: nn.Module, teacher_logits: Tensor, x: Any, temperature: float) -> Tensor:
+    """The distillation loss T^2 * KL(teacher_T || student_T) for one batch (with grad).
+
+    `_T` is the softmax at temperature T; the T^2 factor keeps gradient sizes comparable
+    across temperatures (Hinton et al., 2015). Logits have classes in the last dimension;
+    leading dimensions (batch, sequence) are flattened and averaged over.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    s = _forward(student, x)
+    if not isinstance(s, Tensor):
+        raise ValueError(
+            f"distill needs the student to return a logits tensor, got {type(s).__name__}"
+        )
+    if s.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(s.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
+        )
+    c = s.shape[-1]
+    log_p_s = F.log_softmax(s.reshape(-1, c).float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.reshape(-1, c).detach().float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def kl_to_teacher(
+    student: nn.Module,
+    teacher_fn: Callable[[Any], Tensor],
+    loader: Iterable[Any],
+    temperature: float,
+    device: torch.device | str,
+    max_batches: int | None = None,
+    batch_fn: BatchFn | None = None,
+) -> float:
+    """Mean distillation loss (T^2 KL) of the student in eval mode over the loader."""
+    dev = torch.device(device)
+    was = student.training
+    student.eval()
+    total, n = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                if max_batches is not None and n >= max_batches:
+                    break
+                x = to_device(_inputs(batch, batch_fn), dev)
+                total += float(distill_step(student, teacher_fn(x), x, temperature))
+                n += 1
+    finally:
+        student.train(was)
+    if n == 0:
+        raise ValueError("kl_to_teacher: the loader yielded no batches")
+    return total / n
+
+
+def distill(
+    student: nn.Module,
+    teacher_fn: Callable[[Any], Tensor],
+    loader: Iterable[Any],
+    steps: int,
+    lr: float,
+    temperature: float,
+    device: torch.device | str,
+    batch_fn: BatchFn | None = None,
+    eval_batches: int = 10,
+) -> float:
+    """Train `student` toward `teacher_fn`'s soft targets for `steps` Adam steps.
+
+    The caller initialises the student (normally a copy of the parent run's model, so
+    distillation starts from the generalist and only has to absorb the specialists);
+    this function only trains it. `teacher_fn(x) -> logits` runs under no_grad — an MoE,
+    or an ensemble (pass log of the mean probabilities: log-probs are valid logits).
+    Returns the final KL: `kl_to_teacher` on up to `eval_batches` batches after training.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    dev = torch.device(device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("distill: the student has no trainable parameters")
+    opt = torch.optim.Adam(params, lr=lr)
+    was = student.training
+    student.train()
+    try:
+        batches = _cycle(loader, "distill")
+        for _ in range(steps):
+            x = to_device(_inputs(next(batches), batch_fn), dev)
+            with torch.no_grad():
+                t = teacher_fn(x)
+            loss = distill_step(student, t, x, temperature)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"distill: the loss became {float(loss)}; lower lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        student.train(was)
+    return kl_to_teacher(student, teacher_fn, loader, temperature, dev, eval_batches, batch_fn)
