@@ -97,8 +97,12 @@ def _non_float(key: str, tensors: Sequence[Tensor]) -> Tensor:
 def _inputs(batch: Any, batch_fn: BatchFn | None) -> Any:
     if batch_fn is not None:
         return batch_fn(batch)[0]
+    # Recalibration and distillation need no targets, so unlabeled batches are fine:
+    # a bare tensor or a 1-tuple (what TensorDataset(x) yields).
     if isinstance(batch, Tensor):
         return batch
+    if isinstance(batch, (tuple, list)) and len(batch) == 1:
+        return batch[0]
     return split_batch(batch)[0]
 
 
@@ -192,8 +196,8 @@ def recalibrate_batchnorm(
             )
         ok = True
     finally:
-        for m, mode in modes.items():
-            m.training = mode
+        for mod, mode in modes.items():
+            mod.training = mode
         for m in bns:
             m.momentum = momenta[m]
             if not ok:
@@ -723,7 +727,7 @@ def distill(
                 t = teacher_fn(x)
             loss = distill_step(student, t, x, temperature)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"distill: the loss became {float(loss)}; lower lr")
+                raise FloatingPointError(f"distill: the loss became {loss.item()}; lower lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -264,12 +264,12 @@ def train_gate(
                 assert aux is not None
                 loss = task + balance_weight * aux
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"train_gate: the loss became {float(loss)}; lower lr")
+                    raise FloatingPointError(f"train_gate: the loss became {loss.item()}; lower lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                hist.task_loss.append(float(task))
-                hist.aux_loss.append(float(aux))
+                hist.task_loss.append(task.item())
+                hist.aux_loss.append(aux.item())
                 step += 1
                 if step >= steps:
                     break
@@ -528,7 +528,8 @@ def _import_factory(factory: str) -> Callable[..., nn.Module]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise ValueError(f"factory {factory!r} is not callable")
-    return obj  # type: ignore[no-any-return]
+    factory_fn: Callable[..., nn.Module] = obj
+    return factory_fn
 
 
 def _build(entry: Mapping[str, Any], what: str, allow_import: bool) -> nn.Module:
@@ -624,7 +625,7 @@ def export_model(
         how = {"factory": factory, "kwargs": dict(factory_kwargs or {})}
     payload = {
         "format": FORMAT_MODEL,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "model": _entry(model, "model", how),
     }
     _save_atomic(payload, path)
@@ -651,7 +652,7 @@ def export_moe(
     gate_state = {k: v.detach().cpu().clone() for k, v in moe.gate.state_dict().items()}
     payload = {
         "format": FORMAT_MOE,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "experts": experts,
         "gate": {"config": moe.gate.config(), "state": gate_state},
         "gate_input": moe.gate_input,

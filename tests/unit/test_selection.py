@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -206,7 +208,7 @@ def test_kmeans_large_input_uses_subsample_and_predict() -> None:
 # --------------------------------------------------------------------------- indices
 
 
-def test_indices_npy_text_and_csv(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_indices_npy_text_and_csv(tmp_path: Path) -> None:
     losses = np.linspace(0, 1, 20, dtype=np.float32)
     np.save(tmp_path / "ids.npy", np.array([5, 3, 3], dtype=np.int32))
     (tmp_path / "ids.txt").write_text("7\n1\n\n")
@@ -221,13 +223,13 @@ def test_indices_npy_text_and_csv(tmp_path) -> None:  # type: ignore[no-untyped-
     assert "duplicate" in select("indices:ids.npy", losses, base_dir=tmp_path).description
 
 
-def test_indices_out_of_range_names_first_bad_id(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_indices_out_of_range_names_first_bad_id(tmp_path: Path) -> None:
     (tmp_path / "ids.txt").write_text("1\n25\n-3\n")
     with pytest.raises(ValueError, match=r"sample id 25 is out of range \[0, 20\)"):
         select("indices:ids.txt", np.zeros(20, dtype=np.float32), base_dir=tmp_path)
 
 
-def test_indices_missing_empty_and_garbage(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_indices_missing_empty_and_garbage(tmp_path: Path) -> None:
     losses = np.zeros(5, dtype=np.float32)
     with pytest.raises(ValueError, match="does not exist"):
         select("indices:nope.txt", losses, base_dir=tmp_path)
@@ -242,7 +244,7 @@ def test_indices_missing_empty_and_garbage(tmp_path) -> None:  # type: ignore[no
         select("indices:f.npy", losses, base_dir=tmp_path)
 
 
-def test_indices_may_name_unseen_samples(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_indices_may_name_unseen_samples(tmp_path: Path) -> None:
     losses = np.array([np.nan, 1.0, np.nan], dtype=np.float32)
     (tmp_path / "ids.txt").write_text("0,1")
     sel = select("indices:ids.txt", losses, base_dir=tmp_path)
