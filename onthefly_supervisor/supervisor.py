@@ -205,6 +205,8 @@ class Supervisor:
         candidates = [DEFAULT_PORT, 0] if port == -1 else [port]
         last = ""
         for p in candidates:
+            if p and not _port_free(p):
+                continue  # checked first: gRPC's own bind failure also logs a C-level line
             server = make()
             try:
                 bound = server.add_insecure_port(f"127.0.0.1:{p}")
@@ -685,7 +687,7 @@ class Supervisor:
             return
         if state is WorkerState.SUCCEEDED:
             if not finished:
-                self._set_run_status(run_id, RunStatus.STOPPED, "the worker exited without finishing its run")
+                self._set_run_status(run_id, RunStatus.FAILED, "the worker exited (code 0) without finishing its run")
             return
         if state is WorkerState.STOPPED:
             self._set_run_status(run_id, RunStatus.STOPPED)
@@ -789,6 +791,17 @@ def _inside(root: str, rel: str) -> bool:
         return False
     full = os.path.realpath(os.path.join(root, rel))
     return full.startswith(os.path.realpath(root) + os.sep)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _pid_alive(pid: int) -> bool:

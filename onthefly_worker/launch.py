@@ -41,6 +41,10 @@ def _sigterm_to_exit(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _record(message: str, script: str) -> dict[str, object]:
+    return {"message": message, "traceback": "", "filename": script, "lineno": 0, "time": time.time()}
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m onthefly_worker.launch SCRIPT [ARGS...]", file=sys.stderr)
@@ -59,12 +63,10 @@ def main(argv: list[str]) -> int:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if code != 0 and not isinstance(e.code, int):
-            write_error_file(
-                error_file,
-                {"message": f"SystemExit: {e.code}", "traceback": "", "filename": script, "lineno": 0, "time": time.time()},
-            )
-        return code
+        if code != 0:
+            if not isinstance(e.code, int):
+                write_error_file(error_file, _record(f"SystemExit: {e.code}", script))
+            return code
     except BaseException as e:  # noqa: BLE001 - every failure must reach the supervisor as data
         write_error_file(error_file, error_record(e, script_dir))
         raise
@@ -73,10 +75,7 @@ def main(argv: list[str]) -> int:
             f"{os.path.basename(script)} finished without calling Trainer.fit(), quickstart() "
             "or trainer.fit() after attach_lightning(): nothing was trained"
         )
-        write_error_file(
-            error_file,
-            {"message": f"OnTheFlyError: {msg}", "traceback": "", "filename": script, "lineno": 0, "time": time.time()},
-        )
+        write_error_file(error_file, _record(f"OnTheFlyError: {msg}", script))
         print(f"[onthefly] error: {msg}", file=sys.stderr)
         return EXIT_NO_FIT
     return 0

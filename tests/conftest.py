@@ -1,0 +1,124 @@
+"""Shared fixtures: real supervisors and workers on loopback, in a temp project folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "tests" / "integration" / "scripts"
+EXAMPLES = ROOT / "examples"
+PY = sys.executable
+
+
+def cli(*args: str, cwd: Path, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run(
+        [PY, "-m", "onthefly_supervisor", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e
+    )
+
+
+def cli_json(*args: str, cwd: Path) -> Any:
+    r = cli(*args, "--json", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@dataclass
+class Live:
+    proc: subprocess.Popen[str]
+    cwd: Path
+    session_dir: Path
+    conn: dict[str, Any]
+
+    def status(self) -> dict[str, Any]:
+        return cli_json("status", cwd=self.cwd)
+
+    def wait_for(self, pred: Any, timeout: float = 30, every: float = 0.2) -> dict[str, Any]:
+        deadline = time.time() + timeout
+        last: dict[str, Any] = {}
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"supervisor exited ({self.proc.returncode}) while waiting: {self.output()}")
+            try:
+                last = self.status()
+                if pred(last):
+                    return last
+            except AssertionError:
+                pass
+            time.sleep(every)
+        raise AssertionError(f"condition not met in {timeout}s; last status: {json.dumps(last)[:2000]}")
+
+    def main_run(self, st: dict[str, Any]) -> dict[str, Any]:
+        return next(r for r in st["runs"] if r["run_id"] == "main")
+
+    def worker_pids(self, st: dict[str, Any]) -> list[int]:
+        return [w["pid"] for w in st["workers"] if w["pid"]]
+
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out
+
+    def output(self) -> str:
+        if self.proc.poll() is None:
+            return "(running)"
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
+
+def start(cwd: Path, script: Path, *args: str, extra: tuple[str, ...] = (), env: dict[str, str] | None = None, timeout: float = 60) -> Live:
+    e = dict(os.environ)
+    e.update(env or {})
+    proc = subprocess.Popen(
+        [PY, "-m", "onthefly_supervisor", "run", "--headless", "--port", "0", *extra, str(script), *args],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e,
+    )
+    latest = cwd / ".onthefly" / "sessions" / "latest"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        cj = latest / "connection.json"
+        if cj.exists():
+            try:
+                conn = json.loads(cj.read_text())
+                return Live(proc, cwd, latest.resolve(), conn)
+            except ValueError:
+                pass
+        if proc.poll() is not None:
+            raise AssertionError(f"supervisor exited early ({proc.returncode}): {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("supervisor did not write connection.json")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    # No test may leave processes behind: kill anything still listed in a connection file.
+    for cj in tmp_path.glob(".onthefly/sessions/*/connection.json"):
+        try:
+            pid = json.loads(cj.read_text())["pid"]
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, KeyError):
+            pass

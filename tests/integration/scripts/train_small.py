@@ -1,0 +1,116 @@
+"""A tiny, configurable training script for integration tests (torchelastic's bin/echo1.py idea).
+
+Flags make it slow, crash, hang, emit NaN, never call fit, or use loader workers, dropout,
+BatchNorm, a scheduler and momentum, so each test drives a real worker the way a user's
+script would.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from onthefly import Trainer
+
+p = argparse.ArgumentParser()
+p.add_argument("--epochs", type=int, default=2)
+p.add_argument("--n", type=int, default=512)
+p.add_argument("--batch-size", type=int, default=32)
+p.add_argument("--lr", type=float, default=0.05)
+p.add_argument("--optim", default="sgd", choices=["sgd", "adam"])
+p.add_argument("--step-sleep", type=float, default=0.0)
+p.add_argument("--crash-at-step", type=int, default=0)
+p.add_argument("--crash-once-file", default="")
+p.add_argument("--nan-at-step", type=int, default=0)
+p.add_argument("--num-workers", type=int, default=0)
+p.add_argument("--no-fit", action="store_true")
+p.add_argument("--raise-before-fit", action="store_true")
+p.add_argument("--bad-batch", action="store_true")
+p.add_argument("--scalar-loss", action="store_true")
+p.add_argument("--regression", action="store_true")
+p.add_argument("--checkpoint-every", type=int, default=0)
+p.add_argument("--val", action="store_true")
+p.add_argument("--test", action="store_true")
+p.add_argument("--data-raise-at", type=int, default=-1)
+args = p.parse_args()
+
+
+class Data(Dataset):
+    def __init__(self, n: int, regression: bool) -> None:
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n, 16, generator=g)
+        w = torch.randn(16, generator=g)
+        if regression:
+            self.y = (self.x @ w).unsqueeze(1) + 0.1 * torch.randn(n, 1, generator=g)
+        else:
+            self.y = (self.x @ w > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        if i == args.data_raise_at:
+            raise IOError(f"corrupt record {i}")
+        if args.bad_batch:
+            return {"weird": self.x[i]}
+        return self.x[i], self.y[i]
+
+
+class Net(nn.Module):
+    def __init__(self, out: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, out))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.training:
+            step = self.calls
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
+            if args.crash_at_step and step == args.crash_at_step:
+                if not args.crash_once_file or not os.path.exists(args.crash_once_file):
+                    if args.crash_once_file:
+                        open(args.crash_once_file, "w").close()
+                        os.kill(os.getpid(), 9)
+                    raise ValueError(f"boom at step {step}")
+            if args.nan_at_step and step == args.nan_at_step:
+                return self.body(x) * float("nan")
+        return self.body(x)
+
+
+if args.raise_before_fit:
+    raise RuntimeError("failed while building the data")
+
+ds = Data(args.n, args.regression)
+train = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
+val = DataLoader(Data(128, args.regression), batch_size=64) if args.val else None
+test = DataLoader(Data(128, args.regression), batch_size=64) if args.test else None
+model = Net(1 if args.regression else 2)
+if args.optim == "sgd":
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+else:
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+if args.scalar_loss:
+    def loss_fn(out, y):
+        return ((out[:, -1] - y.float()) ** 2).sum() / len(y)
+else:
+    loss_fn = nn.MSELoss() if args.regression else nn.CrossEntropyLoss()
+
+if args.no_fit:
+    print("built everything, but forgot to call fit")
+    sys.exit(0)
+
+Trainer(
+    project="tests",
+    run_name="small",
+    max_epochs=args.epochs,
+    val_every_n_epochs=1 if args.val else 0,
+    do_test_after=args.test,
+    checkpoint_every_n_steps=args.checkpoint_every,
+).fit(model, opt, loss_fn, train, val, test, scheduler=sched)
