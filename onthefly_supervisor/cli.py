@@ -15,7 +15,7 @@ import grpc
 
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_supervisor import serde
-from onthefly_supervisor.client import ControlClient, NoSupervisor, connect, read_connection
+from onthefly_supervisor.client import ControlClient, NoSupervisor, connect
 from onthefly_supervisor.store import Store, resolve_session, sessions_root
 from onthefly_supervisor.supervisor import (
     DEFAULT_PORT,
@@ -70,7 +70,9 @@ def _serve(sup: Supervisor, headless: bool) -> int:
         sup.shutdown()
         raise
     view = TerminalView(sup, rich_mode=False if headless else None)
-    view.print(f"[onthefly] session {sup.session_id} · supervisor on tcp://127.0.0.1:{sup.port} · store {os.path.relpath(sup.dir)}")
+    view.print(
+        f"[onthefly] session {sup.session_id} · supervisor on tcp://127.0.0.1:{sup.port} · store {os.path.relpath(sup.dir)}"
+    )
     view.start()
     code = 1
     try:
@@ -79,12 +81,18 @@ def _serve(sup: Supervisor, headless: bool) -> int:
         time.sleep(0.3)  # let the view drain the last events
         view.stop()
     if code == 130:
-        print("[onthefly] interrupted; unfinished runs were checkpointed — `onthefly resume` continues them", file=sys.stderr)
+        print(
+            "[onthefly] interrupted; unfinished runs were checkpointed — `onthefly resume` continues them",
+            file=sys.stderr,
+        )
     elif code != 0:
         cause = sup.root_cause() or "the main run failed"
         print(f"[onthefly] main run failed: {cause}", file=sys.stderr)
     else:
-        print(f"[onthefly] done · session {sup.session_id} · `onthefly runs` for the lineage", flush=True)
+        print(
+            f"[onthefly] done · session {sup.session_id} · `onthefly runs` for the lineage",
+            flush=True,
+        )
     return code
 
 
@@ -102,7 +110,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         owner_pid=a.owner_pid,
         project=a.project,
         run_name=a.run_name,
-        seed=int(os.environ.get("ONTHEFLY_SEED", "0") or 0) if os.environ.get("ONTHEFLY_SEED", "0").lstrip("-").isdigit() else 0,
+        seed=int(os.environ.get("ONTHEFLY_SEED", "0") or 0)
+        if os.environ.get("ONTHEFLY_SEED", "0").lstrip("-").isdigit()
+        else 0,
     )
     sup = Supervisor(cfg)
     should_stop = install_signal_handlers(sup)
@@ -128,7 +138,15 @@ def cmd_resume(a: argparse.Namespace) -> int:
     if client is not None:
         return _act(client, "Resume", a.run)
     sdir = resolve_session(a.session)
-    sup = Supervisor(SupervisorConfig(script=_meta_script(sdir), port=a.port, resume_dir=sdir, max_restarts=a.max_restarts, keep_alive=a.keep_alive))
+    sup = Supervisor(
+        SupervisorConfig(
+            script=_meta_script(sdir),
+            port=a.port,
+            resume_dir=sdir,
+            max_restarts=a.max_restarts,
+            keep_alive=a.keep_alive,
+        )
+    )
     return _serve(sup, headless=a.headless)
 
 
@@ -160,12 +178,19 @@ def _rpc(client: ControlClient, method: str, request: Any, timeout: float | None
     except grpc.RpcError as e:
         code = e.code()
         if code in (grpc.StatusCode.UNAVAILABLE,):
-            raise CliError(f"the supervisor at {client.conn.addr} does not answer (it has stopped?)") from None
+            raise CliError(
+                f"the supervisor at {client.conn.addr} does not answer (it has stopped?)"
+            ) from None
         raise CliError(f"{e.details()} [{code.name}]") from None
 
 
 def _act(client: ControlClient, method: str, run: str, timeout: float = 60.0) -> int:
-    reply = _rpc(client, method, pb.RunRequest(run=run or "", wait=True, timeout_s=timeout), timeout=timeout + 5)
+    reply = _rpc(
+        client,
+        method,
+        pb.RunRequest(run=run or "", wait=True, timeout_s=timeout),
+        timeout=timeout + 5,
+    )
     print(reply.message)
     return 0 if reply.ok else 1
 
@@ -189,8 +214,10 @@ def _status_dict(st: pb.SessionStatus) -> dict[str, Any]:
             {
                 "worker_id": w.worker_id,
                 "run_id": w.run_id,
-                "role": serde.ROLE_FROM_PB.get(w.role).value if serde.ROLE_FROM_PB.get(w.role) else "",  # type: ignore[union-attr]
-                "state": serde.WORKER_STATE_FROM_PB[w.state].value if w.state in serde.WORKER_STATE_FROM_PB else "",
+                "role": _role_name(w.role),
+                "state": serde.WORKER_STATE_FROM_PB[w.state].value
+                if w.state in serde.WORKER_STATE_FROM_PB
+                else "",
                 "pid": w.pid,
                 "attempt": w.attempt,
                 "gpu": w.gpu,
@@ -202,8 +229,23 @@ def _status_dict(st: pb.SessionStatus) -> dict[str, Any]:
             for w in st.workers
         ],
         "runs": [_run_dict(r) for r in st.runs],
-        "gpus": [{"index": g.index, "name": g.name, "utilization": g.utilization, "memory_used_mb": g.memory_used_mb, "memory_total_mb": g.memory_total_mb, "workers": list(g.worker_ids)} for g in st.gpus],
+        "gpus": [
+            {
+                "index": g.index,
+                "name": g.name,
+                "utilization": g.utilization,
+                "memory_used_mb": g.memory_used_mb,
+                "memory_total_mb": g.memory_total_mb,
+                "workers": list(g.worker_ids),
+            }
+            for g in st.gpus
+        ],
     }
+
+
+def _role_name(role: int) -> str:
+    r = serde.ROLE_FROM_PB.get(role)  # type: ignore[call-overload]
+    return r.value if r is not None else ""
 
 
 def _nan_none(x: float) -> float | None:
@@ -241,11 +283,17 @@ def cmd_status(a: argparse.Namespace) -> int:
         return 0
     print(f"session {d['session_id']} · {d['state']} · tcp://127.0.0.1:{d['port']} · {d['script']}")
     for w in d["workers"]:
-        print(f"  worker {w['worker_id']:<10} {w['role']:<6} {w['state']:<10} pid {w['pid']:<7} gpu {w['gpu'] or 'cpu':<4} step {w['step']}")
+        print(
+            f"  worker {w['worker_id']:<10} {w['role']:<6} {w['state']:<10} pid {w['pid']:<7} gpu {w['gpu'] or 'cpu':<4} step {w['step']}"
+        )
     for r in d["runs"]:
-        print(f"  run {r['run_id']:<10} {r['kind']:<5} {r['status']:<10} step {r['step']:<7} loss {_f(r['last_loss'])} val {_f(r['val_loss'])}")
+        print(
+            f"  run {r['run_id']:<10} {r['kind']:<5} {r['status']:<10} step {r['step']:<7} loss {_f(r['last_loss'])} val {_f(r['val_loss'])}"
+        )
     for g in d["gpus"]:
-        print(f"  gpu {g['index']} {g['name']} {g['utilization']:.0f}% {g['memory_used_mb']:.0f}/{g['memory_total_mb']:.0f} MiB {','.join(g['workers'])}")
+        print(
+            f"  gpu {g['index']} {g['name']} {g['utilization']:.0f}% {g['memory_used_mb']:.0f}/{g['memory_total_mb']:.0f} MiB {','.join(g['workers'])}"
+        )
     return 0
 
 
@@ -264,7 +312,11 @@ def cmd_runs(a: argparse.Namespace) -> int:
         st.close()
     for r in runs:
         r.pop("config", None)
-        r["evals"] = [{k: e[k] for k in ("split", "step", "epoch", "loss", "accuracy", "samples")} for e in evals if e["run_id"] == r["run_id"]]
+        r["evals"] = [
+            {k: e[k] for k in ("split", "step", "epoch", "loss", "accuracy", "samples")}
+            for e in evals
+            if e["run_id"] == r["run_id"]
+        ]
     if a.json:
         print(json.dumps({"session_id": os.path.basename(sdir), "runs": runs}, indent=2))
         return 0
@@ -279,7 +331,10 @@ def cmd_runs(a: argparse.Namespace) -> int:
 
     def show(r: dict[str, Any], depth: int) -> None:
         pad = "  " * depth + ("└─ " if depth else "")
-        print(f"{pad}{r['run_id']} ({r['kind']}, {r['status']}) step {r['step']} loss {_f(r['last_loss'])} val {_f(r['val_loss'])} test {_f(r['test_loss'])} · {r['sample_steps']} sample-steps" + (f" · error: {r['error']}" if r["error"] else ""))
+        print(
+            f"{pad}{r['run_id']} ({r['kind']}, {r['status']}) step {r['step']} loss {_f(r['last_loss'])} val {_f(r['val_loss'])} test {_f(r['test_loss'])} · {r['sample_steps']} sample-steps"
+            + (f" · error: {r['error']}" if r["error"] else "")
+        )
         for c in children.get(r["run_id"], []):
             show(c, depth + 1)
 
@@ -291,10 +346,18 @@ def cmd_runs(a: argparse.Namespace) -> int:
 
 def cmd_sessions(a: argparse.Namespace) -> int:
     root = sessions_root()
-    names = sorted(n for n in os.listdir(root) if n != "latest" and not n.startswith(".")) if os.path.isdir(root) else []
+    names = (
+        sorted(n for n in os.listdir(root) if n != "latest" and not n.startswith("."))
+        if os.path.isdir(root)
+        else []
+    )
     if a.action == "ls":
-        latest = os.path.basename(os.path.realpath(os.path.join(root, "latest"))) if os.path.exists(os.path.join(root, "latest")) else ""
-        rows = []
+        latest = (
+            os.path.basename(os.path.realpath(os.path.join(root, "latest")))
+            if os.path.exists(os.path.join(root, "latest"))
+            else ""
+        )
+        rows: list[dict[str, Any]] = []
         for n in names:
             d = os.path.join(root, n)
             if not os.path.exists(os.path.join(d, "session.db")):
@@ -310,7 +373,17 @@ def cmd_sessions(a: argparse.Namespace) -> int:
             live = _live(d)
             size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(d) for f in fs)
             main = next((r for r in runs if r.run_id == "main"), None)
-            rows.append({"session_id": n, "script": script, "runs": len(runs), "status": main.status.value if main else "", "live": live, "bytes": size, "latest": n == latest})
+            rows.append(
+                {
+                    "session_id": n,
+                    "script": script,
+                    "runs": len(runs),
+                    "status": main.status.value if main else "",
+                    "live": live,
+                    "bytes": size,
+                    "latest": n == latest,
+                }
+            )
         if a.json:
             print(json.dumps(rows, indent=2))
         elif not rows:
@@ -321,7 +394,9 @@ def cmd_sessions(a: argparse.Namespace) -> int:
                     print(f"{r['session_id']}  (unreadable: {r['error']})")
                     continue
                 mark = "*" if r["latest"] else " "
-                print(f"{mark} {r['session_id']}  {r['status']:<10} {r['runs']} run(s)  {r['bytes'] / 2**20:7.1f} MiB  {'live ' if r['live'] else ''}{r['script']}")
+                print(
+                    f"{mark} {r['session_id']}  {r['status']:<10} {r['runs']} run(s)  {r['bytes'] / 2**20:7.1f} MiB  {'live ' if r['live'] else ''}{r['script']}"
+                )
         return 0
     if a.action == "rm":
         if not a.session:
@@ -376,7 +451,9 @@ def _fix_latest(root: str) -> None:
     link = os.path.join(root, "latest")
     if os.path.islink(link) and not os.path.exists(link):
         os.unlink(link)
-        rest = sorted(n for n in os.listdir(root) if n != "latest" and os.path.isdir(os.path.join(root, n)))
+        rest = sorted(
+            n for n in os.listdir(root) if n != "latest" and os.path.isdir(os.path.join(root, n))
+        )
         if rest:
             os.symlink(rest[-1], link)
 
@@ -386,7 +463,16 @@ def cmd_rpc(a: argparse.Namespace) -> int:
     client = _client()
     c = a.cmd
     if c == "fork":
-        req: Any = pb.ForkRequest(run=a.run, select=a.select, budget_steps=a.budget_steps, lr_mul=a.lr_mul, wd_mul=a.wd_mul, adapters_rank=a.adapters, variants=a.variants, name=a.name or "")
+        req: Any = pb.ForkRequest(
+            run=a.run,
+            select=a.select,
+            budget_steps=a.budget_steps,
+            lr_mul=a.lr_mul,
+            wd_mul=a.wd_mul,
+            adapters_rank=a.adapters,
+            variants=a.variants,
+            name=a.name or "",
+        )
         method = "Fork"
     elif c == "gate":
         req, method = pb.GateRequest(runs=a.runs, name=a.name or ""), "TrainGate"
@@ -395,17 +481,37 @@ def cmd_rpc(a: argparse.Namespace) -> int:
     elif c == "health":
         req, method = pb.HealthRequest(run=a.run, check=a.check or ""), "RunHealthCheck"
     elif c == "export-slice":
-        req, method = pb.ExportSliceRequest(run=a.run, select=a.select, format=a.format, path=os.path.abspath(a.output), force=a.force), "ExportSlice"
+        req, method = (
+            pb.ExportSliceRequest(
+                run=a.run,
+                select=a.select,
+                format=a.format,
+                path=os.path.abspath(a.output),
+                force=a.force,
+            ),
+            "ExportSlice",
+        )
     elif c == "export-model":
-        req, method = pb.ExportModelRequest(run=a.run, path=os.path.abspath(a.output), force=a.force), "ExportModel"
+        req, method = (
+            pb.ExportModelRequest(run=a.run, path=os.path.abspath(a.output), force=a.force),
+            "ExportModel",
+        )
     elif c == "export-session":
-        req, method = pb.ExportSessionRequest(session=a.session or "", path=os.path.abspath(a.output), force=a.force), "ExportSession"
+        req, method = (
+            pb.ExportSessionRequest(
+                session=a.session or "", path=os.path.abspath(a.output), force=a.force
+            ),
+            "ExportSession",
+        )
     elif c == "import-session":
         req, method = pb.ImportSessionRequest(path=os.path.abspath(a.file)), "ImportSession"
     elif c == "plans":
         req, method = pb.ListPlansRequest(), "ListPlans"
     elif c in ("approve", "reject"):
-        req, method = pb.PlanRequest(plan_id=a.plan_id), "ApprovePlan" if c == "approve" else "RejectPlan"
+        req, method = (
+            pb.PlanRequest(plan_id=a.plan_id),
+            "ApprovePlan" if c == "approve" else "RejectPlan",
+        )
     elif c == "edit":
         vals = {}
         for kv in a.values:
@@ -441,18 +547,37 @@ def _port(s: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onthefly", description="Take control of PyTorch training while it runs.")
+    p = argparse.ArgumentParser(
+        prog="onthefly", description="Take control of PyTorch training while it runs."
+    )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a training script under a supervisor")
     r.add_argument("--automode", action="store_true", help="let the planner act on its plan cards")
     r.add_argument("--headless", action="store_true", help="plain log lines, no live view")
     r.add_argument("--keep-alive", action="store_true", help="stay up after the work is done")
-    r.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"loopback port (default {DEFAULT_PORT}; 0 = any free port)")
-    r.add_argument("--seed", type=int, default=0, help="session seed applied in every worker (default 0)")
-    r.add_argument("--max-restarts", type=int, default=0, help="restart a crashed main worker from its last checkpoint")
+    r.add_argument(
+        "--port",
+        type=_port,
+        default=DEFAULT_PORT,
+        help=f"loopback port (default {DEFAULT_PORT}; 0 = any free port)",
+    )
+    r.add_argument(
+        "--seed", type=int, default=0, help="session seed applied in every worker (default 0)"
+    )
+    r.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart a crashed main worker from its last checkpoint",
+    )
     r.add_argument("--gpus", default="auto", help="'auto' or a comma list of GPU indices for forks")
-    r.add_argument("--hang-timeout", type=float, default=30.0, help="seconds without a heartbeat before a worker counts as hung")
+    r.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=30.0,
+        help="seconds without a heartbeat before a worker counts as hung",
+    )
     r.add_argument("script")
     r.add_argument("args", nargs=argparse.REMAINDER)
     r.set_defaults(fn=cmd_run)
@@ -469,7 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
 
-    for name, text in (("pause", "pause at the next step boundary (writes a checkpoint)"), ("test", "run the test loader now"), ("stop", "stop at the next step boundary"), ("checkpoint", "write a checkpoint now")):
+    for name, text in (
+        ("pause", "pause at the next step boundary (writes a checkpoint)"),
+        ("test", "run the test loader now"),
+        ("stop", "stop at the next step boundary"),
+        ("checkpoint", "write a checkpoint now"),
+    ):
         c = sub.add_parser(name, help=text)
         c.add_argument("--run", default="main")
         c.set_defaults(fn=cmd_simple)
@@ -497,7 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fork", help="fork a short-budget specialist on a selection")
     f.add_argument("--run", default="main")
-    f.add_argument("--select", required=True, help="all | quantile:LO:HI | kmeans:auto[:cluster=K] | indices:FILE")
+    f.add_argument(
+        "--select",
+        required=True,
+        help="all | quantile:LO:HI | kmeans:auto[:cluster=K] | indices:FILE",
+    )
     f.add_argument("--budget-steps", type=int, default=300)
     f.add_argument("--lr-mul", type=float, default=1.0)
     f.add_argument("--wd-mul", type=float, default=1.0)
@@ -514,7 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_rpc)
 
     m = sub.add_parser("merge", help="merge runs (swa | distill | fisher_soup | adapter_fuse)")
-    m.add_argument("--method", required=True, choices=["swa", "distill", "fisher_soup", "adapter_fuse"])
+    m.add_argument(
+        "--method", required=True, choices=["swa", "distill", "fisher_soup", "adapter_fuse"]
+    )
     m.add_argument("runs", nargs="+")
     m.add_argument("--name", default=None)
     m.add_argument("--json", action="store_true")
@@ -522,7 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("health", help="health checks with verdicts")
     h.add_argument("--run", default="main")
-    h.add_argument("--check", choices=["determinism", "numerics", "gradients", "activations", "data", "throughput"])
+    h.add_argument(
+        "--check",
+        choices=["determinism", "numerics", "gradients", "activations", "data", "throughput"],
+    )
     h.add_argument("--json", action="store_true")
     h.set_defaults(fn=cmd_rpc)
 

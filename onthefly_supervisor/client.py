@@ -33,7 +33,9 @@ def read_connection(session: str | None = None, project_dir: str = ".") -> Conne
     sdir = resolve_session(session, project_dir)
     path = os.path.join(sdir, "connection.json")
     if not os.path.exists(path):
-        raise NoSupervisor(f"session {os.path.basename(sdir)} has no live supervisor (it has finished)")
+        raise NoSupervisor(
+            f"session {os.path.basename(sdir)} has no live supervisor (it has finished)"
+        )
     with open(path, encoding="utf-8") as f:
         info = json.load(f)
     return Connection(
@@ -59,7 +61,8 @@ class ControlClient:
 
     def watch(self, from_seq: int = 0, kinds: list[str] | None = None, client: str = "cli") -> Any:
         return self.stub.WatchEvents(
-            pb.WatchRequest(from_seq=from_seq, kinds=kinds or [], client=client), metadata=self.metadata
+            pb.WatchRequest(from_seq=from_seq, kinds=kinds or [], client=client),
+            metadata=self.metadata,
         )
 
     def ping(self, timeout: float = 3.0) -> pb.SessionStatus:

@@ -41,7 +41,9 @@ class GpuAllocator:
                 h = pynvml.nvmlDeviceGetHandleByIndex(i)
                 name = pynvml.nvmlDeviceGetName(h)
                 mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-                self.gpus.append(Gpu(i, name if isinstance(name, str) else name.decode(), mem.total / 2**20))
+                self.gpus.append(
+                    Gpu(i, name if isinstance(name, str) else name.decode(), mem.total / 2**20)
+                )
         except Exception as e:  # no driver / no GPU: CPU-only machine
             self.error = str(e)
             self.gpus = []
@@ -100,4 +102,6 @@ def _parse_allowed(spec: str) -> list[int] | None:
     try:
         return [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--gpus must be 'auto' or a comma list of GPU indices, got {spec!r}") from None
+        raise ValueError(
+            f"--gpus must be 'auto' or a comma list of GPU indices, got {spec!r}"
+        ) from None

@@ -13,7 +13,12 @@ from onthefly_supervisor.events import Event
 from onthefly_supervisor.lifecycle import Role, RunStatus, WorkerState
 from onthefly_supervisor.store import RunRow
 
-ROLE_TO_PB = {Role.TRAIN: pb.ROLE_TRAIN, Role.FORK: pb.ROLE_FORK, Role.MERGE: pb.ROLE_MERGE, Role.HEALTH: pb.ROLE_HEALTH}
+ROLE_TO_PB = {
+    Role.TRAIN: pb.ROLE_TRAIN,
+    Role.FORK: pb.ROLE_FORK,
+    Role.MERGE: pb.ROLE_MERGE,
+    Role.HEALTH: pb.ROLE_HEALTH,
+}
 ROLE_FROM_PB = {v: k for k, v in ROLE_TO_PB.items()}
 WORKER_STATE_TO_PB = {
     WorkerState.STARTING: pb.WORKER_STATE_STARTING,
@@ -64,7 +69,11 @@ def run_to_proto(r: RunRow) -> pb.RunInfo:
 
 def event_to_proto(ev: Event) -> pb.Event:
     return pb.Event(
-        seq=ev.seq, time=ev.time, kind=ev.kind, run_id=ev.run_id, payload_json=json.dumps(ev.payload, default=str)
+        seq=ev.seq,
+        time=ev.time,
+        kind=ev.kind,
+        run_id=ev.run_id,
+        payload_json=json.dumps(ev.payload, default=str),
     )
 
 
@@ -99,4 +108,10 @@ def unpack_samples(msg: pb.SampleLosses) -> tuple[np.ndarray, np.ndarray]:
 
 
 def error_from_proto(e: pb.WorkerError) -> dict[str, Any]:
-    return {"message": e.message, "traceback": e.traceback, "filename": e.filename, "lineno": e.lineno, "time": e.time}
+    return {
+        "message": e.message,
+        "traceback": e.traceback,
+        "filename": e.filename,
+        "lineno": e.lineno,
+        "time": e.time,
+    }

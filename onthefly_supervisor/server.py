@@ -30,7 +30,9 @@ class TokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, token: str) -> None:
         self._token = token.encode()
 
-    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    ) -> Any:
         for key, value in handler_call_details.invocation_metadata or ():
             if key == TOKEN_KEY:
                 given = value.encode() if isinstance(value, str) else bytes(value)
@@ -42,7 +44,9 @@ class TokenInterceptor(grpc.ServerInterceptor):
 
 def _deny(handler: Any) -> Any:
     def abort(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong session token (see connection.json)")
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED, "missing or wrong session token (see connection.json)"
+        )
 
     if handler is None:
         return None
@@ -73,13 +77,17 @@ class WorkerServicer(pbg.WorkerServiceServicer):
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
 
-    def Attach(self, request_iterator: Iterator[pb.WorkerMessage], context: grpc.ServicerContext) -> Iterator[pb.SupervisorCommand]:
+    def Attach(
+        self, request_iterator: Iterator[pb.WorkerMessage], context: grpc.ServicerContext
+    ) -> Iterator[pb.SupervisorCommand]:
         try:
             first = next(request_iterator)
         except StopIteration:
             return
         if first.WhichOneof("body") != "hello":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of Attach must be hello")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message of Attach must be hello"
+            )
         wid = first.worker_id
         link, welcome = _guard(context, lambda: self.sup.attach(first.hello, wid))
         yield welcome
@@ -89,8 +97,16 @@ class WorkerServicer(pbg.WorkerServiceServicer):
                 for msg in request_iterator:
                     try:
                         self.sup.on_worker_message(wid, msg)
-                    except Exception as e:  # a bad message must not kill the stream or the supervisor
-                        self.sup.bus.publish("log", "", worker_id=wid, level="error", text=f"bad message from {wid}: {type(e).__name__}: {e}")
+                    except (
+                        Exception
+                    ) as e:  # a bad message must not kill the stream or the supervisor
+                        self.sup.bus.publish(
+                            "log",
+                            "",
+                            worker_id=wid,
+                            level="error",
+                            text=f"bad message from {wid}: {type(e).__name__}: {e}",
+                        )
             except grpc.RpcError:
                 pass
             finally:
@@ -114,15 +130,32 @@ class ControlServicer(pbg.ControlServiceServicer):
         self.sup = sup
 
     # -- status & events ---------------------------------------------------------------------
-    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.SessionStatus:
+    def GetStatus(
+        self, request: pb.StatusRequest, context: grpc.ServicerContext
+    ) -> pb.SessionStatus:
         sup = self.sup
         with sup.lock:
             workers = list(sup.workers.values())
         runs = sup.store.runs()
         live = [w for w in workers if not w.state.terminal]
-        state = "running" if live else ("failed" if any(r.status.value == "failed" and r.run_id == "main" for r in runs) else "finished")
+        state = (
+            "running"
+            if live
+            else (
+                "failed"
+                if any(r.status.value == "failed" and r.run_id == "main" for r in runs)
+                else "finished"
+            )
+        )
         gpus = [
-            pb.GpuInfo(index=g.index, name=g.name, utilization=g.utilization, memory_used_mb=g.memory_used_mb, memory_total_mb=g.memory_total_mb, worker_ids=g.workers)
+            pb.GpuInfo(
+                index=g.index,
+                name=g.name,
+                utilization=g.utilization,
+                memory_used_mb=g.memory_used_mb,
+                memory_total_mb=g.memory_total_mb,
+                worker_ids=g.workers,
+            )
             for g in sup.gpu.refresh()
         ]
         return pb.SessionStatus(
@@ -156,7 +189,9 @@ class ControlServicer(pbg.ControlServiceServicer):
             port=sup.port,
         )
 
-    def WatchEvents(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
+    def WatchEvents(
+        self, request: pb.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Event]:
         if request.from_seq < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "from_seq must be >= 0")
         kinds = set(request.kinds)
@@ -175,15 +210,29 @@ class ControlServicer(pbg.ControlServiceServicer):
                     self.sup.bus.dashboards -= 1
 
     # -- run control -------------------------------------------------------------------------
-    def _act(self, request: pb.RunRequest, context: grpc.ServicerContext, verb: str, **body: Any) -> pb.ActionReply:
+    def _act(
+        self, request: pb.RunRequest, context: grpc.ServicerContext, verb: str, **body: Any
+    ) -> pb.ActionReply:
         def go() -> pb.ActionReply:
             timeout = request.timeout_s or 30.0
-            run, p = self.sup.command(request.run, wait=True if verb in ("pause", "checkpoint", "test") else request.wait, timeout=timeout, **body)
+            run, p = self.sup.command(
+                request.run,
+                wait=True if verb in ("pause", "checkpoint", "test") else request.wait,
+                timeout=timeout,
+                **body,
+            )
             if not p.event.is_set():
-                return pb.ActionReply(ok=True, message=f"{verb} sent to {run.run_id}", run_id=run.run_id)
+                return pb.ActionReply(
+                    ok=True, message=f"{verb} sent to {run.run_id}", run_id=run.run_id
+                )
             if not p.ok:
                 raise ControlError(grpc.StatusCode.FAILED_PRECONDITION, p.message)
-            return pb.ActionReply(ok=True, message=p.message, run_id=run.run_id, payload_json=json.dumps(p.payload) if p.payload is not None else "")
+            return pb.ActionReply(
+                ok=True,
+                message=p.message,
+                run_id=run.run_id,
+                payload_json=json.dumps(p.payload) if p.payload is not None else "",
+            )
 
         return _guard(context, go)
 
@@ -197,18 +246,29 @@ class ControlServicer(pbg.ControlServiceServicer):
         return self._act(request, context, "test", eval=pb.RunEval(split="test"))
 
     def Checkpoint(self, request: pb.RunRequest, context: grpc.ServicerContext) -> pb.ActionReply:
-        return self._act(request, context, "checkpoint", checkpoint=pb.CheckpointNow(reason="request"))
+        return self._act(
+            request, context, "checkpoint", checkpoint=pb.CheckpointNow(reason="request")
+        )
 
-    def SetHyperParams(self, request: pb.HyperParamsRequest, context: grpc.ServicerContext) -> pb.ActionReply:
+    def SetHyperParams(
+        self, request: pb.HyperParamsRequest, context: grpc.ServicerContext
+    ) -> pb.ActionReply:
         allowed = {"lr", "lr_mul", "weight_decay", "grad_clip"}
         bad = sorted(set(request.values) - allowed)
         if bad:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown hyper-parameter(s) {', '.join(bad)}; settable: {', '.join(sorted(allowed))}")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown hyper-parameter(s) {', '.join(bad)}; settable: {', '.join(sorted(allowed))}",
+            )
         for k, v in request.values.items():
             if not math.isfinite(v) or v < 0:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{k}={v} must be a finite number >= 0")
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"{k}={v} must be a finite number >= 0"
+                )
         rr = pb.RunRequest(run=request.run, wait=True)
-        return self._act(rr, context, "set", set_hparams=pb.SetHyperParams(values=dict(request.values)))
+        return self._act(
+            rr, context, "set", set_hparams=pb.SetHyperParams(values=dict(request.values))
+        )
 
     def Stop(self, request: pb.RunRequest, context: grpc.ServicerContext) -> pb.ActionReply:
         run = _guard(context, lambda: self.sup.request_stop(request.run, "stopped by the user"))
@@ -217,49 +277,87 @@ class ControlServicer(pbg.ControlServiceServicer):
     # -- read-only views ---------------------------------------------------------------------
     def ListRuns(self, request: pb.ListRunsRequest, context: grpc.ServicerContext) -> pb.RunList:
         if request.session and request.session != self.sup.session_id:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"this supervisor serves session {self.sup.session_id}, not {request.session}")
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"this supervisor serves session {self.sup.session_id}, not {request.session}",
+            )
         return pb.RunList(runs=[serde.run_to_proto(r) for r in self.sup.store.runs()])
 
-    def GetMetrics(self, request: pb.MetricsRequest, context: grpc.ServicerContext) -> pb.MetricSeries:
+    def GetMetrics(
+        self, request: pb.MetricsRequest, context: grpc.ServicerContext
+    ) -> pb.MetricSeries:
         def go() -> pb.MetricSeries:
             run = self.sup.resolve_run(request.run)
             if request.max_points < 0 or request.from_step < 0 or request.to_step < 0:
                 raise ValueError("max_points, from_step and to_step must be >= 0")
             key = request.key or "loss"
             try:
-                steps, vals = self.sup.store.metric_series(run.run_id, key, int(request.from_step), int(request.to_step))
+                steps, vals = self.sup.store.metric_series(
+                    run.run_id, key, int(request.from_step), int(request.to_step)
+                )
             except KeyError:
-                raise ControlError(grpc.StatusCode.NOT_FOUND, f"run {run.run_id} has no metric {key!r}") from None
+                raise ControlError(
+                    grpc.StatusCode.NOT_FOUND, f"run {run.run_id} has no metric {key!r}"
+                ) from None
             total = int(steps.size)
             if request.max_points and total > request.max_points:
                 steps, vals = minmax_downsample(steps, vals, int(request.max_points))
-            return pb.MetricSeries(run_id=run.run_id, key=key, steps=steps.tolist(), values=vals.tolist(), total_points=total)
+            return pb.MetricSeries(
+                run_id=run.run_id,
+                key=key,
+                steps=steps.tolist(),
+                values=vals.tolist(),
+                total_points=total,
+            )
 
         return _guard(context, go)
 
-    def GetLossDistribution(self, request: pb.DistributionRequest, context: grpc.ServicerContext) -> pb.LossDistribution:
+    def GetLossDistribution(
+        self, request: pb.DistributionRequest, context: grpc.ServicerContext
+    ) -> pb.LossDistribution:
         def go() -> pb.LossDistribution:
             run = self.sup.resolve_run(request.run)
             epochs = self.sup.arrays.epochs(run.run_id)
             if not epochs:
-                raise ControlError(grpc.StatusCode.FAILED_PRECONDITION, f"run {run.run_id} has no per-sample losses yet")
+                raise ControlError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"run {run.run_id} has no per-sample losses yet",
+                )
             epoch = epochs[-1] if request.epoch < 0 else int(request.epoch)
             if epoch not in epochs:
-                raise ControlError(grpc.StatusCode.NOT_FOUND, f"run {run.run_id} has no losses for epoch {epoch} (epochs: {epochs})")
+                raise ControlError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"run {run.run_id} has no losses for epoch {epoch} (epochs: {epochs})",
+                )
             arr = self.sup.arrays.get(run.run_id, epoch)
             assert arr is not None
             if request.select:
-                raise ControlError(grpc.StatusCode.UNIMPLEMENTED, "restricting the distribution to a selection is not built yet")
+                raise ControlError(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    "restricting the distribution to a selection is not built yet",
+                )
             bins = int(request.bins or 50)
             if not 1 <= bins <= 10000:
                 raise ValueError(f"bins={bins} must be in 1..10000")
             seen = arr[np.isfinite(arr)]
-            counts, edges = np.histogram(seen, bins=bins) if seen.size else (np.zeros(bins, dtype=np.int64), np.linspace(0, 1, bins + 1))
+            counts, edges = (
+                np.histogram(seen, bins=bins)
+                if seen.size
+                else (np.zeros(bins, dtype=np.int64), np.linspace(0, 1, bins + 1))
+            )
             q = np.quantile(seen, [0.5, 0.9, 0.99]) if seen.size else [math.nan] * 3
             return pb.LossDistribution(
-                run_id=run.run_id, epoch=epoch, bin_edges=edges.tolist(), counts=counts.tolist(),
-                p50=float(q[0]), p90=float(q[1]), p99=float(q[2]), mean=float(seen.mean()) if seen.size else math.nan,
-                seen=int(seen.size), total=int(arr.size), epochs=epochs,
+                run_id=run.run_id,
+                epoch=epoch,
+                bin_edges=edges.tolist(),
+                counts=counts.tolist(),
+                p50=float(q[0]),
+                p90=float(q[1]),
+                p99=float(q[2]),
+                mean=float(seen.mean()) if seen.size else math.nan,
+                seen=int(seen.size),
+                total=int(arr.size),
+                epochs=epochs,
             )
 
         return _guard(context, go)
@@ -268,53 +366,74 @@ class ControlServicer(pbg.ControlServiceServicer):
     def _hook(self, name: str, request: Any, context: grpc.ServicerContext, what: str) -> Any:
         fn = self.sup.control_hooks.get(name)
         if fn is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not built yet in this version of OnTheFly")
+            context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{what} is not built yet in this version of OnTheFly",
+            )
         return _guard(context, lambda: fn(request))
 
     def Fork(self, request: pb.ForkRequest, context: grpc.ServicerContext) -> pb.ActionReply:
-        return self._hook("Fork", request, context, "fork")  # type: ignore[no-any-return]
+        return self._hook("Fork", request, context, "fork")
 
     def Merge(self, request: pb.MergeRequest, context: grpc.ServicerContext) -> pb.ActionReply:
-        return self._hook("Merge", request, context, "merge")  # type: ignore[no-any-return]
+        return self._hook("Merge", request, context, "merge")
 
     def TrainGate(self, request: pb.GateRequest, context: grpc.ServicerContext) -> pb.ActionReply:
-        return self._hook("TrainGate", request, context, "gate training")  # type: ignore[no-any-return]
+        return self._hook("TrainGate", request, context, "gate training")
 
-    def CompareExperts(self, request: pb.CompareRequest, context: grpc.ServicerContext) -> pb.Comparison:
-        return self._hook("CompareExperts", request, context, "comparing experts")  # type: ignore[no-any-return]
+    def CompareExperts(
+        self, request: pb.CompareRequest, context: grpc.ServicerContext
+    ) -> pb.Comparison:
+        return self._hook("CompareExperts", request, context, "comparing experts")
 
-    def ExportSlice(self, request: pb.ExportSliceRequest, context: grpc.ServicerContext) -> pb.ExportReply:
-        return self._hook("ExportSlice", request, context, "slice export")  # type: ignore[no-any-return]
+    def ExportSlice(
+        self, request: pb.ExportSliceRequest, context: grpc.ServicerContext
+    ) -> pb.ExportReply:
+        return self._hook("ExportSlice", request, context, "slice export")
 
-    def ExportModel(self, request: pb.ExportModelRequest, context: grpc.ServicerContext) -> pb.ExportReply:
-        return self._hook("ExportModel", request, context, "model export")  # type: ignore[no-any-return]
+    def ExportModel(
+        self, request: pb.ExportModelRequest, context: grpc.ServicerContext
+    ) -> pb.ExportReply:
+        return self._hook("ExportModel", request, context, "model export")
 
-    def ExportSession(self, request: pb.ExportSessionRequest, context: grpc.ServicerContext) -> pb.ExportReply:
-        return self._hook("ExportSession", request, context, "session export")  # type: ignore[no-any-return]
+    def ExportSession(
+        self, request: pb.ExportSessionRequest, context: grpc.ServicerContext
+    ) -> pb.ExportReply:
+        return self._hook("ExportSession", request, context, "session export")
 
-    def ImportSession(self, request: pb.ImportSessionRequest, context: grpc.ServicerContext) -> pb.ExportReply:
-        return self._hook("ImportSession", request, context, "session import")  # type: ignore[no-any-return]
+    def ImportSession(
+        self, request: pb.ImportSessionRequest, context: grpc.ServicerContext
+    ) -> pb.ExportReply:
+        return self._hook("ImportSession", request, context, "session import")
 
     def ListPlans(self, request: pb.ListPlansRequest, context: grpc.ServicerContext) -> pb.PlanList:
-        return self._hook("ListPlans", request, context, "the planner")  # type: ignore[no-any-return]
+        return self._hook("ListPlans", request, context, "the planner")
 
     def ApprovePlan(self, request: pb.PlanRequest, context: grpc.ServicerContext) -> pb.ActionReply:
-        return self._hook("ApprovePlan", request, context, "the planner")  # type: ignore[no-any-return]
+        return self._hook("ApprovePlan", request, context, "the planner")
 
     def RejectPlan(self, request: pb.PlanRequest, context: grpc.ServicerContext) -> pb.ActionReply:
-        return self._hook("RejectPlan", request, context, "the planner")  # type: ignore[no-any-return]
+        return self._hook("RejectPlan", request, context, "the planner")
 
-    def EditPlan(self, request: pb.EditPlanRequest, context: grpc.ServicerContext) -> pb.ActionReply:
-        return self._hook("EditPlan", request, context, "the planner")  # type: ignore[no-any-return]
+    def EditPlan(
+        self, request: pb.EditPlanRequest, context: grpc.ServicerContext
+    ) -> pb.ActionReply:
+        return self._hook("EditPlan", request, context, "the planner")
 
-    def SetAutomode(self, request: pb.AutomodeRequest, context: grpc.ServicerContext) -> pb.ActionReply:
-        return self._hook("SetAutomode", request, context, "automode")  # type: ignore[no-any-return]
+    def SetAutomode(
+        self, request: pb.AutomodeRequest, context: grpc.ServicerContext
+    ) -> pb.ActionReply:
+        return self._hook("SetAutomode", request, context, "automode")
 
-    def RunHealthCheck(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReport:
-        return self._hook("RunHealthCheck", request, context, "health checks")  # type: ignore[no-any-return]
+    def RunHealthCheck(
+        self, request: pb.HealthRequest, context: grpc.ServicerContext
+    ) -> pb.HealthReport:
+        return self._hook("RunHealthCheck", request, context, "health checks")
 
 
-def minmax_downsample(steps: np.ndarray, vals: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+def minmax_downsample(
+    steps: np.ndarray, vals: np.ndarray, max_points: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Keep the min and max of each bucket (in step order), so spikes survive downsampling."""
     n = steps.size
     buckets = max(1, max_points // 2)

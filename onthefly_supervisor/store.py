@@ -75,7 +75,15 @@ CREATE TABLE IF NOT EXISTS plans (
 );
 """
 
-_METRIC_KEYS = ("loss", "lr", "grad_norm", "samples_per_s", "step_time_ms", "data_time_ms", "memory_mb")
+_METRIC_KEYS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "samples_per_s",
+    "step_time_ms",
+    "data_time_ms",
+    "memory_mb",
+)
 
 
 def new_session_id() -> str:
@@ -97,7 +105,9 @@ def resolve_session(name: str | None, project_dir: str = ".") -> str:
     path = os.path.join(root, key)
     if not os.path.exists(os.path.join(path, "session.db")):
         if key == "latest":
-            raise FileNotFoundError(f"no OnTheFly session in {root} (run `onthefly run SCRIPT` first)")
+            raise FileNotFoundError(
+                f"no OnTheFly session in {root} (run `onthefly run SCRIPT` first)"
+            )
         raise FileNotFoundError(f"no session {key!r} in {root} (see `onthefly sessions ls`)")
     return os.path.realpath(path)
 
@@ -156,7 +166,8 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             self._db.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
             )
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
@@ -183,7 +194,9 @@ class Store:
     # -- meta --------------------------------------------------------------------------------
     def set_meta(self, key: str, value: Any) -> None:
         with self.tx() as db:
-            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value))
+            )
 
     def get_meta(self, key: str, default: Any = None) -> Any:
         rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
@@ -208,7 +221,10 @@ class Store:
                 ),
             )
             for p in run.parents:
-                db.execute("INSERT OR IGNORE INTO edges(parent, child, kind) VALUES (?, ?, ?)", (p, run.run_id, run.kind))
+                db.execute(
+                    "INSERT OR IGNORE INTO edges(parent, child, kind) VALUES (?, ?, ?)",
+                    (p, run.run_id, run.kind),
+                )
 
     def _row_to_run(self, r: sqlite3.Row) -> RunRow:
         return RunRow(
@@ -234,7 +250,9 @@ class Store:
         )
 
     def runs(self) -> list[RunRow]:
-        return [self._row_to_run(r) for r in self.query("SELECT * FROM runs ORDER BY created, run_id")]
+        return [
+            self._row_to_run(r) for r in self.query("SELECT * FROM runs ORDER BY created, run_id")
+        ]
 
     def run(self, run_id: str) -> RunRow | None:
         rows = self.query("SELECT * FROM runs WHERE run_id = ?", (run_id,))
@@ -258,7 +276,10 @@ class Store:
             old = RunStatus(rows[0]["status"])
             check_run_transition(old, status)
             ended = time.time() if status.terminal else None
-            db.execute("UPDATE runs SET status = ?, ended = ? WHERE run_id = ?", (status.value, ended, run_id))
+            db.execute(
+                "UPDATE runs SET status = ?, ended = ? WHERE run_id = ?",
+                (status.value, ended, run_id),
+            )
             if error is not None:
                 db.execute("UPDATE runs SET error = ? WHERE run_id = ?", (error, run_id))
             return old
@@ -307,7 +328,10 @@ class Store:
         with self.tx() as db:
             db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def metric_series(self, run_id: str, key: str, from_step: int = 0, to_step: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def metric_series(
+        self, run_id: str, key: str, from_step: int = 0, to_step: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rows: list[Any]
         if key in _METRIC_KEYS:
             sql = f"SELECT step, {key} FROM metrics WHERE run_id = ? AND step >= ?"
             args: tuple[Any, ...] = (run_id, from_step)
@@ -326,33 +350,70 @@ class Store:
             rows = self.query(sql + " ORDER BY step", args)
         else:
             rows = []
-            for r in self.query("SELECT step, extra FROM metrics WHERE run_id = ? AND extra IS NOT NULL AND step >= ? ORDER BY step", (run_id, from_step)):
+            for r in self.query(
+                "SELECT step, extra FROM metrics WHERE run_id = ? AND extra IS NOT NULL AND step >= ? ORDER BY step",
+                (run_id, from_step),
+            ):
                 v = json.loads(r["extra"]).get(key)
                 if v is not None and (not to_step or r["step"] <= to_step):
                     rows.append((r["step"], v))
             if not rows:
                 raise KeyError(key)
         steps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vals = np.fromiter((np.nan if r[1] is None else r[1] for r in rows), dtype=np.float64, count=len(rows))
+        vals = np.fromiter(
+            (np.nan if r[1] is None else r[1] for r in rows), dtype=np.float64, count=len(rows)
+        )
         return steps, vals
 
     # -- evals / checkpoints / workers ------------------------------------------------------
-    def add_eval(self, run_id: str, split: str, step: int, epoch: int, loss: float, accuracy: float, samples: int, metrics: dict[str, float]) -> None:
+    def add_eval(
+        self,
+        run_id: str,
+        split: str,
+        step: int,
+        epoch: int,
+        loss: float,
+        accuracy: float,
+        samples: int,
+        metrics: dict[str, float],
+    ) -> None:
         with self.tx() as db:
             db.execute(
                 "INSERT INTO evals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, split, step, epoch, _fin(loss), _fin(accuracy), samples, json.dumps(metrics), time.time()),
+                (
+                    run_id,
+                    split,
+                    step,
+                    epoch,
+                    _fin(loss),
+                    _fin(accuracy),
+                    samples,
+                    json.dumps(metrics),
+                    time.time(),
+                ),
             )
             if split in ("val", "test"):
-                db.execute(f"UPDATE runs SET {split}_loss = ? WHERE run_id = ?", (_fin(loss), run_id))
+                db.execute(
+                    f"UPDATE runs SET {split}_loss = ? WHERE run_id = ?", (_fin(loss), run_id)
+                )
 
     def evals(self, run_id: str | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM evals", ()
+        sql, args = "SELECT * FROM evals", tuple[str, ...]()
         if run_id:
             sql, args = sql + " WHERE run_id = ?", (run_id,)
         return [dict(r) for r in self.query(sql + " ORDER BY t", args)]
 
-    def add_checkpoint(self, run_id: str, path: str, sha256: str, step: int, epoch: int, batch: int, reason: str, nbytes: int) -> None:
+    def add_checkpoint(
+        self,
+        run_id: str,
+        path: str,
+        sha256: str,
+        step: int,
+        epoch: int,
+        batch: int,
+        reason: str,
+        nbytes: int,
+    ) -> None:
         with self.tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE((SELECT pinned FROM checkpoints WHERE path = ?), 0))",
@@ -361,13 +422,16 @@ class Store:
             db.execute("UPDATE runs SET last_checkpoint = ? WHERE run_id = ?", (path, run_id))
 
     def checkpoints(self, run_id: str | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM checkpoints", ()
+        sql, args = "SELECT * FROM checkpoints", tuple[str, ...]()
         if run_id:
             sql, args = sql + " WHERE run_id = ?", (run_id,)
         return [dict(r) for r in self.query(sql + " ORDER BY step, t", args)]
 
     def latest_checkpoint(self, run_id: str) -> dict[str, Any] | None:
-        rows = self.query("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step DESC, t DESC LIMIT 1", (run_id,))
+        rows = self.query(
+            "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step DESC, t DESC LIMIT 1",
+            (run_id,),
+        )
         return dict(rows[0]) if rows else None
 
     def pin_checkpoint(self, path: str) -> None:
@@ -470,7 +534,9 @@ class SampleArrays:
             self._arrays[key] = arr
         return arr
 
-    def ingest(self, run_id: str, epoch: int, size: int, ids: np.ndarray, losses: np.ndarray) -> None:
+    def ingest(
+        self, run_id: str, epoch: int, size: int, ids: np.ndarray, losses: np.ndarray
+    ) -> None:
         if ids.shape != losses.shape:
             raise ValueError(f"ids ({ids.size}) and losses ({losses.size}) differ in length")
         if ids.size == 0:

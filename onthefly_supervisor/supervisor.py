@@ -172,8 +172,17 @@ class Supervisor:
             st.set_meta("seed", self.cfg.seed)
             st.set_meta("project", self.cfg.project)
             st.set_meta("created", self.started)
-            st.add_run(RunRow("main", self.cfg.run_name, "main", RunStatus.PENDING, [], time.time()))
-            self.bus.publish("session", "", state="started", session_id=self.session_id, script=self.cfg.script, argv=list(self.cfg.argv))
+            st.add_run(
+                RunRow("main", self.cfg.run_name, "main", RunStatus.PENDING, [], time.time())
+            )
+            self.bus.publish(
+                "session",
+                "",
+                state="started",
+                session_id=self.session_id,
+                script=self.cfg.script,
+                argv=list(self.cfg.argv),
+            )
             self.bus.publish("run_created", "main", run=st.run("main").to_dict())  # type: ignore[union-attr]
         else:
             self.bus.publish("session", "", state="resumed", session_id=self.session_id)
@@ -219,7 +228,8 @@ class Supervisor:
             server.stop(None)
         raise SupervisorError(
             f"port {candidates[-1]} on 127.0.0.1 is in use (another OnTheFly session?); "
-            "pass --port 0 to use any free port" + (f" [{last}]" if last and "in use" not in last else "")
+            "pass --port 0 to use any free port"
+            + (f" [{last}]" if last and "in use" not in last else "")
         )
 
     def _write_connection(self) -> None:
@@ -257,12 +267,21 @@ class Supervisor:
             return
         self._shutdown.set()
         with self.lock:
-            live = [w for w in self.workers.values() if not w.state.terminal and w.spec.worker_id not in self.external]
+            live = [
+                w
+                for w in self.workers.values()
+                if not w.state.terminal and w.spec.worker_id not in self.external
+            ]
         for w in live:
             with contextlib.suppress(ControlError):
-                self._send(w.spec.worker_id, pb.SupervisorCommand(stop=pb.Stop(reason="supervisor shutting down")))
+                self._send(
+                    w.spec.worker_id,
+                    pb.SupervisorCommand(stop=pb.Stop(reason="supervisor shutting down")),
+                )
         deadline = time.monotonic() + min(self.cfg.stop_grace_s, 10.0)
-        while time.monotonic() < deadline and any(self.launcher.poll(w.spec.worker_id) is None for w in live):
+        while time.monotonic() < deadline and any(
+            self.launcher.poll(w.spec.worker_id) is None for w in live
+        ):
             time.sleep(0.05)
         for w in live:
             self.launcher.stop(w.spec.worker_id, 3.0)
@@ -275,7 +294,11 @@ class Supervisor:
         with self.lock:
             for r in self.store.runs():
                 if not r.status.terminal:
-                    self._set_run_status(r.run_id, RunStatus.STOPPED, "left unfinished when the supervisor stopped; `onthefly resume` continues it")
+                    self._set_run_status(
+                        r.run_id,
+                        RunStatus.STOPPED,
+                        "left unfinished when the supervisor stopped; `onthefly resume` continues it",
+                    )
         self.bus.publish("session", "", state="finished", exit_code=self._exit_code or 0)
         self.bus.close()
         for link in self.links.values():
@@ -291,7 +314,9 @@ class Supervisor:
         n = sum(1 for w in self.workers if w.startswith(f"{run_id}-"))
         return f"{run_id}-{n}"
 
-    def spawn(self, run_id: str, role: Role, resume: str = "", spec_file: str = "", gpu: bool = False) -> Worker:
+    def spawn(
+        self, run_id: str, role: Role, resume: str = "", spec_file: str = "", gpu: bool = False
+    ) -> Worker:
         script = self.store.get_meta("script", self.cfg.script)
         argv = tuple(self.store.get_meta("argv", list(self.cfg.argv)))
         cwd = self.store.get_meta("cwd", os.path.abspath(self.cfg.project_dir))
@@ -339,7 +364,12 @@ class Supervisor:
 
     def _register_external(self, wid: str, run_id: str, pid: int) -> None:
         spec = WorkerSpec(
-            worker_id=wid, run_id=run_id, role=Role.TRAIN, script=self.cfg.script, argv=self.cfg.argv, cwd=os.getcwd()
+            worker_id=wid,
+            run_id=run_id,
+            role=Role.TRAIN,
+            script=self.cfg.script,
+            argv=self.cfg.argv,
+            cwd=os.getcwd(),
         )
         w = Worker(spec, pid=pid)
         with self.lock:
@@ -394,12 +424,19 @@ class Supervisor:
         except KeyError:
             return
         if old != status or error:
-            self.bus.publish("run_status", run_id, status=status.value, previous=old.value, error=error or "")
+            self.bus.publish(
+                "run_status", run_id, status=status.value, previous=old.value, error=error or ""
+            )
 
     def live_worker(self, run_id: str) -> Worker | None:
         with self.lock:
             for w in reversed(list(self.workers.values())):
-                if w.spec.run_id == run_id and w.state in (WorkerState.ATTACHED, WorkerState.RUNNING, WorkerState.PAUSED, WorkerState.STOPPING):
+                if w.spec.run_id == run_id and w.state in (
+                    WorkerState.ATTACHED,
+                    WorkerState.RUNNING,
+                    WorkerState.PAUSED,
+                    WorkerState.STOPPING,
+                ):
                     return w
         return None
 
@@ -408,11 +445,20 @@ class Supervisor:
         with self.lock:
             w = self.workers.get(worker_id)
             if w is None:
-                raise ControlError(grpc.StatusCode.PERMISSION_DENIED, f"unknown worker id {worker_id!r}: this supervisor did not start it")
+                raise ControlError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"unknown worker id {worker_id!r}: this supervisor did not start it",
+                )
             if w.state is not WorkerState.STARTING:
-                raise ControlError(grpc.StatusCode.FAILED_PRECONDITION, f"worker {worker_id} is already attached ({w.state.value})")
+                raise ControlError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"worker {worker_id} is already attached ({w.state.value})",
+                )
             if hello.run_id and hello.run_id != w.spec.run_id:
-                raise ControlError(grpc.StatusCode.INVALID_ARGUMENT, f"worker {worker_id} belongs to run {w.spec.run_id}, not {hello.run_id}")
+                raise ControlError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"worker {worker_id} belongs to run {w.spec.run_id}, not {hello.run_id}",
+                )
             link = WorkerLink(worker_id)
             self.links[worker_id] = link
             if hello.pid:
@@ -420,25 +466,46 @@ class Supervisor:
             w.last_seen = time.time()
         run_id = w.spec.run_id
         self.dataset_sizes[run_id] = int(hello.dataset_size)
-        fields: dict[str, Any] = {"dataset_size": int(hello.dataset_size), "config_json": hello.config_json or "{}"}
+        fields: dict[str, Any] = {
+            "dataset_size": int(hello.dataset_size),
+            "config_json": hello.config_json or "{}",
+        }
         if hello.data_fingerprint:
             fields["fingerprint"] = hello.data_fingerprint
         if run_id == "main" and hello.run_name:
             fields["name"] = hello.run_name
         self.store.update_run(run_id, **fields)
         main = self.store.run("main")
-        if run_id != "main" and main is not None and main.fingerprint and hello.data_fingerprint and main.fingerprint != hello.data_fingerprint:
+        if (
+            run_id != "main"
+            and main is not None
+            and main.fingerprint
+            and hello.data_fingerprint
+            and main.fingerprint != hello.data_fingerprint
+        ):
             self.bus.publish(
-                "log", run_id, worker_id=worker_id, level="warning",
+                "log",
+                run_id,
+                worker_id=worker_id,
+                level="warning",
                 text="this worker's training data differs from the main run's (data fingerprint mismatch): "
                 "the script builds different data on each run; seed it or build it deterministically",
             )
         self._set_worker_state(worker_id, WorkerState.ATTACHED)
         self._set_run_status(run_id, RunStatus.RUNNING)
         self.bus.publish(
-            "attached", run_id, worker_id=worker_id, pid=int(hello.pid), dataset_size=int(hello.dataset_size),
-            steps_per_epoch=int(hello.steps_per_epoch), max_epochs=int(hello.max_epochs), max_steps=int(hello.max_steps),
-            model=hello.model_summary, device=hello.device, framework=hello.framework, project=hello.project,
+            "attached",
+            run_id,
+            worker_id=worker_id,
+            pid=int(hello.pid),
+            dataset_size=int(hello.dataset_size),
+            steps_per_epoch=int(hello.steps_per_epoch),
+            max_epochs=int(hello.max_epochs),
+            max_steps=int(hello.max_steps),
+            model=hello.model_summary,
+            device=hello.device,
+            framework=hello.framework,
+            project=hello.project,
         )
         welcome = pb.SupervisorCommand(
             welcome=pb.Welcome(
@@ -472,7 +539,9 @@ class Supervisor:
             self.store.add_metrics(run_id, points)
             last = points[-1]
             w.step, w.epoch = last["step"], last["epoch"]
-            self.store.update_run(run_id, step=last["step"], epoch=last["epoch"], last_loss=last["loss"])
+            self.store.update_run(
+                run_id, step=last["step"], epoch=last["epoch"], last_loss=last["loss"]
+            )
             with self.lock:
                 self._metric_buf.setdefault(run_id, []).extend(points)
         elif body == "samples":
@@ -481,30 +550,88 @@ class Supervisor:
             try:
                 self.arrays.ingest(run_id, int(msg.samples.epoch), size, ids, losses)
             except ValueError as e:
-                self.bus.publish("log", run_id, worker_id=wid, level="error", text=f"per-sample losses rejected: {e}")
+                self.bus.publish(
+                    "log",
+                    run_id,
+                    worker_id=wid,
+                    level="error",
+                    text=f"per-sample losses rejected: {e}",
+                )
                 return
             run = self.store.run(run_id)
             if run is not None:
-                self.store.update_run(run_id, sample_steps=run.sample_steps + int(msg.samples.count))
+                self.store.update_run(
+                    run_id, sample_steps=run.sample_steps + int(msg.samples.count)
+                )
             with self.lock:
                 self._sample_dirty[run_id] = int(msg.samples.epoch)
         elif body == "epoch_end":
-            e = msg.epoch_end
-            self.arrays.persist((run_id, int(e.epoch)))
-            self.arrays.evict(run_id, int(e.epoch))
+            ee = msg.epoch_end
+            self.arrays.persist((run_id, int(ee.epoch)))
+            self.arrays.evict(run_id, int(ee.epoch))
             self._flush_live_events(force=True)
-            self.bus.publish("epoch_end", run_id, epoch=int(e.epoch), step=int(e.step), train_loss=_num(e.train_loss), seconds=e.seconds)
+            self.bus.publish(
+                "epoch_end",
+                run_id,
+                epoch=int(ee.epoch),
+                step=int(ee.step),
+                train_loss=_num(ee.train_loss),
+                seconds=ee.seconds,
+            )
         elif body == "checkpoint":
             c = msg.checkpoint
             if not _inside(self.dir, c.path):
-                self.bus.publish("log", run_id, worker_id=wid, level="error", text=f"checkpoint path {c.path!r} escapes the session folder; ignored")
+                self.bus.publish(
+                    "log",
+                    run_id,
+                    worker_id=wid,
+                    level="error",
+                    text=f"checkpoint path {c.path!r} escapes the session folder; ignored",
+                )
                 return
-            self.store.add_checkpoint(run_id, c.path, c.sha256, int(c.step), int(c.epoch), int(c.batch), c.reason, int(c.bytes))
-            self.bus.publish("checkpoint", run_id, path=c.path, sha256=c.sha256, step=int(c.step), epoch=int(c.epoch), batch=int(c.batch), reason=c.reason, bytes=int(c.bytes))
+            self.store.add_checkpoint(
+                run_id,
+                c.path,
+                c.sha256,
+                int(c.step),
+                int(c.epoch),
+                int(c.batch),
+                c.reason,
+                int(c.bytes),
+            )
+            self.bus.publish(
+                "checkpoint",
+                run_id,
+                path=c.path,
+                sha256=c.sha256,
+                step=int(c.step),
+                epoch=int(c.epoch),
+                batch=int(c.batch),
+                reason=c.reason,
+                bytes=int(c.bytes),
+            )
         elif body == "eval":
             e2 = msg.eval
-            self.store.add_eval(run_id, e2.split, int(e2.step), int(e2.epoch), e2.loss, e2.accuracy, int(e2.samples), dict(e2.metrics))
-            self.bus.publish("eval", run_id, split=e2.split, step=int(e2.step), epoch=int(e2.epoch), loss=_num(e2.loss), accuracy=_num(e2.accuracy), samples=int(e2.samples))
+            self.store.add_eval(
+                run_id,
+                e2.split,
+                int(e2.step),
+                int(e2.epoch),
+                e2.loss,
+                e2.accuracy,
+                int(e2.samples),
+                dict(e2.metrics),
+            )
+            self.bus.publish(
+                "eval",
+                run_id,
+                split=e2.split,
+                step=int(e2.step),
+                epoch=int(e2.epoch),
+                loss=_num(e2.loss),
+                accuracy=_num(e2.accuracy),
+                samples=int(e2.samples),
+            )
         elif body == "status":
             st = serde.WORKER_STATE_FROM_PB.get(msg.status.state)
             if st is not None:
@@ -514,9 +641,13 @@ class Supervisor:
                 elif st is WorkerState.RUNNING:
                     self._set_run_status(run_id, RunStatus.RUNNING)
             if msg.status.message:
-                self.bus.publish("log", run_id, worker_id=wid, level="info", text=msg.status.message)
+                self.bus.publish(
+                    "log", run_id, worker_id=wid, level="info", text=msg.status.message
+                )
         elif body == "log":
-            self.bus.publish("log", run_id, worker_id=wid, level=msg.log.level or "info", text=msg.log.text)
+            self.bus.publish(
+                "log", run_id, worker_id=wid, level=msg.log.level or "info", text=msg.log.text
+            )
         elif body == "error":
             err = serde.error_from_proto(msg.error)
             with self.lock:
@@ -537,7 +668,14 @@ class Supervisor:
             self._flush_live_events(force=True)
             self.arrays.persist()
             self._set_run_status(run_id, status)
-            self.bus.publish("finished", run_id, status=status.value, step=int(f.step), epoch=int(f.epoch), checkpoint=f.final_checkpoint)
+            self.bus.publish(
+                "finished",
+                run_id,
+                status=status.value,
+                step=int(f.step),
+                epoch=int(f.epoch),
+                checkpoint=f.final_checkpoint,
+            )
         # heartbeat: last_seen is enough
 
     def _on_output(self, wid: str, line: str) -> None:
@@ -547,20 +685,28 @@ class Supervisor:
     # -- control -----------------------------------------------------------------------------
     def resolve_run(self, ref: str) -> RunRow:
         if len(ref) > 200 or any(c in ref for c in "/\\\x00"):
-            raise ControlError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid run reference {ref[:40]!r}")
+            raise ControlError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"invalid run reference {ref[:40]!r}"
+            )
         run = self.store.find_run(ref or "main")
         if run is None:
             known = ", ".join(r.run_id for r in self.store.runs()) or "none"
-            raise ControlError(grpc.StatusCode.NOT_FOUND, f"no run {ref!r} in this session (runs: {known})")
+            raise ControlError(
+                grpc.StatusCode.NOT_FOUND, f"no run {ref!r} in this session (runs: {known})"
+            )
         return run
 
     def _send(self, wid: str, cmd: pb.SupervisorCommand) -> None:
         link = self.links.get(wid)
         if link is None or link.closed.is_set():
-            raise ControlError(grpc.StatusCode.FAILED_PRECONDITION, f"worker {wid} is not connected")
+            raise ControlError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"worker {wid} is not connected"
+            )
         link.out.put(cmd)
 
-    def command(self, run_ref: str, wait: bool, timeout: float, **body: Any) -> tuple[RunRow, PendingAck]:
+    def command(
+        self, run_ref: str, wait: bool, timeout: float, **body: Any
+    ) -> tuple[RunRow, PendingAck]:
         run = self.resolve_run(run_ref)
         w = self.live_worker(run.run_id)
         if w is None:
@@ -576,17 +722,28 @@ class Supervisor:
         if wait and not p.event.wait(timeout or 30.0):
             with self.lock:
                 self.pending.pop(cid, None)
-            raise ControlError(grpc.StatusCode.DEADLINE_EXCEEDED, f"worker {w.spec.worker_id} did not answer within {timeout or 30.0:.0f} s")
+            raise ControlError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"worker {w.spec.worker_id} did not answer within {timeout or 30.0:.0f} s",
+            )
         return run, p
 
-    def request_stop(self, run_ref: str, reason: str = "stop requested", run_test: bool = False) -> RunRow:
+    def request_stop(
+        self, run_ref: str, reason: str = "stop requested", run_test: bool = False
+    ) -> RunRow:
         run = self.resolve_run(run_ref)
         w = self.live_worker(run.run_id)
         if w is None:
-            raise ControlError(grpc.StatusCode.FAILED_PRECONDITION, f"run {run.run_id} has no live worker (status: {run.status.value})")
+            raise ControlError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {run.run_id} has no live worker (status: {run.status.value})",
+            )
         w.stop_requested = True
         self.stop_deadline[w.spec.worker_id] = time.monotonic() + self.cfg.stop_grace_s
-        self._send(w.spec.worker_id, pb.SupervisorCommand(command_id="", stop=pb.Stop(reason=reason, run_test=run_test)))
+        self._send(
+            w.spec.worker_id,
+            pb.SupervisorCommand(command_id="", stop=pb.Stop(reason=reason, run_test=run_test)),
+        )
         self._set_worker_state(w.spec.worker_id, WorkerState.STOPPING)
         return run
 
@@ -621,7 +778,11 @@ class Supervisor:
             if ex is not None:
                 self._on_exit(w, ex)
                 continue
-            if w.state in (WorkerState.ATTACHED, WorkerState.RUNNING, WorkerState.PAUSED) and now - w.last_seen > self.cfg.hang_timeout_s and wid not in self.hung:
+            if (
+                w.state in (WorkerState.ATTACHED, WorkerState.RUNNING, WorkerState.PAUSED)
+                and now - w.last_seen > self.cfg.hang_timeout_s
+                and wid not in self.hung
+            ):
                 self.hung.add(wid)
                 msg = f"worker {wid} sent nothing for {now - w.last_seen:.0f} s (heartbeat every {self.cfg.heartbeat_interval_ms / 1000:.0f} s): hung; stopping it"
                 self.bus.publish("log", w.spec.run_id, worker_id=wid, level="error", text=msg)
@@ -629,7 +790,13 @@ class Supervisor:
             dl = self.stop_deadline.get(wid)
             if dl is not None and time.monotonic() > dl:
                 del self.stop_deadline[wid]
-                self.bus.publish("log", w.spec.run_id, worker_id=wid, level="warning", text=f"worker {wid} did not stop in {self.cfg.stop_grace_s:.0f} s: SIGTERM, then SIGKILL")
+                self.bus.publish(
+                    "log",
+                    w.spec.run_id,
+                    worker_id=wid,
+                    level="warning",
+                    text=f"worker {wid} did not stop in {self.cfg.stop_grace_s:.0f} s: SIGTERM, then SIGKILL",
+                )
                 threading.Thread(target=self.launcher.stop, args=(wid, 5.0), daemon=True).start()
         self._flush_live_events()
         if time.monotonic() - self._last_persist > 5.0:
@@ -669,14 +836,20 @@ class Supervisor:
         if ex.error is None and wid in self.errors:
             ex.error = self.errors[wid]
         if wid in self.hung and not ex.error:
-            ex.error = {"message": f"worker hung: no heartbeat for {self.cfg.hang_timeout_s:.0f} s; it was killed", "filename": "", "lineno": 0}
+            ex.error = {
+                "message": f"worker hung: no heartbeat for {self.cfg.hang_timeout_s:.0f} s; it was killed",
+                "filename": "",
+                "lineno": 0,
+            }
         w.exit = ex
         self.gpu.release(wid)
         self.detach(wid)
         self.stop_deadline.pop(wid, None)
         finished = wid in self.finished
         if ex.ok or (finished and not ex.error):
-            state = WorkerState.STOPPED if w.stop_requested and not finished else WorkerState.SUCCEEDED
+            state = (
+                WorkerState.STOPPED if w.stop_requested and not finished else WorkerState.SUCCEEDED
+            )
         elif w.stop_requested and not ex.error:
             state = WorkerState.STOPPED
         else:
@@ -687,41 +860,65 @@ class Supervisor:
             return
         if state is WorkerState.SUCCEEDED:
             if not finished:
-                self._set_run_status(run_id, RunStatus.FAILED, "the worker exited (code 0) without finishing its run")
+                self._set_run_status(
+                    run_id, RunStatus.FAILED, "the worker exited (code 0) without finishing its run"
+                )
             return
         if state is WorkerState.STOPPED:
             self._set_run_status(run_id, RunStatus.STOPPED)
             return
         cause = ex.describe()
-        self.bus.publish("log", run_id, worker_id=wid, level="error", text=f"worker {wid} failed: {cause}")
+        self.bus.publish(
+            "log", run_id, worker_id=wid, level="error", text=f"worker {wid} failed: {cause}"
+        )
         if w.spec.role is Role.TRAIN and self.restarts.get(run_id, 0) < self.cfg.max_restarts:
             ck = self.store.latest_checkpoint(run_id)
             self.restarts[run_id] = self.restarts.get(run_id, 0) + 1
             n = self.restarts[run_id]
-            where = f"checkpoint {ck['path']} (step {ck['step']})" if ck else "the beginning (no checkpoint yet)"
-            self.bus.publish("log", run_id, level="warning", text=f"restarting {run_id} from {where} (restart {n}/{self.cfg.max_restarts})")
+            where = (
+                f"checkpoint {ck['path']} (step {ck['step']})"
+                if ck
+                else "the beginning (no checkpoint yet)"
+            )
+            self.bus.publish(
+                "log",
+                run_id,
+                level="warning",
+                text=f"restarting {run_id} from {where} (restart {n}/{self.cfg.max_restarts})",
+            )
             self._set_run_status(run_id, RunStatus.PENDING)
             self.spawn(run_id, Role.TRAIN, resume=ck["path"] if ck else "")
             return
         self._set_run_status(run_id, RunStatus.FAILED, cause)
 
     def _resume_unfinished(self) -> None:
-        runs = [r for r in self.store.runs() if r.status is not RunStatus.COMPLETED and r.kind == "main"]
+        runs = [
+            r for r in self.store.runs() if r.status is not RunStatus.COMPLETED and r.kind == "main"
+        ]
         if not runs:
             raise SupervisorError(f"session {self.session_id} has no unfinished run to resume")
         for r in runs:
             ck = self.store.latest_checkpoint(r.run_id)
             self._set_run_status(r.run_id, RunStatus.PENDING)
-            self.bus.publish("log", r.run_id, level="info", text=f"resuming {r.run_id} from {ck['path'] if ck else 'the beginning'}")
+            self.bus.publish(
+                "log",
+                r.run_id,
+                level="info",
+                text=f"resuming {r.run_id} from {ck['path'] if ck else 'the beginning'}",
+            )
             self.spawn(r.run_id, Role.TRAIN, resume=ck["path"] if ck else "")
 
     def _decide_exit(self) -> None:
         with self.lock:
             active = [w for w in self.workers.values() if not w.state.terminal]
         if self.cfg.owner_pid:
-            if not _pid_alive(self.cfg.owner_pid) and not [w for w in active if w.spec.worker_id not in self.external]:
+            if not _pid_alive(self.cfg.owner_pid) and not [
+                w for w in active if w.spec.worker_id not in self.external
+            ]:
                 main = self.store.run("main")
-                self._exit_code = 0 if main is not None and main.status is RunStatus.COMPLETED else 1
+                self._exit_code = (
+                    0 if main is not None and main.status is RunStatus.COMPLETED else 1
+                )
             elif not _pid_alive(self.cfg.owner_pid):
                 # The owner is gone: stop what it left running.
                 for w in active:
@@ -757,7 +954,21 @@ class Supervisor:
                 self._sample_dirty.clear()
                 self._last_sample_event = time.monotonic()
         for run_id, pts in bufs.items():
-            cols: dict[str, list[Any]] = {k: [p[k] for p in pts] for k in ("step", "epoch", "time", "loss", "lr", "grad_norm", "samples_per_s", "step_time_ms", "data_time_ms", "memory_mb")}
+            cols: dict[str, list[Any]] = {
+                k: [p[k] for p in pts]
+                for k in (
+                    "step",
+                    "epoch",
+                    "time",
+                    "loss",
+                    "lr",
+                    "grad_norm",
+                    "samples_per_s",
+                    "step_time_ms",
+                    "data_time_ms",
+                    "memory_mb",
+                )
+            }
             extra_keys = sorted({k for p in pts for k in p["extra"]})
             for k in extra_keys:
                 cols[k] = [p["extra"].get(k) for p in pts]
@@ -777,9 +988,23 @@ class Supervisor:
 def loss_stats(arr: np.ndarray) -> dict[str, Any]:
     seen = arr[np.isfinite(arr)]
     if seen.size == 0:
-        return {"seen": 0, "total": int(arr.size), "p50": None, "p90": None, "p99": None, "mean": None}
+        return {
+            "seen": 0,
+            "total": int(arr.size),
+            "p50": None,
+            "p90": None,
+            "p99": None,
+            "mean": None,
+        }
     p50, p90, p99 = np.quantile(seen, [0.5, 0.9, 0.99])
-    return {"seen": int(seen.size), "total": int(arr.size), "p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(seen.mean())}
+    return {
+        "seen": int(seen.size),
+        "total": int(arr.size),
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "mean": float(seen.mean()),
+    }
 
 
 def _num(x: float) -> float | None:

@@ -78,7 +78,9 @@ class TerminalView:
             from rich.live import Live
 
             self._console = Console()
-            self._live = Live(self._render(), console=self._console, refresh_per_second=4, transient=False)
+            self._live = Live(
+                self._render(), console=self._console, refresh_per_second=4, transient=False
+            )
             self._live.start()
         self._thread = threading.Thread(target=self._follow, name="onthefly-tui", daemon=True)
         self._thread.start()
@@ -122,7 +124,9 @@ class TerminalView:
             rv.max_epochs = int(p.get("max_epochs") or 0)
             rv.max_steps = int(p.get("max_steps") or 0)
             rv.t0 = time.time()
-            self.print(f"[onthefly] {ev.run_id}: {p.get('model')} on {p.get('device')} · {p.get('dataset_size')} samples · {rv.steps_per_epoch} steps/epoch")
+            self.print(
+                f"[onthefly] {ev.run_id}: {p.get('model')} on {p.get('device')} · {p.get('dataset_size')} samples · {rv.steps_per_epoch} steps/epoch"
+            )
         elif k == "metrics" and rv is not None:
             steps = p.get("step") or []
             if steps:
@@ -136,16 +140,24 @@ class TerminalView:
                 rv.sps = sum(sps) / len(sps) if sps else rv.sps
                 if not self.rich and time.time() - self._last_plain > 5.0:
                     self._last_plain = time.time()
-                    self.print(f"[onthefly] {ev.run_id} step {rv.step} epoch {rv.epoch} loss {_fmt(rv.loss)} · {_fmt(rv.sps, 3)} samples/s")
+                    self.print(
+                        f"[onthefly] {ev.run_id} step {rv.step} epoch {rv.epoch} loss {_fmt(rv.loss)} · {_fmt(rv.sps, 3)} samples/s"
+                    )
         elif k == "samples" and rv is not None:
             rv.p50, rv.p90, rv.p99 = p.get("p50"), p.get("p90"), p.get("p99")
         elif k == "eval" and rv is not None:
             if p.get("split") == "val":
                 rv.val_loss = p.get("loss")
             acc = p.get("accuracy")
-            self.print(f"[onthefly] {ev.run_id} {p.get('split')} loss {_fmt(p.get('loss'))}" + (f" · accuracy {_fmt(acc)}" if acc is not None else "") + f" (step {p.get('step')})")
+            self.print(
+                f"[onthefly] {ev.run_id} {p.get('split')} loss {_fmt(p.get('loss'))}"
+                + (f" · accuracy {_fmt(acc)}" if acc is not None else "")
+                + f" (step {p.get('step')})"
+            )
         elif k == "epoch_end" and rv is not None:
-            self.print(f"[onthefly] {ev.run_id} epoch {p.get('epoch')} done · train loss {_fmt(p.get('train_loss'))} · p50/p90/p99 {_fmt(rv.p50)}/{_fmt(rv.p90)}/{_fmt(rv.p99)}")
+            self.print(
+                f"[onthefly] {ev.run_id} epoch {p.get('epoch')} done · train loss {_fmt(p.get('train_loss'))} · p50/p90/p99 {_fmt(rv.p50)}/{_fmt(rv.p90)}/{_fmt(rv.p99)}"
+            )
         elif k == "run_status" and rv is not None:
             rv.status = str(p.get("status"))
             if p.get("status") in ("paused", "completed", "failed", "stopped"):
@@ -153,15 +165,26 @@ class TerminalView:
                 self.print(f"[onthefly] {ev.run_id} {p.get('status')}{extra}")
         elif k == "log":
             lvl = p.get("level", "info")
-            if lvl in ("warning", "error") or ev.run_id == "" or "resum" in str(p.get("text", "")) or "paused" in str(p.get("text", "")):
-                self.print(f"[onthefly] {lvl}: {p.get('text')}" if lvl != "info" else f"[onthefly] {p.get('text')}")
+            if (
+                lvl in ("warning", "error")
+                or ev.run_id == ""
+                or "resum" in str(p.get("text", ""))
+                or "paused" in str(p.get("text", ""))
+            ):
+                self.print(
+                    f"[onthefly] {lvl}: {p.get('text')}"
+                    if lvl != "info"
+                    else f"[onthefly] {p.get('text')}"
+                )
         elif k == "error":
             where = f" ({p.get('filename')}:{p.get('lineno')})" if p.get("filename") else ""
             self.print(f"[onthefly] error in {p.get('worker_id')}: {p.get('message')}{where}")
         elif k == "checkpoint" and p.get("reason") in ("pause", "final", "request"):
             self.print(f"[onthefly] {ev.run_id} checkpoint {p.get('path')} ({p.get('reason')})")
         elif k == "plan":
-            self.print(f"[onthefly] plan {p.get('plan_id')}: {p.get('action')} ({p.get('reason')}) → {p.get('status')}")
+            self.print(
+                f"[onthefly] plan {p.get('plan_id')}: {p.get('action')} ({p.get('reason')}) → {p.get('status')}"
+            )
 
     def _render(self) -> Any:
         from rich.console import Group
@@ -171,7 +194,12 @@ class TerminalView:
 
         parts: list[Any] = []
         sup = self.sup
-        parts.append(Text(f"OnTheFly · session {sup.session_id} · tcp://127.0.0.1:{sup.port} · {sup.cfg.script}", style="bold"))
+        parts.append(
+            Text(
+                f"OnTheFly · session {sup.session_id} · tcp://127.0.0.1:{sup.port} · {sup.cfg.script}",
+                style="bold",
+            )
+        )
         for run_id, rv in self.runs.items():
             total = rv.total_steps or max(rv.step, 1)
             bar = ProgressBar(total=total, completed=min(rv.step, total), width=40)
@@ -179,7 +207,9 @@ class TerminalView:
             line.add_row(
                 Text(f"{run_id:>10}"),
                 bar,
-                Text(f"{rv.step}/{rv.total_steps or '?'} · epoch {rv.epoch} · ETA {rv.eta()} · {rv.status}"),
+                Text(
+                    f"{rv.step}/{rv.total_steps or '?'} · epoch {rv.epoch} · ETA {rv.eta()} · {rv.status}"
+                ),
             )
             parts.append(line)
             parts.append(
@@ -194,6 +224,14 @@ class TerminalView:
         with sup.lock:
             workers = list(sup.workers.values())
         for w in workers[-8:]:
-            table.add_row(w.spec.worker_id, w.spec.run_id, w.spec.role.value, w.state.value, str(w.pid), w.spec.gpu or "cpu", str(w.step))
+            table.add_row(
+                w.spec.worker_id,
+                w.spec.run_id,
+                w.spec.role.value,
+                w.state.value,
+                str(w.pid),
+                w.spec.gpu or "cpu",
+                str(w.step),
+            )
         parts.append(table)
         return Group(*parts)

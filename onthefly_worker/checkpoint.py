@@ -123,12 +123,16 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def load(path: str, map_location: Any = "cpu", expected_sha256: str | None = None) -> dict[str, Any]:
+def load(
+    path: str, map_location: Any = "cpu", expected_sha256: str | None = None
+) -> dict[str, Any]:
     """Load a checkpoint with weights_only=True, verifying its sha256 when one is known."""
     if expected_sha256:
         actual = sha256_file(path)
         if actual != expected_sha256:
-            raise ValueError(f"checkpoint {path} is corrupt: sha256 {actual[:12]}… != recorded {expected_sha256[:12]}…")
+            raise ValueError(
+                f"checkpoint {path} is corrupt: sha256 {actual[:12]}… != recorded {expected_sha256[:12]}…"
+            )
     state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not an OnTheFly checkpoint")

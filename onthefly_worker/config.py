@@ -48,7 +48,9 @@ class TrainerConfig:
         if not isinstance(self.val_every_n_epochs, int) or self.val_every_n_epochs < 0:
             raise bad("val_every_n_epochs", self.val_every_n_epochs, "must be an integer >= 0")
         if not isinstance(self.checkpoint_every_n_steps, int) or self.checkpoint_every_n_steps < 0:
-            raise bad("checkpoint_every_n_steps", self.checkpoint_every_n_steps, "must be an integer >= 0")
+            raise bad(
+                "checkpoint_every_n_steps", self.checkpoint_every_n_steps, "must be an integer >= 0"
+            )
         if self.grad_clip < 0:
             raise bad("grad_clip", self.grad_clip, "must be >= 0")
         if self.scheduler_interval not in ("epoch", "step"):

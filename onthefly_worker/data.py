@@ -132,7 +132,9 @@ class _ListBatchSampler(Sampler[list[int]]):
         return len(self._batches)
 
 
-def epoch_loader(loader: DataLoader, batches: Sequence[np.ndarray], seed: int, epoch: int) -> DataLoader:
+def epoch_loader(
+    loader: DataLoader, batches: Sequence[np.ndarray], seed: int, epoch: int
+) -> DataLoader:
     """The user's DataLoader, re-created to yield exactly `batches` in order.
 
     The generator seeds the loader workers' base seed from (seed, epoch) instead of the
@@ -158,7 +160,13 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
     if isinstance(batch, dict):
-        for xk, yk in (("x", "y"), ("input", "target"), ("inputs", "targets"), ("features", "label"), ("image", "label")):
+        for xk, yk in (
+            ("x", "y"),
+            ("input", "target"),
+            ("inputs", "targets"),
+            ("features", "label"),
+            ("image", "label"),
+        ):
             if xk in batch and yk in batch:
                 return batch[xk], batch[yk]
         raise OnTheFlyError(
@@ -202,7 +210,7 @@ def data_fingerprint(loader: DataLoader, k: int = 4) -> str:
     with torch.random.fork_rng(devices=[]):
         for i in range(min(k, n)):
             try:
-                _hash_into(h, ds[i])  # type: ignore[index]
+                _hash_into(h, ds[i])
             except Exception:  # a dataset whose __getitem__ needs more than an int, odd types
                 return h.hexdigest()
     return h.hexdigest()

@@ -26,9 +26,9 @@ def innermost_user_frame(
     for frame, lineno in traceback.walk_tb(tb):
         fname = os.path.abspath(frame.f_code.co_filename)
         fallback = (fname, lineno)
-        if "site-packages" in fname or fname.startswith(ours) or "/lib/python" in fname:
-            if not (script_dir and fname.startswith(script_dir)):
-                continue
+        library = "site-packages" in fname or fname.startswith(ours) or "/lib/python" in fname
+        if library and not (script_dir and fname.startswith(script_dir)):
+            continue
         best = (fname, lineno)
     return best if best[0] else fallback
 

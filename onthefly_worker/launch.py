@@ -42,7 +42,13 @@ def _sigterm_to_exit(signum: int, _frame: object) -> None:
 
 
 def _record(message: str, script: str) -> dict[str, object]:
-    return {"message": message, "traceback": "", "filename": script, "lineno": 0, "time": time.time()}
+    return {
+        "message": message,
+        "traceback": "",
+        "filename": script,
+        "lineno": 0,
+        "time": time.time(),
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -20,17 +20,17 @@ from onthefly_worker.errors import OnTheFlyError
 LossFn = Callable[..., torch.Tensor]
 
 
-def _per_row(l: torch.Tensor, batch: int) -> torch.Tensor:
-    if l.dim() == 0:
+def _per_row(raw: torch.Tensor, batch: int) -> torch.Tensor:
+    if raw.dim() == 0:
         raise OnTheFlyError("internal: per-sample loss is a scalar")
-    if l.shape[0] != batch:
+    if raw.shape[0] != batch:
         raise OnTheFlyError(
-            f"the per-sample loss has shape {tuple(l.shape)} but the batch has {batch} samples; "
+            f"the per-sample loss has shape {tuple(raw.shape)} but the batch has {batch} samples; "
             "the loss's first dimension must be the batch"
         )
-    if l.dim() == 1:
-        return l
-    return l.reshape(batch, -1).mean(dim=1)
+    if raw.dim() == 1:
+        return raw
+    return raw.reshape(batch, -1).mean(dim=1)
 
 
 class PerSampleLoss:
@@ -38,15 +38,17 @@ class PerSampleLoss:
 
     def __init__(self, loss_fn: Any) -> None:
         if loss_fn is None or not callable(loss_fn):
-            raise OnTheFlyError(f"loss_fn must be callable (e.g. nn.CrossEntropyLoss()), got {loss_fn!r}")
+            raise OnTheFlyError(
+                f"loss_fn must be callable (e.g. nn.CrossEntropyLoss()), got {loss_fn!r}"
+            )
         self.user = loss_fn
-        self.reduction = "mean"
+        self.reduction: str = "mean"
         self._none: LossFn | None = None
         self._kwarg = False
         if isinstance(loss_fn, nn.Module) and isinstance(getattr(loss_fn, "reduction", None), str):
-            self.reduction = loss_fn.reduction
+            self.reduction = str(loss_fn.reduction)
             clone = copy.copy(loss_fn)  # shares parameters/buffers (e.g. class weights)
-            clone.reduction = "none"
+            clone.reduction = "none"  # type: ignore[assignment]
             self._none = clone
         elif not isinstance(loss_fn, nn.Module):
             try:
@@ -94,8 +96,6 @@ class PerSampleLoss:
         if self.reduction == "sum":
             total = raw.sum()
         else:
-            denom = (
-                self._weighted_denominator(target) if isinstance(target, torch.Tensor) else None
-            )
+            denom = self._weighted_denominator(target) if isinstance(target, torch.Tensor) else None
             total = raw.sum() / denom if denom is not None else raw.mean()
         return total, per.detach()

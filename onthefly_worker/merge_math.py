@@ -13,7 +13,8 @@ the same code. The methods:
 * `distill_step` / `distill` — train a student on a teacher's soft targets (Hinton et al.).
 
 Integer tensors (BatchNorm's `num_batches_tracked`, index buffers) are never averaged:
-averaging counters into floats would corrupt them.
+averaging counters into floats would corrupt them. Models must already be on `device`;
+the loops move batches, not models (the caller owns placement, e.g. a pinned GPU).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onthefly_worker.data import split_batch, to_device
+from onthefly_worker.merge_math import LoRALinear
 
 GateInput = Literal["input", "expert_outputs"]
 
@@ -422,6 +423,11 @@ def module_to_spec(module: nn.Module, _path: str = "", _depth: int = 0) -> dict[
     if _depth > _MAX_DEPTH:
         raise ValueError(f"module nesting deeper than {_MAX_DEPTH} at {_path!r}")
     name = type(module).__name__
+    if isinstance(module, LoRALinear):
+        raise ValueError(
+            f"module {_path or '<root>'!r} still carries LoRA adapters; call merge_adapters(model) "
+            "before exporting"
+        )
     if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
         raise _unsupported(_path, module, "it has hooks, which a spec cannot carry")
     if name in _CONTAINERS and type(module) is _CONTAINERS[name]:
@@ -532,6 +538,22 @@ def _import_factory(factory: str) -> Callable[..., nn.Module]:
     return factory_fn
 
 
+def _check_shapes(module: nn.Module, state: Mapping[str, Any], what: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{what}: the stored state is not a dict of tensors")
+    stored = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != stored:
+        diff = sorted(
+            k for k in expected.keys() | stored.keys() if expected.get(k) != stored.get(k)
+        )
+        k = diff[0]
+        raise ValueError(
+            f"{what}: the stored weights do not fit the module spec ({len(diff)} mismatch(es); "
+            f"first {k!r}: spec {expected.get(k)}, stored {stored.get(k)})"
+        )
+
+
 def _build(entry: Mapping[str, Any], what: str, allow_import: bool) -> nn.Module:
     factory = entry.get("factory")
     if factory is not None:
@@ -546,6 +568,12 @@ def _build(entry: Mapping[str, Any], what: str, allow_import: bool) -> nn.Module
                 f"factory {factory!r} returned {type(module).__name__}, not an nn.Module"
             )
     else:
+        # Check the spec against the stored weights on the meta device first (no memory):
+        # a damaged or hostile file then fails with a clear message instead of
+        # allocating whatever sizes it names.
+        with torch.device("meta"):
+            probe = spec_to_module(entry["spec"])
+        _check_shapes(probe, entry["state"], what)
         module = spec_to_module(entry["spec"])
     state = entry["state"]
     try:
@@ -664,15 +692,15 @@ def export_moe(
 def load_model(
     path: str | os.PathLike[str],
     allow_import: bool = False,
-    map_location: str | torch.device = "cpu",
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """Load a file written by export_model / export_moe, in eval mode.
+    """Load a file written by export_model / export_moe, in eval mode on `device`.
 
     The file is read with `torch.load(weights_only=True)`, so reading it never runs code.
     Only a file that names a factory needs `allow_import=True`, which imports that module
     and calls the factory: do that only for files you trust.
     """
-    payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") not in (FORMAT_MODEL, FORMAT_MOE):
         tag = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(
@@ -687,4 +715,4 @@ def load_model(
         gate = SwitchGate(**payload["gate"]["config"])
         gate.load_state_dict(payload["gate"]["state"], strict=True)
         model = MoE(experts, gate, gate_input=payload["gate_input"], hard=bool(payload["hard"]))
-    return model.eval()
+    return model.to(device).eval()

@@ -26,7 +26,13 @@ def quickstart(
 ) -> dict[str, Any]:
     """Train `model` under OnTheFly; validates every epoch when a val_loader is given."""
     options.setdefault("val_every_n_epochs", 1 if val_loader is not None else 0)
-    trainer = Trainer(project=project, run_name=run_name, max_epochs=max_epochs, do_test_after=do_test_after, **options)
+    trainer = Trainer(
+        project=project,
+        run_name=run_name,
+        max_epochs=max_epochs,
+        do_test_after=do_test_after,
+        **options,
+    )
     return trainer.fit(
         model=model,
         optimizer=optimizer,

@@ -96,12 +96,15 @@ class Recorder:
         if not self._ids:
             return
         ids = np.concatenate(self._ids).astype("<i8", copy=False)
-        per = torch.cat([p.reshape(-1) for p in self._per]).float().cpu().numpy().astype("<f4", copy=False)
-        losses = torch.stack([l.float() for l in self._losses]).cpu().tolist()
-        gns = [
-            float(g) if not isinstance(g, torch.Tensor) else g
-            for g in self._gnorms
-        ]
+        per = (
+            torch.cat([p.reshape(-1) for p in self._per])
+            .float()
+            .cpu()
+            .numpy()
+            .astype("<f4", copy=False)
+        )
+        losses = torch.stack([x.float() for x in self._losses]).cpu().tolist()
+        gns = [float(g) if not isinstance(g, torch.Tensor) else g for g in self._gnorms]
         tensors = [g for g in gns if isinstance(g, torch.Tensor)]
         if tensors:
             values = iter(torch.stack([t.float() for t in tensors]).cpu().tolist())

@@ -49,7 +49,9 @@ def ensure_supervisor(cfg: TrainerConfig) -> wenv.WorkerEnv:
     line = proc.stdout.readline()
     if not line:
         code = proc.wait(timeout=30)
-        raise OnTheFlyError(f"the OnTheFly supervisor failed to start (exit code {code}); see the lines above")
+        raise OnTheFlyError(
+            f"the OnTheFly supervisor failed to start (exit code {code}); see the lines above"
+        )
     info = json.loads(line)
     proc.stdout.close()
     os.environ.update(

@@ -40,7 +40,12 @@ from onthefly_worker.errors import OnTheFlyError, error_record
 from onthefly_worker.losses import PerSampleLoss
 from onthefly_worker.recorder import Recorder
 
-ROLE_TO_PB = {"train": pb.ROLE_TRAIN, "fork": pb.ROLE_FORK, "merge": pb.ROLE_MERGE, "health": pb.ROLE_HEALTH}
+ROLE_TO_PB = {
+    "train": pb.ROLE_TRAIN,
+    "fork": pb.ROLE_FORK,
+    "merge": pb.ROLE_MERGE,
+    "health": pb.ROLE_HEALTH,
+}
 
 
 def _log(msg: str) -> None:
@@ -59,7 +64,9 @@ def preserved_rng() -> Iterator[None]:
     """Evaluation and health checks must not move the training RNG (python, numpy, torch)."""
     py = random.getstate()
     npst = np.random.get_state()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []):
+    with torch.random.fork_rng(
+        devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    ):
         try:
             yield
         finally:
@@ -78,7 +85,9 @@ class Trainer:
     """Train any `nn.Module` with live control. See TrainerConfig for every option."""
 
     def __init__(self, project: str = "default", run_name: str = "main", **options: Any) -> None:
-        self.config = TrainerConfig.from_kwargs({"project": project, "run_name": run_name, **options})
+        self.config = TrainerConfig.from_kwargs(
+            {"project": project, "run_name": run_name, **options}
+        )
         self.state: dict[str, Any] = {}
 
     # The signature the product READMEs promise.
@@ -94,20 +103,38 @@ class Trainer:
     ) -> dict[str, Any]:
         mark_fit_reached()
         if not isinstance(model, nn.Module):
-            raise OnTheFlyError(f"fit(model=...) must be a torch.nn.Module, got {type(model).__name__}")
+            raise OnTheFlyError(
+                f"fit(model=...) must be a torch.nn.Module, got {type(model).__name__}"
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise OnTheFlyError(f"fit(optimizer=...) must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise OnTheFlyError(
+                f"fit(optimizer=...) must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         if not isinstance(train_loader, DataLoader):
-            raise OnTheFlyError(f"fit(train_loader=...) must be a torch DataLoader, got {type(train_loader).__name__}")
+            raise OnTheFlyError(
+                f"fit(train_loader=...) must be a torch DataLoader, got {type(train_loader).__name__}"
+            )
         for name, ld in (("val_loader", val_loader), ("test_loader", test_loader)):
             if ld is not None and not isinstance(ld, DataLoader):
-                raise OnTheFlyError(f"fit({name}=...) must be a torch DataLoader or None, got {type(ld).__name__}")
+                raise OnTheFlyError(
+                    f"fit({name}=...) must be a torch DataLoader or None, got {type(ld).__name__}"
+                )
         env = wenv.WorkerEnv.from_environ()
         if env is None:
             from onthefly_worker import selfhost
 
             env = selfhost.ensure_supervisor(self.config)
-        loop = _Loop(self.config, env, model, optimizer, loss_fn, train_loader, val_loader, test_loader, scheduler)
+        loop = _Loop(
+            self.config,
+            env,
+            model,
+            optimizer,
+            loss_fn,
+            train_loader,
+            val_loader,
+            test_loader,
+            scheduler,
+        )
         result = loop.run()
         self.state = result
         if env.role != "train":
@@ -227,10 +254,17 @@ class _Loop:
                     step=self.step,
                     epoch=self.epoch,
                     final_checkpoint=self.last_checkpoint,
-                    summary_json=json.dumps({"sample_steps": self.sample_steps, "nonfinite_steps": self.nonfinite_total}),
+                    summary_json=json.dumps(
+                        {"sample_steps": self.sample_steps, "nonfinite_steps": self.nonfinite_total}
+                    ),
                 )
             )
-            return {"status": status, "step": self.step, "epoch": self.epoch, "checkpoint": self.last_checkpoint}
+            return {
+                "status": status,
+                "step": self.step,
+                "epoch": self.epoch,
+                "checkpoint": self.last_checkpoint,
+            }
         except BaseException as e:
             rec = error_record(e)
             if self.rec is not None:
@@ -250,10 +284,12 @@ class _Loop:
             self.writer.wait()
             self.conn.close()
 
-    def _status(self, state: int, message: str = "") -> None:
+    def _status(self, state: pb.WorkerState.ValueType, message: str = "") -> None:
         assert self.conn is not None
         self.conn.send(
-            status=pb.StatusUpdate(run_id=self.run_id, state=state, message=message, step=self.step, epoch=self.epoch)  # type: ignore[arg-type]
+            status=pb.StatusUpdate(
+                run_id=self.run_id, state=state, message=message, step=self.step, epoch=self.epoch
+            )
         )
 
     def log(self, text: str, level: str = "info") -> None:
@@ -320,8 +356,15 @@ class _Loop:
         state = ckpt.snapshot(self.state_dict())
         rel = os.path.join("checkpoints", self.run_id, f"step-{self.step:08d}.pt")
         path = os.path.join(self.env.session_dir, rel)
-        meta = {"step": self.step, "epoch": self.epoch, "batch": self.batch, "reason": reason, "rel": rel}
+        meta = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "reason": reason,
+            "rel": rel,
+        }
         conn = self.conn
+        step, epoch, batch = self.step, self.epoch, self.batch
 
         def done(saved: ckpt.SavedCheckpoint | None, err: BaseException | None) -> None:
             if saved is not None:
@@ -330,9 +373,9 @@ class _Loop:
                         run_id=self.run_id,
                         path=rel,
                         sha256=saved.sha256,
-                        step=meta["step"],
-                        epoch=meta["epoch"],
-                        batch=meta["batch"],
+                        step=step,
+                        epoch=epoch,
+                        batch=batch,
                         reason=reason,
                         bytes=saved.nbytes,
                     )
@@ -373,7 +416,12 @@ class _Loop:
                 rel = self._checkpoint("pause", wait=True)
                 self.paused = True
                 self._status(pb.WORKER_STATE_PAUSED, f"paused at step {self.step}")
-                conn.ack(cmd.command_id, True, f"paused at step {self.step}", {"step": self.step, "checkpoint": rel})
+                conn.ack(
+                    cmd.command_id,
+                    True,
+                    f"paused at step {self.step}",
+                    {"step": self.step, "checkpoint": rel},
+                )
             else:
                 conn.ack(cmd.command_id, True, "already paused", {"step": self.step})
         elif cmd.kind == "resume":
@@ -381,7 +429,9 @@ class _Loop:
             self.paused = False
             if was:
                 self._status(pb.WORKER_STATE_RUNNING, f"resumed at step {self.step}")
-            conn.ack(cmd.command_id, True, "resumed" if was else "was not paused", {"step": self.step})
+            conn.ack(
+                cmd.command_id, True, "resumed" if was else "was not paused", {"step": self.step}
+            )
         elif cmd.kind == "checkpoint":
             rel = self._checkpoint(str(cmd.args.get("reason", "request")), wait=True)
             conn.ack(cmd.command_id, True, rel, {"checkpoint": rel, "step": self.step})
@@ -485,7 +535,10 @@ class _Loop:
                 else:
                     self.nonfinite_run += 1
                     self.nonfinite_total += 1
-                    self.log(f"non-finite loss at step {self.step + 1} (epoch {self.epoch}, batch {self.batch}): step skipped", "warning")
+                    self.log(
+                        f"non-finite loss at step {self.step + 1} (epoch {self.epoch}, batch {self.batch}): step skipped",
+                        "warning",
+                    )
                     if self.nonfinite_run >= self.cfg.nonfinite_patience:
                         raise OnTheFlyError(
                             f"the loss was non-finite for {self.nonfinite_run} consecutive steps "
@@ -529,7 +582,9 @@ class _Loop:
         mean = self.rec.take_epoch_mean()
         epoch = self.epoch
         self.conn.send(
-            epoch_end=pb.EpochEnd(run_id=self.run_id, epoch=epoch, step=self.step, train_loss=mean, seconds=seconds)
+            epoch_end=pb.EpochEnd(
+                run_id=self.run_id, epoch=epoch, step=self.step, train_loss=mean, seconds=seconds
+            )
         )
         val_loss = None
         every = self.cfg.val_every_n_epochs
@@ -545,7 +600,9 @@ class _Loop:
         self._checkpoint("epoch")
 
     @torch.no_grad()
-    def _evaluate(self, loader: DataLoader, split: str, indices: np.ndarray | None = None) -> dict[str, Any]:
+    def _evaluate(
+        self, loader: DataLoader, split: str, indices: np.ndarray | None = None
+    ) -> dict[str, Any]:
         assert self.conn is not None
         model = self.model
         was_training = model.training
@@ -584,7 +641,13 @@ class _Loop:
         acc = correct / count if (classif and count) else math.nan
         self.conn.send(
             eval=pb.EvalResult(
-                run_id=self.run_id, split=split, step=self.step, epoch=self.epoch, loss=loss, accuracy=acc, samples=count
+                run_id=self.run_id,
+                split=split,
+                step=self.step,
+                epoch=self.epoch,
+                loss=loss,
+                accuracy=acc,
+                samples=count,
             )
         )
         return {"split": split, "loss": loss, "accuracy": acc, "samples": count, "step": self.step}

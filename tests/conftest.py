@@ -21,11 +21,18 @@ EXAMPLES = ROOT / "examples"
 PY = sys.executable
 
 
-def cli(*args: str, cwd: Path, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, cwd: Path, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     e = dict(os.environ)
     e.update(env or {})
     return subprocess.run(
-        [PY, "-m", "onthefly_supervisor", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e
+        [PY, "-m", "onthefly_supervisor", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=e,
     )
 
 
@@ -50,7 +57,9 @@ class Live:
         last: dict[str, Any] = {}
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"supervisor exited ({self.proc.returncode}) while waiting: {self.output()}")
+                raise AssertionError(
+                    f"supervisor exited ({self.proc.returncode}) while waiting: {self.output()}"
+                )
             try:
                 last = self.status()
                 if pred(last):
@@ -58,7 +67,9 @@ class Live:
             except AssertionError:
                 pass
             time.sleep(every)
-        raise AssertionError(f"condition not met in {timeout}s; last status: {json.dumps(last)[:2000]}")
+        raise AssertionError(
+            f"condition not met in {timeout}s; last status: {json.dumps(last)[:2000]}"
+        )
 
     def main_run(self, st: dict[str, Any]) -> dict[str, Any]:
         return next(r for r in st["runs"] if r["run_id"] == "main")
@@ -76,12 +87,34 @@ class Live:
         return self.proc.stdout.read() if self.proc.stdout else ""
 
 
-def start(cwd: Path, script: Path, *args: str, extra: tuple[str, ...] = (), env: dict[str, str] | None = None, timeout: float = 60) -> Live:
+def start(
+    cwd: Path,
+    script: Path,
+    *args: str,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> Live:
     e = dict(os.environ)
     e.update(env or {})
     proc = subprocess.Popen(
-        [PY, "-m", "onthefly_supervisor", "run", "--headless", "--port", "0", *extra, str(script), *args],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e,
+        [
+            PY,
+            "-m",
+            "onthefly_supervisor",
+            "run",
+            "--headless",
+            "--port",
+            "0",
+            *extra,
+            str(script),
+            *args,
+        ],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=e,
     )
     latest = cwd / ".onthefly" / "sessions" / "latest"
     deadline = time.time() + timeout
@@ -94,7 +127,9 @@ def start(cwd: Path, script: Path, *args: str, extra: tuple[str, ...] = (), env:
             except ValueError:
                 pass
         if proc.poll() is not None:
-            raise AssertionError(f"supervisor exited early ({proc.returncode}): {proc.stdout.read() if proc.stdout else ''}")
+            raise AssertionError(
+                f"supervisor exited early ({proc.returncode}): {proc.stdout.read() if proc.stdout else ''}"
+            )
         time.sleep(0.05)
     proc.kill()
     raise AssertionError("supervisor did not write connection.json")

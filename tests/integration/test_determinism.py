@@ -25,7 +25,7 @@ def final_hash(project: Path) -> str:
         h.update(k.encode())
         h.update(state["model"][k].numpy().tobytes())
     for k in sorted(state["optimizer"]["state"]):
-        for name, t in sorted(state["optimizer"]["state"][k].items()):
+        for _name, t in sorted(state["optimizer"]["state"][k].items()):
             if isinstance(t, torch.Tensor):
                 h.update(t.numpy().tobytes())
     return h.hexdigest()
@@ -33,8 +33,22 @@ def final_hash(project: Path) -> str:
 
 def run_plain(project: Path, *extra: str) -> str:
     r = subprocess.run(
-        [PY, "-m", "onthefly_supervisor", "run", "--headless", "--port", "0", str(SMALL), *COMMON, *extra],
-        cwd=project, capture_output=True, text=True, timeout=180,
+        [
+            PY,
+            "-m",
+            "onthefly_supervisor",
+            "run",
+            "--headless",
+            "--port",
+            "0",
+            str(SMALL),
+            *COMMON,
+            *extra,
+        ],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     return final_hash(project)
@@ -42,12 +56,16 @@ def run_plain(project: Path, *extra: str) -> str:
 
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_pause_resume_is_bit_exact(tmp_path: Path, workers: str) -> None:
-    ref = run_plain(tmp_path / "ref", "--num-workers", workers) if (tmp_path / "ref").mkdir() is None else ""
+    ref = (
+        run_plain(tmp_path / "ref", "--num-workers", workers)
+        if (tmp_path / "ref").mkdir() is None
+        else ""
+    )
     proj = tmp_path / "paused"
     proj.mkdir()
     live = start(proj, SMALL, *COMMON, "--num-workers", workers, "--step-sleep", "0.01")
     try:
-        live.wait_for(lambda s: 10 <= live.main_run(s)["step"], timeout=60, every=0.05)
+        live.wait_for(lambda s: live.main_run(s)["step"] >= 10, timeout=60, every=0.05)
         assert cli("pause", cwd=proj).returncode == 0
         st = live.wait_for(lambda s: live.main_run(s)["status"] == "paused")
         assert live.main_run(st)["step"] % 25 != 0, "pause landed mid-epoch"
@@ -69,9 +87,29 @@ def test_kill_and_restart_from_checkpoint_is_bit_exact(tmp_path: Path) -> None:
     # SIGKILL of the worker itself at step 40 (mid-epoch 1); the supervisor restarts it from
     # the cadence checkpoint at step 35.
     r = subprocess.run(
-        [PY, "-m", "onthefly_supervisor", "run", "--headless", "--port", "0", "--max-restarts", "1", str(SMALL), *COMMON,
-         "--checkpoint-every", "7", "--crash-at-step", "40", "--crash-once-file", str(marker)],
-        cwd=proj, capture_output=True, text=True, timeout=180,
+        [
+            PY,
+            "-m",
+            "onthefly_supervisor",
+            "run",
+            "--headless",
+            "--port",
+            "0",
+            "--max-restarts",
+            "1",
+            str(SMALL),
+            *COMMON,
+            "--checkpoint-every",
+            "7",
+            "--crash-at-step",
+            "40",
+            "--crash-once-file",
+            str(marker),
+        ],
+        cwd=proj,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert marker.exists(), "the worker really was killed"

@@ -300,3 +300,24 @@ def test_moe_export_round_trip_in_a_fresh_process(tmp_path: Path) -> None:
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert torch.equal(got["soft"], want)
     assert torch.equal(got["hard"], want_hard)
+
+
+def test_damaged_files_fail_before_allocating(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    export_model(nn.Sequential(nn.Linear(3, 2)), path)
+    payload = torch.load(path, weights_only=True)
+    payload["model"]["spec"]["children"][0][1]["args"]["in_features"] = 10**12
+    torch.save(payload, path)
+    with pytest.raises(
+        ValueError, match=r"first '0.weight': spec \(2, 1000000000000\), stored \(2, 3\)"
+    ):
+        load_model(path)
+
+
+def test_models_with_adapters_must_be_merged_before_export(tmp_path: Path) -> None:
+    from onthefly_worker.merge_math import add_adapters
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    add_adapters(model, rank=1)
+    with pytest.raises(ValueError, match="merge_adapters"):
+        export_model(model, tmp_path / "m.pt")

@@ -1,7 +1,7 @@
 /**
  * Bucketing and downsampling of step series — the same min/max-per-bucket scheme the
  * supervisor uses for GetMetrics(max_points), so a series the view compacts itself looks
- * like one the server sent: every spike survives, at about `maxPoints` points.
+ * like one the server sent: every spike survives, at most `maxPoints` points.
  */
 
 export interface Series {
@@ -19,49 +19,43 @@ export function bucketIndex(step: number, from: number, to: number, buckets: num
 }
 
 /**
- * Keeps, per step bucket, the point with the smallest and the one with the largest value
- * (in step order, once if they are the same point). Series at or below `maxPoints` come
- * back unchanged. Null values are kept only in a bucket that has no number at all, so
- * gaps stay visible.
+ * Keeps, per bucket of consecutive points, the point with the smallest and the one with
+ * the largest value (in step order, once if they are the same point) — exactly the
+ * supervisor's GetMetrics(max_points) scheme: buckets = maxPoints / 2, bucket edges
+ * floor(linspace(0, n, buckets + 1)). Series at or below `maxPoints` come back unchanged.
+ * A bucket with no finite value keeps its first point, so gaps stay visible.
  */
 export function minMaxDownsample(s: Series, maxPoints: number): Series {
   const n = s.steps.length;
-  if (maxPoints <= 0 || n <= maxPoints) return { steps: s.steps.slice(), values: s.values.slice() };
   const buckets = Math.max(1, Math.floor(maxPoints / 2));
-  const from = s.steps[0];
-  const to = s.steps[n - 1];
+  if (maxPoints <= 0 || n <= maxPoints || buckets >= n) return { steps: s.steps.slice(), values: s.values.slice() };
   const steps: number[] = [];
   const values: (number | null)[] = [];
-  let i = 0;
-  while (i < n) {
-    const b = bucketIndex(s.steps[i], from, to, buckets);
+  for (let b = 0; b < buckets; b++) {
+    const start = Math.floor((b * n) / buckets);
+    const end = Math.floor(((b + 1) * n) / buckets);
+    if (end <= start) continue;
     let lo = -1;
     let hi = -1;
-    let firstNull = -1;
-    let j = i;
-    for (; j < n && bucketIndex(s.steps[j], from, to, buckets) === b; j++) {
+    for (let j = start; j < end; j++) {
       const v = s.values[j];
-      if (v === null || !Number.isFinite(v)) {
-        if (firstNull < 0) firstNull = j;
-        continue;
-      }
+      if (v === null || !Number.isFinite(v)) continue;
       if (lo < 0 || v < (s.values[lo] as number)) lo = j;
       if (hi < 0 || v > (s.values[hi] as number)) hi = j;
     }
     if (lo < 0) {
-      steps.push(s.steps[firstNull]);
-      values.push(null);
-    } else {
-      const a = Math.min(lo, hi);
-      const c = Math.max(lo, hi);
-      steps.push(s.steps[a]);
-      values.push(s.values[a]);
-      if (c !== a) {
-        steps.push(s.steps[c]);
-        values.push(s.values[c]);
-      }
+      steps.push(s.steps[start]);
+      values.push(s.values[start]);
+      continue;
     }
-    i = j;
+    const a = Math.min(lo, hi);
+    const c = Math.max(lo, hi);
+    steps.push(s.steps[a]);
+    values.push(s.values[a]);
+    if (c !== a) {
+      steps.push(s.steps[c]);
+      values.push(s.values[c]);
+    }
   }
   return { steps, values };
 }

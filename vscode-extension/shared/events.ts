@@ -59,10 +59,23 @@ export interface MetricPoint {
   values: Record<string, number>;
 }
 
-/** Points of a `metrics` event; non-numeric fields are ignored, `extra` scalars are flattened. */
+/**
+ * Points of a `metrics` event. Two payload shapes are accepted: the proto's documented
+ * `points: [{step, epoch, loss, ...}]`, and the columnar `{step: [...], loss: [...], ...}`
+ * (one array per key, the same length) that the supervisor publishes to keep events small.
+ * Non-finite values (a NaN grad norm = not measured) and non-numeric fields are dropped;
+ * `extra` scalars of row points are flattened.
+ */
 export function metricPoints(ev: EventDto): MetricPoint[] {
   const raw = ev.payload.points;
-  if (!Array.isArray(raw)) return [];
+  if (Array.isArray(raw)) return rowPoints(raw);
+  if (Array.isArray(ev.payload.step)) return columnPoints(ev.payload);
+  return [];
+}
+
+const NOT_METRICS = new Set(['step', 'epoch', 'batch', 'time', 'run_id', 'points', 'extra']);
+
+function rowPoints(raw: unknown[]): MetricPoint[] {
   const out: MetricPoint[] = [];
   for (const item of raw) {
     const p = record(item);
@@ -70,13 +83,34 @@ export function metricPoints(ev: EventDto): MetricPoint[] {
     if (step === null) continue;
     const values: Record<string, number> = {};
     for (const [k, v] of Object.entries(p)) {
-      if (k === 'step' || k === 'epoch' || k === 'batch' || k === 'time') continue;
+      if (NOT_METRICS.has(k)) continue;
       if (typeof v === 'number' && Number.isFinite(v)) values[k] = v;
     }
     for (const [k, v] of Object.entries(record(p.extra))) {
       if (typeof v === 'number' && Number.isFinite(v) && !(k in values)) values[k] = v;
     }
     out.push({ step, epoch: numberOr(p.epoch, 0), values });
+  }
+  return out;
+}
+
+function columnPoints(payload: Record<string, unknown>): MetricPoint[] {
+  const steps = payload.step as unknown[];
+  const epochs = Array.isArray(payload.epoch) ? (payload.epoch as unknown[]) : [];
+  const columns: [string, unknown[]][] = [];
+  for (const [k, v] of Object.entries(payload)) {
+    if (!NOT_METRICS.has(k) && Array.isArray(v) && v.length === steps.length) columns.push([k, v]);
+  }
+  const out: MetricPoint[] = [];
+  for (let i = 0; i < steps.length; i++) {
+    const step = numberOrNull(steps[i]);
+    if (step === null) continue;
+    const values: Record<string, number> = {};
+    for (const [k, col] of columns) {
+      const v = col[i];
+      if (typeof v === 'number' && Number.isFinite(v)) values[k] = v;
+    }
+    out.push({ step, epoch: numberOr(epochs[i], 0), values });
   }
   return out;
 }

@@ -54,7 +54,7 @@ class Data(Dataset):
 
     def __getitem__(self, i: int):
         if i == args.data_raise_at:
-            raise IOError(f"corrupt record {i}")
+            raise OSError(f"corrupt record {i}")
         if args.bad_batch:
             return {"weird": self.x[i]}
         return self.x[i], self.y[i]
@@ -63,7 +63,9 @@ class Data(Dataset):
 class Net(nn.Module):
     def __init__(self, out: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, out))
+        self.body = nn.Sequential(
+            nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, out)
+        )
         self.calls = 0
 
     def forward(self, x):
@@ -72,12 +74,12 @@ class Net(nn.Module):
             step = self.calls
             if args.step_sleep:
                 time.sleep(args.step_sleep)
-            if args.crash_at_step and step == args.crash_at_step:
-                if not args.crash_once_file or not os.path.exists(args.crash_once_file):
-                    if args.crash_once_file:
-                        open(args.crash_once_file, "w").close()
-                        os.kill(os.getpid(), 9)
-                    raise ValueError(f"boom at step {step}")
+            crash = args.crash_at_step and step == args.crash_at_step
+            if crash and not (args.crash_once_file and os.path.exists(args.crash_once_file)):
+                if args.crash_once_file:
+                    open(args.crash_once_file, "w").close()
+                    os.kill(os.getpid(), 9)
+                raise ValueError(f"boom at step {step}")
             if args.nan_at_step and step == args.nan_at_step:
                 return self.body(x) * float("nan")
         return self.body(x)
@@ -97,6 +99,7 @@ else:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
 sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
 if args.scalar_loss:
+
     def loss_fn(out, y):
         return ((out[:, -1] - y.float()) ** 2).sum() / len(y)
 else:
