@@ -1,0 +1,507 @@
+"""Planner policy on plain data: mapping, cooldowns, caps, dedupe, adaptive back-off,
+the card lifecycle and successive halving."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onthefly_supervisor.planner.detectors import Detection, DetectionKind
+from onthefly_supervisor.planner.policy import (
+    Action,
+    PlanCard,
+    PlannerConfig,
+    PlannerState,
+    PlanStatus,
+    Reason,
+    apply_outcome,
+    effective_cooldown,
+    explain_blocked,
+    halving_rungs,
+    plan,
+    propose,
+    record_proposed,
+    record_started,
+    successive_halving,
+    validate_selection,
+)
+
+
+def det(kind: DetectionKind, step: int = 1000, subject: str = "", **numbers: float) -> Detection:
+    return Detection(kind, step, 0.8, f"{kind.value} at {step}", numbers, subject=subject)
+
+
+NAN = det(DetectionKind.NONFINITE, 990, subject="loss", last_finite_step=989)
+SPIKE = det(DetectionKind.SPIKE, 995, subject="loss", z=9.0)
+DRIFT_UP = det(DetectionKind.DRIFT, 995, subject="loss", direction=1.0)
+DRIFT_DOWN = det(DetectionKind.DRIFT, 995, subject="loss", direction=-1.0)
+PLATEAU = det(DetectionKind.PLATEAU)
+TAIL = det(DetectionKind.HIGH_LOSS_TAIL, q=0.85)
+CLUSTER = det(DetectionKind.RESIDUAL_CLUSTER, subject="3")
+SLICE = det(DetectionKind.WEAK_SLICE, subject="night")
+
+CTX: dict[str, Any] = {
+    "checkpoint_steps": [500, 900, 980, 995],
+    "bf16_supported": True,
+    "slice_selections": {"night": "indices:slices/night.npy"},
+}
+
+
+def one(detection: Detection, **cfg: Any) -> PlanCard:
+    cards = propose([detection], PlannerState(), PlannerConfig(**cfg), 1000, CTX)
+    assert len(cards) == 1, explain_blocked([detection], PlannerState(), PlannerConfig(), 1000, CTX)
+    return cards[0]
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+@pytest.mark.parametrize(
+    ("detection", "action", "reason", "selection"),
+    [
+        (NAN, Action.STABILIZE, Reason.NONFINITE, "all"),
+        (SPIKE, Action.STABILIZE, Reason.INSTABILITY_SPIKE, "all"),
+        (DRIFT_UP, Action.STABILIZE, Reason.INSTABILITY_SPIKE, "all"),
+        (PLATEAU, Action.EXPLORE, Reason.LOSS_PLATEAU, "all"),
+        (TAIL, Action.FORK, Reason.HIGH_LOSS_TAIL, "quantile:0.85:1.0"),
+        (CLUSTER, Action.FORK, Reason.RESIDUAL_CLUSTER, "kmeans:auto"),
+        (SLICE, Action.FORK, Reason.SLICE_UNDERPERFORMANCE, "indices:slices/night.npy"),
+    ],
+)
+def test_each_detection_maps_to_its_action(
+    detection: Detection, action: Action, reason: Reason, selection: str
+) -> None:
+    card = one(detection)
+    assert (card.action, card.reason, card.selection) == (action, reason, selection)
+    assert card.status is PlanStatus.PROPOSED and card.created_step == 1000
+    assert card.plan_id == "plan-0001" and card.target_run == "main"
+    assert card.diagnostics["detection"]["kind"] == detection.kind.value
+
+
+def test_downward_drift_is_not_acted_on() -> None:
+    assert propose([DRIFT_DOWN], PlannerState(), PlannerConfig(), 1000, CTX) == []
+
+
+def test_stabilize_recipe_rolls_back_before_the_bad_step() -> None:
+    card = one(NAN)
+    r = card.training_recipe
+    assert r["rollback_to_step"] == 980  # latest checkpoint strictly before step 990
+    assert r["skip_offending_batches"] and r["offending_steps"] == [990]
+    assert r["lr_mul"] == 0.5 and r["grad_clip"] == 1.0 and r["bf16"] is True
+    assert card.cost_steps == 0 and card.children == 0
+
+
+def test_stabilize_keeps_tighter_clip_and_handles_missing_checkpoint() -> None:
+    ctx = {"grad_clip": 0.25}
+    card = propose([SPIKE], PlannerState(), PlannerConfig(), 1000, ctx)[0]
+    assert card.training_recipe["grad_clip"] == 0.25
+    assert card.training_recipe["rollback_to_step"] is None
+    assert card.training_recipe["bf16"] is False
+    assert "No checkpoint before step 995" in card.diagnostics["summary"]
+
+
+def test_drift_is_repaired_without_rollback() -> None:
+    r = one(DRIFT_UP).training_recipe
+    assert r["rollback_to_step"] is None and not r["skip_offending_batches"]
+
+
+def test_nonfinite_outranks_spike_in_one_stabilize_card() -> None:
+    res = plan([SPIKE, NAN], PlannerState(), PlannerConfig(), 1000, CTX)
+    assert [c.reason for c in res.cards] == [Reason.NONFINITE]
+    assert any("proposed this round" in b.why for b in res.blocked)
+
+
+def test_explore_races_lr_variants_with_successive_halving() -> None:
+    card = one(PLATEAU, max_parallel_children=3)
+    r = card.training_recipe
+    assert [v["lr_mul"] for v in r["variants"]] == [0.3, 1.0, 3.0]
+    assert r["race"] == {"method": "successive_halving", "eta": 3, "rung_steps": [200, 600]}
+    assert card.children == 3 and card.cost_steps == 3 * 200 + 1 * 400
+
+
+def test_fork_card_carries_recipe_and_planned_gate() -> None:
+    card = one(TAIL)
+    assert card.training_recipe["early_stop"]["patience_evals"] == 3
+    assert [v["lr_mul"] for v in card.training_recipe["variants"]] == [1.0, 0.5]
+    assert card.gate_recipe == {
+        "kind": "switch_softmax",
+        "temperature": 1.0,
+        "balance_weight": 0.01,
+        "steps": 500,
+    }
+
+
+def test_weak_slice_without_a_selection_is_blocked_with_reason() -> None:
+    res = plan([SLICE], PlannerState(), PlannerConfig(), 1000, {})
+    assert res.cards == ()
+    assert "no selection is known for slice 'night'" in res.blocked[0].why
+
+
+# --------------------------------------------------------------------------- safeguards
+
+
+def test_cooldown_is_respected_and_explained() -> None:
+    cfg = PlannerConfig(base_cooldown_steps=1000)
+    state = record_proposed(PlannerState(), propose([TAIL], PlannerState(), cfg, 1000, CTX))
+    card = state.pending[0]
+    state = apply_outcome(state, one(TAIL), {"status": "rejected"})
+    assert state.pending == () and card.plan_id == "plan-0001"
+    res = plan([TAIL], state, cfg, 1999, CTX)
+    assert res.cards == ()
+    assert res.blocked[0].retry_at_step == 2000 and "cooldown" in res.blocked[0].why
+    cards = propose([TAIL], state, cfg, 2000, CTX)
+    assert len(cards) == 1 and cards[0].plan_id == "plan-0002"
+
+
+def test_dedupe_while_pending_even_after_cooldown() -> None:
+    cfg = PlannerConfig(base_cooldown_steps=10, max_parallel_children=4)
+    state = record_proposed(PlannerState(), propose([TAIL], PlannerState(), cfg, 1000, CTX))
+    res = plan([TAIL], state, cfg, 5000, CTX)
+    assert res.cards == () and "still pending" in res.blocked[0].why
+    # A different selection is a different plan.
+    other = det(DetectionKind.HIGH_LOSS_TAIL, q=0.9)
+    assert propose([other], state, cfg, 5000, CTX)[0].selection == "quantile:0.9:1.0"
+
+
+def test_one_card_per_action_per_round() -> None:
+    cards = propose(
+        [TAIL, CLUSTER], PlannerState(), PlannerConfig(max_parallel_children=8), 1000, CTX
+    )
+    assert [c.action for c in cards] == [Action.FORK]
+
+
+def test_children_cap_blocks_and_trims() -> None:
+    cfg = PlannerConfig(max_parallel_children=2, base_cooldown_steps=0)
+    state = record_proposed(PlannerState(), propose([TAIL], PlannerState(), cfg, 1000, CTX))
+    state = record_started(state, "plan-0001")
+    assert state.active_children == 2
+    res = plan([CLUSTER, PLATEAU], state, cfg, 1001, CTX)
+    assert res.cards == ()
+    assert all("children cap" in b.why for b in res.blocked)
+    # The pool reports manual forks too: 1 of 3 slots busy leaves 2 for explore's 3 variants.
+    cfg3 = PlannerConfig(max_parallel_children=3)
+    card = propose([PLATEAU], PlannerState(), cfg3, 1000, {"active_children": 1})[0]
+    assert [v["lr_mul"] for v in card.training_recipe["variants"]] == [0.3, 1.0]
+    assert card.training_recipe["race"]["rung_steps"] == [200, 600]
+    # Explore needs two variants to race; one free slot is not enough.
+    res = plan([PLATEAU], PlannerState(), cfg3, 1000, {"active_children": 2})
+    assert res.cards == () and "needs 2" in res.blocked[0].why
+
+
+def test_budget_cap_blocks_with_numbers() -> None:
+    # Two variants race 333 steps, the survivor goes on to 1000: 2*333 + 667 = 1333.
+    cfg = PlannerConfig(max_total_budget_steps=1200, fork_budget_steps=1000)
+    res = plan([TAIL], PlannerState(), cfg, 1000, CTX)
+    assert res.cards == ()
+    assert "budget cap: 0 of 1200" in res.blocked[0].why and "needs 1333" in res.blocked[0].why
+
+
+def test_budget_is_reserved_spent_and_trued_up() -> None:
+    cfg = PlannerConfig(max_total_budget_steps=2000, base_cooldown_steps=0, max_parallel_children=4)
+    card = propose([TAIL], PlannerState(), cfg, 1000, CTX)[0]
+    state = record_proposed(PlannerState(), [card])
+    assert state.reserved_budget_steps == card.cost_steps == 1333
+    # Reserved budget already counts: a second fork does not fit.
+    assert propose([CLUSTER], state, cfg, 1001, CTX) == []
+    state = record_started(state, card.plan_id)
+    assert state.budget_spent_steps == 1333 and state.reserved_budget_steps == 0
+    state = apply_outcome(state, card, {"improved": True, "budget_used_steps": 400})
+    assert state.budget_spent_steps == 400 and state.active_children == 0
+    assert propose([CLUSTER], state, cfg, 1002, CTX) != []
+
+
+def test_instability_comes_first() -> None:
+    res = plan([TAIL, SPIKE, PLATEAU], PlannerState(), PlannerConfig(), 1000, CTX)
+    assert [c.action for c in res.cards] == [Action.STABILIZE]
+    assert {b.action for b in res.blocked} == {Action.FORK, Action.EXPLORE}
+    assert all("unstable" in b.why for b in res.blocked)
+    # While the stabilization is pending nothing else is proposed either.
+    state = record_proposed(PlannerState(), res.cards)
+    assert propose([TAIL], state, PlannerConfig(), 1001, CTX) == []
+
+
+def test_plateau_is_not_trusted_next_to_a_drift() -> None:
+    res = plan([PLATEAU, DRIFT_DOWN], PlannerState(), PlannerConfig(), 1000, CTX)
+    assert res.cards == () and "drift" in res.blocked[0].why
+
+
+# --------------------------------------------------------------------------- adaptive cooldown
+
+
+def test_adaptive_cooldown_doubles_caps_and_resets() -> None:
+    cfg = PlannerConfig(base_cooldown_steps=100, max_cooldown_multiplier=4.0, give_up_after=10)
+    card = one(TAIL)
+    state = PlannerState()
+    seen = []
+    for _ in range(4):
+        state = apply_outcome(state, card, {"metric_before": 1.0, "metric_after": 1.1}, cfg)
+        seen.append(effective_cooldown(state, cfg, Action.FORK))
+    assert seen == [200, 400, 400, 400]
+    assert effective_cooldown(state, cfg, Action.EXPLORE) == 100  # per action kind
+    state = apply_outcome(state, card, {"metric_before": 1.0, "metric_after": 0.9}, cfg)
+    assert effective_cooldown(state, cfg, Action.FORK) == 100
+    assert state.consecutive_failures["fork"] == 0
+
+
+def test_failed_doubles_rejected_does_not() -> None:
+    card = one(TAIL)
+    state = apply_outcome(PlannerState(), card, {"status": "rejected"})
+    assert state.cooldown_multiplier == {}
+    state = apply_outcome(state, card, {"status": "failed"})
+    assert state.cooldown_multiplier["fork"] == 2.0
+    state = apply_outcome(state, card, {"status": "done"})  # no evidence = no improvement
+    assert state.cooldown_multiplier["fork"] == 4.0
+    state = apply_outcome(
+        state, card, {"metric_before": 0.5, "metric_after": 0.7, "higher_is_better": True}
+    )
+    assert state.cooldown_multiplier["fork"] == 1.0
+    with pytest.raises(ValueError, match="status"):
+        apply_outcome(state, card, {"status": "exploded"})
+
+
+def test_gives_up_after_repeated_failures() -> None:
+    cfg = PlannerConfig(give_up_after=2, base_cooldown_steps=0)
+    card = one(TAIL)
+    state = PlannerState()
+    for _ in range(2):
+        state = apply_outcome(state, card, {"improved": False}, cfg)
+    res = plan([TAIL], state, cfg, 10_000, CTX)
+    assert res.cards == () and "did not help 2 times" in res.blocked[0].why
+
+
+# --------------------------------------------------------------------------- gate & merge
+
+
+def test_gate_after_forks_complete_then_merge_on_cadence() -> None:
+    cfg = PlannerConfig(merge_every_steps=5000, base_cooldown_steps=0, max_parallel_children=4)
+    fork = propose([TAIL], PlannerState(), cfg, 1000, CTX)[0]
+    state = record_started(record_proposed(PlannerState(), [fork]), fork.plan_id)
+    # A second fork still running holds the gate back.
+    fork2 = propose([CLUSTER], state, cfg, 1100, CTX)[0]
+    state = record_started(record_proposed(state, [fork2]), fork2.plan_id)
+    state = apply_outcome(state, fork, {"improved": True, "runs": ["fork-1"]}, cfg)
+    assert [s.run_id for s in state.ungated] == ["fork-1"]
+    res = plan([], state, cfg, 2000, CTX)
+    assert res.cards == () and "waiting for 1 fork" in res.blocked[0].why
+    assert res.blocked[1].action is Action.MERGE and res.blocked[1].retry_at_step == 5000
+    state = apply_outcome(state, fork2, {"improved": False}, cfg)
+
+    gate = propose([], state, cfg, 2100, CTX)[0]
+    assert gate.action is Action.GATE and gate.reason is Reason.HIGH_LOSS_TAIL
+    assert gate.gate_recipe["experts"] == ["main", "fork-1"]
+    assert gate.gate_recipe["kind"] == "switch_softmax"
+    state = record_proposed(state, [gate])
+    assert propose([], state, cfg, 2200, CTX) == []  # gate pending: deduped
+    state = apply_outcome(state, gate, {"improved": True, "runs": ["moe-1"]}, cfg)
+    assert state.ungated == () and len(state.unmerged) == 1
+
+    merge = propose([], state, cfg, 5000, CTX)[0]
+    assert merge.action is Action.MERGE and merge.reason is Reason.MERGE_CADENCE
+    assert merge.merge_recipe == {
+        "method": "swa",
+        "runs": ["main", "fork-1"],
+        "bn_recalibration": True,
+    }
+    state = apply_outcome(record_proposed(state, [merge]), merge, {"improved": True, "step": 5200})
+    assert state.unmerged == () and state.last_merge_step == 5200
+    assert propose([], state, cfg, 20_000, CTX) == []
+
+
+def test_distill_merge_costs_its_steps() -> None:
+    from onthefly_supervisor.planner.policy import Specialist
+
+    state = PlannerState(unmerged=(Specialist("f", Reason.HIGH_LOSS_TAIL, "plan-0001"),))
+    cfg = PlannerConfig(merge_method="distill", merge_every_steps=0, distill_steps=700)
+    card = propose([], state, cfg, 10, CTX)[0]
+    assert card.merge_recipe["method"] == "distill" and card.cost_steps == 700
+
+
+# --------------------------------------------------------------------------- data types
+
+
+def test_card_round_trips_through_strict_json() -> None:
+    card = one(NAN)
+    text = json.dumps(card.to_dict(), allow_nan=False)
+    back = PlanCard.from_dict(json.loads(text))
+    assert back == card
+    with pytest.raises(ValueError, match="unknown field"):
+        PlanCard.from_dict({**card.to_dict(), "colour": "red"})
+
+
+def test_card_lifecycle_transitions() -> None:
+    card = one(TAIL)
+    running = card.with_status("approved").with_status(PlanStatus.RUNNING)
+    assert running.with_status("done").status is PlanStatus.DONE
+    assert card.with_status("rejected").pending is False
+    with pytest.raises(ValueError, match="cannot go from proposed to done"):
+        card.with_status("done")
+    with pytest.raises(ValueError, match="cannot go from done"):
+        running.with_status("done").with_status("running")
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"action": "teleport"}, "action"),
+        ({"reason": "vibes"}, "reason"),
+        ({"selection": "quantile:0.9:0.1"}, "PlanCard.selection=.*bounds"),
+        ({"selection": "random:5"}, "PlanCard.selection=.*unknown kind"),
+        ({"budget_steps": -1}, "budget_steps"),
+        ({"action": "merge", "merge_recipe": {"method": "average"}}, "merge_recipe"),
+        ({"status": "maybe"}, "status"),
+    ],
+)
+def test_card_validation_names_the_field(kw: dict[str, Any], field: str) -> None:
+    base: dict[str, Any] = {
+        "plan_id": "p",
+        "action": "fork",
+        "reason": "high_loss_tail",
+        "selection": "all",
+    }
+    with pytest.raises(ValueError, match=field):
+        PlanCard(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    ("spec", "canonical"),
+    [
+        ("all", "all"),
+        ("quantile:0.85:1.0", "quantile:0.85:1"),
+        ("kmeans:auto", "kmeans:auto"),
+        ("kmeans:4:cluster=2", "kmeans:4:cluster=2"),
+        ("indices:a.npy", "indices:a.npy"),
+    ],
+)
+def test_selection_grammar_is_the_cli_grammar(spec: str, canonical: str) -> None:
+    assert validate_selection(spec) == canonical
+
+
+def test_dedupe_uses_canonical_selection() -> None:
+    a = one(TAIL)
+    b = PlanCard.from_dict({**a.to_dict(), "plan_id": "plan-0009", "selection": "quantile:0.85:1"})
+    assert a.selection != b.selection and a.dedupe_key == b.dedupe_key
+    state = record_proposed(PlannerState(), [b])
+    res = plan([TAIL], state, PlannerConfig(max_parallel_children=4), 9000, CTX)
+    assert res.cards == () and "the same plan (plan-0009) is still pending" in res.blocked[0].why
+
+
+@pytest.mark.parametrize(
+    ("kw", "name"),
+    [
+        ({"max_parallel_children": 0}, "max_parallel_children"),
+        ({"max_total_budget_steps": -5}, "max_total_budget_steps"),
+        ({"base_cooldown_steps": 1.5}, "base_cooldown_steps"),
+        ({"cooldown_overrides": {"dance": 3}}, "cooldown_overrides"),
+        ({"cooldown_overrides": {"fork": -1}}, "cooldown_overrides"),
+        ({"cooldown_growth": 0.5}, "cooldown_growth"),
+        ({"max_cooldown_multiplier": 0.0}, "max_cooldown_multiplier"),
+        ({"give_up_after": 0}, "give_up_after"),
+        ({"fork_lr_multipliers": ()}, "fork_lr_multipliers"),
+        ({"explore_lr_multipliers": (1.0,)}, "explore_lr_multipliers"),
+        ({"explore_lr_multipliers": (1.0, -2.0)}, "explore_lr_multipliers"),
+        ({"halving_eta": 1}, "halving_eta"),
+        ({"stabilize_lr_mul": 2.0}, "stabilize_lr_mul"),
+        ({"stabilize_grad_clip": 0.0}, "stabilize_grad_clip"),
+        ({"gate_balance_weight": -1.0}, "gate_balance_weight"),
+        ({"merge_method": "average"}, "merge_method"),
+        ({"min_completed_for_merge": 0}, "min_completed_for_merge"),
+    ],
+)
+def test_config_validation_names_the_field(kw: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=f"PlannerConfig.{name}="):
+        PlannerConfig(**kw)
+
+
+def test_state_round_trips_through_json() -> None:
+    cfg = PlannerConfig(base_cooldown_steps=0)
+    fork = propose([TAIL], PlannerState(), cfg, 1000, CTX)[0]
+    state = record_started(record_proposed(PlannerState(), [fork]), fork.plan_id)
+    state = apply_outcome(state, fork, {"improved": True, "runs": ["f1"]}, cfg)
+    state = record_proposed(state, propose([PLATEAU], state, cfg, 1200, CTX))
+    back = PlannerState.from_dict(json.loads(json.dumps(state.to_dict(), allow_nan=False)))
+    assert back == state
+
+
+def test_record_started_unknown_plan() -> None:
+    with pytest.raises(ValueError, match="plan-0042"):
+        record_started(PlannerState(), "plan-0042")
+
+
+# --------------------------------------------------------------------------- successive halving
+
+
+def test_halving_rungs() -> None:
+    assert halving_rungs(900, 9, 3) == [100, 300, 900]
+    assert halving_rungs(600, 3, 3) == [200, 600]
+    assert halving_rungs(1000, 2, 3) == [333, 1000]
+    assert halving_rungs(50, 1, 3) == [50]
+    with pytest.raises(ValueError, match="eta"):
+        halving_rungs(100, 3, 1)
+
+
+def test_successive_halving_keeps_the_best_per_rung() -> None:
+    scores = {f"v{i}": [float(i), float(10 - i)] for i in range(9)}
+    assert successive_halving({k: v[:0] for k, v in scores.items()}, [100, 300, 900]) == sorted(
+        scores
+    )
+    rung0 = {k: v[:1] for k, v in scores.items()}
+    assert successive_halving(rung0, [100, 300, 900]) == ["v0", "v1", "v2"]
+    # At rung 1 the order flips among the three survivors.
+    assert successive_halving(scores, [100, 300, 900]) == ["v2"]
+
+
+def test_successive_halving_waits_and_ranks_nan_last() -> None:
+    scores: dict[str, list[float]] = {"a": [float("nan")], "b": [2.0], "c": [3.0]}
+    assert successive_halving(scores, [10, 30]) == ["b"]
+    assert successive_halving({"a": [1.0], "b": [], "c": [3.0]}, [10, 30]) == ["a", "b", "c"]
+    assert successive_halving({"x": [1.0], "y": [1.0], "z": [1.0]}, [10, 30]) == ["x"]
+    with pytest.raises(ValueError, match="rung_steps"):
+        successive_halving(scores, [30, 10])
+
+
+# --------------------------------------------------------------------------- property: caps hold
+
+KINDS = [NAN, SPIKE, DRIFT_UP, DRIFT_DOWN, PLATEAU, TAIL, CLUSTER, SLICE]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(KINDS), max_size=4),
+            st.integers(0, 400),
+            st.sampled_from(["done", "failed", "rejected", "keep"]),
+            st.booleans(),
+        ),
+        max_size=25,
+    ),
+    st.integers(1, 4),
+    st.integers(0, 20_000),
+)
+def test_caps_and_dedupe_hold_under_any_sequence(
+    rounds: list[tuple[list[Detection], int, str, bool]], max_children: int, budget: int
+) -> None:
+    cfg = PlannerConfig(
+        max_parallel_children=max_children, max_total_budget_steps=budget, base_cooldown_steps=50
+    )
+    state, step = PlannerState(), 0
+    cards_by_id: dict[str, PlanCard] = {}
+    for detections, dt, ending, improved in rounds:
+        step += dt
+        cards = propose(detections, state, cfg, step, CTX)
+        keys = [c.dedupe_key for c in cards] + [p.key for p in state.pending]
+        assert len(keys) == len(set(keys))
+        assert len({c.action for c in cards}) == len(cards)
+        state = record_proposed(state, cards)
+        for c in cards:
+            cards_by_id[c.plan_id] = c
+            state = record_started(state, c.plan_id)
+        assert state.active_children + state.reserved_children <= max_children
+        assert state.budget_spent_steps + state.reserved_budget_steps <= budget
+        if ending != "keep" and state.pending:
+            done = cards_by_id[state.pending[0].plan_id]
+            state = apply_outcome(state, done, {"status": ending, "improved": improved}, cfg)
