@@ -17,6 +17,7 @@ trust decision as running the package's code.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -96,6 +97,11 @@ class SwitchGate(nn.Module):
         }
 
 
+def _rows(t: Tensor) -> Tensor:
+    """(B, ...) -> (B, features); explicit sizes, because reshape(0, -1) is ambiguous."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
 class MoE(nn.Module):
     """A soft mixture of experts: y = sum_e gate_e(x) * expert_e(x).
 
@@ -141,10 +147,10 @@ class MoE(nn.Module):
                     f"gate_input='input' needs float inputs, got {x.dtype}; use "
                     "gate_input='expert_outputs' for token ids"
                 )
-            feats = x.reshape(x.shape[0], -1)
+            feats = _rows(x)
         else:
             assert outs is not None
-            feats = torch.cat([o.detach().reshape(o.shape[0], -1) for o in outs], dim=1)
+            feats = torch.cat([_rows(o.detach()) for o in outs], dim=1)
         if feats.shape[1] != self.gate.in_features:
             raise ValueError(
                 f"the gate expects {self.gate.in_features} features per sample, the "
@@ -174,7 +180,9 @@ class MoE(nn.Module):
             raise ValueError(f"MoE takes one tensor input (batch first), got {type(x).__name__}")
         hard = self.hard and not self.training
         outs: list[Tensor] | None = None
-        if self.gate_input == "expert_outputs" or not hard:
+        if self.gate_input == "expert_outputs" or not hard or x.shape[0] == 0:
+            # (An empty batch has no rows to route; running every expert on it gives the
+            # output shape.)
             outs = self._expert_outputs(x)
         probs = self.gate(self._route_features(x, outs))
         n = self.gate.n_experts

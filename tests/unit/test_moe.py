@@ -321,3 +321,20 @@ def test_models_with_adapters_must_be_merged_before_export(tmp_path: Path) -> No
     add_adapters(model, rank=1)
     with pytest.raises(ValueError, match="merge_adapters"):
         export_model(model, tmp_path / "m.pt")
+
+
+def test_export_moe_with_an_explicit_factory_expert(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    moe = MoE([nn.Linear(3, 2), nn.Linear(3, 2)], SwitchGate(3, 2)).eval()
+    path = tmp_path / "moe.pt"
+    factory = {"factory": "torch.nn:Linear", "kwargs": {"in_features": 3, "out_features": 2}}
+    export_moe(moe, path, expert_specs=[None, factory])
+    with pytest.raises(ValueError, match="expert 1 is built by the factory 'torch.nn:Linear'"):
+        load_model(path)
+    loaded = load_model(path, allow_import=True)
+    x = torch.randn(4, 3)
+    assert torch.equal(loaded(x), moe(x))
+    moe.hard = True
+    assert moe(torch.zeros(0, 3)).shape == (0, 2)
+    with pytest.raises(ValueError, match="got 1 expert specs for 2 experts"):
+        export_moe(moe, path, expert_specs=[None])
