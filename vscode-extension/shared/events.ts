@@ -216,9 +216,12 @@ export function sessionPayload(ev: EventDto): SessionPayload {
   return { state: stringOr(ev.payload.state), message: stringOr(ev.payload.message) };
 }
 
+// `attached` and `finished` are published by the supervisor in addition to the proto's list.
+const RUN_KINDS = new Set(['run_created', 'run_status', 'worker_state', 'epoch_end', 'eval', 'attached', 'finished', 'checkpoint']);
+
 /** Kinds whose arrival may change the runs list / lineage. */
 export function affectsRuns(kind: string): boolean {
-  return kind === 'run_created' || kind === 'run_status' || kind === 'worker_state' || kind === 'epoch_end' || kind === 'eval';
+  return RUN_KINDS.has(kind);
 }
 
 /** Kinds whose arrival may change the loss histogram. */
