@@ -243,6 +243,8 @@ class Dashboard {
 
     this.root.append(header, this.banner, h('main', { className: 'layout' }, left, center, right), this.toasts);
     this.updateSelectedLabel();
+    this.renderErrors();
+    this.renderRuns();
   }
 
   // ---------------------------------------------------------------- state

@@ -548,8 +548,33 @@ export function makeRequest<M extends MethodName>(id: number, method: M, params:
   return { type: MessageType.Request, id, method, params };
 }
 
-/** One-line description of an RPC error for a toast: "Fork: UNIMPLEMENTED: fork is not built yet". */
+/** What the user calls each method (toasts, logs). */
+export const METHOD_LABELS: Record<MethodName, string> = {
+  getStatus: 'Session status',
+  listRuns: 'Runs',
+  getMetrics: 'Metrics',
+  getLossDistribution: 'Loss distribution',
+  pause: 'Pause',
+  resume: 'Resume',
+  test: 'Test',
+  stop: 'Stop',
+  fork: 'Fork',
+  gate: 'Gate',
+  merge: 'Merge',
+  setAutomode: 'Automode',
+  listPlans: 'Plans',
+  approvePlan: 'Approve plan',
+  rejectPlan: 'Reject plan',
+  editPlan: 'Edit plan',
+  runHealthCheck: 'Health check',
+  compareExperts: 'Compare experts',
+  exportSlice: 'Export slice',
+  exportSession: 'Export session',
+  importSession: 'Import session',
+};
+
+/** One-line description of an RPC error for a toast: "Fork failed: UNIMPLEMENTED: fork is not built yet". */
 export function describeError(method: string, err: RpcErrorDto): string {
-  const label = method.charAt(0).toUpperCase() + method.slice(1);
+  const label = METHOD_LABELS[method as MethodName] ?? method.charAt(0).toUpperCase() + method.slice(1);
   return `${label} failed: ${err.codeName}${err.message ? `: ${err.message}` : ''}`;
 }

@@ -13,6 +13,7 @@
  * end-to-end test all run this same code.
  */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import type { ConnectionDto, ConnectionState, EventDto } from '../shared/protocol';
 import { ControlClient, type ConnectionInfo, type EventStream, RpcError, parseConnectionInfo } from './client';
 import { eventFromProto } from './convert';
@@ -235,6 +236,20 @@ export class SessionWatcher implements Disposable {
     this.schedule(delay);
   }
 
+  /** The id of the session folder the connection file lives in, if that folder exists (no live supervisor). */
+  private finishedSessionId(): string | undefined {
+    const dir = path.dirname(this.opts.connectionFile);
+    try {
+      const real = fs.realpathSync(dir);
+      if (!fs.statSync(real).isDirectory()) return undefined;
+      // A session folder holds session.db; anything else (an empty `latest` parent) is no session.
+      if (!fs.existsSync(path.join(real, 'session.db'))) return undefined;
+      return path.basename(real);
+    } catch {
+      return undefined;
+    }
+  }
+
   private readInfo(): ConnectionInfo | undefined {
     let text: string;
     try {
@@ -274,6 +289,21 @@ export class SessionWatcher implements Disposable {
     if (!info) {
       this.dropClient();
       // The file watcher calls kick() when it appears; no need to spin.
+      const finished = this.finishedSessionId();
+      if (finished !== undefined) {
+        // The supervisor removes connection.json when it exits: the session folder without
+        // it is a finished session.
+        if (this.sessionId && finished && finished !== this.sessionId) {
+          this.sessionId = finished;
+          this.lastSeq = 0;
+          this.recent = [];
+          this.onSessionChanged.fire(finished);
+        } else if (!this.sessionId) {
+          this.sessionId = finished;
+        }
+        this.setState('finished', finishedMessage(finished));
+        return;
+      }
       this.setState('searching', `no session yet: ${this.opts.connectionFile} does not exist. Start one with "OnTheFly: Run Script" or \`onthefly run train.py\`.`);
       return;
     }
@@ -305,6 +335,7 @@ export class SessionWatcher implements Disposable {
         const previous = this.sessionId;
         this.sessionId = status.session_id;
         this.lastSeq = 0;
+        this.recent = [];
         if (previous) this.onSessionChanged.fire(status.session_id);
       }
     } catch (err) {

@@ -76,5 +76,6 @@ describe('protocol: host -> webview', () => {
   it('describes an RPC error for a toast', () => {
     assert.equal(describeError('fork', { code: 12, codeName: 'UNIMPLEMENTED', message: 'fork is not built yet' }), 'Fork failed: UNIMPLEMENTED: fork is not built yet');
     assert.equal(describeError('pause', { code: 9, codeName: 'FAILED_PRECONDITION', message: '' }), 'Pause failed: FAILED_PRECONDITION');
+    assert.equal(describeError('runHealthCheck', { code: 12, codeName: 'UNIMPLEMENTED', message: 'x' }), 'Health check failed: UNIMPLEMENTED: x');
   });
 });

@@ -315,6 +315,22 @@ describe('relay + session watcher against a fake supervisor', () => {
     }
   });
 
+  it('a session folder whose supervisor removed connection.json on exit is a finished session', async () => {
+    const root = path.join(dir, 'finished-ws', '.onthefly', 'sessions');
+    const sdir = path.join(root, '20260101-000000-abcd');
+    fs.mkdirSync(sdir, { recursive: true });
+    fs.writeFileSync(path.join(sdir, 'session.db'), '');
+    fs.symlinkSync('20260101-000000-abcd', path.join(root, 'latest'));
+    const h = new Harness(path.join(root, 'latest', 'connection.json'));
+    try {
+      await waitFor('finished', () => h.watcher.connection.state === 'finished');
+      assert.equal(h.watcher.connection.sessionId, '20260101-000000-abcd');
+      assert.match(h.watcher.connection.message, /run `onthefly serve 20260101-000000-abcd`/);
+    } finally {
+      h.dispose();
+    }
+  });
+
   it('a connection file whose supervisor process is gone is a finished session', async () => {
     // A port nobody listens on, and a pid that is not alive.
     const probe = await startFake({ events: [], watchFromSeqs: [], calls: [], tokensSeen: [], streams: new Set(), sessionId: 'x' });
