@@ -142,7 +142,10 @@ export function themeColor(name: string, fallback: string): string {
 function compact(v: number): string {
   const a = Math.abs(v);
   if (a === 0) return '0';
-  if (a >= 1e4 || a < 1e-3) return v.toExponential(1);
+  if (a >= 1e9) return v.toExponential(1);
+  if (a >= 1e6) return `${Number((v / 1e6).toPrecision(3))}M`;
+  if (a >= 1e4) return `${Number((v / 1e3).toPrecision(3))}k`;
+  if (a < 1e-3) return v.toExponential(1);
   return Number(v.toPrecision(3)).toString();
 }
 
@@ -226,12 +229,21 @@ export class ChartGrid {
     c.dirty = true;
     this.scheduleDraw();
     try {
-      for (const key of c.spec.keys) {
-        const s = await this.rpc.call('getMetrics', { run: this.run, key, maxPoints });
+      // The first key is the documented one; later keys are fallbacks, tried only while
+      // the first has no data, and their errors (NOT_FOUND for a key that does not exist) are no news.
+      const [first, ...fallbacks] = c.spec.keys;
+      const s = await this.rpc.call('getMetrics', { run: this.run, key: first, maxPoints });
+      if (gen !== this.loadGen) return;
+      c.key = first;
+      c.buf.reset(s, s.totalPoints);
+      for (const key of s.totalPoints > 0 ? [] : fallbacks) {
+        const f = await this.rpc.call('getMetrics', { run: this.run, key, maxPoints }).catch(() => null);
         if (gen !== this.loadGen) return;
-        c.key = key;
-        c.buf.reset(s, s.totalPoints);
-        if (s.totalPoints > 0 || s.steps.length > 0) break;
+        if (f && f.totalPoints > 0) {
+          c.key = key;
+          c.buf.reset(f, f.totalPoints);
+          break;
+        }
       }
     } catch (e) {
       if (gen !== this.loadGen) return;

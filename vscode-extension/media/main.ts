@@ -74,7 +74,6 @@ class Dashboard {
 
   // elements
   private readonly connPill = h('span', { className: 'pill', id: 'conn-state' }, 'starting');
-  private readonly connMsg = h('span', { className: 'muted conn-msg', id: 'conn-message' });
   private readonly sessionInfo = h('span', { className: 'muted', id: 'session-info' });
   private readonly banner = h('div', { className: 'banner hidden', id: 'banner' });
   private readonly toasts = h('div', { className: 'toasts', id: 'toasts' });
@@ -146,7 +145,6 @@ class Dashboard {
       h('div', { className: 'brand' }, 'OnTheFly'),
       this.connPill,
       this.sessionInfo,
-      this.connMsg,
       h('div', { className: 'spacer' }),
       h('span', { className: 'muted' }, 'run: '),
       this.selectedLabel,
@@ -306,8 +304,12 @@ class Dashboard {
     this.connection = c;
     this.connPill.textContent = c.state;
     this.connPill.className = `pill conn-${c.state}`;
-    this.connMsg.textContent = c.state === 'connected' ? '' : c.message;
-    this.connMsg.title = c.message;
+    // The banner carries the message while not connected; the pill's tooltip always has it.
+    this.connPill.title = c.message;
+    if (c.state === 'finished' && this.status) {
+      const script = this.status.script ? this.status.script.split(/[\\/]/).pop() : '';
+      this.sessionInfo.textContent = `${this.status.sessionId}${script ? ` · ${script}` : ''} · finished`;
+    }
     const offline = c.state !== 'connected';
     for (const b of this.actionButtons) if (!b.classList.contains('busy')) b.disabled = offline && !b.classList.contains('small');
     this.automode.disabled = offline;
@@ -436,6 +438,8 @@ class Dashboard {
   private reportLoadError(e: unknown): void {
     const key = e instanceof RpcFailure ? `${e.method}:${e.error.codeName}` : errorText(e);
     if (e instanceof RpcFailure && e.error.codeName === 'UNAVAILABLE') return; // the banner says it
+    // "No data yet" for a chart or the histogram: the panel itself says so.
+    if (e instanceof RpcFailure && (e.method === 'getMetrics' || e.method === 'getLossDistribution') && (e.error.codeName === 'NOT_FOUND' || e.error.codeName === 'FAILED_PRECONDITION')) return;
     if (this.reported.has(key)) return;
     this.reported.add(key);
     this.toast(errorText(e), 'warning');
@@ -472,7 +476,9 @@ class Dashboard {
         this.save();
       });
       const w = workers.get(r.runId);
-      const statusCell = h('td', {}, h('span', { className: `badge status-${r.status}` }, r.status), w && w.state !== r.status ? h('span', { className: 'muted' }, ` · worker ${w.state}`) : null);
+      // The worker state adds news only while the run is live (e.g. "running · worker starting").
+      const live = r.status === 'running' || r.status === 'paused' || r.status === 'pending';
+      const statusCell = h('td', {}, h('span', { className: `badge status-${r.status}` }, r.status), live && w && w.state !== r.status ? h('span', { className: 'muted' }, ` · worker ${w.state}`) : null);
       const row = h(
         'tr',
         { className: `run-row${r.runId === this.selected ? ' selected' : ''}`, 'data-run': r.runId, 'data-kind': r.kind, 'data-status': r.status, title: r.error || r.runId },
