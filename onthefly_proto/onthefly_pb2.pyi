@@ -420,6 +420,9 @@ class SampleLosses(_message.Message):
     LOSSES_FIELD_NUMBER: _builtins.int
     FIRST_STEP_FIELD_NUMBER: _builtins.int
     LAST_STEP_FIELD_NUMBER: _builtins.int
+    MARGINS_FIELD_NUMBER: _builtins.int
+    PREDS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     epoch: _builtins.int
     count: _builtins.int
@@ -427,6 +430,14 @@ class SampleLosses(_message.Message):
     losses: _builtins.bytes
     first_step: _builtins.int
     last_step: _builtins.int
+    margins: _builtins.bytes
+    """Classification only (empty otherwise), aligned with `ids`:
+    float32 LE: logit of the true class minus the best other logit
+    """
+    preds: _builtins.bytes
+    """int32 LE: predicted class (argmax)"""
+    labels: _builtins.bytes
+    """int32 LE: the target class"""
     def __init__(
         self,
         *,
@@ -437,10 +448,13 @@ class SampleLosses(_message.Message):
         losses: _builtins.bytes = ...,
         first_step: _builtins.int = ...,
         last_step: _builtins.int = ...,
+        margins: _builtins.bytes = ...,
+        preds: _builtins.bytes = ...,
+        labels: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "epoch", b"epoch", "first_step", b"first_step", "ids", b"ids", "last_step", b"last_step", "losses", b"losses", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "epoch", b"epoch", "first_step", b"first_step", "ids", b"ids", "labels", b"labels", "last_step", b"last_step", "losses", b"losses", "margins", b"margins", "preds", b"preds", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1647,6 +1661,7 @@ class ForkRequest(_message.Message):
     select: _builtins.str
     """SPEC: all | quantile:LO:HI | kmeans:auto[:cluster=K] | indices:FILE"""
     budget_steps: _builtins.int
+    """0 = 300"""
     lr_mul: _builtins.float
     """0 = 1.0"""
     wd_mul: _builtins.float
@@ -1833,19 +1848,25 @@ class ExportModelRequest(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    FACTORY_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     path: _builtins.str
+    """output file, as the user gave it (absolute)"""
     force: _builtins.bool
+    """overwrite an existing file"""
+    factory: _builtins.str
+    """"package.module:callable" that rebuilds a custom model class (load_model(allow_import=True) calls it)"""
     def __init__(
         self,
         *,
         run: _builtins.str = ...,
         path: _builtins.str = ...,
         force: _builtins.bool = ...,
+        factory: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "path", b"path", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["factory", b"factory", "force", b"force", "path", b"path", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -324,15 +324,15 @@ def cmd_runs(a: argparse.Namespace) -> int:
     roots = []
     for r in runs:
         if r["parents"]:
-            for p in r["parents"]:
-                children.setdefault(p, []).append(r)
+            children.setdefault(r["parents"][0], []).append(r)  # shown once, under its first parent
         else:
             roots.append(r)
 
     def show(r: dict[str, Any], depth: int) -> None:
+        also = f" ← {', '.join(r['parents'])}" if len(r["parents"]) > 1 else ""
         pad = "  " * depth + ("└─ " if depth else "")
         print(
-            f"{pad}{r['run_id']} ({r['kind']}, {r['status']}) step {r['step']} loss {_f(r['last_loss'])} val {_f(r['val_loss'])} test {_f(r['test_loss'])} · {r['sample_steps']} sample-steps"
+            f"{pad}{r['run_id']} ({r['kind']}, {r['status']}){also} step {r['step']} loss {_f(r['last_loss'])} val {_f(r['val_loss'])} test {_f(r['test_loss'])} · {r['sample_steps']} sample-steps"
             + (f" · error: {r['error']}" if r["error"] else "")
         )
         for c in children.get(r["run_id"], []):
@@ -463,6 +463,8 @@ def cmd_rpc(a: argparse.Namespace) -> int:
     client = _client()
     c = a.cmd
     if c == "fork":
+        if a.budget_steps < 1:
+            raise CliError(f"--budget-steps {a.budget_steps}: must be >= 1")
         req: Any = pb.ForkRequest(
             run=a.run,
             select=a.select,
@@ -493,7 +495,9 @@ def cmd_rpc(a: argparse.Namespace) -> int:
         )
     elif c == "export-model":
         req, method = (
-            pb.ExportModelRequest(run=a.run, path=os.path.abspath(a.output), force=a.force),
+            pb.ExportModelRequest(
+                run=a.run, path=os.path.abspath(a.output), force=a.force, factory=a.factory or ""
+            ),
             "ExportModel",
         )
     elif c == "export-session":
@@ -528,6 +532,8 @@ def cmd_rpc(a: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     d = MessageToDict(reply, preserving_proto_field_name=True)
+    if c in ("fork", "gate", "merge") and getattr(a, "wait", False) and d.get("run_id"):
+        d = _wait_run(client, d["run_id"], d)
     if getattr(a, "json", False):
         print(json.dumps(d, indent=2))
     else:
@@ -536,6 +542,31 @@ def cmd_rpc(a: argparse.Namespace) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------
+def _wait_run(
+    client: ControlClient, run_id: str, reply: dict[str, Any], timeout: float = 1800
+) -> dict[str, Any]:
+    """Follow a new run until it ends; the reply then carries its outcome."""
+    print(reply.get("message", ""), flush=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = _rpc(client, "ListRuns", pb.ListRunsRequest()).runs
+        r = next((x for x in runs if x.run_id == run_id), None)
+        if r is not None:
+            d = _run_dict(r)
+            if d["status"] in ("completed", "failed", "stopped"):
+                msg = f"{run_id} {d['status']}: val loss {_f(d['val_loss'])} · test loss {_f(d['test_loss'])}"
+                if d["error"]:
+                    msg += f" · {d['error']}"
+                return {
+                    "ok": d["status"] == "completed",
+                    "run_id": run_id,
+                    "message": msg,
+                    "run": d,
+                }
+        time.sleep(0.3)
+    raise CliError(f"{run_id} did not finish within {timeout:.0f} s")
+
+
 def _port(s: str) -> int:
     try:
         v = int(s)
@@ -639,13 +670,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--variants", type=int, default=1)
     f.add_argument("--name", default=None)
     f.add_argument("--json", action="store_true")
+    f.add_argument("--wait", action="store_true", help="wait until the fork run ends")
     f.set_defaults(fn=cmd_rpc)
 
     g = sub.add_parser("gate", help="train a router over experts -> MoE run")
     g.add_argument("runs", nargs="+")
     g.add_argument("--name", default=None)
     g.add_argument("--json", action="store_true")
-    g.set_defaults(fn=cmd_rpc)
+    g.add_argument("--no-wait", dest="wait", action="store_false", help="return once queued")
+    g.set_defaults(fn=cmd_rpc, wait=True)
 
     m = sub.add_parser("merge", help="merge runs (swa | distill | fisher_soup | adapter_fuse)")
     m.add_argument(
@@ -654,7 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("runs", nargs="+")
     m.add_argument("--name", default=None)
     m.add_argument("--json", action="store_true")
-    m.set_defaults(fn=cmd_rpc)
+    m.add_argument("--no-wait", dest="wait", action="store_false", help="return once queued")
+    m.set_defaults(fn=cmd_rpc, wait=True)
 
     h = sub.add_parser("health", help="health checks with verdicts")
     h.add_argument("--run", default="main")
@@ -678,6 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--run", default="main")
     em.add_argument("-o", "--output", required=True)
     em.add_argument("--force", action="store_true")
+    em.add_argument(
+        "--factory", default=None, help="package.module:callable that rebuilds a custom model class"
+    )
     em.add_argument("--json", action="store_true")
     em.set_defaults(fn=cmd_rpc)
 

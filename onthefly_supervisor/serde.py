@@ -107,6 +107,20 @@ def unpack_samples(msg: pb.SampleLosses) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(msg.ids, dtype="<i8"), np.frombuffer(msg.losses, dtype="<f4")
 
 
+def unpack_sample_extras(msg: pb.SampleLosses) -> dict[str, np.ndarray]:
+    """Classification extras (margin, pred, labels) when the worker sent them."""
+    n = int(msg.count)
+    if not msg.margins:
+        return {}
+    if len(msg.margins) != 4 * n or len(msg.preds) != 4 * n or len(msg.labels) != 4 * n:
+        raise ValueError("SampleLosses margins/preds/labels do not match its count")
+    return {
+        "margin": np.frombuffer(msg.margins, dtype="<f4"),
+        "pred": np.frombuffer(msg.preds, dtype="<i4").astype(np.int64),
+        "labels": np.frombuffer(msg.labels, dtype="<i4").astype(np.int64),
+    }
+
+
 def error_from_proto(e: pb.WorkerError) -> dict[str, Any]:
     return {
         "message": e.message,

@@ -510,32 +510,59 @@ def _fin(x: float | None) -> float | None:
 
 
 class SampleArrays:
-    """Dense per-run, per-epoch loss arrays; ingest is one numpy scatter per message."""
+    """Dense per-run arrays, one numpy scatter per message.
+
+    kinds: "loss" (float32, NaN = unseen; `epoch-NNNN.npy`), "margin" (float32, NaN;
+    `margin-NNNN.npy`), "pred" (int64, -1; `pred-NNNN.npy`) per epoch, and "labels"
+    (int64, -1; `labels.npy`) once per run.
+    """
+
+    _FILL: dict[str, tuple[Any, Any]] = {
+        "loss": (np.float32, np.nan),
+        "margin": (np.float32, np.nan),
+        "pred": (np.int64, -1),
+        "labels": (np.int64, -1),
+    }
 
     def __init__(self, session_dir: str) -> None:
         self.dir = os.path.join(session_dir, "samples")
-        self._arrays: dict[tuple[str, int], np.ndarray] = {}
-        self._dirty: set[tuple[str, int]] = set()
+        self._arrays: dict[tuple[str, int, str], np.ndarray] = {}
+        self._dirty: set[tuple[str, int, str]] = set()
         self._lock = threading.Lock()
         self.ingested = 0
 
-    def path(self, run_id: str, epoch: int) -> str:
-        return os.path.join(self.dir, run_id, f"epoch-{epoch:04d}.npy")
+    def path(self, run_id: str, epoch: int, kind: str = "loss") -> str:
+        if kind == "labels":
+            return os.path.join(self.dir, run_id, "labels.npy")
+        prefix = "epoch" if kind == "loss" else kind
+        return os.path.join(self.dir, run_id, f"{prefix}-{epoch:04d}.npy")
 
-    def _array(self, run_id: str, epoch: int, size: int) -> np.ndarray:
-        key = (run_id, epoch)
+    def _array(self, run_id: str, epoch: int, size: int, kind: str) -> np.ndarray:
+        key = (run_id, epoch if kind != "labels" else -1, kind)
         arr = self._arrays.get(key)
         if arr is None:
-            p = self.path(run_id, epoch)
+            p = self.path(run_id, epoch, kind)
+            dtype, fill = self._FILL[kind]
             if os.path.exists(p):
-                arr = np.load(p).astype(np.float32, copy=True)
+                arr = np.load(p).astype(dtype, copy=True)
             else:
-                arr = np.full(size, np.nan, dtype=np.float32)
+                arr = np.full(size, fill, dtype=dtype)
             self._arrays[key] = arr
+        if arr.size < size:  # unknown dataset size (IterableDataset): grow
+            dtype, fill = self._FILL[kind]
+            grown = np.full(size, fill, dtype=dtype)
+            grown[: arr.size] = arr
+            arr = self._arrays[key] = grown
         return arr
 
     def ingest(
-        self, run_id: str, epoch: int, size: int, ids: np.ndarray, losses: np.ndarray
+        self,
+        run_id: str,
+        epoch: int,
+        size: int,
+        ids: np.ndarray,
+        losses: np.ndarray,
+        extras: dict[str, np.ndarray] | None = None,
     ) -> None:
         if ids.shape != losses.shape:
             raise ValueError(f"ids ({ids.size}) and losses ({losses.size}) differ in length")
@@ -546,30 +573,36 @@ class SampleArrays:
             raise ValueError(f"sample id {lo} is negative")
         if size > 0 and hi >= size:
             raise ValueError(f"sample id {hi} is outside the training dataset (size {size})")
+        n = size if size > 0 else hi + 1
         with self._lock:
-            arr = self._array(run_id, epoch, size if size > 0 else hi + 1)
-            if hi >= arr.size:  # unknown dataset size (IterableDataset): grow
-                grown = np.full(hi + 1, np.nan, dtype=np.float32)
-                grown[: arr.size] = arr
-                arr = self._arrays[(run_id, epoch)] = grown
+            arr = self._array(run_id, epoch, n, "loss")
             arr[ids] = losses
-            self._dirty.add((run_id, epoch))
+            self._dirty.add((run_id, epoch, "loss"))
+            for kind, values in (extras or {}).items():
+                if values.shape != ids.shape:
+                    raise ValueError(
+                        f"{kind} ({values.size}) and ids ({ids.size}) differ in length"
+                    )
+                a = self._array(run_id, epoch, n, kind)
+                a[ids] = values
+                self._dirty.add((run_id, epoch if kind != "labels" else -1, kind))
             self.ingested += int(ids.size)
 
-    def get(self, run_id: str, epoch: int) -> np.ndarray | None:
+    def get(self, run_id: str, epoch: int, kind: str = "loss") -> np.ndarray | None:
+        key = (run_id, epoch if kind != "labels" else -1, kind)
         with self._lock:
-            arr = self._arrays.get((run_id, epoch))
+            arr = self._arrays.get(key)
             if arr is not None:
                 return arr.copy()
-        p = self.path(run_id, epoch)
+        p = self.path(run_id, epoch, kind)
         return np.load(p) if os.path.exists(p) else None
 
     def epochs(self, run_id: str) -> list[int]:
-        found = {e for (r, e) in self._arrays if r == run_id}
+        found = {e for (r, e, k) in self._arrays if r == run_id and k == "loss"}
         d = os.path.join(self.dir, run_id)
         if os.path.isdir(d):
             for name in os.listdir(d):
-                if name.startswith("epoch-") and name.endswith(".npy"):
+                if name.startswith("epoch-") and name.endswith(".npy") and ".tmp" not in name:
                     with contextlib.suppress(ValueError):
                         found.add(int(name[6:-4]))
         return sorted(found)
@@ -577,12 +610,19 @@ class SampleArrays:
     def persist(self, only: tuple[str, int] | None = None) -> None:
         """Write dirty arrays atomically (temp + rename); cheap to call often."""
         with self._lock:
-            keys = [only] if only is not None and only in self._dirty else sorted(self._dirty)
+            if only is not None:
+                keys = [
+                    k
+                    for k in self._dirty
+                    if (k[0], k[1]) == only or (k[0] == only[0] and k[2] == "labels")
+                ]
+            else:
+                keys = sorted(self._dirty)
             items = [(k, self._arrays[k].copy()) for k in keys]
             for k in keys:
                 self._dirty.discard(k)
-        for (run_id, epoch), arr in items:
-            p = self.path(run_id, epoch)
+        for (run_id, epoch, kind), arr in items:
+            p = self.path(run_id, epoch, kind)
             os.makedirs(os.path.dirname(p), exist_ok=True)
             tmp = p + ".tmp.npy"
             np.save(tmp, arr)
@@ -592,6 +632,6 @@ class SampleArrays:
         """Drop finished epochs from memory once persisted (bounded supervisor memory)."""
         self.persist()
         with self._lock:
-            for key in [k for k in self._arrays if k[0] == run_id and k[1] < before_epoch]:
+            for key in [k for k in self._arrays if k[0] == run_id and 0 <= k[1] < before_epoch]:
                 if key not in self._dirty:
                     del self._arrays[key]

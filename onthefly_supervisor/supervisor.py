@@ -148,6 +148,8 @@ class Supervisor:
         self.gpu = GpuAllocator(cfg.gpus)
         self.automode = cfg.automode
         self.control_hooks: dict[str, Callable[..., Any]] = {}
+        self.tick_hooks: list[Callable[[], None]] = []
+        self.busy_hooks: list[Callable[[], bool]] = []
         if cfg.resume_dir:
             self.dir = os.path.abspath(cfg.resume_dir)
             self.session_id = os.path.basename(self.dir)
@@ -158,6 +160,9 @@ class Supervisor:
         self.store = Store(self.dir)
         self.bus = EventBus(self.store)
         self.arrays = SampleArrays(self.dir)
+        from onthefly_supervisor.method import MethodOps
+
+        self.method = MethodOps(self)
 
     # -- start / stop ------------------------------------------------------------------------
     def start(self) -> None:
@@ -429,9 +434,15 @@ class Supervisor:
             )
 
     def live_worker(self, run_id: str) -> Worker | None:
+        """The worker that can take commands for a run now (attached, stream open, not done)."""
         with self.lock:
             for w in reversed(list(self.workers.values())):
-                if w.spec.run_id == run_id and w.state in (
+                if w.spec.run_id != run_id or w.spec.worker_id in self.finished:
+                    continue
+                link = self.links.get(w.spec.worker_id)
+                if link is None or link.closed.is_set():
+                    continue
+                if w.state in (
                     WorkerState.ATTACHED,
                     WorkerState.RUNNING,
                     WorkerState.PAUSED,
@@ -465,6 +476,17 @@ class Supervisor:
                 w.pid = hello.pid
             w.last_seen = time.time()
         run_id = w.spec.run_id
+        if w.spec.role is Role.MERGE:
+            self._set_worker_state(worker_id, WorkerState.ATTACHED)
+            self.bus.publish(
+                "attached",
+                "",
+                worker_id=worker_id,
+                pid=int(hello.pid),
+                role="merge",
+                device=hello.device,
+            )
+            return link, self._welcome(run_id)
         self.dataset_sizes[run_id] = int(hello.dataset_size)
         fields: dict[str, Any] = {
             "dataset_size": int(hello.dataset_size),
@@ -507,7 +529,10 @@ class Supervisor:
             framework=hello.framework,
             project=hello.project,
         )
-        welcome = pb.SupervisorCommand(
+        return link, self._welcome(run_id)
+
+    def _welcome(self, run_id: str) -> pb.SupervisorCommand:
+        return pb.SupervisorCommand(
             welcome=pb.Welcome(
                 session_id=self.session_id,
                 session_dir=self.dir,
@@ -516,7 +541,6 @@ class Supervisor:
                 heartbeat_interval_ms=self.cfg.heartbeat_interval_ms,
             )
         )
-        return link, welcome
 
     def detach(self, worker_id: str) -> None:
         with self.lock:
@@ -532,6 +556,18 @@ class Supervisor:
         w.last_seen = time.time()
         run_id = w.spec.run_id
         body = msg.WhichOneof("body")
+        if w.spec.role is Role.MERGE and body is not None:
+            # The merge worker reports on the runs it creates; they are named in the message.
+            target = getattr(getattr(msg, body), "run_id", "")
+            if target and self.store.run(target) is not None:
+                run_id = target
+            elif body in ("metrics", "samples", "epoch_end", "checkpoint", "eval", "finished"):
+                return
+        if body == "status" and w.spec.role is Role.MERGE:
+            st0 = serde.WORKER_STATE_FROM_PB.get(msg.status.state)
+            if st0 is not None:
+                self._set_worker_state(wid, st0)
+            return
         if body == "metrics":
             points = [serde.metric_point(p) for p in msg.metrics.points]
             if not points:
@@ -548,7 +584,8 @@ class Supervisor:
             ids, losses = serde.unpack_samples(msg.samples)
             size = self.dataset_sizes.get(run_id, -1)
             try:
-                self.arrays.ingest(run_id, int(msg.samples.epoch), size, ids, losses)
+                extras = serde.unpack_sample_extras(msg.samples)
+                self.arrays.ingest(run_id, int(msg.samples.epoch), size, ids, losses, extras)
             except ValueError as e:
                 self.bus.publish(
                     "log",
@@ -663,11 +700,14 @@ class Supervisor:
                 p.event.set()
         elif body == "finished":
             f = msg.finished
-            self.finished[wid] = f
+            if w.spec.role is not Role.MERGE:
+                self.finished[wid] = f
             status = serde.RUN_STATUS_FROM_PB.get(f.status, RunStatus.COMPLETED)
             self._flush_live_events(force=True)
             self.arrays.persist()
-            self._set_run_status(run_id, status)
+            summary: dict[str, Any] = json.loads(f.summary_json) if f.summary_json else {}
+            failure = str(summary.get("error", "")) if status is RunStatus.FAILED else ""
+            self._set_run_status(run_id, status, failure or None)
             self.bus.publish(
                 "finished",
                 run_id,
@@ -798,6 +838,13 @@ class Supervisor:
                     text=f"worker {wid} did not stop in {self.cfg.stop_grace_s:.0f} s: SIGTERM, then SIGKILL",
                 )
                 threading.Thread(target=self.launcher.stop, args=(wid, 5.0), daemon=True).start()
+        for hook in list(self.tick_hooks):
+            try:
+                hook()
+            except Exception as e:  # a hook must never stop the monitor loop
+                self.bus.publish(
+                    "log", "", level="error", text=f"internal: {type(e).__name__}: {e}"
+                )
         self._flush_live_events()
         if time.monotonic() - self._last_persist > 5.0:
             self._last_persist = time.monotonic()
@@ -910,7 +957,11 @@ class Supervisor:
 
     def _decide_exit(self) -> None:
         with self.lock:
-            active = [w for w in self.workers.values() if not w.state.terminal]
+            active = [
+                w
+                for w in self.workers.values()
+                if not w.state.terminal and not (w.spec.role is Role.MERGE and not self._busy())
+            ]
         if self.cfg.owner_pid:
             if not _pid_alive(self.cfg.owner_pid) and not [
                 w for w in active if w.spec.worker_id not in self.external
@@ -933,6 +984,9 @@ class Supervisor:
         main = self.store.run("main")
         ok = main is not None and main.status in (RunStatus.COMPLETED, RunStatus.STOPPED)
         self._exit_code = 0 if ok else 1
+
+    def _busy(self) -> bool:
+        return any(h() for h in self.busy_hooks)
 
     @property
     def exit_code(self) -> int | None:

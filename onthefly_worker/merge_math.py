@@ -495,8 +495,12 @@ def add_adapters(
     rank: int,
     alpha: float | None = None,
     target: type[nn.Module] | tuple[type[nn.Module], ...] = nn.Linear,
+    skip_small: bool = False,
 ) -> list[str]:
     """Wrap every `target` submodule in a LoRALinear, in place; returns the wrapped names.
+
+    `skip_small=True` leaves (frozen) the layers whose min(in, out) is not above `rank`
+    (e.g. a 2-class head): a low-rank adapter cannot be smaller than such a layer.
 
     Every other parameter of the model is frozen too, so the adapters are the fork's
     whole change and `adapter_deltas` describes it completely (buffers such as BatchNorm
@@ -510,6 +514,8 @@ def add_adapters(
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already has adapters; merge_adapters first")
     names = [n for n, m in model.named_modules() if type(m) in targets]
+    if skip_small:
+        names = [n for n in names if _min_dim(model.get_submodule(n)) > rank]
     if not names:
         raise ValueError(
             f"the model has no {', '.join(t.__name__ for t in targets)} submodules to adapt"
@@ -529,6 +535,11 @@ def add_adapters(
         setattr(parent, child, lora)
     object.__setattr__(model, _FROZEN_ATTR, [f for f in frozen if not _under(f, names)])
     return names
+
+
+def _min_dim(m: nn.Module) -> int:
+    assert isinstance(m, nn.Linear)
+    return min(m.in_features, m.out_features)
 
 
 def _under(param: str, modules: Sequence[str]) -> bool:

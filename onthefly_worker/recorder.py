@@ -52,6 +52,7 @@ class Recorder:
         self._gnorms: list[torch.Tensor | float] = []
         self._points: list[tuple[int, int, int, float, float, float, float, float]] = []
         self._extra: list[dict[str, float]] = []
+        self._cls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
         self._epoch = -1
         self._pending = 0
         self._last_flush = time.monotonic()
@@ -72,7 +73,9 @@ class Recorder:
         step_ms: float,
         data_ms: float,
         extra: dict[str, float] | None = None,
+        cls: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
+        """`cls` = (margin, pred, label) per sample, for classification batches."""
         if epoch != self._epoch and self._ids:
             self.flush()
         self._epoch = epoch
@@ -84,6 +87,7 @@ class Recorder:
         sps = n / (step_ms / 1000.0) if step_ms > 0 else 0.0
         self._points.append((step, epoch, batch, time.time(), lr, sps, step_ms, data_ms))
         self._extra.append(extra or {})
+        self._cls.append(cls)
         self._pending += 12 * n
         if (
             self._pending >= self.max_pending_bytes
@@ -134,6 +138,19 @@ class Recorder:
                 )
             )
         first, last = self._points[0][0], self._points[-1][0]
+        cls_kw: dict[str, bytes] = {}
+        if all(c is not None for c in self._cls):
+            parts = [c for c in self._cls if c is not None]
+            cls_kw = {
+                "margins": torch.cat([c[0] for c in parts])
+                .float()
+                .cpu()
+                .numpy()
+                .astype("<f4")
+                .tobytes(),
+                "preds": torch.cat([c[1] for c in parts]).cpu().numpy().astype("<i4").tobytes(),
+                "labels": torch.cat([c[2] for c in parts]).cpu().numpy().astype("<i4").tobytes(),
+            }
         self._send(
             samples=pb.SampleLosses(
                 run_id=self.run_id,
@@ -143,6 +160,7 @@ class Recorder:
                 losses=per.tobytes(),
                 first_step=first,
                 last_step=last,
+                **cls_kw,
             )
         )
         self._send(metrics=pb.MetricsBatch(run_id=self.run_id, points=points))
@@ -153,7 +171,30 @@ class Recorder:
         self._gnorms.clear()
         self._points.clear()
         self._extra.clear()
+        self._cls.clear()
         self._pending = 0
+
+    @staticmethod
+    def classification(
+        output: object, target: object
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(margin, pred, label) when output is [B, C] logits and target [B] class ids."""
+        if not (
+            isinstance(output, torch.Tensor)
+            and isinstance(target, torch.Tensor)
+            and output.dim() == 2
+            and target.dim() == 1
+            and output.shape[0] == target.shape[0]
+            and output.shape[1] >= 2
+            and not target.is_floating_point()
+        ):
+            return None
+        with torch.no_grad():
+            o = output.detach().float()
+            y = target.detach().long().clamp(0, o.shape[1] - 1)
+            true = o.gather(1, y[:, None]).squeeze(1)
+            others = o.scatter(1, y[:, None], float("-inf"))
+            return true - others.max(dim=1).values, o.argmax(dim=1), target.detach()
 
     def take_epoch_mean(self) -> float:
         self.flush()

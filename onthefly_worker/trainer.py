@@ -124,6 +124,13 @@ class Trainer:
             from onthefly_worker import selfhost
 
             env = selfhost.ensure_supervisor(self.config)
+        if env.role == "merge":
+            from onthefly_worker.merge_role import MergeWorker
+
+            MergeWorker(
+                self.config, env, model, optimizer, loss_fn, train_loader, val_loader, test_loader
+            ).serve()
+            raise SystemExit(0)
         loop = _Loop(
             self.config,
             env,
@@ -198,6 +205,7 @@ class _Loop:
         self.grad_clip = cfg.grad_clip
         self.writer = ckpt.AsyncWriter()
         self.last_checkpoint = ""
+        self.adapters = False
         self.budget = int(self.spec.get("budget_steps", 0) or 0)
         subset = None
         if env.role == "fork":
@@ -319,6 +327,19 @@ class _Loop:
                 if "weight_decay" in g:
                     g["weight_decay"] = g["weight_decay"] * wd_mul
             ckpt.restore_rng(state["rng"])
+            rank = int(self.spec.get("adapters_rank", 0) or 0)
+            if rank > 0:
+                from onthefly_worker import merge_math as mm
+
+                names = mm.add_adapters(self.model, rank, skip_small=True)
+                if not names:
+                    raise OnTheFlyError("--adapters: the model has no nn.Linear layers to adapt")
+                self.model.to(self.device)
+                trainable = [p for p in self.model.parameters() if p.requires_grad]
+                lr = float(self.opt.param_groups[0]["lr"])
+                self.opt = type(self.opt)(trainable, **{**self.opt.defaults, "lr": lr})
+                self.adapters = True
+                self.log(f"fork trains rank-{rank} adapters on {len(names)} linear layer(s)")
             self.log(f"fork started from {path} (parent step {state['counters']['step']})")
             return
         if self.sched is not None and state.get("scheduler") is not None:
@@ -335,12 +356,26 @@ class _Loop:
         self.log(f"resumed from {path} at epoch {self.epoch}, batch {self.batch}, step {self.step}")
 
     def state_dict(self) -> dict[str, Any]:
+        model_state = self.model.state_dict()
+        adapters = None
+        if self.adapters:
+            import copy
+
+            from onthefly_worker import merge_math as mm
+
+            adapters = {
+                k: {"A": a, "B": b, "scale": float(s)}
+                for k, (a, b, s) in mm.adapter_factors(self.model).items()
+            }
+            # The plain model (adapters folded in) keeps the original state-dict keys.
+            model_state = mm.merge_adapters(copy.deepcopy(self.model)).state_dict()
         return {
+            "adapters": adapters,
             "format": ckpt.FORMAT,
             "version": ckpt.VERSION,
             "run_id": self.run_id,
             "role": self.env.role,
-            "model": self.model.state_dict(),
+            "model": model_state,
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict() if self.sched is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -561,6 +596,7 @@ class _Loop:
                     gnorm,
                     (t_end - t_prev) * 1000.0,
                     (t_data - t_prev) * 1000.0,
+                    cls=Recorder.classification(out, y),
                 )
                 t_prev = t_end
                 every = self.cfg.checkpoint_every_n_steps

@@ -1,0 +1,488 @@
+"""Fork, gate, merge, compare, export-model: the method's orchestration in the supervisor.
+
+Forks are new worker processes (the user's script, role=fork) pinned to a GPU by the
+allocator and capped in number; gates, merges, comparisons and model exports are jobs
+for the one long-lived merge worker (role=merge). Every result is a new run in the
+lineage; the parent stays the catch-all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+
+from onthefly_proto import onthefly_pb2 as pb
+from onthefly_supervisor import selection as sel
+from onthefly_supervisor.lifecycle import Role, RunStatus, WorkerState
+from onthefly_supervisor.store import RunRow
+
+if TYPE_CHECKING:
+    from onthefly_supervisor.supervisor import PendingAck, Supervisor
+
+MERGE_METHODS = ("swa", "distill", "fisher_soup", "adapter_fuse")
+MERGE_RUN = "merger"
+
+
+@dataclass
+class Job:
+    job_id: str
+    spec: dict[str, Any]
+    out_run: str
+    ack: PendingAck | None = None
+    sent: bool = False
+    created: float = field(default_factory=time.time)
+
+
+class MethodOps:
+    def __init__(self, sup: Supervisor) -> None:
+        from onthefly_supervisor.supervisor import ControlError
+
+        self.sup = sup
+        self.ControlError = ControlError
+        self.jobs: list[Job] = []
+        self.fork_queue: list[str] = []
+        self.merge_worker_id = ""
+        sup.control_hooks.update(
+            {
+                "Fork": self.fork,
+                "Merge": self.merge,
+                "TrainGate": self.gate,
+                "CompareExperts": self.compare,
+                "ExportModel": self.export_model,
+            }
+        )
+        sup.tick_hooks.append(self.tick)
+        sup.busy_hooks.append(lambda: bool(self.jobs) or bool(self.fork_queue))
+
+    def _err(self, code: grpc.StatusCode, msg: str) -> Exception:
+        return self.ControlError(code, msg)
+
+    def _next_id(self, prefix: str) -> str:
+        ids = {r.run_id for r in self.sup.store.runs()}
+        n = 1
+        while f"{prefix}-{n}" in ids:
+            n += 1
+        return f"{prefix}-{n}"
+
+    # -- selection over the parent's latest per-sample losses ---------------------------------
+    def latest_losses(self, run_id: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        arrays = self.sup.arrays
+        epochs = arrays.epochs(run_id)
+        if not epochs:
+            raise self._err(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {run_id} has no per-sample losses yet; let it train for a few steps",
+            )
+        losses: np.ndarray | None = None
+        margin: np.ndarray | None = None
+        for e in reversed(epochs):  # the most recent loss known for every sample
+            a = arrays.get(run_id, e)
+            if a is None:
+                continue
+            m = arrays.get(run_id, e, "margin")
+            if losses is None:
+                losses = a.astype(np.float32, copy=True)
+                margin = m.astype(np.float32, copy=True) if m is not None else None
+            else:
+                fill = ~np.isfinite(losses) & np.isfinite(a)
+                losses[fill] = a[fill]
+                if margin is not None and m is not None:
+                    margin[fill] = m[fill]
+            if np.isfinite(losses).all():
+                break
+        assert losses is not None
+        labels = arrays.get(run_id, -1, "labels")
+        return losses, margin, labels
+
+    # -- fork --------------------------------------------------------------------------------
+    def fork(self, req: pb.ForkRequest) -> pb.ActionReply:
+        sup = self.sup
+        parent = sup.resolve_run(req.run or "main")
+        if parent.kind == "moe":
+            raise self._err(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"cannot fork the MoE run {parent.run_id}; fork one of its experts",
+            )
+        budget = int(req.budget_steps or 300)
+        if not 1 <= budget <= 10_000_000:
+            raise ValueError(f"--budget-steps {budget}: must be in 1..10000000")
+        lr_mul = float(req.lr_mul or 1.0)
+        wd_mul = float(req.wd_mul or 1.0)
+        for name, v in (("--lr-mul", lr_mul), ("--wd-mul", wd_mul)):
+            if not (math.isfinite(v) and 0 < v <= 1000):
+                raise ValueError(f"{name} {v}: must be a finite number in (0, 1000]")
+        if req.adapters_rank < 0 or req.adapters_rank > 4096:
+            raise ValueError(
+                f"--adapters {req.adapters_rank}: must be 0 (full weights) or a rank in 1..4096"
+            )
+        if req.variants > 1:
+            raise self._err(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "racing several variants (ASHA first rung) is not built yet; fork with --variants 1",
+            )
+        spec_str = req.select or "all"
+        cwd = str(sup.store.get_meta("cwd", os.getcwd()))
+        losses, margin, labels = self.latest_losses(parent.run_id)
+        features = margin[:, None] if margin is not None else None
+        seed = int(sup.store.get_meta("seed", 0))
+        selection = sel.select(
+            spec_str, losses, features=features, seed=seed, base_dir=cwd, labels=labels
+        )
+        ckpt_rel = self._parent_checkpoint(parent, req.checkpoint)
+        run_id = self._next_id("fork")
+        fdir = os.path.join(sup.dir, "forks", run_id)
+        os.makedirs(fdir, exist_ok=True)
+        np.save(os.path.join(fdir, "indices.npy"), selection.indices)
+        spec = {
+            "parent": parent.run_id,
+            "checkpoint": ckpt_rel,
+            "indices_file": os.path.join("forks", run_id, "indices.npy"),
+            "selection": selection.spec,
+            "description": selection.description,
+            "budget_steps": budget,
+            "lr_mul": lr_mul,
+            "wd_mul": wd_mul,
+            "adapters_rank": int(req.adapters_rank),
+            "name": req.name or run_id,
+            "seed": seed + 1000 + int(run_id.split("-")[1]),
+            "samples": int(selection.indices.size),
+        }
+        with open(os.path.join(fdir, "spec.json"), "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+        if selection.clusters:
+            with open(os.path.join(fdir, "clusters.json"), "w", encoding="utf-8") as f:
+                json.dump(
+                    [
+                        {
+                            "id": c.id,
+                            "size": c.size,
+                            "mean_loss": c.mean_loss,
+                            "label_mix": c.label_mix,
+                        }
+                        for c in selection.clusters
+                    ],
+                    f,
+                    default=str,
+                )
+        sup.store.pin_checkpoint(ckpt_rel)
+        sup.store.add_run(
+            RunRow(
+                run_id,
+                req.name or run_id,
+                "fork",
+                RunStatus.PENDING,
+                [parent.run_id],
+                time.time(),
+                spec=spec,
+                dataset_size=parent.dataset_size,
+            )
+        )
+        sup.bus.publish("run_created", run_id, run=sup.store.run(run_id).to_dict())  # type: ignore[union-attr]
+        self.fork_queue.append(run_id)
+        self._start_queued_forks()
+        return pb.ActionReply(
+            ok=True,
+            run_id=run_id,
+            message=f"{run_id}: fork of {parent.run_id} on {selection.indices.size} samples ({selection.description}), budget {budget} steps",
+            payload_json=json.dumps(
+                {
+                    "samples": int(selection.indices.size),
+                    "selection": selection.spec,
+                    "checkpoint": ckpt_rel,
+                }
+            ),
+        )
+
+    def _parent_checkpoint(self, parent: RunRow, requested: str) -> str:
+        sup = self.sup
+        if requested:
+            known = {c["path"] for c in sup.store.checkpoints(parent.run_id)}
+            if requested not in known:
+                raise self._err(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"checkpoint {requested!r} is not one of run {parent.run_id}'s",
+                )
+            return requested
+        if sup.live_worker(parent.run_id) is not None:
+            # A fresh checkpoint, so the fork starts from the parent's current weights.
+            _, ack = sup.command(
+                parent.run_id, wait=True, timeout=60.0, checkpoint=pb.CheckpointNow(reason="fork")
+            )
+            if ack.ok and ack.payload and ack.payload.get("checkpoint"):
+                deadline = time.time() + 10
+                rel = str(ack.payload["checkpoint"])
+                while time.time() < deadline and not any(
+                    c["path"] == rel for c in sup.store.checkpoints(parent.run_id)
+                ):
+                    time.sleep(0.02)
+        ck = sup.store.latest_checkpoint(parent.run_id)
+        if ck is None:
+            raise self._err(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {parent.run_id} has no checkpoint to fork from yet",
+            )
+        return str(ck["path"])
+
+    def _start_queued_forks(self) -> None:
+        sup = self.sup
+        with sup.lock:
+            live = sum(
+                1 for w in sup.workers.values() if w.spec.role is Role.FORK and not w.state.terminal
+            )
+        while self.fork_queue and live < sup.cfg.max_parallel_forks:
+            run_id = self.fork_queue.pop(0)
+            spec_file = os.path.join(sup.dir, "forks", run_id, "spec.json")
+            sup.spawn(run_id, Role.FORK, spec_file=spec_file, gpu=True)
+            live += 1
+
+    # -- merge-worker jobs ---------------------------------------------------------------------
+    def _ensure_merge_worker(self) -> None:
+        sup = self.sup
+        w = sup.workers.get(self.merge_worker_id) if self.merge_worker_id else None
+        if w is not None and not w.state.terminal:
+            return
+        w = sup.spawn(MERGE_RUN, Role.MERGE)
+        self.merge_worker_id = w.spec.worker_id
+
+    def _entry(self, run: RunRow) -> dict[str, Any]:
+        ck = self.sup.store.latest_checkpoint(run.run_id)
+        if ck is None:
+            raise self._err(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {run.run_id} has no checkpoint yet (status {run.status.value})",
+            )
+        assert ck is not None
+        self.sup.store.pin_checkpoint(str(ck["path"]))
+        return {
+            "run_id": run.run_id,
+            "checkpoint": str(ck["path"]),
+            "indices_file": run.spec.get("indices_file"),
+            "base_checkpoint": run.spec.get("checkpoint"),
+            "kind": run.kind,
+        }
+
+    def _submit(self, spec: dict[str, Any], out_run: str) -> Job:
+        self._ensure_merge_worker()
+        job = Job(uuid.uuid4().hex, spec, out_run)
+        self.jobs.append(job)
+        self.tick()
+        return job
+
+    def tick(self) -> None:
+        sup = self.sup
+        self._start_queued_forks()
+        if not self.jobs:
+            return
+        w = sup.workers.get(self.merge_worker_id)
+        if w is None:
+            return
+        if w.state.terminal:
+            cause = w.exit.describe() if w.exit else "the merge worker exited"
+            for job in self.jobs:
+                if job.out_run:
+                    sup._set_run_status(
+                        job.out_run, RunStatus.FAILED, f"merge worker failed: {cause}"
+                    )
+                if job.ack is not None:
+                    job.ack.ok, job.ack.message = False, f"merge worker failed: {cause}"
+                    job.ack.event.set()
+            self.jobs.clear()
+            return
+        if w.state not in (WorkerState.ATTACHED, WorkerState.RUNNING):
+            return
+        from onthefly_supervisor.supervisor import PendingAck
+
+        for job in self.jobs:
+            if not job.sent:
+                job.ack = job.ack or PendingAck()
+                with sup.lock:
+                    sup.pending[job.job_id] = job.ack
+                sup._send(
+                    w.spec.worker_id,
+                    pb.SupervisorCommand(
+                        command_id=job.job_id,
+                        assign=pb.AssignRole(role=pb.ROLE_MERGE, spec_json=json.dumps(job.spec)),
+                    ),
+                )
+                job.sent = True
+                if job.out_run:
+                    sup._set_run_status(job.out_run, RunStatus.RUNNING)
+        for job in list(self.jobs):
+            if job.ack is not None and job.ack.event.is_set():
+                self.jobs.remove(job)
+                if job.out_run and not job.ack.ok:
+                    run = sup.store.run(job.out_run)
+                    if run is not None and not run.status.terminal:
+                        sup._set_run_status(job.out_run, RunStatus.FAILED, job.ack.message)
+                    elif run is not None and run.status is RunStatus.FAILED and not run.error:
+                        sup.store.update_run(job.out_run, error=job.ack.message)
+
+    def _wait(self, job: Job, timeout: float) -> PendingAck:
+        from onthefly_supervisor.supervisor import PendingAck
+
+        job.ack = job.ack or PendingAck()
+        if not job.ack.event.wait(timeout):
+            raise self._err(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the merge worker did not finish within {timeout:.0f} s",
+            )
+        return job.ack
+
+    def _runs(self, refs: list[str], least: int, what: str) -> list[RunRow]:
+        if len(refs) < least:
+            raise ValueError(f"{what} needs at least {least} run(s), got {len(refs)}")
+        runs = [self.sup.resolve_run(r) for r in refs]
+        if len({r.run_id for r in runs}) != len(runs):
+            raise ValueError(f"{what}: a run is named twice")
+        return runs
+
+    def merge(self, req: pb.MergeRequest) -> pb.ActionReply:
+        if req.method not in MERGE_METHODS:
+            raise ValueError(
+                f"unknown merge method {req.method!r}; use one of {', '.join(MERGE_METHODS)}"
+            )
+        least = 1 if req.method in ("adapter_fuse", "distill") else 2
+        runs = self._runs(list(req.runs), least, f"merge --method {req.method}")
+        opts = json.loads(req.options_json) if req.options_json else {}
+        if not isinstance(opts, dict):
+            raise ValueError("options_json must be a JSON object")
+        parents = [self._entry(r) for r in runs]
+        if req.method == "adapter_fuse":
+            for r in runs:
+                if not r.spec.get("adapters_rank"):
+                    raise ValueError(
+                        f"run {r.run_id} was not trained with adapters (use `onthefly fork --adapters RANK`)"
+                    )
+        run_id = self._next_id("merge")
+        self.sup.store.add_run(
+            RunRow(
+                run_id,
+                req.name or run_id,
+                "merge",
+                RunStatus.PENDING,
+                [r.run_id for r in runs],
+                time.time(),
+                spec={"method": req.method, "options": opts},
+            )
+        )
+        self.sup.bus.publish("run_created", run_id, run=self.sup.store.run(run_id).to_dict())  # type: ignore[union-attr]
+        self._submit(
+            {
+                "job": "merge",
+                "method": req.method,
+                "out_run": run_id,
+                "parents": parents,
+                "options": opts,
+            },
+            run_id,
+        )
+        return pb.ActionReply(
+            ok=True,
+            run_id=run_id,
+            message=f"{run_id}: {req.method} of {', '.join(r.run_id for r in runs)} queued in the merge worker",
+        )
+
+    def gate(self, req: pb.GateRequest) -> pb.ActionReply:
+        runs = self._runs(list(req.runs), 2, "gate")
+        for r in runs:
+            if r.kind == "moe":
+                raise ValueError(f"run {r.run_id} is already an MoE; gate its experts instead")
+        opts = json.loads(req.options_json) if req.options_json else {}
+        if not isinstance(opts, dict):
+            raise ValueError("options_json must be a JSON object")
+        parents = [self._entry(r) for r in runs]
+        run_id = self._next_id("moe")
+        self.sup.store.add_run(
+            RunRow(
+                run_id,
+                req.name or run_id,
+                "moe",
+                RunStatus.PENDING,
+                [r.run_id for r in runs],
+                time.time(),
+                spec={"gate": "switch_softmax", "options": opts},
+            )
+        )
+        self.sup.bus.publish("run_created", run_id, run=self.sup.store.run(run_id).to_dict())  # type: ignore[union-attr]
+        self._submit(
+            {"job": "gate", "out_run": run_id, "parents": parents, "options": opts}, run_id
+        )
+        return pb.ActionReply(
+            ok=True,
+            run_id=run_id,
+            message=f"{run_id}: switch_softmax gate over {', '.join(r.run_id for r in runs)} queued in the merge worker",
+        )
+
+    def compare(self, req: pb.CompareRequest) -> pb.Comparison:
+        runs = self._runs(
+            list(req.runs)
+            or [
+                r.run_id
+                for r in self.sup.store.runs()
+                if r.status is RunStatus.COMPLETED or r.kind == "main"
+            ],
+            1,
+            "compare",
+        )
+        entries = [self._entry(r) for r in runs]
+        slices: list[dict[str, Any]] = []
+        names = list(req.slices) or ["val"] + [
+            r.run_id for r in self.sup.store.runs() if r.kind == "fork"
+        ]
+        for name in names:
+            if name in ("val", "test"):
+                slices.append({"name": name, "split": name})
+                continue
+            run = self.sup.resolve_run(name)
+            if not run.spec.get("indices_file"):
+                slices.append({"name": f"{run.run_id} (all data)", "indices_file": None})
+            else:
+                slices.append({"name": run.run_id, "indices_file": run.spec["indices_file"]})
+        job = self._submit({"job": "compare", "runs": entries, "slices": slices}, "")
+        ack = self._wait(job, 600)
+        if not ack.ok:
+            raise self._err(grpc.StatusCode.FAILED_PRECONDITION, ack.message)
+        p = ack.payload or {}
+        return pb.Comparison(
+            runs=p.get("runs", []),
+            slices=p.get("slices", []),
+            losses=[float("nan") if v is None else v for v in p.get("losses", [])],
+        )
+
+    def export_model(self, req: pb.ExportModelRequest) -> pb.ExportReply:
+        run = self.sup.resolve_run(req.run or "main")
+        path = os.path.abspath(req.path)
+        if not req.path:
+            raise ValueError("export-model needs an output path (-o FILE)")
+        if os.path.exists(path) and not req.force:
+            raise FileExistsError(f"{req.path} exists; pass --force to overwrite it")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise FileNotFoundError(f"folder {os.path.dirname(path)} does not exist")
+        if req.factory and ":" not in req.factory:
+            raise ValueError(f"--factory {req.factory!r}: use package.module:callable")
+        job = self._submit(
+            {"job": "export_model", "run": self._entry(run), "path": path, "factory": req.factory},
+            "",
+        )
+        ack = self._wait(job, 600)
+        if not ack.ok:
+            raise self._err(grpc.StatusCode.FAILED_PRECONDITION, ack.message)
+        return pb.ExportReply(ok=True, path=path, message=ack.message, sha256=_sha256(path))
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,192 @@
+"""Fork specialists as processes, gate them, merge them, export the MoE: end to end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import PY, SCRIPTS, cli, cli_json, start
+
+SEQ = SCRIPTS / "train_seq.py"
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory):
+    project = tmp_path_factory.mktemp("method")
+    live = start(project, SEQ, extra=("--keep-alive",))
+    live.wait_for(lambda s: live.main_run(s)["status"] == "completed", timeout=120)
+    yield live
+    if live.proc.poll() is None:
+        live.proc.send_signal(signal.SIGINT)
+        live.finish(60)
+
+
+def _ok(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_fork_quantile_runs_as_its_own_process(session) -> None:
+    out = _ok(
+        cli(
+            "fork",
+            "--select",
+            "quantile:0.8:1.0",
+            "--budget-steps",
+            "30",
+            "--wait",
+            cwd=session.cwd,
+            timeout=180,
+        )
+    )
+    assert "fork-1 completed" in out
+    runs = {r["run_id"]: r for r in cli_json("runs", cwd=session.cwd)["runs"]}
+    fork = runs["fork-1"]
+    assert fork["parents"] == ["main"] and fork["kind"] == "fork"
+    assert fork["step"] == 30
+    assert fork["sample_steps"] == 5 * 180  # 30 steps = 5 passes over the 180 selected samples
+    spec = fork["spec"]
+    idx = np.load(session.session_dir / spec["indices_file"])
+    assert idx.size == spec["samples"] == 180  # top 20% of 900
+    # Only selected samples were trained on: the fork's per-sample array is NaN elsewhere.
+    arr = np.load(session.session_dir / "samples" / "fork-1" / "epoch-0000.npy")
+    seen = np.flatnonzero(np.isfinite(arr))
+    assert set(seen.tolist()) <= set(idx.tolist())
+    evals = {e["split"] for e in fork["evals"]}
+    assert {"slice:self", "val"} <= evals
+    st = session.status()
+    w = next(w for w in st["workers"] if w["run_id"] == "fork-1")
+    assert (
+        w["role"] == "fork"
+        and w["state"] == "succeeded"
+        and w["pid"] != next(x for x in st["workers"] if x["run_id"] == "main")["pid"]
+    )
+
+
+def test_fork_kmeans_with_adapters_then_adapter_fuse(session) -> None:
+    out = _ok(
+        cli(
+            "fork",
+            "--select",
+            "kmeans:auto",
+            "--budget-steps",
+            "20",
+            "--adapters",
+            "4",
+            "--wait",
+            cwd=session.cwd,
+            timeout=180,
+        )
+    )
+    assert "completed" in out, out
+    run_id = out.split(":")[0]
+    out = _ok(cli("merge", "--method", "adapter_fuse", run_id, cwd=session.cwd, timeout=180))
+    assert "completed" in out, out
+
+
+@pytest.mark.parametrize("method", ["swa", "fisher_soup", "distill"])
+def test_merge_methods_make_new_runs(session, method: str) -> None:
+    if "fork-1" not in {r["run_id"] for r in cli_json("runs", cwd=session.cwd)["runs"]}:
+        _ok(
+            cli(
+                "fork",
+                "--select",
+                "quantile:0.8:1.0",
+                "--budget-steps",
+                "30",
+                "--wait",
+                cwd=session.cwd,
+                timeout=180,
+            )
+        )
+    out = _ok(cli("merge", "--method", method, "main", "fork-1", cwd=session.cwd, timeout=300))
+    assert "completed" in out, out
+    run_id = out.split(":")[0]
+    runs = {r["run_id"]: r for r in cli_json("runs", cwd=session.cwd)["runs"]}
+    r = runs[run_id]
+    assert r["kind"] == "merge" and r["parents"] == ["main", "fork-1"]
+    assert r["val_loss"] is not None and r["test_loss"] is not None
+    assert runs["main"]["status"] == "completed"  # the parent stays the catch-all
+
+
+def test_gate_and_moe_export_round_trip(session, tmp_path: Path) -> None:
+    if "fork-1" not in {r["run_id"] for r in cli_json("runs", cwd=session.cwd)["runs"]}:
+        _ok(
+            cli(
+                "fork",
+                "--select",
+                "quantile:0.8:1.0",
+                "--budget-steps",
+                "30",
+                "--wait",
+                cwd=session.cwd,
+                timeout=180,
+            )
+        )
+    out = _ok(cli("gate", "main", "fork-1", cwd=session.cwd, timeout=300))
+    assert "completed" in out, out
+    moe_id = out.split(":")[0]
+    path = tmp_path / "moe.pt"
+    _ok(cli("export-model", "--run", moe_id, "-o", str(path), cwd=session.cwd, timeout=300))
+    r = cli("export-model", "--run", moe_id, "-o", str(path), cwd=session.cwd, timeout=300)
+    assert r.returncode != 0 and "exists" in r.stderr
+    # A fresh process, no supervisor: load the file and run it.
+    code = (
+        "import torch, json, sys\nfrom onthefly import load_model\n"
+        f"m = load_model({str(path)!r})\n"
+        "g = torch.Generator().manual_seed(11)\nx = torch.randn(16, 8, generator=g)\n"
+        "print(json.dumps(m(x).tolist()))\n"
+    )
+    got = torch.tensor(
+        json.loads(
+            subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout
+        )
+    )
+    # Rebuild the same MoE by hand from the run checkpoints and compare.
+    from torch import nn
+
+    from onthefly_worker.moe import MoE, SwitchGate
+
+    sdir = session.session_dir
+    moe_state = torch.load(next((sdir / "checkpoints" / moe_id).glob("*.pt")), weights_only=True)
+    spec = moe_state["spec"]["moe"]
+    experts = []
+    for ck in spec["expert_checkpoints"]:
+        e = nn.Sequential(
+            nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)
+        )
+        e.load_state_dict(torch.load(sdir / ck, weights_only=True)["model"])
+        experts.append(e.eval())
+    gate = SwitchGate(**spec["gate_config"])
+    moe = MoE(experts, gate, gate_input=spec["gate_input"])
+    moe.gate.load_state_dict(moe_state["model"])
+    moe.eval()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        want = moe(torch.randn(16, 8, generator=g))
+    torch.testing.assert_close(got, want)
+
+
+def test_bad_method_requests_get_clear_errors(session) -> None:
+    cases = [
+        (("fork", "--select", "quantile:0.9:0.2"), "quantile"),
+        (("fork", "--select", "bogus"), "bogus"),
+        (("fork", "--run", "nope", "--select", "all"), "no run 'nope'"),
+        (("fork", "--select", "all", "--budget-steps", "0"), "--budget-steps 0"),
+        (("fork", "--select", "indices:/does/not/exist.npy"), "exist"),
+        (("merge", "--method", "swa", "main"), "at least 2"),
+        (("merge", "--method", "adapter_fuse", "main"), "not trained with adapters"),
+        (("gate", "main"), "at least 2"),
+    ]
+    for args, expect in cases:
+        r = cli(*args, cwd=session.cwd, timeout=60)
+        assert r.returncode != 0, args
+        assert expect in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert session.proc.poll() is None, "bad requests never take the supervisor down"
