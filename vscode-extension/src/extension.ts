@@ -6,7 +6,7 @@
 import * as path from 'node:path';
 import * as vscode from 'vscode';
 import { connectionFileFor } from './command';
-import { LAUNCH_TYPE, OnTheFlyConfigurationProvider, createLauncher, runActiveScript } from './launch';
+import { LAUNCH_TYPE, OnTheFlyConfigurationProvider, createLauncher, endAtOnceAdapterFactory, runActiveScript } from './launch';
 import { DASHBOARD_VIEW_TYPE, DashboardPanel, type PanelDeps, webviewOptions } from './panel';
 import { SessionWatcher } from './session';
 
@@ -65,7 +65,11 @@ export function activate(context: vscode.ExtensionContext): void {
   const showDashboard = (): void => {
     DashboardPanel.createOrShow(deps);
   };
-  const launcher = createLauncher(output, () => {
+  const launcher = createLauncher(output, (cwd) => {
+    // Follow the session just started: it writes <cwd>/.onthefly/... (a launch
+    // configuration's cwd, or another folder of a multi-root workspace).
+    const configured = vscode.workspace.getConfiguration('onthefly').get<string>('connectionFile', '').trim();
+    if (!configured) session().retarget(connectionFileFor(cwd));
     session().kick();
     if (vscode.workspace.getConfiguration('onthefly').get<boolean>('openDashboardOnRun', true)) showDashboard();
   });
@@ -76,6 +80,7 @@ export function activate(context: vscode.ExtensionContext): void {
     vscode.commands.registerCommand('onthefly.runScriptAutomode', (uri?: vscode.Uri) => runActiveScript(launcher, true, uri)),
     vscode.commands.registerCommand('onthefly.reconnect', () => session().kick()),
     vscode.debug.registerDebugConfigurationProvider(LAUNCH_TYPE, new OnTheFlyConfigurationProvider(launcher)),
+    vscode.debug.registerDebugAdapterDescriptorFactory(LAUNCH_TYPE, endAtOnceAdapterFactory),
     vscode.window.registerWebviewPanelSerializer(DASHBOARD_VIEW_TYPE, {
       async deserializeWebviewPanel(panel: vscode.WebviewPanel) {
         panel.webview.options = webviewOptions(context.extensionUri);

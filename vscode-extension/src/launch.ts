@@ -53,7 +53,33 @@ export interface Launcher {
   start(cfg: OnTheFlyLaunchConfig, folder: vscode.WorkspaceFolder | undefined): Promise<vscode.Terminal | undefined>;
 }
 
-export function createLauncher(output: vscode.OutputChannel, afterStart: () => void): Launcher {
+/**
+ * The launch type runs in a terminal, never in a debug session (resolve... returns
+ * undefined). This inline adapter only exists so VS Code treats the type as supported;
+ * if a session is ever started with it, it ends at once.
+ */
+class EndAtOnceAdapter implements vscode.DebugAdapter {
+  private readonly emitter = new vscode.EventEmitter<vscode.DebugProtocolMessage>();
+  readonly onDidSendMessage = this.emitter.event;
+  private seq = 1;
+
+  handleMessage(message: vscode.DebugProtocolMessage): void {
+    const m = message as { seq?: number; type?: string; command?: string };
+    if (m.type !== 'request') return;
+    this.emitter.fire({ seq: this.seq++, type: 'response', request_seq: m.seq, success: true, command: m.command } as vscode.DebugProtocolMessage);
+    if (m.command === 'initialize' || m.command === 'launch') this.emitter.fire({ seq: this.seq++, type: 'event', event: 'terminated' } as vscode.DebugProtocolMessage);
+  }
+
+  dispose(): void {
+    this.emitter.dispose();
+  }
+}
+
+export const endAtOnceAdapterFactory: vscode.DebugAdapterDescriptorFactory = {
+  createDebugAdapterDescriptor: () => new vscode.DebugAdapterInlineImplementation(new EndAtOnceAdapter()),
+};
+
+export function createLauncher(output: vscode.OutputChannel, afterStart: (cwd: string) => void): Launcher {
   return {
     async start(cfg, folder) {
       const programUri = vscode.Uri.file(cfg.program);
@@ -80,7 +106,7 @@ export function createLauncher(output: vscode.OutputChannel, afterStart: () => v
         env: cfg.env,
       });
       terminal.show(true);
-      afterStart();
+      afterStart(cmd.cwd);
       return terminal;
     },
   };

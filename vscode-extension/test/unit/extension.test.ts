@@ -41,6 +41,7 @@ function makeFakeVscode(workspaceDir: string) {
   const panels: Record<string, unknown>[] = [];
   let debugProvider: Record<string, (...a: unknown[]) => unknown> | undefined;
   let serializer: unknown;
+  let adapterFactory: unknown;
 
   class Uri {
     constructor(readonly fsPath: string) {}
@@ -140,7 +141,28 @@ function makeFakeVscode(workspaceDir: string) {
         return track(`command:${id}`);
       },
     },
+    EventEmitter: class {
+      private listeners: ((e: unknown) => void)[] = [];
+      event = (l: (e: unknown) => void) => {
+        this.listeners.push(l);
+        return track('listener:emitter');
+      };
+      fire(e: unknown) {
+        for (const l of this.listeners) l(e);
+      }
+      dispose() {
+        this.listeners = [];
+      }
+    },
+    DebugAdapterInlineImplementation: class {
+      constructor(readonly implementation: unknown) {}
+    },
     debug: {
+      registerDebugAdapterDescriptorFactory: (type: string, f: unknown) => {
+        assert.equal(type, 'onthefly');
+        adapterFactory = f;
+        return track('debugAdapterFactory');
+      },
       registerDebugConfigurationProvider: (type: string, p: Record<string, (...a: unknown[]) => unknown>) => {
         assert.equal(type, 'onthefly');
         debugProvider = p;
@@ -156,6 +178,7 @@ function makeFakeVscode(workspaceDir: string) {
     terminals,
     panels,
     debugProvider: () => debugProvider,
+    adapterFactory: () => adapterFactory as { createDebugAdapterDescriptor(): { implementation: { handleMessage(m: unknown): void; onDidSendMessage(l: (m: unknown) => void): unknown } } },
     serializer: () => serializer,
   };
 }
@@ -251,6 +274,13 @@ describe('the bundled extension against a fake vscode', () => {
     assert.equal(t.shellPath, 'python3', 'no Python extension: python3');
     assert.deepEqual(t.shellArgs, ['-m', 'onthefly_supervisor', 'run', '--automode', script, '--epochs', '2']);
     assert.equal(t.cwd, ws);
+    // Should a debug session start with the type anyway, its adapter ends it at once.
+    const adapter = fake.adapterFactory().createDebugAdapterDescriptor().implementation;
+    const sent: { type: string; event?: string; success?: boolean }[] = [];
+    const sub = adapter.onDidSendMessage((m) => sent.push(m as { type: string })) as { dispose(): void };
+    adapter.handleMessage({ seq: 1, type: 'request', command: 'initialize' });
+    sub.dispose();
+    assert.deepEqual(sent.map((m) => m.event ?? (m.success ? 'ok' : 'no')), ['ok', 'terminated']);
     const initial = p.provideDebugConfigurations() as { type: string; program: string }[];
     assert.equal(initial[0].type, 'onthefly');
     assert.equal(initial[0].program, '${file}');
