@@ -277,15 +277,20 @@ class Supervisor:
                 for w in self.workers.values()
                 if not w.state.terminal and w.spec.worker_id not in self.external
             ]
+        told = []
         for w in live:
-            with contextlib.suppress(ControlError):
+            try:
+                # Attached workers stop at a step boundary and checkpoint; the rest get SIGTERM.
                 self._send(
                     w.spec.worker_id,
                     pb.SupervisorCommand(stop=pb.Stop(reason="supervisor shutting down")),
                 )
+                told.append(w)
+            except ControlError:
+                self.launcher.stop(w.spec.worker_id, 3.0)
         deadline = time.monotonic() + min(self.cfg.stop_grace_s, 10.0)
         while time.monotonic() < deadline and any(
-            self.launcher.poll(w.spec.worker_id) is None for w in live
+            self.launcher.poll(w.spec.worker_id) is None for w in told
         ):
             time.sleep(0.05)
         for w in live:
