@@ -125,6 +125,7 @@ class LocalLauncher:
         self.on_output = on_output
 
     def start(self, spec: WorkerSpec, attempt: int) -> int:
+        # Our own ONTHEFLY_* (a self-hosted owner's) must not leak into the worker's contract.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ONTHEFLY_")}
         env.update(spec.env)
         env["ONTHEFLY_PARENT_PID"] = str(os.getpid())

@@ -63,6 +63,7 @@ def ensure_supervisor(cfg: TrainerConfig) -> wenv.WorkerEnv:
             wenv.RUN_ID: info["run_id"],
             wenv.SESSION_DIR: info["session_dir"],
             wenv.ERROR_FILE: info.get("error_file", ""),
+            "ONTHEFLY_SELFHOSTED": "1",
         }
     )
     # Keep a reference so the Popen object is not collected (it would not kill it, but be tidy).

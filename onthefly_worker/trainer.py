@@ -549,7 +549,6 @@ class _Loop:
                 finite = bool(torch.isfinite(total))
                 gnorm: torch.Tensor | float = math.nan
                 if finite:
-                    self.nonfinite_run = 0
                     if self.scaler is not None:
                         self.scaler.scale(total).backward()
                         self.scaler.unscale_(opt)
@@ -560,26 +559,26 @@ class _Loop:
                         gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
                         if self.grad_clip > 0:
                             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-                    if self.scaler is not None:
-                        self.scaler.step(opt)
-                        self.scaler.update()
-                    else:
-                        opt.step()
-                    if self.sched is not None and self.cfg.scheduler_interval == "step":
-                        self.sched.step()
-                else:
-                    self.nonfinite_run += 1
-                    self.nonfinite_total += 1
-                    self.log(
-                        f"non-finite loss at step {self.step + 1} (epoch {self.epoch}, batch {self.batch}): step skipped",
-                        "warning",
+                    bad_grads = (
+                        self.scaler is None
+                        and isinstance(gnorm, torch.Tensor)
+                        and not bool(torch.isfinite(gnorm))
                     )
-                    if self.nonfinite_run >= self.cfg.nonfinite_patience:
-                        raise OnTheFlyError(
-                            f"the loss was non-finite for {self.nonfinite_run} consecutive steps "
-                            f"(last at step {self.step + 1}, epoch {self.epoch}); lower the learning rate, "
-                            "enable grad_clip, or check the data"
-                        )
+                    if bad_grads:
+                        # Like GradScaler: an update with Inf/NaN gradients would poison the weights.
+                        opt.zero_grad(set_to_none=True)
+                        self._nonfinite("gradients")
+                    else:
+                        self.nonfinite_run = 0
+                        if self.scaler is not None:
+                            self.scaler.step(opt)
+                            self.scaler.update()
+                        else:
+                            opt.step()
+                        if self.sched is not None and self.cfg.scheduler_interval == "step":
+                            self.sched.step()
+                else:
+                    self._nonfinite("loss")
                 self.step += 1
                 self.sample_steps += n
                 b = self.batch
@@ -613,6 +612,21 @@ class _Loop:
                 self._end_epoch(len(batches), time.perf_counter() - t_epoch)
         rec.flush()
 
+    def _nonfinite(self, what: str) -> None:
+        self.nonfinite_run += 1
+        self.nonfinite_total += 1
+        self.log(
+            f"non-finite {what} at step {self.step + 1} (epoch {self.epoch}, batch {self.batch}): update skipped",
+            "warning",
+        )
+        if self.nonfinite_run >= self.cfg.nonfinite_patience:
+            verb = "were" if what == "gradients" else "was"
+            raise OnTheFlyError(
+                f"the {what} {verb} non-finite for {self.nonfinite_run} consecutive steps "
+                f"(last at step {self.step + 1}, epoch {self.epoch}); lower the learning rate, "
+                "enable grad_clip, or check the data"
+            )
+
     def _end_epoch(self, n_batches: int, seconds: float = 0.0) -> None:
         assert self.conn is not None and self.rec is not None
         mean = self.rec.take_epoch_mean()
@@ -626,6 +640,13 @@ class _Loop:
         every = self.cfg.val_every_n_epochs
         if every and (epoch + 1) % every == 0 and self.val_loader is not None:
             val_loss = self._evaluate(self.val_loader, "val")["loss"]
+        if os.environ.get("ONTHEFLY_SELFHOSTED") and self.env.role == "train":
+            # `python train.py`: no terminal view of its own, so a line per epoch here.
+            val = f" · val loss {val_loss:.4f}" if val_loss is not None else ""
+            print(
+                f"[onthefly] epoch {epoch + 1}/{self.cfg.max_epochs} · train loss {mean:.4f}{val}",
+                flush=True,
+            )
         if self.sched is not None and self.cfg.scheduler_interval == "epoch":
             if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.sched.step(val_loss if val_loss is not None else mean)

@@ -336,3 +336,34 @@ def test_per_sample_losses_exact_for_a_plain_model(project: Path) -> None:
         expected = nn.functional.cross_entropy(model(x), y, reduction="none").numpy()
     got = np.load(sdir / "samples" / "main" / "epoch-0000.npy")
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_nonfinite_losses_are_skipped_and_reported(project: Path) -> None:
+    r = subprocess.run(
+        [
+            PY,
+            "-m",
+            "onthefly_supervisor",
+            "run",
+            "--headless",
+            "--port",
+            "0",
+            str(SMALL),
+            "--nan-at-step",
+            "5",
+            "--epochs",
+            "1",
+        ],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "non-finite loss at step 5" in r.stdout
+    sdir = _latest(project)
+    ck = sorted((sdir / "checkpoints" / "main").glob("step-*.pt"))[-1]
+    state = torch.load(ck, weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    arr = np.load(sdir / "samples" / "main" / "epoch-0000.npy")
+    assert np.isnan(arr).sum() == 32, "the poisoned batch's samples are recorded as non-finite"
