@@ -105,7 +105,8 @@ export class Relay implements Disposable {
     if (this.disposed) return;
     try {
       const r = this.post(msg);
-      if (r && typeof (r as Promise<unknown>).catch === 'function') (r as Promise<unknown>).catch(() => undefined);
+      // webview.postMessage returns a Thenable that rejects once the panel is gone.
+      if (r && typeof (r as PromiseLike<unknown>).then === 'function') Promise.resolve(r).catch(() => undefined);
     } catch (e) {
       this.log(`post failed: ${(e as Error).message}`);
     }

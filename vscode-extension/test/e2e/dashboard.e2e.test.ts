@@ -25,7 +25,7 @@ import assert from 'node:assert/strict';
 import * as path from 'node:path';
 import * as fs from 'node:fs';
 import { after, before, describe, it } from 'node:test';
-import { DashboardPage, RealSupervisor, browserPath, fixtures, python, sleep, waitFor } from './harness';
+import { DashboardPage, RealSupervisor, browserPath, fixtures, outDir, python, sleep, waitFor } from './harness';
 
 const script = path.resolve(process.env.ONTHEFLY_E2E_SCRIPT || path.join(fixtures, 'slow_train.py'));
 
@@ -51,6 +51,8 @@ describe('dashboard in a browser against a real supervisor', { timeout: 180_000 
   let sup: RealSupervisor;
   let d: DashboardPage;
   const numbers: string[] = [];
+  /** Machine-readable copy of the timings (test-output/perf.json). */
+  const perfJson: Record<string, unknown> = { targets: TARGETS };
 
   async function mainState(): Promise<{ run: string; worker: string }> {
     const s = await sup.cli<StatusJson>('status', '--json');
@@ -72,6 +74,7 @@ describe('dashboard in a browser against a real supervisor', { timeout: 180_000 
 
   after(async () => {
     if (numbers.length) console.log(`\n[onthefly e2e] ${numbers.join('\n[onthefly e2e] ')}\n`);
+    fs.writeFileSync(path.join(outDir, 'perf.json'), `${JSON.stringify(perfJson, null, 2)}\n`);
     await d?.close();
     await sup?.stop();
     sup?.remove();
@@ -112,6 +115,8 @@ describe('dashboard in a browser against a real supervisor', { timeout: 180_000 
       reloads.push(await d.page.evaluate(() => (window as unknown as { __ontheflyPerf: { firstPaintMs: number } }).__ontheflyPerf.firstPaintMs));
     }
     const fp = stats(reloads);
+    perfJson.firstPaintColdMs = firstPaint;
+    perfJson.firstPaintMs = reloads;
     numbers.push(`first paint, view opened on a running session: ${reloads.map(f1).join(', ')} ms after navigation start (target <= ${TARGETS.firstPaintMs} ms)`);
     assert.ok(fp.p50 <= TARGETS.firstPaintMs * 3, `first paint ${f1(fp.p50)} ms`);
     await waitFor('the connection pill to say connected again', async () => (await d.page.textContent('#conn-state')) === 'connected');
@@ -247,6 +252,9 @@ describe('dashboard in a browser against a real supervisor', { timeout: 180_000 
     const fr = stats(perf.frames);
     const zm = stats(perf.zooms.slice(before));
     const pts = stats(perf.framePoints);
+    perfJson.frameMs = fr;
+    perfJson.zoomMs = zm;
+    perfJson.pointsPerFrame = pts;
     numbers.push(`per-frame redraw: n=${fr.n} mean ${f1(fr.mean)} ms, p50 ${f1(fr.p50)}, p95 ${f1(fr.p95)}, max ${f1(fr.max)} ms (${f1(pts.p50)} points drawn per frame, p50; target <= ${TARGETS.frameMs} ms)`);
     numbers.push(`zoom/pan round-trip incl. GetMetrics: n=${zm.n} mean ${f1(zm.mean)} ms, p50 ${f1(zm.p50)}, p95 ${f1(zm.p95)}, max ${f1(zm.max)} ms (target <= ${TARGETS.zoomMs} ms)`);
     // Hard limits are looser than the targets so a loaded 2-core CI box does not flake;
