@@ -24,7 +24,15 @@ if _seed is not None:
     _torch.manual_seed(_seed)
 
 from onthefly_worker import OnTheFlyError, Trainer, TrainerConfig, quickstart  # noqa: E402
+from onthefly_worker.lightning import attach_lightning  # noqa: E402
 from onthefly_worker.moe import load_model  # noqa: E402
 
-__all__ = ["OnTheFlyError", "Trainer", "TrainerConfig", "load_model", "quickstart"]
+__all__ = [
+    "OnTheFlyError",
+    "Trainer",
+    "TrainerConfig",
+    "attach_lightning",
+    "load_model",
+    "quickstart",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,1436 @@
+"""`attach_lightning(...)`: OnTheFly for Lightning 2.x users who keep calling `trainer.fit(...)`.
+
+The user's script stays a Lightning script. `attach_lightning` adds one Callback to the
+trainer and wraps `trainer.fit` on that trainer instance; when fit starts, the worker
+connects to the supervisor (starting one for a plain `python train.py`, exactly like
+`Trainer.fit`) and does what this process's role says: train the generalist, or train
+a fork from a parent checkpoint on a selection of samples for a step budget.
+
+How each native guarantee is kept without owning the loop:
+
+* **Sample ids.** Lightning owns the DataLoader, so the worker owns its *batch
+  sampler*: the train loader Lightning requests is rebuilt around a batch sampler that
+  yields OnTheFly's deterministic order (`EpochOrder`: a function of seed and epoch) and
+  queues each batch's ids in the main process as it hands them to the loader. Batches
+  reach `on_train_batch_start` in the order the sampler issued them (DataLoader keeps
+  order, Lightning's prefetcher is FIFO), so popping the queue names the samples of
+  the batch in hand. The batch the user's `training_step` receives is untouched. A
+  dataset wrapper that returns `(index, item)` would work too, but it changes what
+  `training_step` sees (or needs a collate that strips the index inside loader worker
+  processes, where the ids cannot be reported from); the sampler route has neither cost.
+  The loader is swapped where Lightning asks for it (the fit loop's data source), so a
+  DataLoader passed to `fit`, a `train_dataloader()` hook and a LightningDataModule all work.
+* **Per-sample loss with no extra forward.** A forward hook on the LightningModule sees
+  the output of `self(x)` inside `training_step` and applies `loss_fn` with
+  `reduction='none'` to it and the batch target, under `no_grad` (see docs/lightning.md
+  for the measured cost). When a `training_step` never calls `self(...)`, the loss is
+  taken from one extra eval-mode forward before backward, and the run says so once.
+* **Control at batch boundaries.** Commands are polled in `on_train_batch_end`; a pause
+  writes a checkpoint and blocks on the connection's command event (no spinning); stop
+  sets `trainer.should_stop`.
+* **Checkpoints** use the native format (model, optimizer, scheduler, scaler, RNG, data
+  cursor, counters, config) plus the Lightning loop progress, so a restarted worker
+  continues mid-epoch from the same batch.
+
+Supported: automatic optimization with one optimizer on one device (Lightning's
+`devices=1`), train data as one map-style DataLoader. Anything else fails fast with a
+message saying so.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import inspect
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset
+
+from onthefly_proto import onthefly_pb2 as pb
+from onthefly_worker import checkpoint as ckpt
+from onthefly_worker import env as wenv
+from onthefly_worker.config import TrainerConfig
+from onthefly_worker.connection import PROTOCOL_VERSION, Command, WorkerConnection
+from onthefly_worker.data import (
+    EpochOrder,
+    batch_len,
+    data_fingerprint,
+    dataset_size,
+    epoch_seed,
+    split_batch,
+    to_device,
+)
+from onthefly_worker.errors import OnTheFlyError, error_record
+from onthefly_worker.losses import PerSampleLoss
+from onthefly_worker.recorder import Recorder
+from onthefly_worker.trainer import ROLE_TO_PB, connect, mark_fit_reached, preserved_rng
+
+if TYPE_CHECKING:  # lightning is optional: never imported at module import time
+    import lightning.pytorch as pl
+
+ModelFactory = Callable[[], nn.Module]
+"""A zero-argument callable that builds a fresh copy of the user's model."""
+
+
+# -- model_factory ---------------------------------------------------------------------------
+def normalize_model_factory(spec: Any) -> ModelFactory | None:
+    """Turn the README's three factory forms into one zero-argument closure.
+
+    Accepted: a callable (a function or a class), a tuple `(callable, args, kwargs)` whose
+    `args`/`kwargs` may be left out, or a dict `{"factory": callable, "args": ..., "kwargs":
+    ...}`. The closure checks that what it builds is an `nn.Module`, so a wrong factory
+    fails where it is called with a message that names it, not deep inside a checkpoint load.
+    """
+    if spec is None:
+        return None
+    args: Any = ()
+    kwargs: Any = {}
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - {"factory", "args", "kwargs"})
+        if unknown:
+            raise OnTheFlyError(
+                f"model_factory dict has unknown key(s) {', '.join(map(str, unknown))}; "
+                "use {'factory': callable, 'args': (...), 'kwargs': {...}}"
+            )
+        if "factory" not in spec:
+            raise OnTheFlyError(
+                "model_factory dict needs a 'factory' key: {'factory': callable, 'args': (...), 'kwargs': {...}}"
+            )
+        fn = spec["factory"]
+        args = spec.get("args", ()) or ()
+        kwargs = spec.get("kwargs", {}) or {}
+    elif isinstance(spec, tuple):
+        if not 1 <= len(spec) <= 3:
+            raise OnTheFlyError(
+                f"model_factory tuple must be (callable, args, kwargs) with args/kwargs optional; "
+                f"got {len(spec)} items"
+            )
+        fn = spec[0]
+        args = spec[1] if len(spec) > 1 and spec[1] is not None else ()
+        kwargs = spec[2] if len(spec) > 2 and spec[2] is not None else {}
+    elif callable(spec):
+        fn = spec
+    else:
+        raise OnTheFlyError(
+            f"model_factory must be a callable, a (callable, args, kwargs) tuple or a "
+            f"{{'factory': ..., 'args': ..., 'kwargs': ...}} dict; got {type(spec).__name__}"
+        )
+    if not callable(fn):
+        raise OnTheFlyError(f"model_factory's factory must be callable, got {type(fn).__name__}")
+    if not isinstance(args, (tuple, list)):
+        raise OnTheFlyError(
+            f"model_factory args must be a tuple or list, got {type(args).__name__}"
+        )
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise OnTheFlyError(
+            f"model_factory kwargs must be a dict with string keys, got {type(kwargs).__name__}"
+        )
+    frozen_args = tuple(args)
+    frozen_kwargs = dict(kwargs)
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+
+    def build() -> nn.Module:
+        model = fn(*frozen_args, **frozen_kwargs)
+        if not isinstance(model, nn.Module):
+            raise OnTheFlyError(
+                f"model_factory {name}(...) returned {type(model).__name__}, not a torch.nn.Module"
+            )
+        return model
+
+    build.__qualname__ = f"model_factory[{name}]"
+    return build
+
+
+# -- outputs ---------------------------------------------------------------------------------
+def prediction_of(output: Any) -> torch.Tensor:
+    """The tensor the loss is applied to, from whatever `forward` returned.
+
+    A tensor is used as is; a tuple/list contributes its first item (the `(logits, aux)`
+    convention); a dict its `logits`/`preds`/`output`/`out` entry.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(output, dict):
+        for key in ("logits", "preds", "output", "out"):
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+    raise OnTheFlyError(
+        f"the model's forward returned a {type(output).__name__}; OnTheFly applies loss_fn to a tensor, "
+        "the first item of a tuple, or the 'logits' entry of a dict"
+    )
+
+
+# -- the owned train loader ------------------------------------------------------------------
+class _OwnedBatchSampler(Sampler[list[int]]):
+    """Yields OnTheFly's batches for the current epoch and queues their ids as it goes.
+
+    The epoch and first batch are read when iteration starts (Lightning creates one
+    iterator per epoch, sometimes before it announces the epoch), from the run's cursor.
+    `len()` is the full epoch length: Lightning counts a resumed epoch from the batch it
+    stopped at, so a resumed epoch that yields batches[k:] ends exactly where it should.
+    """
+
+    def __init__(
+        self,
+        order: EpochOrder,
+        where: Callable[[], tuple[int, int]],
+        issued: collections.deque[np.ndarray],
+    ) -> None:
+        self.order = order
+        self._where = where
+        self._issued = issued
+        self.n_batches = len(order.batches(0))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, start = self._where()
+        self._issued.clear()  # ids the previous iterator issued but Lightning never consumed
+        for ids in self.order.batches(epoch)[start:]:
+            self._issued.append(ids)
+            yield ids.tolist()
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+
+class _OwnedLoader(DataLoader):
+    """The user's DataLoader settings around OnTheFly's batch sampler.
+
+    Each new iterator reseeds the loader's private generator from (seed, epoch): loader
+    worker seeds are then reproducible, and creating an iterator never draws from the
+    global torch RNG (which would shift the training randomness, e.g. dropout).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._otf_reseed: Callable[[torch.Generator], None] = kwargs.pop("reseed")
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self) -> Any:
+        if isinstance(self.generator, torch.Generator):
+            self._otf_reseed(self.generator)
+        return super().__iter__()
+
+
+def _own_loader(
+    loader: DataLoader, sampler: _OwnedBatchSampler, seed_of: Callable[[], int]
+) -> _OwnedLoader:
+    def reseed(g: torch.Generator) -> None:
+        g.manual_seed(seed_of() ^ 0x5DEECE66D)
+
+    kwargs: dict[str, Any] = {
+        "batch_sampler": sampler,
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "generator": torch.Generator(),
+        "reseed": reseed,
+    }
+    if loader.num_workers > 0:
+        kwargs["multiprocessing_context"] = loader.multiprocessing_context
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+        kwargs["persistent_workers"] = loader.persistent_workers
+    return _OwnedLoader(loader.dataset, **kwargs)
+
+
+# -- options and handle ----------------------------------------------------------------------
+@dataclass
+class LightningOptions:
+    """What `attach_lightning` was told, validated once."""
+
+    project: str = "default"
+    """Project name, shown in the dashboard and stored with the session."""
+    run_name: str = "main"
+    """Display name of the generalist run (its id is always `main`)."""
+    do_test_after: bool = False
+    """Evaluate `test_loader` once training stops."""
+    seed: int | None = None
+    """Seed of the data order; None = the session seed (ONTHEFLY_SEED, default 0)."""
+    checkpoint_every_n_steps: int = 0
+    """Also checkpoint on this step cadence (pause, epoch end and stop always checkpoint)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.project, str) or not self.project:
+            raise OnTheFlyError(
+                f"attach_lightning(project={self.project!r}): must be a non-empty string"
+            )
+        if not isinstance(self.run_name, str) or not self.run_name:
+            raise OnTheFlyError(
+                f"attach_lightning(run_name={self.run_name!r}): must be a non-empty string"
+            )
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise OnTheFlyError(f"attach_lightning(seed={self.seed!r}): must be an integer or None")
+        if not isinstance(self.checkpoint_every_n_steps, int) or self.checkpoint_every_n_steps < 0:
+            raise OnTheFlyError(
+                f"attach_lightning(checkpoint_every_n_steps={self.checkpoint_every_n_steps!r}): "
+                "must be an integer >= 0"
+            )
+
+
+@dataclass
+class LightningAttachment:
+    """What `attach_lightning` returns: the live link between one Lightning trainer and OnTheFly."""
+
+    options: LightningOptions
+    model: nn.Module
+    model_factory: ModelFactory | None
+    result: dict[str, Any] = field(default_factory=dict)
+    """After `trainer.fit`: status, step, epoch and final checkpoint of the run."""
+    _run: _LightningRun | None = None
+
+    def fresh_model(self) -> nn.Module:
+        """A new, independent copy of the model for loading checkpoints beside the live one.
+
+        Uses `model_factory` when one was given; otherwise a deep copy of the model with
+        the trainer reference and OnTheFly's hooks stripped (a LightningModule pickles
+        without its trainer).
+        """
+        if self.model_factory is not None:
+            return self.model_factory()
+        hooks = self._run.hook_ids() if self._run is not None else set()
+        try:
+            clone = copy.deepcopy(self.model)
+        except Exception as e:
+            raise OnTheFlyError(
+                f"could not copy {type(self.model).__name__} ({type(e).__name__}: {e}); pass "
+                "attach_lightning(model_factory=...) so OnTheFly can build a fresh model instead"
+            ) from e
+        for m in clone.modules():
+            for hid in hooks & set(m._forward_hooks):
+                del m._forward_hooks[hid]
+        return clone
+
+
+# -- the run ---------------------------------------------------------------------------------
+class _LightningRun:
+    """All the state of one instrumented `trainer.fit`; the Lightning callback forwards here."""
+
+    def __init__(
+        self,
+        att: LightningAttachment,
+        trainer: pl.Trainer,
+        loss_fn: Any,
+        train_loader: DataLoader | None,
+        val_loader: DataLoader | None,
+        test_loader: DataLoader | None,
+    ) -> None:
+        self.att = att
+        self.opts = att.options
+        self.trainer = trainer
+        self.loss = PerSampleLoss(loss_fn)
+        self.user_train_loader = train_loader
+        self.val_loader = val_loader
+        self.test_loader = test_loader
+        self.env: wenv.WorkerEnv | None = None
+        self.spec: dict[str, Any] = {}
+        self.run_id = "main"
+        self.seed = 0
+        self.budget = 0
+        self.subset: np.ndarray | None = None
+        self.conn: WorkerConnection | None = None
+        self.rec: Recorder | None = None
+        self.writer = ckpt.AsyncWriter()
+        self.last_checkpoint = ""
+        self.flush_s = 0.05
+        self.hb_s = 1.0
+        # data
+        self.order: EpochOrder | None = None
+        self.source_loader: DataLoader | None = None
+        self.issued: collections.deque[np.ndarray] = collections.deque()
+        self.n_batches = 0
+        self._source: Any = None
+        self._source_orig: Any = None
+        # counters and cursor (the next batch to train is batches(epoch)[batch])
+        self.step = 0
+        self.epoch = 0
+        self.batch = 0
+        self.sample_steps = 0
+        # per-batch scratch
+        self._phase: str | None = None
+        self._ids: np.ndarray | None = None
+        self._inputs: Any = None
+        self._target: Any = None
+        self._n = 0
+        self._per: torch.Tensor | None = None
+        self._cls: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._gnorm: torch.Tensor | float = math.nan
+        self._t_prev = 0.0
+        self._t_data = 0.0
+        self._t_epoch = 0.0
+        self._warned_fallback = False
+        # validation accumulators
+        self._val_sum = 0.0
+        self._val_count = 0
+        self._val_correct = 0
+        self._val_classif = True
+        # lifecycle
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._restore_state: dict[str, Any] | None = None
+        self._restore_kind = ""
+        self.paused = False
+        self.stop_reason = ""
+        self.stopping = False
+        self.run_test_on_stop = self.opts.do_test_after
+        self.finished = False
+        self.status = "failed"
+
+    # -- helpers ---------------------------------------------------------------------------
+    def hook_ids(self) -> set[int]:
+        return {h.id for h in self._hooks}
+
+    def _log(self, text: str, level: str = "info") -> None:
+        if self.conn is not None:
+            self.conn.send(log=pb.LogLine(level=level, text=text))
+
+    def _status(self, state: pb.WorkerState.ValueType, message: str = "") -> None:
+        assert self.conn is not None
+        self.conn.send(
+            status=pb.StatusUpdate(
+                run_id=self.run_id, state=state, message=message, step=self.step, epoch=self.epoch
+            )
+        )
+
+    @property
+    def module(self) -> pl.LightningModule:
+        m = self.trainer.lightning_module
+        assert m is not None
+        return m
+
+    @property
+    def active(self) -> bool:
+        return self.conn is not None and not self.finished
+
+    # -- before fit ------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Runs in the fit wrapper, before Lightning starts: find out this process's role."""
+        env = wenv.WorkerEnv.from_environ()
+        if env is None:
+            from onthefly_worker import selfhost
+
+            env = selfhost.ensure_supervisor(
+                TrainerConfig(project=self.opts.project, run_name=self.opts.run_name)
+            )
+        self.env = env
+        if env.role not in ("train", "fork", "merge"):
+            raise OnTheFlyError(
+                f"this worker was started as role {env.role!r}; a Lightning script can run the "
+                "'train', 'fork' and 'merge' roles"
+            )
+        if env.spec:
+            with open(env.spec, encoding="utf-8") as f:
+                self.spec = json.load(f)
+        self.run_id = env.run_id
+        self.seed = self.opts.seed if self.opts.seed is not None else (wenv.session_seed() or 0)
+        if "seed" in self.spec:
+            self.seed = int(self.spec["seed"])
+        path = ""
+        if env.resume:
+            path, self._restore_kind = env.resume, "resume"
+        elif env.role == "fork":
+            path, self._restore_kind = str(self.spec.get("checkpoint", "")), "fork"
+            if not path:
+                raise OnTheFlyError("the fork spec names no parent checkpoint")
+        if env.role == "fork":
+            if int(self.spec.get("adapters_rank", 0) or 0) > 0:
+                raise OnTheFlyError(
+                    "forks with low-rank adapters (--adapters) are not supported for Lightning runs yet; "
+                    "fork with full weights (leave out --adapters)"
+                )
+            self.budget = int(self.spec.get("budget_steps", 0) or 0)
+            if self.budget <= 0:
+                raise OnTheFlyError(f"a fork needs budget_steps > 0, got {self.budget}")
+            self.subset = np.load(os.path.join(env.session_dir, str(self.spec["indices_file"])))
+            # A fork trains on its selection for its budget, and reports at the end: no
+            # periodic Lightning validation, no epoch limit, no minimum that outlasts the budget.
+            tr = self.trainer
+            tr.limit_val_batches = 0
+            tr.num_sanity_val_steps = 0
+            tr.fit_loop.max_epochs = -1
+            tr.fit_loop.epoch_loop.max_steps = self.budget
+            tr.fit_loop.min_epochs = 0
+            tr.fit_loop.epoch_loop.min_steps = None
+        if path:
+            full = os.path.join(env.session_dir, path)
+            self._restore_state = ckpt.load(full, map_location="cpu", expected_sha256=None)
+            self._restore_path = path
+
+    # -- fit start -------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._check_supported(trainer, module)
+        state = self._restore_state
+        if state is not None:
+            if self._restore_kind == "resume":
+                cur = state["cursor"]
+                self.epoch, self.batch = int(cur["epoch"]), int(cur["batch"])
+                self.seed = int(cur["seed"])
+                self.step = int(state["counters"]["step"])
+                self.sample_steps = int(state["counters"]["sample_steps"])
+            # RNG first: materialising the loader below may already load the first batch.
+            ckpt.restore_rng(state["rng"])
+        self._own_train_data(trainer)
+        self._connect(trainer, module)
+        if state is not None:
+            self._restore(trainer, module, state)
+        self._hooks.append(module.register_forward_hook(self._on_forward))
+
+    def _check_supported(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not module.automatic_optimization:
+            raise OnTheFlyError(
+                "attach_lightning supports automatic optimization (one optimizer stepped by Lightning); "
+                f"{type(module).__name__} sets automatic_optimization=False, which is not supported yet"
+            )
+        n_opt = len(trainer.optimizers)
+        if n_opt != 1:
+            raise OnTheFlyError(
+                f"attach_lightning supports exactly one optimizer from configure_optimizers(); "
+                f"{type(module).__name__} configured {n_opt}"
+            )
+        if getattr(trainer, "overfit_batches", 0):
+            raise OnTheFlyError(
+                "attach_lightning does not support Trainer(overfit_batches=...): OnTheFly owns the "
+                "train data order; use a Subset of the dataset instead"
+            )
+
+    def _own_train_data(self, trainer: pl.Trainer) -> None:
+        """Make Lightning's fit loop request its train loader through us, and request it now.
+
+        The fit loop's data source is where Lightning asks for the train loader (a loader
+        passed to fit, the module's or the datamodule's `train_dataloader()`); wrapping it
+        covers all three. Requesting it here rather than after the sanity check gives the
+        Hello its dataset size and lets a resume start the epoch at the right batch.
+        """
+        source = trainer.fit_loop._data_source
+        orig = source.dataloader
+        self._source, self._source_orig = source, orig
+
+        def owned() -> Any:
+            return self._own(orig())
+
+        source.dataloader = owned  # type: ignore[method-assign]
+        trainer.fit_loop.setup_data()
+        if self.order is None:
+            raise OnTheFlyError(
+                "Lightning did not request a train dataloader (limit_train_batches=0, or no "
+                "training_step?); OnTheFly needs one to train"
+            )
+
+    def _own(self, loader: Any) -> DataLoader:
+        if not isinstance(loader, DataLoader):
+            raise OnTheFlyError(
+                f"attach_lightning needs the train data as one torch DataLoader; got {type(loader).__name__} "
+                "(lists, dicts and CombinedLoader of train loaders are not supported)"
+            )
+        if isinstance(loader.dataset, IterableDataset):
+            raise OnTheFlyError(
+                "attach_lightning needs a map-style train dataset (with __len__ and __getitem__): "
+                "OnTheFly records the loss of every sample by its position, which an IterableDataset does not have"
+            )
+        order = EpochOrder(loader, self.seed, self.subset)
+        if self.order is not None and order.n != self.order.n:
+            raise OnTheFlyError(
+                f"the reloaded train dataloader has {order.n} samples, the first had {self.order.n}; "
+                "OnTheFly needs a fixed training set (reload_dataloaders_every_n_epochs with a changing dataset is not supported)"
+            )
+        self.order = order
+        self.source_loader = loader
+        sampler = _OwnedBatchSampler(order, lambda: (self.epoch, self.batch), self.issued)
+        self.n_batches = sampler.n_batches
+        return _own_loader(loader, sampler, lambda: epoch_seed(self.seed, self.epoch))
+
+    def _connect(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        env = self.env
+        assert env is not None and self.source_loader is not None
+        import lightning
+
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        config = {
+            "framework": "lightning",
+            "lightning_version": lightning.__version__,
+            "project": self.opts.project,
+            "run_name": self.opts.run_name,
+            "max_epochs": max_epochs,
+            "max_steps": max(0, trainer.max_steps),
+            "do_test_after": self.opts.do_test_after,
+            "val_every_n_epochs": trainer.check_val_every_n_epoch or 0,
+            "seed": self.seed,
+            "checkpoint_every_n_steps": self.opts.checkpoint_every_n_steps,
+            "grad_clip": float(trainer.gradient_clip_val or 0.0),
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "precision": str(trainer.precision),
+            "device": str(module.device),
+            "model_factory": self.att.model_factory is not None,
+        }
+        n_params = sum(p.numel() for p in module.parameters())
+        hello = pb.Hello(
+            role=ROLE_TO_PB[env.role],
+            pid=os.getpid(),
+            run_id=self.run_id,
+            project=self.opts.project,
+            run_name=str(self.spec.get("name", self.opts.run_name)),
+            dataset_size=dataset_size(self.source_loader),
+            steps_per_epoch=self.n_batches,
+            max_epochs=max(0, max_epochs),
+            max_steps=self.budget or max(0, trainer.max_steps),
+            config_json=json.dumps(config),
+            model_summary=f"{type(module).__name__} ({n_params:,} parameters)",
+            device=str(module.device),
+            data_fingerprint=data_fingerprint(self.source_loader),
+            resumed_step=self.step if self._restore_kind == "resume" else 0,
+            protocol_version=PROTOCOL_VERSION,
+            framework="lightning",
+        )
+        self.conn = connect(env, hello)
+        welcome = self.conn.welcome
+        assert welcome is not None
+        self.flush_s = welcome.flush_interval_s
+        self.hb_s = welcome.heartbeat_interval_s
+        self.rec = Recorder(self.conn.send, self.run_id, module.device, self.flush_s)
+        self.conn.start_heartbeat(self.hb_s, lambda: self.step)
+
+    def _restore(
+        self, trainer: pl.Trainer, module: pl.LightningModule, state: dict[str, Any]
+    ) -> None:
+        module.load_state_dict(state["model"])
+        opt = trainer.optimizers[0]
+        opt.load_state_dict(state["optimizer"])
+        if self._restore_kind == "fork":
+            lr_mul = float(self.spec.get("lr_mul", 1.0) or 1.0)
+            wd_mul = float(self.spec.get("wd_mul", 1.0) or 1.0)
+            for g in opt.param_groups:
+                g["lr"] = g["lr"] * lr_mul
+                if "weight_decay" in g:
+                    g["weight_decay"] = g["weight_decay"] * wd_mul
+            self._log(
+                f"fork started from {self._restore_path} (parent step {state['counters']['step']})"
+            )
+            return
+        lit = state.get("lightning") or {}
+        scheds = lit.get("lr_schedulers")
+        if scheds is None and state.get("scheduler") is not None:
+            scheds = [state["scheduler"]]
+        for cfg, sd in zip(trainer.lr_scheduler_configs, scheds or [], strict=False):
+            cfg.scheduler.load_state_dict(sd)
+        if state.get("scaler"):
+            trainer.precision_plugin.load_state_dict(state["scaler"])
+        loops = lit.get("loops")
+        if loops is not None:
+            trainer.fit_loop.load_state_dict(loops["fit_loop"])
+        else:
+            self._log(
+                f"{self._restore_path} has no Lightning loop state (not written by attach_lightning); "
+                "Lightning's epoch counters start from 0",
+                "warning",
+            )
+        self._log(
+            f"resumed from {self._restore_path} at epoch {self.epoch}, batch {self.batch}, step {self.step}"
+        )
+
+    def on_train_start(self) -> None:
+        if not self.active:
+            return
+        self._status(pb.WORKER_STATE_RUNNING, "training")
+        self._poll()
+        self._t_prev = self._t_epoch = time.perf_counter()
+
+    # -- per batch -------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any) -> None:
+        if not self.active:
+            return
+        self._t_data = time.perf_counter()
+        if not self.issued:
+            raise OnTheFlyError(
+                "internal: Lightning delivered a train batch that OnTheFly's sampler did not issue; "
+                "is the train dataloader being replaced after fit started?"
+            )
+        ids = self.issued.popleft()
+        x, y = split_batch(batch)
+        n = batch_len(x)
+        if n and n != len(ids):
+            raise OnTheFlyError(
+                f"the train batch has {n} samples but its sampler issued {len(ids)} ids; a collate_fn or "
+                "on_before_batch_transfer that changes the batch size is not supported"
+            )
+        self._ids, self._inputs, self._target, self._n = ids, x, y, n or len(ids)
+        self._per = None
+        self._cls = None
+        self._gnorm = math.nan
+        self._phase = "train"
+
+    def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook: per-sample loss from the output the training step itself produced."""
+        phase = self._phase
+        if phase not in ("train", "val") or (phase == "train" and self._per is not None):
+            return  # not a step we record, or a second forward in the same step
+        per = self._per_sample(output)
+        if phase == "val":
+            self._accumulate_val(output, per)
+            self._phase = "val-done"
+        else:
+            self._per = per
+            self._cls = Recorder.classification(prediction_of(output), self._target)
+
+    def _per_sample(self, output: Any) -> torch.Tensor:
+        out = prediction_of(output)
+        try:
+            with torch.no_grad():
+                _, per = self.loss(out.detach(), self._target, self._n)
+        except OnTheFlyError:
+            raise
+        except Exception as e:
+            raise OnTheFlyError(
+                f"loss_fn could not be applied to the output of {type(self.module).__name__}.forward "
+                f"(shape {tuple(out.shape)}) and the batch target: {type(e).__name__}: {e}. OnTheFly "
+                "computes loss_fn(self(x), y) with reduction='none'; pass the loss that training_step "
+                "applies to self(x)"
+            ) from e
+        return per
+
+    def on_before_backward(self) -> None:
+        """No forward hook fired in this training step: fall back to one eval-mode forward.
+
+        Eval mode and a preserved RNG keep this extra forward from changing training
+        (no dropout draw, no BatchNorm statistics update); the weights are still the ones
+        the step's own forward used.
+        """
+        if self._phase != "train" or self._per is not None:
+            return
+        module = self.module
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            self._log(
+                f"{type(module).__name__}.training_step does not call self(...), so per-sample losses "
+                "come from one extra eval-mode forward per step; call self(x) in training_step to "
+                "record them from the training forward at no extra cost",
+                "warning",
+            )
+        was = module.training
+        self._phase = None
+        try:
+            with torch.no_grad(), preserved_rng():
+                module.eval()
+                out = module(self._inputs)
+        finally:
+            module.train(was)
+            self._phase = "train"
+        self._per = self._per_sample(out)
+        self._cls = Recorder.classification(prediction_of(out), self._target)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.active:
+            return
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            self._gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+    def on_train_batch_end(self, outputs: Any) -> None:
+        if not self.active or self._phase is None:
+            return
+        assert self.rec is not None and self.conn is not None and self._ids is not None
+        trainer = self.trainer
+        self._phase = None
+        per = self._per
+        if (
+            per is None
+        ):  # the step was skipped before any forward (training_step returned None early)
+            per = torch.full((len(self._ids),), math.nan)
+        loss: torch.Tensor
+        raw = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(raw, torch.Tensor):
+            loss = raw.detach() * trainer.accumulate_grad_batches
+        else:
+            loss = per.float().mean()
+        self.step += 1
+        self.sample_steps += self._n
+        b = self.batch
+        self.batch += 1
+        t_end = time.perf_counter()
+        self.rec.record(
+            self.step,
+            self.epoch,
+            b,
+            self._ids,
+            per,
+            loss,
+            float(trainer.optimizers[0].param_groups[0]["lr"]),
+            self._gnorm,
+            (t_end - self._t_prev) * 1000.0,
+            (self._t_data - self._t_prev) * 1000.0,
+            self._extras(trainer),
+            cls=self._cls,
+        )
+        self._t_prev = t_end
+        self._per = self._inputs = self._target = self._cls = None
+        every = self.opts.checkpoint_every_n_steps
+        if every and self.step % every == 0:
+            self._checkpoint("cadence")
+        if self.budget and self.step >= self.budget:
+            self._request_stop("")
+        if self.conn.commands:
+            self.rec.flush()
+            self._poll()
+            self._t_prev = time.perf_counter()
+
+    @staticmethod
+    def _extras(trainer: pl.Trainer) -> dict[str, float]:
+        """Every scalar the module logged with `self.log`, as one host copy."""
+        keys: list[str] = []
+        vals: list[torch.Tensor] = []
+        plain: dict[str, float] = {}
+        for k, v in trainer.callback_metrics.items():
+            if isinstance(v, torch.Tensor):
+                if v.numel() == 1:
+                    keys.append(str(k))
+                    vals.append(v.detach().reshape(()).float())
+            elif isinstance(v, (int, float)):
+                plain[str(k)] = float(v)
+        if vals:
+            plain.update(zip(keys, torch.stack([t.cpu() for t in vals]).tolist(), strict=True))
+        return plain
+
+    # -- epochs and validation ---------------------------------------------------------------
+    def on_train_epoch_end(self) -> None:
+        if not self.active:
+            return
+        assert self.rec is not None and self.conn is not None
+        if self.stopping and self.batch < self.n_batches:
+            return  # a stop mid-epoch: the epoch did not end (the final checkpoint says where we are)
+        mean = self.rec.take_epoch_mean()
+        epoch = self.epoch
+        self.conn.send(
+            epoch_end=pb.EpochEnd(
+                run_id=self.run_id,
+                epoch=epoch,
+                step=self.step,
+                train_loss=mean,
+                seconds=time.perf_counter() - self._t_epoch,
+            )
+        )
+        self.epoch += 1
+        self.batch = 0
+        self._t_epoch = time.perf_counter()
+        self._checkpoint("epoch")
+
+    def on_validation_batch_start(self, batch: Any) -> None:
+        if not self.active or self.trainer.sanity_checking:
+            return
+        try:
+            x, y = split_batch(batch)
+        except OnTheFlyError:
+            return  # a val batch without (inputs, target): the module's own val metrics still flow
+        self._target, self._n = y, batch_len(x)
+        self._phase = "val"
+        self._per = None
+
+    def on_validation_batch_end(self) -> None:
+        if self._phase in ("val", "val-done"):
+            self._phase = None
+            self._target = None
+
+    def _accumulate_val(self, output: Any, per: torch.Tensor) -> None:
+        self._val_sum += float(per.float().sum())
+        self._val_count += int(per.numel())
+        out, y = prediction_of(output), self._target
+        if (
+            self._val_classif
+            and out.dim() == 2
+            and isinstance(y, torch.Tensor)
+            and y.dim() == 1
+            and not y.is_floating_point()
+        ):
+            self._val_correct += int((out.argmax(dim=1) == y).sum())
+        else:
+            self._val_classif = False
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.active or self.trainer.sanity_checking:
+            return
+        assert self.conn is not None
+        count, total, correct = self._val_count, self._val_sum, self._val_correct
+        classif = self._val_classif
+        self._val_sum, self._val_count, self._val_correct, self._val_classif = 0.0, 0, 0, True
+        if count:
+            loss = total / count
+            acc = correct / count if classif else math.nan
+        else:
+            logged = self.trainer.callback_metrics.get("val_loss")
+            if not isinstance(logged, torch.Tensor):
+                return
+            loss, acc = float(logged), math.nan
+        self.conn.send(
+            eval=pb.EvalResult(
+                run_id=self.run_id,
+                split="val",
+                step=self.step,
+                epoch=self.epoch,
+                loss=loss,
+                accuracy=acc,
+                samples=count,
+            )
+        )
+
+    # -- commands --------------------------------------------------------------------------
+    def _poll(self) -> None:
+        """Handle queued supervisor commands; block here (no spinning) while paused."""
+        conn = self.conn
+        assert conn is not None
+        while True:
+            conn.command_event.clear()
+            while conn.commands:
+                self._handle(conn.commands.popleft())
+            if not self.paused or self.stop_reason:
+                return
+            if conn.closed.is_set():
+                raise OnTheFlyError(f"lost the supervisor while paused: {conn.describe_error()}")
+            conn.command_event.wait(self.hb_s)
+
+    def _request_stop(self, reason: str) -> None:
+        """Stop at this batch boundary, even if the trainer's min_epochs/min_steps are not met."""
+        tr = self.trainer
+        self.stopping = True
+        if reason:
+            self.stop_reason = reason
+        tr.fit_loop.min_epochs = 0
+        tr.fit_loop.epoch_loop.min_steps = None
+        tr.should_stop = True
+
+    def _handle(self, cmd: Command) -> None:
+        conn = self.conn
+        assert conn is not None and self.rec is not None
+        if cmd.kind == "pause":
+            if not self.paused:
+                self.rec.flush()
+                rel = self._checkpoint("pause", wait=True)
+                self.paused = True
+                self._status(pb.WORKER_STATE_PAUSED, f"paused at step {self.step}")
+                conn.ack(
+                    cmd.command_id,
+                    True,
+                    f"paused at step {self.step}",
+                    {"step": self.step, "checkpoint": rel},
+                )
+            else:
+                conn.ack(cmd.command_id, True, "already paused", {"step": self.step})
+        elif cmd.kind == "resume":
+            was = self.paused
+            self.paused = False
+            if was:
+                self._status(pb.WORKER_STATE_RUNNING, f"resumed at step {self.step}")
+            conn.ack(
+                cmd.command_id, True, "resumed" if was else "was not paused", {"step": self.step}
+            )
+        elif cmd.kind == "checkpoint":
+            rel = self._checkpoint(str(cmd.args.get("reason", "request")), wait=True)
+            conn.ack(cmd.command_id, True, rel, {"checkpoint": rel, "step": self.step})
+        elif cmd.kind == "eval":
+            split = str(cmd.args.get("split", "test"))
+            loader = self.test_loader if split == "test" else self._val_loader()
+            if loader is None:
+                conn.ack(cmd.command_id, False, f"this run has no {split} loader")
+            else:
+                res = self.evaluate(loader, split)
+                conn.ack(cmd.command_id, True, f"{split} loss {res['loss']:.4f}", res)
+        elif cmd.kind == "stop":
+            self._request_stop(str(cmd.args.get("reason") or "stop requested"))
+            if cmd.args.get("run_test"):
+                self.run_test_on_stop = True
+            self.paused = False
+            self._status(pb.WORKER_STATE_STOPPING, self.stop_reason)
+            conn.ack(cmd.command_id, True, f"stopping at step {self.step}")
+        elif cmd.kind == "set_hparams":
+            vals = {k: float(v) for k, v in cmd.args.get("values", {}).items()}
+            for g in self.trainer.optimizers[0].param_groups:
+                if "lr" in vals:
+                    g["lr"] = vals["lr"]
+                if "lr_mul" in vals:
+                    g["lr"] = g["lr"] * vals["lr_mul"]
+                if "weight_decay" in vals and "weight_decay" in g:
+                    g["weight_decay"] = vals["weight_decay"]
+            if "grad_clip" in vals:
+                self.trainer.gradient_clip_val = vals["grad_clip"] or None
+            conn.ack(cmd.command_id, True, f"set {', '.join(sorted(vals))}", vals)
+        elif cmd.kind == "health":
+            conn.ack(cmd.command_id, False, "health checks are not built yet for Lightning runs")
+        else:
+            conn.ack(cmd.command_id, False, f"unknown command {cmd.kind}")
+
+    def _val_loader(self) -> DataLoader | None:
+        if self.val_loader is not None:
+            return self.val_loader
+        vals = self.trainer.val_dataloaders
+        return vals if isinstance(vals, DataLoader) else None
+
+    # -- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader, split: str) -> dict[str, Any]:
+        """Loss (and accuracy for classification) of the live module on `loader`, RNG untouched."""
+        assert self.conn is not None
+        module = self.module
+        was_training = module.training
+        phase, self._phase = self._phase, None  # the forward hook must not record these
+        total, count, correct, classif = 0.0, 0, 0, True
+        with preserved_rng():
+            module.eval()
+            try:
+                for raw in loader:
+                    x, y = split_batch(raw)
+                    x = to_device(x, module.device)
+                    y = to_device(y, module.device)
+                    n = batch_len(x)
+                    with self.trainer.precision_plugin.forward_context():
+                        out = prediction_of(module(x))
+                        _, per = self.loss(out, y, n)
+                    total += float(per.float().sum())
+                    count += n
+                    if (
+                        classif
+                        and out.dim() == 2
+                        and isinstance(y, torch.Tensor)
+                        and y.dim() == 1
+                        and not y.is_floating_point()
+                    ):
+                        correct += int((out.argmax(dim=1) == y).sum())
+                    else:
+                        classif = False
+            finally:
+                module.train(was_training)
+                self._phase = phase
+        loss = total / count if count else math.nan
+        acc = correct / count if (classif and count) else math.nan
+        self.conn.send(
+            eval=pb.EvalResult(
+                run_id=self.run_id,
+                split=split,
+                step=self.step,
+                epoch=self.epoch,
+                loss=loss,
+                accuracy=acc,
+                samples=count,
+            )
+        )
+        return {"split": split, "loss": loss, "accuracy": acc, "samples": count, "step": self.step}
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The native checkpoint, plus what Lightning needs to continue its own loop."""
+        import lightning
+
+        trainer, module = self.trainer, self.module
+        scheds = [cfg.scheduler.state_dict() for cfg in trainer.lr_scheduler_configs]
+        scaler = trainer.precision_plugin.state_dict()
+        return {
+            "format": ckpt.FORMAT,
+            "version": ckpt.VERSION,
+            "framework": "lightning",
+            "run_id": self.run_id,
+            "role": self.env.role if self.env else "train",
+            "model": module.state_dict(),
+            "optimizer": trainer.optimizers[0].state_dict(),
+            "scheduler": scheds[0] if scheds else None,
+            "scaler": scaler or None,
+            "rng": ckpt.capture_rng(),
+            "cursor": {"epoch": self.epoch, "batch": self.batch, "seed": self.seed},
+            "counters": {"step": self.step, "sample_steps": self.sample_steps},
+            "config": json.loads(json.dumps(self._config_dict())),
+            "spec": self.spec,
+            "lightning": {
+                "version": lightning.__version__,
+                "loops": {"fit_loop": trainer.fit_loop.state_dict()},
+                "lr_schedulers": scheds,
+                "global_step": int(trainer.global_step),
+                "current_epoch": int(trainer.current_epoch),
+            },
+        }
+
+    def _config_dict(self) -> dict[str, Any]:
+        return {
+            "framework": "lightning",
+            "project": self.opts.project,
+            "run_name": self.opts.run_name,
+            "do_test_after": self.opts.do_test_after,
+            "seed": self.seed,
+            "checkpoint_every_n_steps": self.opts.checkpoint_every_n_steps,
+        }
+
+    def _checkpoint(self, reason: str, wait: bool = False) -> str:
+        assert self.conn is not None and self.env is not None
+        state = ckpt.snapshot(self.state_dict())
+        rel = os.path.join("checkpoints", self.run_id, f"step-{self.step:08d}.pt")
+        path = os.path.join(self.env.session_dir, rel)
+        meta = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "reason": reason,
+            "rel": rel,
+        }
+        conn, run_id = self.conn, self.run_id
+        step, epoch, batch = self.step, self.epoch, self.batch
+
+        def done(saved: ckpt.SavedCheckpoint | None, err: BaseException | None) -> None:
+            if saved is not None:
+                conn.send(
+                    checkpoint=pb.CheckpointSaved(
+                        run_id=run_id,
+                        path=rel,
+                        sha256=saved.sha256,
+                        step=step,
+                        epoch=epoch,
+                        batch=batch,
+                        reason=reason,
+                        bytes=saved.nbytes,
+                    )
+                )
+            else:
+                conn.send(log=pb.LogLine(level="error", text=f"checkpoint {rel} failed: {err}"))
+
+        self.writer.submit(state, path, meta, done)
+        if wait:
+            self.writer.wait()
+            if self.writer.error is not None:
+                err, self.writer.error = self.writer.error, None
+                raise OnTheFlyError(f"could not write checkpoint {rel}: {err}") from err
+        self.last_checkpoint = rel
+        return rel
+
+    # -- the end ---------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Test if asked, report (forks), write the final checkpoint and say RunFinished."""
+        if not self.active:
+            return
+        assert self.conn is not None and self.rec is not None
+        self._phase = None
+        self.rec.flush()
+        if self.run_test_on_stop and self.test_loader is not None:
+            self.evaluate(self.test_loader, "test")
+        if self.env is not None and self.env.role == "fork":
+            self._fork_reports()
+        self._checkpoint("final", wait=True)
+        stopped = bool(self.stop_reason)
+        self.status = "stopped" if stopped else "completed"
+        self.conn.send(
+            finished=pb.RunFinished(
+                run_id=self.run_id,
+                status=pb.RUN_STATUS_STOPPED if stopped else pb.RUN_STATUS_COMPLETED,
+                step=self.step,
+                epoch=self.epoch,
+                final_checkpoint=self.last_checkpoint,
+                summary_json=json.dumps(
+                    {
+                        "sample_steps": self.sample_steps,
+                        "global_step": int(self.trainer.global_step),
+                    }
+                ),
+            )
+        )
+        self.finished = True
+
+    def _fork_reports(self) -> None:
+        """A fork reports its loss on its own slice (train data restricted to it) and on val."""
+        if self.subset is None or self.source_loader is None:
+            return
+        ld = self.source_loader
+        sub = Subset(ld.dataset, self.subset.tolist())
+        bs = int((self.order.batch_size if self.order else None) or 256)
+        self.evaluate(
+            DataLoader(sub, batch_size=max(bs, 64), collate_fn=ld.collate_fn), "slice:self"
+        )
+        val = self._val_loader()
+        if val is not None:
+            self.evaluate(val, "val")
+
+    def on_exception(self, exc: BaseException) -> None:
+        if self.conn is None or self.finished:
+            return
+        rec = error_record(exc)
+        if self.rec is not None:
+            with contextlib.suppress(Exception):
+                self.rec.flush()
+        self.conn.send(
+            error=pb.WorkerError(
+                message=str(rec["message"]),
+                traceback=str(rec["traceback"]),
+                filename=str(rec["filename"]),
+                lineno=int(rec["lineno"]),  # type: ignore[call-overload]
+                time=float(rec["time"]),  # type: ignore[arg-type]
+            )
+        )
+        self.finished = True
+
+    def teardown(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self._source is not None:
+            self._source.dataloader = self._source_orig
+            self._source = None
+
+    # -- the merge role --------------------------------------------------------------------
+    def serve_merge(self, fit_args: dict[str, Any]) -> None:
+        """role=merge: this process is the merge worker; the model is only a template.
+
+        The merge worker builds a fresh model per checkpoint it loads; with a
+        `model_factory` it calls the factory, otherwise it deep-copies the module (a
+        LightningModule copies without its trainer).
+        """
+        from onthefly_worker.merge_role import MergeWorker
+
+        env = self.env
+        assert env is not None
+        train = self.user_train_loader
+        if train is None and isinstance(fit_args.get("train_dataloaders"), DataLoader):
+            train = fit_args["train_dataloaders"]
+        if train is None:
+            raise OnTheFlyError(
+                "the merge worker needs the train data: pass attach_lightning(train_loader=...) "
+                "or trainer.fit(model, train_loader)"
+            )
+        val = self.val_loader
+        if val is None and isinstance(fit_args.get("val_dataloaders"), DataLoader):
+            val = fit_args["val_dataloaders"]
+        worker = MergeWorker(
+            TrainerConfig(project=self.opts.project, run_name=self.opts.run_name),
+            env,
+            self.att.model,
+            # The merge worker builds its own optimizers per job; Lightning creates the
+            # user's only inside fit, so there is none to hand over.
+            cast(Any, None),
+            self.loss.user,
+            train,
+            val,
+            self.test_loader,
+        )
+        if self.att.model_factory is not None:
+            factory = self.att.model_factory
+
+            def fresh(state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                m = factory().to(worker.device)
+                if state is not None:
+                    m.load_state_dict(state)
+                m.eval()
+                return m
+
+            worker.fresh = fresh  # type: ignore[method-assign]
+        worker.serve()
+        self.status = "completed"
+
+    def close(self) -> None:
+        self.teardown()
+        self.writer.wait()
+        if self.conn is not None:
+            self.conn.close()
+
+
+# -- the Lightning callback (a class made when Lightning is first needed) ----------------------
+_CALLBACK_TYPE: type | None = None
+
+
+def _callback_type() -> type:
+    """The Callback subclass, built on first use so that importing OnTheFly never imports Lightning."""
+    global _CALLBACK_TYPE
+    if _CALLBACK_TYPE is not None:
+        return _CALLBACK_TYPE
+    from lightning.pytorch.callbacks import Callback
+
+    class OnTheFlyCallback(Callback):
+        """Forwards the Lightning hooks OnTheFly needs to the run's state machine."""
+
+        def __init__(self, run: _LightningRun) -> None:
+            self.run = run
+
+        @property
+        def state_key(self) -> str:
+            return "OnTheFlyCallback"
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            self.run.on_fit_start(trainer, pl_module)
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.run.on_train_start()
+
+        def on_train_batch_start(
+            self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+        ) -> None:
+            self.run.on_train_batch_start(batch)
+
+        def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+            self.run.on_before_backward()
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            self.run.on_before_optimizer_step(optimizer)
+
+        def on_train_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            self.run.on_train_batch_end(outputs)
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            self.run.on_train_epoch_end()
+
+        def on_validation_batch_start(
+            self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        ) -> None:
+            self.run.on_validation_batch_start(batch)
+
+        def on_validation_batch_end(
+            self,
+            trainer: Any,
+            pl_module: Any,
+            outputs: Any,
+            batch: Any,
+            batch_idx: int,
+            dataloader_idx: int = 0,
+        ) -> None:
+            self.run.on_validation_batch_end()
+
+        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            self.run.on_validation_epoch_end()
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self.run.finish()
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            self.run.on_exception(exception)
+
+        def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            self.run.teardown()
+
+    _CALLBACK_TYPE = OnTheFlyCallback
+    return OnTheFlyCallback
+
+
+# -- the public entry point --------------------------------------------------------------------
+def attach_lightning(
+    trainer: Any,
+    model: Any,
+    project: str = "default",
+    run_name: str = "main",
+    train_loader: DataLoader | None = None,
+    val_loader: DataLoader | None = None,
+    test_loader: DataLoader | None = None,
+    loss_fn: Any = None,
+    do_test_after: bool = False,
+    model_factory: Any = None,
+    *,
+    seed: int | None = None,
+    checkpoint_every_n_steps: int = 0,
+) -> LightningAttachment:
+    """Put a Lightning trainer under OnTheFly; keep calling `trainer.fit(model, ...)` as before.
+
+    `loss_fn` is the loss `training_step` applies to `self(x)` (e.g. `model.loss`): OnTheFly
+    re-applies it with `reduction='none'` to the same output for per-sample losses.
+    `train_loader`/`val_loader`/`test_loader` are the loaders the dashboard can use (test
+    on demand, `do_test_after`); the train data itself is whatever Lightning's fit uses.
+    `model_factory` builds a fresh model when one is needed beside the live one: a
+    callable, a `(callable, args, kwargs)` tuple, or `{"factory", "args", "kwargs"}`.
+    """
+    try:
+        import lightning.pytorch as pl
+    except ImportError as e:
+        raise OnTheFlyError(
+            "attach_lightning needs Lightning 2.x: pip install 'lightning>=2.0' (or use onthefly.Trainer)"
+        ) from e
+    if not isinstance(trainer, pl.Trainer):
+        raise OnTheFlyError(
+            f"attach_lightning(trainer=...) must be a lightning.pytorch.Trainer, got {type(trainer).__name__} "
+            "(pytorch_lightning 1.x trainers are not supported)"
+        )
+    if not isinstance(model, pl.LightningModule):
+        raise OnTheFlyError(
+            f"attach_lightning(model=...) must be a lightning.pytorch.LightningModule, got {type(model).__name__}"
+        )
+    if loss_fn is None:
+        raise OnTheFlyError(
+            "attach_lightning(loss_fn=...) is required: the loss training_step applies to self(x), e.g. "
+            "model.loss or nn.CrossEntropyLoss(); OnTheFly records it for every sample"
+        )
+    for name, ld in (
+        ("train_loader", train_loader),
+        ("val_loader", val_loader),
+        ("test_loader", test_loader),
+    ):
+        if ld is not None and not isinstance(ld, DataLoader):
+            raise OnTheFlyError(
+                f"attach_lightning({name}=...) must be a torch DataLoader or None, got {type(ld).__name__}"
+            )
+    if trainer.num_devices != 1 or trainer.num_nodes != 1:
+        raise OnTheFlyError(
+            f"attach_lightning runs on one device; this trainer has devices={trainer.num_devices}, "
+            f"num_nodes={trainer.num_nodes} (use Trainer(devices=1))"
+        )
+    if getattr(trainer.fit, "_onthefly", False):
+        raise OnTheFlyError("attach_lightning was already called on this trainer")
+    opts = LightningOptions(
+        project=project,
+        run_name=run_name,
+        do_test_after=bool(do_test_after),
+        seed=seed,
+        checkpoint_every_n_steps=checkpoint_every_n_steps,
+    )
+    att = LightningAttachment(opts, model, normalize_model_factory(model_factory))
+    run = _LightningRun(att, trainer, loss_fn, train_loader, val_loader, test_loader)
+    att._run = run
+    cast(Any, trainer).callbacks.append(_callback_type()(run))
+    original_fit = trainer.fit
+    used = False
+
+    def fit(*args: Any, **kwargs: Any) -> Any:
+        nonlocal used
+        if used:
+            raise OnTheFlyError(
+                "attach_lightning instruments one trainer.fit() per process (one run); "
+                "call attach_lightning on a new Trainer for another run"
+            )
+        used = True
+        mark_fit_reached()
+        run.prepare()
+        assert run.env is not None
+        if run.env.role == "merge":
+            bound = inspect.signature(original_fit).bind_partial(*args, **kwargs).arguments
+            try:
+                run.serve_merge(bound)
+            finally:
+                run.close()
+            raise SystemExit(0)
+        if run._restore_kind and kwargs.get("ckpt_path"):
+            kwargs["ckpt_path"] = None  # OnTheFly's checkpoint decides where this worker starts
+        try:
+            out = original_fit(*args, **kwargs)
+            run.finish()  # no-op unless Lightning skipped training (e.g. max_epochs already met)
+        finally:
+            run.close()
+        att.result = {
+            "status": run.status,
+            "step": run.step,
+            "epoch": run.epoch,
+            "checkpoint": run.last_checkpoint,
+        }
+        if run.env is not None and run.env.role != "train":
+            # A fork's job ends with its role; the rest of the script is the generalist's.
+            raise SystemExit(0 if run.status == "completed" else 1)
+        return out
+
+    fit._onthefly = True  # type: ignore[attr-defined]
+    cast(Any, trainer).fit = fit
+    return att
+
+
+__all__ = [
+    "LightningAttachment",
+    "LightningOptions",
+    "ModelFactory",
+    "attach_lightning",
+    "normalize_model_factory",
+    "prediction_of",
+]
