@@ -207,6 +207,8 @@ export class SessionWatcher implements Disposable {
   }
 
   private setState(state: ConnectionState, message: string, retryInMs = 0): void {
+    const prev = this.state;
+    const unchanged = prev.state === state && prev.message === message && prev.sessionId === this.sessionId && prev.retryInMs === retryInMs;
     this.state = {
       state,
       message,
@@ -216,6 +218,7 @@ export class SessionWatcher implements Disposable {
       lastSeq: this.lastSeq,
       retryInMs,
     };
+    if (unchanged) return; // e.g. the slow re-check of a finished session: nothing new to say
     this.opts.log(`[${state}] ${message}`);
     this.onConnection.fire(this.connection);
   }
