@@ -171,11 +171,11 @@ describe('dashboard views in a browser (fake supervisor)', { timeout: 120_000 },
 
     await d.page.check('#runs-body input[data-run="fork-1"]');
     await d.page.check('#runs-body input[data-run="main"]');
-    await d.page.fill('#compare-slices', 'all, quantile:0.9:1.0, kmeans:auto:cluster=1');
+    await d.page.fill('#compare-slices', 'val, fork-1, fork-2');
     await d.clickAndSettle('#btn-compare');
     const cmp = sup.lastCall('CompareExperts') as { runs: string[]; slices: string[] };
     assert.deepEqual(cmp.runs, ['main', 'fork-1'], 'the selected run first');
-    assert.deepEqual(cmp.slices, ['all', 'quantile:0.9:1.0', 'kmeans:auto:cluster=1']);
+    assert.deepEqual(cmp.slices, ['val', 'fork-1', 'fork-2']);
     assert.equal((await d.page.$$('#compare-table tbody tr')).length, 2);
     assert.equal(await d.page.textContent('#compare-table tbody tr:nth-child(2) td.best'), '0.4');
   });
