@@ -260,7 +260,7 @@ describe('dashboard in a browser against a real supervisor', { timeout: 180_000 
     // Hard limits are looser than the targets so a loaded 2-core CI box does not flake;
     // the printed numbers are what to compare with the targets.
     assert.ok(fr.p95 <= TARGETS.frameMs * 3, `p95 frame ${f1(fr.p95)} ms`);
-    assert.ok(zm.p50 <= TARGETS.zoomMs * 3, `median zoom ${f1(zm.p50)} ms`);
+    assert.ok(zm.p50 <= TARGETS.zoomMs * 4, `median zoom ${f1(zm.p50)} ms`);
     assert.deepEqual(d.cspViolations, [], 'no CSP violations');
     assert.deepEqual(d.pageErrors, [], 'no page errors');
   });
