@@ -210,10 +210,15 @@ class _OwnedLoader(DataLoader):
     Each new iterator reseeds the loader's private generator from (seed, epoch): loader
     worker seeds are then reproducible, and creating an iterator never draws from the
     global torch RNG (which would shift the training randomness, e.g. dropout).
+
+    It is resumable in Lightning's sense (`state_dict`/`load_state_dict`): its state is
+    the data cursor, so Lightning does not warn that a mid-epoch resume is unreliable
+    (it is exact), and a Lightning checkpoint of the run carries the cursor too.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._otf_reseed: Callable[[torch.Generator], None] = kwargs.pop("reseed")
+        self._otf_cursor: _Cursor = kwargs.pop("cursor")
         super().__init__(*args, **kwargs)
 
     def __iter__(self) -> Any:
@@ -221,9 +226,28 @@ class _OwnedLoader(DataLoader):
             self._otf_reseed(self.generator)
         return super().__iter__()
 
+    def state_dict(self) -> dict[str, int]:
+        return self._otf_cursor.get()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._otf_cursor.set(state)
+
+
+class _Cursor:
+    """Where the next train batch comes from: (epoch, batch within the epoch)."""
+
+    def __init__(self, run: _LightningRun) -> None:
+        self._run = run
+
+    def get(self) -> dict[str, int]:
+        return {"epoch": self._run.epoch, "batch": self._run.batch}
+
+    def set(self, state: dict[str, int]) -> None:
+        self._run.epoch, self._run.batch = int(state["epoch"]), int(state["batch"])
+
 
 def _own_loader(
-    loader: DataLoader, sampler: _OwnedBatchSampler, seed_of: Callable[[], int]
+    loader: DataLoader, sampler: _OwnedBatchSampler, seed_of: Callable[[], int], cursor: _Cursor
 ) -> _OwnedLoader:
     def reseed(g: torch.Generator) -> None:
         g.manual_seed(seed_of() ^ 0x5DEECE66D)
@@ -237,6 +261,7 @@ def _own_loader(
         "worker_init_fn": loader.worker_init_fn,
         "generator": torch.Generator(),
         "reseed": reseed,
+        "cursor": cursor,
     }
     if loader.num_workers > 0:
         kwargs["multiprocessing_context"] = loader.multiprocessing_context
@@ -547,7 +572,9 @@ class _LightningRun:
         self.source_loader = loader
         sampler = _OwnedBatchSampler(order, lambda: (self.epoch, self.batch), self.issued)
         self.n_batches = sampler.n_batches
-        return _own_loader(loader, sampler, lambda: epoch_seed(self.seed, self.epoch))
+        return _own_loader(
+            loader, sampler, lambda: epoch_seed(self.seed, self.epoch), _Cursor(self)
+        )
 
     def _connect(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         env = self.env
@@ -1180,9 +1207,9 @@ class _LightningRun:
     def serve_merge(self, fit_args: dict[str, Any]) -> None:
         """role=merge: this process is the merge worker; the model is only a template.
 
-        The merge worker builds a fresh model per checkpoint it loads; with a
-        `model_factory` it calls the factory, otherwise it deep-copies the module (a
-        LightningModule copies without its trainer).
+        The merge worker builds a fresh model per checkpoint it loads, through
+        `fresh_model()`: the `model_factory` when one was given, else a deep copy (with a
+        message naming the fix when the module cannot be copied).
         """
         from onthefly_worker.merge_role import MergeWorker
 
@@ -1211,17 +1238,16 @@ class _LightningRun:
             val,
             self.test_loader,
         )
-        if self.att.model_factory is not None:
-            factory = self.att.model_factory
+        att = self.att
 
-            def fresh(state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-                m = factory().to(worker.device)
-                if state is not None:
-                    m.load_state_dict(state)
-                m.eval()
-                return m
+        def fresh(state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+            m = att.fresh_model().to(worker.device)
+            if state is not None:
+                m.load_state_dict(state)
+            m.eval()
+            return m
 
-            worker.fresh = fresh  # type: ignore[method-assign]
+        worker.fresh = fresh  # type: ignore[method-assign]
         worker.serve()
         self.status = "completed"
 
