@@ -447,6 +447,22 @@ def _live(sdir: str) -> bool:
         return False
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from onthefly_supervisor.report import write_report
+
+    sdir = resolve_session(a.session)
+    st = Store(sdir, readonly=True)
+    try:
+        baseline = next(
+            (r.run_id for r in st.runs() if r.name == "baseline" and r.kind == "fork"), ""
+        )
+    finally:
+        st.close()
+    paths = write_report(sdir, os.path.abspath(a.output), baseline_run=baseline)
+    print(f"wrote {paths['json']} and {paths['html']}")
+    return 0
+
+
 def _fix_latest(root: str) -> None:
     link = os.path.join(root, "latest")
     if os.path.islink(link) and not os.path.exists(link):
@@ -536,6 +552,18 @@ def cmd_rpc(a: argparse.Namespace) -> int:
         d = _wait_run(client, d["run_id"], d)
     if getattr(a, "json", False):
         print(json.dumps(d, indent=2))
+    elif c == "health":
+        for v in d.get("verdicts", []):
+            print(f"{v.get('check', ''):<12} {v.get('verdict', ''):<5} {v.get('hint', '')}")
+    elif c == "plans":
+        plans = d.get("plans", [])
+        if not plans:
+            print("no plan cards yet")
+        for p in plans:
+            diag = json.loads(p.get("diagnostics_json") or "{}")
+            print(
+                f"{p['plan_id']:<10} {p.get('status', ''):<9} {p.get('action', ''):<9} {p.get('reason', ''):<22} {p.get('selection', ''):<18} {diag.get('summary', '')}"
+            )
     else:
         print(d.get("message") or json.dumps(d, indent=2))
     return 0 if d.get("ok", True) else 1
@@ -729,6 +757,11 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("file")
     im.add_argument("--json", action="store_true")
     im.set_defaults(fn=cmd_rpc)
+
+    rp = sub.add_parser("report", help="report.json + report.html with plots")
+    rp.add_argument("session", nargs="?", default=None)
+    rp.add_argument("-o", "--output", required=True)
+    rp.set_defaults(fn=cmd_report)
 
     pl = sub.add_parser("plans", help="the planner's plan cards")
     pl.add_argument("--json", action="store_true")

@@ -57,6 +57,7 @@ class MethodOps:
                 "TrainGate": self.gate,
                 "CompareExperts": self.compare,
                 "ExportModel": self.export_model,
+                "RunHealthCheck": self.health,
             }
         )
         sup.tick_hooks.append(self.tick)
@@ -455,6 +456,38 @@ class MethodOps:
             runs=p.get("runs", []),
             slices=p.get("slices", []),
             losses=[float("nan") if v is None else v for v in p.get("losses", [])],
+        )
+
+    def health(self, req: pb.HealthRequest) -> pb.HealthReport:
+        checks = ("determinism", "numerics", "gradients", "activations", "data", "throughput")
+        if req.check and req.check not in checks:
+            raise ValueError(f"unknown check {req.check!r}; one of {', '.join(checks)}")
+        run = self.sup.resolve_run(req.run or "main")
+        if self.sup.live_worker(run.run_id) is None:
+            raise self._err(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {run.run_id} is not training ({run.status.value}); health checks run inside its live worker",
+            )
+        _, ack = self.sup.command(
+            run.run_id, wait=True, timeout=300.0, health=pb.HealthCheck(check=req.check)
+        )
+        if not ack.ok:
+            raise self._err(grpc.StatusCode.FAILED_PRECONDITION, ack.message)
+        verdicts = (ack.payload or {}).get("verdicts", [])
+        self.sup.bus.publish(
+            "health", run.run_id, step=(ack.payload or {}).get("step"), verdicts=verdicts
+        )
+        return pb.HealthReport(
+            run_id=run.run_id,
+            verdicts=[
+                pb.HealthVerdict(
+                    check=v["check"],
+                    verdict=v["verdict"],
+                    hint=v["hint"],
+                    numbers_json=json.dumps(v.get("numbers", {})),
+                )
+                for v in verdicts
+            ],
         )
 
     def export_model(self, req: pb.ExportModelRequest) -> pb.ExportReply:

@@ -150,6 +150,7 @@ class Supervisor:
         self.control_hooks: dict[str, Callable[..., Any]] = {}
         self.tick_hooks: list[Callable[[], None]] = []
         self.busy_hooks: list[Callable[[], bool]] = []
+        self.final_hooks: list[Callable[[], bool]] = []
         if cfg.resume_dir:
             self.dir = os.path.abspath(cfg.resume_dir)
             self.session_id = os.path.basename(self.dir)
@@ -160,9 +161,11 @@ class Supervisor:
         self.store = Store(self.dir)
         self.bus = EventBus(self.store)
         self.arrays = SampleArrays(self.dir)
+        from onthefly_supervisor.autopilot import Autopilot
         from onthefly_supervisor.method import MethodOps
 
         self.method = MethodOps(self)
+        self.autopilot = Autopilot(self)
 
     # -- start / stop ------------------------------------------------------------------------
     def start(self) -> None:
@@ -983,6 +986,8 @@ class Supervisor:
                             self.request_stop(w.spec.run_id, "the training script exited")
             return
         if active:
+            return
+        if any([h() for h in self.final_hooks]):  # e.g. automode's baseline and report
             return
         if self.cfg.keep_alive or self.bus.dashboards > 0:
             return

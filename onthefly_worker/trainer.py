@@ -8,6 +8,7 @@ checkpoint on a selection of samples.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -213,6 +214,8 @@ class _Loop:
         self.order = EpochOrder(train_loader, self.seed, subset)
         self.conn: WorkerConnection | None = None
         self.rec: Recorder | None = None
+        self.data_ms: collections.deque[float] = collections.deque(maxlen=512)
+        self.step_ms: collections.deque[float] = collections.deque(maxlen=512)
         self.flush_s = 0.05
         self.hb_s = 1.0
         self._last_hb = 0.0
@@ -498,9 +501,52 @@ class _Loop:
                 self.grad_clip = vals["grad_clip"]
             conn.ack(cmd.command_id, True, f"set {', '.join(sorted(vals))}", vals)
         elif cmd.kind == "health":
-            conn.ack(cmd.command_id, False, "health checks are not built yet in this worker")
+            self._health(cmd)
         else:
             conn.ack(cmd.command_id, False, f"unknown command {cmd.kind}")
+
+    def _health(self, cmd: Command) -> None:
+        """Health checks on the live run, without moving its weights, RNG or data order."""
+        from onthefly_worker import health
+
+        assert self.conn is not None
+        opts = dict(cmd.args.get("options") or {})
+        try:
+            with preserved_rng():
+                hb = health.draw_batches(
+                    self.train_loader, int(opts.get("batches", 4)), self.device, seed=self.seed
+                )
+                model, opt, loss = self.model, self.opt, self.loss
+                k = int(opts.get("replay_steps", 3))
+                verdicts = health.run_checks(
+                    str(cmd.args.get("check") or "") or None,
+                    model=model,
+                    loss=loss,
+                    optimizer=opt,
+                    batches=hb,
+                    device=self.device,
+                    autocast=self._autocast,
+                    scaler=self.scaler,
+                    dataset_len=dataset_size(self.train_loader),
+                    ids_seen_by_epoch=[
+                        self.order.order(e) for e in range(max(0, self.epoch - 1), self.epoch + 1)
+                    ],
+                    labels=health.labels_of(self.train_loader.dataset),
+                    data_wait_ms=list(self.data_ms),
+                    step_ms=list(self.step_ms),
+                    replay=lambda: health.replay_steps(
+                        model, opt, loss, hb[:k], autocast=self._autocast
+                    ),
+                )
+        except Exception as e:  # a bad check name, missing context, a data set that cannot be read
+            self.conn.ack(cmd.command_id, False, f"{type(e).__name__}: {e}")
+            return
+        self.conn.ack(
+            cmd.command_id,
+            True,
+            f"health: {health.worst(verdicts)}",
+            {"run_id": self.run_id, "step": self.step, "verdicts": [v.to_dict() for v in verdicts]},
+        )
 
     # -- training ----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -584,6 +630,8 @@ class _Loop:
                 b = self.batch
                 self.batch += 1
                 t_end = time.perf_counter()
+                self.data_ms.append((t_data - t_prev) * 1000.0)
+                self.step_ms.append((t_end - t_prev) * 1000.0)
                 rec.record(
                     self.step,
                     self.epoch,
@@ -720,3 +768,5 @@ class _Loop:
         self._evaluate(ld, "slice:self")
         if self.val_loader is not None:
             self._evaluate(self.val_loader, "val")
+        if self.test_loader is not None:
+            self._evaluate(self.test_loader, "test")

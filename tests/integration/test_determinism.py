@@ -13,7 +13,7 @@ from tests.conftest import PY, SCRIPTS, cli, start
 
 SMALL = SCRIPTS / "train_small.py"
 # Shuffling, dropout, BatchNorm, SGD momentum and a StepLR scheduler are all in train_small.py.
-COMMON = ["--epochs", "3", "--n", "400", "--batch-size", "16", "--val"]
+COMMON = ["--epochs", "3", "--n", "400", "--batch-size", "16", "--val", "--test"]
 
 
 def final_hash(project: Path) -> str:
@@ -69,6 +69,9 @@ def test_pause_resume_is_bit_exact(tmp_path: Path, workers: str) -> None:
         assert cli("pause", cwd=proj).returncode == 0
         st = live.wait_for(lambda s: live.main_run(s)["status"] == "paused")
         assert live.main_run(st)["step"] % 25 != 0, "pause landed mid-epoch"
+        # A test pass and every health check while paused must not change the trajectory.
+        assert cli("test", cwd=proj).returncode == 0
+        assert cli("health", cwd=proj, timeout=120).returncode == 0
         assert cli("resume", cwd=proj).returncode == 0
         code, out = live.finish(120)
         assert code == 0, out

@@ -60,13 +60,12 @@ def test_fork_quantile_runs_as_its_own_process(session) -> None:
     assert set(seen.tolist()) <= set(idx.tolist())
     evals = {e["split"] for e in fork["evals"]}
     assert {"slice:self", "val"} <= evals
-    st = session.status()
-    w = next(w for w in st["workers"] if w["run_id"] == "fork-1")
-    assert (
-        w["role"] == "fork"
-        and w["state"] == "succeeded"
-        and w["pid"] != next(x for x in st["workers"] if x["run_id"] == "main")["pid"]
+    st = session.wait_for(
+        lambda s: any(w["run_id"] == "fork-1" and w["state"] == "succeeded" for w in s["workers"])
     )
+    w = next(w for w in st["workers"] if w["run_id"] == "fork-1")
+    main_pid = next(x for x in st["workers"] if x["run_id"] == "main")["pid"]
+    assert w["role"] == "fork" and w["pid"] != main_pid
 
 
 def test_fork_kmeans_with_adapters_then_adapter_fuse(session) -> None:

@@ -367,3 +367,29 @@ def test_nonfinite_losses_are_skipped_and_reported(project: Path) -> None:
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     arr = np.load(sdir / "samples" / "main" / "epoch-0000.npy")
     assert np.isnan(arr).sum() == 32, "the poisoned batch's samples are recorded as non-finite"
+
+
+def test_health_checks_on_a_live_run_do_not_disturb_it(project: Path) -> None:
+    live = start(project, SMALL, "--epochs", "50", "--step-sleep", "0.02")
+    try:
+        live.wait_for(lambda s: live.main_run(s)["step"] >= 5)
+        r = cli("health", "--json", cwd=project, timeout=120)
+        assert r.returncode == 0, r.stderr
+        verdicts = {v["check"]: v for v in json.loads(r.stdout)["verdicts"]}
+        assert set(verdicts) == {
+            "determinism",
+            "numerics",
+            "gradients",
+            "activations",
+            "data",
+            "throughput",
+        }
+        for v in verdicts.values():
+            assert v["verdict"] in ("ok", "warn", "fail") and v["hint"]
+        assert verdicts["numerics"]["verdict"] == "ok"
+        r = cli("health", "--check", "gradients", cwd=project, timeout=120)
+        assert r.returncode == 0 and r.stdout.startswith("gradients"), r.stdout + r.stderr
+        assert live.proc.poll() is None
+    finally:
+        live.proc.send_signal(signal.SIGINT)
+        live.finish()
