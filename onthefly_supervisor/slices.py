@@ -1,0 +1,396 @@
+"""Slice export: the samples a SPEC selects from a run, as CSV, Parquet or JSON.
+
+One row per selected sample id, from the run's latest epoch:
+
+    sample_id    the id (the dataset index the worker reported)
+    loss         loss in the latest epoch (empty where not seen in it)
+    loss_mean    mean over the epochs in which the sample had a finite loss
+    epochs_seen  how many epochs that was
+    label        the true class (classification), empty where unknown
+    prediction   the predicted class in the latest epoch, empty where unknown
+    margin       true-class logit minus the best other logit, latest epoch, empty where unknown
+    epoch        the latest epoch
+
+The slice definition (session, run, canonical spec, description, epoch, row count) goes
+with the data so a file on its own says what it is: a `<out>.slice.json` sidecar for
+CSV (which stays a plain, pandas-readable table, and a valid `indices:FILE` for a fork),
+schema metadata for Parquet, and a top-level `slice` key for JSON
+(`{"slice": {...}, "rows": [...]}`).
+
+Everything is written to a temp file and renamed, so an output path holds either a
+complete export or whatever it held before. Supervisor-side: numpy only, plus pyarrow
+(lazily) for Parquet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+
+from onthefly_supervisor.selection import Selection, parse_spec, select
+from onthefly_supervisor.store import Store
+
+FORMATS = ("csv", "parquet", "json")
+COLUMNS = (
+    "sample_id",
+    "loss",
+    "loss_mean",
+    "epochs_seen",
+    "label",
+    "prediction",
+    "margin",
+    "epoch",
+)
+SLICE_FORMAT_VERSION = 1
+"""Version of the slice definition record; bump when its keys change meaning."""
+
+_EPOCH_FILE = re.compile(r"^epoch-(\d+)\.npy$")
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    """What export_slice wrote."""
+
+    path: str
+    """Absolute path of the data file."""
+    rows: int
+    """Selected samples written."""
+    spec: str
+    """The canonical spec that selected them."""
+    description: str
+    """The selection's human-readable account (as on the dashboard)."""
+
+
+@dataclass
+class RunSamples:
+    """A run's per-sample record, all arrays indexed by sample id and of one length."""
+
+    run_id: str
+    epoch: int
+    """The latest epoch with a loss array."""
+    loss: np.ndarray
+    """float32, latest epoch; NaN = not seen."""
+    loss_mean: np.ndarray
+    """float64, mean over epochs with a finite loss; NaN where none."""
+    epochs_seen: np.ndarray
+    """int64, epochs with a finite loss."""
+    labels: np.ndarray | None
+    """int64, -1 = unknown; None when the run records no labels."""
+    pred: np.ndarray | None
+    """int64, latest epoch, -1 = unknown; None when not recorded."""
+    margin: np.ndarray | None
+    """float32, latest epoch, NaN = unknown; None when not recorded."""
+
+
+def load_run_samples(session_dir: str, run_id: str) -> RunSamples:
+    """Read a run's sample arrays from the session folder (missing optional ones = None).
+
+    The arrays of a run with an unknown dataset size grow while an epoch runs, so they
+    may differ in length; shorter ones are padded with "unknown" up to the longest
+    rather than refused -- a sample beyond an array's end has simply not been seen there.
+    """
+    rdir = os.path.join(session_dir, "samples", run_id)
+    epochs = sorted(
+        int(m.group(1))
+        for m in (_EPOCH_FILE.match(fn) for fn in (os.listdir(rdir) if os.path.isdir(rdir) else []))
+        if m
+    )
+    if not epochs:
+        raise ValueError(
+            f"run {run_id!r} has no per-sample losses yet (no samples/{run_id}/epoch-*.npy)"
+        )
+
+    def load(name: str, dtype: type) -> np.ndarray | None:
+        path = os.path.join(rdir, name)
+        if not os.path.exists(path):
+            return None
+        arr = np.load(path, allow_pickle=False)
+        if arr.ndim != 1:
+            raise ValueError(f"samples/{run_id}/{name} is not 1-D (shape {arr.shape})")
+        return np.asarray(arr, dtype=dtype)
+
+    latest = epochs[-1]
+    per_epoch: list[np.ndarray] = []
+    for e in epochs:
+        arr = load(f"epoch-{e:04d}.npy", np.float32)
+        assert arr is not None  # listed just above
+        per_epoch.append(arr)
+    labels = load("labels.npy", np.int64)
+    pred = load(f"pred-{latest:04d}.npy", np.int64)
+    margin = load(f"margin-{latest:04d}.npy", np.float32)
+    n = max(a.size for a in [*per_epoch, *(x for x in (labels, pred, margin) if x is not None)])
+
+    # Sum and count per sample instead of stacking epochs: memory stays O(samples).
+    total = np.zeros(n, dtype=np.float64)
+    count = np.zeros(n, dtype=np.int64)
+    for arr in per_epoch:
+        ok = np.isfinite(arr)
+        total[: arr.size] += np.where(ok, arr, 0.0)
+        count[: arr.size] += ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return RunSamples(
+        run_id=run_id,
+        epoch=latest,
+        loss=_pad(per_epoch[-1], n, np.nan),
+        loss_mean=mean,
+        epochs_seen=count,
+        labels=None if labels is None else _pad(labels, n, -1),
+        pred=None if pred is None else _pad(pred, n, -1),
+        margin=None if margin is None else _pad(margin, n, np.nan),
+    )
+
+
+def _pad(arr: np.ndarray, n: int, fill: float) -> np.ndarray:
+    if arr.size == n:
+        return arr
+    out = np.full(n, fill, dtype=arr.dtype)
+    out[: arr.size] = arr
+    return out
+
+
+def export_slice(
+    session_dir: str | os.PathLike[str],
+    run: str,
+    spec: str,
+    fmt: str,
+    out_path: str | os.PathLike[str],
+    force: bool = False,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> SliceResult:
+    """Select samples of `run` (id or name) with `spec` and write them as `fmt`.
+
+    Raises ValueError for an unknown format, an unknown run (naming the known ones), a bad
+    or empty spec; FileExistsError when `out_path` (or, for CSV, its sidecar) exists and
+    not `force`. `base_dir` resolves a relative `indices:FILE` (default: the current
+    directory). kmeans clusters on the loss plus the loss history (loss_mean) and, when
+    recorded, the margin.
+    """
+    fmt_l = str(fmt).lower()
+    if fmt_l not in FORMATS:
+        raise ValueError(f"unknown slice format {fmt!r}; use one of {', '.join(FORMATS)}")
+    parsed = parse_spec(spec)
+    out = os.path.abspath(os.fspath(out_path))
+    sidecar = out + ".slice.json"
+    targets = [out, sidecar] if fmt_l == "csv" else [out]
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"{out} is a directory; give the slice's file name")
+    if not force:
+        for t in targets:
+            if os.path.lexists(t):
+                raise FileExistsError(
+                    f"{t} already exists; pass force=True (--force) to overwrite it"
+                )
+
+    sdir = os.path.realpath(os.fspath(session_dir))
+    if not os.path.isfile(os.path.join(sdir, "session.db")):
+        raise FileNotFoundError(f"{sdir} is not an OnTheFly session (no session.db)")
+    store = Store(sdir, readonly=True)
+    try:
+        row = store.find_run(run)
+        if row is None:
+            known = ", ".join(
+                r.run_id if r.name == r.run_id else f"{r.run_id} ({r.name})" for r in store.runs()
+            )
+            raise ValueError(f"unknown run {run!r}; known runs: {known or '(none)'}")
+        run_id, run_name = row.run_id, row.name
+    finally:
+        store.close()
+
+    data = load_run_samples(sdir, run_id)
+    features = None
+    if parsed.kind == "kmeans":
+        # select() already uses the loss as the first feature column; these complete
+        # the residual features [loss, loss_mean, margin].
+        cols = [data.loss_mean] + ([data.margin] if data.margin is not None else [])
+        features = np.stack(cols, axis=1)
+    sel: Selection = select(
+        parsed,
+        data.loss,
+        features=features,
+        base_dir=base_dir,
+        labels=data.labels,
+    )
+    ids = sel.indices
+    definition: dict[str, Any] = {
+        "format_version": SLICE_FORMAT_VERSION,
+        "session_id": os.path.basename(sdir),
+        "run": run_id,
+        "run_name": run_name,
+        "spec": sel.spec,
+        "description": sel.description,
+        "epoch": data.epoch,
+        "rows": int(ids.size),
+        "columns": list(COLUMNS),
+        "created": time.time(),
+        "n_seen": sel.n_seen,
+        "extra": sel.extra,
+    }
+    if sel.clusters is not None:
+        definition["selected_cluster"] = sel.selected_cluster
+        definition["clusters"] = [
+            {"id": c.id, "size": c.size, "mean_loss": c.mean_loss, "label_mix": c.label_mix}
+            for c in sel.clusters
+        ]
+    columns = _columns(data, ids)
+
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if fmt_l == "csv":
+        # The sidecar lands first: a CSV on disk then always has its definition beside it.
+        _atomic_write(sidecar, lambda f: _write_text(f, json.dumps(definition, indent=2) + "\n"))
+        _atomic_write(out, lambda f: _write_csv(f, columns))
+    elif fmt_l == "json":
+        _atomic_write(out, lambda f: _write_json(f, definition, columns))
+    else:
+        _atomic_write(out, lambda f: _write_parquet(f, definition, columns))
+    return SliceResult(path=out, rows=int(ids.size), spec=sel.spec, description=sel.description)
+
+
+@dataclass
+class _Columns:
+    """The selected rows, column by column; masks mark unknown values."""
+
+    sample_id: np.ndarray
+    loss: np.ndarray
+    loss_mean: np.ndarray
+    epochs_seen: np.ndarray
+    label: np.ndarray
+    label_known: np.ndarray
+    prediction: np.ndarray
+    prediction_known: np.ndarray
+    margin: np.ndarray
+    epoch: int
+
+    def __len__(self) -> int:
+        return int(self.sample_id.size)
+
+
+def _columns(data: RunSamples, ids: np.ndarray) -> _Columns:
+    n = ids.size
+
+    def ints(arr: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if arr is None:
+            return np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
+        vals = arr[ids]
+        return vals, vals >= 0
+
+    label, label_known = ints(data.labels)
+    pred, pred_known = ints(data.pred)
+    margin = data.margin[ids] if data.margin is not None else np.full(n, np.nan, np.float32)
+    return _Columns(
+        sample_id=ids.astype(np.int64),
+        loss=data.loss[ids],
+        loss_mean=data.loss_mean[ids],
+        epochs_seen=data.epochs_seen[ids],
+        label=label,
+        label_known=label_known,
+        prediction=pred,
+        prediction_known=pred_known,
+        margin=margin,
+        epoch=data.epoch,
+    )
+
+
+def _rows(c: _Columns, missing: Any, nonfinite: Callable[[float], Any]) -> Iterator[list[Any]]:
+    """Rows as Python values: `missing` for unknowns, `nonfinite(x)` for an Inf loss."""
+
+    def floats(arr: np.ndarray) -> list[Any]:
+        # tolist() gives float64 values that repr() writes exactly, so a float32 loss
+        # read back and cast to float32 is bit-identical.
+        return [
+            x if math.isfinite(x) else (missing if math.isnan(x) else nonfinite(x))
+            for x in arr.tolist()
+        ]
+
+    loss, loss_mean, margin = floats(c.loss), floats(c.loss_mean), floats(c.margin)
+    label = [
+        v if k else missing for v, k in zip(c.label.tolist(), c.label_known.tolist(), strict=True)
+    ]
+    pred = [
+        v if k else missing
+        for v, k in zip(c.prediction.tolist(), c.prediction_known.tolist(), strict=True)
+    ]
+    for i, sid in enumerate(c.sample_id.tolist()):
+        yield [
+            sid,
+            loss[i],
+            loss_mean[i],
+            int(c.epochs_seen[i]),
+            label[i],
+            pred[i],
+            margin[i],
+            c.epoch,
+        ]
+
+
+def _write_text(f: IO[bytes], text: str) -> None:
+    f.write(text.encode())
+
+
+def _write_csv(f: IO[bytes], c: _Columns) -> None:
+    text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(COLUMNS)
+    w.writerows(_rows(c, "", lambda x: "inf" if x > 0 else "-inf"))
+    text.flush()
+    text.detach()
+
+
+def _write_json(f: IO[bytes], definition: dict[str, Any], c: _Columns) -> None:
+    # Streamed row by row: a million-row slice never exists as one Python list of dicts.
+    # JSON has no Inf, so a non-finite loss is null there (CSV and Parquet keep it).
+    f.write(b'{"slice": ' + json.dumps(definition).encode() + b', "rows": [')
+    for i, row in enumerate(_rows(c, None, lambda _x: None)):
+        rec = json.dumps(dict(zip(COLUMNS, row, strict=True)), allow_nan=False)
+        f.write((",\n" if i else "\n").encode() + rec.encode())
+    f.write(b"\n]}\n")
+
+
+def _write_parquet(f: IO[bytes], definition: dict[str, Any], c: _Columns) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - pyarrow is in the explorer extra
+        raise ValueError("Parquet export needs pyarrow: pip install 'onthefly[explorer]'") from e
+    n = len(c)
+    table = pa.table(
+        {
+            "sample_id": pa.array(c.sample_id, pa.int64()),
+            "loss": pa.array(c.loss, pa.float32(), mask=np.isnan(c.loss)),
+            "loss_mean": pa.array(c.loss_mean, pa.float64(), mask=np.isnan(c.loss_mean)),
+            "epochs_seen": pa.array(c.epochs_seen, pa.int64()),
+            "label": pa.array(c.label, pa.int64(), mask=~c.label_known),
+            "prediction": pa.array(c.prediction, pa.int64(), mask=~c.prediction_known),
+            "margin": pa.array(c.margin, pa.float32(), mask=np.isnan(c.margin)),
+            "epoch": pa.array(np.full(n, c.epoch, dtype=np.int64), pa.int64()),
+        }
+    )
+    table = table.replace_schema_metadata({"onthefly.slice": json.dumps(definition)})
+    pq.write_table(table, f)
+
+
+def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    d, base = os.path.split(path)
+    tmp = os.path.join(d, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

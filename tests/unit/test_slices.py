@@ -1,0 +1,234 @@
+"""Slice export: the right rows and columns in CSV / JSON / Parquet, read back by pandas
+and pyarrow, with the slice definition alongside; refusals leave files untouched."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from onthefly_supervisor.lifecycle import RunStatus
+from onthefly_supervisor.selection import select
+from onthefly_supervisor.slices import COLUMNS, export_slice, load_run_samples
+from onthefly_supervisor.store import RunRow, Store
+
+N = 60
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Path:
+    """main: 3 epochs with labels/pred/margin; fork-1 ("hard-tail"): 2 epochs, losses only;
+    fork-2: no samples yet."""
+    sdir = tmp_path / "sess"
+    st = Store(str(sdir))
+    for rid, name in (("main", "main"), ("fork-1", "hard-tail"), ("fork-2", "fresh")):
+        st.add_run(RunRow(rid, name, "train", RunStatus.RUNNING, [], time.time(), dataset_size=N))
+    st.close()
+    rng = np.random.default_rng(1)
+    d = sdir / "samples" / "main"
+    d.mkdir(parents=True)
+    for e in range(3):
+        loss = rng.gamma(2.0, 0.5, N).astype(np.float32)
+        loss[rng.random(N) < 0.25] = np.nan
+        if e == 2:
+            loss[5] = np.inf  # a numerics problem must survive the export where it can
+        np.save(d / f"epoch-{e:04d}.npy", loss)
+    labels = rng.integers(0, 4, N).astype(np.int64)
+    labels[::7] = -1
+    pred = rng.integers(0, 4, N).astype(np.int64)
+    pred[::5] = -1
+    margin = rng.normal(size=N).astype(np.float32)
+    margin[::6] = np.nan
+    np.save(d / "labels.npy", labels)
+    np.save(d / "pred-0002.npy", pred)
+    np.save(d / "margin-0002.npy", margin)
+    np.save(d / "margin-0001.npy", np.zeros(N, np.float32))  # an older epoch: not used
+    f = sdir / "samples" / "fork-1"
+    f.mkdir(parents=True)
+    for e in range(2):
+        np.save(f / f"epoch-{e:04d}.npy", rng.random(N).astype(np.float32))
+    return sdir
+
+
+def arrays(sdir: Path, run: str = "main") -> dict[str, np.ndarray]:
+    d = sdir / "samples" / run
+    epochs = np.stack([np.load(p) for p in sorted(d.glob("epoch-*.npy"))]).astype(np.float64)
+    finite = np.isfinite(epochs)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(finite, epochs, 0.0).sum(0) / finite.sum(0)
+    return {
+        "loss": epochs[-1].astype(np.float32),
+        "loss_mean": mean,
+        "epochs_seen": finite.sum(0),
+    }
+
+
+def seen(sdir: Path) -> np.ndarray:
+    return np.flatnonzero(np.isfinite(arrays(sdir)["loss"]))
+
+
+def check_rows(df: pd.DataFrame, sdir: Path, ids: np.ndarray) -> None:
+    """Every column of every row against the arrays on disk."""
+    a = arrays(sdir)
+    d = sdir / "samples" / "main"
+    labels, pred = np.load(d / "labels.npy"), np.load(d / "pred-0002.npy")
+    margin = np.load(d / "margin-0002.npy")
+    assert list(df.columns) == list(COLUMNS)
+    assert df["sample_id"].tolist() == ids.tolist()
+    for i, sid in enumerate(ids):
+        row = df.iloc[i]
+        loss = a["loss"][sid]
+        if np.isnan(loss):
+            assert pd.isna(row["loss"])
+        elif np.isfinite(loss):
+            assert np.float32(row["loss"]) == loss  # bit-exact after the text round trip
+        assert row["epochs_seen"] == a["epochs_seen"][sid]
+        if a["epochs_seen"][sid]:
+            assert row["loss_mean"] == pytest.approx(a["loss_mean"][sid], rel=1e-12)
+        else:
+            assert pd.isna(row["loss_mean"])
+        for col, arr in (("label", labels), ("prediction", pred)):
+            assert pd.isna(row[col]) if arr[sid] < 0 else row[col] == arr[sid]
+        assert pd.isna(row["margin"]) if np.isnan(margin[sid]) else row["margin"] == margin[sid]
+        assert row["epoch"] == 2
+
+
+def test_csv_all_reads_back_with_pandas(session: Path, tmp_path: Path) -> None:
+    out = tmp_path / "all.csv"
+    res = export_slice(session, "main", "all", "csv", out)
+    df = pd.read_csv(out)
+    ids = seen(session)
+    assert ids.size > 0 and 5 not in ids  # the Inf loss counts as unseen for selection
+    assert res.rows == len(df) == ids.size
+    assert res.spec == "all" and res.path == str(out)
+    check_rows(df, session, ids)
+    meta = json.loads((tmp_path / "all.csv.slice.json").read_text())
+    assert meta["spec"] == "all" and meta["description"] == res.description
+    assert meta["run"] == "main" and meta["epoch"] == 2 and meta["rows"] == res.rows
+    assert out.read_text().splitlines()[0] == ",".join(COLUMNS)  # plain CSV, no comment
+    # An exported CSV is a valid indices:FILE for the next fork.
+    again = select("indices:all.csv", arrays(session)["loss"], base_dir=tmp_path)
+    assert again.indices.tolist() == ids.tolist()
+
+
+def test_json_quantile_top_half(session: Path, tmp_path: Path) -> None:
+    out = tmp_path / "top.json"
+    res = export_slice(session, "main", "quantile:0.5:1.0", "json", out)
+    doc = json.loads(out.read_text())
+    want = select("quantile:0.5:1.0", arrays(session)["loss"])
+    assert doc["slice"]["spec"] == res.spec == "quantile:0.5:1"
+    assert doc["slice"]["description"] == want.description == res.description
+    df = pd.DataFrame(doc["rows"])
+    assert res.rows == len(df) == want.indices.size
+    check_rows(df, session, want.indices)
+
+
+def test_parquet_indices_file_with_unseen_and_inf(session: Path, tmp_path: Path) -> None:
+    loss = arrays(session)["loss"]
+    unseen = int(np.flatnonzero(np.isnan(loss))[0])
+    ids = [5, unseen, 0, 59, 0]  # 5 has an Inf loss; duplicates are dropped
+    (tmp_path / "ids.txt").write_text("\n".join(map(str, ids)) + "\n")
+    out = tmp_path / "pick.parquet"
+    res = export_slice(session, "main", "indices:ids.txt", "parquet", out, base_dir=tmp_path)
+    table = pq.read_table(out)
+    meta = json.loads(table.schema.metadata[b"onthefly.slice"])
+    assert meta["spec"] == res.spec == "indices:ids.txt"
+    assert "2 of them have no loss yet" in meta["description"]  # NaN and Inf
+    df = table.to_pandas()
+    want = np.unique(ids)
+    assert res.rows == len(df) == want.size
+    check_rows(df, session, want)
+    assert str(table.schema.field("loss").type) == "float"
+    assert str(table.schema.field("label").type) == "int64"
+    row5 = df[df["sample_id"] == 5].iloc[0]
+    assert math.isinf(row5["loss"])
+    assert pd.isna(df[df["sample_id"] == unseen].iloc[0]["loss"])
+
+
+def test_inf_in_csv_and_json(session: Path, tmp_path: Path) -> None:
+    (tmp_path / "five.txt").write_text("5\n")
+    export_slice(session, "main", "indices:five.txt", "csv", tmp_path / "f.csv", base_dir=tmp_path)
+    export_slice(
+        session, "main", "indices:five.txt", "json", tmp_path / "f.json", base_dir=tmp_path
+    )
+    assert math.isinf(pd.read_csv(tmp_path / "f.csv")["loss"][0])
+    assert (
+        json.loads((tmp_path / "f.json").read_text())["rows"][0]["loss"] is None
+    )  # no Inf in JSON
+
+
+def test_kmeans_uses_history_and_margin(session: Path, tmp_path: Path) -> None:
+    out = tmp_path / "k.json"
+    res = export_slice(session, "main", "kmeans:2", "json", out)
+    doc = json.loads(out.read_text())
+    assert doc["slice"]["spec"] == "kmeans:2" and len(doc["slice"]["clusters"]) == 2
+    assert doc["slice"]["selected_cluster"] == 1  # the hardest by default
+    assert res.rows == doc["slice"]["clusters"][1]["size"] == len(doc["rows"])
+
+
+def test_run_by_name_without_optional_arrays(session: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fork.csv"
+    res = export_slice(session, "hard-tail", "all", "csv", out)
+    df = pd.read_csv(out)
+    assert res.rows == len(df) == N
+    assert df[["label", "prediction", "margin"]].isna().all().all()
+    assert (df["epochs_seen"] == 2).all() and (df["epoch"] == 1).all()
+    data = load_run_samples(str(session), "fork-1")
+    assert data.labels is None and data.pred is None and data.margin is None
+
+
+def test_refusals(session: Path, tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown run 'nope'; known runs: main, fork-1 \(hard-tail\)"
+    ):
+        export_slice(session, "nope", "all", "csv", tmp_path / "x.csv")
+    with pytest.raises(
+        ValueError, match="unknown slice format 'xlsx'; use one of csv, parquet, json"
+    ):
+        export_slice(session, "main", "all", "xlsx", tmp_path / "x.xlsx")
+    with pytest.raises(ValueError, match="bad selection spec"):
+        export_slice(session, "main", "quantile:0.9", "csv", tmp_path / "x.csv")
+    with pytest.raises(ValueError, match="run 'fork-2' has no per-sample losses yet"):
+        export_slice(session, "fresh", "all", "csv", tmp_path / "x.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sess"]  # nothing written
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+def test_overwrite_needs_force(session: Path, tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / f"s.{fmt}"
+    out.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="already exists; pass force=True"):
+        export_slice(session, "main", "all", fmt, out)
+    assert out.read_bytes() == b"precious"
+    res = export_slice(session, "main", "all", fmt, out, force=True)
+    assert res.rows == seen(session).size
+    assert not list(tmp_path.glob(".*tmp*"))  # no temp files left
+
+
+def test_csv_sidecar_is_not_overwritten_silently(session: Path, tmp_path: Path) -> None:
+    side = tmp_path / "s.csv.slice.json"
+    side.write_text("{}")
+    with pytest.raises(FileExistsError, match=r"s\.csv\.slice\.json already exists"):
+        export_slice(session, "main", "all", "csv", tmp_path / "s.csv")
+    assert side.read_text() == "{}" and not (tmp_path / "s.csv").exists()
+
+
+def test_growing_arrays_are_padded_as_unseen(tmp_path: Path) -> None:
+    sdir = tmp_path / "s"
+    st = Store(str(sdir))
+    st.add_run(RunRow("main", "main", "train", RunStatus.RUNNING, [], 0.0))
+    st.close()
+    d = sdir / "samples" / "main"
+    d.mkdir(parents=True)
+    np.save(d / "epoch-0000.npy", np.arange(10, dtype=np.float32))
+    np.save(d / "epoch-0001.npy", np.arange(4, dtype=np.float32) + 100)  # still filling
+    data = load_run_samples(str(sdir), "main")
+    assert data.loss.size == 10 and np.isnan(data.loss[4:]).all()
+    assert data.epochs_seen.tolist() == [2] * 4 + [1] * 6
+    assert data.loss_mean[:4].tolist() == [50.0, 51.0, 52.0, 53.0]
