@@ -1376,6 +1376,11 @@ def attach_lightning(
         raise OnTheFlyError(
             f"attach_lightning(model=...) must be a lightning.pytorch.LightningModule, got {type(model).__name__}"
         )
+    if not model.automatic_optimization:
+        raise OnTheFlyError(
+            "attach_lightning supports automatic optimization (one optimizer stepped by Lightning); "
+            f"{type(model).__name__} sets automatic_optimization=False, which is not supported yet"
+        )
     if loss_fn is None:
         raise OnTheFlyError(
             "attach_lightning(loss_fn=...) is required: the loss training_step applies to self(x), e.g. "
