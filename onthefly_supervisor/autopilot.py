@@ -55,6 +55,9 @@ class Autopilot:
             fork_budget_steps=200,
             fork_lr_multipliers=(1.0,),
             explore_budget_steps=150,
+            # The generalist itself is the "no change" arm of an exploration.
+            explore_lr_multipliers=(0.3, 3.0),
+            max_parallel_children=3,
             gate_steps=200,
             merge_every_steps=10**9,
             max_total_budget_steps=5000,

@@ -247,13 +247,24 @@ def render_html(rep: dict[str, Any]) -> str:
 </body></html>"""
 
 
+def _finite(x: Any) -> Any:
+    """JSON has no NaN/Inf: they become null (a diverged loss is still reported)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def write_report(
     session_dir: str,
     out_dir: str,
     baseline_run: str = "",
     blocked: list[dict[str, Any]] | None = None,
 ) -> dict[str, str]:
-    rep = build(session_dir, baseline_run, blocked)
+    rep = _finite(build(session_dir, baseline_run, blocked))
     os.makedirs(out_dir, exist_ok=True)
     jp = os.path.join(out_dir, "report.json")
     hp = os.path.join(out_dir, "report.html")
