@@ -421,17 +421,22 @@ def cmd_sessions(a: argparse.Namespace) -> int:
         print(f"removed {len(removed)} session(s), kept the newest {keep}")
         return 0
     if a.action == "check":
+        from onthefly_supervisor.archive import check_session
+
         d = resolve_session(a.session)
-        st = Store(d, readonly=True)
-        try:
-            problems = st.integrity_check()
-        finally:
-            st.close()
+        problems = check_session(d)
         if problems:
             for p in problems:
                 print(f"problem: {p}")
             return 1
         print(f"session {os.path.basename(d)}: ok")
+        return 0
+    if a.action == "prune":
+        from onthefly_supervisor.archive import prune_checkpoints
+
+        d = resolve_session(a.session)
+        removed = prune_checkpoints(d, keep_last=a.keep)
+        print(f"removed {len(removed)} checkpoint(s) no run, fork, plan or pin refers to")
         return 0
     raise CliError(f"unknown sessions action {a.action}")
 
@@ -445,6 +450,81 @@ def _live(sdir: str) -> bool:
         return pid > 0
     except (OSError, ValueError):
         return False
+
+
+def cmd_export_slice(a: argparse.Namespace) -> int:
+    from onthefly_supervisor.slices import export_slice
+
+    sdir = resolve_session(a.session)
+    try:
+        res = export_slice(
+            sdir,
+            a.run,
+            a.select,
+            a.format,
+            os.path.abspath(a.output),
+            force=a.force,
+            base_dir=os.getcwd(),
+        )
+    except (ValueError, FileExistsError) as e:
+        raise CliError(str(e)) from None
+    if a.json:
+        print(
+            json.dumps(
+                {
+                    "path": res.path,
+                    "rows": res.rows,
+                    "spec": res.spec,
+                    "description": res.description,
+                }
+            )
+        )
+    else:
+        print(f"wrote {res.rows} rows to {res.path} ({res.description})")
+    return 0
+
+
+def cmd_export_session(a: argparse.Namespace) -> int:
+    from onthefly_supervisor.archive import export_session
+
+    sdir = resolve_session(a.session)
+    try:
+        res = export_session(sdir, os.path.abspath(a.output), force=a.force)
+    except (ValueError, FileExistsError, IsADirectoryError) as e:
+        raise CliError(str(e)) from None
+    if a.json:
+        print(
+            json.dumps(
+                {"path": res.path, "sha256": res.sha256, "files": res.files, "bytes": res.bytes}
+            )
+        )
+    else:
+        print(
+            f"wrote {res.path} ({res.files} files, {res.bytes / 2**20:.1f} MiB, sha256 {res.sha256})"
+        )
+    return 0
+
+
+def cmd_import_session(a: argparse.Namespace) -> int:
+    from onthefly_supervisor.archive import import_session
+
+    if not os.path.isfile(a.file):
+        raise CliError(f"no archive at {a.file}")
+    try:
+        res = import_session(os.path.abspath(a.file), ".")
+    except ValueError as e:
+        raise CliError(f"import refused: {e}") from None
+    if a.json:
+        print(
+            json.dumps(
+                {"session_id": res.session_id, "session_dir": res.session_dir, "files": res.files}
+            )
+        )
+    else:
+        print(
+            f"imported session {res.session_id} ({res.files} files); `onthefly resume` continues it"
+        )
+    return 0
 
 
 def cmd_report(a: argparse.Namespace) -> int:
@@ -677,8 +757,11 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--session", default=None)
     ru.set_defaults(fn=cmd_runs)
 
-    se = sub.add_parser("sessions", help="ls | rm SESSION | gc [--keep N] | check [SESSION]")
-    se.add_argument("action", choices=["ls", "rm", "gc", "check"])
+    se = sub.add_parser(
+        "sessions",
+        help="ls | rm SESSION | gc [--keep N] | check [SESSION] | prune [SESSION] [--keep N]",
+    )
+    se.add_argument("action", choices=["ls", "rm", "gc", "check", "prune"])
     se.add_argument("session", nargs="?", default=None)
     se.add_argument("--keep", type=int, default=5)
     se.add_argument("--json", action="store_true")
@@ -734,7 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("-o", "--output", required=True)
     es.add_argument("--force", action="store_true")
     es.add_argument("--json", action="store_true")
-    es.set_defaults(fn=cmd_rpc)
+    es.add_argument("--session", default=None)
+    es.set_defaults(fn=cmd_export_slice)
 
     em = sub.add_parser("export-model", help="write a run's model (or the MoE) as one file")
     em.add_argument("--run", default="main")
@@ -751,12 +835,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", required=True)
     ex.add_argument("--force", action="store_true")
     ex.add_argument("--json", action="store_true")
-    ex.set_defaults(fn=cmd_rpc)
+    ex.set_defaults(fn=cmd_export_session)
 
     im = sub.add_parser("import-session", help="restore an exported session")
     im.add_argument("file")
     im.add_argument("--json", action="store_true")
-    im.set_defaults(fn=cmd_rpc)
+    im.set_defaults(fn=cmd_import_session)
 
     rp = sub.add_parser("report", help="report.json + report.html with plots")
     rp.add_argument("session", nargs="?", default=None)

@@ -58,6 +58,9 @@ class MethodOps:
                 "CompareExperts": self.compare,
                 "ExportModel": self.export_model,
                 "RunHealthCheck": self.health,
+                "ExportSlice": self.export_slice,
+                "ExportSession": self.export_session,
+                "ImportSession": self.import_session,
             }
         )
         sup.tick_hooks.append(self.tick)
@@ -488,6 +491,63 @@ class MethodOps:
                 )
                 for v in verdicts
             ],
+        )
+
+    def export_slice(self, req: pb.ExportSliceRequest) -> pb.ExportReply:
+        from onthefly_supervisor.slices import export_slice
+
+        if not req.path or not os.path.isabs(req.path):
+            raise ValueError("export-slice needs an absolute output path chosen by the user")
+        res = export_slice(
+            self.sup.dir,
+            req.run or "main",
+            req.select or "all",
+            req.format,
+            req.path,
+            force=req.force,
+            base_dir=str(self.sup.store.get_meta("cwd", os.getcwd())),
+        )
+        return pb.ExportReply(
+            ok=True,
+            path=res.path,
+            rows=res.rows,
+            message=f"wrote {res.rows} rows ({res.description})",
+        )
+
+    def export_session(self, req: pb.ExportSessionRequest) -> pb.ExportReply:
+        from onthefly_supervisor.archive import export_session
+
+        if req.session and req.session != self.sup.session_id:
+            raise self._err(
+                grpc.StatusCode.NOT_FOUND,
+                f"this supervisor serves session {self.sup.session_id}, not {req.session}",
+            )
+        if not req.path or not os.path.isabs(req.path):
+            raise ValueError("export-session needs an absolute output path chosen by the user")
+        self.sup.arrays.persist()
+        res = export_session(self.sup.dir, req.path, force=req.force)
+        return pb.ExportReply(
+            ok=True,
+            path=res.path,
+            sha256=res.sha256,
+            rows=res.files,
+            message=f"wrote {res.path} ({res.files} files)",
+        )
+
+    def import_session(self, req: pb.ImportSessionRequest) -> pb.ExportReply:
+        from onthefly_supervisor.archive import import_session
+
+        if not req.path or not os.path.isabs(req.path):
+            raise ValueError("import-session needs an absolute archive path")
+        if not os.path.isfile(req.path):
+            raise FileNotFoundError(f"no archive at {req.path}")
+        project = str(self.sup.store.get_meta("cwd", os.getcwd()))
+        res = import_session(req.path, project)
+        return pb.ExportReply(
+            ok=True,
+            path=res.session_dir,
+            rows=res.files,
+            message=f"imported session {res.session_id}; `onthefly resume {res.session_id}` continues it",
         )
 
     def export_model(self, req: pb.ExportModelRequest) -> pb.ExportReply:

@@ -118,3 +118,47 @@ def test_kill_and_restart_from_checkpoint_is_bit_exact(tmp_path: Path) -> None:
     assert marker.exists(), "the worker really was killed"
     assert "restarting main from checkpoint" in r.stdout
     assert final_hash(proj) == ref
+
+
+def _session_dir(project: Path) -> Path:
+    return (project / ".onthefly" / "sessions" / "latest").resolve()
+
+
+def test_supervisor_killed_then_onthefly_resume_is_bit_exact(tmp_path: Path) -> None:
+    (tmp_path / "ref").mkdir()
+    ref = run_plain(tmp_path / "ref", "--checkpoint-every", "7")
+    proj = tmp_path / "killed"
+    proj.mkdir()
+    live = start(proj, SMALL, *COMMON, "--checkpoint-every", "7", "--step-sleep", "0.02")
+    live.wait_for(lambda s: live.main_run(s)["step"] >= 30, timeout=60, every=0.05)
+    live.proc.kill()  # SIGKILL the supervisor: its worker dies with it
+    live.proc.wait(10)
+    r = cli("resume", "--headless", "--port", "0", cwd=proj, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming main from checkpoints/main/step-" in r.stdout
+    assert final_hash(proj) == ref
+    assert cli("sessions", "check", cwd=proj).returncode == 0
+
+
+def test_export_import_resume_in_a_fresh_folder_is_bit_exact(tmp_path: Path) -> None:
+    (tmp_path / "ref").mkdir()
+    ref = run_plain(tmp_path / "ref")
+    proj = tmp_path / "a"
+    proj.mkdir()
+    live = start(proj, SMALL, *COMMON, "--step-sleep", "0.02")
+    live.wait_for(lambda s: live.main_run(s)["step"] >= 20, timeout=60, every=0.05)
+    live.proc.send_signal(2)  # Ctrl+C: stop at a step boundary with a checkpoint
+    code, out = live.finish(60)
+    assert code == 130, out
+    archive = tmp_path / "s.tar"
+    r = cli("export-session", "-o", str(archive), cwd=proj)
+    assert r.returncode == 0, r.stderr
+    r = cli("export-session", "-o", str(archive), cwd=proj)
+    assert r.returncode != 0 and "exists" in r.stderr
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    r = cli("import-session", str(archive), cwd=fresh)
+    assert r.returncode == 0, r.stderr
+    r = cli("resume", "--headless", "--port", "0", cwd=fresh, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert final_hash(fresh) == ref
