@@ -42,7 +42,7 @@ ext-deps:
 
 ## demo: the README's first command: set everything up, then run the main job on the embedded default
 demo: setup
-	$(VENV)/bin/onthefly run --headless --port 0 examples/regimes.py
+	$(VENV)/bin/onthefly run --automode --headless --port 0 examples/regimes.py
 
 ## test: the README's second command: set up, then run every test (Python + extension)
 test: setup check-proto

@@ -1240,13 +1240,26 @@ Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
 
 @_typing.final
 class Event(_message.Message):
-    """One session event. `kind` names it; `payload_json` holds its fields:
-      run_created {run}, run_status {run_id,status,message}, worker_state {worker},
-      metrics {run_id, points:[{step,epoch,loss,lr,grad_norm,samples_per_s,...}]},
-      samples {run_id, epoch, count, p50, p90, p99, mean, seen},
-      epoch_end {...}, eval {...}, checkpoint {...}, log {worker_id, level, text},
-      error {worker_id, message, traceback, filename, lineno}, plan {...},
-      session {state, message}
+    """One session event. `kind` names it; `run_id` the run it concerns ("" = the session);
+    `payload_json` holds its fields:
+      session      {state: started|resumed|finished|automode, session_id?, script?, argv?, exit_code?, automode?}
+      run_created  {run: {run_id, name, kind, status, parents, spec, ...}}
+      run_status   {status, previous, error}
+      worker_state {worker: {worker_id, run_id, role, state, pid, attempt, gpu, step, epoch, exit_code, exit_signal, error}}
+      attached     {worker_id, pid, dataset_size, steps_per_epoch, max_epochs, max_steps, model, device, framework, project}
+      metrics      columns, one entry per step: {step:[..], epoch:[..], time:[..], loss:[..], lr:[..],
+                   grad_norm:[..], samples_per_s:[..], step_time_ms:[..], data_time_ms:[..], memory_mb:[..],
+                   <user-logged key>:[..]} (null where not measured); several worker flushes per event
+      samples      {epoch, seen, total, p50, p90, p99, mean}   (at most once a second per run)
+      epoch_end    {epoch, step, train_loss, seconds}
+      eval         {split: val|test|slice:<name>, step, epoch, loss, accuracy, samples}
+      checkpoint   {path, sha256, step, epoch, batch, reason, bytes}
+      finished     {status, step, epoch, checkpoint}
+      log          {worker_id?, level: debug|info|warning|error, text}
+      error        {worker_id, message, traceback, filename, lineno, time}
+      plan         a plan card: {plan_id, action, reason, selection, training_recipe, gate_recipe,
+                   merge_recipe, budget_steps, cooldown_steps, diagnostics, created_step, status, target_run}
+      health       {step, verdicts: [{check, verdict, hint, numbers}]}
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1760,9 +1773,13 @@ class CompareRequest(_message.Message):
     RUNS_FIELD_NUMBER: _builtins.int
     SLICES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def runs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def runs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """runs to evaluate; empty = every completed run (and main)"""
+
     @_builtins.property
-    def slices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def slices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"val", "test", or a fork run id (its selection); empty = val + every fork's slice"""
+
     def __init__(
         self,
         *,

@@ -485,10 +485,8 @@ class Autopilot:
             return False
         self._last = 0.0
         self.tick()  # one more planning round on the finished generalist
-        if self.running or any(
-            c.status in (pl.PlanStatus.PROPOSED, pl.PlanStatus.APPROVED)
-            for c in self.cards.values()
-        ):
+        waiting = (pl.PlanStatus.PROPOSED, pl.PlanStatus.APPROVED, pl.PlanStatus.RUNNING)
+        if self.running or any(c.status in waiting for c in self.cards.values()):
             return True
         if self.baseline_pending:
             run = st.run(self.baseline_run)
