@@ -69,7 +69,11 @@ def _serve(sup: Supervisor, headless: bool) -> int:
     except BaseException:
         sup.shutdown()
         raise
-    view = TerminalView(sup, rich_mode=False if headless else None)
+    view = TerminalView(
+        sup,
+        rich_mode=False if headless else None,
+        from_seq=sup.bus.last_seq if sup.cfg.resume_dir else 0,
+    )
     view.print(
         f"[onthefly] session {sup.session_id} · supervisor on tcp://127.0.0.1:{sup.port} · store {os.path.relpath(sup.dir)}"
     )
@@ -97,7 +101,18 @@ def _serve(sup: Supervisor, headless: bool) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    """Self-hosted mode: `python train.py` started us; that process is the main worker."""
+    """`onthefly serve [SESSION]`: serve a finished session to the dashboard and the CLI.
+
+    With --owner-pid (internal): self-hosted mode, `python train.py` started us and that
+    process is the main worker.
+    """
+    if not a.owner_pid:
+        sdir = resolve_session(a.args[0] if a.args else None)
+        port = DEFAULT_PORT if a.port == "auto" else int(a.port)
+        cfg = SupervisorConfig(
+            script=_meta_script(sdir), port=port, resume_dir=sdir, serve_only=True, keep_alive=True
+        )
+        return _serve(Supervisor(cfg), headless=True)
     if a.args and a.args[0] == "--":
         a.args = a.args[1:]
     if not a.args:
@@ -620,6 +635,8 @@ def cmd_rpc(a: argparse.Namespace) -> int:
             k, v = kv.split("=", 1)
             vals[k] = v
         req, method = pb.EditPlanRequest(plan_id=a.plan_id, values=vals), "EditPlan"
+    elif c == "compare":
+        req, method = pb.CompareRequest(runs=a.runs, slices=a.slices or []), "CompareExperts"
     elif c == "automode":
         req, method = pb.AutomodeRequest(enabled=a.state == "on"), "SetAutomode"
     else:
@@ -632,6 +649,19 @@ def cmd_rpc(a: argparse.Namespace) -> int:
         d = _wait_run(client, d["run_id"], d)
     if getattr(a, "json", False):
         print(json.dumps(d, indent=2))
+    elif c == "compare":
+        runs, slices, losses = d.get("runs", []), d.get("slices", []), d.get("losses", [])
+        width = max([len(s) for s in slices] + [10])
+        print(f"{'run':<12}" + "".join(f"{s:>{width + 2}}" for s in slices))
+        for i, r in enumerate(runs):
+            row = losses[i * len(slices) : (i + 1) * len(slices)]
+            print(
+                f"{r:<12}"
+                + "".join(
+                    f"{(f'{v:.4g}' if isinstance(v, (int, float)) else str(v)):>{width + 2}}"
+                    for v in row
+                )
+            )
     elif c == "health":
         for v in d.get("verdicts", []):
             print(f"{v.get('check', ''):<12} {v.get('verdict', ''):<5} {v.get('hint', '')}")
@@ -721,8 +751,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("args", nargs=argparse.REMAINDER)
     r.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("serve", help=argparse.SUPPRESS)
-    s.add_argument("--owner-pid", type=int, required=True)
+    s = sub.add_parser(
+        "serve", help="serve a finished session (dashboard, forks, exports) until Ctrl+C"
+    )
+    s.add_argument("--owner-pid", type=int, default=0, help=argparse.SUPPRESS)
     s.add_argument("--project", default="default")
     s.add_argument("--run-name", default="main")
     s.add_argument("--port", default="auto")
@@ -801,6 +833,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-wait", dest="wait", action="store_false", help="return once queued")
     m.set_defaults(fn=cmd_rpc, wait=True)
 
+    cp = sub.add_parser(
+        "compare", help="loss of each run on each slice (own data, other forks', val, test)"
+    )
+    cp.add_argument("runs", nargs="*")
+    cp.add_argument(
+        "--slices",
+        nargs="*",
+        default=None,
+        help="val, test, or fork run ids (default: val + every fork)",
+    )
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(fn=cmd_rpc)
+
     h = sub.add_parser("health", help="health checks with verdicts")
     h.add_argument("--run", default="main")
     h.add_argument(
@@ -876,6 +921,8 @@ def main(argv: list[str] | None = None) -> int:
         return _die(str(e))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `onthefly status | head`
+        return 0
 
 
 if __name__ == "__main__":

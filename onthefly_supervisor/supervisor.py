@@ -91,6 +91,8 @@ class SupervisorConfig:
     resume_dir: str = ""
     """Continue the unfinished runs of this existing session folder instead of starting anew."""
     max_parallel_forks: int = 2
+    serve_only: bool = False
+    """With resume_dir: serve the session (views, forks, merges, exports) without resuming its runs."""
 
     def __post_init__(self) -> None:
         if not (self.port in (0, -1) or 1 <= self.port <= 65535):
@@ -197,7 +199,8 @@ class Supervisor:
         if self.cfg.owner_pid:
             self._register_external("main-0", "main", self.cfg.owner_pid)
         elif self.cfg.resume_dir:
-            self._resume_unfinished()
+            if not self.cfg.serve_only:
+                self._resume_unfinished()
         else:
             self.spawn("main", Role.TRAIN)
 

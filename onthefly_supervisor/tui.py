@@ -61,8 +61,9 @@ class RunView:
 
 
 class TerminalView:
-    def __init__(self, sup: Supervisor, rich_mode: bool | None = None) -> None:
+    def __init__(self, sup: Supervisor, rich_mode: bool | None = None, from_seq: int = 0) -> None:
         self.sup = sup
+        self.from_seq = from_seq
         self.rich = sys.stdout.isatty() if rich_mode is None else rich_mode
         self.runs: dict[str, RunView] = {}
         self._stop = threading.Event()
@@ -104,7 +105,9 @@ class TerminalView:
         self.print(prefix + line)
 
     def _follow(self) -> None:
-        for ev in self.sup.bus.follow(0, alive=lambda: not self._stop.is_set(), poll_s=0.25):
+        for ev in self.sup.bus.follow(
+            self.from_seq, alive=lambda: not self._stop.is_set(), poll_s=0.25
+        ):
             try:
                 self._on_event(ev)
             except Exception as e:  # the view must never take the supervisor down
