@@ -893,7 +893,7 @@ class Supervisor:
         run_id = w.spec.run_id
         if ex.error is None and wid in self.errors:
             ex.error = self.errors[wid]
-        if wid in self.hung and not ex.error:
+        if wid in self.hung:  # the hang is the root cause, not how the stop landed
             ex.error = {
                 "message": f"worker hung: no heartbeat for {self.cfg.hang_timeout_s:.0f} s; it was killed",
                 "filename": "",

@@ -206,6 +206,7 @@ class _Loop:
         self.grad_clip = cfg.grad_clip
         self.writer = ckpt.AsyncWriter()
         self.last_checkpoint = ""
+        self.last_good = ""
         self.adapters = False
         self.budget = int(self.spec.get("budget_steps", 0) or 0)
         subset = None
@@ -276,6 +277,8 @@ class _Loop:
                 "epoch": self.epoch,
                 "checkpoint": self.last_checkpoint,
             }
+        except (SystemExit, KeyboardInterrupt):
+            raise  # a stop from outside (SIGTERM/Ctrl+C), not an error of the script
         except BaseException as e:
             rec = error_record(e)
             if self.rec is not None:
@@ -419,14 +422,27 @@ class _Loop:
                     )
                 )
             else:
-                conn.send(log=pb.LogLine(level="error", text=f"checkpoint {rel} failed: {err}"))
+                # A full disk or an unwritable store must not kill the run: training goes on,
+                # and the last good checkpoint (written atomically) is still there.
+                prev = self.last_good or "none yet"
+                conn.send(
+                    log=pb.LogLine(
+                        level="error",
+                        text=f"checkpoint {rel} failed: {type(err).__name__}: {err}; training continues, the previous checkpoint ({prev}) is intact",
+                    )
+                )
 
-        self.writer.submit(state, path, meta, done)
+        def track(saved: ckpt.SavedCheckpoint | None, err: BaseException | None) -> None:
+            if saved is not None:
+                self.last_good = rel
+            done(saved, err)
+
+        self.writer.submit(state, path, meta, track)
         if wait:
             self.writer.wait()
             if self.writer.error is not None:
-                err, self.writer.error = self.writer.error, None
-                raise OnTheFlyError(f"could not write checkpoint {rel}: {err}") from err
+                self.writer.error = None
+                return ""
         self.last_checkpoint = rel
         return rel
 

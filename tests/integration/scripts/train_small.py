@@ -36,6 +36,7 @@ p.add_argument("--checkpoint-every", type=int, default=0)
 p.add_argument("--val", action="store_true")
 p.add_argument("--test", action="store_true")
 p.add_argument("--data-raise-at", type=int, default=-1)
+p.add_argument("--fork-oom", action="store_true", help="a fork of this script runs out of memory")
 args = p.parse_args()
 
 
@@ -84,6 +85,9 @@ class Net(nn.Module):
                 return self.body(x) * float("nan")
         return self.body(x)
 
+
+if args.fork_oom and os.environ.get("ONTHEFLY_ROLE") == "fork":
+    raise MemoryError("CUDA out of memory (simulated in the fork)")
 
 if args.raise_before_fit:
     raise RuntimeError("failed while building the data")
