@@ -17,10 +17,26 @@ SMALL = SCRIPTS / "train_small.py"
 SEQ = SCRIPTS / "train_seq.py"
 
 
-def _automode(project: Path, script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def _automode(
+    project: Path, script: Path, *args: str, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PY, "-m", "onthefly_supervisor", "run", "--automode", "--headless", "--port", "0", str(script), *args],
-        cwd=project, capture_output=True, text=True, timeout=timeout,
+        [
+            PY,
+            "-m",
+            "onthefly_supervisor",
+            "run",
+            "--automode",
+            "--headless",
+            "--port",
+            "0",
+            str(script),
+            *args,
+        ],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -30,7 +46,9 @@ def _report(project: Path) -> dict:  # type: ignore[type-arg]
 
 
 def test_nan_at_known_step_is_stabilized_and_the_run_finishes(tmp_path: Path) -> None:
-    r = _automode(tmp_path, SMALL, "--nan-at-step", "30", "--epochs", "4", "--step-sleep", "0.06", "--test")
+    r = _automode(
+        tmp_path, SMALL, "--nan-at-step", "30", "--epochs", "4", "--step-sleep", "0.06", "--test"
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     rep = _report(tmp_path)
     stab = [p for p in rep["plans"] if p["action"] == "stabilize" and p["reason"] == "nonfinite"]
@@ -45,7 +63,9 @@ def test_nan_at_known_step_is_stabilized_and_the_run_finishes(tmp_path: Path) ->
 
 def test_plateau_triggers_an_explore_plan(tmp_path: Path) -> None:
     # lr=0: the loss cannot move, the textbook plateau.
-    r = _automode(tmp_path, SMALL, "--lr", "0", "--epochs", "8", "--step-sleep", "0.03", "--val", "--test")
+    r = _automode(
+        tmp_path, SMALL, "--lr", "0", "--epochs", "8", "--step-sleep", "0.03", "--val", "--test"
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     rep = _report(tmp_path)
     explore = [p for p in rep["plans"] if p["action"] == "explore"]
@@ -69,7 +89,11 @@ def test_hard_regime_gets_fork_and_gate_and_the_report_shows_it(tmp_path: Path) 
     c = rep["comparison"]
     assert c["baseline_is_matched_compute"] is True
     base = next(x for x in rep["runs"] if x["run_id"] == c["baseline_run"])
-    specialists = sum(x["sample_steps"] for x in rep["runs"] if x["kind"] == "fork" and x["run_id"] != c["baseline_run"])
+    specialists = sum(
+        x["sample_steps"]
+        for x in rep["runs"]
+        if x["kind"] == "fork" and x["run_id"] != c["baseline_run"]
+    )
     assert abs(base["sample_steps"] - specialists) <= 32, "baseline gets the same extra compute"
     assert c["baseline_test_loss"] is not None and c["best_test_loss"] is not None
     html = (tmp_path / ".onthefly" / "sessions" / "latest" / "report.html").read_text()
@@ -78,14 +102,19 @@ def test_hard_regime_gets_fork_and_gate_and_the_report_shows_it(tmp_path: Path) 
     out = tmp_path / "again"
     r2 = cli("report", "-o", str(out), cwd=tmp_path)
     assert r2.returncode == 0, r2.stderr
-    assert json.loads((out / "report.json").read_text())["comparison"]["baseline_run"] == c["baseline_run"]
+    assert (
+        json.loads((out / "report.json").read_text())["comparison"]["baseline_run"]
+        == c["baseline_run"]
+    )
 
 
 def _open_in_chromium(page: Path) -> None:
     node = shutil.which("node")
     pw = ROOT / "vscode-extension" / "node_modules" / "playwright-core"
     if not (node and pw.exists() and Path("/usr/bin/chromium").exists()):
-        pytest.skip("headless Chromium check needs node, playwright-core (make ext-deps) and Debian chromium")
+        pytest.skip(
+            "headless Chromium check needs node, playwright-core (make ext-deps) and Debian chromium"
+        )
     js = f"""
 const {{ chromium }} = require({json.dumps(str(pw))});
 (async () => {{
@@ -136,7 +165,10 @@ def test_manual_mode_cards_wait_for_approval(tmp_path: Path) -> None:
         deadline = time.time() + 120
         status = ""
         while time.time() < deadline:
-            cur = {p["plan_id"]: p for p in json.loads(cli("plans", "--json", cwd=tmp_path).stdout)["plans"]}
+            cur = {
+                p["plan_id"]: p
+                for p in json.loads(cli("plans", "--json", cwd=tmp_path).stdout)["plans"]
+            }
             status = cur[card["plan_id"]]["status"]
             if status in ("done", "failed"):
                 break

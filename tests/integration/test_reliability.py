@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_proto import onthefly_pb2_grpc as pbg
-from tests.conftest import PY, SCRIPTS, cli, cli_json, pid_alive, start
+from tests.conftest import SCRIPTS, cli, cli_json, pid_alive, start
 
 SMALL = SCRIPTS / "train_small.py"
 
