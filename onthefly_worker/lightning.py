@@ -313,7 +313,7 @@ class LightningAttachment:
     model_factory: ModelFactory | None
     result: dict[str, Any] = field(default_factory=dict)
     """After `trainer.fit`: status, step, epoch and final checkpoint of the run."""
-    _run: _LightningRun | None = None
+    _run: _LightningRun | None = field(default=None, repr=False)
 
     def fresh_model(self) -> nn.Module:
         """A new, independent copy of the model for loading checkpoints beside the live one.
@@ -403,7 +403,8 @@ class _LightningRun:
         # lifecycle
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._restore_state: dict[str, Any] | None = None
-        self._restore_kind = ""
+        self._restore_kind = ""  # "resume" (this run's checkpoint) | "fork" (the parent's) | ""
+        self._restore_path = ""
         self.paused = False
         self.stop_reason = ""
         self.stopping = False
@@ -755,11 +756,16 @@ class _LightningRun:
         self._cls = Recorder.classification(prediction_of(out), self._target)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self.active:
-            return
+        """The total gradient norm the step uses: after AMP unscaling, before clipping."""
+        if self.active:
+            self._gnorm = self._grad_norm(optimizer)
+
+    @staticmethod
+    def _grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor | float:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads:
-            self._gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if not grads:
+            return math.nan
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     def on_train_batch_end(self, outputs: Any) -> None:
         if not self.active or self._phase is None:
@@ -778,6 +784,10 @@ class _LightningRun:
             loss = raw.detach() * trainer.accumulate_grad_batches
         else:
             loss = per.float().mean()
+        if not isinstance(self._gnorm, torch.Tensor):
+            # No optimizer step on this batch (gradient accumulation): report the norm of the
+            # gradient accumulated so far rather than NaN, which reads as a numerical problem.
+            self._gnorm = self._grad_norm(trainer.optimizers[0])
         self.step += 1
         self.sample_steps += self._n
         b = self.batch
@@ -823,7 +833,10 @@ class _LightningRun:
             elif isinstance(v, (int, float)):
                 plain[str(k)] = float(v)
         if vals:
-            plain.update(zip(keys, torch.stack([t.cpu() for t in vals]).tolist(), strict=True))
+            dev = vals[0].device  # one device-to-host copy for all of them
+            plain.update(
+                zip(keys, torch.stack([t.to(dev) for t in vals]).cpu().tolist(), strict=True)
+            )
         return plain
 
     # -- epochs and validation ---------------------------------------------------------------
