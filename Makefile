@@ -80,6 +80,9 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/ingest.py
+	$(PY) bench/load.py
+	$(PY) bench/checkpoint.py
+	$(PY) bench/cluster.py
 
 ext: ext-deps
 	cd $(EXT) && npm run package
