@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 if args.model == "mlp":
     x = torch.randn(8192, 128)
     y = torch.randint(0, 10, (8192,))
-    model = nn.Sequential(nn.Linear(128, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     bs = 128
 else:
     x = torch.randn(2048, 3, 32, 32)

@@ -251,7 +251,7 @@ class Autopilot:
             return out
         if steps.size == 0:
             return out
-        steps, loss, gn = steps[-4000:], loss[-4000:], gn[-4000:]
+        steps, loss, gn = steps[-1000:], loss[-1000:], gn[-1000:]
         since = int(steps[-1]) - 200
         for d in (
             pl.detect_nonfinite(steps, loss, gn),

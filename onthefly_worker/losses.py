@@ -70,9 +70,8 @@ class PerSampleLoss:
         weight = fn.weight
         valid = target != fn.ignore_index
         if weight is None:
-            if bool(valid.all()):
-                return None
-            return valid.sum().to(torch.float32)
+            # No host sync: ignored targets (loss 0) are left out of the count, as in PyTorch.
+            return valid.sum()
         w = weight[target.clamp(min=0)] * valid
         return w.sum()
 

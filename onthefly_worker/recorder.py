@@ -52,7 +52,7 @@ class Recorder:
         self._gnorms: list[torch.Tensor | float] = []
         self._points: list[tuple[int, int, int, float, float, float, float, float]] = []
         self._extra: list[dict[str, float]] = []
-        self._cls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+        self._cls: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self._epoch = -1
         self._pending = 0
         self._last_flush = time.monotonic()
@@ -73,9 +73,10 @@ class Recorder:
         step_ms: float,
         data_ms: float,
         extra: dict[str, float] | None = None,
-        cls: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        cls: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """`cls` = (margin, pred, label) per sample, for classification batches."""
+        """`cls` = (logits [B, C], labels [B]) of a classification batch; margins and
+        predictions are computed at flush time, batched over many steps."""
         if epoch != self._epoch and self._ids:
             self.flush()
         self._epoch = epoch
@@ -139,17 +140,15 @@ class Recorder:
             )
         first, last = self._points[0][0], self._points[-1][0]
         cls_kw: dict[str, bytes] = {}
-        if all(c is not None for c in self._cls):
-            parts = [c for c in self._cls if c is not None]
+        parts = [c for c in self._cls if c is not None]
+        if parts and len(parts) == len(self._cls) and len({c[0].shape[1] for c in parts}) == 1:
+            margin, pred, label = self._margins(
+                torch.cat([c[0] for c in parts]), torch.cat([c[1] for c in parts])
+            )
             cls_kw = {
-                "margins": torch.cat([c[0] for c in parts])
-                .float()
-                .cpu()
-                .numpy()
-                .astype("<f4")
-                .tobytes(),
-                "preds": torch.cat([c[1] for c in parts]).cpu().numpy().astype("<i4").tobytes(),
-                "labels": torch.cat([c[2] for c in parts]).cpu().numpy().astype("<i4").tobytes(),
+                "margins": margin.cpu().numpy().astype("<f4").tobytes(),
+                "preds": pred.cpu().numpy().astype("<i4").tobytes(),
+                "labels": label.cpu().numpy().astype("<i4").tobytes(),
             }
         self._send(
             samples=pb.SampleLosses(
@@ -175,26 +174,31 @@ class Recorder:
         self._pending = 0
 
     @staticmethod
-    def classification(
-        output: object, target: object
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(margin, pred, label) when output is [B, C] logits and target [B] class ids."""
+    def classification(output: object, target: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits, labels) to keep for margins, when output is [B, C] logits (C <= 1024, so
+        holding a flush's worth is cheap) and target [B] class ids; else None."""
         if not (
             isinstance(output, torch.Tensor)
             and isinstance(target, torch.Tensor)
             and output.dim() == 2
             and target.dim() == 1
             and output.shape[0] == target.shape[0]
-            and output.shape[1] >= 2
+            and 2 <= output.shape[1] <= 1024
             and not target.is_floating_point()
         ):
             return None
+        return output.detach(), target.detach()
+
+    @staticmethod
+    def _margins(
+        logits: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            o = output.detach().float()
-            y = target.detach().long().clamp(0, o.shape[1] - 1)
+            o = logits.float()
+            y = target.long().clamp(0, o.shape[1] - 1)
             true = o.gather(1, y[:, None]).squeeze(1)
             others = o.scatter(1, y[:, None], float("-inf"))
-            return true - others.max(dim=1).values, o.argmax(dim=1), target.detach()
+            return true - others.max(dim=1).values, o.argmax(dim=1), target
 
     def take_epoch_mean(self) -> float:
         self.flush()
