@@ -9,7 +9,6 @@ imported session) can never run code.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import random
 import threading
@@ -68,38 +67,20 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _HashingWriter(io.RawIOBase):
-    """A write-only file that hashes what passes through it."""
-
-    def __init__(self, f: Any) -> None:
-        self._f = f
-        self.sha = hashlib.sha256()
-        self.nbytes = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        mv = memoryview(b)
-        self.sha.update(mv)
-        self._f.write(mv)
-        self.nbytes += mv.nbytes
-        return mv.nbytes
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
 def write_atomic(state: dict[str, Any], path: str) -> tuple[str, int]:
     """torch.save to `path` via temp file + fsync + rename; returns (sha256, bytes)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
-        with open(tmp, "wb") as f:
-            w = _HashingWriter(f)
-            torch.save(state, w)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
+        # torch.save to a path uses its C++ writer (a Python file wrapper is ~2x slower);
+        # the hash is then read back from the page cache before fsync makes it durable.
+        torch.save(state, tmp)
+        digest, nbytes = _sha256_and_size(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -112,7 +93,22 @@ def write_atomic(state: dict[str, Any], path: str) -> tuple[str, int]:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-    return w.sha.hexdigest(), w.nbytes
+    return digest, nbytes
+
+
+def _sha256_and_size(path: str) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(4 << 20)
+        view = memoryview(buf)
+        while True:
+            k = f.readinto(buf)
+            if not k:
+                break
+            h.update(view[:k])
+            n += k
+    return h.hexdigest(), n
 
 
 def sha256_file(path: str) -> str:
@@ -133,7 +129,8 @@ def load(
             raise ValueError(
                 f"checkpoint {path} is corrupt: sha256 {actual[:12]}… != recorded {expected_sha256[:12]}…"
             )
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    # mmap: tensors are paged in on use instead of read up front (resume costs ~ one step).
+    state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not an OnTheFly checkpoint")
     if int(state.get("version", 0)) > VERSION:
