@@ -83,6 +83,8 @@ bench: $(STAMP)
 	$(PY) bench/load.py
 	$(PY) bench/checkpoint.py
 	$(PY) bench/cluster.py
+	$(PY) bench/pause.py
+	$(PY) bench/method.py
 
 ext: ext-deps
 	cd $(EXT) && npm run package

@@ -1,7 +1,7 @@
 """The bench workload: the same model, data and steps, as a raw PyTorch loop or under OnTheFly.
 
-    python bench/_workload.py raw --model mlp --steps 1500      # prints JSON timing
-    onthefly run bench/_workload.py onthefly --model mlp ...    # timing read from the store
+python bench/_workload.py raw --model mlp --steps 1500      # prints JSON timing
+onthefly run bench/_workload.py onthefly --model mlp ...    # timing read from the store
 """
 
 import argparse
@@ -24,15 +24,24 @@ torch.set_num_threads(1)
 if args.model == "mlp":
     x = torch.randn(8192, 128)
     y = torch.randint(0, 10, (8192,))
-    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = nn.Sequential(
+        nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
     bs = 128
 else:
     x = torch.randn(2048, 3, 32, 32)
     y = torch.randint(0, 10, (2048,))
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
     bs = 64
 loader = DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True, drop_last=True)
@@ -63,4 +72,6 @@ if args.mode == "raw":
 else:
     from onthefly import Trainer
 
-    Trainer(project="bench", max_epochs=epochs, max_steps=args.steps).fit(model, opt, loss_fn, loader)
+    Trainer(project="bench", max_epochs=epochs, max_steps=args.steps).fit(
+        model, opt, loss_fn, loader
+    )

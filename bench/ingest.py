@@ -78,7 +78,9 @@ def in_process() -> float:
         arrays = SampleArrays(d)
         rng = np.random.default_rng(0)
         msg = pb.SampleLosses(
-            run_id="main", epoch=0, count=PER_MSG,
+            run_id="main",
+            epoch=0,
+            count=PER_MSG,
             ids=rng.integers(0, N_DATA, PER_MSG).astype("<i8").tobytes(),
             losses=rng.random(PER_MSG, dtype=np.float32).tobytes(),
         )
@@ -118,7 +120,9 @@ def main() -> None:
     ip = in_process()
     print(f"in-process unpack+scatter: {ip / 1e6:.1f} M samples/s")
     e2e = end_to_end()
-    print(f"ingest: {e2e / 1e6:.1f} M samples/s (end to end over gRPC, {PER_MSG} samples per message)")
+    print(
+        f"ingest: {e2e / 1e6:.1f} M samples/s (end to end over gRPC, {PER_MSG} samples per message)"
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,24 @@ STEPS = 1500
 def run(watchers: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as d:
         proc = subprocess.Popen(
-            [PY, "-m", "onthefly_supervisor", "run", "--headless", "--port", "0", str(WORK), "onthefly", "--model", "mlp", "--steps", str(STEPS)],
-            cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                PY,
+                "-m",
+                "onthefly_supervisor",
+                "run",
+                "--headless",
+                "--port",
+                "0",
+                str(WORK),
+                "onthefly",
+                "--model",
+                "mlp",
+                "--steps",
+                str(STEPS),
+            ],
+            cwd=d,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         cj = Path(d) / ".onthefly" / "sessions" / "latest" / "connection.json"
         while not cj.exists():
@@ -46,7 +62,9 @@ def run(watchers: int) -> tuple[float, float]:
         def watch() -> None:
             ch = grpc.insecure_channel(conn["addr"])
             try:
-                for _ in pbg.ControlServiceStub(ch).WatchEvents(pb.WatchRequest(from_seq=0), metadata=md):
+                for _ in pbg.ControlServiceStub(ch).WatchEvents(
+                    pb.WatchRequest(from_seq=0), metadata=md
+                ):
                     if stop.is_set():
                         break
             except grpc.RpcError:
@@ -77,7 +95,10 @@ def run(watchers: int) -> tuple[float, float]:
         proc.wait()
         stop.set()
         db = sqlite3.connect(os.path.join(d, ".onthefly", "sessions", "latest", "session.db"))
-        (s0, t0), (s1, t1) = db.execute("SELECT step, t FROM metrics WHERE run_id='main' AND step IN (100, ?) ORDER BY step", (STEPS,)).fetchall()
+        (s0, t0), (s1, t1) = db.execute(
+            "SELECT step, t FROM metrics WHERE run_id='main' AND step IN (100, ?) ORDER BY step",
+            (STEPS,),
+        ).fetchall()
         db.close()
         return 1000 * (t1 - t0) / (s1 - s0), peak[0]
 
@@ -88,7 +109,9 @@ def main() -> None:
         alone, _ = run(0)
         loaded, rss = run(8)
         ratios.append(loaded / alone)
-        print(f"alone {alone:.3f} ms/step · 8 watchers + status polling {loaded:.3f} ms/step · supervisor peak RSS {rss:.0f} MiB")
+        print(
+            f"alone {alone:.3f} ms/step · 8 watchers + status polling {loaded:.3f} ms/step · supervisor peak RSS {rss:.0f} MiB"
+        )
     print(f"load ratio: {statistics.median(ratios):.3f}")
 
 

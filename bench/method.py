@@ -24,9 +24,17 @@ PY = sys.executable
 
 
 def cli(cwd: str, *args: str, timeout: float = 600) -> str:
-    r = subprocess.run([PY, "-m", "onthefly_supervisor", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [PY, "-m", "onthefly_supervisor", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if r.returncode != 0:
-        raise RuntimeError(f"onthefly {' '.join(args)} failed: {r.stderr.strip() or r.stdout.strip()}")
+        raise RuntimeError(
+            f"onthefly {' '.join(args)} failed: {r.stderr.strip() or r.stdout.strip()}"
+        )
     return r.stdout
 
 
@@ -37,8 +45,21 @@ def runs(cwd: str) -> dict[str, dict[str, Any]]:
 def one(name: str, script: str, args: list[str], classification: bool, budget: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         proc = subprocess.Popen(
-            [PY, "-m", "onthefly_supervisor", "run", "--headless", "--keep-alive", "--port", "0", str(ROOT / script), *args],
-            cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                PY,
+                "-m",
+                "onthefly_supervisor",
+                "run",
+                "--headless",
+                "--keep-alive",
+                "--port",
+                "0",
+                str(ROOT / script),
+                *args,
+            ],
+            cwd=d,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             deadline = time.time() + 600
@@ -51,7 +72,17 @@ def one(name: str, script: str, args: list[str], classification: bool, budget: i
                 time.sleep(0.5)
             cli(d, "fork", "--select", "quantile:0.85:1.0", "--budget-steps", str(budget), "--wait")
             cli(d, "fork", "--select", "kmeans:auto", "--budget-steps", str(budget), "--wait")
-            cli(d, "fork", "--select", "quantile:0.7:1.0", "--budget-steps", str(budget), "--adapters", "8", "--wait")
+            cli(
+                d,
+                "fork",
+                "--select",
+                "quantile:0.7:1.0",
+                "--budget-steps",
+                str(budget),
+                "--adapters",
+                "8",
+                "--wait",
+            )
             cli(d, "gate", "main", "fork-1", "fork-2")
             results: list[tuple[str, str]] = [("moe (gate over main, fork-1, fork-2)", "moe-1")]
             methods = ["swa", "fisher_soup"] + (["distill"] if classification else [])
@@ -64,18 +95,38 @@ def one(name: str, script: str, args: list[str], classification: bool, budget: i
             extra = sum(r["sample_steps"] for k, r in rs.items() if r["kind"] == "fork")
             main = rs["main"]
             per_step = max(1, round(main["sample_steps"] / max(1, main["step"])))
-            out = cli(d, "fork", "--select", "all", "--budget-steps", str(max(1, round(extra / per_step))), "--name", "baseline", "--wait")
+            out = cli(
+                d,
+                "fork",
+                "--select",
+                "all",
+                "--budget-steps",
+                str(max(1, round(extra / per_step))),
+                "--name",
+                "baseline",
+                "--wait",
+            )
             base_id = out.split(":")[0].strip()
             rs = runs(d)
             base = rs[base_id]["test_loss"]
-            print(f"\n{name}: generalist test loss {main['test_loss']:.4f}; specialists used {extra} sample-steps; "
-                  f"baseline = main trained on for the same compute ({base_id}): test loss {base:.4f}")
+            print(
+                f"\n{name}: generalist test loss {main['test_loss']:.4f}; specialists used {extra} sample-steps; "
+                f"baseline = main trained on for the same compute ({base_id}): test loss {base:.4f}"
+            )
             print(f"{'result':<40}{'test loss':>12}{'÷ baseline':>12}")
             for label, rid in results:
                 tl = rs[rid]["test_loss"]
-                print(f"{label:<40}{tl:>12.4f}{tl / base:>12.3f}" if tl is not None else f"{label:<40}{'failed':>12}  {rs[rid]['error'][:60]}")
-            cmp = cli(d, "compare", "main", "fork-1", "moe-1", base_id, "--slices", "fork-1", "test")
-            print("loss on the hard slice (fork-1's selection) and on the test set:\n" + cmp.rstrip())
+                print(
+                    f"{label:<40}{tl:>12.4f}{tl / base:>12.3f}"
+                    if tl is not None
+                    else f"{label:<40}{'failed':>12}  {rs[rid]['error'][:60]}"
+                )
+            cmp = cli(
+                d, "compare", "main", "fork-1", "moe-1", base_id, "--slices", "fork-1", "test"
+            )
+            print(
+                "loss on the hard slice (fork-1's selection) and on the test set:\n" + cmp.rstrip()
+            )
             moe = rs["moe-1"]["test_loss"]
             print(f"{name} moe/baseline test-loss ratio: {moe / base:.3f}")
         finally:

@@ -24,18 +24,43 @@ PY = sys.executable
 
 
 def raw(model: str, steps: int, warmup: int) -> float:
-    out = subprocess.run([PY, str(WORK), "raw", "--model", model, "--steps", str(steps), "--warmup", str(warmup)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [PY, str(WORK), "raw", "--model", model, "--steps", str(steps), "--warmup", str(warmup)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return float(json.loads(out.strip().splitlines()[-1])["step_ms"])
 
 
 def supervised(model: str, steps: int, warmup: int) -> float:
     with tempfile.TemporaryDirectory() as d:
         subprocess.run(
-            [PY, "-m", "onthefly_supervisor", "run", "--headless", "--port", "0", str(WORK), "onthefly", "--model", model, "--steps", str(steps)],
-            cwd=d, capture_output=True, text=True, check=True,
+            [
+                PY,
+                "-m",
+                "onthefly_supervisor",
+                "run",
+                "--headless",
+                "--port",
+                "0",
+                str(WORK),
+                "onthefly",
+                "--model",
+                model,
+                "--steps",
+                str(steps),
+            ],
+            cwd=d,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         db = sqlite3.connect(os.path.join(d, ".onthefly", "sessions", "latest", "session.db"))
-        rows = db.execute("SELECT step, t FROM metrics WHERE run_id='main' AND step IN (?, ?) ORDER BY step", (warmup, steps)).fetchall()
+        rows = db.execute(
+            "SELECT step, t FROM metrics WHERE run_id='main' AND step IN (?, ?) ORDER BY step",
+            (warmup, steps),
+        ).fetchall()
         db.close()
         (s0, t0), (s1, t1) = rows
         return 1000 * (t1 - t0) / (s1 - s0)
@@ -50,7 +75,9 @@ def main() -> None:
             s = supervised(model, steps, 50)
             pairs.append((r, s, s / r))
         ratios = [p[2] for p in pairs]
-        print(f"{model}: raw {statistics.median(p[0] for p in pairs):.3f} ms/step · onthefly {statistics.median(p[1] for p in pairs):.3f} ms/step · ratios {', '.join(f'{x:.3f}' for x in ratios)}")
+        print(
+            f"{model}: raw {statistics.median(p[0] for p in pairs):.3f} ms/step · onthefly {statistics.median(p[1] for p in pairs):.3f} ms/step · ratios {', '.join(f'{x:.3f}' for x in ratios)}"
+        )
         print(f"{model} overhead ratio: {statistics.median(ratios):.3f}")
 
 

@@ -91,6 +91,8 @@ class SupervisorConfig:
     resume_dir: str = ""
     """Continue the unfinished runs of this existing session folder instead of starting anew."""
     max_parallel_forks: int = 2
+    keep_checkpoints: int = 3
+    """Checkpoints kept per run by the automatic prune (referenced and pinned ones always stay)."""
     serve_only: bool = False
     """With resume_dir: serve the session (views, forks, merges, exports) without resuming its runs."""
 
@@ -138,6 +140,7 @@ class Supervisor:
         self._metric_buf: dict[str, list[dict[str, Any]]] = {}
         self._sample_dirty: dict[str, int] = {}
         self._last_persist = time.monotonic()
+        self._last_prune = time.monotonic()
         self._last_sample_event = 0.0
         self._exit_code: int | None = None
         self._root_cause = ""
@@ -860,6 +863,9 @@ class Supervisor:
         if time.monotonic() - self._last_persist > 5.0:
             self._last_persist = time.monotonic()
             self.arrays.persist()
+        if time.monotonic() - self._last_prune > 30.0:
+            self._last_prune = time.monotonic()
+            self._prune()
         self._decide_exit()
 
     def _poll_external(self, w: Worker) -> None:
@@ -997,6 +1003,20 @@ class Supervisor:
         main = self.store.run("main")
         ok = main is not None and main.status in (RunStatus.COMPLETED, RunStatus.STOPPED)
         self._exit_code = 0 if ok else 1
+
+    def _prune(self) -> None:
+        """Keep policy: old cadence checkpoints go; anything a run, fork, plan or pin refers to stays."""
+        from onthefly_supervisor.archive import prune_checkpoints
+
+        try:
+            removed = prune_checkpoints(self.dir, keep_last=self.cfg.keep_checkpoints)
+        except Exception as e:  # pruning is housekeeping: never fatal
+            self.bus.publish("log", "", level="warning", text=f"checkpoint pruning skipped: {e}")
+            return
+        if removed:
+            self.bus.publish(
+                "log", "", level="debug", text=f"pruned {len(removed)} old checkpoint(s)"
+            )
 
     def _busy(self) -> bool:
         return any(h() for h in self.busy_hooks)
