@@ -11,7 +11,6 @@ merge worker), then prints a table of test losses and
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile

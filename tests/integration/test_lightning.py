@@ -241,6 +241,22 @@ def test_unsupported_setups_fail_at_attach_time() -> None:
     assert isinstance(att2.fresh_model(), Locked)
 
 
+def test_onthefly_imports_and_explains_without_lightning() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['lightning'] = None  # as if Lightning were not installed\n"
+        "import onthefly\n"
+        "assert 'lightning.pytorch' not in sys.modules\n"
+        "try:\n"
+        "    onthefly.attach_lightning(trainer=None, model=None)\n"
+        "except onthefly.OnTheFlyError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "refused: attach_lightning needs Lightning 2.x" in r.stdout
+
+
 # -- end to end ----------------------------------------------------------------------------------
 def test_metrics_and_exact_per_sample_losses(project: Path) -> None:
     # lr=0 and no dropout: the weights never change, so each recorded loss must equal a
