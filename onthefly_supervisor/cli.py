@@ -64,6 +64,7 @@ def _serve(sup: Supervisor, headless: bool) -> int:
     from onthefly_supervisor.tui import TerminalView
 
     should_stop = install_signal_handlers(sup)
+    seq0 = sup.bus.last_seq if sup.cfg.resume_dir else 0  # a resumed session: show only what is new
     try:
         sup.start()
     except BaseException:
@@ -72,7 +73,7 @@ def _serve(sup: Supervisor, headless: bool) -> int:
     view = TerminalView(
         sup,
         rich_mode=False if headless else None,
-        from_seq=sup.bus.last_seq if sup.cfg.resume_dir else 0,
+        from_seq=seq0,
     )
     view.print(
         f"[onthefly] session {sup.session_id} · supervisor on tcp://127.0.0.1:{sup.port} · store {os.path.relpath(sup.dir)}"
