@@ -389,7 +389,7 @@ class _LightningRun:
         self._target: Any = None
         self._n = 0
         self._per: torch.Tensor | None = None
-        self._cls: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._cls: tuple[torch.Tensor, torch.Tensor] | None = None
         self._gnorm: torch.Tensor | float = math.nan
         self._t_prev = 0.0
         self._t_data = 0.0
