@@ -512,6 +512,11 @@ class _LightningRun:
         self._hooks.append(module.register_forward_hook(self._on_forward))
 
     def _check_supported(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if module is not self.att.model:
+            raise OnTheFlyError(
+                f"trainer.fit got a different LightningModule ({type(module).__name__}) than "
+                "attach_lightning(model=...); pass the same object to both"
+            )
         if not module.automatic_optimization:
             raise OnTheFlyError(
                 "attach_lightning supports automatic optimization (one optimizer stepped by Lightning); "
