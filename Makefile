@@ -21,6 +21,8 @@ $(STAMP): $(PY) pyproject.toml
 	# The CPU wheel first: an unpinned torch pulled in later would be a 5 GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,lightning,explorer]'
+	# A script saved as lightning.py must still be able to `import lightning` (see onthefly_pathfix.py).
+	$(PY) -c "import os, site; open(os.path.join(site.getsitepackages()[0], 'onthefly_pathfix.pth'), 'w').write('import onthefly_pathfix\n')"
 	touch $(STAMP)
 
 ## system-deps: Debian chromium for the dashboard browser tests (never a downloaded browser)

@@ -254,7 +254,8 @@ class Autopilot:
         steps, loss, gn = steps[-1000:], loss[-1000:], gn[-1000:]
         since = int(steps[-1]) - 200
         for d in (
-            pl.detect_nonfinite(steps, loss, gn),
+            # A NaN grad norm means "not measured" (e.g. a skipped step); Inf means bad gradients.
+            pl.detect_nonfinite(steps, loss, np.where(np.isnan(gn), 0.0, gn)),
             pl.detect_spike(steps, loss, since_step=since, metric="loss"),
             pl.detect_spike(
                 steps, np.where(np.isfinite(gn), gn, np.nan), since_step=since, metric="grad_norm"

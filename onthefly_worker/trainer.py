@@ -628,6 +628,7 @@ class _Loop:
                     )
                     if bad_grads:
                         # Like GradScaler: an update with Inf/NaN gradients would poison the weights.
+                        gnorm = math.inf  # reported as Inf: NaN on the wire means "not measured"
                         opt.zero_grad(set_to_none=True)
                         self._nonfinite("gradients")
                     else:

@@ -1,10 +1,10 @@
 """Every script in examples/ runs under `onthefly run` and leaves a complete main run.
 
-Each example is copied into the test's project folder first: `examples/lightning.py`
-(the README's script, verbatim) is named like the `lightning` package, and Python puts a
-script's folder first on sys.path, so a Lightning script run from examples/ would import
-that file instead of Lightning. The copy of lightning.py is renamed for the same reason.
-The flags shrink each example to a few seconds; the verbatim README scripts take none.
+Each example is copied into the test's project folder first and run under its own name:
+`examples/lightning.py` (the README's script, verbatim) is named like the `lightning`
+package, which works because onthefly_pathfix lets a script named like a package import
+that package. The flags shrink each example to a few seconds; the verbatim README scripts
+take none.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_every_example_is_covered() -> None:
 
 @pytest.mark.parametrize("example", ALL)
 def test_example_runs_under_onthefly_run(project: Path, example: str) -> None:
-    script = project / (example if example != "lightning.py" else "lightning_minimal.py")
+    script = project / example
     shutil.copy(EXAMPLES / example, script)
     r = subprocess.run(
         [PY, "-m", "onthefly_supervisor", "run", "--headless", "--port", "0", str(script)]

@@ -338,10 +338,10 @@ def test_pause_test_resume_from_cli_then_completes(project: Path) -> None:
 
 
 def test_readme_lightning_script_as_plain_python(project: Path) -> None:
-    # The README's minimal Lightning script (examples/lightning.py, verbatim), run as the
-    # README says: `python train.py`. (Under its own name it would shadow the lightning
-    # package: Python puts the script's folder first on sys.path.)
-    script = project / "train.py"
+    # The README's minimal Lightning script (examples/lightning.py, verbatim), run as
+    # `python lightning.py` under its own name: onthefly_pathfix lets a script named like a
+    # package import that package (Python puts the script's folder first on sys.path).
+    script = project / "lightning.py"
     shutil.copy(EXAMPLES / "lightning.py", script)
     r = subprocess.run([PY, str(script)], cwd=project, capture_output=True, text=True, timeout=150)
     assert r.returncode == 0, r.stdout + r.stderr

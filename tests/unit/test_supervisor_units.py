@@ -315,3 +315,30 @@ def test_config_validation_names_the_option(tmp_path: Path) -> None:
         SupervisorConfig(script="x.py", port=70000)
     with pytest.raises(SupervisorError, match="--max-restarts -1"):
         SupervisorConfig(script="x.py", max_restarts=-1)
+
+
+def test_a_script_named_like_a_package_imports_the_package(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "json.py").write_text("import json\nprint(json.dumps({'ok': True}))\n")
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "json.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == '{"ok": true}'
+    # Other scripts importing a sibling module of their folder are untouched.
+    (tmp_path / "helper.py").write_text("VALUE = 7\n")
+    (tmp_path / "main.py").write_text("import helper\nprint(helper.VALUE)\n")
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "main.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.stdout.strip() == "7", r.stderr
