@@ -2,20 +2,32 @@
 
 Python puts a script's own folder first on sys.path, so a training script saved as
 `lightning.py` (as the product README names its Lightning example) finds itself when it
-runs `import lightning` and fails with a partially-initialized module. This finder,
-installed by `onthefly_pathfix.pth` at interpreter start, resolves only that one case:
-the running script imports its own file name and a real package of that name exists
-further down sys.path — then the real package is imported. Everything else is untouched.
+runs `import lightning` and fails with a partially-initialized module — and so does any
+sibling script of it. This finder, installed by `onthefly_pathfix.pth` at interpreter
+start, resolves only that case: a local `X.py` that imports `X` itself can never be the
+module `X` anyone meant, so when a real `X` exists further down sys.path, that one is
+imported. Local modules that do not import their own name are untouched.
 """
 
 from __future__ import annotations
 
 import importlib.machinery
 import os
+import re
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
+
+
+def _self_importing(path: str, name: str) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            src = f.read(200_000)
+    except OSError:
+        return False
+    pattern = rf"^\s*(import\s+{re.escape(name)}\b|from\s+{re.escape(name)}(\s+import|\.))"
+    return re.search(pattern, src, re.MULTILINE) is not None
 
 
 class _ScriptShadowFinder:
@@ -23,24 +35,21 @@ class _ScriptShadowFinder:
     def find_spec(
         cls, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
     ) -> Any:
-        if path is not None or "." in fullname or not sys.argv or not sys.argv[0]:
+        if path is not None or "." in fullname:
             return None
-        script = os.path.abspath(sys.argv[0])
-        if os.path.splitext(os.path.basename(script))[0] != fullname:
-            return None
-        # The script's folder and the working folder hold same-named scripts, not the package.
-        local = {os.path.dirname(script), os.getcwd()}
-        rest = [
-            p
-            for p in sys.path
-            if not (
-                os.path.abspath(p or os.getcwd()) in local
-                and os.path.isfile(
-                    os.path.join(os.path.abspath(p or os.getcwd()), fullname + ".py")
-                )
-            )
-        ]
-        if len(rest) == len(sys.path):
+        local = {os.getcwd()}
+        if sys.argv and sys.argv[0]:
+            local.add(os.path.dirname(os.path.abspath(sys.argv[0])))
+        shadowed = False
+        rest = []
+        for p in sys.path:
+            d = os.path.abspath(p or os.getcwd())
+            candidate = os.path.join(d, fullname + ".py")
+            if d in local and os.path.isfile(candidate) and _self_importing(candidate, fullname):
+                shadowed = True
+                continue
+            rest.append(p)
+        if not shadowed:
             return None
         return importlib.machinery.PathFinder.find_spec(fullname, rest)
 
