@@ -60,7 +60,8 @@ from onthefly_proto import onthefly_pb2 as pb
 from onthefly_worker import checkpoint as ckpt
 from onthefly_worker import env as wenv
 from onthefly_worker.config import TrainerConfig
-from onthefly_worker.connection import PROTOCOL_VERSION, Command, WorkerConnection
+from onthefly_worker.connection import PROTOCOL_VERSION, WorkerConnection
+from onthefly_worker.control import CommandLoop
 from onthefly_worker.data import (
     EpochOrder,
     batch_len,
@@ -339,7 +340,7 @@ class LightningAttachment:
 
 
 # -- the run ---------------------------------------------------------------------------------
-class _LightningRun:
+class _LightningRun(CommandLoop):
     """All the state of one instrumented `trainer.fit`; the Lightning callback forwards here."""
 
     def __init__(
@@ -926,20 +927,6 @@ class _LightningRun:
         )
 
     # -- commands --------------------------------------------------------------------------
-    def _poll(self) -> None:
-        """Handle queued supervisor commands; block here (no spinning) while paused."""
-        conn = self.conn
-        assert conn is not None
-        while True:
-            conn.command_event.clear()
-            while conn.commands:
-                self._handle(conn.commands.popleft())
-            if not self.paused or self.stop_reason:
-                return
-            if conn.closed.is_set():
-                raise OnTheFlyError(f"lost the supervisor while paused: {conn.describe_error()}")
-            conn.command_event.wait(self.hb_s)
-
     def _request_stop(self, reason: str) -> None:
         """Stop at this batch boundary, even if the trainer's min_epochs/min_steps are not met."""
         tr = self.trainer
@@ -950,65 +937,18 @@ class _LightningRun:
         tr.fit_loop.epoch_loop.min_steps = None
         tr.should_stop = True
 
-    def _handle(self, cmd: Command) -> None:
-        conn = self.conn
-        assert conn is not None and self.rec is not None
-        if cmd.kind == "pause":
-            if not self.paused:
-                self.rec.flush()
-                rel = self._checkpoint("pause", wait=True)
-                self.paused = True
-                self._status(pb.WORKER_STATE_PAUSED, f"paused at step {self.step}")
-                conn.ack(
-                    cmd.command_id,
-                    True,
-                    f"paused at step {self.step}",
-                    {"step": self.step, "checkpoint": rel},
-                )
-            else:
-                conn.ack(cmd.command_id, True, "already paused", {"step": self.step})
-        elif cmd.kind == "resume":
-            was = self.paused
-            self.paused = False
-            if was:
-                self._status(pb.WORKER_STATE_RUNNING, f"resumed at step {self.step}")
-            conn.ack(
-                cmd.command_id, True, "resumed" if was else "was not paused", {"step": self.step}
-            )
-        elif cmd.kind == "checkpoint":
-            rel = self._checkpoint(str(cmd.args.get("reason", "request")), wait=True)
-            conn.ack(cmd.command_id, True, rel, {"checkpoint": rel, "step": self.step})
-        elif cmd.kind == "eval":
-            split = str(cmd.args.get("split", "test"))
-            loader = self.test_loader if split == "test" else self._val_loader()
-            if loader is None:
-                conn.ack(cmd.command_id, False, f"this run has no {split} loader")
-            else:
-                res = self.evaluate(loader, split)
-                conn.ack(cmd.command_id, True, f"{split} loss {res['loss']:.4f}", res)
-        elif cmd.kind == "stop":
-            self._request_stop(str(cmd.args.get("reason") or "stop requested"))
-            if cmd.args.get("run_test"):
-                self.run_test_on_stop = True
-            self.paused = False
-            self._status(pb.WORKER_STATE_STOPPING, self.stop_reason)
-            conn.ack(cmd.command_id, True, f"stopping at step {self.step}")
-        elif cmd.kind == "set_hparams":
-            vals = {k: float(v) for k, v in cmd.args.get("values", {}).items()}
-            for g in self.trainer.optimizers[0].param_groups:
-                if "lr" in vals:
-                    g["lr"] = vals["lr"]
-                if "lr_mul" in vals:
-                    g["lr"] = g["lr"] * vals["lr_mul"]
-                if "weight_decay" in vals and "weight_decay" in g:
-                    g["weight_decay"] = vals["weight_decay"]
-            if "grad_clip" in vals:
-                self.trainer.gradient_clip_val = vals["grad_clip"] or None
-            conn.ack(cmd.command_id, True, f"set {', '.join(sorted(vals))}", vals)
-        elif cmd.kind == "health":
-            conn.ack(cmd.command_id, False, "health checks are not built yet for Lightning runs")
-        else:
-            conn.ack(cmd.command_id, False, f"unknown command {cmd.kind}")
+    # CommandLoop hooks
+    def _eval_loader(self, split: str) -> DataLoader | None:
+        return self.test_loader if split == "test" else self._val_loader()
+
+    def _run_eval(self, loader: DataLoader, split: str) -> dict[str, Any]:
+        return self.evaluate(loader, split)
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        return self.trainer.optimizers[0].param_groups
+
+    def _set_grad_clip(self, value: float) -> None:
+        self.trainer.gradient_clip_val = value or None
 
     def _val_loader(self) -> DataLoader | None:
         if self.val_loader is not None:

@@ -28,6 +28,7 @@ from onthefly_worker import checkpoint as ckpt
 from onthefly_worker import env as wenv
 from onthefly_worker.config import TrainerConfig
 from onthefly_worker.connection import PROTOCOL_VERSION, Command, WorkerConnection
+from onthefly_worker.control import CommandLoop
 from onthefly_worker.data import (
     EpochOrder,
     batch_len,
@@ -155,7 +156,7 @@ class _Stop(Exception):
     pass
 
 
-class _Loop:
+class _Loop(CommandLoop):
     def __init__(
         self,
         cfg: TrainerConfig,
@@ -447,79 +448,18 @@ class _Loop:
         return rel
 
     # -- commands ----------------------------------------------------------------------------
-    def _poll(self) -> None:
-        """Handle queued supervisor commands; block here (no spinning) while paused."""
-        conn = self.conn
-        assert conn is not None
-        while True:
-            conn.command_event.clear()
-            while conn.commands:
-                self._handle(conn.commands.popleft())
-            if not self.paused or self.stop_reason:
-                return
-            if conn.closed.is_set():
-                raise OnTheFlyError(f"lost the supervisor while paused: {conn.describe_error()}")
-            conn.command_event.wait(self.hb_s)
+    # CommandLoop hooks
+    def _eval_loader(self, split: str) -> DataLoader | None:
+        return self.test_loader if split == "test" else self.val_loader
 
-    def _handle(self, cmd: Command) -> None:
-        conn = self.conn
-        assert conn is not None and self.rec is not None
-        if cmd.kind == "pause":
-            if not self.paused:
-                self.rec.flush()
-                rel = self._checkpoint("pause", wait=True)
-                self.paused = True
-                self._status(pb.WORKER_STATE_PAUSED, f"paused at step {self.step}")
-                conn.ack(
-                    cmd.command_id,
-                    True,
-                    f"paused at step {self.step}",
-                    {"step": self.step, "checkpoint": rel},
-                )
-            else:
-                conn.ack(cmd.command_id, True, "already paused", {"step": self.step})
-        elif cmd.kind == "resume":
-            was = self.paused
-            self.paused = False
-            if was:
-                self._status(pb.WORKER_STATE_RUNNING, f"resumed at step {self.step}")
-            conn.ack(
-                cmd.command_id, True, "resumed" if was else "was not paused", {"step": self.step}
-            )
-        elif cmd.kind == "checkpoint":
-            rel = self._checkpoint(str(cmd.args.get("reason", "request")), wait=True)
-            conn.ack(cmd.command_id, True, rel, {"checkpoint": rel, "step": self.step})
-        elif cmd.kind == "eval":
-            split = str(cmd.args.get("split", "test"))
-            loader = self.test_loader if split == "test" else self.val_loader
-            if loader is None:
-                conn.ack(cmd.command_id, False, f"this run has no {split} loader")
-            else:
-                res = self._evaluate(loader, split)
-                conn.ack(cmd.command_id, True, f"{split} loss {res['loss']:.4f}", res)
-        elif cmd.kind == "stop":
-            self.stop_reason = str(cmd.args.get("reason") or "stop requested")
-            if cmd.args.get("run_test"):
-                self.run_test_on_stop = True
-            self.paused = False
-            self._status(pb.WORKER_STATE_STOPPING, self.stop_reason)
-            conn.ack(cmd.command_id, True, f"stopping at step {self.step}")
-        elif cmd.kind == "set_hparams":
-            vals = {k: float(v) for k, v in cmd.args.get("values", {}).items()}
-            for g in self.opt.param_groups:
-                if "lr" in vals:
-                    g["lr"] = vals["lr"]
-                if "lr_mul" in vals:
-                    g["lr"] = g["lr"] * vals["lr_mul"]
-                if "weight_decay" in vals and "weight_decay" in g:
-                    g["weight_decay"] = vals["weight_decay"]
-            if "grad_clip" in vals:
-                self.grad_clip = vals["grad_clip"]
-            conn.ack(cmd.command_id, True, f"set {', '.join(sorted(vals))}", vals)
-        elif cmd.kind == "health":
-            self._health(cmd)
-        else:
-            conn.ack(cmd.command_id, False, f"unknown command {cmd.kind}")
+    def _run_eval(self, loader: DataLoader, split: str) -> dict[str, Any]:
+        return self._evaluate(loader, split)
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        return self.opt.param_groups
+
+    def _set_grad_clip(self, value: float) -> None:
+        self.grad_clip = value
 
     def _health(self, cmd: Command) -> None:
         """Health checks on the live run, without moving its weights, RNG or data order."""

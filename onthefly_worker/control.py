@@ -1,0 +1,132 @@
+"""Supervisor commands at step boundaries: the half the native loop and the Lightning
+callback share. A subclass supplies the hooks (how to checkpoint, evaluate, stop, reach
+the optimizer); the protocol — pause blocks without spinning until resume or stop, every
+command is acknowledged with what happened — lives here once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from onthefly_proto import onthefly_pb2 as pb
+from onthefly_worker.connection import Command, WorkerConnection
+from onthefly_worker.errors import OnTheFlyError
+from onthefly_worker.recorder import Recorder
+
+
+class CommandLoop:
+    conn: WorkerConnection | None
+    rec: Recorder | None
+    paused: bool
+    stop_reason: str
+    run_test_on_stop: bool
+    step: int
+    hb_s: float
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _checkpoint(self, reason: str, wait: bool = False) -> str:
+        raise NotImplementedError  # every subclass writes its own checkpoint format
+
+    def _status(self, state: pb.WorkerState.ValueType, message: str = "") -> None:
+        raise NotImplementedError
+
+    def _eval_loader(self, split: str) -> DataLoader | None:
+        raise NotImplementedError
+
+    def _run_eval(self, loader: DataLoader, split: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _set_grad_clip(self, value: float) -> None:
+        raise NotImplementedError
+
+    def _request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
+
+    def _health(self, cmd: Command) -> None:
+        assert self.conn is not None
+        self.conn.ack(cmd.command_id, False, "health checks are not built for this kind of run yet")
+
+    # -- the protocol --------------------------------------------------------------------------
+    def _poll(self) -> None:
+        """Handle queued supervisor commands; block here (no spinning) while paused."""
+        conn = self.conn
+        assert conn is not None
+        while True:
+            conn.command_event.clear()
+            while conn.commands:
+                self._handle(conn.commands.popleft())
+            if not self.paused or self.stop_reason:
+                return
+            if conn.closed.is_set():
+                raise OnTheFlyError(f"lost the supervisor while paused: {conn.describe_error()}")
+            conn.command_event.wait(self.hb_s)
+
+    def _handle(self, cmd: Command) -> None:
+        conn = self.conn
+        assert conn is not None and self.rec is not None
+        if cmd.kind == "pause":
+            if not self.paused:
+                self.rec.flush()
+                rel = self._checkpoint("pause", wait=True)
+                self.paused = True
+                self._status(pb.WORKER_STATE_PAUSED, f"paused at step {self.step}")
+                conn.ack(
+                    cmd.command_id,
+                    True,
+                    f"paused at step {self.step}",
+                    {"step": self.step, "checkpoint": rel},
+                )
+            else:
+                conn.ack(cmd.command_id, True, "already paused", {"step": self.step})
+        elif cmd.kind == "resume":
+            was = self.paused
+            self.paused = False
+            if was:
+                self._status(pb.WORKER_STATE_RUNNING, f"resumed at step {self.step}")
+            conn.ack(
+                cmd.command_id, True, "resumed" if was else "was not paused", {"step": self.step}
+            )
+        elif cmd.kind == "checkpoint":
+            rel = self._checkpoint(str(cmd.args.get("reason", "request")), wait=True)
+            conn.ack(
+                cmd.command_id,
+                bool(rel),
+                rel or "the checkpoint could not be written (see the log)",
+                {"checkpoint": rel, "step": self.step},
+            )
+        elif cmd.kind == "eval":
+            split = str(cmd.args.get("split", "test"))
+            loader = self._eval_loader(split)
+            if loader is None:
+                conn.ack(cmd.command_id, False, f"this run has no {split} loader")
+            else:
+                res = self._run_eval(loader, split)
+                conn.ack(cmd.command_id, True, f"{split} loss {res['loss']:.4f}", res)
+        elif cmd.kind == "stop":
+            self._request_stop(str(cmd.args.get("reason") or "stop requested"))
+            if cmd.args.get("run_test"):
+                self.run_test_on_stop = True
+            self.paused = False
+            self._status(pb.WORKER_STATE_STOPPING, self.stop_reason)
+            conn.ack(cmd.command_id, True, f"stopping at step {self.step}")
+        elif cmd.kind == "set_hparams":
+            vals = {k: float(v) for k, v in cmd.args.get("values", {}).items()}
+            for g in self._param_groups():
+                if "lr" in vals:
+                    g["lr"] = vals["lr"]
+                if "lr_mul" in vals:
+                    g["lr"] = g["lr"] * vals["lr_mul"]
+                if "weight_decay" in vals and "weight_decay" in g:
+                    g["weight_decay"] = vals["weight_decay"]
+            if "grad_clip" in vals:
+                self._set_grad_clip(vals["grad_clip"])
+            conn.ack(cmd.command_id, True, f"set {', '.join(sorted(vals))}", vals)
+        elif cmd.kind == "health":
+            self._health(cmd)
+        else:
+            conn.ack(cmd.command_id, False, f"unknown command {cmd.kind}")
