@@ -69,9 +69,9 @@ from onthefly_worker.data import (
     dataset_size,
     epoch_seed,
     split_batch,
-    to_device,
 )
 from onthefly_worker.errors import OnTheFlyError, error_record
+from onthefly_worker.evaluation import evaluate_model, report_eval
 from onthefly_worker.losses import PerSampleLoss
 from onthefly_worker.recorder import Recorder
 from onthefly_worker.trainer import ROLE_TO_PB, connect, mark_fit_reached, preserved_rng
@@ -957,54 +957,23 @@ class _LightningRun(CommandLoop):
         return vals if isinstance(vals, DataLoader) else None
 
     # -- evaluation ------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, loader: DataLoader, split: str) -> dict[str, Any]:
         """Loss (and accuracy for classification) of the live module on `loader`, RNG untouched."""
         assert self.conn is not None
         module = self.module
-        was_training = module.training
         phase, self._phase = self._phase, None  # the forward hook must not record these
-        total, count, correct, classif = 0.0, 0, 0, True
-        with preserved_rng():
-            module.eval()
-            try:
-                for raw in loader:
-                    x, y = split_batch(raw)
-                    x = to_device(x, module.device)
-                    y = to_device(y, module.device)
-                    n = batch_len(x)
-                    with self.trainer.precision_plugin.forward_context():
-                        out = prediction_of(module(x))
-                        _, per = self.loss(out, y, n)
-                    total += float(per.float().sum())
-                    count += n
-                    if (
-                        classif
-                        and out.dim() == 2
-                        and isinstance(y, torch.Tensor)
-                        and y.dim() == 1
-                        and not y.is_floating_point()
-                    ):
-                        correct += int((out.argmax(dim=1) == y).sum())
-                    else:
-                        classif = False
-            finally:
-                module.train(was_training)
-                self._phase = phase
-        loss = total / count if count else math.nan
-        acc = correct / count if (classif and count) else math.nan
-        self.conn.send(
-            eval=pb.EvalResult(
-                run_id=self.run_id,
-                split=split,
-                step=self.step,
-                epoch=self.epoch,
-                loss=loss,
-                accuracy=acc,
-                samples=count,
+        try:
+            result = evaluate_model(
+                module,
+                loader,
+                self.loss,
+                module.device,
+                forward=lambda x: prediction_of(module(x)),
+                context=self.trainer.precision_plugin.forward_context,
             )
-        )
-        return {"split": split, "loss": loss, "accuracy": acc, "samples": count, "step": self.step}
+        finally:
+            self._phase = phase
+        return report_eval(self.conn, self.run_id, split, self.step, self.epoch, result)
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from onthefly_worker.config import TrainerConfig
 from onthefly_worker.connection import PROTOCOL_VERSION, WorkerConnection
 from onthefly_worker.data import batch_len, data_fingerprint, dataset_size, split_batch, to_device
 from onthefly_worker.errors import OnTheFlyError
+from onthefly_worker.evaluation import evaluate_model
 from onthefly_worker.losses import PerSampleLoss
 from onthefly_worker.trainer import connect, preserved_rng
 
@@ -164,34 +165,8 @@ class MergeWorker:
             raw = self.loss.user(out, y)
         return raw.reshape(raw.shape[0], -1).mean(dim=1) if raw.dim() > 1 else raw
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> tuple[float, float, int]:
-        total, count, correct, classif = 0.0, 0, 0, True
-        model.eval()
-        for raw in loader:
-            x, y = split_batch(raw)
-            x, y = to_device(x, self.device), to_device(y, self.device)
-            out = model(x)
-            per = self.per_sample(out, y)
-            total += float(per.float().sum())
-            n = int(per.shape[0])
-            count += n
-            if (
-                classif
-                and isinstance(out, torch.Tensor)
-                and out.dim() == 2
-                and isinstance(y, torch.Tensor)
-                and y.dim() == 1
-                and not y.is_floating_point()
-            ):
-                correct += int((out.argmax(1) == y).sum())
-            else:
-                classif = False
-        return (
-            (total / count if count else math.nan),
-            (correct / count if classif and count else math.nan),
-            count,
-        )
+        return evaluate_model(model, loader, self.loss, self.device)
 
     def report(self, run_id: str, model: nn.Module, step: int = 0) -> dict[str, float]:
         conn = self.conn

@@ -13,9 +13,7 @@ import contextlib
 import json
 import math
 import os
-import random
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -39,6 +37,7 @@ from onthefly_worker.data import (
     to_device,
 )
 from onthefly_worker.errors import OnTheFlyError, error_record
+from onthefly_worker.evaluation import evaluate_model, preserved_rng, report_eval
 from onthefly_worker.losses import PerSampleLoss
 from onthefly_worker.recorder import Recorder
 
@@ -59,21 +58,6 @@ def mark_fit_reached() -> None:
     if marker:
         with open(marker, "a", encoding="utf-8"):
             pass
-
-
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Evaluation and health checks must not move the training RNG (python, numpy, torch)."""
-    py = random.getstate()
-    npst = np.random.get_state()
-    with torch.random.fork_rng(
-        devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    ):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npst)
 
 
 def connect(env: wenv.WorkerEnv, hello: pb.Hello, timeout: float = 30.0) -> WorkerConnection:
@@ -661,58 +645,10 @@ class _Loop(CommandLoop):
         self.batch = 0
         self._checkpoint("epoch")
 
-    @torch.no_grad()
-    def _evaluate(
-        self, loader: DataLoader, split: str, indices: np.ndarray | None = None
-    ) -> dict[str, Any]:
+    def _evaluate(self, loader: DataLoader, split: str) -> dict[str, Any]:
         assert self.conn is not None
-        model = self.model
-        was_training = model.training
-        total = 0.0
-        count = 0
-        correct = 0
-        classif = True
-        with preserved_rng():
-            model.eval()
-            try:
-                for raw in loader:
-                    x, y = split_batch(raw)
-                    x = to_device(x, self.device)
-                    y = to_device(y, self.device)
-                    n = batch_len(x)
-                    with self._autocast():
-                        out = model(x)
-                        _, per = self.loss(out, y, n)
-                    per = per.float()
-                    total += float(per.sum())
-                    count += n
-                    if (
-                        classif
-                        and isinstance(out, torch.Tensor)
-                        and out.dim() == 2
-                        and isinstance(y, torch.Tensor)
-                        and y.dim() == 1
-                        and not y.is_floating_point()
-                    ):
-                        correct += int((out.argmax(dim=1) == y).sum())
-                    else:
-                        classif = False
-            finally:
-                model.train(was_training)
-        loss = total / count if count else math.nan
-        acc = correct / count if (classif and count) else math.nan
-        self.conn.send(
-            eval=pb.EvalResult(
-                run_id=self.run_id,
-                split=split,
-                step=self.step,
-                epoch=self.epoch,
-                loss=loss,
-                accuracy=acc,
-                samples=count,
-            )
-        )
-        return {"split": split, "loss": loss, "accuracy": acc, "samples": count, "step": self.step}
+        result = evaluate_model(self.model, loader, self.loss, self.device, context=self._autocast)
+        return report_eval(self.conn, self.run_id, split, self.step, self.epoch, result)
 
     def _fork_reports(self) -> None:
         """A fork reports its loss on its own slice (train data restricted to it) and on val."""
