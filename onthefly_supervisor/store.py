@@ -313,7 +313,11 @@ class Store:
         return [(r["parent"], r["child"], r["kind"]) for r in self.query("SELECT * FROM edges")]
 
     # -- metrics -----------------------------------------------------------------------------
-    def add_metrics(self, run_id: str, points: list[dict[str, Any]]) -> None:
+    def add_metrics(
+        self, run_id: str, points: list[dict[str, Any]], sample_steps: int | None = None
+    ) -> None:
+        """Insert step metrics and move the run's step/epoch/loss (and compute) forward, in one
+        transaction: the supervisor's per-flush database work stays one commit."""
         rows = [
             (
                 run_id,
@@ -325,8 +329,13 @@ class Store:
             )
             for p in points
         ]
+        last = points[-1]
         with self.tx() as db:
             db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.execute(
+                "UPDATE runs SET step = ?, epoch = ?, last_loss = ?, sample_steps = COALESCE(?, sample_steps) WHERE run_id = ?",
+                (last["step"], last["epoch"], last.get("loss"), sample_steps, run_id),
+            )
 
     def metric_series(
         self, run_id: str, key: str, from_step: int = 0, to_step: int = 0

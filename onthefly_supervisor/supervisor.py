@@ -139,6 +139,7 @@ class Supervisor:
         self.restarts: dict[str, int] = {}
         self._metric_buf: dict[str, list[dict[str, Any]]] = {}
         self._sample_dirty: dict[str, int] = {}
+        self._sample_steps: dict[str, int] = {}
         self._last_persist = time.monotonic()
         self._last_prune = time.monotonic()
         self._last_sample_event = 0.0
@@ -586,12 +587,9 @@ class Supervisor:
             points = [serde.metric_point(p) for p in msg.metrics.points]
             if not points:
                 return
-            self.store.add_metrics(run_id, points)
+            self.store.add_metrics(run_id, points, self._sample_steps.get(run_id))
             last = points[-1]
             w.step, w.epoch = last["step"], last["epoch"]
-            self.store.update_run(
-                run_id, step=last["step"], epoch=last["epoch"], last_loss=last["loss"]
-            )
             with self.lock:
                 self._metric_buf.setdefault(run_id, []).extend(points)
         elif body == "samples":
@@ -609,12 +607,12 @@ class Supervisor:
                     text=f"per-sample losses rejected: {e}",
                 )
                 return
-            run = self.store.run(run_id)
-            if run is not None:
-                self.store.update_run(
-                    run_id, sample_steps=run.sample_steps + int(msg.samples.count)
-                )
             with self.lock:
+                if run_id not in self._sample_steps:
+                    run = self.store.run(run_id)
+                    self._sample_steps[run_id] = run.sample_steps if run is not None else 0
+                # Written with the next metrics flush (same transaction), not per message.
+                self._sample_steps[run_id] += int(msg.samples.count)
                 self._sample_dirty[run_id] = int(msg.samples.epoch)
         elif body == "epoch_end":
             ee = msg.epoch_end
@@ -717,6 +715,8 @@ class Supervisor:
             if w.spec.role is not Role.MERGE:
                 self.finished[wid] = f
             status = serde.RUN_STATUS_FROM_PB.get(f.status, RunStatus.COMPLETED)
+            if run_id in self._sample_steps:
+                self.store.update_run(run_id, sample_steps=self._sample_steps[run_id])
             self._flush_live_events(force=True)
             self.arrays.persist()
             summary: dict[str, Any] = json.loads(f.summary_json) if f.summary_json else {}
@@ -906,6 +906,8 @@ class Supervisor:
                 "lineno": 0,
             }
         w.exit = ex
+        if run_id in self._sample_steps:
+            self.store.update_run(run_id, sample_steps=self._sample_steps[run_id])
         self.gpu.release(wid)
         self.detach(wid)
         self.stop_deadline.pop(wid, None)
