@@ -207,7 +207,8 @@ class Autopilot:
     # -- the loop ----------------------------------------------------------------------------
     def tick(self) -> None:
         now = time.monotonic()
-        if now - self._last < self.interval_s:
+        # Cards wait for a person when automode is off: a slower look costs the run less CPU.
+        if now - self._last < (self.interval_s if self.sup.automode else 3 * self.interval_s):
             return
         self._last = now
         self._judge_running()
@@ -244,14 +245,16 @@ class Autopilot:
         out: list[pl.Detection] = []
         if sample_only:
             return self._sample_detections(run_id, None)
-        try:
-            steps, loss = st.metric_series(run_id, "loss")
-            _, gn = st.metric_series(run_id, "grad_norm")
-        except KeyError:
+        # One query, newest 1000 steps: loss and grad norm aligned step by step.
+        rows = st.query(
+            "SELECT step, loss, grad_norm FROM metrics WHERE run_id = ? ORDER BY step DESC LIMIT 1000",
+            (run_id,),
+        )[::-1]
+        if not rows:
             return out
-        if steps.size == 0:
-            return out
-        steps, loss, gn = steps[-1000:], loss[-1000:], gn[-1000:]
+        steps = np.array([r[0] for r in rows], dtype=np.int64)
+        loss = np.array([np.nan if r[1] is None else r[1] for r in rows], dtype=np.float64)
+        gn = np.array([np.nan if r[2] is None else r[2] for r in rows], dtype=np.float64)
         since = int(steps[-1]) - 200
         for d in (
             # A NaN grad norm means "not measured" (e.g. a skipped step); Inf means bad gradients.

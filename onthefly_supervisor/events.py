@@ -7,6 +7,7 @@ gap, then it follows the live tail. Nothing is lost across a reconnect.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -61,7 +62,9 @@ class EventBus:
         first = self._tail[0].seq
         if after + 1 < first:
             return None
-        return [e for e in self._tail if e.seq > after]
+        # Sequence numbers are dense, so the position is arithmetic: no scan of the tail.
+        out = list(itertools.islice(self._tail, max(0, after + 1 - first), None))
+        return [e for e in out if e.seq > after] if out and out[0].seq <= after else out
 
     def replay(self, after: int) -> Iterator[Event]:
         import json

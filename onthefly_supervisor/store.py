@@ -338,8 +338,9 @@ class Store:
             )
 
     def metric_series(
-        self, run_id: str, key: str, from_step: int = 0, to_step: int = 0
+        self, run_id: str, key: str, from_step: int = 0, to_step: int = 0, last: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of a metric; `last` > 0 keeps only the newest points (cheap)."""
         rows: list[Any]
         if key in _METRIC_KEYS:
             sql = f"SELECT step, {key} FROM metrics WHERE run_id = ? AND step >= ?"
@@ -347,7 +348,10 @@ class Store:
             if to_step:
                 sql += " AND step <= ?"
                 args += (to_step,)
-            rows = self.query(sql + " ORDER BY step", args)
+            if last > 0:
+                rows = self.query(sql + " ORDER BY step DESC LIMIT ?", (*args, last))[::-1]
+            else:
+                rows = self.query(sql + " ORDER BY step", args)
         elif key.endswith("_loss") or key.endswith("_accuracy"):
             split, _, what = key.rpartition("_")
             col = "loss" if what == "loss" else "accuracy"
