@@ -91,7 +91,7 @@ def one(name: str, script: str, args: list[str], classification: bool, budget: i
             cli(d, "merge", "--method", "adapter_fuse", "fork-3")
             results.append(("adapter_fuse (fork-3)", f"merge-{len(methods) + 1}"))
             rs = runs(d)
-            extra = sum(r["sample_steps"] for k, r in rs.items() if r["kind"] == "fork")
+            extra = sum(r["sample_steps"] for k, r in rs.items() if k != "main")
             main = rs["main"]
             per_step = max(1, round(main["sample_steps"] / max(1, main["step"])))
             out = cli(

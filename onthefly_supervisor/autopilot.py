@@ -58,7 +58,7 @@ class Autopilot:
             # The generalist itself is the "no change" arm of an exploration.
             explore_lr_multipliers=(0.3, 3.0),
             max_parallel_children=3,
-            gate_steps=200,
+            gate_steps=1000,
             merge_every_steps=10**9,
             max_total_budget_steps=5000,
         )
@@ -498,8 +498,9 @@ class Autopilot:
                 return True
             self.baseline_pending = False
         main = st.run("main")
+        # Everything beyond the generalist: specialists, gate training, distillation.
         extra = sum(
-            r.sample_steps for r in st.runs() if r.kind == "fork" and r.run_id != self.baseline_run
+            r.sample_steps for r in st.runs() if r.run_id not in ("main", self.baseline_run)
         )
         if (
             not self.baseline_run

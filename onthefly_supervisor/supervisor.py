@@ -720,6 +720,8 @@ class Supervisor:
             self._flush_live_events(force=True)
             self.arrays.persist()
             summary: dict[str, Any] = json.loads(f.summary_json) if f.summary_json else {}
+            if w.spec.role is Role.MERGE and isinstance(summary.get("sample_steps"), int):
+                self.store.update_run(run_id, sample_steps=int(summary["sample_steps"]))
             failure = str(summary.get("error", "")) if status is RunStatus.FAILED else ""
             self._set_run_status(run_id, status, failure or None)
             self.bus.publish(

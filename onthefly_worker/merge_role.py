@@ -336,6 +336,7 @@ class MergeWorker:
             )
             merged = {k: v.detach() for k, v in student.state_dict().items()}
             info["final_kl"] = kl
+            info["sample_steps"] = int(opts.get("steps", 200)) * self.bs * (len(experts) + 1)
         else:
             raise OnTheFlyError(f"unknown merge method {method!r}")
         model = self.fresh(merged)
@@ -385,7 +386,9 @@ class MergeWorker:
             moe,
             self.subset_loader(None, shuffle=True),
             self.loss_fn_with_grad,
-            int(opts.get("steps", 300)),
+            # Measured on examples/regimes.py: 300 steps leave the router near "always the
+            # generalist"; ~1000 let it learn the hard region.
+            int(opts.get("steps", 1000)),
             float(opts.get("lr", 1e-2)),
             float(opts.get("balance_weight", 0.01)),
             self.device,
@@ -408,6 +411,8 @@ class MergeWorker:
             "gate_input": gate_input,
             "final_loss": hist.task_loss[-1] if hist.task_loss else None,
             "usage": hist.usage,
+            # Compute, for the matched-compute comparison: every expert ran on these samples.
+            "sample_steps": len(hist.task_loss) * self.bs * len(experts),
         }
         moe.eval()
         info.update(self.report(out_run, moe))
