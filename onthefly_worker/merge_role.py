@@ -336,7 +336,8 @@ class MergeWorker:
             )
             merged = {k: v.detach() for k, v in student.state_dict().items()}
             info["final_kl"] = kl
-            info["sample_steps"] = int(opts.get("steps", 200)) * self.bs * (len(experts) + 1)
+            # Student training steps plus the teachers' forward passes (1/3 of a step each).
+            info["sample_steps"] = int(opts.get("steps", 200)) * self.bs * (3 + len(experts)) // 3
         else:
             raise OnTheFlyError(f"unknown merge method {method!r}")
         model = self.fresh(merged)
@@ -411,8 +412,9 @@ class MergeWorker:
             "gate_input": gate_input,
             "final_loss": hist.task_loss[-1] if hist.task_loss else None,
             "usage": hist.usage,
-            # Compute, for the matched-compute comparison: every expert ran on these samples.
-            "sample_steps": len(hist.task_loss) * self.bs * len(experts),
+            # Compute in training-step equivalents, for the matched-compute comparison: each
+            # frozen expert only ran forward (~1/3 of a training step: forward + 2x backward).
+            "sample_steps": len(hist.task_loss) * self.bs * len(experts) // 3,
         }
         moe.eval()
         info.update(self.report(out_run, moe))
