@@ -1,6 +1,6 @@
 """Regression with a hard regime: the example `make demo` runs, and the fork / gate demo.
 
-y = sin(2*pi*x) for x < 0.7, and a faster sine (4 cycles per unit) for x >= 0.7. A small
+y = sin(2*pi*x) for x < 0.7, and a fast sine (12 cycles per unit) for x >= 0.7. A small
 MLP fits the smooth part within a few epochs and barely dents the fast part, so the
 per-sample loss separates the two regimes: the top 15% of losses are (almost) all in
 x >= 0.7. That is what a specialist fork is for:
@@ -30,7 +30,7 @@ HARD_FROM = 0.7
 
 def target(x: torch.Tensor) -> torch.Tensor:
     smooth = torch.sin(2 * math.pi * x)
-    fast = 0.8 * torch.sin(2 * math.pi * 4 * x)
+    fast = 0.8 * torch.sin(2 * math.pi * 12 * x)
     return torch.where(x < HARD_FROM, smooth, fast)
 
 
