@@ -6,6 +6,7 @@ command is acknowledged with what happened — lives here once.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -16,7 +17,7 @@ from onthefly_worker.errors import OnTheFlyError
 from onthefly_worker.recorder import Recorder
 
 
-class CommandLoop:
+class CommandLoop(ABC):
     conn: WorkerConnection | None
     rec: Recorder | None
     paused: bool
@@ -26,23 +27,24 @@ class CommandLoop:
     hb_s: float
 
     # -- hooks -------------------------------------------------------------------------------
+    @abstractmethod
     def _checkpoint(self, reason: str, wait: bool = False) -> str:
-        raise NotImplementedError  # every subclass writes its own checkpoint format
+        """Write a checkpoint in the run's own format; "" when it could not be written."""
 
-    def _status(self, state: pb.WorkerState.ValueType, message: str = "") -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _status(self, state: pb.WorkerState.ValueType, message: str = "") -> None: ...
 
-    def _eval_loader(self, split: str) -> DataLoader | None:
-        raise NotImplementedError
+    @abstractmethod
+    def _eval_loader(self, split: str) -> DataLoader | None: ...
 
-    def _run_eval(self, loader: DataLoader, split: str) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def _run_eval(self, loader: DataLoader, split: str) -> dict[str, Any]: ...
 
-    def _param_groups(self) -> list[dict[str, Any]]:
-        raise NotImplementedError
+    @abstractmethod
+    def _param_groups(self) -> list[dict[str, Any]]: ...
 
-    def _set_grad_clip(self, value: float) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _set_grad_clip(self, value: float) -> None: ...
 
     def _request_stop(self, reason: str) -> None:
         self.stop_reason = reason

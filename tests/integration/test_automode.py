@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -94,7 +95,9 @@ def test_hard_regime_gets_fork_and_gate_and_the_report_shows_it(tmp_path: Path) 
     )
     moe = next(x for x in rep["runs"] if x["kind"] == "moe")
     assert moe["sample_steps"] > 0, "gate training is counted as compute"
-    assert abs(base["sample_steps"] - extra) <= 0.01 * extra, "baseline gets the same extra compute (to a batch)"
+    assert abs(base["sample_steps"] - extra) <= 0.01 * extra, (
+        "baseline gets the same extra compute (to a batch)"
+    )
     assert c["baseline_test_loss"] is not None and c["best_test_loss"] is not None
     html = (tmp_path / ".onthefly" / "sessions" / "latest" / "report.html").read_text()
     assert "data:image/png;base64," in html and "Plan timeline" in html and "moe-1" in html
@@ -112,6 +115,8 @@ def _open_in_chromium(page: Path) -> None:
     node = shutil.which("node")
     pw = ROOT / "vscode-extension" / "node_modules" / "playwright-core"
     if not (node and pw.exists() and Path("/usr/bin/chromium").exists()):
+        # `make test` installs all three, so under CI a missing piece is a failure.
+        assert not os.environ.get("CI"), "node, playwright-core or /usr/bin/chromium is missing"
         pytest.skip(
             "headless Chromium check needs node, playwright-core (make ext-deps) and Debian chromium"
         )

@@ -382,8 +382,6 @@ def test_fork_then_merge_with_model_factory(project: Path) -> None:
             cwd=project,
             timeout=150,
         )
-        if "UNIMPLEMENTED" in r.stderr:
-            pytest.skip(f"the supervisor does not implement Fork yet: {r.stderr.strip()}")
         assert r.returncode == 0, r.stdout + r.stderr
         assert "fork-1 completed" in r.stdout
         runs = {x["run_id"]: x for x in cli_json("runs", cwd=project)["runs"]}
