@@ -28,6 +28,7 @@ export const CHARTS: ChartSpec[] = [
   { id: 'lr', title: 'Learning rate', keys: ['lr'], color: '#c586ff' },
   { id: 'grad_norm', title: 'Grad norm', keys: ['grad_norm'], color: '#ff5f6d' },
   { id: 'throughput', title: 'Throughput (samples/s)', keys: ['samples_per_s'], color: '#e5c07b' },
+  { id: 'memory', title: 'memory (MiB)', keys: ['memory_mb'], color: '#56b6c2' },
 ];
 
 /** Timings the browser test reads from window.__ontheflyPerf. */

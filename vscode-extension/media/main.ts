@@ -38,6 +38,8 @@ import {
 } from '../shared/protocol';
 import { ChartGrid, type Perf } from './charts';
 import { clear, fmt, fmtInt, h, throttle } from './dom';
+import { GpuView } from './gpuView';
+import { HeatmapView } from './heatmapView';
 import { HistogramView } from './histogramView';
 import { renderLineage } from './lineageView';
 import { HostRpc, RpcFailure, vscodeApi } from './rpc';
@@ -104,15 +106,23 @@ class Dashboard {
 
   readonly charts: ChartGrid;
   readonly histogram: HistogramView;
+  readonly heatmap: HeatmapView;
+  readonly gpus = new GpuView();
 
   private readonly refreshRuns = throttle(() => void this.loadRuns(), 300);
   private readonly refreshStatus = throttle(() => void this.loadStatus(), 800);
   private readonly refreshPlans = throttle(() => void this.loadPlans(), 500);
   private readonly refreshHistogram = throttle(() => void this.histogram.refresh(), 400);
+  private readonly refreshHeatmap = throttle(() => void this.heatmap.refresh(), 500);
 
   constructor(private readonly root: HTMLElement) {
     this.charts = new ChartGrid(rpc, perf, (e) => this.reportLoadError(e));
     this.histogram = new HistogramView(rpc, (sel) => this.onBrush(sel), (e) => this.reportLoadError(e));
+    this.heatmap = new HeatmapView(rpc, (e) => this.reportLoadError(e));
+    // GPU utilisation: poll GetStatus every 2 s while connected and visible.
+    window.setInterval(() => {
+      if (this.connection?.state === 'connected' && document.visibilityState !== 'hidden') void this.pollGpus();
+    }, 2000);
     for (const m of MERGE_METHODS) this.mergeMethod.append(new Option(m, m));
     this.healthCheck.append(new Option('all checks', ''));
     for (const c of HEALTH_CHECKS) this.healthCheck.append(new Option(c, c));
@@ -202,11 +212,13 @@ class Dashboard {
       { className: 'col col-center' },
       this.section('Metrics', 'charts-card', this.charts.el),
       this.section('Per-sample loss', 'hist-card', this.histogram.el, h('h3', {}, 'Fork a specialist on the selection'), forkForm),
+      this.section('per-sample loss by epoch', 'heatmap-card', this.heatmap.el),
     );
     const right = h(
       'div',
       { className: 'col col-right' },
       this.section('Root cause', 'errors-card', this.errorsEl),
+      this.section('GPU utilisation', 'gpu-card', this.gpus.el),
       this.section('Plans', 'plans-card', h('div', { className: 'row' }, this.button('btn-plans-refresh', 'Refresh', () => this.loadPlans(true), 'small')), this.plansEl),
       this.section(
         'Health',
@@ -334,6 +346,7 @@ class Dashboard {
     this.renderErrors();
     this.charts.clear();
     this.histogram.clear();
+    this.heatmap.clear();
     this.renderRuns();
     this.toast(`now following session ${sessionId}`, 'info');
   }
@@ -380,6 +393,7 @@ class Dashboard {
         this.refreshStatus();
       }
       if (affectsDistribution(ev.kind) && run === this.run) this.refreshHistogram();
+      if (ev.kind === 'epoch_end' && run === this.run) this.refreshHeatmap();
     }
   }
 
@@ -392,6 +406,8 @@ class Dashboard {
     void this.charts.setRun(run, true);
     this.histogram.setRun(run);
     void this.histogram.refresh();
+    this.heatmap.setRun(run);
+    void this.heatmap.refresh();
     void this.loadPlans();
   }
 
@@ -403,9 +419,18 @@ class Dashboard {
       const script = s.script ? s.script.split(/[\\/]/).pop() : '';
       this.sessionInfo.textContent = `${s.sessionId}${script ? ` · ${script}` : ''} · ${s.state}`;
       this.sessionInfo.title = s.sessionDir;
+      this.gpus.update(s.gpus ?? []);
       this.renderRuns();
     } catch (e) {
       this.reportLoadError(e);
+    }
+  }
+
+  private async pollGpus(): Promise<void> {
+    try {
+      this.gpus.update((await rpc.call('getStatus', {})).gpus ?? []);
+    } catch {
+      // the connection banner and loadStatus report failures
     }
   }
 
@@ -456,6 +481,7 @@ class Dashboard {
     this.renderRuns();
     void this.charts.setRun(runId);
     this.histogram.setRun(runId);
+    this.heatmap.setRun(runId);
   }
 
   private updateSelectedLabel(): void {
@@ -819,6 +845,7 @@ Object.assign(window as unknown as Record<string, unknown>, {
     pointCounts: () => dashboard.charts.pointCounts(),
     brushLoss: (lo: number, hi: number) => dashboard.histogram.brushLoss(lo, hi),
     distribution: () => dashboard.histogram.distribution,
+    heatmap: () => ({ cells: dashboard.heatmap.cellsDrawn, epochs: dashboard.heatmap.data?.epochs ?? [] }),
     select: (run: string) => dashboard.select(run),
   },
 });

@@ -86,6 +86,16 @@ export interface WorkerDto {
   exitSignal: string;
 }
 
+/** One GPU of the host (SessionStatus.gpus). */
+export interface GpuDto {
+  index: number;
+  name: string;
+  /** percent */
+  utilization: number;
+  memoryUsedMb: number;
+  memoryTotalMb: number;
+}
+
 export interface StatusDto {
   sessionId: string;
   sessionDir: string;
@@ -95,6 +105,8 @@ export interface StatusDto {
   automode: boolean;
   workers: WorkerDto[];
   runs: RunDto[];
+  /** Empty on a CPU run. */
+  gpus: GpuDto[];
   lastEventSeq: number;
   /** "running" | "idle" | "finished" | "failed" */
   state: string;

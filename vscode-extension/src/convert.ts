@@ -158,6 +158,13 @@ export function statusFromProto(s: PSessionStatus): StatusDto {
     automode: !!s.automode,
     workers: (s.workers ?? []).map(workerFromProto),
     runs: (s.runs ?? []).map(runFromProto),
+    gpus: (s.gpus ?? []).map((g) => ({
+      index: n(g.index),
+      name: g.name ?? '',
+      utilization: n(g.utilization),
+      memoryUsedMb: n(g.memory_used_mb),
+      memoryTotalMb: n(g.memory_total_mb),
+    })),
     lastEventSeq: n(s.last_event_seq),
     state: s.state,
     port: n(s.port),

@@ -39,6 +39,15 @@ export interface PWorkerInfo {
   exit_signal: string;
 }
 
+export interface PGpuInfo {
+  index: number;
+  name: string;
+  utilization: number;
+  memory_used_mb: number;
+  memory_total_mb: number;
+  worker_ids: string[];
+}
+
 export interface PSessionStatus {
   session_id: string;
   session_dir: string;
@@ -48,6 +57,7 @@ export interface PSessionStatus {
   automode: boolean;
   workers: PWorkerInfo[];
   runs: PRunInfo[];
+  gpus?: PGpuInfo[];
   last_event_seq: number;
   state: string;
   port: number;

@@ -98,13 +98,37 @@ describe('dashboard in a browser against a real supervisor', { timeout: 180_000 
       'every chart to fill and the loss chart to grow live',
       async () => {
         const c = await d.page.evaluate(() => (window as unknown as { __ontheflyDebug: { pointCounts(): Record<string, number> } }).__ontheflyDebug.pointCounts());
-        const all = ['loss', 'val_loss', 'accuracy', 'lr', 'grad_norm', 'throughput'].every((k) => c[k] > 0);
+        const all = ['loss', 'val_loss', 'accuracy', 'lr', 'grad_norm', 'throughput', 'memory'].every((k) => c[k] > 0);
         return all && c.loss >= Math.max(30, first.loss + 10) ? c : undefined;
       },
       60_000,
       250,
     );
     numbers.push(`chart points: ${JSON.stringify(counts)}`);
+    // val_loss has a point, so an epoch has finished: the loss-by-epoch heatmap draws it.
+    const heat = await waitFor(
+      'the per-sample loss heatmap to draw a finished epoch',
+      async () => {
+        const hm = await d.page.evaluate(() => (window as unknown as { __ontheflyDebug: { heatmap(): { cells: number; epochs: number[] } } }).__ontheflyDebug.heatmap());
+        return hm.cells > 0 && hm.epochs.length > 0 ? hm : undefined;
+      },
+      30_000,
+      250,
+    );
+    const lit = await d.page.evaluate(() => {
+      const c = document.getElementById('heatmap-canvas') as HTMLCanvasElement;
+      const px = c.getContext('2d')!.getImageData(0, 0, c.width, c.height).data;
+      let n = 0;
+      for (let i = 3; i < px.length; i += 4) if (px[i] > 0) n++;
+      return n;
+    });
+    assert.ok(lit > 1000, `the heatmap canvas has pixels (${lit})`);
+    assert.equal(await d.page.textContent('#heatmap-card h2'), 'per-sample loss by epoch');
+    const gpuText = await waitFor('the GPU panel', async () => {
+      const t = (await d.page.textContent('#gpu-panel')) ?? '';
+      return t.includes('no GPU (CPU run)') || (await d.page.$('#gpu-table tr[data-gpu]')) ? t : undefined;
+    }, 10_000);
+    numbers.push(`heatmap: ${heat.cells} cells over epochs ${heat.epochs.join(', ')}; GPU panel: ${gpuText.slice(0, 80)}`);
 
     // First paint of a view opened on a session that already has data (the usual case:
     // opening the dashboard while training runs): reload and time it again.
@@ -244,7 +268,7 @@ describe('dashboard in a browser against a real supervisor', { timeout: 180_000 
     assert.match(label ?? '', /^steps \d+–\d+$/);
     await d.shot('05-zoomed');
     const getMetricsAfter = d.countRequests('getMetrics');
-    assert.ok(getMetricsAfter - getMetricsBefore >= zooms * 6, 'every zoom/pan re-queried all six charts');
+    assert.ok(getMetricsAfter - getMetricsBefore >= zooms * 7, 'every zoom/pan re-queried all seven charts');
     await d.page.dblclick('#chart-loss .u-over');
     await waitFor('reset zoom', async () => (await d.page.textContent('#zoom-label')) === 'full range', 5000);
 

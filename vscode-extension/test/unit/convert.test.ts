@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { buildRunCommand, connectionFileFor, describeCommand } from '../../src/command';
 import { parseConnectionInfo } from '../../src/client';
-import { comparisonFromProto, eventFromProto, metricsFromProto, parsePythonJson, roleName, runFromProto, runStatusName, workerStateName } from '../../src/convert';
+import { comparisonFromProto, eventFromProto, metricsFromProto, parsePythonJson, roleName, runFromProto, runStatusName, statusFromProto, workerStateName } from '../../src/convert';
 
 describe('proto -> DTO conversion', () => {
   it('names enums', () => {
@@ -30,6 +30,13 @@ describe('proto -> DTO conversion', () => {
     assert.equal(parsePythonJson('not json'), null);
     const e = eventFromProto({ seq: 3, time: 1, kind: 'metrics', run_id: 'main', payload_json: '{"step":[1],"loss":[NaN]}' });
     assert.deepEqual(e.payload, { step: [1], loss: [null] });
+  });
+
+  it('maps the GPUs of a session status (none on a CPU run)', () => {
+    const base = { session_id: 's', session_dir: '/d', script: 't.py', argv: [], started: 1, automode: false, workers: [], runs: [], last_event_seq: 3, state: 'running', port: 1 };
+    assert.deepEqual(statusFromProto(base).gpus, []);
+    const s = statusFromProto({ ...base, gpus: [{ index: 1, name: 'H100', utilization: 87.5, memory_used_mb: 1024, memory_total_mb: NaN, worker_ids: ['w0'] }] });
+    assert.deepEqual(s.gpus, [{ index: 1, name: 'H100', utilization: 87.5, memoryUsedMb: 1024, memoryTotalMb: 0 }]);
   });
 
   it('reshapes the row-major comparison', () => {
