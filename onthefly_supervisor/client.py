@@ -34,7 +34,8 @@ def read_connection(session: str | None = None, project_dir: str = ".") -> Conne
     path = os.path.join(sdir, "connection.json")
     if not os.path.exists(path):
         raise NoSupervisor(
-            f"session {os.path.basename(sdir)} has no live supervisor (it has finished)"
+            f"session {os.path.basename(sdir)} has no live supervisor (it has finished); "
+            "`onthefly serve` serves it for this command, `onthefly resume` continues its runs"
         )
     with open(path, encoding="utf-8") as f:
         info = json.load(f)
