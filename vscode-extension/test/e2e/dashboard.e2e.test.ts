@@ -245,6 +245,8 @@ describe('dashboard in a browser against a real supervisor', { timeout: 180_000 
     await sleep(1500);
     const before = await d.page.evaluate(() => (window as unknown as { __ontheflyPerf: { zooms: number[] } }).__ontheflyPerf.zooms.length);
     const getMetricsBefore = d.countRequests('getMetrics');
+    // The mouse works in viewport coordinates: the chart must be on screen (the page grew).
+    await d.page.locator('#chart-loss').scrollIntoViewIfNeeded();
     const over = await d.page.locator('#chart-loss .u-over').boundingBox();
     assert.ok(over);
     const y = over.y + over.height / 2;
@@ -255,13 +257,13 @@ describe('dashboard in a browser against a real supervisor', { timeout: 180_000 
       await d.page.mouse.down();
       await d.page.mouse.move(over.x + over.width * 0.8, y, { steps: 4 });
       await d.page.mouse.up();
-      await d.page.waitForFunction((n) => (window as unknown as { __ontheflyPerf: { zooms: number[] } }).__ontheflyPerf.zooms.length > n, before + 2 * i, { timeout: 10_000 });
+      await d.page.waitForFunction((n) => (window as unknown as { __ontheflyPerf: { zooms: number[] } }).__ontheflyPerf.zooms.length > n, before + 2 * i, { timeout: 20_000 });
       // ...then pan with shift+wheel.
       await d.page.mouse.move(over.x + over.width / 2, y);
       await d.page.keyboard.down('Shift');
       await d.page.mouse.wheel(0, 120);
       await d.page.keyboard.up('Shift');
-      await d.page.waitForFunction((n) => (window as unknown as { __ontheflyPerf: { zooms: number[] } }).__ontheflyPerf.zooms.length > n, before + 2 * i + 1, { timeout: 10_000 });
+      await d.page.waitForFunction((n) => (window as unknown as { __ontheflyPerf: { zooms: number[] } }).__ontheflyPerf.zooms.length > n, before + 2 * i + 1, { timeout: 20_000 });
       await sleep(50);
     }
     const label = await d.page.textContent('#zoom-label');
