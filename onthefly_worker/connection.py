@@ -162,6 +162,21 @@ class WorkerConnection:
             return f"{name}: {details}"
         return "no answer (is the supervisor running?)"
 
+    def send_error(self, exc: BaseException) -> None:
+        """An exception as data (message, traceback, innermost user frame, time)."""
+        from onthefly_worker.errors import error_record
+
+        rec = error_record(exc)
+        self.send(
+            error=pb.WorkerError(
+                message=str(rec["message"]),
+                traceback=str(rec["traceback"]),
+                filename=str(rec["filename"]),
+                lineno=int(rec["lineno"]),  # type: ignore[call-overload]
+                time=float(rec["time"]),  # type: ignore[arg-type]
+            )
+        )
+
     def ack(self, command_id: str, ok: bool = True, message: str = "", payload: Any = None) -> None:
         if not command_id:
             return

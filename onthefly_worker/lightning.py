@@ -70,7 +70,7 @@ from onthefly_worker.data import (
     epoch_seed,
     split_batch,
 )
-from onthefly_worker.errors import OnTheFlyError, error_record
+from onthefly_worker.errors import OnTheFlyError
 from onthefly_worker.evaluation import evaluate_model, report_eval
 from onthefly_worker.losses import PerSampleLoss
 from onthefly_worker.recorder import Recorder
@@ -1107,19 +1107,10 @@ class _LightningRun(CommandLoop):
     def on_exception(self, exc: BaseException) -> None:
         if self.conn is None or self.finished:
             return
-        rec = error_record(exc)
         if self.rec is not None:
             with contextlib.suppress(Exception):
                 self.rec.flush()
-        self.conn.send(
-            error=pb.WorkerError(
-                message=str(rec["message"]),
-                traceback=str(rec["traceback"]),
-                filename=str(rec["filename"]),
-                lineno=int(rec["lineno"]),  # type: ignore[call-overload]
-                time=float(rec["time"]),  # type: ignore[arg-type]
-            )
-        )
+        self.conn.send_error(exc)
         self.finished = True
 
     def teardown(self) -> None:

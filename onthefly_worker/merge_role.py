@@ -112,9 +112,7 @@ class MergeWorker:
                     except Exception as e:  # a failed job fails its run, not the worker
                         out_run = str(job.get("out_run", ""))
                         if out_run:
-                            conn.send(
-                                error=pb.WorkerError(message=f"{type(e).__name__}: {e}", time=0.0)
-                            )
+                            conn.send_error(e)
                             conn.send(
                                 finished=pb.RunFinished(
                                     run_id=out_run,

@@ -36,7 +36,7 @@ from onthefly_worker.data import (
     split_batch,
     to_device,
 )
-from onthefly_worker.errors import OnTheFlyError, error_record
+from onthefly_worker.errors import OnTheFlyError
 from onthefly_worker.evaluation import evaluate_model, preserved_rng, report_eval
 from onthefly_worker.losses import PerSampleLoss
 from onthefly_worker.recorder import Recorder
@@ -134,10 +134,6 @@ class Trainer:
             # A fork/health worker's job ends with its role; the rest of the script is the generalist's.
             raise SystemExit(0 if result.get("status") == "completed" else 1)
         return result
-
-
-class _Stop(Exception):
-    pass
 
 
 class _Loop(CommandLoop):
@@ -265,19 +261,10 @@ class _Loop(CommandLoop):
         except (SystemExit, KeyboardInterrupt):
             raise  # a stop from outside (SIGTERM/Ctrl+C), not an error of the script
         except BaseException as e:
-            rec = error_record(e)
             if self.rec is not None:
                 with contextlib.suppress(Exception):
                     self.rec.flush()
-            self.conn.send(
-                error=pb.WorkerError(
-                    message=str(rec["message"]),
-                    traceback=str(rec["traceback"]),
-                    filename=str(rec["filename"]),
-                    lineno=int(rec["lineno"]),  # type: ignore[call-overload]
-                    time=float(rec["time"]),  # type: ignore[arg-type]
-                )
-            )
+            self.conn.send_error(e)
             raise
         finally:
             self.writer.wait()
