@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import PY, SCRIPTS, cli, start
+from tests.conftest import SCRIPTS, cli, start
 
 SMALL = SCRIPTS / "train_small.py"
 # Shuffling, dropout, BatchNorm, SGD momentum and a StepLR scheduler are all in train_small.py.
@@ -32,23 +31,8 @@ def final_hash(project: Path) -> str:
 
 
 def run_plain(project: Path, *extra: str) -> str:
-    r = subprocess.run(
-        [
-            PY,
-            "-m",
-            "onthefly_supervisor",
-            "run",
-            "--headless",
-            "--port",
-            "0",
-            str(SMALL),
-            *COMMON,
-            *extra,
-        ],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    r = cli(
+        "run", "--headless", "--port", "0", str(SMALL), *COMMON, *extra, cwd=project, timeout=180
     )
     assert r.returncode == 0, r.stdout + r.stderr
     return final_hash(project)
@@ -89,29 +73,22 @@ def test_kill_and_restart_from_checkpoint_is_bit_exact(tmp_path: Path) -> None:
     marker = proj / "crashed-once"
     # SIGKILL of the worker itself at step 40 (mid-epoch 1); the supervisor restarts it from
     # the cadence checkpoint at step 35.
-    r = subprocess.run(
-        [
-            PY,
-            "-m",
-            "onthefly_supervisor",
-            "run",
-            "--headless",
-            "--port",
-            "0",
-            "--max-restarts",
-            "1",
-            str(SMALL),
-            *COMMON,
-            "--checkpoint-every",
-            "7",
-            "--crash-at-step",
-            "40",
-            "--crash-once-file",
-            str(marker),
-        ],
+    r = cli(
+        "run",
+        "--headless",
+        "--port",
+        "0",
+        "--max-restarts",
+        "1",
+        str(SMALL),
+        *COMMON,
+        "--checkpoint-every",
+        "7",
+        "--crash-at-step",
+        "40",
+        "--crash-once-file",
+        str(marker),
         cwd=proj,
-        capture_output=True,
-        text=True,
         timeout=180,
     )
     assert r.returncode == 0, r.stdout + r.stderr

@@ -27,22 +27,7 @@ def _latest(project: Path) -> Path:
 
 @pytest.mark.parametrize("example", ["minimal.py", "quickstart.py"])
 def test_seed_script_under_onthefly_run(project: Path, example: str) -> None:
-    r = subprocess.run(
-        [
-            PY,
-            "-m",
-            "onthefly_supervisor",
-            "run",
-            "--headless",
-            "--port",
-            "0",
-            str(EXAMPLES / example),
-        ],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = cli("run", "--headless", "--port", "0", str(EXAMPLES / example), cwd=project, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     runs = cli_json("runs", cwd=project)["runs"]
     main = runs[0]
@@ -116,22 +101,15 @@ def _cpu_ticks(pid: int) -> int:
 
 
 def test_crash_shows_root_cause_and_exits_nonzero(project: Path) -> None:
-    r = subprocess.run(
-        [
-            PY,
-            "-m",
-            "onthefly_supervisor",
-            "run",
-            "--headless",
-            "--port",
-            "0",
-            str(SMALL),
-            "--crash-at-step",
-            "3",
-        ],
+    r = cli(
+        "run",
+        "--headless",
+        "--port",
+        "0",
+        str(SMALL),
+        "--crash-at-step",
+        "3",
         cwd=project,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert r.returncode != 0
@@ -157,13 +135,7 @@ def test_crash_shows_root_cause_and_exits_nonzero(project: Path) -> None:
     ],
 )
 def test_bad_scripts_get_one_clear_line(project: Path, args: list[str], expect: str) -> None:
-    r = subprocess.run(
-        [PY, "-m", "onthefly_supervisor", "run", "--headless", "--port", "0", str(SMALL), *args],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = cli("run", "--headless", "--port", "0", str(SMALL), *args, cwd=project, timeout=120)
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert expect in last, r.stdout + r.stderr
@@ -257,28 +229,21 @@ def _descendants(pid: int) -> list[int]:
 
 def test_per_sample_losses_equal_independent_computation(project: Path) -> None:
     # lr=0: the weights never change, so every recorded loss must equal a fresh forward pass.
-    r = subprocess.run(
-        [
-            PY,
-            "-m",
-            "onthefly_supervisor",
-            "run",
-            "--headless",
-            "--port",
-            "0",
-            str(SMALL),
-            "--epochs",
-            "2",
-            "--lr",
-            "0",
-            "--n",
-            "300",
-            "--batch-size",
-            "16",
-        ],
+    r = cli(
+        "run",
+        "--headless",
+        "--port",
+        "0",
+        str(SMALL),
+        "--epochs",
+        "2",
+        "--lr",
+        "0",
+        "--n",
+        "300",
+        "--batch-size",
+        "16",
         cwd=project,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert r.returncode == 0, r.stdout + r.stderr
@@ -314,13 +279,7 @@ def test_per_sample_losses_exact_for_a_plain_model(project: Path) -> None:
         "model = nn.Linear(5, 3)\nopt = torch.optim.SGD(model.parameters(), lr=0.0)\n"
         "Trainer(max_epochs=1).fit(model, opt, nn.CrossEntropyLoss(), DataLoader(TensorDataset(x, y), batch_size=10, shuffle=True))\n"
     )
-    r = subprocess.run(
-        [PY, "-m", "onthefly_supervisor", "run", "--headless", "--port", "0", str(script)],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = cli("run", "--headless", "--port", "0", str(script), cwd=project, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     sdir = _latest(project)
     ck = sorted((sdir / "checkpoints" / "main").glob("step-*.pt"))[-1]
@@ -339,24 +298,17 @@ def test_per_sample_losses_exact_for_a_plain_model(project: Path) -> None:
 
 
 def test_nonfinite_losses_are_skipped_and_reported(project: Path) -> None:
-    r = subprocess.run(
-        [
-            PY,
-            "-m",
-            "onthefly_supervisor",
-            "run",
-            "--headless",
-            "--port",
-            "0",
-            str(SMALL),
-            "--nan-at-step",
-            "5",
-            "--epochs",
-            "1",
-        ],
+    r = cli(
+        "run",
+        "--headless",
+        "--port",
+        "0",
+        str(SMALL),
+        "--nan-at-step",
+        "5",
+        "--epochs",
+        "1",
         cwd=project,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert r.returncode == 0, r.stdout + r.stderr
