@@ -50,6 +50,10 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
     """the long-lived merge worker (SWA, distill, Fisher soup, adapter fuse, gate)"""
     ROLE_HEALTH: _Role.ValueType  # 4
     """a side process that replays steps for the determinism check"""
+    ROLE_STANDBY: _Role.ValueType  # 5
+    """A warm spare for the next fork: the user's script ran its start-up (imports, data)
+    up to fit(), attached, and now waits (no CPU) until an AssignRole makes it a fork.
+    """
 
 class Role(_Role, metaclass=_RoleEnumTypeWrapper):
     """---------------------------------------------------------------------------
@@ -68,6 +72,10 @@ ROLE_MERGE: Role.ValueType  # 3
 """the long-lived merge worker (SWA, distill, Fisher soup, adapter fuse, gate)"""
 ROLE_HEALTH: Role.ValueType  # 4
 """a side process that replays steps for the determinism check"""
+ROLE_STANDBY: Role.ValueType  # 5
+"""A warm spare for the next fork: the user's script ran its start-up (imports, data)
+up to fit(), attached, and now waits (no CPU) until an AssignRole makes it a fork.
+"""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
 class _WorkerState:
@@ -1025,6 +1033,13 @@ Global___SetHyperParams: _TypeAlias = SetHyperParams  # noqa: Y015
 
 @_typing.final
 class AssignRole(_message.Message):
+    """To the merge worker: role=ROLE_MERGE, spec_json = one merge-worker job.
+    To a standby worker: role=ROLE_FORK, spec_json = {"env": {ONTHEFLY_*: value, ...}}, the
+    environment a cold fork would have been started with (worker id, run id, spec file, error
+    file...); the standby applies it, closes this stream and attaches again as that fork.
+    CUDA_VISIBLE_DEVICES and thread bounds are fixed when the standby is started, never here.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ROLE_FIELD_NUMBER: _builtins.int
