@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS edges (parent TEXT NOT NULL, child TEXT NOT NULL, kin
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL, step INTEGER NOT NULL, epoch INTEGER NOT NULL, t REAL NOT NULL,
     loss REAL, lr REAL, grad_norm REAL, samples_per_s REAL, step_time_ms REAL,
-    data_time_ms REAL, memory_mb REAL, extra TEXT
+    data_time_ms REAL, memory_mb REAL, extra TEXT, batch INTEGER
 );
 CREATE INDEX IF NOT EXISTS metrics_run_step ON metrics (run_id, step);
 CREATE TABLE IF NOT EXISTS events (
@@ -165,6 +165,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            cols = {r[1] for r in self._db.execute("PRAGMA table_info(metrics)")}
+            if "batch" not in cols:  # sessions written before the batch column existed
+                self._db.execute("ALTER TABLE metrics ADD COLUMN batch INTEGER")
             self._db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
@@ -326,12 +329,18 @@ class Store:
                 p["time"],
                 *(p.get(k) for k in _METRIC_KEYS),
                 json.dumps(p["extra"]) if p.get("extra") else None,
+                p.get("batch"),
             )
             for p in points
         ]
         last = points[-1]
         with self.tx() as db:
-            db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany(
+                "INSERT INTO metrics(run_id, step, epoch, t, loss, lr, grad_norm, samples_per_s,"
+                " step_time_ms, data_time_ms, memory_mb, extra, batch)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
             db.execute(
                 "UPDATE runs SET step = ?, epoch = ?, last_loss = ?, sample_steps = COALESCE(?, sample_steps) WHERE run_id = ?",
                 (last["step"], last["epoch"], last.get("loss"), sample_steps, run_id),
@@ -446,6 +455,21 @@ class Store:
             (run_id,),
         )
         return dict(rows[0]) if rows else None
+
+    def discard_after(self, run_id: str, step: int) -> list[str]:
+        """Forget a run's abandoned timeline after a rollback to `step`: its metrics, evals
+        and checkpoints past that step (returns the checkpoint paths, for the caller to delete)."""
+        with self.tx() as db:
+            paths = [
+                r["path"]
+                for r in db.execute(
+                    "SELECT path FROM checkpoints WHERE run_id = ? AND step > ?", (run_id, step)
+                )
+            ]
+            db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (run_id, step))
+            db.execute("DELETE FROM evals WHERE run_id = ? AND step > ?", (run_id, step))
+            db.execute("DELETE FROM checkpoints WHERE run_id = ? AND step > ?", (run_id, step))
+        return paths
 
     def pin_checkpoint(self, path: str) -> None:
         with self.tx() as db:

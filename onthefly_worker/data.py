@@ -10,7 +10,7 @@ collate function, worker count and pinning.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,9 +55,22 @@ class EpochOrder:
       seeded from (seed, epoch), so the order is reproducible and the training RNG is
       untouched.
     `subset` restricts training to those dataset positions (a fork's selection).
+
+    `skip` lists batches never to train on, as (epoch, batch) pairs where `batch` is the
+    batch's position in the epoch's full order (what a run without skipped batches records
+    in its metrics). A rollback uses it to step over the batches that made the loss
+    non-finite or spike: `batches()` leaves them out, so the training loop never loads
+    them, and the order of every other batch is unchanged. The set is deterministic and
+    saved in checkpoints (see `skipped`), so a resumed run skips the same batches.
     """
 
-    def __init__(self, loader: DataLoader, seed: int, subset: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        loader: DataLoader,
+        seed: int,
+        subset: np.ndarray | None = None,
+        skip: Iterable[Sequence[int]] = (),
+    ) -> None:
         self.loader = loader
         self.seed = seed
         self.n = dataset_size(loader)
@@ -78,6 +91,32 @@ class EpochOrder:
             self.batch_size = int(bs)
             self.drop_last = bool(getattr(self.user_batch_sampler, "drop_last", False))
             self.sampler = getattr(self.user_batch_sampler, "sampler", self.sampler)
+        self.skip: dict[int, frozenset[int]] = {}
+        self.set_skip(skip)
+
+    def set_skip(self, pairs: Iterable[Sequence[int]]) -> None:
+        """Replace the skipped batches; (epoch, batch) pairs of non-negative integers."""
+        out: dict[int, set[int]] = {}
+        for p in pairs:
+            if len(p) != 2:
+                raise OnTheFlyError(f"a skipped batch is an (epoch, batch) pair, got {list(p)!r}")
+            e, b = int(p[0]), int(p[1])
+            if e < 0 or b < 0:
+                raise OnTheFlyError(f"skipped batch (epoch {e}, batch {b}): must be >= 0")
+            out.setdefault(e, set()).add(b)
+        self.skip = {e: frozenset(v) for e, v in out.items()}
+
+    @property
+    def skipped(self) -> list[list[int]]:
+        """The skipped batches as sorted [epoch, batch] pairs (checkpoint-safe plain ints)."""
+        return [[e, b] for e in sorted(self.skip) for b in sorted(self.skip[e])]
+
+    def canonical_batch(self, epoch: int, position: int) -> int:
+        """Position of the `position`-th trained batch of `epoch` in the epoch's full order."""
+        for b in sorted(self.skip.get(epoch, ())):
+            if b <= position:
+                position += 1
+        return position
 
     def order(self, epoch: int) -> np.ndarray:
         s = epoch_seed(self.seed, epoch)
@@ -111,12 +150,21 @@ class EpochOrder:
         return np.asarray(idx, dtype=np.int64)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
+        """The batches (sample ids) to train on in `epoch`, skipped ones left out."""
         order = self.order(epoch)
         bs = int(self.batch_size or 1)
         n_full = len(order) // bs
         out = [order[i * bs : (i + 1) * bs] for i in range(n_full)]
         if not self.drop_last and len(order) % bs:
             out.append(order[n_full * bs :])
+        skip = self.skip.get(epoch)
+        if skip:
+            beyond = sorted(b for b in skip if b >= len(out))
+            if beyond:
+                raise OnTheFlyError(
+                    f"cannot skip batch {beyond[0]} of epoch {epoch}: the epoch has {len(out)} batches"
+                )
+            out = [b for i, b in enumerate(out) if i not in skip]
         return out
 
 

@@ -190,6 +190,8 @@ class _Loop(CommandLoop):
         self.last_good = ""
         self.adapters = False
         self.budget = int(self.spec.get("budget_steps", 0) or 0)
+        # A raced fork variant stops at its rung to be compared with the others (variants.py).
+        self.rung_stop = int((self.spec.get("race") or {}).get("stop_at", 0) or 0)
         subset = None
         if env.role == "fork":
             subset = np.load(os.path.join(env.session_dir, self.spec["indices_file"]))
@@ -295,8 +297,11 @@ class _Loop(CommandLoop):
             return
         full = os.path.join(self.env.session_dir, path)
         state = ckpt.load(full, map_location=self.device, expected_sha256=None)
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        if not fork_parent and state.get("adapters") and self.spec.get("adapters_rank"):
+            self._restore_adapters(state)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
         if fork_parent:
             lr_mul = float(self.spec.get("lr_mul", 1.0) or 1.0)
             wd_mul = float(self.spec.get("wd_mul", 1.0) or 1.0)
@@ -329,9 +334,87 @@ class _Loop(CommandLoop):
         self.epoch, self.batch = int(cur["epoch"]), int(cur["batch"])
         self.seed = int(cur["seed"])
         self.order.seed = self.seed
+        self.order.set_skip(cur.get("skip") or ())
+        if state.get("grad_clip") is not None:
+            self.grad_clip = float(state["grad_clip"])
         self.step = int(state["counters"]["step"])
         self.sample_steps = int(state["counters"]["sample_steps"])
         self.log(f"resumed from {path} at epoch {self.epoch}, batch {self.batch}, step {self.step}")
+        rollback = self.spec.get("rollback")
+        if rollback:
+            self._apply_rollback(dict(rollback), path)
+
+    def _restore_adapters(self, state: dict[str, Any]) -> None:
+        """Resume a fork that trains low-rank adapters (a raced variant promoted to its next
+        rung): base weights from the parent checkpoint (they are frozen), buffers (BatchNorm
+        statistics) from this checkpoint, then the adapters and their optimizer state."""
+        from onthefly_worker import merge_math as mm
+
+        parent = ckpt.load(
+            os.path.join(self.env.session_dir, self.spec["checkpoint"]),
+            map_location=self.device,
+            expected_sha256=None,
+        )
+        self.model.load_state_dict(parent["model"])
+        buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for k, v in state["model"].items():
+                if k in buffers:
+                    buffers[k].copy_(v)
+        rank = int(self.spec["adapters_rank"])
+        mm.add_adapters(self.model, rank, skip_small=True)
+        self.model.to(self.device)
+        factors = state["adapters"]
+        with torch.no_grad():
+            for n, m in self.model.named_modules():
+                f = factors.get(f"{n}.weight")
+                if isinstance(m, mm.LoRALinear) and f is not None:
+                    m.lora_A.copy_(f["A"])
+                    m.lora_B.copy_(f["B"])
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = type(self.opt)(trainable, **self.opt.defaults)
+        self.opt.load_state_dict(state["optimizer"])
+        self.adapters = True
+
+    def _apply_rollback(self, rb: dict[str, Any], path: str) -> None:
+        """The supervisor restarted this run from a good checkpoint after an instability:
+        skip the offending batches, lower the lr, clip gradients, bf16 where supported."""
+        skip = [tuple(int(v) for v in p) for p in rb.get("skip") or ()]
+        self.order.set_skip(sorted({*(tuple(p) for p in self.order.skipped), *skip}))
+        done = [
+            f"skipping {len(skip)} batch(es) {', '.join(f'(epoch {e}, batch {b})' for e, b in skip)}"
+        ]
+        lr_mul = float(rb.get("lr_mul", 1.0) or 1.0)
+        if lr_mul != 1.0:
+            for g in self.opt.param_groups:
+                g["lr"] = g["lr"] * lr_mul
+            if self.sched is not None and hasattr(self.sched, "base_lrs"):
+                # Schedulers that compute the lr from base_lrs would undo the change otherwise.
+                self.sched.base_lrs = [b * lr_mul for b in self.sched.base_lrs]
+            done.append(f"lr x{lr_mul:g}")
+        clip = float(rb.get("grad_clip", 0.0) or 0.0)
+        if clip > 0:
+            self.grad_clip = clip
+            done.append(f"gradient clip {clip:g}")
+        if rb.get("bf16"):
+            if self.amp_dtype is torch.bfloat16:
+                done.append("bf16: already on (bf16 autocast)")
+            elif (
+                self.amp_dtype is torch.float16
+                and self.device.type == "cuda"
+                and torch.cuda.is_bf16_supported()
+            ):
+                # bf16 has fp32's exponent range: no overflow to Inf, so no GradScaler needed.
+                self.amp_dtype, self.scaler = torch.bfloat16, None
+                done.append("bf16 autocast instead of fp16 (GradScaler dropped)")
+            else:
+                why = (
+                    "this GPU has no bf16 support"
+                    if self.amp_dtype is torch.float16
+                    else "the run trains in fp32 (amp=False); bf16 only replaces fp16 mixed precision"
+                )
+                done.append(f"bf16 not applied: {why}")
+        self.log(f"rollback to {path}: " + "; ".join(done), "warning")
 
     def state_dict(self) -> dict[str, Any]:
         model_state = self.model.state_dict()
@@ -358,7 +441,13 @@ class _Loop(CommandLoop):
             "scheduler": self.sched.state_dict() if self.sched is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": ckpt.capture_rng(),
-            "cursor": {"epoch": self.epoch, "batch": self.batch, "seed": self.seed},
+            "cursor": {
+                "epoch": self.epoch,
+                "batch": self.batch,
+                "seed": self.seed,
+                "skip": self.order.skipped,
+            },
+            "grad_clip": float(self.grad_clip),
             "counters": {"step": self.step, "sample_steps": self.sample_steps},
             "config": self.cfg.to_dict(),
             "spec": self.spec,
@@ -483,6 +572,9 @@ class _Loop(CommandLoop):
 
     def _done(self) -> bool:
         if self.stop_reason:
+            return True
+        if self.rung_stop and self.step >= self.rung_stop:
+            self.stop_reason = f"race rung at step {self.rung_stop}: waiting for the other variants"
             return True
         limit = self.budget or self.cfg.max_steps
         return bool(limit and self.step >= limit)
