@@ -1684,6 +1684,9 @@ class ForkRequest(_message.Message):
     VARIANTS_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
+    VARIANT_LR_MULS_FIELD_NUMBER: _builtins.int
+    RACE_ETA_FIELD_NUMBER: _builtins.int
+    RACE_METRIC_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """parent run"""
     select: _builtins.str
@@ -1697,10 +1700,23 @@ class ForkRequest(_message.Message):
     adapters_rank: _builtins.int
     """0 = full weights"""
     variants: _builtins.int
-    """>1: race variants as an ASHA first rung"""
+    """>1: race this many variants by successive halving (ASHA-style"""
     name: _builtins.str
+    """rungs); their lr multipliers are spread log-uniformly over one
+    decade centred on lr_mul; 0 = 1 (no race)
+    """
     checkpoint: _builtins.str
     """parent checkpoint path; empty = the latest"""
+    race_eta: _builtins.int
+    """of the spread); when given, variants is 0 or their count
+    each rung keeps the best 1/eta of the variants; 0 = 2 (the better half)
+    """
+    race_metric: _builtins.str
+    """what a rung compares at equal steps: "slice" (loss on the fork's"""
+    @_builtins.property
+    def variant_lr_muls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """explicit lr multipliers of the raced variants (instead"""
+
     def __init__(
         self,
         *,
@@ -1713,14 +1729,98 @@ class ForkRequest(_message.Message):
         variants: _builtins.int = ...,
         name: _builtins.str = ...,
         checkpoint: _builtins.str = ...,
+        variant_lr_muls: _abc.Iterable[_builtins.float] | None = ...,
+        race_eta: _builtins.int = ...,
+        race_metric: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_rank", b"adapters_rank", "budget_steps", b"budget_steps", "checkpoint", b"checkpoint", "lr_mul", b"lr_mul", "name", b"name", "run", b"run", "select", b"select", "variants", b"variants", "wd_mul", b"wd_mul"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_rank", b"adapters_rank", "budget_steps", b"budget_steps", "checkpoint", b"checkpoint", "lr_mul", b"lr_mul", "name", b"name", "race_eta", b"race_eta", "race_metric", b"race_metric", "run", b"run", "select", b"select", "variant_lr_muls", b"variant_lr_muls", "variants", b"variants", "wd_mul", b"wd_mul"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ForkRequest: _TypeAlias = ForkRequest  # noqa: Y015
+
+@_typing.final
+class RollbackRequest(_message.Message):
+    """Restart a training run's worker from a good checkpoint, skipping the batches that made it
+    unstable, optionally with a lower lr, gradient clipping and bf16. The abandoned steps
+    (metrics, evals, checkpoints after the checkpoint) are dropped; the skipped batches are
+    recorded in the run's spec (`skipped_batches`) and in a `rollback` event.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    SKIP_STEPS_FIELD_NUMBER: _builtins.int
+    SKIP_BATCHES_FIELD_NUMBER: _builtins.int
+    LR_MUL_FIELD_NUMBER: _builtins.int
+    GRAD_CLIP_FIELD_NUMBER: _builtins.int
+    BF16_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """default main; needs a worker the supervisor started"""
+    checkpoint: _builtins.str
+    """empty = the latest checkpoint before the first skipped batch"""
+    lr_mul: _builtins.float
+    """0 = unchanged"""
+    grad_clip: _builtins.float
+    """0 = unchanged"""
+    bf16: _builtins.bool
+    """fp16 mixed precision -> bf16 where the GPU supports it"""
+    reason: _builtins.str
+    @_builtins.property
+    def skip_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """skip the batches trained at these steps (from the metrics)"""
+
+    @_builtins.property
+    def skip_batches(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchRef]:
+        """and/or these batches"""
+
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        checkpoint: _builtins.str = ...,
+        skip_steps: _abc.Iterable[_builtins.int] | None = ...,
+        skip_batches: _abc.Iterable[Global___BatchRef] | None = ...,
+        lr_mul: _builtins.float = ...,
+        grad_clip: _builtins.float = ...,
+        bf16: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bf16", b"bf16", "checkpoint", b"checkpoint", "grad_clip", b"grad_clip", "lr_mul", b"lr_mul", "reason", b"reason", "run", b"run", "skip_batches", b"skip_batches", "skip_steps", b"skip_steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackRequest: _TypeAlias = RollbackRequest  # noqa: Y015
+
+@_typing.final
+class BatchRef(_message.Message):
+    """A batch of a run: its epoch and its position in that epoch's full data order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    batch: _builtins.int
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        batch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "epoch", b"epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchRef: _TypeAlias = BatchRef  # noqa: Y015
 
 @_typing.final
 class MergeRequest(_message.Message):

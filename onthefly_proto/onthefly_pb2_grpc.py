@@ -166,6 +166,11 @@ class ControlServiceStub:
                 request_serializer=onthefly__proto_dot_onthefly__pb2.HyperParamsRequest.SerializeToString,
                 response_deserializer=onthefly__proto_dot_onthefly__pb2.ActionReply.FromString,
                 _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/onthefly.v1.ControlService/Rollback',
+                request_serializer=onthefly__proto_dot_onthefly__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=onthefly__proto_dot_onthefly__pb2.ActionReply.FromString,
+                _registered_method=True)
         self.ListRuns = channel.unary_unary(
                 '/onthefly.v1.ControlService/ListRuns',
                 request_serializer=onthefly__proto_dot_onthefly__pb2.ListRunsRequest.SerializeToString,
@@ -308,6 +313,14 @@ class ControlServiceServicer:
 
     def SetHyperParams(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Roll a run back to a good checkpoint and skip the offending batches (see RollbackRequest).
+        Answers once the restarted worker trains again.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -455,6 +468,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
             'SetHyperParams': grpc.unary_unary_rpc_method_handler(
                     servicer.SetHyperParams,
                     request_deserializer=onthefly__proto_dot_onthefly__pb2.HyperParamsRequest.FromString,
+                    response_serializer=onthefly__proto_dot_onthefly__pb2.ActionReply.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=onthefly__proto_dot_onthefly__pb2.RollbackRequest.FromString,
                     response_serializer=onthefly__proto_dot_onthefly__pb2.ActionReply.SerializeToString,
             ),
             'ListRuns': grpc.unary_unary_rpc_method_handler(
@@ -762,6 +780,33 @@ class ControlService:
             target,
             '/onthefly.v1.ControlService/SetHyperParams',
             onthefly__proto_dot_onthefly__pb2.HyperParamsRequest.SerializeToString,
+            onthefly__proto_dot_onthefly__pb2.ActionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onthefly.v1.ControlService/Rollback',
+            onthefly__proto_dot_onthefly__pb2.RollbackRequest.SerializeToString,
             onthefly__proto_dot_onthefly__pb2.ActionReply.FromString,
             options,
             channel_credentials,

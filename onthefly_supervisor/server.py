@@ -19,6 +19,7 @@ import numpy as np
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_proto import onthefly_pb2_grpc as pbg
 from onthefly_supervisor import serde
+from onthefly_supervisor.lifecycle import Role
 from onthefly_supervisor.supervisor import TOKEN_KEY, ControlError, Supervisor
 
 T = TypeVar("T")
@@ -137,7 +138,7 @@ class ControlServicer(pbg.ControlServiceServicer):
         with sup.lock:
             workers = list(sup.workers.values())
         runs = sup.store.runs()
-        live = [w for w in workers if not w.state.terminal]
+        live = [w for w in workers if not w.state.terminal and w.spec.role is not Role.STANDBY]
         state = (
             "running"
             if live
@@ -374,6 +375,11 @@ class ControlServicer(pbg.ControlServiceServicer):
 
     def Fork(self, request: pb.ForkRequest, context: grpc.ServicerContext) -> pb.ActionReply:
         return self._hook("Fork", request, context, "fork")
+
+    def Rollback(
+        self, request: pb.RollbackRequest, context: grpc.ServicerContext
+    ) -> pb.ActionReply:
+        return self._hook("Rollback", request, context, "rollback")
 
     def Merge(self, request: pb.MergeRequest, context: grpc.ServicerContext) -> pb.ActionReply:
         return self._hook("Merge", request, context, "merge")
