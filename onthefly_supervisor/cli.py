@@ -56,6 +56,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         max_restarts=a.max_restarts,
         gpus=a.gpus,
         hang_timeout_s=a.hang_timeout,
+        warm_forks=a.warm_forks,
     )
     return _serve(Supervisor(cfg), headless=a.headless)
 
@@ -716,6 +717,17 @@ def _port(s: str) -> int:
     return v
 
 
+def _warm_forks(text: str) -> int:
+    from onthefly_supervisor.warmpool import MAX_WARM_FORKS, parse_warm_forks
+
+    try:
+        return parse_warm_forks(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto' or a number of standbys 0..{MAX_WARM_FORKS}, got {text!r}"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="onthefly", description="Take control of PyTorch training while it runs."
@@ -747,6 +759,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="seconds without a heartbeat before a worker counts as hung",
+    )
+    r.add_argument(
+        "--warm-forks",
+        type=_warm_forks,
+        default="auto",
+        metavar="N|auto",
+        help="standby copies of the script kept ready to become forks (auto: 1; on a CPU-only "
+        "machine with < 4 cores it starts after the first fork unless --automode)",
     )
     r.add_argument("script")
     r.add_argument("args", nargs=argparse.REMAINDER)

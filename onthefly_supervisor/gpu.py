@@ -83,6 +83,17 @@ class GpuAllocator:
             g.workers.append(worker_id)
             return str(g.index)
 
+    def has_free(self) -> bool:
+        """Whether `acquire` would pin a new worker to a GPU now."""
+        with self._lock:
+            return any(len(g.workers) < self.per_gpu for g in self.gpus)
+
+    def rename(self, old: str, new: str) -> None:
+        """A worker's GPU passes to its new id (a warm standby becoming a fork keeps its GPU)."""
+        with self._lock:
+            for g in self.gpus:
+                g.workers = [new if w == old else w for w in g.workers]
+
     def release(self, worker_id: str) -> None:
         with self._lock:
             for g in self.gpus:

@@ -17,6 +17,8 @@ class Role(str, Enum):
     """The dedicated, long-lived merge worker (SWA, distill, Fisher soup, adapter fuse, gate)."""
     HEALTH = "health"
     """A side process that replays steps from a checkpoint (determinism check)."""
+    STANDBY = "standby"
+    """A warm spare: the script ran up to fit() and waits, idle, to become the next fork."""
 
 
 class WorkerState(str, Enum):

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from onthefly_supervisor.lifecycle import Role, WorkerState, check_worker_transition
 
@@ -40,8 +40,10 @@ class WorkerSpec:
     error_file: str = ""
 
     def __post_init__(self) -> None:
-        if not self.worker_id or not self.run_id:
-            raise ValueError("WorkerSpec needs a worker_id and a run_id")
+        if not self.worker_id:
+            raise ValueError("WorkerSpec needs a worker_id")
+        if not self.run_id and self.role is not Role.STANDBY:
+            raise ValueError(f"WorkerSpec for a {self.role.value} worker needs a run_id")
         if not os.path.isfile(self.script):
             raise ValueError(f"script not found: {self.script}")
         if self.threads < 0:
@@ -104,6 +106,16 @@ class Launcher(Protocol):
     def close(self) -> None: ...
 
 
+class RebindingLauncher(Launcher, Protocol):
+    """A launcher whose running worker can take a new identity (the warm pool needs this)."""
+
+    def rebind(self, worker_id: str, spec: WorkerSpec) -> None:
+        """The process started as `worker_id` is `spec.worker_id` from now on: poll, stop and
+        signal use the new id, its output goes to `spec.log_path`, its exit error is read from
+        `spec.error_file` (the old error file too, for a failure before the hand-over landed)."""
+        ...
+
+
 def read_error_file(path: str) -> dict[str, object] | None:
     if not path or not os.path.exists(path):
         return None
@@ -122,6 +134,9 @@ class LocalLauncher:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._specs: dict[str, WorkerSpec] = {}
         self._pumps: dict[str, threading.Thread] = {}
+        self._old_error_files: dict[str, str] = {}
+        self._current: dict[int, WorkerSpec] = {}
+        """id(Popen) -> the spec the process runs now (changes when a standby becomes a fork)."""
         self.on_output = on_output
 
     def start(self, spec: WorkerSpec, attempt: int) -> int:
@@ -148,22 +163,52 @@ class LocalLauncher:
         )
         self._procs[spec.worker_id] = proc
         self._specs[spec.worker_id] = spec
+        self._current[id(proc)] = spec
+        self._old_error_files.pop(spec.worker_id, None)
         t = threading.Thread(
-            target=self._pump, args=(spec, proc), name=f"onthefly-out-{spec.worker_id}", daemon=True
+            target=self._pump, args=(proc,), name=f"onthefly-out-{spec.worker_id}", daemon=True
         )
         self._pumps[spec.worker_id] = t
         t.start()
         return proc.pid
 
-    def _pump(self, spec: WorkerSpec, proc: subprocess.Popen[bytes]) -> None:
+    def rebind(self, worker_id: str, spec: WorkerSpec) -> None:
+        if worker_id not in self._procs:
+            raise KeyError(f"no worker {worker_id!r} to rebind")
+        proc = self._procs.pop(worker_id)
+        old = self._specs.pop(worker_id)
+        self._procs[spec.worker_id] = proc
+        self._specs[spec.worker_id] = spec
+        self._pumps[spec.worker_id] = self._pumps.pop(worker_id)
+        if old.error_file and old.error_file != spec.error_file:
+            self._old_error_files[spec.worker_id] = old.error_file
+        if spec.log_path and spec.log_path != old.log_path:
+            with _open_log(spec.log_path) as new_log:  # exists from now on, as a new worker's does
+                new_log.write(
+                    f"[onthefly] {spec.worker_id} runs in {worker_id} (pid {proc.pid})\n".encode()
+                )
+            if old.log_path:
+                with _open_log(old.log_path) as old_log:
+                    old_log.write(
+                        f"[onthefly] {worker_id} became {spec.worker_id}; "
+                        f"its output continues in {spec.log_path}\n".encode()
+                    )
+        self._current[id(proc)] = spec  # the pump switches log file and worker id on its next line
+
+    def _pump(self, proc: subprocess.Popen[bytes]) -> None:
         """Copy the worker's output to its log file and hand each line to the supervisor."""
         assert proc.stdout is not None
-        log = None
-        if spec.log_path:
-            os.makedirs(os.path.dirname(spec.log_path), exist_ok=True)
-            log = open(spec.log_path, "ab")  # noqa: SIM115 - closed when the pipe ends
+        spec = self._current[id(proc)]
+        log = _open_log(spec.log_path) if spec.log_path else None
         try:
             for raw in iter(proc.stdout.readline, b""):
+                new = self._current[id(proc)]
+                if new is not spec:  # rebound: a standby became a fork
+                    if new.log_path != spec.log_path:
+                        if log is not None:
+                            log.close()
+                        log = _open_log(new.log_path) if new.log_path else None
+                    spec = new
                 if log is not None:
                     log.write(raw)
                     log.flush()
@@ -191,7 +236,10 @@ class LocalLauncher:
                 sig = signal.Signals(-code).name
             except ValueError:
                 sig = f"signal {-code}"
-        return WorkerExit(code, sig, read_error_file(spec.error_file))
+        error = read_error_file(spec.error_file)
+        if error is None and worker_id in self._old_error_files:
+            error = read_error_file(self._old_error_files[worker_id])
+        return WorkerExit(code, sig, error)
 
     def signal(self, worker_id: str, sig: int) -> None:
         proc = self._procs.get(worker_id)
@@ -220,6 +268,11 @@ class LocalLauncher:
     def close(self) -> None:
         for wid in list(self._procs):
             self.stop(wid, 5.0)
+
+
+def _open_log(path: str) -> BinaryIO:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return open(path, "ab")  # noqa: SIM115 - the caller closes it
 
 
 def _killpg(pid: int, sig: int) -> None:

@@ -18,6 +18,7 @@ ROLE_TO_PB = {
     Role.FORK: pb.ROLE_FORK,
     Role.MERGE: pb.ROLE_MERGE,
     Role.HEALTH: pb.ROLE_HEALTH,
+    Role.STANDBY: pb.ROLE_STANDBY,
 }
 ROLE_FROM_PB = {v: k for k, v in ROLE_TO_PB.items()}
 WORKER_STATE_TO_PB = {

@@ -95,8 +95,12 @@ class SupervisorConfig:
     """Checkpoints kept per run by the automatic prune (referenced and pinned ones always stay)."""
     serve_only: bool = False
     """With resume_dir: serve the session (views, forks, merges, exports) without resuming its runs."""
+    warm_forks: int = -1
+    """Standby copies of the script kept ready to become forks (-1 = auto; see warmpool.py)."""
 
     def __post_init__(self) -> None:
+        if not (self.warm_forks == -1 or 0 <= self.warm_forks <= 16):
+            raise SupervisorError(f"--warm-forks {self.warm_forks}: must be 'auto' or 0..16")
         if not (self.port in (0, -1) or 1 <= self.port <= 65535):
             raise SupervisorError(f"--port {self.port}: must be 0 (any free port) or 1..65535")
         if self.max_restarts < 0:
@@ -172,6 +176,9 @@ class Supervisor:
 
         self.method = MethodOps(self)
         self.autopilot = Autopilot(self)
+        from onthefly_supervisor.warmpool import WarmPool
+
+        self.warm = WarmPool(self, cfg.warm_forks)
 
     # -- start / stop ------------------------------------------------------------------------
     def start(self) -> None:
@@ -337,47 +344,68 @@ class Supervisor:
     def spawn(
         self, run_id: str, role: Role, resume: str = "", spec_file: str = "", gpu: bool = False
     ) -> Worker:
-        script = self.store.get_meta("script", self.cfg.script)
-        argv = tuple(self.store.get_meta("argv", list(self.cfg.argv)))
-        cwd = self.store.get_meta("cwd", os.path.abspath(self.cfg.project_dir))
+        if role is Role.FORK and not resume:
+            warm = self.warm.take(run_id, spec_file)  # a standby that already ran the start-up
+            if warm is not None:
+                return warm
         with self.lock:
             wid = self._new_worker_id(run_id)
             attempt = self.restarts.get(run_id, 0)
             gpu_id = self.gpu.acquire(wid) if gpu else ""
-            threads = 0
-            if role is not Role.TRAIN and not gpu_id:
-                threads = max(1, (os.cpu_count() or 2) // 2)
-            env = {
-                "ONTHEFLY_ADDR": f"127.0.0.1:{self.port}",
-                "ONTHEFLY_TOKEN": self.token,
-                "ONTHEFLY_WORKER_ID": wid,
-                "ONTHEFLY_ROLE": role.value,
-                "ONTHEFLY_RUN_ID": run_id,
-                "ONTHEFLY_SESSION_DIR": self.dir,
-                "ONTHEFLY_SEED": str(self.store.get_meta("seed", self.cfg.seed)),
-                "ONTHEFLY_ERROR_FILE": os.path.join(self.dir, "logs", f"{wid}.error.json"),
-                "ONTHEFLY_FIT_MARKER": os.path.join(self.dir, "logs", f"{wid}.fit"),
-                "ONTHEFLY_ATTEMPT": str(attempt),
-            }
-            if resume:
-                env["ONTHEFLY_RESUME"] = resume
-            if spec_file:
-                env["ONTHEFLY_SPEC"] = spec_file
-            spec = WorkerSpec(
-                worker_id=wid,
-                run_id=run_id,
-                role=role,
-                script=script,
-                argv=argv,
-                cwd=cwd,
-                env=env,
-                gpu=gpu_id,
-                threads=threads,
-                log_path=os.path.join(self.dir, "logs", f"{wid}.log"),
-                error_file=env["ONTHEFLY_ERROR_FILE"],
-            )
+            spec = self.worker_spec(wid, run_id, role, attempt, resume, spec_file, gpu_id)
+            return self.launch(spec, attempt)
+
+    def worker_spec(
+        self,
+        wid: str,
+        run_id: str,
+        role: Role,
+        attempt: int = 0,
+        resume: str = "",
+        spec_file: str = "",
+        gpu_id: str = "",
+    ) -> WorkerSpec:
+        """What to launch for a worker: the script, its argv and the worker's environment."""
+        script = self.store.get_meta("script", self.cfg.script)
+        argv = tuple(self.store.get_meta("argv", list(self.cfg.argv)))
+        cwd = self.store.get_meta("cwd", os.path.abspath(self.cfg.project_dir))
+        threads = 0
+        if role is not Role.TRAIN and not gpu_id:
+            threads = max(1, (os.cpu_count() or 2) // 2)
+        env = {
+            "ONTHEFLY_ADDR": f"127.0.0.1:{self.port}",
+            "ONTHEFLY_TOKEN": self.token,
+            "ONTHEFLY_WORKER_ID": wid,
+            "ONTHEFLY_ROLE": role.value,
+            "ONTHEFLY_RUN_ID": run_id,
+            "ONTHEFLY_SESSION_DIR": self.dir,
+            "ONTHEFLY_SEED": str(self.store.get_meta("seed", self.cfg.seed)),
+            "ONTHEFLY_ERROR_FILE": os.path.join(self.dir, "logs", f"{wid}.error.json"),
+            "ONTHEFLY_FIT_MARKER": os.path.join(self.dir, "logs", f"{wid}.fit"),
+            "ONTHEFLY_ATTEMPT": str(attempt),
+        }
+        if resume:
+            env["ONTHEFLY_RESUME"] = resume
+        if spec_file:
+            env["ONTHEFLY_SPEC"] = spec_file
+        return WorkerSpec(
+            worker_id=wid,
+            run_id=run_id,
+            role=role,
+            script=script,
+            argv=argv,
+            cwd=cwd,
+            env=env,
+            gpu=gpu_id,
+            threads=threads,
+            log_path=os.path.join(self.dir, "logs", f"{wid}.log"),
+            error_file=env["ONTHEFLY_ERROR_FILE"],
+        )
+
+    def launch(self, spec: WorkerSpec, attempt: int = 0) -> Worker:
+        with self.lock:
             w = Worker(spec, attempt=attempt)
-            self.workers[wid] = w
+            self.workers[spec.worker_id] = w
             w.pid = self.launcher.start(spec, attempt)
             self._publish_worker(w)
         return w
@@ -491,14 +519,14 @@ class Supervisor:
                 w.pid = hello.pid
             w.last_seen = time.time()
         run_id = w.spec.run_id
-        if w.spec.role is Role.MERGE:
+        if w.spec.role in (Role.MERGE, Role.STANDBY):
             self._set_worker_state(worker_id, WorkerState.ATTACHED)
             self.bus.publish(
                 "attached",
                 "",
                 worker_id=worker_id,
                 pid=int(hello.pid),
-                role="merge",
+                role=w.spec.role.value,
                 device=hello.device,
             )
             return link, self._welcome(run_id)
@@ -735,6 +763,8 @@ class Supervisor:
         # heartbeat: last_seen is enough
 
     def _on_output(self, wid: str, line: str) -> None:
+        if self.warm.quiet(wid):
+            return  # a standby's start-up output stays in its log; a failure is reported as an event
         for hook in self.output_hooks:
             hook(wid, line)
 
@@ -981,7 +1011,9 @@ class Supervisor:
             active = [
                 w
                 for w in self.workers.values()
-                if not w.state.terminal and not (w.spec.role is Role.MERGE and not self._busy())
+                if not w.state.terminal
+                and not (w.spec.role is Role.MERGE and not self._busy())
+                and w.spec.role is not Role.STANDBY  # a spare never keeps a session alive
             ]
         if self.cfg.owner_pid:
             if not _pid_alive(self.cfg.owner_pid) and not [

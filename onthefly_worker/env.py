@@ -22,6 +22,9 @@ RESUME = "ONTHEFLY_RESUME"
 SPEC = "ONTHEFLY_SPEC"
 ATTEMPT = "ONTHEFLY_ATTEMPT"
 FIT_MARKER = "ONTHEFLY_FIT_MARKER"
+STANDBY = "ONTHEFLY_STANDBY"
+""""1" in a warm standby: its script starts as a fork would (ONTHEFLY_ROLE=fork), but at
+fit() it waits for the supervisor to say which fork it is (see standby.py)."""
 
 ROLES = ("train", "fork", "merge", "health")
 
@@ -47,6 +50,8 @@ class WorkerEnv:
     spec: str
     """Path of a JSON file with the role's spec (fork selection/recipe, merge method)."""
     attempt: int
+    standby: bool = False
+    """A warm spare for the next fork: wait at fit() for the fork's identity (standby.py)."""
 
     @staticmethod
     def from_environ(environ: dict[str, str] | None = None) -> WorkerEnv | None:
@@ -68,6 +73,7 @@ class WorkerEnv:
             resume=e.get(RESUME, ""),
             spec=e.get(SPEC, ""),
             attempt=int(e.get(ATTEMPT, "0") or 0),
+            standby=e.get(STANDBY, "") == "1",
         )
 
 

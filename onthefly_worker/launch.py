@@ -51,6 +51,10 @@ def _record(message: str, script: str) -> dict[str, object]:
     }
 
 
+def _error_file() -> str:
+    return os.environ.get(wenv.ERROR_FILE, "")
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m onthefly_worker.launch SCRIPT [ARGS...]", file=sys.stderr)
@@ -60,28 +64,29 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _sigterm_to_exit)
 
     script = os.path.abspath(argv[0])
-    error_file = os.environ.get(wenv.ERROR_FILE, "")
-    marker = os.environ.get(wenv.FIT_MARKER, "")
     sys.argv = [argv[0], *argv[1:]]
     script_dir = os.path.dirname(script)
     sys.path.insert(0, script_dir)
+    # The error file and fit marker are read when needed, not now: a warm standby learns
+    # at fit() which fork it is, and from then on writes that fork's files.
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if code != 0:
             if not isinstance(e.code, int):
-                write_error_file(error_file, _record(f"SystemExit: {e.code}", script))
+                write_error_file(_error_file(), _record(f"SystemExit: {e.code}", script))
             return code
     except BaseException as e:  # noqa: BLE001 - every failure must reach the supervisor as data
-        write_error_file(error_file, error_record(e, script_dir))
+        write_error_file(_error_file(), error_record(e, script_dir))
         raise
+    marker = os.environ.get(wenv.FIT_MARKER, "")
     if marker and not os.path.exists(marker):
         msg = (
             f"{os.path.basename(script)} finished without calling Trainer.fit(), quickstart() "
             "or trainer.fit() after attach_lightning(): nothing was trained"
         )
-        write_error_file(error_file, _record(f"OnTheFlyError: {msg}", script))
+        write_error_file(_error_file(), _record(f"OnTheFlyError: {msg}", script))
         print(f"[onthefly] error: {msg}", file=sys.stderr)
         return EXIT_NO_FIT
     return 0

@@ -1343,6 +1343,11 @@ def attach_lightning(
             )
         used = True
         mark_fit_reached()
+        env0 = wenv.WorkerEnv.from_environ()
+        if env0 is not None and env0.standby:  # a warm spare: wait here to become a fork
+            from onthefly_worker.standby import wait_for_role
+
+            wait_for_role(env0, framework="lightning")
         run.prepare()
         assert run.env is not None
         if run.env.role == "merge":

@@ -110,6 +110,10 @@ class Trainer:
             from onthefly_worker import selfhost
 
             env = selfhost.ensure_supervisor(self.config)
+        if env.standby:  # a warm spare: wait here until the supervisor makes it a fork
+            from onthefly_worker.standby import wait_for_role
+
+            env = wait_for_role(env, framework="native")
         if env.role == "merge":
             from onthefly_worker.merge_role import MergeWorker
 

@@ -61,7 +61,7 @@ export function workerStateName(x: string | number): WorkerStateName {
 
 /** "ROLE_FORK" -> "fork". */
 export function roleName(x: string | number): string {
-  if (typeof x === 'number') return ['unspecified', 'train', 'fork', 'merge', 'health'][x] ?? 'unspecified';
+  if (typeof x === 'number') return ['unspecified', 'train', 'fork', 'merge', 'health', 'standby'][x] ?? 'unspecified';
   return x.replace(/^ROLE_/, '').toLowerCase();
 }
 
