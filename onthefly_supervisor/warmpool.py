@@ -83,10 +83,11 @@ def parse_warm_forks(text: str) -> int:
     try:
         n = int(text)
     except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_WARM_FORKS:
         raise ValueError(
             f"--warm-forks {text!r}: must be 'auto' or a number of standbys 0..{MAX_WARM_FORKS}"
-        ) from None
-    resolve_size(n, False, 0, 0)
+        )
     return n
 
 
