@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import SCRIPTS, Live, cli, cli_json, pid_alive, start
 
 SMALL = SCRIPTS / "train_small.py"
@@ -144,3 +146,49 @@ def test_a_standby_whose_start_up_fails_is_reported_and_not_respawned_in_a_loop(
     assert set(runs) == {"main", "fork-1"}
     assert runs["main"]["status"] == "stopped" and not runs["main"]["error"]
     assert runs["fork-1"]["status"] == "failed" and "MemoryError" in runs["fork-1"]["error"]
+
+
+def test_a_lightning_fork_runs_in_the_warm_standby(project: Path) -> None:
+    pytest.importorskip("lightning")
+    from tests.integration.test_lightning import _script
+
+    live = start(
+        project,
+        _script(project),
+        "--epochs",
+        "2",
+        extra=("--keep-alive", "--warm-forks", "1"),
+    )
+    pids: set[int] = set()
+    try:
+        st = live.wait_for(
+            lambda s: live.main_run(s)["status"] == "completed" and bool(_standbys(s, "attached")),
+            timeout=150,
+        )
+        (standby,) = _standbys(st, "attached")
+        pids |= set(live.worker_pids(st))
+        r = cli(
+            "fork",
+            "--select",
+            "quantile:0.8:1.0",
+            "--budget-steps",
+            "12",
+            "--wait",
+            cwd=project,
+            timeout=150,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "fork-1 completed" in r.stdout
+        st = live.wait_for(
+            lambda s: any(
+                w["worker_id"] == "fork-1-0" and w["state"] == "succeeded" for w in s["workers"]
+            )
+        )
+        fork = next(w for w in st["workers"] if w["worker_id"] == "fork-1-0")
+        assert fork["pid"] == standby["pid"]
+        runs = {x["run_id"]: x for x in cli_json("runs", cwd=project)["runs"]}
+        assert runs["fork-1"]["status"] == "completed" and runs["fork-1"]["step"] == 12
+        assert {"slice:self", "val"} <= {e["split"] for e in runs["fork-1"]["evals"]}
+        pids |= set(live.worker_pids(live.status()))
+    finally:
+        _stop_and_check_no_orphans(live, pids)
