@@ -578,6 +578,12 @@ def cmd_rpc(a: argparse.Namespace) -> int:
     if c == "fork":
         if a.budget_steps < 1:
             raise CliError(f"--budget-steps {a.budget_steps}: must be >= 1")
+        if a.variants < 1:
+            raise CliError(
+                f"--variants {a.variants}: must be >= 1 (1 = one fork, N >= 2 = race N variants)"
+            )
+        if a.variants == 1 and (a.race_eta or a.race_metric):
+            raise CliError("--race-eta/--race-metric need --variants N with N >= 2")
         req: Any = pb.ForkRequest(
             run=a.run,
             select=a.select,
@@ -587,8 +593,31 @@ def cmd_rpc(a: argparse.Namespace) -> int:
             adapters_rank=a.adapters,
             variants=a.variants,
             name=a.name or "",
+            race_eta=a.race_eta,
+            race_metric=a.race_metric or "",
         )
         method = "Fork"
+    elif c == "rollback":
+        skips = []
+        for text in a.skip:
+            e, _, b = text.partition(":")
+            try:
+                skips.append(pb.BatchRef(epoch=int(e), batch=int(b)))
+            except ValueError:
+                raise CliError(f"--skip {text!r}: use EPOCH:BATCH, e.g. --skip 1:13") from None
+        req, method = (
+            pb.RollbackRequest(
+                run=a.run,
+                checkpoint=a.checkpoint or "",
+                skip_steps=a.skip_step,
+                skip_batches=skips,
+                lr_mul=a.lr_mul,
+                grad_clip=a.grad_clip,
+                bf16=a.bf16,
+                reason=a.reason or "",
+            ),
+            "Rollback",
+        )
     elif c == "gate":
         req, method = pb.GateRequest(runs=a.runs, name=a.name or ""), "TrainGate"
     elif c == "merge":
@@ -647,7 +676,10 @@ def cmd_rpc(a: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     d = MessageToDict(reply, preserving_proto_field_name=True)
-    if c in ("fork", "gate", "merge") and getattr(a, "wait", False) and d.get("run_id"):
+    race = json.loads(d.get("payload_json") or "{}").get("race") if c == "fork" else None
+    if race and getattr(a, "wait", False):
+        d = _wait_race(client, str(race), d)
+    elif c in ("fork", "gate", "merge") and getattr(a, "wait", False) and d.get("run_id"):
         d = _wait_run(client, d["run_id"], d)
     if getattr(a, "json", False):
         print(json.dumps(d, indent=2))
@@ -705,6 +737,46 @@ def _wait_run(
                 }
         time.sleep(0.3)
     raise CliError(f"{run_id} did not finish within {timeout:.0f} s")
+
+
+def _wait_race(
+    client: ControlClient, race_id: str, reply: dict[str, Any], timeout: float = 1800
+) -> dict[str, Any]:
+    """Follow a race's `race` events until it has a winner (or failed)."""
+    print(reply.get("message", ""), flush=True)
+    deadline = time.time() + timeout
+    stream = client.watch(kinds=["race"])
+    seen = 0
+    try:
+        for ev in stream:
+            p = json.loads(ev.payload_json or "{}")
+            if p.get("race_id") != race_id:
+                continue
+            for h in p.get("history", [])[seen:]:
+                scores = h.get("scores", {})
+                line = ", ".join(
+                    f"{k} {_f(scores.get(k))}{' (goes on)' if k in h.get('promoted', []) else ''}"
+                    for k in h.get("ranked", [])
+                )
+                print(
+                    f"rung {h['rung'] + 1} at step {h['step']} ({h['metric']} loss): {line}",
+                    flush=True,
+                )
+            seen = len(p.get("history", []))
+            if p.get("status") in ("done", "failed"):
+                ok = p["status"] == "done"
+                msg = (
+                    f"{race_id}: {p['winner']} won (lr x{p['recipes'][p['winner']]['lr_mul']:.3g}); "
+                    f"{len(p['runs']) - 1} other variant(s) stopped"
+                    if ok
+                    else f"{race_id} failed: {p.get('error', '')}"
+                )
+                return {"ok": ok, "run_id": p.get("winner", ""), "message": msg, "race": p}
+            if time.time() > deadline:
+                break
+    finally:
+        stream.cancel()
+    raise CliError(f"{race_id} did not finish within {timeout:.0f} s")
 
 
 def _port(s: str) -> int:
@@ -831,11 +903,59 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr-mul", type=float, default=1.0)
     f.add_argument("--wd-mul", type=float, default=1.0)
     f.add_argument("--adapters", type=int, default=0, metavar="RANK")
-    f.add_argument("--variants", type=int, default=1)
+    f.add_argument(
+        "--variants",
+        type=int,
+        default=1,
+        metavar="N",
+        help="race N variants (lr spread log-uniformly over one decade around --lr-mul) by "
+        "successive halving; the winner completes, the others end stopped",
+    )
+    f.add_argument(
+        "--race-eta", type=int, default=0, help="each rung keeps the best 1/ETA (default 2)"
+    )
+    f.add_argument(
+        "--race-metric",
+        choices=["slice", "val"],
+        default=None,
+        help="compare variants on their slice (default) or on the validation loss",
+    )
     f.add_argument("--name", default=None)
     f.add_argument("--json", action="store_true")
     f.add_argument("--wait", action="store_true", help="wait until the fork run ends")
     f.set_defaults(fn=cmd_rpc)
+
+    rb = sub.add_parser(
+        "rollback",
+        help="restart a run from a good checkpoint, skipping the batches that made it unstable",
+    )
+    rb.add_argument("--run", default="main")
+    rb.add_argument(
+        "--checkpoint", default=None, help="default: the latest before the first skipped batch"
+    )
+    rb.add_argument(
+        "--skip-step",
+        type=int,
+        action="append",
+        default=[],
+        metavar="STEP",
+        help="skip the batch trained at this step (repeatable)",
+    )
+    rb.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="EPOCH:BATCH",
+        help="skip this batch (its position in the epoch's data order; repeatable)",
+    )
+    rb.add_argument("--lr-mul", type=float, default=0.0, help="multiply the lr (e.g. 0.5)")
+    rb.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm")
+    rb.add_argument(
+        "--bf16", action="store_true", help="fp16 mixed precision -> bf16 where supported"
+    )
+    rb.add_argument("--reason", default=None)
+    rb.add_argument("--json", action="store_true")
+    rb.set_defaults(fn=cmd_rpc)
 
     g = sub.add_parser("gate", help="train a router over experts -> MoE run")
     g.add_argument("runs", nargs="+")

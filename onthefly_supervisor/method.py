@@ -49,6 +49,7 @@ class MethodOps:
         self.ControlError = ControlError
         self.jobs: list[Job] = []
         self.fork_queue: list[str] = []
+        self.fork_resume: dict[str, str] = {}
         self.merge_worker_id = ""
         sup.control_hooks.update(
             {
@@ -65,6 +66,11 @@ class MethodOps:
         )
         sup.tick_hooks.append(self.tick)
         sup.busy_hooks.append(lambda: bool(self.jobs) or bool(self.fork_queue))
+        from onthefly_supervisor.rollback import Rollbacks
+        from onthefly_supervisor.variants import Races
+
+        self.races = Races(sup, self)
+        self.rollbacks = Rollbacks(sup)
 
     def _err(self, code: grpc.StatusCode, msg: str) -> Exception:
         return self.ControlError(code, msg)
@@ -127,11 +133,7 @@ class MethodOps:
             raise ValueError(
                 f"--adapters {req.adapters_rank}: must be 0 (full weights) or a rank in 1..4096"
             )
-        if req.variants > 1:
-            raise self._err(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "racing several variants (ASHA first rung) is not built yet; fork with --variants 1",
-            )
+        race = self._race_options(req, parent, lr_mul)
         spec_str = req.select or "all"
         cwd = str(sup.store.get_meta("cwd", os.getcwd()))
         losses, margin, labels = self.latest_losses(parent.run_id)
@@ -141,6 +143,146 @@ class MethodOps:
             spec_str, losses, features=features, seed=seed, base_dir=cwd, labels=labels
         )
         ckpt_rel = self._parent_checkpoint(parent, req.checkpoint)
+        if race is not None:
+            return self._start_race(req, parent, selection, ckpt_rel, budget, wd_mul, seed, *race)
+        run_id = self._create_fork(
+            parent,
+            selection,
+            ckpt_rel,
+            budget,
+            lr_mul,
+            wd_mul,
+            int(req.adapters_rank),
+            req.name,
+            seed,
+        )
+        self._start_queued_forks()
+        return pb.ActionReply(
+            ok=True,
+            run_id=run_id,
+            message=f"{run_id}: fork of {parent.run_id} on {selection.indices.size} samples ({selection.description}), budget {budget} steps",
+            payload_json=json.dumps(
+                {
+                    "samples": int(selection.indices.size),
+                    "selection": selection.spec,
+                    "checkpoint": ckpt_rel,
+                }
+            ),
+        )
+
+    def _race_options(
+        self, req: pb.ForkRequest, parent: RunRow, lr_mul: float
+    ) -> tuple[list[float], int, str] | None:
+        """(lr multipliers, eta, metric) of a race, None for a single fork; one-line errors."""
+        from onthefly_supervisor import variants as va
+
+        if req.variants < 0:
+            raise ValueError(f"--variants {req.variants}: must be >= 1")
+        muls = [float(m) for m in req.variant_lr_muls]
+        if muls:
+            if req.variants not in (0, len(muls)):
+                raise ValueError(
+                    f"--variants {req.variants} but {len(muls)} variant lr multipliers were given"
+                )
+            if len(muls) < 2:
+                raise ValueError("variant_lr_muls: a race needs at least 2 variants")
+            for m in muls:
+                if not (math.isfinite(m) and 0 < m <= 1000):
+                    raise ValueError(
+                        f"variant lr multiplier {m}: must be a finite number in (0, 1000]"
+                    )
+        elif req.variants > 1:
+            if req.variants > va.MAX_VARIANTS:
+                raise ValueError(f"--variants {req.variants}: at most {va.MAX_VARIANTS}")
+            muls = va.spread_lr_multipliers(lr_mul, int(req.variants))
+        else:
+            if req.race_eta or req.race_metric:
+                raise ValueError("race_eta/race_metric need --variants N (N >= 2)")
+            return None
+        eta = int(req.race_eta or 2)
+        metric = req.race_metric or "slice"
+        if metric not in va.METRICS:
+            raise ValueError(f"race metric {metric!r}: one of {', '.join(va.METRICS)}")
+        if metric == "val" and not any(
+            e["split"] == "val" for e in self.sup.store.evals(parent.run_id)
+        ):
+            raise ValueError(
+                f"race metric val: run {parent.run_id} reports no validation loss "
+                "(give fit() a val_loader and val_every_n_epochs)"
+            )
+        va.race_rungs(int(req.budget_steps or 300), len(muls), eta)  # validates the budget
+        return muls, eta, metric
+
+    def _start_race(
+        self,
+        req: pb.ForkRequest,
+        parent: RunRow,
+        selection: sel.Selection,
+        ckpt_rel: str,
+        budget: int,
+        wd_mul: float,
+        seed: int,
+        muls: list[float],
+        eta: int,
+        metric: str,
+    ) -> pb.ActionReply:
+        # One data order for every variant: they differ only in their recipe.
+        common = {"seed": seed + 1000 + int(self._next_id("fork").split("-")[1])}
+
+        def make(m: float, name: str, extra: dict[str, Any]) -> str:
+            return self._create_fork(
+                parent,
+                selection,
+                ckpt_rel,
+                budget,
+                m,
+                wd_mul,
+                int(req.adapters_rank),
+                name,
+                seed,
+                {**common, **extra},
+            )
+
+        race = self.races.start(parent.run_id, muls, budget, eta, metric, make, name=req.name)
+        self._start_queued_forks()
+        rungs = "/".join(str(r) for r in race.rungs)
+        return pb.ActionReply(
+            ok=True,
+            run_id=race.runs[0],
+            message=f"{race.race_id}: {len(race.runs)} variants of {parent.run_id} ({', '.join(race.runs)}) "
+            f"on {selection.indices.size} samples ({selection.description}), lr x"
+            + "/".join(f"{m:.3g}" for m in muls)
+            + f"; rungs at {rungs} steps, each keeps the best 1/{eta} by {metric} loss",
+            payload_json=json.dumps(
+                {
+                    "race": race.race_id,
+                    "runs": race.runs,
+                    "lr_muls": muls,
+                    "rungs": race.rungs,
+                    "eta": eta,
+                    "metric": metric,
+                    "samples": int(selection.indices.size),
+                    "selection": selection.spec,
+                    "checkpoint": ckpt_rel,
+                }
+            ),
+        )
+
+    def _create_fork(
+        self,
+        parent: RunRow,
+        selection: sel.Selection,
+        ckpt_rel: str,
+        budget: int,
+        lr_mul: float,
+        wd_mul: float,
+        adapters_rank: int,
+        name: str,
+        seed: int,
+        extra_spec: dict[str, Any] | None = None,
+    ) -> str:
+        """Create one fork run (spec, selection file, lineage) and queue its worker."""
+        sup = self.sup
         run_id = self._next_id("fork")
         fdir = os.path.join(sup.dir, "forks", run_id)
         os.makedirs(fdir, exist_ok=True)
@@ -154,10 +296,11 @@ class MethodOps:
             "budget_steps": budget,
             "lr_mul": lr_mul,
             "wd_mul": wd_mul,
-            "adapters_rank": int(req.adapters_rank),
-            "name": req.name or run_id,
+            "adapters_rank": adapters_rank,
+            "name": name or run_id,
             "seed": seed + 1000 + int(run_id.split("-")[1]),
             "samples": int(selection.indices.size),
+            **(extra_spec or {}),
         }
         with open(os.path.join(fdir, "spec.json"), "w", encoding="utf-8") as f:
             json.dump(spec, f)
@@ -180,7 +323,7 @@ class MethodOps:
         sup.store.add_run(
             RunRow(
                 run_id,
-                req.name or run_id,
+                name or run_id,
                 "fork",
                 RunStatus.PENDING,
                 [parent.run_id],
@@ -191,19 +334,14 @@ class MethodOps:
         )
         sup.bus.publish("run_created", run_id, run=sup.store.run(run_id).to_dict())  # type: ignore[union-attr]
         self.fork_queue.append(run_id)
+        return run_id
+
+    def queue_fork(self, run_id: str, resume: str = "") -> None:
+        """Queue a fork worker for an existing fork run (a promoted race variant resumes)."""
+        if resume:
+            self.fork_resume[run_id] = resume
+        self.fork_queue.append(run_id)
         self._start_queued_forks()
-        return pb.ActionReply(
-            ok=True,
-            run_id=run_id,
-            message=f"{run_id}: fork of {parent.run_id} on {selection.indices.size} samples ({selection.description}), budget {budget} steps",
-            payload_json=json.dumps(
-                {
-                    "samples": int(selection.indices.size),
-                    "selection": selection.spec,
-                    "checkpoint": ckpt_rel,
-                }
-            ),
-        )
 
     def _parent_checkpoint(self, parent: RunRow, requested: str) -> str:
         sup = self.sup
@@ -244,7 +382,8 @@ class MethodOps:
         while self.fork_queue and live < sup.cfg.max_parallel_forks:
             run_id = self.fork_queue.pop(0)
             spec_file = os.path.join(sup.dir, "forks", run_id, "spec.json")
-            sup.spawn(run_id, Role.FORK, spec_file=spec_file, gpu=True)
+            resume = self.fork_resume.pop(run_id, "")
+            sup.spawn(run_id, Role.FORK, resume=resume, spec_file=spec_file, gpu=True)
             live += 1
 
     # -- merge-worker jobs ---------------------------------------------------------------------

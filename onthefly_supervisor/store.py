@@ -469,6 +469,16 @@ class Store:
             db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (run_id, step))
             db.execute("DELETE FROM evals WHERE run_id = ? AND step > ?", (run_id, step))
             db.execute("DELETE FROM checkpoints WHERE run_id = ? AND step > ?", (run_id, step))
+            # The run's summary columns describe the timeline that is left.
+            db.execute(
+                "UPDATE runs SET"
+                " val_loss = (SELECT loss FROM evals WHERE run_id = ?1 AND split = 'val' ORDER BY t DESC LIMIT 1),"
+                " test_loss = (SELECT loss FROM evals WHERE run_id = ?1 AND split = 'test' ORDER BY t DESC LIMIT 1),"
+                " last_checkpoint = COALESCE((SELECT path FROM checkpoints WHERE run_id = ?1 ORDER BY step DESC, t DESC LIMIT 1), ''),"
+                " step = ?2"
+                " WHERE run_id = ?1",
+                (run_id, step),
+            )
         return paths
 
     def pin_checkpoint(self, path: str) -> None:
