@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,10 @@ class Execution:
     before: float | None = None
     started_step: int = 0
     adopt: str = ""
+    race: str = ""
+    """Id of the variants race the card started (fork/explore with several variants)."""
+    rollback: dict[str, Any] | None = None
+    """What a stabilization's rollback did (from the Rollback RPC)."""
 
 
 class Autopilot:
@@ -55,11 +60,13 @@ class Autopilot:
             fork_budget_steps=200,
             fork_lr_multipliers=(1.0,),
             explore_budget_steps=150,
-            # The generalist itself is the "no change" arm of an exploration.
-            explore_lr_multipliers=(0.3, 3.0),
+            # Raced by successive halving from the same checkpoint; x1 is the "no change" arm.
+            explore_lr_multipliers=(0.3, 1.0, 3.0),
             max_parallel_children=3,
             gate_steps=1000,
-            merge_every_steps=10**9,
+            # Completed specialists are merged back (SWA) every 500 generalist steps, and once
+            # more when the generalist has finished; the generalist stays the catch-all.
+            merge_every_steps=500,
             max_total_budget_steps=5000,
         )
         self.state = pl.PlannerState()
@@ -85,6 +92,8 @@ class Autopilot:
         self.baseline_run = ""
         self.baseline_pending = False
         self.report_dir = ""
+        self.slice_margin = 0.2
+        """A validation slice is weak when its loss stays this much (relative) above the overall."""
 
     # -- ControlService client (the planner acts only through it) -----------------------------
     @property
@@ -221,10 +230,17 @@ class Autopilot:
         # After the generalist finished, only what a finished model can still use is
         # planned: specialists on its hard samples, then a gate / merge over them.
         detections = self.detect("main", sample_only=finished)
+        bf16, bf16_note = self._bf16(main)
         ctx = {
             "checkpoint_steps": [c["step"] for c in self.sup.store.checkpoints("main")],
             "grad_clip": float(main.config.get("grad_clip", 0.0) or 0.0),
             "active_children": sum(len(e.runs) for e in self.running.values()),
+            "nonfinite_steps": self._nonfinite_steps("main"),
+            "rollback_supported": not self.sup.cfg.owner_pid,
+            "bf16_supported": bf16,
+            "bf16_note": bf16_note,
+            "slice_selections": self._slice_selections(),
+            "final": finished,
         }
         with self._lock:
             result = pl.plan(detections, self.state, self.config, main.step, ctx)
@@ -265,10 +281,84 @@ class Autopilot:
             ),
             pl.detect_plateau(steps, loss, window=min(200, max(50, steps.size // 2))),
             pl.detect_drift(steps, loss),
+            self._weak_slice(run_id),
         ):
             if d is not None:
                 out.append(d)
         return out + self._sample_detections(run_id, int(steps[-1]))
+
+    def _weak_slice(self, run_id: str) -> pl.Detection | None:
+        """Per-slice validation losses the user reports (Trainer(val_slices=...)), aligned with
+        the overall validation loss of the same evaluation."""
+        rows = self.sup.store.query(
+            "SELECT split, step, loss FROM evals WHERE run_id = ? AND (split = 'val' OR split LIKE 'val_slice:%')"
+            " ORDER BY t",
+            (run_id,),
+        )
+        overall = {int(r["step"]): r["loss"] for r in rows if r["split"] == "val"}
+        if len(overall) < 2:
+            return None
+        steps = sorted(overall)
+        per: dict[str, dict[int, float | None]] = {}
+        for r in rows:
+            if r["split"] != "val":
+                per.setdefault(r["split"].split(":", 1)[1], {})[int(r["step"])] = r["loss"]
+        if not per:
+            return None
+
+        def num(v: float | None) -> float:
+            return math.nan if v is None else float(v)
+
+        return pl.detect_weak_slices(
+            {k: [num(v.get(s)) for s in steps] for k, v in per.items()},
+            [num(overall[s]) for s in steps],
+            margin=self.slice_margin,
+            persist=min(3, len(steps)),
+            eval_steps=steps,
+        )
+
+    def _slice_selections(self) -> dict[str, str]:
+        """Training-set selections of the user's val slices (written by the main worker)."""
+        d = os.path.join(self.sup.dir, "slices")
+        out: dict[str, str] = {}
+        if os.path.isdir(d):
+            for name in os.listdir(d):
+                if name.endswith(".train.npy"):
+                    out[name[: -len(".train.npy")]] = f"indices:{os.path.join(d, name)}"
+        return out
+
+    def _nonfinite_steps(self, run_id: str) -> list[int]:
+        rows = self.sup.store.query(
+            "SELECT step FROM metrics WHERE run_id = ? AND (loss IS NULL OR grad_norm > 1e308)"
+            " ORDER BY step DESC LIMIT 64",
+            (run_id,),
+        )
+        return sorted(int(r["step"]) for r in rows)
+
+    def _bf16(self, run: Any) -> tuple[bool, str]:
+        """Whether a stabilization can switch the run to bf16, and why (for the card)."""
+        if not run.config.get("amp"):
+            return False, (
+                "bf16 not applied: the run trains in fp32 (amp=False); bf16 replaces fp16 mixed "
+                "precision and would only lower precision here"
+            )
+        rows = self.sup.store.query(
+            "SELECT payload FROM events WHERE kind = 'attached' AND run_id = ? ORDER BY seq DESC LIMIT 1",
+            (run.run_id,),
+        )
+        device = str(json.loads(rows[0]["payload"]).get("device", "")) if rows else ""
+        if not device.startswith("cuda"):
+            return False, "bf16 not applied: amp on CPU already runs bf16 autocast"
+        cc = _min_compute_capability()
+        if cc is not None and cc < (8, 0):
+            return (
+                False,
+                f"bf16 not applied: the GPU (compute capability {cc[0]}.{cc[1]}) has no bf16",
+            )
+        return (
+            True,
+            "fp16 autocast -> bf16 (fp32's exponent range; no GradScaler), where torch reports bf16 support",
+        )
 
     def _sample_detections(self, run_id: str, step: int | None) -> list[pl.Detection]:
         arrays = self.sup.arrays
@@ -314,52 +404,63 @@ class Autopilot:
             else (run.last_loss if run else None)
         )
         if card.action is pl.Action.STABILIZE:
+            ex.before = run.last_loss if run else None
+            offending = [int(s) for s in r.get("offending_steps") or ()]
+            if r.get("rollback_to_step") is not None and offending:
+                # Roll back to the last good checkpoint and skip the offending batches; the
+                # RPC answers once the restarted worker trains again.
+                reply = self.client.call(
+                    "Rollback",
+                    pb.RollbackRequest(
+                        run=target,
+                        skip_steps=offending,
+                        lr_mul=float(r.get("lr_mul", 0.5)),
+                        grad_clip=float(r.get("grad_clip") or 0.0),
+                        bf16=bool(r.get("bf16")),
+                        reason=f"{card.plan_id}: {card.reason.value}",
+                    ),
+                    timeout=240,
+                )
+                ex.rollback = {**json.loads(reply.payload_json or "{}"), "message": reply.message}
+                ex.started_step = int(ex.rollback.get("to_step", ex.started_step))
+                return
             values = {"lr_mul": float(r.get("lr_mul", 0.5))}
             if r.get("grad_clip"):
                 values["grad_clip"] = float(r["grad_clip"])
             self._call("SetHyperParams", pb.HyperParamsRequest(run=target, values=values))
-            ex.before = run.last_loss if run else None
-        elif card.action is pl.Action.FORK:
-            v = (r.get("variants") or [{}])[0]
-            reply = self._call(
-                "Fork",
-                pb.ForkRequest(
-                    run=target,
-                    select=card.selection,
-                    budget_steps=card.budget_steps,
-                    lr_mul=float(r.get("lr_mul", v.get("lr_mul", 1.0))),
-                    wd_mul=float(r.get("wd_mul", 1.0)),
-                    adapters_rank=int(r.get("adapters_rank", 0) or 0),
-                    name=f"{card.plan_id}-fork",
-                ),
+        elif card.action in (pl.Action.FORK, pl.Action.EXPLORE):
+            explore = card.action is pl.Action.EXPLORE
+            variants = list(r.get("variants") or [{"lr_mul": r.get("lr_mul", 1.0)}])
+            muls = [float(v.get("lr_mul", 1.0)) for v in variants]
+            req = pb.ForkRequest(
+                run=target,
+                select=card.selection if not explore else "all",
+                budget_steps=card.budget_steps,
+                wd_mul=float(r.get("wd_mul", 1.0)),
+                adapters_rank=int(r.get("adapters_rank", 0) or 0),
+                name=card.plan_id if len(muls) > 1 else f"{card.plan_id}-fork",
             )
-            ex.runs = [reply.run_id]
-            losses = self.sup.method.latest_losses(target)[0]
-            sel_idx = json.loads(reply.payload_json or "{}")
-            idx = (
-                np.load(f"{self.sup.dir}/forks/{reply.run_id}/indices.npy")
-                if sel_idx
-                else np.arange(losses.size)
-            )
-            seen = losses[idx][np.isfinite(losses[idx])]
-            ex.before = float(seen.mean()) if seen.size else None
-        elif card.action is pl.Action.EXPLORE:
-            variants = r.get("variants") or [{"lr_mul": 1.0}]
-            rungs = (r.get("race") or {}).get("rung_steps") or [card.budget_steps]
-            first = int(rungs[0]) if rungs else card.budget_steps
-            for i, v in enumerate(variants[: max(1, self.config.max_parallel_children)]):
-                reply = self._call(
-                    "Fork",
-                    pb.ForkRequest(
-                        run=target,
-                        select="all",
-                        budget_steps=max(1, first),
-                        lr_mul=float(v.get("lr_mul", 1.0)),
-                        name=f"{card.plan_id}-v{i}",
-                    ),
-                )
-                ex.runs.append(reply.run_id)
-            ex.adopt = "lr_mul"
+            metric = "slice"
+            if len(muls) > 1:
+                race = r.get("race") or {}
+                has_val = any(e["split"] == "val" for e in self.sup.store.evals(target))
+                metric = "val" if explore and has_val else "slice"
+                req.variant_lr_muls.extend(muls)
+                req.race_eta = int(race.get("eta", self.config.halving_eta))
+                req.race_metric = metric
+            else:
+                req.lr_mul = float(r.get("lr_mul", muls[0]))
+            reply = self._call("Fork", req)
+            payload = json.loads(reply.payload_json or "{}")
+            ex.runs = [str(x) for x in payload.get("runs") or [reply.run_id]]
+            ex.race = str(payload.get("race", ""))
+            if explore:
+                ex.adopt = "lr_mul"
+                if metric == "slice":
+                    ex.before = self._mean_loss(target, None)
+            else:
+                idx = np.load(f"{self.sup.dir}/forks/{ex.runs[0]}/indices.npy")
+                ex.before = self._mean_loss(target, idx)
         elif card.action is pl.Action.GATE:
             experts = list(card.gate_recipe.get("experts") or [target])
             reply = self._call(
@@ -391,6 +492,17 @@ class Autopilot:
         else:
             raise ValueError(f"unknown action {card.action}")
 
+    def _mean_loss(self, run_id: str, idx: np.ndarray | None) -> float | None:
+        """Mean of the latest per-sample training losses (over `idx`, or every sample)."""
+        losses = self.sup.method.latest_losses(run_id)[0]
+        seen = losses if idx is None else losses[idx]
+        seen = seen[np.isfinite(seen)]
+        return float(seen.mean()) if seen.size else None
+
+    def _score(self, run_id: str, split: str) -> float | None:
+        evs = [e for e in self.sup.store.evals(run_id) if e["split"] == split]
+        return evs[-1]["loss"] if evs else None
+
     def _judge_running(self) -> None:
         st = self.sup.store
         for ex in list(self.running.values()):
@@ -401,7 +513,16 @@ class Autopilot:
                     continue
                 if run.status.terminal or run.step >= ex.started_step + card.budget_steps:
                     ok = run.status is not RunStatus.FAILED
-                    self._finish(card, ex, "done" if ok else "failed", "", improved=ok)
+                    self._finish(
+                        card,
+                        ex,
+                        "done" if ok else "failed",
+                        run.error if not ok else "",
+                        improved=ok,
+                    )
+                continue
+            if ex.race:
+                self._judge_race(ex)
                 continue
             runs = [st.run(r) for r in ex.runs]
             if any(r is None or not r.status.terminal for r in runs):
@@ -413,35 +534,66 @@ class Autopilot:
             good = [r for r in runs if r is not None and r.status is RunStatus.COMPLETED]
             after: float | None
             if card.action is pl.Action.FORK:
-                evs = [e for e in st.evals(good[0].run_id) if e["split"] == "slice:self"]
-                after = evs[-1]["loss"] if evs else None
+                after = self._score(good[0].run_id, "slice:self")
             else:
-                vals: list[tuple[float, Any]] = []
-                for r in good:
-                    score = r.val_loss if r.val_loss is not None else r.test_loss
-                    if score is not None:
-                        vals.append((float(score), r))
-                after = min(v[0] for v in vals) if vals else None
-                if ex.adopt and vals:
-                    best = min(vals, key=lambda v: v[0])[1]
-                    mul = float(best.spec.get("lr_mul", 1.0))
-                    if (
-                        mul != 1.0
-                        and self.sup.live_worker(card.target_run) is not None
-                        and ex.before is not None
-                        and after is not None
-                        and after < ex.before
-                    ):
-                        try:
-                            self._call(
-                                "SetHyperParams",
-                                pb.HyperParamsRequest(run=card.target_run, values={"lr_mul": mul}),
-                            )
-                        except grpc.RpcError:
-                            pass
+                vals = [
+                    float(v)
+                    for v in (r.val_loss if r.val_loss is not None else r.test_loss for r in good)
+                    if v is not None
+                ]
+                after = min(vals) if vals else None
             improved = ex.before is not None and after is not None and after < ex.before
             used = sum(r.step for r in good)
             self._finish(card, ex, "done", "", improved=improved, after=after, used=used)
+
+    def _judge_race(self, ex: Execution) -> None:
+        """A fork/explore card that raced variants: judged once the race has its winner."""
+        st, card = self.sup.store, ex.card
+        race = st.get_meta(f"race:{ex.race}")
+        if race is None or race.get("status") == "running":
+            return
+        used = sum(r.step for r in (st.run(x) for x in ex.runs) if r is not None)
+        summary = _race_summary(race)
+        if race["status"] != "done":
+            self._finish(
+                card, ex, "failed", race.get("error", ""), used=used, race=race, summary=summary
+            )
+            return
+        winner = str(race["winner"])
+        split = "slice:self" if race.get("metric") == "slice" else "val"
+        after = self._score(winner, split)
+        improved = ex.before is not None and after is not None and after < ex.before
+        if ex.adopt:
+            mul = float(race["recipes"][winner]["lr_mul"])
+            control = any(float(v["lr_mul"]) == 1.0 for v in race["recipes"].values())
+            if mul != 1.0 and (control or improved):
+                # It beat the no-change arm at equal steps (or the generalist itself).
+                if self.sup.live_worker(card.target_run) is not None:
+                    try:
+                        self._call(
+                            "SetHyperParams",
+                            pb.HyperParamsRequest(run=card.target_run, values={"lr_mul": mul}),
+                        )
+                        summary += f"; {card.target_run} adopted lr x{mul:g}"
+                        improved = True
+                    except grpc.RpcError as e:
+                        summary += f"; lr x{mul:g} not adopted: {e.details()}"
+                else:
+                    summary += f"; {card.target_run} has finished, lr x{mul:g} not adopted"
+            elif mul == 1.0:
+                summary += f"; the lr of {card.target_run} stays (the x1 arm won)"
+        ex.runs = [winner] + [x for x in ex.runs if x != winner]
+        self._finish(
+            card,
+            ex,
+            "done",
+            "",
+            improved=improved,
+            after=after,
+            used=used,
+            race=race,
+            summary=summary,
+        )
 
     def _finish(
         self,
@@ -452,13 +604,16 @@ class Autopilot:
         improved: bool = False,
         after: float | None = None,
         used: int | None = None,
+        race: dict[str, Any] | None = None,
+        summary: str = "",
     ) -> None:
         with self._lock:
             self.running.pop(card.plan_id, None)
             outcome: dict[str, Any] = {
                 "status": status,
                 "improved": improved,
-                "runs": ex.runs,
+                # A race's specialist is its winner alone.
+                "runs": ex.runs[:1] if race is not None else ex.runs,
                 "step": (self.sup.store.run(card.target_run) or _Empty()).step,
             }
             if used is not None:
@@ -476,6 +631,13 @@ class Autopilot:
                 "runs": ex.runs,
                 "error": error,
             }
+            if summary:
+                diag["outcome"]["summary"] = summary
+            if race is not None:
+                diag["outcome"]["race"] = race
+            if ex.rollback is not None:
+                diag["outcome"]["rollback"] = ex.rollback
+                diag["outcome"]["summary"] = ex.rollback.get("message", "")
             new = replace(card, diagnostics=diag).with_status(
                 pl.PlanStatus.DONE if status == "done" else pl.PlanStatus.FAILED
             )
@@ -552,6 +714,40 @@ class Autopilot:
 
 class _Empty:
     step = 0
+
+
+def _race_summary(race: dict[str, Any]) -> str:
+    """One line per race for the plan card: every rung's ranking, then the winner."""
+    parts = []
+    for h in race.get("history", []):
+        scores = h.get("scores", {})
+        ranked = ", ".join(
+            f"{k} {scores[k]:.4g}{'*' if k in h.get('promoted', []) else ''}"
+            for k in h.get("ranked", [])
+            if scores.get(k) is not None
+        )
+        parts.append(f"rung {h['rung'] + 1} @ step {h['step']} ({h['metric']} loss): {ranked}")
+    if race.get("status") == "done":
+        w = race["winner"]
+        parts.append(f"winner {w} (lr x{float(race['recipes'][w]['lr_mul']):.3g})")
+    else:
+        parts.append(f"no winner: {race.get('error', '')}")
+    return f"{race['race_id']}: " + "; ".join(parts)
+
+
+def _min_compute_capability() -> tuple[int, int] | None:
+    """The lowest CUDA compute capability of the GPUs NVML sees; None if it cannot tell."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        caps = [
+            tuple(pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(i)))
+            for i in range(pynvml.nvmlDeviceGetCount())
+        ]
+    except Exception:  # no NVML: the worker checks torch.cuda.is_bf16_supported() itself
+        return None
+    return (int(min(caps)[0]), int(min(caps)[1])) if caps else None
 
 
 def card_to_proto(c: pl.PlanCard) -> pb.PlanCard:

@@ -829,17 +829,22 @@ def detect_weak_slices(
     persist: int = 3,
     *,
     eval_steps: Sequence[int] | None = None,
+    rising: bool = True,
 ) -> Detection | None:
-    """Validation slices whose loss stays worse than the overall loss by a margin.
+    """Validation slices whose loss stays worse than the overall loss by a margin, or rises
+    while the overall loss does not.
 
     A slice is weak when, in each of the last ``persist`` evaluations, its loss exceeds
-    the overall loss by more than ``margin`` (relative: 0.10 = 10% worse). Requiring
+    the overall loss by more than ``margin`` (relative: 0.10 = 10% worse). With
+    ``rising``, a slice is also weak when its loss went up at each of the last ``persist``
+    evaluations (needs ``persist + 1`` of them) while the overall loss did not, and it
+    ends worse than the overall: training is leaving that slice behind. Requiring
     persistence filters out evaluation noise on small slices. Series are aligned at
     their ends (the latest evaluation is the last entry of every list); a NaN breaks
     persistence. The detection's ``subject`` is the worst slice (largest mean relative
-    gap); ``numbers`` holds ``gap:<slice>`` for every weak slice and ``n_weak``.
-    ``eval_steps`` (aligned with ``overall``) gives the step to stamp; without it the
-    evaluation index is used.
+    gap); ``numbers`` holds ``gap:<slice>`` for every weak slice, ``rising:<slice>`` (1)
+    for those caught by the trend, and ``n_weak``. ``eval_steps`` (aligned with
+    ``overall``) gives the step to stamp; without it the evaluation index is used.
     """
     ov = _as_float(overall)
     if persist < 1 or ov.size < persist:
@@ -848,6 +853,11 @@ def detect_weak_slices(
     if not np.isfinite(ov_last).all():
         return None
     gaps: dict[str, float] = {}
+    risers: set[str] = set()
+    ov_trend = ov[-(persist + 1) :]
+    ov_flat = ov_trend.size == persist + 1 and bool(
+        np.isfinite(ov_trend).all() and ov_trend[-1] <= ov_trend[0]
+    )
     for name, vals in slice_metrics.items():
         v = _as_float(vals)
         if v.size < persist:
@@ -858,6 +868,11 @@ def detect_weak_slices(
         rel = (last - ov_last) / np.maximum(np.abs(ov_last), 1e-12)
         if bool(np.all(rel > margin)):
             gaps[str(name)] = float(np.mean(rel))
+        elif rising and ov_flat and v.size >= persist + 1:
+            trend = v[-(persist + 1) :]
+            if np.isfinite(trend).all() and bool(np.all(np.diff(trend) > 0)) and rel[-1] > 0:
+                gaps[str(name)] = float(np.mean(rel))
+                risers.add(str(name))
     if not gaps:
         return None
     worst = max(sorted(gaps), key=lambda k: gaps[k])
@@ -868,6 +883,7 @@ def detect_weak_slices(
         step = int(ov.size - 1)
     others = len(gaps) - 1
     numbers: dict[str, float] = {f"gap:{k}": v for k, v in gaps.items()}
+    numbers.update({f"rising:{k}": 1.0 for k in risers})
     numbers.update(
         {
             "n_weak": float(len(gaps)),
@@ -883,8 +899,13 @@ def detect_weak_slices(
         step=step,
         severity=_severity(g / max(margin, 1e-12)),
         message=(
-            f"Slice '{worst}' has been {100 * g:.0f}% worse than the overall validation loss "
-            f"for {persist} evaluations in a row"
+            (
+                f"Slice '{worst}' rose at each of the last {persist} evaluations while the "
+                f"overall validation loss did not (now {100 * g:.0f}% worse on average)"
+                if worst in risers
+                else f"Slice '{worst}' has been {100 * g:.0f}% worse than the overall validation "
+                f"loss for {persist} evaluations in a row"
+            )
             + (f" ({others} other slice{'s' if others > 1 else ''} also weak)." if others else ".")
         ),
         numbers=numbers,

@@ -404,6 +404,8 @@ class PlannerConfig:
     """Gradient-norm clip set by a stabilization (a tighter existing clip is kept)."""
     stabilize_watch_steps: int = 200
     """Steps after a stabilization over which its outcome is judged."""
+    max_skip_batches: int = 16
+    """Most offending batches one rollback skips (the first non-finite steps)."""
     gate_steps: int = 500
     """Training steps of the router."""
     gate_temperature: float = 1.0
@@ -439,6 +441,7 @@ class PlannerConfig:
             ("halving_eta", 2),
             ("early_stop_patience", 1),
             ("stabilize_watch_steps", 0),
+            ("max_skip_batches", 1),
             ("gate_steps", 1),
             ("merge_every_steps", 0),
             ("min_completed_for_merge", 1),
@@ -801,15 +804,28 @@ def _stabilize_card(rnd: _Round, d: Detection, target: str, ctx: Mapping[str, An
     # A drift is gradual: there is no single bad batch and no obviously good checkpoint,
     # so it is repaired from the current weights; NaN and spikes roll back before them.
     point_event = d.kind in (DetectionKind.NONFINITE, DetectionKind.SPIKE)
-    rollback = _rollback_target(ctx.get("checkpoint_steps", ()), d.step) if point_event else None
+    can_roll_back = bool(ctx.get("rollback_supported", True))
+    rollback = (
+        _rollback_target(ctx.get("checkpoint_steps", ()), d.step)
+        if point_event and can_roll_back
+        else None
+    )
+    offending: list[int] = []
+    if point_event:
+        offending = [d.step]
+        if d.kind is DetectionKind.NONFINITE:
+            # Every non-finite step since the first one (the trainer skipped their updates,
+            # but the batches stay suspect), up to max_skip_batches.
+            later = sorted({int(s) for s in ctx.get("nonfinite_steps", ()) if int(s) >= d.step})
+            offending = sorted({d.step, *later})[: cfg.max_skip_batches]
     current_clip = float(ctx.get("grad_clip", 0.0) or 0.0)
     clip = (
         min(current_clip, cfg.stabilize_grad_clip) if current_clip > 0 else cfg.stabilize_grad_clip
     )
     recipe: dict[str, Any] = {
         "rollback_to_step": rollback,
-        "skip_offending_batches": point_event,
-        "offending_steps": [d.step] if point_event else [],
+        "skip_offending_batches": rollback is not None,
+        "offending_steps": offending if rollback is not None else [],
         "lr_mul": cfg.stabilize_lr_mul,
         "wd_mul": cfg.stabilize_wd_mul,
         "grad_clip": clip,
@@ -817,8 +833,21 @@ def _stabilize_card(rnd: _Round, d: Detection, target: str, ctx: Mapping[str, An
         "variants": [],
     }
     note = d.message
-    if point_event and rollback is None:
+    if rollback is not None:
+        note += (
+            f" Roll back to the checkpoint at step {rollback} and skip the batch(es) of step(s) "
+            f"{', '.join(str(s) for s in offending)}."
+        )
+    elif point_event and not can_roll_back:
+        note += (
+            " No rollback: the training process is the user's own (python train.py), which the "
+            "supervisor cannot restart; repairing from the current weights."
+        )
+    elif point_event:
         note += f" No checkpoint before step {d.step}: repairing from the current weights."
+    diagnostics: dict[str, Any] = {"summary": note, "detection": d.to_dict()}
+    if ctx.get("bf16_note"):
+        diagnostics["bf16"] = str(ctx["bf16_note"])
     return _base_card(
         rnd,
         Action.STABILIZE,
@@ -827,7 +856,7 @@ def _stabilize_card(rnd: _Round, d: Detection, target: str, ctx: Mapping[str, An
         target,
         training_recipe=recipe,
         budget_steps=cfg.stabilize_watch_steps,
-        diagnostics={"summary": note, "detection": d.to_dict()},
+        diagnostics=diagnostics,
     )
 
 
@@ -905,7 +934,12 @@ def plan(
     of the target run (rollback targets); ``bf16_supported``; ``grad_clip`` currently
     set; ``active_children`` live in the pool, including manual forks (defaults to the
     planner's own count); ``slice_selections`` mapping a slice name to a SPEC (a weak
-    slice without one cannot be forked and is reported as blocked).
+    slice without one cannot be forked and is reported as blocked); ``nonfinite_steps``
+    (every recent step with a non-finite loss or gradient: a NaN stabilization skips all
+    of them from the first on); ``rollback_supported`` (False when the supervisor cannot
+    restart the run's process: no rollback, repair in place); ``bf16_note`` (why bf16 is
+    or is not part of a stabilization, shown on the card); ``final`` (the target run has
+    finished: unmerged specialists are merged without waiting for the cadence).
     """
     ctx: Mapping[str, Any] = context or {}
     target = str(ctx.get("target_run", "main"))
@@ -966,7 +1000,7 @@ def plan(
             rnd.try_add(_fork_card(rnd, Reason.SLICE_UNDERPERFORMANCE, slice_sel, d, target), d)
 
     _propose_gate(rnd, target)
-    _propose_merge(rnd, target)
+    _propose_merge(rnd, target, final=bool(ctx.get("final", False)))
     return PlanResult(cards=tuple(rnd.cards), blocked=tuple(rnd.blocked))
 
 
@@ -1003,13 +1037,14 @@ def _propose_gate(rnd: _Round, target: str) -> None:
     rnd.try_add(draft, None)
 
 
-def _propose_merge(rnd: _Round, target: str) -> None:
+def _propose_merge(rnd: _Round, target: str, final: bool = False) -> None:
     cfg = rnd.config
     specialists = rnd.state.unmerged
     if len(specialists) < cfg.min_completed_for_merge:
         return
     due = rnd.state.last_merge_step + cfg.merge_every_steps
-    if rnd.step < due:
+    # When the target has finished, what is left unmerged is merged once more.
+    if rnd.step < due and not final:
         rnd.block(
             Action.MERGE,
             Reason.MERGE_CADENCE,
