@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -30,12 +31,22 @@ class TrainerConfig:
     """Mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU."""
     grad_clip: float = 0.0
     """Clip the total gradient norm to this value; 0 disables clipping."""
+    grad_norm_every: int = 0
+    """Measure the gradient norm (and check the gradients for NaN/Inf) every N steps; 0 = auto:
+    every step when clipping or with AMP, otherwise the smallest N (1-16) at which measuring
+    costs <= 1% of a step, decided on the first steps and kept in the checkpoint."""
     device: str | None = None
     """"cpu", "cuda", "cuda:1"...; None = CUDA when available, else CPU."""
     scheduler_interval: str = "epoch"
     """When to call scheduler.step(): "epoch" or "step" (ReduceLROnPlateau: per epoch, on val loss)."""
     nonfinite_patience: int = 20
     """Consecutive non-finite losses tolerated (the step is skipped) before the run fails."""
+    val_slices: dict[str, Any] | None = None
+    """Named slices whose validation loss is reported next to the overall one, each as
+    `val_slice:<name>`: a predicate `fn(inputs, targets) -> one bool per sample` (applied
+    to the validation batches, and once to the training set so automode can fork a
+    specialist on a weak slice), or a sequence of positions in the validation set
+    (reported, not forkable). Names: letters, digits, `_`, `-`, `.` (at most 64)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, want: str) -> OnTheFlyError:
@@ -53,15 +64,46 @@ class TrainerConfig:
             )
         if self.grad_clip < 0:
             raise bad("grad_clip", self.grad_clip, "must be >= 0")
+        if not isinstance(self.grad_norm_every, int) or self.grad_norm_every < 0:
+            raise bad("grad_norm_every", self.grad_norm_every, "must be an integer >= 0 (0 = auto)")
         if self.scheduler_interval not in ("epoch", "step"):
             raise bad("scheduler_interval", self.scheduler_interval, 'must be "epoch" or "step"')
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", self.seed, "must be an integer or None")
         if self.nonfinite_patience < 1:
             raise bad("nonfinite_patience", self.nonfinite_patience, "must be >= 1")
+        if self.val_slices is not None:
+            if not isinstance(self.val_slices, dict) or not self.val_slices:
+                raise bad("val_slices", self.val_slices, "must be a non-empty dict {name: slice}")
+            for name, sl in self.val_slices.items():
+                if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+                    raise bad(
+                        "val_slices",
+                        name,
+                        "slice names are 1-64 letters, digits, '_', '-' or '.'",
+                    )
+                if callable(sl):
+                    continue
+                try:
+                    ids = [int(i) for i in sl]
+                except (TypeError, ValueError):
+                    raise bad(
+                        "val_slices",
+                        {name: type(sl).__name__},
+                        "each slice is a predicate fn(inputs, targets) -> bools, or a sequence "
+                        "of validation-set positions",
+                    ) from None
+                if not ids or min(ids) < 0:
+                    raise bad("val_slices", name, "a slice of positions must be non-empty and >= 0")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.val_slices is not None:
+            out["val_slices"] = {
+                k: "predicate" if callable(v) else f"{len(list(v))} positions"
+                for k, v in self.val_slices.items()
+            }
+        return out
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> TrainerConfig:

@@ -730,8 +730,28 @@ class _Loop(CommandLoop):
 
     def _evaluate(self, loader: DataLoader, split: str) -> dict[str, Any]:
         assert self.conn is not None
-        result = evaluate_model(self.model, loader, self.loss, self.device, context=self._autocast)
-        return report_eval(self.conn, self.run_id, split, self.step, self.epoch, result)
+        slices = self.cfg.val_slices if split == "val" else None
+        if not slices:
+            result = evaluate_model(
+                self.model, loader, self.loss, self.device, context=self._autocast
+            )
+            return report_eval(self.conn, self.run_id, split, self.step, self.epoch, result)
+        from onthefly_worker import slices as sl
+
+        if self.env.role == "train" and not getattr(self, "_slices_written", False):
+            self._slices_written = True
+            sizes = sl.write_train_selections(self.train_loader, slices, self.env.session_dir)
+            if sizes:
+                self.log(
+                    "val slices in the training set: "
+                    + ", ".join(f"{k} {n} samples" for k, n in sizes.items())
+                )
+        overall, per = sl.evaluate_with_slices(
+            self.model, loader, self.loss, self.device, slices, context=self._autocast
+        )
+        for name, res in per.items():  # before the overall loss: a reader sees them together
+            report_eval(self.conn, self.run_id, f"val_slice:{name}", self.step, self.epoch, res)
+        return report_eval(self.conn, self.run_id, split, self.step, self.epoch, overall)
 
     def _fork_reports(self) -> None:
         """A fork reports its loss on its own slice (train data restricted to it) and on val."""

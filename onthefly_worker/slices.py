@@ -1,0 +1,165 @@
+"""Per-slice validation losses: `Trainer(val_slices={"rare": lambda x, y: y == 7})`.
+
+A slice is a predicate over a batch, `fn(inputs, targets)` returning one bool per sample
+(a bool tensor, array or list), or a sequence of positions in the validation set. Every
+validation pass reports the overall loss as split `val` and each slice's mean
+per-sample loss as split `val_slice:<name>` (same forward pass for predicates; index
+slices are evaluated on their own small loader). Predicates are also applied once to the
+training set (data loading only, no forward), and the matching training positions are
+written to `slices/<name>.train.npy` in the session: that is the selection automode
+forks a specialist on when it finds the slice weak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from onthefly_worker.data import batch_len, split_batch, to_device
+from onthefly_worker.errors import OnTheFlyError
+from onthefly_worker.evaluation import evaluate_model, preserved_rng
+from onthefly_worker.losses import PerSampleLoss
+
+Result = tuple[float, float, int]
+
+
+def _mask(name: str, fn: Callable[[Any, Any], Any], x: Any, y: Any, n: int) -> torch.Tensor:
+    try:
+        m = fn(x, y)
+    except Exception as e:
+        raise OnTheFlyError(f"val_slices[{name!r}] raised {type(e).__name__}: {e}") from e
+    t = torch.as_tensor(np.asarray(m.detach().cpu() if isinstance(m, torch.Tensor) else m))
+    if t.dim() != 1 or t.numel() != n:
+        raise OnTheFlyError(
+            f"val_slices[{name!r}] must return one bool per sample ({n}), got shape {tuple(t.shape)}"
+        )
+    return t.to(torch.bool)
+
+
+@torch.no_grad()
+def evaluate_with_slices(
+    model: nn.Module,
+    loader: DataLoader,
+    loss: PerSampleLoss,
+    device: torch.device,
+    slices: Mapping[str, Any],
+    context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[Result, dict[str, Result]]:
+    """(overall result, {slice: result}) with results as evaluate_model's (loss, accuracy, n).
+
+    Predicate slices share the overall pass; a slice no sample fell into has NaN loss."""
+    preds = {k: v for k, v in slices.items() if callable(v)}
+    sums = {k: [0.0, 0, 0] for k in preds}  # loss sum, count, correct
+    classif = [True]
+    was_training = model.training
+    total, count, correct = 0.0, 0, 0
+    with preserved_rng():
+        model.eval()
+        try:
+            for raw in loader:
+                x, y = split_batch(raw)
+                n = batch_len(x)
+                masks = {k: _mask(k, fn, x, y, n) for k, fn in preds.items()}
+                xd, yd = to_device(x, device), to_device(y, device)
+                with context():
+                    out = model(xd)
+                    _, per = loss(out, yd, n)
+                per = per.float().detach().cpu()
+                hit: torch.Tensor | None = None
+                if (
+                    classif[0]
+                    and isinstance(out, torch.Tensor)
+                    and out.dim() == 2
+                    and isinstance(yd, torch.Tensor)
+                    and yd.dim() == 1
+                    and not yd.is_floating_point()
+                ):
+                    hit = (out.argmax(dim=1) == yd).cpu()
+                    correct += int(hit.sum())
+                else:
+                    classif[0] = False
+                total += float(per.sum())
+                count += n
+                for k, m in masks.items():
+                    s = sums[k]
+                    s[0] += float(per[m].sum())
+                    s[1] += int(m.sum())
+                    if hit is not None:
+                        s[2] += int(hit[m].sum())
+        finally:
+            model.train(was_training)
+    out_slices: dict[str, Result] = {}
+    for k, (ls, c, ok) in sums.items():
+        out_slices[k] = (
+            ls / c if c else math.nan,
+            ok / c if (classif[0] and c) else math.nan,
+            int(c),
+        )
+    for k, v in slices.items():
+        if callable(v):
+            continue
+        ids = [int(i) for i in v]
+        size = len(loader.dataset)  # type: ignore[arg-type]
+        if max(ids) >= size:
+            raise OnTheFlyError(
+                f"val_slices[{k!r}]: position {max(ids)} is outside the validation set (size {size})"
+            )
+        sub = DataLoader(
+            Subset(loader.dataset, ids),
+            batch_size=loader.batch_size or 256,
+            collate_fn=loader.collate_fn,
+        )
+        out_slices[k] = evaluate_model(model, sub, loss, device, context=context)
+    overall = (
+        total / count if count else math.nan,
+        correct / count if (classif[0] and count) else math.nan,
+        count,
+    )
+    return overall, out_slices
+
+
+def write_train_selections(
+    train_loader: DataLoader, slices: Mapping[str, Any], session_dir: str
+) -> dict[str, int]:
+    """Apply the predicate slices to the training set once; write `slices/<name>.train.npy`
+    (training positions) for every non-empty one. Returns {name: size}."""
+    preds = {k: v for k, v in slices.items() if callable(v)}
+    if not preds:
+        return {}
+    ds = train_loader.dataset
+    found: dict[str, list[np.ndarray]] = {k: [] for k in preds}
+    pos = 0
+    with preserved_rng():
+        ld = DataLoader(
+            ds,
+            batch_size=train_loader.batch_size or 256,
+            shuffle=False,
+            collate_fn=train_loader.collate_fn,
+        )
+        for raw in ld:
+            x, y = split_batch(raw)
+            n = batch_len(x)
+            for k, fn in preds.items():
+                m = _mask(k, fn, x, y, n).numpy()
+                found[k].append(np.flatnonzero(m) + pos)
+            pos += n
+    d = os.path.join(session_dir, "slices")
+    os.makedirs(d, exist_ok=True)
+    sizes: dict[str, int] = {}
+    for k, parts in found.items():
+        ids = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        sizes[k] = int(ids.size)
+        if ids.size:
+            path = os.path.join(d, f"{k}.train.npy")
+            tmp = path + ".tmp.npy"
+            np.save(tmp, ids)
+            os.replace(tmp, path)
+    return sizes
