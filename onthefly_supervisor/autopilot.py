@@ -59,6 +59,8 @@ class Autopilot:
             stabilize_watch_steps=50,
             fork_budget_steps=200,
             fork_lr_multipliers=(1.0,),
+            # An unstable run should not wait long for help (the default is 200 steps).
+            cooldown_overrides={"stabilize": 50},
             explore_budget_steps=150,
             # Raced by successive halving from the same checkpoint; x1 is the "no change" arm.
             explore_lr_multipliers=(0.3, 1.0, 3.0),
@@ -329,8 +331,9 @@ class Autopilot:
 
     def _nonfinite_steps(self, run_id: str) -> list[int]:
         rows = self.sup.store.query(
-            "SELECT step FROM metrics WHERE run_id = ? AND (loss IS NULL OR grad_norm > 1e308)"
-            " ORDER BY step DESC LIMIT 64",
+            # Non-finite losses are stored as NULL (an Inf grad norm is indistinguishable from
+            # "not measured" in the store, so only the loss marks a bad batch here).
+            "SELECT step FROM metrics WHERE run_id = ? AND loss IS NULL ORDER BY step DESC LIMIT 64",
             (run_id,),
         )
         return sorted(int(r["step"]) for r in rows)

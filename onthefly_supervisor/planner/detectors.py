@@ -837,8 +837,10 @@ def detect_weak_slices(
     A slice is weak when, in each of the last ``persist`` evaluations, its loss exceeds
     the overall loss by more than ``margin`` (relative: 0.10 = 10% worse). With
     ``rising``, a slice is also weak when its loss went up at each of the last ``persist``
-    evaluations (needs ``persist + 1`` of them) while the overall loss did not, and it
-    ends worse than the overall: training is leaving that slice behind. Requiring
+    evaluations (needs ``persist + 1`` of them), by more than ``margin`` of the overall
+    loss in all, while the overall loss did not, and it ends worse than the overall:
+    training is leaving that slice behind. On pure noise (4 slices, 3% noise, margin 0.10,
+    persist 3) about 0.2% of evaluations raise an alarm (tests/unit/test_detectors.py). Requiring
     persistence filters out evaluation noise on small slices. Series are aligned at
     their ends (the latest evaluation is the last entry of every list); a NaN breaks
     persistence. The detection's ``subject`` is the worst slice (largest mean relative
@@ -870,7 +872,13 @@ def detect_weak_slices(
             gaps[str(name)] = float(np.mean(rel))
         elif rising and ov_flat and v.size >= persist + 1:
             trend = v[-(persist + 1) :]
-            if np.isfinite(trend).all() and bool(np.all(np.diff(trend) > 0)) and rel[-1] > 0:
+            rise = (trend[-1] - trend[0]) / max(abs(float(ov_last[-1])), 1e-12)
+            if (
+                np.isfinite(trend).all()
+                and bool(np.all(np.diff(trend) > 0))
+                and rel[-1] > 0
+                and rise > margin
+            ):
                 gaps[str(name)] = float(np.mean(rel))
                 risers.add(str(name))
     if not gaps:

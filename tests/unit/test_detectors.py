@@ -455,3 +455,31 @@ def test_empty_inputs_give_none() -> None:
     assert detect_residual_cluster(empty, empty) is None
     assert detect_weak_slices({}, []) is None
     assert page_hinkley(empty, 0.5, 10.0) is None
+
+
+def test_weak_slice_rising_while_the_overall_loss_falls() -> None:
+    overall = [1.0, 0.9, 0.8, 0.7]
+    # Not 10% worse in each of the last 3 evaluations, but it rose every time, by 23% of
+    # the overall loss in all, while the overall loss fell.
+    slices = {"night": [0.62, 0.66, 0.72, 0.78], "rare": [0.6, 0.7, 0.8, 0.8]}
+    d = detect_weak_slices(slices, overall, margin=0.10, persist=3, eval_steps=[1, 2, 3, 4])
+    assert d is not None and d.subject == "night" and d.numbers["rising:night"] == 1.0
+    assert d.step == 4 and "rose at each of the last 3 evaluations" in d.message
+    assert "gap:rare" not in d.numbers  # flat at the end: not rising
+    # Not a slice problem when everything rises together, nor without rising=True.
+    assert detect_weak_slices(slices, [0.6, 0.65, 0.7, 0.75], margin=0.10) is None
+    assert detect_weak_slices(slices, overall, margin=0.10, rising=False) is None
+    # A rise smaller than the margin is noise.
+    assert detect_weak_slices({"x": [0.70, 0.71, 0.72, 0.73]}, overall, margin=0.10) is None
+
+
+def test_weak_slice_noise_rarely_raises_an_alarm() -> None:
+    """Four slices that differ from the overall only by 3% noise: the stated rate is ~0.2%
+    of evaluations (the rising rule needs three rises in a row adding up to > margin)."""
+    rng = np.random.default_rng(3)
+    alarms = 0
+    for _ in range(2000):
+        overall = 1.0 + 0.02 * rng.normal(size=6)
+        slices = {f"s{i}": overall * (1 + 0.03 * rng.normal(size=6)) for i in range(4)}
+        alarms += detect_weak_slices(slices, overall, margin=0.10, persist=3) is not None
+    assert alarms <= 20  # <= 1%

@@ -4,6 +4,7 @@ the card lifecycle and successive halving."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -505,3 +506,101 @@ def test_caps_and_dedupe_hold_under_any_sequence(
         if ending != "keep" and state.pending:
             done = cards_by_id[state.pending[0].plan_id]
             state = apply_outcome(state, done, {"status": ending, "improved": improved}, cfg)
+
+
+# --------------------------------------------------------------------------- variant races
+
+
+def test_lr_variants_spread_log_uniformly_over_one_decade() -> None:
+    from onthefly_supervisor.variants import spread_lr_multipliers
+
+    m = spread_lr_multipliers(1.0, 4)
+    assert m[0] == pytest.approx(10**-0.5) and m[-1] == pytest.approx(10**0.5)
+    ratios = [b / a for a, b in zip(m, m[1:], strict=False)]
+    assert ratios == pytest.approx([ratios[0]] * 3)  # evenly spaced in log space
+    assert spread_lr_multipliers(0.2, 3)[1] == pytest.approx(0.2)  # odd n: the centre itself
+    assert spread_lr_multipliers(0.5, 1) == [0.5]
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="variants"):
+            spread_lr_multipliers(1.0, bad)  # type: ignore[arg-type]
+
+
+def test_race_rungs_halve_to_one_and_refuse_a_too_small_budget() -> None:
+    from onthefly_supervisor.variants import race_rungs
+
+    assert race_rungs(300, 4, 2) == [75, 150, 300]  # 4 -> 2 -> 1
+    assert race_rungs(150, 3, 3) == [50, 150]  # 3 -> 1
+    assert race_rungs(40, 5, 2) == [10, 20, 40]  # 5 -> 2 -> 1
+    with pytest.raises(ValueError, match="too small to race 8 variants"):
+        race_rungs(4, 8, 2)
+    with pytest.raises(ValueError, match="2..16 variants"):
+        race_rungs(100, 1, 2)
+    with pytest.raises(ValueError, match="eta"):
+        race_rungs(100, 4, 1)
+
+
+def test_rung_keeps_the_better_half_and_records_why_the_rest_stop() -> None:
+    from onthefly_supervisor.variants import decide_rung
+
+    res = decide_rung({"f1": 0.5, "f2": 0.3, "f3": 0.9, "f4": 0.4}, eta=2, rung=0, step=75)
+    assert res.ranked == ("f2", "f4", "f1", "f3")
+    assert res.promoted == ("f2", "f4") and res.stopped == ("f1", "f3")
+    assert "lost the race at rung 1 (step 75)" in res.reasons["f1"]
+    assert "ranked 4 of 4" in res.reasons["f3"] and "best f2 at 0.3" in res.reasons["f3"]
+    json.dumps(res.to_dict(), allow_nan=False)
+
+
+def test_rung_never_promotes_diverged_or_missing_variants() -> None:
+    from onthefly_supervisor.variants import decide_rung
+
+    res = decide_rung(
+        {"a": math.inf, "b": None, "c": 0.7, "d": math.nan},
+        eta=2,
+        rung=1,
+        step=150,
+        metric="val",
+        notes={"b": "it failed at step 90 before the rung"},
+    )
+    # Two of four may go on, but only one has a finite loss.
+    assert res.promoted == ("c",) and set(res.stopped) == {"a", "b", "d"}
+    assert "not finite" in res.reasons["a"] and "not finite" in res.reasons["d"]
+    assert "failed at step 90" in res.reasons["b"]
+    # Ties break by run id, so a race is deterministic.
+    tie = decide_rung({"y": 1.0, "x": 1.0, "z": 2.0}, eta=3, rung=0, step=10)
+    assert tie.promoted == ("x",)
+    nobody = decide_rung({"a": None, "b": math.nan}, eta=2, rung=0, step=10)
+    assert nobody.promoted == () and nobody.stopped == ("a", "b")
+
+
+# --------------------------------------------------------------------------- remedies
+
+
+def test_nonfinite_stabilize_skips_every_nonfinite_step_since_the_first() -> None:
+    ctx = {**CTX, "nonfinite_steps": [700, 990, 991, 993, 1200]}
+    card = propose([NAN], PlannerState(), PlannerConfig(max_skip_batches=3), 1000, ctx)[0]
+    r = card.training_recipe
+    # Only from the detected one on (700 is older history), capped at max_skip_batches.
+    assert r["offending_steps"] == [990, 991, 993] and r["rollback_to_step"] == 980
+    assert "skip the batch(es) of step(s) 990, 991, 993" in card.diagnostics["summary"]
+
+
+def test_no_rollback_when_the_supervisor_cannot_restart_the_run() -> None:
+    ctx = {**CTX, "rollback_supported": False, "bf16_note": "bf16 not applied: fp32 run"}
+    card = propose([SPIKE], PlannerState(), PlannerConfig(), 1000, ctx)[0]
+    r = card.training_recipe
+    assert r["rollback_to_step"] is None and r["offending_steps"] == []
+    assert not r["skip_offending_batches"] and r["lr_mul"] == 0.5
+    assert "cannot restart" in card.diagnostics["summary"]
+    assert card.diagnostics["bf16"] == "bf16 not applied: fp32 run"
+
+
+def test_merge_fires_when_the_generalist_finished_before_the_cadence() -> None:
+    from onthefly_supervisor.planner.policy import Specialist
+
+    cfg = PlannerConfig(merge_every_steps=500)
+    state = PlannerState(unmerged=(Specialist("fork-1", Reason.HIGH_LOSS_TAIL, "plan-0001"),))
+    early = plan([], state, cfg, 300, CTX)
+    assert early.cards == () and early.blocked[0].retry_at_step == 500
+    final = propose([], state, cfg, 300, {**CTX, "final": True})
+    assert [c.action for c in final] == [Action.MERGE]
+    assert final[0].merge_recipe["runs"] == ["main", "fork-1"]  # the parent stays in it

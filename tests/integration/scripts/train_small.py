@@ -37,11 +37,17 @@ p.add_argument("--val", action="store_true")
 p.add_argument("--test", action="store_true")
 p.add_argument("--data-raise-at", type=int, default=-1)
 p.add_argument("--fork-oom", action="store_true", help="a fork of this script runs out of memory")
+p.add_argument("--nan-sample", type=int, default=-1, help="this training sample reads as NaN")
+p.add_argument(
+    "--nan-once-file", default="", help="with --nan-sample: only until this file exists (a glitch)"
+)
+p.add_argument("--slices", action="store_true", help="report val slices (label 0 / label 1)")
 args = p.parse_args()
 
 
 class Data(Dataset):
-    def __init__(self, n: int, regression: bool) -> None:
+    def __init__(self, n: int, regression: bool, poison: int = -1) -> None:
+        self.poison = poison
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(n, 16, generator=g)
         w = torch.randn(16, generator=g)
@@ -58,6 +64,12 @@ class Data(Dataset):
             raise OSError(f"corrupt record {i}")
         if args.bad_batch:
             return {"weird": self.x[i]}
+        if i == self.poison:
+            once = args.nan_once_file
+            if not once or not os.path.exists(once):
+                if once:
+                    open(once, "w").close()
+                return self.x[i] * float("nan"), self.y[i]
         return self.x[i], self.y[i]
 
 
@@ -92,7 +104,7 @@ if args.fork_oom and os.environ.get("ONTHEFLY_ROLE") == "fork":
 if args.raise_before_fit:
     raise RuntimeError("failed while building the data")
 
-ds = Data(args.n, args.regression)
+ds = Data(args.n, args.regression, poison=args.nan_sample)
 train = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
 val = DataLoader(Data(128, args.regression), batch_size=64) if args.val else None
 test = DataLoader(Data(128, args.regression), batch_size=64) if args.test else None
@@ -120,4 +132,7 @@ Trainer(
     val_every_n_epochs=1 if args.val else 0,
     do_test_after=args.test,
     checkpoint_every_n_steps=args.checkpoint_every,
+    val_slices={"label0": lambda x, y: y.reshape(-1) <= 0, "label1": lambda x, y: y.reshape(-1) > 0}
+    if args.slices
+    else None,
 ).fit(model, opt, loss_fn, train, val, test, scheduler=sched)
