@@ -261,3 +261,31 @@ def test_standbys_do_not_keep_a_finished_session_alive(tmp_path: Path, clock: Cl
         assert len(_standbys(launcher)) == 1, "no refill once nothing is left to fork from"
     finally:
         sup.shutdown()
+
+
+def test_on_a_gpu_machine_the_standby_is_pinned_at_start_and_its_gpu_passes_to_the_fork(
+    tmp_path: Path, clock: Clock
+) -> None:
+    from onthefly_supervisor.gpu import Gpu
+
+    sup, launcher = _sup(tmp_path, warm=1)
+    try:
+        sup.gpu.gpus = [Gpu(0, "fake GPU", 1000.0)]  # per_gpu = 1
+        _running(sup, "main-0")
+        sup.tick()
+        (sb,) = _standbys(launcher)
+        assert sb.gpu == "0" and sb.threads == 0, "CUDA_VISIBLE_DEVICES is fixed at start"
+        assert sup.gpu.gpus[0].workers == [sb.worker_id]
+        _attach_standby(sup, sb.worker_id)
+        fork = sup.spawn("fork-1", Role.FORK, spec_file=str(tmp_path / "s.json"), gpu=True)
+        assert fork.spec.gpu == "0" and sup.gpu.gpus[0].workers == ["fork-1-0"]
+        _running(sup, "fork-1-0")
+        for _ in range(5):
+            sup.tick()
+        assert len(_standbys(launcher)) == 1, "no standby without a free GPU to pin it to"
+        launcher.exits["fork-1-0"] = WorkerExit(0, "", None)
+        sup.tick()  # the fork ends and frees the GPU ...
+        sup.tick()  # ... and the pool refills on it
+        assert len(_standbys(launcher)) == 2 and _standbys(launcher)[1].gpu == "0"
+    finally:
+        sup.shutdown()
