@@ -108,25 +108,12 @@ class WarmPool:
         self.failures = 0
         self.next_try = 0.0
         self.disabled = ""
-        self.handed_over = 0
         sup.tick_hooks.append(self.tick)
 
     # -- what the supervisor asks ------------------------------------------------------------
     def quiet(self, worker_id: str) -> bool:
         """A standby's own output stays in its log (it is the script's start-up, again)."""
         return worker_id in self.standby_ids
-
-    def describe(self) -> dict[str, object]:
-        with self.sup.lock:
-            live = [w for w in self._standbys() if not w.state.terminal]
-        return {
-            "size": self.size,
-            "eager": self.eager,
-            "ready": sum(1 for w in live if w.state is WorkerState.ATTACHED),
-            "starting": sum(1 for w in live if w.state is WorkerState.STARTING),
-            "handed_over": self.handed_over,
-            "disabled": self.disabled,
-        }
 
     def take(self, run_id: str, spec_file: str) -> Worker | None:
         """The fork's worker, running in a standby's process; None when no standby is there."""
@@ -204,7 +191,9 @@ class WarmPool:
         """The standby's process becomes the fork (caller holds sup.lock)."""
         sup = self.sup
         sid = standby.spec.worker_id
-        claim = self.claims.pop(sid)
+        claim = self.claims.pop(sid, None)
+        if claim is None:  # already handed over (take() and tick() can race to it)
+            return
         fork = claim.fork
         launcher = sup.launcher
         launcher.rebind(sid, fork.spec)  # type: ignore[attr-defined]
@@ -213,7 +202,6 @@ class WarmPool:
         standby.transition(WorkerState.SUCCEEDED)
         sup._publish_worker(standby)
         sup.workers.pop(sid, None)
-        self.handed_over += 1
         cmd = pb.SupervisorCommand(
             assign=pb.AssignRole(role=pb.ROLE_FORK, spec_json=json.dumps({"env": fork.spec.env}))
         )
