@@ -434,7 +434,8 @@ class Autopilot:
         elif card.action in (pl.Action.FORK, pl.Action.EXPLORE):
             explore = card.action is pl.Action.EXPLORE
             variants = list(r.get("variants") or [{"lr_mul": r.get("lr_mul", 1.0)}])
-            muls = [float(v.get("lr_mul", 1.0)) for v in variants]
+            # The x1 arm first: a tie (no evidence either way) then keeps the lr unchanged.
+            muls = sorted((float(v.get("lr_mul", 1.0)) for v in variants), key=lambda m: m != 1.0)
             req = pb.ForkRequest(
                 run=target,
                 select=card.selection if not explore else "all",

@@ -376,8 +376,14 @@ class MethodOps:
     def _start_queued_forks(self) -> None:
         sup = self.sup
         with sup.lock:
+            # A fork that has reported its end and holds no GPU is only exiting (seconds of
+            # interpreter teardown): its slot is free for the next queued fork.
             live = sum(
-                1 for w in sup.workers.values() if w.spec.role is Role.FORK and not w.state.terminal
+                1
+                for w in sup.workers.values()
+                if w.spec.role is Role.FORK
+                and not w.state.terminal
+                and not (w.spec.worker_id in sup.finished and not w.spec.gpu)
             )
         while self.fork_queue and live < sup.cfg.max_parallel_forks:
             run_id = self.fork_queue.pop(0)

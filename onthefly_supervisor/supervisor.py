@@ -344,8 +344,9 @@ class Supervisor:
     def spawn(
         self, run_id: str, role: Role, resume: str = "", spec_file: str = "", gpu: bool = False
     ) -> Worker:
-        if role is Role.FORK and not resume:
-            warm = self.warm.take(run_id, spec_file)  # a standby that already ran the start-up
+        if role is Role.FORK:
+            # A standby that already ran the start-up (also for a fork that resumes).
+            warm = self.warm.take(run_id, spec_file, resume)
             if warm is not None:
                 return warm
         with self.lock:

@@ -102,7 +102,7 @@ class RungResult:
     scores: Mapping[str, float | None]
     """Score per variant run; None = no score (failed, stopped early, no evaluation)."""
     ranked: tuple[str, ...]
-    """Variants with a finite score, best first (ties broken by run id)."""
+    """Variants with a finite score, best first (ties broken by variant order)."""
     promoted: tuple[str, ...]
     stopped: tuple[str, ...]
     reasons: Mapping[str, str]
@@ -133,7 +133,8 @@ def decide_rung(
     notes: Mapping[str, str] | None = None,
 ) -> RungResult:
     """Successive halving at one rung: the best max(1, n // eta) of the n variants that
-    entered it go on (lower is better); NaN/Inf and missing scores never go on.
+    entered it go on (lower is better); NaN/Inf and missing scores never go on. Ties go to
+    the variant that comes first in `scores` (variant order), so a race is deterministic.
 
     `notes` explains a missing score (e.g. "failed: ..."); it becomes that variant's reason.
     """
@@ -142,11 +143,12 @@ def decide_rung(
     if not scores:
         raise ValueError("decide_rung: no variants")
     notes = notes or {}
+    order = {k: i for i, k in enumerate(scores)}
     finite = {k: float(v) for k, v in scores.items() if v is not None and math.isfinite(v)}
-    ranked = tuple(sorted(finite, key=lambda k: (finite[k], k)))
+    ranked = tuple(sorted(finite, key=lambda k: (finite[k], order[k])))
     keep = max(1, len(scores) // eta)
     promoted = ranked[:keep]
-    stopped = tuple(sorted(k for k in scores if k not in promoted))
+    stopped = tuple(k for k in scores if k not in promoted)
     what = "slice" if metric == "slice" else metric
     reasons: dict[str, str] = {}
     best = promoted[0] if promoted else ""
@@ -330,7 +332,7 @@ class Races:
                 self._finish(race, "", "the last variant did not complete: " + "; ".join(errs))
                 return
             final = {rid: self._score(rid, runs[rid].step, race.metric)[0] for rid in done}  # type: ignore[union-attr]
-            best = min(done, key=lambda k: (_inf(final[k]), k))
+            best = min(done, key=lambda k: (_inf(final[k]), race.runs.index(k)))
             for rid in race.alive:
                 if rid != best:
                     self._lose(rid, f"completed, but {best} finished the race better")

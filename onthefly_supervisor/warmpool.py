@@ -115,8 +115,11 @@ class WarmPool:
         """A standby's own output stays in its log (it is the script's start-up, again)."""
         return worker_id in self.standby_ids
 
-    def take(self, run_id: str, spec_file: str) -> Worker | None:
-        """The fork's worker, running in a standby's process; None when no standby is there."""
+    def take(self, run_id: str, spec_file: str, resume: str = "") -> Worker | None:
+        """The fork's worker, running in a standby's process; None when no standby is there.
+
+        `resume` (a checkpoint) continues an existing fork run, e.g. a race variant promoted
+        to its next rung; the standby takes it from the environment like any other field."""
         sup = self.sup
         self.forked = True
         if self.size == 0 or sup._shutdown.is_set():
@@ -138,7 +141,9 @@ class WarmPool:
                 return None
             wid = sup._new_worker_id(run_id)
             attempt = sup.restarts.get(run_id, 0)
-            spec = sup.worker_spec(wid, run_id, Role.FORK, attempt, spec_file=spec_file)
+            spec = sup.worker_spec(
+                wid, run_id, Role.FORK, attempt, resume=resume, spec_file=spec_file
+            )
             spec = replace(spec, gpu=pick.spec.gpu, threads=pick.spec.threads)
             sup.gpu.rename(pick.spec.worker_id, wid)
             fork = Worker(spec, attempt=attempt, pid=pick.pid)
