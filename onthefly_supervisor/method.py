@@ -8,9 +8,12 @@ lineage; the parent stays the catch-all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +31,11 @@ if TYPE_CHECKING:
     from onthefly_supervisor.supervisor import PendingAck, Supervisor
 
 MERGE_METHODS = ("swa", "distill", "fisher_soup", "adapter_fuse")
+HEALTH_CHECKS = ("determinism", "numerics", "gradients", "activations", "data", "throughput")
+DETERMINISM_STEPS = 5
+"""K: training steps the determinism check replays (twice) from the checkpoint."""
+DETERMINISM_TIMEOUT_S = 300.0
+"""The side process's time for start-up (the script up to fit) and both replays."""
 MERGE_RUN = "merger"
 
 
@@ -607,24 +615,41 @@ class MethodOps:
         )
 
     def health(self, req: pb.HealthRequest) -> pb.HealthReport:
-        checks = ("determinism", "numerics", "gradients", "activations", "data", "throughput")
-        if req.check and req.check not in checks:
-            raise ValueError(f"unknown check {req.check!r}; one of {', '.join(checks)}")
+        """Health checks: determinism replays from a checkpoint in a side process (role=health);
+        the other checks run inside the run's live worker, at the same time. One report."""
+        if req.check and req.check not in HEALTH_CHECKS:
+            raise ValueError(f"unknown check {req.check!r}; one of {', '.join(HEALTH_CHECKS)}")
         run = self.sup.resolve_run(req.run or "main")
-        if self.sup.live_worker(run.run_id) is None:
+        wanted = [req.check] if req.check else list(HEALTH_CHECKS)
+        live_checks = [c for c in wanted if c != "determinism"]
+        if live_checks and self.sup.live_worker(run.run_id) is None:
             raise self._err(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"run {run.run_id} is not training ({run.status.value}); health checks run inside its live worker",
+                f"run {run.run_id} is not training ({run.status.value}); the {', '.join(live_checks)} "
+                "check(s) run inside its live worker",
             )
-        _, ack = self.sup.command(
-            run.run_id, wait=True, timeout=300.0, health=pb.HealthCheck(check=req.check)
-        )
-        if not ack.ok:
-            raise self._err(grpc.StatusCode.FAILED_PRECONDITION, ack.message)
-        verdicts = (ack.payload or {}).get("verdicts", [])
-        self.sup.bus.publish(
-            "health", run.run_id, step=(ack.payload or {}).get("step"), verdicts=verdicts
-        )
+        side = _DeterminismCheck.start(self, run) if "determinism" in wanted else None
+        verdicts: list[dict[str, Any]] = []
+        step = None
+        try:
+            if live_checks:
+                _, ack = self.sup.command(
+                    run.run_id,
+                    wait=True,
+                    timeout=300.0,
+                    health=pb.HealthCheck(check=",".join(live_checks)),
+                )
+                if not ack.ok:
+                    raise self._err(grpc.StatusCode.FAILED_PRECONDITION, ack.message)
+                verdicts = list((ack.payload or {}).get("verdicts", []))
+                step = (ack.payload or {}).get("step")
+        except BaseException:
+            if side is not None:
+                side.cancel()
+            raise
+        if side is not None:
+            verdicts.insert(0, side.result())
+        self.sup.bus.publish("health", run.run_id, step=step, verdicts=verdicts)
         return pb.HealthReport(
             run_id=run.run_id,
             verdicts=[
@@ -714,6 +739,207 @@ class MethodOps:
         if not ack.ok:
             raise self._err(grpc.StatusCode.FAILED_PRECONDITION, ack.message)
         return pb.ExportReply(ok=True, path=path, message=ack.message, sha256=_sha256(path))
+
+
+def _not_run(hint: str, mode: str, **numbers: Any) -> dict[str, Any]:
+    """A determinism verdict for a check that could not run (a finding, not an RPC error)."""
+    return {
+        "check": "determinism",
+        "verdict": "fail" if mode == "side-process" else "warn",
+        "hint": hint,
+        "numbers": {"mode": mode, **numbers},
+    }
+
+
+class _DeterminismCheck:
+    """The determinism check of one health request: a role=health worker replaying K steps
+    from the run's latest checkpoint twice (see onthefly_worker/health_role.py).
+
+    The worker reports as the ack of a command id made up here. `result()` always returns
+    a verdict: the worker's, or one that says plainly why there is none (the process
+    failed, timed out, the run has no checkpoint, or the run is not a Trainer.fit run).
+    """
+
+    def __init__(self, ops: MethodOps, ready: dict[str, Any] | None = None) -> None:
+        self.ops = ops
+        self.ready = ready
+        self.worker: Any = None
+        self.ack: PendingAck | None = None
+        self.cid = ""
+        self.folder = ""
+        self.deadline = 0.0
+
+    @classmethod
+    def start(cls, ops: MethodOps, run: RunRow) -> _DeterminismCheck:
+        sup = ops.sup
+        if run.kind not in ("main", "fork"):
+            return cls(
+                ops,
+                _not_run(
+                    f"the determinism check could not run: run {run.run_id} is a {run.kind} result, "
+                    "which was not trained by steps that could be replayed",
+                    "side-process",
+                    error=f"{run.kind} run",
+                ),
+            )
+        if str((run.config or {}).get("framework", "")) == "lightning":
+            return cls(
+                ops,
+                _not_run(
+                    "not run: replaying steps from a checkpoint in a side process is built for "
+                    "Trainer.fit scripts, not yet for attach_lightning runs, so whether this run "
+                    "resumes bit for bit was not checked (no in-process replay was done instead)",
+                    "not-run",
+                    reason="attach_lightning run",
+                ),
+            )
+        ck = sup.store.latest_checkpoint(run.run_id)
+        if ck is None and sup.live_worker(run.run_id) is not None:
+            # No checkpoint yet (early in the first epoch): ask the worker for one.
+            try:
+                _, ack = sup.command(
+                    run.run_id,
+                    wait=True,
+                    timeout=60.0,
+                    checkpoint=pb.CheckpointNow(reason="health"),
+                )
+                rel = str((ack.payload or {}).get("checkpoint") or "") if ack.ok else ""
+                deadline = time.time() + 10
+                while rel and time.time() < deadline and ck is None:
+                    ck = next(
+                        (c for c in sup.store.checkpoints(run.run_id) if c["path"] == rel), None
+                    )
+                    if ck is None:
+                        time.sleep(0.02)
+            except ops.ControlError:
+                ck = None
+        if ck is None:
+            return cls(
+                ops,
+                _not_run(
+                    f"the determinism check could not run: run {run.run_id} has no checkpoint to "
+                    "replay from yet",
+                    "side-process",
+                    error="no checkpoint",
+                ),
+            )
+        from onthefly_supervisor.supervisor import PendingAck
+
+        check = cls(ops)
+        check.cid = uuid.uuid4().hex
+        rel = str(ck["path"])
+        check.folder = os.path.join(sup.dir, "health", check.cid[:12])
+        os.makedirs(check.folder, exist_ok=True)
+        # A hard link keeps the file for the replay even if the keep policy prunes it now.
+        file = os.path.relpath(os.path.join(check.folder, "checkpoint.pt"), sup.dir)
+        try:
+            os.link(os.path.join(sup.dir, rel), os.path.join(sup.dir, file))
+        except OSError:
+            file = rel
+        spec_file = os.path.join(check.folder, "spec.json")
+        with open(spec_file, "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "command_id": check.cid,
+                    "run_id": run.run_id,
+                    "checkpoint": rel,
+                    "file": file,
+                    "sha256": ck.get("sha256") or "",
+                    "steps": DETERMINISM_STEPS,
+                },
+                f,
+            )
+        check.ack = PendingAck()
+        with sup.lock:
+            sup.pending[check.cid] = check.ack
+        check.deadline = time.monotonic() + DETERMINISM_TIMEOUT_S
+        try:
+            check.worker = sup.spawn(
+                f"health-{run.run_id}", Role.HEALTH, spec_file=spec_file, gpu=True
+            )
+        except Exception as e:  # noqa: BLE001 - reported as the verdict
+            check._cleanup()
+            check.ready = _not_run(
+                f"the determinism check could not run: the side process did not start ({e})",
+                "side-process",
+                error=str(e),
+            )
+        return check
+
+    def result(self) -> dict[str, Any]:
+        if self.ready is not None:
+            return self.ready
+        assert self.ack is not None and self.worker is not None
+        w, ack = self.worker, self.ack
+        wid = w.spec.worker_id
+        try:
+            ended_at: float | None = None
+            while not ack.event.wait(0.2):
+                if w.state.terminal:
+                    # Its last messages may still be on their way: give them a moment.
+                    ended_at = ended_at or time.monotonic()
+                    if time.monotonic() - ended_at > 3.0:
+                        cause = w.exit.describe() if w.exit else "it exited"
+                        return _not_run(
+                            "the determinism check could not run: the side process "
+                            f"(pid {w.pid}) ended before reporting: {cause}",
+                            "side-process",
+                            error=cause,
+                            pid=w.pid,
+                        )
+                if time.monotonic() > self.deadline:
+                    self._stop()
+                    return _not_run(
+                        f"the determinism check did not finish within {DETERMINISM_TIMEOUT_S:.0f} s "
+                        f"(side process pid {w.pid} stopped): the script's start-up or "
+                        f"{DETERMINISM_STEPS} training steps (twice) took longer, or its data loader hangs",
+                        "side-process",
+                        error="timeout",
+                        pid=w.pid,
+                        timeout_s=DETERMINISM_TIMEOUT_S,
+                    )
+            payload = ack.payload or {}
+            if not ack.ok:
+                return _not_run(
+                    f"the determinism check could not run in its side process (pid "
+                    f"{payload.get('pid', w.pid)}): {ack.message}",
+                    "side-process",
+                    error=ack.message,
+                    pid=payload.get("pid", w.pid),
+                )
+            got = [v for v in payload.get("verdicts", []) if v.get("check") == "determinism"]
+            if not got:
+                return _not_run(
+                    f"the side process (worker {wid}) answered without a determinism verdict",
+                    "side-process",
+                    error="no verdict",
+                )
+            return dict(got[0])
+        finally:
+            self._cleanup()
+
+    def cancel(self) -> None:
+        if self.ready is None and self.worker is not None:
+            self._stop()
+        self._cleanup()
+
+    def _stop(self) -> None:
+        w = self.worker
+        if w is not None and not w.state.terminal:
+            threading.Thread(
+                target=self.ops.sup.launcher.stop, args=(w.spec.worker_id, 2.0), daemon=True
+            ).start()
+
+    def _cleanup(self) -> None:
+        sup = self.ops.sup
+        if self.cid:
+            with sup.lock:
+                sup.pending.pop(self.cid, None)
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the last check leaves no empty health/ behind
+                os.rmdir(os.path.dirname(self.folder))
+            self.folder = ""
 
 
 def _sha256(path: str) -> str:

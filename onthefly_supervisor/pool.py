@@ -140,8 +140,13 @@ class LocalLauncher:
         self.on_output = on_output
 
     def start(self, spec: WorkerSpec, attempt: int) -> int:
-        # Our own ONTHEFLY_* (a self-hosted owner's) must not leak into the worker's contract.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ONTHEFLY_")}
+        # Our own ONTHEFLY_* (a self-hosted owner's) must not leak into the worker's contract;
+        # the checkpoint writer's tuning knobs (ONTHEFLY_CKPT_*, see checkpoint.py) do pass.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("ONTHEFLY_") or k.startswith("ONTHEFLY_CKPT_")
+        }
         env.update(spec.env)
         env["ONTHEFLY_PARENT_PID"] = str(os.getpid())
         env["PYTHONUNBUFFERED"] = "1"

@@ -520,7 +520,7 @@ class Supervisor:
                 w.pid = hello.pid
             w.last_seen = time.time()
         run_id = w.spec.run_id
-        if w.spec.role in (Role.MERGE, Role.STANDBY):
+        if w.spec.role in (Role.MERGE, Role.STANDBY, Role.HEALTH):
             self._set_worker_state(worker_id, WorkerState.ATTACHED)
             self.bus.publish(
                 "attached",

@@ -536,14 +536,14 @@ def _writer_main() -> None:
     """Entry point of the writer process (a fresh interpreter started by `_WriterProcess`)."""
     from onthefly_worker.launch import arm_parent_death_signal
 
-    arm_parent_death_signal(int(os.environ.get("ONTHEFLY_CKPT_PARENT", "0") or 0))
+    arm_parent_death_signal(int(os.environ.get("ONTHEFLY_WRITER_PARENT", "0") or 0))
     # Ctrl+C and the supervisor's SIGTERM go to the worker, which finishes its last
     # checkpoint through us before it exits: we stop when its socket closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(WRITER_NICE)  # background work: training keeps the CPU when they compete
-    sock = socket.socket(fileno=int(os.environ["ONTHEFLY_CKPT_FD"]))
+    sock = socket.socket(fileno=int(os.environ["ONTHEFLY_WRITER_FD"]))
     torch.set_num_threads(1)
     maps: dict[int, mmap.mmap] = {}
     _send(sock, {"op": "ready", "pid": os.getpid()})
@@ -658,8 +658,8 @@ class _WriterProcess:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-        env["ONTHEFLY_CKPT_FD"] = str(child_end.fileno())
-        env["ONTHEFLY_CKPT_PARENT"] = str(os.getpid())
+        env["ONTHEFLY_WRITER_FD"] = str(child_end.fileno())
+        env["ONTHEFLY_WRITER_PARENT"] = str(os.getpid())
         for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[k] = "1"
         try:

@@ -1351,8 +1351,9 @@ def replay_steps(
 
     It starts from the live state (as a checkpoint would) and returns the copy's model
     and optimizer state. It exercises the kernels and the model's own randomness, not
-    the data pipeline or checkpoint restore; a side-process replay from a real
-    checkpoint covers those.
+    the data pipeline or checkpoint restore. `onthefly health` does not use it: the
+    supervisor replays from a real checkpoint in a side process (health_role.py), which
+    covers those too; this stays for direct use and tests.
     """
     _require_batches(batches, "determinism")
     ploss = _as_loss(loss)

@@ -121,6 +121,13 @@ class Trainer:
                 self.config, env, model, optimizer, loss_fn, train_loader, val_loader, test_loader
             ).serve()
             raise SystemExit(0)
+        if env.role == "health":
+            # A side process for the determinism check: replay from a checkpoint, report, exit.
+            from onthefly_worker.health_role import serve_health
+
+            raise SystemExit(
+                serve_health(self.config, env, model, optimizer, loss_fn, train_loader, scheduler)
+            )
         loop = _Loop(
             self.config,
             env,
@@ -135,7 +142,7 @@ class Trainer:
         result = loop.run()
         self.state = result
         if env.role != "train":
-            # A fork/health worker's job ends with its role; the rest of the script is the generalist's.
+            # A fork worker's job ends with its role; the rest of the script is the generalist's.
             raise SystemExit(0 if result.get("status") == "completed" else 1)
         return result
 

@@ -563,3 +563,154 @@ def test_draw_batches_does_not_consume_the_training_iterator_or_rng() -> None:
     rest = [xy[1].tolist() for xy in it]
     assert [first, *rest] == reference
     assert len(a) == 2 and all(torch.equal(x[0], y[0]) for x, y in zip(a, b, strict=True))
+
+
+# -- determinism in a side process (role=health) ---------------------------------------------
+
+
+class _Data(Dataset):
+    def __init__(self, n: int = 40) -> None:
+        g = torch.Generator().manual_seed(11)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = (self.x.sum(1) > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+class _Net(nn.Module):
+    """BatchNorm on the input, a frozen feature layer (a fine-tuned backbone), dropout, a head.
+
+    `noise`: entropy from the OS in forward (no seed can pin it down).
+    `drift_after`: forward changes after that many calls, through a plain Python counter
+    (state a resumed worker starts fresh, so each replay must too).
+    """
+
+    def __init__(self, noise: bool = False, drift_after: int = 0) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(8, affine=False)
+        self.features = nn.Linear(8, 16)
+        self.features.requires_grad_(False)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(16, 2)
+        self.noise = noise
+        self.drift_after = drift_after
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = self.drop(torch.relu(self.features(self.norm(x))))
+        if self.noise:
+            g = torch.Generator().manual_seed(int.from_bytes(np.random.bytes(8), "little") >> 1)
+            h = h + 0.01 * torch.randn(h.shape, generator=g)
+            np.random.seed(None)  # re-seed numpy from the OS: the next replay gets other noise
+        if self.drift_after and self.calls > self.drift_after:
+            h = h * 2.0
+        return self.head(h)
+
+
+def _health_setup(tmp_path: Any, net: _Net, batch: int = 3, sha: str | None = None) -> Any:
+    """The script's objects, a checkpoint of a run at (epoch 0, `batch`), a role=health env."""
+    from onthefly_worker import checkpoint as ckpt
+    from onthefly_worker import env as wenv
+    from onthefly_worker.config import TrainerConfig
+    from onthefly_worker.health_role import HealthWorker
+
+    torch.manual_seed(0)
+    loader = DataLoader(_Data(), batch_size=8, shuffle=True)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    loss_fn = nn.CrossEntropyLoss()
+    # A few steps of "training" so the checkpoint has momentum and moved BN statistics.
+    for x, y in list(loader)[:batch]:
+        opt.zero_grad()
+        loss_fn(net(x), y).backward()
+        opt.step()
+    cfg = TrainerConfig(project="t", max_epochs=3)
+    state = {
+        "format": ckpt.FORMAT,
+        "version": ckpt.VERSION,
+        "run_id": "main",
+        "role": "train",
+        "adapters": None,
+        "model": net.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": None,
+        "rng": ckpt.capture_rng(),
+        "cursor": {"epoch": 0, "batch": batch, "seed": 7, "skip": []},
+        "grad_clip": 0.0,
+        "counters": {"step": batch, "sample_steps": 8 * batch},
+        "config": cfg.to_dict(),
+        "spec": {},
+    }
+    rel = "checkpoints/main/step-00000003.pt"
+    digest, _ = ckpt.write_atomic(state, str(tmp_path / rel))
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps({"command_id": "c1", "checkpoint": rel, "sha256": sha or digest, "steps": 4})
+    )
+    env = wenv.WorkerEnv(
+        addr="127.0.0.1:1",
+        token="t",
+        worker_id="health-main-0",
+        role="health",
+        run_id="health-main",
+        session_dir=str(tmp_path),
+        error_file="",
+        resume="",
+        spec=str(spec),
+        attempt=0,
+    )
+    # A fresh "script": new objects, as the side process builds them before fit().
+    fresh = _Net(net.noise, net.drift_after)
+    fopt = torch.optim.SGD([p for p in fresh.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    fsched = torch.optim.lr_scheduler.StepLR(fopt, step_size=1, gamma=0.5)
+    return HealthWorker(cfg, env, fresh, fopt, loss_fn, loader, fsched)
+
+
+def test_side_process_replay_is_deterministic_across_an_epoch_boundary(tmp_path: Any) -> None:
+    import os
+
+    worker = _health_setup(tmp_path, _Net())
+    before = {k: v.clone() for k, v in worker.objs.model.state_dict().items()}
+    v = worker.run()
+    assert v.verdict == "ok", v.hint
+    n = v.numbers
+    assert n["mode"] == "side-process" and n["pid"] == os.getpid()
+    assert n["steps"] == 4 and (n["start_epoch"], n["start_batch"]) == (0, 3)
+    assert (n["end_epoch"], n["end_batch"]) == (1, 2), "5 batches an epoch: 2 left, then 2 more"
+    assert int(n["tensors"]) >= 8 and n["differing"] == []
+    assert "checkpoints/main/step-00000003.pt" in v.hint and "side process" in v.hint
+    assert "fresh copies" in str(n["isolation"])
+    # The script's own objects are only templates: the replays ran on copies.
+    assert all(torch.equal(before[k], t) for k, t in worker.objs.model.state_dict().items())
+    json_roundtrip(v)
+
+
+def test_side_process_replay_names_the_nondeterministic_tensor(tmp_path: Any) -> None:
+    v = _health_setup(tmp_path, _Net(noise=True)).run()
+    assert v.verdict == "fail"
+    n = v.numbers
+    # The frozen features never change; the head is the first tensor the noise reaches.
+    assert n["first_difference"] == "model.head.weight", n
+    differing = list(n["differing"])
+    assert "model.features.weight" not in differing and "model.features.bias" not in differing
+    assert "optimizer.head.weight.momentum_buffer" in differing  # named by parameter
+    assert "'model.head.weight'" in v.hint
+
+
+def test_side_process_replays_start_from_a_fresh_script_state(tmp_path: Any) -> None:
+    # forward changes after 6 calls: a second replay on the same objects would see 4 + 4.
+    v = _health_setup(tmp_path, _Net(drift_after=6)).run()
+    assert v.verdict == "ok", v.hint
+
+
+def test_side_process_refuses_a_corrupt_checkpoint(tmp_path: Any) -> None:
+    worker = _health_setup(tmp_path, _Net(), sha="0" * 64)
+    with pytest.raises(ValueError, match="corrupt"):
+        worker.run()
