@@ -15,6 +15,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from onthefly_worker.checkpoint import sha256_file
 from tests.conftest import SCRIPTS, cli, start
 from tests.integration.test_determinism import COMMON, SMALL, final_hash, run_plain
@@ -127,6 +129,24 @@ def test_determinism_names_the_tensor_a_noisy_model_changes_and_failures_are_ver
         assert det["verdict"] == "fail" and "could not run" in det["hint"], det["hint"]
         assert "corrupt" in det["hint"], det["hint"]
         assert live.proc.poll() is None
+    finally:
+        live.proc.send_signal(signal.SIGINT)
+        live.finish()
+
+
+def test_determinism_on_a_lightning_run_says_plainly_that_it_did_not_run(project: Path) -> None:
+    pytest.importorskip("lightning")
+    from tests.integration.test_lightning import _script
+
+    live = start(project, _script(project), "--epochs", "3", "--step-sleep", "0.05")
+    try:
+        live.wait_for(lambda s: live.main_run(s)["step"] >= 3, timeout=120)
+        r = cli("health", "--check", "determinism", "--json", cwd=project, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        det = verdicts(r.stdout)["determinism"]
+        assert det["verdict"] == "warn" and det["numbers"]["mode"] == "not-run", det
+        assert "attach_lightning" in det["hint"] and "not checked" in det["hint"]
+        assert not [w for w in live.status()["workers"] if w["role"] == "health"]
     finally:
         live.proc.send_signal(signal.SIGINT)
         live.finish()
