@@ -292,6 +292,8 @@ class MergeWorker:
                 )
             merged = mm.fisher_soup(states, fishers)
             info["fisher_samples_per_model"] = n_samples
+            # Each sample's gradient is one forward + backward: a training step's worth.
+            info["sample_steps"] = n_samples * len(parents)
         elif method == "adapter_fuse":
             deltas = []
             for p, s in zip(parents, loaded, strict=True):
@@ -373,10 +375,16 @@ class MergeWorker:
         else:
             with torch.no_grad():
                 in_features = sum(int(e(to_device(x, self.device))[0].numel()) for e in experts)
+        expert_params = min(sum(p.numel() for p in e.parameters()) for e in experts)
+        hidden = opts.get("hidden")
         cfg: dict[str, Any] = {
             "in_features": in_features,
             "n_experts": len(experts),
-            "hidden": int(opts.get("hidden", 32)),
+            "hidden": (
+                int(hidden)
+                if hidden is not None
+                else moe_mod.router_hidden(in_features, len(experts), expert_params)
+            ),
             "temperature": float(opts.get("temperature", 1.0)),
         }
         g = moe_mod.SwitchGate(**cfg)
@@ -410,9 +418,11 @@ class MergeWorker:
             "gate_input": gate_input,
             "final_loss": hist.task_loss[-1] if hist.task_loss else None,
             "usage": hist.usage,
-            # Compute in training-step equivalents, for the matched-compute comparison: each
-            # frozen expert only ran forward (~1/3 of a training step: forward + 2x backward).
-            "sample_steps": len(hist.task_loss) * self.bs * len(experts) // 3,
+            "router_hidden": cfg["hidden"],
+            "cached_expert_outputs": hist.cached,
+            # Compute in training-step equivalents, for the matched-compute comparison: the
+            # frozen experts' forwards (1/3 of a training step each) plus the router's steps.
+            "sample_steps": moe_mod.gate_sample_steps(moe, hist),
         }
         moe.eval()
         info.update(self.report(out_run, moe))

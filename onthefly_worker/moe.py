@@ -102,6 +102,23 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
+def balance_loss(probs: Tensor) -> Tensor:
+    """Switch-Transformer load-balance loss n * sum_e f_e * P_e of gate probabilities (B, n).
+
+    f_e is the fraction of rows whose top-1 is e (not differentiable), P_e the mean
+    probability of e: 1 for perfectly balanced routing, n when every row goes to one expert.
+    """
+    n = probs.shape[-1]
+    frac = F.one_hot(probs.argmax(dim=-1), n).to(probs.dtype).mean(dim=0)
+    return n * (frac.detach() * probs.mean(dim=0)).sum()
+
+
+def mix(probs: Tensor, stacked: Tensor) -> Tensor:
+    """The soft mixture: sum_e probs[:, e] * stacked[:, e, ...] for expert outputs (B, E, ...)."""
+    p = probs.to(stacked.dtype).reshape(probs.shape + (1,) * (stacked.dim() - 2))
+    return (p * stacked).sum(dim=1)
+
+
 class MoE(nn.Module):
     """A soft mixture of experts: y = sum_e gate_e(x) * expert_e(x).
 
@@ -185,17 +202,13 @@ class MoE(nn.Module):
             # output shape.)
             outs = self._expert_outputs(x)
         probs = self.gate(self._route_features(x, outs))
-        n = self.gate.n_experts
         top = probs.argmax(dim=-1)
-        frac = F.one_hot(top, n).to(probs.dtype).mean(dim=0)
-        self.last_aux_loss = n * (frac.detach() * probs.mean(dim=0)).sum()
+        self.last_aux_loss = balance_loss(probs)
         self.last_gate = probs.detach()
         if hard:
             return self._switch(x, top, outs)
         assert outs is not None
-        stacked = torch.stack(outs, dim=1)  # (B, E, ...)
-        p = probs.to(stacked.dtype).reshape(probs.shape + (1,) * (stacked.dim() - 2))
-        return (p * stacked).sum(dim=1)
+        return mix(probs, torch.stack(outs, dim=1))
 
     def _switch(self, x: Tensor, top: Tensor, outs: list[Tensor] | None) -> Tensor:
         if outs is not None:
@@ -219,7 +232,7 @@ class MoE(nn.Module):
 
 @dataclass
 class GateHistory:
-    """What `train_gate` did, step by step."""
+    """What `train_gate` did, step by step, and the compute it spent."""
 
     task_loss: list[float] = field(default_factory=list)
     """Mean task loss of the MoE output on each step's batch."""
@@ -227,6 +240,89 @@ class GateHistory:
     """Load-balance loss on each step (1 = balanced)."""
     usage: list[float] = field(default_factory=list)
     """Fraction of the last step's samples routed (top-1) to each expert."""
+    cached: bool = False
+    """True when the experts ran once over the data and the router trained on their stored
+    outputs; False when every step ran the experts again (data too large to store)."""
+    expert_samples: int = 0
+    """Samples that went through (every one of) the frozen experts' forward pass."""
+    router_samples: int = 0
+    """Samples that went through a router training step (forward + backward)."""
+
+
+DEFAULT_CACHE_BYTES = 256 << 20
+"""train_gate stores the experts' outputs (and the router's inputs and the targets) for
+data sets up to this size and then trains the router on the stored tensors; larger data
+sets stream (the experts run on every step)."""
+
+
+def router_hidden(
+    in_features: int, n_experts: int, expert_params: int, cap: int = 32, share: float = 0.25
+) -> int:
+    """Width of the router's hidden layer: `cap`, shrunk so the router keeps at most `share`
+    of one expert's parameter count (a router as large as its experts would cost as much as
+    they do, to train and to run); 0 (a linear router) when not even 2 units fit."""
+    if in_features < 1 or n_experts < 1 or cap < 0 or not share > 0:
+        raise ValueError(
+            f"router_hidden needs in_features, n_experts >= 1, cap >= 0, share > 0; got "
+            f"{in_features}, {n_experts}, {cap}, {share}"
+        )
+    # Parameters of a one-hidden-layer router: (in + 1) * h + (h + 1) * n.
+    fit = int((share * expert_params - n_experts) // (in_features + 1 + n_experts))
+    h = min(cap, fit)
+    return h if h >= 2 else 0
+
+
+def gate_sample_steps(moe: MoE, hist: GateHistory) -> int:
+    """Compute of a gate training in training-sample-steps of one expert, for matched-compute
+    comparisons: each frozen expert's forward on a sample is 1/3 of a training step (forward
+    + 2x backward); a router training step on a sample counts as a training step scaled by
+    the router's parameter count over an expert's (mean over the experts)."""
+    n = len(moe.experts)
+    expert_params = sum(p.numel() for p in moe.experts.parameters()) / max(1, n)
+    router_params = sum(p.numel() for p in moe.gate.parameters())
+    experts = hist.expert_samples * n / 3
+    router = hist.router_samples * router_params / max(1.0, expert_params)
+    return int(math.ceil(experts + router))
+
+
+def _take(batch: Any, batch_fn: Callable[[Any], tuple[Any, Any]] | None) -> tuple[Any, Any]:
+    return batch_fn(batch) if batch_fn is not None else split_batch(batch)
+
+
+def _cache_outputs(
+    moe: MoE,
+    loader: Iterable[Any],
+    dev: torch.device,
+    batch_fn: Callable[[Any], tuple[Any, Any]] | None,
+    limit: int,
+) -> tuple[tuple[Tensor, Tensor, Tensor] | None, int, int]:
+    """One pass of the frozen experts over the loader: (router inputs, stacked expert
+    outputs, targets), or None when they would exceed `limit` bytes or the targets are not
+    tensors; plus the samples the experts ran on and the first batch's size."""
+    feats: list[Tensor] = []
+    outs: list[Tensor] = []
+    ys: list[Tensor] = []
+    used = seen = first = 0
+    with torch.no_grad():
+        for batch in loader:
+            x, y = _take(batch, batch_fn)
+            x, y = to_device(x, dev), to_device(y, dev)
+            if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+                return None, seen, first
+            o = moe._expert_outputs(x)
+            f = moe._route_features(x, o)
+            st = torch.stack(o, dim=1)
+            seen += int(x.shape[0])
+            first = first or int(x.shape[0])
+            used += sum(t.numel() * t.element_size() for t in (f, st, y))
+            if used > limit:
+                return None, seen, first
+            feats.append(f)
+            outs.append(st)
+            ys.append(y)
+    if not feats:
+        raise ValueError("train_gate: the loader yielded no batches")
+    return (torch.cat(feats), torch.cat(outs), torch.cat(ys)), seen, first
 
 
 def train_gate(
@@ -238,12 +334,21 @@ def train_gate(
     balance_weight: float = 0.01,
     device: torch.device | str = "cpu",
     batch_fn: Callable[[Any], tuple[Any, Any]] | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    seed: int = 0,
 ) -> GateHistory:
     """Fit only the router: loss = mean(loss_fn(moe(x), y)) + balance_weight * aux.
 
     The experts are frozen and kept in eval mode (their BatchNorm statistics and dropout
     must behave as they will at inference); their `requires_grad` flags and modes are
     restored afterwards. `loss_fn` may return per-sample losses or a scalar.
+
+    Frozen experts in eval mode give the same output for the same input every time, so
+    when the data fit in `cache_bytes` they run ONCE over the loader and the router
+    trains on their stored outputs (minibatches of the loader's first batch size,
+    reshuffled each epoch by `seed`): the experts cost one forward per sample instead of
+    one per sample per step. A loader with random augmentation is then seen with one
+    draw of it. Otherwise (or with `cache_bytes=0`) every step runs the experts.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -256,34 +361,63 @@ def train_gate(
         p.requires_grad_(False)
     opt = torch.optim.Adam(moe.gate.parameters(), lr=lr)
     hist = GateHistory()
+
+    def update(probs: Tensor, out: Tensor, y: Tensor) -> None:
+        task = loss_fn(out, y)
+        task = task.mean() if task.dim() > 0 else task
+        aux = moe.last_aux_loss
+        assert aux is not None
+        loss = task + balance_weight * aux
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train_gate: the loss became {loss.item()}; lower lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist.task_loss.append(task.item())
+        hist.aux_loss.append(aux.item())
+        hist.router_samples += int(probs.shape[0])
+
     try:
         moe.train()
         moe.experts.eval()
-        step = 0
-        while step < steps:
-            empty = True
-            for batch in loader:
-                empty = False
-                x, y = batch_fn(batch) if batch_fn is not None else split_batch(batch)
-                x, y = to_device(x, dev), to_device(y, dev)
-                out = moe(x)
-                task = loss_fn(out, y)
-                task = task.mean() if task.dim() > 0 else task
-                aux = moe.last_aux_loss
-                assert aux is not None
-                loss = task + balance_weight * aux
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"train_gate: the loss became {loss.item()}; lower lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                hist.task_loss.append(task.item())
-                hist.aux_loss.append(aux.item())
-                step += 1
-                if step >= steps:
-                    break
-            if empty:
-                raise ValueError("train_gate: the loader yielded no batches")
+        cache: tuple[Tensor, Tensor, Tensor] | None = None
+        bs = 1
+        if cache_bytes > 0:
+            cache, hist.expert_samples, bs = _cache_outputs(moe, loader, dev, batch_fn, cache_bytes)
+        if cache is not None:
+            hist.cached = True
+            feats, stacked, ys = cache
+            g = torch.Generator().manual_seed(seed)
+            n = feats.shape[0]
+            bs = max(1, min(bs, n))
+            order = torch.randperm(n, generator=g)
+            at = 0
+            for _ in range(steps):
+                if at + bs > n:  # a new epoch (a short tail would be a noisy step)
+                    order, at = torch.randperm(n, generator=g), 0
+                rows = order[at : at + bs].to(dev)
+                at += bs
+                probs = moe.gate(feats[rows])
+                moe.last_aux_loss = balance_loss(probs)
+                moe.last_gate = probs.detach()
+                update(probs, mix(probs, stacked[rows]), ys[rows])
+        else:
+            step = 0
+            while step < steps:
+                empty = True
+                for batch in loader:
+                    empty = False
+                    x, y = _take(batch, batch_fn)
+                    x, y = to_device(x, dev), to_device(y, dev)
+                    out = moe(x)
+                    assert moe.last_gate is not None
+                    hist.expert_samples += int(moe.last_gate.shape[0])
+                    update(moe.last_gate, out, y)
+                    step += 1
+                    if step >= steps:
+                        break
+                if empty:
+                    raise ValueError("train_gate: the loader yielded no batches")
         if moe.last_gate is not None:
             top = moe.last_gate.argmax(dim=-1)
             hist.usage = F.one_hot(top, moe.gate.n_experts).float().mean(dim=0).tolist()

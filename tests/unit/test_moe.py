@@ -20,8 +20,10 @@ from onthefly_worker.moe import (
     SwitchGate,
     export_model,
     export_moe,
+    gate_sample_steps,
     load_model,
     module_to_spec,
+    router_hidden,
     spec_to_module,
     train_gate,
 )
@@ -78,16 +80,30 @@ def test_untrained_gate_is_the_uniform_ensemble_with_unit_balance_loss() -> None
     assert moe.last_aux_loss is not None and moe.last_aux_loss.item() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("cache_bytes", [1 << 20, 0], ids=["cached", "streaming"])
 @pytest.mark.parametrize("gate_input", ["input", "expert_outputs"])
-def test_gate_training_beats_either_expert_alone(gate_input: GateInput) -> None:
+def test_gate_training_beats_either_expert_alone(gate_input: GateInput, cache_bytes: int) -> None:
     moe = _moe(hidden=8, gate_input=gate_input)
     x, y = _two_regimes()
     loader = DataLoader(
         TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
     )
     frozen = [p.clone() for p in moe.experts.parameters()]
-    hist = train_gate(moe, loader, _mse, steps=300, lr=0.05, balance_weight=0.01, device="cpu")
+    hist = train_gate(
+        moe,
+        loader,
+        _mse,
+        steps=300,
+        lr=0.05,
+        balance_weight=0.01,
+        device="cpu",
+        cache_bytes=cache_bytes,
+    )
     assert len(hist.task_loss) == 300 and len(hist.aux_loss) == 300 and len(hist.usage) == 2
+    assert hist.cached is (cache_bytes > 0)
+    assert hist.router_samples == 300 * 64
+    # Cached: the experts ran once over the 512 samples; streaming: on every step's batch.
+    assert hist.expert_samples == (512 if cache_bytes else 300 * 64)
     assert all(torch.equal(a, b) for a, b in zip(frozen, moe.experts.parameters(), strict=True))
     assert all(p.requires_grad for p in moe.experts.parameters())  # flags restored
 
@@ -105,6 +121,67 @@ def test_gate_training_beats_either_expert_alone(gate_input: GateInput) -> None:
     assert gated < 0.2 * min(left, right), (gated, left, right)
     assert switched < 0.2 * min(left, right), (switched, left, right)
     assert hist.task_loss[-1] < hist.task_loss[0]
+
+
+class _Counting(nn.Module):
+    """A frozen linear expert that counts the samples it ran on."""
+
+    def __init__(self, w: Tensor) -> None:
+        super().__init__()
+        self.lin = _expert(w)
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += x.shape[0]
+        return self.lin(x)
+
+
+def test_cached_gate_training_runs_the_experts_once_and_matches_streaming_routing() -> None:
+    x, y = _two_regimes(256)
+    loader = DataLoader(
+        TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    experts = [_Counting(W_LEFT), _Counting(W_RIGHT)]
+    torch.manual_seed(0)
+    moe = MoE(experts, SwitchGate(2, 2, hidden=8, temperature=0.5))
+    hist = train_gate(moe, loader, _mse, steps=200, lr=0.05, seed=3)
+    assert hist.cached
+    assert [e.calls for e in experts] == [256, 256]  # one pass, not 200 x 32 samples
+    # The router still learned the split: each regime goes to its own expert.
+    xt, _ = _two_regimes(200, seed=5)
+    with torch.no_grad():
+        top = moe.gate(xt).argmax(dim=1)
+    right = xt[:, 0] >= 0
+    assert (top == right.long()).float().mean().item() > 0.9
+
+
+def test_gate_falls_back_to_streaming_when_the_cache_would_be_too_large() -> None:
+    x, y = _two_regimes(256)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    moe = _moe(hidden=4)
+    hist = train_gate(moe, loader, _mse, steps=20, lr=0.05, cache_bytes=100)
+    assert not hist.cached and len(hist.task_loss) == 20
+    # The batches tried for the cache count too: one batch before the limit, then 20 steps.
+    assert hist.expert_samples == 32 + 20 * 32
+
+
+def test_gate_sample_steps_counts_expert_forwards_and_the_router() -> None:
+    moe = _moe(hidden=0)  # two 2-parameter experts; a 2x2 router + 2 biases = 6 parameters
+    hist = train_gate(
+        moe, DataLoader(TensorDataset(*_two_regimes(96)), batch_size=32), _mse, steps=10, lr=0.01
+    )
+    assert (hist.expert_samples, hist.router_samples) == (96, 320)
+    # experts: 96 samples x 2 experts / 3; router: 320 samples x 6 / 2 parameters.
+    assert gate_sample_steps(moe, hist) == 64 + 960
+
+
+def test_router_hidden_stays_small_next_to_the_experts() -> None:
+    assert router_hidden(64, 3, 40_000) == 32  # big experts: the cap
+    # (in + 1) * h + (h + 1) * n <= share * expert params: (2 + 1) * 6 + 7 * 3 = 39 <= 42.
+    assert router_hidden(2, 3, 168) == 6
+    assert router_hidden(2, 3, 20) == 0  # not even 2 units fit: a linear router
+    with pytest.raises(ValueError):
+        router_hidden(0, 3, 100)
 
 
 def test_hard_mode_runs_only_the_chosen_expert() -> None:
