@@ -10,9 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.conftest import PY, ROOT, SCRIPTS, cli, start
+from tests.conftest import PY, ROOT, SCRIPTS, cli, cli_json, start
 
 SMALL = SCRIPTS / "train_small.py"
 SEQ = SCRIPTS / "train_seq.py"
@@ -46,36 +47,140 @@ def _report(project: Path) -> dict:  # type: ignore[type-arg]
     return json.loads((sdir / "report.json").read_text())
 
 
-def test_nan_at_known_step_is_stabilized_and_the_run_finishes(tmp_path: Path) -> None:
+def test_nan_batch_is_rolled_back_and_skipped_and_the_run_finishes(tmp_path: Path) -> None:
+    # Sample 77 reads as NaN (once: a storage glitch). Its batch makes the loss NaN and,
+    # through BatchNorm, poisons the running statistics even though the update is skipped;
+    # the planner rolls back to the checkpoint before it and skips that batch.
     r = _automode(
-        tmp_path, SMALL, "--nan-at-step", "30", "--epochs", "4", "--step-sleep", "0.06", "--test"
+        tmp_path,
+        SMALL,
+        "--nan-sample",
+        "77",
+        "--nan-once-file",
+        str(tmp_path / "glitch"),
+        "--epochs",
+        "3",
+        "--step-sleep",
+        "0.04",
+        "--checkpoint-every",
+        "5",
+        "--test",
     )
     assert r.returncode == 0, r.stdout + r.stderr
     rep = _report(tmp_path)
     stab = [p for p in rep["plans"] if p["action"] == "stabilize" and p["reason"] == "nonfinite"]
     assert stab, [(p["action"], p["reason"]) for p in rep["plans"]]
     assert stab[0]["status"] == "done"
-    assert "non-finite loss at step 30" in r.stdout
+    rb = stab[0]["diagnostics"]["outcome"]["rollback"]
+    bad_step = stab[0]["training_recipe"]["offending_steps"][0]
+    assert f"non-finite loss at step {bad_step} " in r.stdout
+    assert rb["to_step"] < bad_step and rb["to_step"] % 5 == 0  # the last good checkpoint
+    assert rb["skipped"][0]["step"] == bad_step and rb["skipped"][0]["epoch"] == 0
     main = next(x for x in rep["runs"] if x["run_id"] == "main")
     assert main["status"] == "completed"
+    # The batch is recorded as skipped, and it was not trained: one step fewer than 3 epochs.
+    skipped = main["spec"]["skipped_batches"]
+    assert [(b["epoch"], b["batch"], b["step"]) for b in skipped] == [
+        (0, rb["skipped"][0]["batch"], bad_step)
+    ]
+    assert main["step"] == 3 * 16 - 1
+    assert main["test_loss"] is not None, "clean BatchNorm statistics after the rollback"
+    sdir = (tmp_path / ".onthefly" / "sessions" / "latest").resolve()
+    epoch0 = np.load(sdir / "samples" / "main" / "epoch-0000.npy")
+    unseen = np.flatnonzero(~np.isfinite(epoch0))
+    assert 77 in unseen and unseen.size == 32, "exactly the skipped batch is unseen in epoch 0"
+    assert "rollback to checkpoints/main/" in r.stdout and "skipping 1 batch(es)" in r.stdout
     assert "plan plan-" in r.stdout  # cards are printed as they happen
     assert {"baseline_test_loss", "best_test_loss"} <= set(rep["comparison"])
 
 
-def test_plateau_triggers_an_explore_plan(tmp_path: Path) -> None:
+def test_plateau_explore_races_variants_to_a_winner(tmp_path: Path) -> None:
     # lr=0: the loss cannot move, the textbook plateau.
     r = _automode(
-        tmp_path, SMALL, "--lr", "0", "--epochs", "8", "--step-sleep", "0.03", "--val", "--test"
+        tmp_path,
+        SMALL,
+        "--lr",
+        "0",
+        "--epochs",
+        "8",
+        "--step-sleep",
+        "0.03",
+        "--val",
+        "--test",
+        "--slices",
     )
     assert r.returncode == 0, r.stdout + r.stderr
     rep = _report(tmp_path)
     explore = [p for p in rep["plans"] if p["action"] == "explore"]
     assert explore, [(p["action"], p["reason"], p["status"]) for p in rep["plans"]]
-    assert explore[0]["reason"] == "loss_plateau"
-    assert explore[0]["status"] in ("done", "failed", "running")
+    card = explore[0]
+    assert card["reason"] == "loss_plateau" and card["status"] == "done", card
+    out = card["diagnostics"]["outcome"]
+    race = out["race"]
+    assert race["status"] == "done" and race["metric"] == "val"
     runs = {x["run_id"]: x for x in rep["runs"]}
-    variants = [x for x in runs.values() if x["name"].startswith(explore[0]["plan_id"])]
-    assert variants, "the explore plan launched its variant runs"
+    variants = [x for x in runs.values() if x["name"].startswith(card["plan_id"])]
+    assert sorted(x["run_id"] for x in variants) == sorted(race["runs"])
+    assert len(variants) == len(card["training_recipe"]["variants"]) >= 2
+    winner = runs[race["winner"]]
+    assert winner["status"] == "completed" and winner["step"] == race["rungs"][-1]
+    for x in variants:
+        if x["run_id"] != race["winner"]:
+            assert x["status"] == "stopped" and "lost the race at rung 1" in x["error"], x
+            assert x["step"] == race["rungs"][0]  # compared at equal steps
+    assert race["history"][0]["promoted"] == [race["winner"]]
+    # Every arm is equally stuck at lr 0: the tie goes to the x1 arm, the lr stays.
+    assert race["recipes"][race["winner"]]["lr_mul"] == 1.0
+    assert out["summary"].startswith(race["race_id"]) and "winner" in out["summary"]
+    # Per-slice validation losses are reported and the slices are marked in the training set.
+    splits = {e["split"] for e in rep["evals"] if e["run_id"] == "main"}
+    assert {"val", "val_slice:label0", "val_slice:label1"} <= splits
+    sdir = (tmp_path / ".onthefly" / "sessions" / "latest").resolve()
+    assert (sdir / "slices" / "label1.train.npy").exists()
+
+
+def test_fork_variants_race_ends_with_one_winner_and_stopped_losers(tmp_path: Path) -> None:
+    live = start(tmp_path, SMALL, "--epochs", "2", "--n", "256", "--val", extra=("--keep-alive",))
+    try:
+        live.wait_for(lambda s: live.main_run(s)["status"] == "completed", timeout=120)
+        bad = cli("fork", "--select", "all", "--variants", "0", cwd=tmp_path)
+        assert bad.returncode != 0 and "--variants 0: must be >= 1" in bad.stderr
+        small = cli(
+            "fork", "--select", "all", "--variants", "8", "--budget-steps", "4", cwd=tmp_path
+        )
+        assert small.returncode != 0 and "too small to race 8 variants" in small.stderr
+        r = cli(
+            "fork",
+            "--select",
+            "quantile:0.5:1.0",
+            "--variants",
+            "4",
+            "--budget-steps",
+            "24",
+            "--wait",
+            "--json",
+            cwd=tmp_path,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        race = json.loads(r.stdout[r.stdout.index("{") :])["race"]
+        assert race["status"] == "done" and race["rungs"] == [6, 12, 24]
+        assert [len(h["ranked"]) for h in race["history"]] == [4, 2]
+        runs = {x["run_id"]: x for x in cli_json("runs", cwd=tmp_path)["runs"]}
+        variants = [runs[v] for v in race["runs"]]
+        assert all(v["parents"] == ["main"] and v["kind"] == "fork" for v in variants)
+        winner = runs[race["winner"]]
+        assert winner["status"] == "completed" and winner["step"] == 24
+        losers = [v for v in variants if v["run_id"] != race["winner"]]
+        assert len(losers) == 3 and all(v["status"] == "stopped" for v in losers)
+        assert sorted(v["step"] for v in losers) == [6, 6, 12]  # stopped at their rung
+        assert all("lost the race at rung" in v["error"] for v in losers)
+        # The lr multipliers were spread over one decade around 1.
+        muls = sorted(m["lr_mul"] for m in race["recipes"].values())
+        assert muls[0] == pytest.approx(10**-0.5) and muls[-1] == pytest.approx(10**0.5)
+    finally:
+        live.proc.send_signal(signal.SIGINT)
+        live.finish(60)
 
 
 def test_hard_regime_gets_fork_and_gate_and_the_report_shows_it(tmp_path: Path) -> None:
