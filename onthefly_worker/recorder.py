@@ -1,17 +1,20 @@
 """Buffers step metrics and per-sample losses, and flushes them as few, packed messages.
 
 Per step the training loop only appends references (the loss tensors stay where they
-are, so there is no device sync per step); a flush every ~50 ms or 64 KB concatenates,
-copies to host once, packs ids as int64 and losses as float32 bytes, and queues one
-`SampleLosses` and one `MetricsBatch` message.
+are, so there is no device sync per step); every ~50 ms or 64 KB a packing thread
+concatenates, copies to host once, packs ids as int64 and losses as float32 bytes, and
+queues one `SampleLosses` and one `MetricsBatch` message.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import queue
 import resource
+import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +35,29 @@ def memory_mb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _Pending:
+    """One flush worth of buffered steps, handed to the packing thread as a whole."""
+
+    __slots__ = ("cls", "epoch", "extra", "gnorms", "ids", "losses", "per", "points")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.ids: list[np.ndarray] = []
+        self.per: list[torch.Tensor] = []
+        self.losses: list[torch.Tensor | float] = []
+        self.gnorms: list[torch.Tensor | float | None] = []
+        self.points: list[tuple[int, int, int, float, float, float, float, float]] = []
+        self.extra: list[dict[str, float] | None] = []
+        self.cls: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+
+
 class Recorder:
+    """Per step, `record` only appends references. Every ~50 ms or 64 KB the buffer is handed
+    to one packing thread, which concatenates, copies to host once, computes margins, builds
+    the messages and queues them: that work overlaps the training thread's GIL-free compute
+    (backward, optimizer) instead of adding to the step. `flush()` hands off and waits, so
+    after it returns everything recorded so far has been sent (pause, epoch end, stop)."""
+
     def __init__(
         self,
         send: Any,
@@ -46,19 +71,19 @@ class Recorder:
         self.device = device
         self.flush_interval_s = flush_interval_s
         self.max_pending_bytes = max_pending_bytes
-        self._ids: list[np.ndarray] = []
-        self._per: list[torch.Tensor] = []
-        self._losses: list[torch.Tensor] = []
-        self._gnorms: list[torch.Tensor | float] = []
-        self._points: list[tuple[int, int, int, float, float, float, float, float]] = []
-        self._extra: list[dict[str, float]] = []
-        self._cls: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        self._epoch = -1
+        self._buf = _Pending(-1)
         self._pending = 0
         self._last_flush = time.monotonic()
         self.epoch_sum = 0.0
         self.epoch_count = 0
         self.sent_samples = 0
+        self._mem = 0.0
+        self._mem_at = -1.0
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
 
     def record(
         self,
@@ -67,9 +92,9 @@ class Recorder:
         batch: int,
         ids: np.ndarray,
         per: torch.Tensor,
-        loss: torch.Tensor,
+        loss: torch.Tensor | float,
         lr: float,
-        grad_norm: torch.Tensor | float,
+        grad_norm: torch.Tensor | float | None,
         step_ms: float,
         data_ms: float,
         extra: dict[str, float] | None = None,
@@ -77,71 +102,129 @@ class Recorder:
     ) -> None:
         """`cls` = (logits [B, C], labels [B]) of a classification batch; margins and
         predictions are computed at flush time, batched over many steps."""
-        if epoch != self._epoch and self._ids:
-            self.flush()
-        self._epoch = epoch
-        self._ids.append(ids)
-        self._per.append(per)
-        self._losses.append(loss.detach())
-        self._gnorms.append(grad_norm)
+        buf = self._buf
+        if epoch != buf.epoch:
+            if buf.ids:
+                self._hand_off()
+            buf = self._buf
+            buf.epoch = epoch
+        buf.ids.append(ids)
+        buf.per.append(per)
+        buf.losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        buf.gnorms.append(grad_norm)
         n = len(ids)
         sps = n / (step_ms / 1000.0) if step_ms > 0 else 0.0
-        self._points.append((step, epoch, batch, time.time(), lr, sps, step_ms, data_ms))
-        self._extra.append(extra or {})
-        self._cls.append(cls)
+        buf.points.append((step, epoch, batch, time.time(), lr, sps, step_ms, data_ms))
+        buf.extra.append(extra)
+        buf.cls.append(cls)
         self._pending += 12 * n
         if (
             self._pending >= self.max_pending_bytes
             or time.monotonic() - self._last_flush >= self.flush_interval_s
         ):
-            self.flush()
+            self._hand_off()
+
+    def _hand_off(self) -> None:
+        self._last_flush = time.monotonic()
+        self._raise_error()
+        buf = self._buf
+        if not buf.ids:
+            return
+        self._buf = _Pending(buf.epoch)
+        self._pending = 0
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._pack_loop, name="onthefly-recorder", daemon=True
+            )
+            self._thread.start()
+        with self._cond:
+            self._inflight += 1
+        self._queue.put(buf)
 
     def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if not self._ids:
-            return
-        ids = np.concatenate(self._ids).astype("<i8", copy=False)
+        """Send everything recorded so far, and wait until it is queued on the connection."""
+        self._hand_off()
+        with self._cond:
+            while self._inflight:
+                self._cond.wait(1.0)
+        self._raise_error()
+
+    def close(self) -> None:
+        self.flush()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(5.0)
+            self._thread = None
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"sending training metrics failed: {err}") from err
+
+    def _pack_loop(self) -> None:
+        while True:
+            buf = self._queue.get()
+            if buf is None:
+                return
+            try:
+                with torch.no_grad():
+                    self._pack(buf)
+            except BaseException as e:  # noqa: BLE001 - surfaced on the training thread
+                self._error = e
+            finally:
+                with self._cond:
+                    self._inflight -= 1
+                    self._cond.notify_all()
+
+    def _memory(self) -> float:
+        now = time.monotonic()
+        if now - self._mem_at >= 0.5:  # /proc is read at most twice a second
+            self._mem, self._mem_at = memory_mb(self.device), now
+        return self._mem
+
+    def _pack(self, buf: _Pending) -> None:
+        ids = np.concatenate(buf.ids).astype("<i8", copy=False)
         per = (
-            torch.cat([p.reshape(-1) for p in self._per])
+            torch.cat([p.reshape(-1) for p in buf.per])
             .float()
             .cpu()
             .numpy()
             .astype("<f4", copy=False)
         )
-        losses = torch.stack([x.float() for x in self._losses]).cpu().tolist()
-        gns = [float(g) if not isinstance(g, torch.Tensor) else g for g in self._gnorms]
-        tensors = [g for g in gns if isinstance(g, torch.Tensor)]
-        if tensors:
-            values = iter(torch.stack([t.float() for t in tensors]).cpu().tolist())
-            gns = [next(values) if isinstance(g, torch.Tensor) else g for g in gns]
-        finite = per[np.isfinite(per)]
-        self.epoch_sum += float(finite.sum(dtype=np.float64))
-        self.epoch_count += int(finite.size)
-        mem = memory_mb(self.device)
-        points = []
-        for (step, epoch, batch, t, lr, sps, sms, dms), loss, gn, extra in zip(
-            self._points, losses, gns, self._extra, strict=True
-        ):
-            points.append(
-                pb.StepMetric(
-                    step=step,
-                    epoch=epoch,
-                    batch=batch,
-                    time=t,
-                    loss=loss,
-                    lr=lr,
-                    grad_norm=float(gn) if gn is not None else math.nan,
-                    samples_per_s=sps,
-                    step_time_ms=sms,
-                    data_time_ms=dms,
-                    memory_mb=mem,
-                    extra=extra,
-                )
+        losses = _host_floats(buf.losses)
+        gns = _host_floats(buf.gnorms)
+        total = float(per.sum(dtype=np.float64))
+        if math.isfinite(total):
+            self.epoch_sum += total
+            self.epoch_count += int(per.size)
+        else:
+            finite = per[np.isfinite(per)]
+            self.epoch_sum += float(finite.sum(dtype=np.float64))
+            self.epoch_count += int(finite.size)
+        mem = self._memory()
+        points = [
+            pb.StepMetric(
+                step=step,
+                epoch=epoch,
+                batch=batch,
+                time=t,
+                loss=loss,
+                lr=lr,
+                grad_norm=gn,
+                samples_per_s=sps,
+                step_time_ms=sms,
+                data_time_ms=dms,
+                memory_mb=mem,
+                extra=extra or None,
             )
-        first, last = self._points[0][0], self._points[-1][0]
+            for (step, epoch, batch, t, lr, sps, sms, dms), loss, gn, extra in zip(
+                buf.points, losses, gns, buf.extra, strict=True
+            )
+        ]
+        first, last = buf.points[0][0], buf.points[-1][0]
         cls_kw: dict[str, bytes] = {}
-        parts = [c for c in self._cls if c is not None]
-        if parts and len(parts) == len(self._cls) and len({c[0].shape[1] for c in parts}) == 1:
+        parts = [c for c in buf.cls if c is not None]
+        if parts and len(parts) == len(buf.cls) and len({c[0].shape[1] for c in parts}) == 1:
             margin, pred, label = self._margins(
                 torch.cat([c[0] for c in parts]), torch.cat([c[1] for c in parts])
             )
@@ -153,7 +236,7 @@ class Recorder:
         self._send(
             samples=pb.SampleLosses(
                 run_id=self.run_id,
-                epoch=self._epoch,
+                epoch=buf.epoch,
                 count=int(ids.size),
                 ids=ids.tobytes(),
                 losses=per.tobytes(),
@@ -164,14 +247,6 @@ class Recorder:
         )
         self._send(metrics=pb.MetricsBatch(run_id=self.run_id, points=points))
         self.sent_samples += int(ids.size)
-        self._ids.clear()
-        self._per.clear()
-        self._losses.clear()
-        self._gnorms.clear()
-        self._points.clear()
-        self._extra.clear()
-        self._cls.clear()
-        self._pending = 0
 
     @staticmethod
     def classification(output: object, target: object) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -196,9 +271,13 @@ class Recorder:
         with torch.no_grad():
             o = logits.float()
             y = target.long().clamp(0, o.shape[1] - 1)
+            # One top-2 instead of argmax + a masked max: the best other class is the first
+            # of the top two that is not the true class.
+            top_v, top_i = o.topk(2, dim=1)
+            pred = top_i[:, 0]
             true = o.gather(1, y[:, None]).squeeze(1)
-            others = o.scatter(1, y[:, None], float("-inf"))
-            return true - others.max(dim=1).values, o.argmax(dim=1), target
+            best_other = torch.where(pred == y, top_v[:, 1], top_v[:, 0])
+            return true - best_other, pred, target
 
     def take_epoch_mean(self) -> float:
         self.flush()
@@ -206,3 +285,16 @@ class Recorder:
         self.epoch_sum = 0.0
         self.epoch_count = 0
         return mean
+
+
+def _host_floats(values: Sequence[torch.Tensor | float | None]) -> list[float]:
+    """Python floats from a mix of floats, None (not measured: NaN) and scalar tensors, with
+    one host copy for all the tensors."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    host = iter(
+        torch.stack([t.reshape(()).float() for t in tensors]).cpu().tolist() if tensors else []
+    )
+    return [
+        next(host) if isinstance(v, torch.Tensor) else (math.nan if v is None else float(v))
+        for v in values
+    ]

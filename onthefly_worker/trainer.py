@@ -196,6 +196,9 @@ class _Loop(CommandLoop):
         self.nonfinite_run = 0
         self.nonfinite_total = 0
         self.grad_clip = cfg.grad_clip
+        # Gradient-norm cadence (see TrainerConfig.grad_norm_every); 0 until calibrated.
+        self.gn_every = cfg.grad_norm_every
+        self._gn_cal: list[tuple[float, float]] = []
         self.writer = ckpt.AsyncWriter()
         self.last_checkpoint = ""
         self.last_good = ""
@@ -350,6 +353,8 @@ class _Loop(CommandLoop):
             self.grad_clip = float(state["grad_clip"])
         self.step = int(state["counters"]["step"])
         self.sample_steps = int(state["counters"]["sample_steps"])
+        if not self.cfg.grad_norm_every:
+            self.gn_every = int(state["counters"].get("grad_norm_every", 0) or 0)
         self.log(f"resumed from {path} at epoch {self.epoch}, batch {self.batch}, step {self.step}")
         rollback = self.spec.get("rollback")
         if rollback:
@@ -459,7 +464,11 @@ class _Loop(CommandLoop):
                 "skip": self.order.skipped,
             },
             "grad_clip": float(self.grad_clip),
-            "counters": {"step": self.step, "sample_steps": self.sample_steps},
+            "counters": {
+                "step": self.step,
+                "sample_steps": self.sample_steps,
+                "grad_norm_every": self.gn_every,
+            },
             "config": self.cfg.to_dict(),
             "spec": self.spec,
         }
@@ -622,30 +631,43 @@ class _Loop(CommandLoop):
                 with self._autocast():
                     out = model(x)
                     total, per = self.loss(out, y, n)
-                finite = bool(torch.isfinite(total))
-                gnorm: torch.Tensor | float = math.nan
-                if finite:
+                # One host read of the loss per step (the value is recorded as a float, so
+                # the recorder never has to gather loss tensors).
+                loss_value = float(total.detach().float().item())
+                gnorm = math.nan
+                if math.isfinite(loss_value):
                     if self.scaler is not None:
                         self.scaler.scale(total).backward()
                         self.scaler.unscale_(opt)
                     else:
                         total.backward()
-                    grads = [p.grad for p in params if p.grad is not None]
-                    if grads:
-                        gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-                        if self.grad_clip > 0:
-                            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-                    bad_grads = (
-                        self.scaler is None
-                        and isinstance(gnorm, torch.Tensor)
-                        and not bool(torch.isfinite(gnorm))
-                    )
-                    if bad_grads:
+                    norm_t = None
+                    grads = None
+                    every = self.gn_every
+                    if (
+                        every <= 1
+                        or self.grad_clip > 0
+                        or self.scaler is not None
+                        or (self.step + 1) % every == 0
+                    ):
+                        t_norm = time.perf_counter()
+                        grads = [p.grad for p in params if p.grad is not None]
+                        if grads:
+                            norm_t = torch.linalg.vector_norm(
+                                torch.stack(torch._foreach_norm(grads))
+                            )
+                            gnorm = float(norm_t.item())
+                        if not every:
+                            self._calibrate_grad_norm(time.perf_counter() - t_norm, t_prev)
+                    if self.scaler is None and grads and not math.isfinite(gnorm):
                         # Like GradScaler: an update with Inf/NaN gradients would poison the weights.
                         gnorm = math.inf  # reported as Inf: NaN on the wire means "not measured"
                         opt.zero_grad(set_to_none=True)
                         self._nonfinite("gradients")
                     else:
+                        if self.grad_clip > 0 and norm_t is not None:
+                            # The norm is already known: clip with it instead of computing it again.
+                            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm_t)
                         self.nonfinite_run = 0
                         if self.scaler is not None:
                             self.scaler.step(opt)
@@ -669,7 +691,7 @@ class _Loop(CommandLoop):
                     b,
                     ids,
                     per,
-                    total,
+                    loss_value,
                     float(opt.param_groups[0]["lr"]),
                     gnorm,
                     (t_end - t_prev) * 1000.0,
@@ -690,6 +712,24 @@ class _Loop(CommandLoop):
             if self.batch >= len(batches):
                 self._end_epoch(len(batches), time.perf_counter() - t_epoch)
         rec.flush()
+
+    def _calibrate_grad_norm(self, norm_s: float, t_step_start: float) -> None:
+        """Auto cadence: after a few steps, measure the norm every N steps where N is the
+        smallest (1-16) at which it costs <= 1% of a step. Clipping and AMP measure every step."""
+        if self.grad_clip > 0 or self.scaler is not None:
+            return
+        self._gn_cal.append((norm_s, time.perf_counter() - t_step_start))
+        if len(self._gn_cal) < 10:
+            return
+        norm_med = float(np.median([c[0] for c in self._gn_cal[2:]]))
+        step_med = float(np.median([c[1] for c in self._gn_cal[2:]]))
+        self.gn_every = max(1, min(16, math.ceil(norm_med / max(0.01 * step_med, 1e-9))))
+        if self.gn_every > 1:
+            self.log(
+                f"gradient norm measured every {self.gn_every} steps (it costs "
+                f"{norm_med * 1e3:.3f} ms of a {step_med * 1e3:.2f} ms step); "
+                "set Trainer(grad_norm_every=1) to measure it on every step"
+            )
 
     def _nonfinite(self, what: str) -> None:
         self.nonfinite_run += 1
