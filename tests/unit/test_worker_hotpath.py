@@ -1,0 +1,141 @@
+"""The worker's per-step pieces: per-sample loss, the recorder's packing thread, the grad-norm cadence."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from onthefly_proto import onthefly_pb2 as pb
+from onthefly_worker import losses
+from onthefly_worker.config import TrainerConfig
+from onthefly_worker.errors import OnTheFlyError
+from onthefly_worker.losses import PerSampleLoss
+from onthefly_worker.recorder import Recorder
+
+
+def test_small_output_backward_is_the_users_own_loss() -> None:
+    torch.manual_seed(0)
+    out = torch.randn(32, 5, requires_grad=True)
+    y = torch.randint(0, 5, (32,))
+    total, per = PerSampleLoss(nn.CrossEntropyLoss())(out, y, 32)
+    expect = nn.CrossEntropyLoss()(out, y)
+    assert torch.equal(total, expect)  # bitwise: the same fused call
+    assert torch.allclose(per, nn.CrossEntropyLoss(reduction="none")(out, y))
+    assert not per.requires_grad
+    total.backward()
+    g_ours = out.grad.clone()
+    out.grad = None
+    expect.backward()
+    assert torch.equal(g_ours, out.grad)
+
+
+def test_large_output_reduces_the_per_sample_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(losses, "SMALL_OUTPUT", 10)
+    out = torch.randn(8, 4, requires_grad=True)
+    y = torch.randn(8, 4)
+    for reduction in ("mean", "sum"):
+        total, per = PerSampleLoss(nn.MSELoss(reduction=reduction))(out, y, 8)
+        assert torch.allclose(total, nn.MSELoss(reduction=reduction)(out, y))
+        assert per.shape == (8,)
+        assert torch.allclose(per, ((out - y) ** 2).mean(dim=1).detach())
+
+
+def test_weighted_cross_entropy_matches_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = torch.tensor([1.0, 3.0, 0.5])
+    out = torch.randn(16, 3)
+    y = torch.randint(0, 3, (16,))
+    small, _ = PerSampleLoss(nn.CrossEntropyLoss(weight=w))(out, y, 16)
+    monkeypatch.setattr(losses, "SMALL_OUTPUT", 1)
+    large, _ = PerSampleLoss(nn.CrossEntropyLoss(weight=w))(out, y, 16)
+    assert torch.allclose(small, large)
+
+
+def _recorder(sent: list[dict[str, object]], **kw: object) -> Recorder:
+    return Recorder(lambda **m: sent.append(m), "main", torch.device("cpu"), **kw)  # type: ignore[arg-type]
+
+
+def test_recorder_sends_every_sample_in_order_with_margins_and_epoch_mean() -> None:
+    sent: list[dict[str, object]] = []
+    rec = _recorder(sent, flush_interval_s=0.0)  # a hand-off on every step
+    rng = np.random.default_rng(0)
+    all_ids, all_loss = [], []
+    for step in range(1, 41):
+        ids = rng.permutation(1000)[:8]
+        per = torch.rand(8)
+        logits = torch.randn(8, 4)
+        labels = torch.randint(0, 4, (8,))
+        rec.record(
+            step,
+            0,
+            step - 1,
+            ids,
+            per,
+            float(per.mean()),
+            0.1,
+            None,
+            2.0,
+            0.1,
+            cls=Recorder.classification(logits, labels),
+        )
+        all_ids.append(ids)
+        all_loss.append(per.numpy())
+    mean = rec.take_epoch_mean()
+    samples = [m["samples"] for m in sent if "samples" in m]
+    metrics = [m["metrics"] for m in sent if "metrics" in m]
+    assert isinstance(samples[0], pb.SampleLosses)
+    ids = np.concatenate([np.frombuffer(s.ids, "<i8") for s in samples])  # type: ignore[attr-defined]
+    vals = np.concatenate([np.frombuffer(s.losses, "<f4") for s in samples])  # type: ignore[attr-defined]
+    assert np.array_equal(ids, np.concatenate(all_ids))
+    assert np.array_equal(vals, np.concatenate(all_loss))
+    steps = [p.step for mb in metrics for p in mb.points]  # type: ignore[attr-defined]
+    assert steps == list(range(1, 41))
+    assert all(math.isnan(p.grad_norm) for mb in metrics for p in mb.points)  # type: ignore[attr-defined]
+    assert mean == pytest.approx(float(np.concatenate(all_loss).mean()), rel=1e-6)
+    margins = np.frombuffer(samples[0].margins, "<f4")  # type: ignore[attr-defined]
+    assert margins.shape == (8,)
+
+
+def test_recorder_margins_are_true_minus_best_other() -> None:
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0], [1.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    margin, pred, _ = Recorder._margins(logits, labels)
+    assert margin.tolist() == [2.0, -3.0, 0.0]
+    assert pred.tolist()[:2] == [0, 2]
+
+
+def test_recorder_nonfinite_losses_are_left_out_of_the_epoch_mean() -> None:
+    sent: list[dict[str, object]] = []
+    rec = _recorder(sent)
+    rec.record(1, 0, 0, np.arange(3), torch.tensor([1.0, math.nan, 3.0]), 2.0, 0.1, 1.0, 1.0, 0.0)
+    assert rec.take_epoch_mean() == pytest.approx(2.0)
+
+
+def test_recorder_send_failure_surfaces_on_the_training_thread() -> None:
+    def broken(**_: object) -> None:
+        raise ConnectionError("stream closed")
+
+    rec = Recorder(broken, "main", torch.device("cpu"))
+    rec.record(1, 0, 0, np.arange(2), torch.rand(2), 1.0, 0.1, 1.0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="stream closed"):
+        rec.flush()
+
+
+def test_recorder_packs_off_the_training_thread() -> None:
+    threads: list[str] = []
+    rec = Recorder(
+        lambda **_: threads.append(threading.current_thread().name), "main", torch.device("cpu")
+    )
+    rec.record(1, 0, 0, np.arange(2), torch.rand(2), 1.0, 0.1, 1.0, 1.0, 0.0)
+    rec.flush()
+    assert threads and all(t == "onthefly-recorder" for t in threads)
+
+
+def test_grad_norm_every_is_validated() -> None:
+    with pytest.raises(OnTheFlyError, match="grad_norm_every"):
+        TrainerConfig(grad_norm_every=-1)
+    assert TrainerConfig(grad_norm_every=4).grad_norm_every == 4
