@@ -55,6 +55,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=4096, help="training samples")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--fast", action="store_true", help="2 epochs on 2048 samples")
+    p.add_argument(
+        "--slices",
+        action="store_true",
+        help="report the val loss of each region (val_slices): automode can fork on a weak one",
+    )
     args = p.parse_args()
     if args.fast:
         args.epochs, args.n = 2, 2048
@@ -69,6 +74,12 @@ def main() -> None:
         max_epochs=args.epochs,
         val_every_n_epochs=1,
         do_test_after=True,
+        val_slices={
+            "easy": lambda x, y: x[:, 0] < HARD_FROM,
+            "hard": lambda x, y: x[:, 0] >= HARD_FROM,
+        }
+        if args.slices
+        else None,
     ).fit(
         model,
         torch.optim.Adam(model.parameters(), lr=args.lr),
