@@ -4,7 +4,11 @@ The model's output becomes NaN for `--nan-steps` consecutive training steps star
 `--nan-at-step`. The Trainer skips every step whose loss is not finite (the weights stay
 clean), logs a warning per skipped step, and fails the run with a clear message only if
 that goes on for `nonfinite_patience` steps. The NaN points are in the metric stream, so
-the planner proposes a "stabilize" plan card (lower lr / clip gradients):
+the planner proposes a "stabilize" plan card: roll back to the last checkpoint before the
+NaN, skip the batches of the NaN steps, lower the lr and clip gradients (the restarted
+process counts its forward calls from zero, so here the NaN comes back later: a model
+that breaks on a step count, not on data, is what the cooldown then leaves to the
+trainer's own skipping):
 
     onthefly run --automode examples/instability.py       # the planner acts on its cards
     onthefly run --keep-alive examples/instability.py     # then: onthefly plans
