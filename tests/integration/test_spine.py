@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -319,6 +320,34 @@ def test_nonfinite_losses_are_skipped_and_reported(project: Path) -> None:
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     arr = np.load(sdir / "samples" / "main" / "epoch-0000.npy")
     assert np.isnan(arr).sum() == 32, "the poisoned batch's samples are recorded as non-finite"
+
+
+def test_nonfinite_gradients_are_skipped_when_measured_every_step(project: Path) -> None:
+    r = cli(
+        "run",
+        "--headless",
+        "--port",
+        "0",
+        str(SMALL),
+        "--nan-grad-at-step",
+        "5",
+        "--grad-norm-every",
+        "1",
+        "--epochs",
+        "1",
+        cwd=project,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "non-finite gradients at step 5" in r.stdout
+    sdir = _latest(project)
+    ck = sorted((sdir / "checkpoints" / "main").glob("step-*.pt"))[-1]
+    state = torch.load(ck, weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    db = sqlite3.connect(sdir / "session.db")
+    (gn,) = db.execute("SELECT grad_norm FROM metrics WHERE run_id='main' AND step=5").fetchone()
+    db.close()
+    assert gn is None or gn > 1e308, "the bad step's grad norm is stored as Inf, not a number"
 
 
 def test_health_checks_on_a_live_run_do_not_disturb_it(project: Path) -> None:

@@ -42,6 +42,10 @@ p.add_argument(
     "--nan-once-file", default="", help="with --nan-sample: only until this file exists (a glitch)"
 )
 p.add_argument("--slices", action="store_true", help="report val slices (label 0 / label 1)")
+p.add_argument(
+    "--nan-grad-at-step", type=int, default=0, help="finite loss, NaN gradients at this step"
+)
+p.add_argument("--grad-norm-every", type=int, default=0)
 args = p.parse_args()
 
 
@@ -73,6 +77,18 @@ class Data(Dataset):
         return self.x[i], self.y[i]
 
 
+class _NanGrad(torch.autograd.Function):
+    """Identity forward (the loss stays finite), NaN backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
 class Net(nn.Module):
     def __init__(self, out: int) -> None:
         super().__init__()
@@ -95,6 +111,8 @@ class Net(nn.Module):
                 raise ValueError(f"boom at step {step}")
             if args.nan_at_step and step == args.nan_at_step:
                 return self.body(x) * float("nan")
+            if args.nan_grad_at_step and step == args.nan_grad_at_step:
+                return _NanGrad.apply(self.body(x))
         return self.body(x)
 
 
@@ -132,6 +150,7 @@ Trainer(
     val_every_n_epochs=1 if args.val else 0,
     do_test_after=args.test,
     checkpoint_every_n_steps=args.checkpoint_every,
+    grad_norm_every=args.grad_norm_every,
     val_slices={"label0": lambda x, y: y.reshape(-1) <= 0, "label1": lambda x, y: y.reshape(-1) > 0}
     if args.slices
     else None,
