@@ -838,7 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         metavar="N|auto",
         help="standby copies of the script kept ready to become forks (auto: 1; on a CPU-only "
-        "machine with < 4 cores it starts after the first fork unless --automode)",
+        "machine with < 4 cores it starts after the first fork)",
     )
     r.add_argument("script")
     r.add_argument("args", nargs=argparse.REMAINDER)

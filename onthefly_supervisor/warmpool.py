@@ -21,13 +21,17 @@ Decisions:
 * The script sees ONTHEFLY_ROLE=fork from its first line, so scripts that branch on the
   role before fit() behave as they do in a cold fork.
 * Size (`onthefly run --warm-forks N|auto`): `auto` is one standby. It starts as soon as
-  the main run is up on a machine with a GPU or at least 4 cores, or in automode (whose
-  planner exists to fork); on a CPU-only machine with fewer than 4 cores it starts only
-  after the session's first fork (which is cold): there the main run already uses the
-  cores, and a standby's start-up (an import of torch plus the script's data set-up) would
-  slow it for a fork that may never come, while a session that forks once tends to fork
-  again. An idle standby costs ~0 CPU (a blocked thread, one heartbeat a second) but holds
-  the script's memory (torch plus its data set), so the default stays at one.
+  the main run is up on a machine with a GPU or at least 4 cores; on a CPU-only machine
+  with fewer than 4 cores -- automode included -- it starts only after the session's
+  first fork (which is cold): there the main run already uses the cores, and a standby's
+  start-up (an import of torch plus the script's data set-up, ~2.5 s of CPU) would slow
+  the main run's early steps for a fork that may never come, while a session that forks
+  once tends to fork again (automode's planner, a user exploring slices), so from the
+  second fork on they are warm. (Starting it eagerly in automode was tried: on 2 cores the
+  slowed early steps changed timing-calibrated measurements such as the grad-norm cadence
+  and with them what the planner saw.) An idle standby costs ~0 CPU (a blocked thread,
+  one heartbeat a second) but holds the script's memory (torch plus its data set), so the
+  default stays at one; `--warm-forks N` starts N as soon as the main run is up.
 * A refill waits while a run or fork is starting (its start-up and first step are the
   latency that matters), and stops when no main run is left to fork from (unless the
   session is kept alive).
@@ -67,13 +71,13 @@ class _Claim:
     claimed: float = field(default_factory=time.time)
 
 
-def resolve_size(requested: int, automode: bool, gpus: int, cores: int) -> tuple[int, bool]:
+def resolve_size(requested: int, gpus: int, cores: int) -> tuple[int, bool]:
     """(standbys, start eagerly?) for `--warm-forks requested` (AUTO = -1)."""
     if requested != AUTO:
         if not 0 <= requested <= MAX_WARM_FORKS:
             raise ValueError(f"--warm-forks {requested}: must be 'auto' or 0..{MAX_WARM_FORKS}")
         return requested, True
-    return 1, bool(automode or gpus or cores >= 4)
+    return 1, bool(gpus or cores >= 4)
 
 
 def parse_warm_forks(text: str) -> int:
@@ -94,9 +98,7 @@ def parse_warm_forks(text: str) -> int:
 class WarmPool:
     def __init__(self, sup: Supervisor, requested: int) -> None:
         self.sup = sup
-        self.size, self.eager = resolve_size(
-            requested, sup.cfg.automode, len(sup.gpu.gpus), os.cpu_count() or 1
-        )
+        self.size, self.eager = resolve_size(requested, len(sup.gpu.gpus), os.cpu_count() or 1)
         if not hasattr(sup.launcher, "rebind"):
             self.size = 0  # a launcher that cannot hand a process to a new worker id
         self.forked = False
@@ -268,7 +270,7 @@ class WarmPool:
         sup = self.sup
         if self.disabled or time.time() < self.next_try:
             return
-        if not (self.eager or self.forked or sup.automode):
+        if not (self.eager or self.forked):
             return
         with sup.lock:
             workers = list(sup.workers.values())

@@ -105,11 +105,10 @@ def _standbys(launcher: RebindingFake) -> list[WorkerSpec]:
 
 
 def test_sizes_and_bad_values() -> None:
-    assert warmpool.resolve_size(warmpool.AUTO, automode=False, gpus=0, cores=2) == (1, False)
-    assert warmpool.resolve_size(warmpool.AUTO, automode=True, gpus=0, cores=2) == (1, True)
-    assert warmpool.resolve_size(warmpool.AUTO, automode=False, gpus=1, cores=2) == (1, True)
-    assert warmpool.resolve_size(warmpool.AUTO, automode=False, gpus=0, cores=8) == (1, True)
-    assert warmpool.resolve_size(3, automode=False, gpus=0, cores=2) == (3, True)
+    assert warmpool.resolve_size(warmpool.AUTO, gpus=0, cores=2) == (1, False)
+    assert warmpool.resolve_size(warmpool.AUTO, gpus=1, cores=2) == (1, True)
+    assert warmpool.resolve_size(warmpool.AUTO, gpus=0, cores=8) == (1, True)
+    assert warmpool.resolve_size(3, gpus=0, cores=2) == (3, True)
     assert warmpool.parse_warm_forks("auto") == warmpool.AUTO
     assert warmpool.parse_warm_forks("0") == 0
     for bad in ("-1", "17", "two"):
