@@ -1267,7 +1267,7 @@ class Event(_message.Message):
                    <user-logged key>:[..]} (null where not measured); several worker flushes per event
       samples      {epoch, seen, total, p50, p90, p99, mean}   (at most once a second per run)
       epoch_end    {epoch, step, train_loss, seconds}
-      eval         {split: val|test|slice:<name>, step, epoch, loss, accuracy, samples}
+      eval         {split: val|test|slice:self|val_slice:<name>, step, epoch, loss, accuracy, samples}
       checkpoint   {path, sha256, step, epoch, batch, reason, bytes}
       finished     {status, step, epoch, checkpoint}
       log          {worker_id?, level: debug|info|warning|error, text}
@@ -1275,6 +1275,11 @@ class Event(_message.Message):
       plan         a plan card: {plan_id, action, reason, selection, training_recipe, gate_recipe,
                    merge_recipe, budget_steps, cooldown_steps, diagnostics, created_step, status, target_run}
       health       {step, verdicts: [{check, verdict, hint, numbers}]}
+      race         a variants race (fork --variants): {race_id, name, parent, runs, recipes: {run: {lr_mul}},
+                   rungs, eta, metric: slice|val, rung, alive, status: running|done|failed, winner, error,
+                   history: [{rung, step, metric, scores, ranked, promoted, stopped, reasons}]}
+      rollback     {n, from_step, to_step, checkpoint, skipped: [{epoch, batch, step}], lr_mul, grad_clip,
+                   bf16, reason, time}
     """
 
     DESCRIPTOR: _descriptor.Descriptor
