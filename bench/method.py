@@ -109,6 +109,16 @@ def pipeline_compute(rs: dict[str, dict[str, Any]], rid: str) -> int:
     return sum(int(rs[r]["sample_steps"]) for r in seen)
 
 
+def bootstrap_ratio(a: Tensor, b: Tensor, draws: int = 2000) -> tuple[float, float]:
+    """95% interval of mean(a) / mean(b) over test samples resampled with replacement
+    (paired: the same samples for both): how much of a ratio is test-set noise."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, a.shape[0], (draws, a.shape[0]), generator=g)
+    r = a[idx].mean(dim=1) / b[idx].mean(dim=1)
+    q = torch.quantile(r, torch.tensor([0.025, 0.975], dtype=r.dtype))
+    return float(q[0]), float(q[1])
+
+
 def _import(path: Path) -> Any:
     spec = importlib.util.spec_from_file_location(path.stem.lstrip("_") + "_bench", path)
     assert spec is not None and spec.loader is not None
@@ -262,7 +272,9 @@ def one(w: Workload) -> dict[str, float]:
             # Each result's compute: main plus every run in its lineage after main.
             compute = {rid: pipeline_compute(rs, rid) for _, rid in rows}
             extra = max(compute.values()) - main["sample_steps"]
-            per_step = max(1, round(main["sample_steps"] / max(1, main["step"])))
+            # Samples per step of a pass over all the data (a short last batch included),
+            # rounded down so that the baseline never gets less than `extra`.
+            per_step = max(1, main["sample_steps"] // max(1, main["step"]))
             budget = max(1, math.ceil(extra / per_step))
             base = cli_json(
                 d, "fork", "--select", "all", "--budget-steps", str(budget), "--name", "baseline"
@@ -282,10 +294,12 @@ def one(w: Workload) -> dict[str, float]:
             x, y = w.test()
             mask = w.hard_mask(models)
             ours: dict[str, tuple[float, float]] = {}
+            per_sample: dict[str, Tensor] = {}
             with torch.no_grad():
-                for rid, m in models.items():
-                    per = w.per_sample(m(x), y)
+                for rid, model in models.items():
+                    per = w.per_sample(model(x), y)
                     ours[rid] = (float(per.mean()), float(per[mask].mean()))
+                    per_sample[rid] = per
         finally:
             proc.terminate()
             proc.wait(60)
@@ -315,8 +329,16 @@ def one(w: Workload) -> dict[str, float]:
         f"largest of them, {compute[base]} >= {compute[moe]} of the MoE)"
     )
     ratio, hard_ratio = rs[moe]["test_loss"] / bt, ours[moe][1] / bh
-    print(f"{w.name.split(' ')[0]} moe/baseline test-loss ratio: {ratio:.3f}")
-    print(f"{w.name.split(' ')[0]} moe/baseline hard-slice test-loss ratio: {hard_ratio:.3f}")
+    lo, hi = bootstrap_ratio(per_sample[moe], per_sample[base])
+    hlo, hhi = bootstrap_ratio(per_sample[moe][mask], per_sample[base][mask])
+    tag = w.name.split(" ")[0]
+    print(
+        f"{tag} moe/baseline test-loss ratio: {ratio:.3f} (95% paired bootstrap {lo:.3f}..{hi:.3f})"
+    )
+    print(
+        f"{tag} moe/baseline hard-slice test-loss ratio: {hard_ratio:.3f} "
+        f"(95% paired bootstrap {hlo:.3f}..{hhi:.3f})"
+    )
     print(f"({time.time() - t0:.0f} s)")
     return {"ratio": ratio, "hard_ratio": hard_ratio}
 
@@ -324,7 +346,9 @@ def one(w: Workload) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=["mixture", "digits"], default=None)
-    p.add_argument("--digits-epochs", type=int, default=20)
+    p.add_argument(
+        "--digits-epochs", type=int, default=40, help="its val loss plateaus by about 25"
+    )
     a = p.parse_args()
     if a.only in (None, "mixture"):
         one(mixture())
