@@ -112,6 +112,7 @@ class _Arena:
         self.addr = probe.data_ptr()
         del probe
         self.leases: list[weakref.ref[torch.Tensor]] = []
+        self.reserved = False  # leased, its tensors not handed out yet (see _ArenaPool.lease)
 
     def view(self, offset: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
         """A tensor of `shape` at `offset`, with a storage of its own (exactly its bytes)."""
@@ -120,7 +121,7 @@ class _Arena:
         return flat.view(dtype).view(shape)
 
     def free(self) -> bool:
-        return all(r() is None for r in self.leases)
+        return not self.reserved and all(r() is None for r in self.leases)
 
     def contains(self, ptr: int) -> bool:
         return self.addr <= ptr < self.addr + self.capacity
@@ -166,12 +167,20 @@ class _ArenaPool:
                     return None  # no shared memory to be had: the caller clones instead
                 self.arenas.append(arena)
             arena.leases = []
+            arena.reserved = True  # until hand_out(): no other thread may lease it meanwhile
             return arena
 
+    def hand_out(self, arena: _Arena, views: list[torch.Tensor]) -> None:
+        """The arena now lives as long as these tensors do."""
+        with self.lock:
+            arena.leases = [weakref.ref(v) for v in views]
+            arena.reserved = False
+
     def find(self, ptr: int) -> _Arena | None:
-        for a in self.arenas:
-            if a.contains(ptr):
-                return a
+        with self.lock:
+            for a in self.arenas:
+                if a.contains(ptr):
+                    return a
         return None
 
     def take_closed(self) -> list[int]:
@@ -250,12 +259,14 @@ def snapshot(obj: Any) -> Any:
         need = sum(_aligned(t.numel() * t.element_size()) for t in found.values())
         arena = _POOL.lease(need)
         if arena is not None:
-            off = 0
-            for key, t in found.items():
-                copies[key] = arena.view(off, t.dtype, t.shape)
-                off += _aligned(t.numel() * t.element_size())
-            _copy_all(list(copies.values()), list(found.values()))
-            arena.leases = [weakref.ref(v) for v in copies.values()]
+            try:
+                off = 0
+                for key, t in found.items():
+                    copies[key] = arena.view(off, t.dtype, t.shape)
+                    off += _aligned(t.numel() * t.element_size())
+                _copy_all(list(copies.values()), list(found.values()))
+            finally:
+                _POOL.hand_out(arena, list(copies.values()))
     return _rebuild(obj, copies)
 
 
