@@ -820,7 +820,8 @@ def _shutdown_writer() -> None:
 
 def _after_fork_in_child() -> None:
     # A forked child (a DataLoader worker) must not hold the writer's socket or reuse arenas.
-    global _WRITER, _POOL, _SPAWNS
+    global _WRITER, _POOL, _SPAWNS, _WRITER_LOCK
+    _WRITER_LOCK = threading.Lock()  # another thread may have held it at the fork
     w = _WRITER
     if w is not None and w.sock is not None:
         with contextlib.suppress(OSError):
