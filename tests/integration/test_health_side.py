@@ -36,6 +36,26 @@ def main_worker(st: dict[str, Any]) -> dict[str, Any]:
     return next(w for w in st["workers"] if w["run_id"] == "main" and w["role"] == "train")
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(") ", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def test_determinism_runs_in_a_side_process_and_training_goes_on_unchanged(
     tmp_path: Path,
 ) -> None:
@@ -78,6 +98,10 @@ def test_determinism_runs_in_a_side_process_and_training_goes_on_unchanged(
         # The training worker kept training, in the same process, while the replay ran.
         assert main_worker(after)["pid"] == worker["pid"]
         assert live.main_run(after)["step"] > live.main_run(before)["step"]
+        # Its checkpoints go through its writer process (a child of the worker).
+        assert any("_writer_main" in _cmdline(c) for c in _children(worker["pid"])), (
+            "no checkpoint writer process under the training worker"
+        )
         side = [w for w in after["workers"] if w["role"] == "health"]
         assert [w["pid"] for w in side] == [n["pid"]], after["workers"]
         code, out = live.finish(300)
