@@ -85,6 +85,8 @@ bench: $(STAMP)
 	$(PY) bench/load.py
 	$(PY) bench/checkpoint.py
 	$(PY) bench/cluster.py
+	$(PY) bench/fork_latency.py
+	$(PY) bench/merge_cost.py
 	$(PY) bench/pause.py
 	$(PY) bench/method.py
 
