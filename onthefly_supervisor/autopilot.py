@@ -675,7 +675,18 @@ class Autopilot:
             and extra > 0
         ):
             # The fair comparison: the generalist trained on for the same extra compute.
-            steps_per = max(1, int(round(main.sample_steps / max(1, main.step))))
+            # Samples per step from the steps themselves (samples/s x step time = batch size),
+            # not sample_steps / step: a rollback keeps the abandoned timeline's compute in
+            # sample_steps while the step counter goes back.
+            row = st.query(
+                "SELECT AVG(samples_per_s * step_time_ms / 1000.0) FROM metrics"
+                " WHERE run_id = 'main' AND step_time_ms > 0",
+                (),
+            )
+            per_step = float(row[0][0]) if row and row[0][0] else 0.0
+            if per_step <= 0:
+                per_step = main.sample_steps / max(1, main.step)
+            steps_per = max(1, int(round(per_step)))
             budget = max(1, int(round(extra / steps_per)))
             try:
                 reply = self._call(

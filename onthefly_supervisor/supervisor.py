@@ -115,6 +115,7 @@ class PendingAck:
     ok: bool = False
     message: str = ""
     payload: Any = None
+    worker_id: str = ""
 
 
 @dataclass
@@ -589,6 +590,12 @@ class Supervisor:
     def detach(self, worker_id: str) -> None:
         with self.lock:
             link = self.links.pop(worker_id, None)
+            # Nobody will answer these any more: fail them now instead of at their timeout.
+            orphaned = [c for c, p in self.pending.items() if p.worker_id == worker_id]
+            acks = [self.pending.pop(c) for c in orphaned]
+        for p in acks:
+            p.ok, p.message = False, f"worker {worker_id} ended before answering"
+            p.event.set()
         if link is not None:
             link.closed.set()
             link.out.put(None)
@@ -802,7 +809,7 @@ class Supervisor:
                 f"run {run.run_id} has no live worker (status: {run.status.value})",
             )
         cid = uuid.uuid4().hex
-        p = PendingAck()
+        p = PendingAck(worker_id=w.spec.worker_id)
         with self.lock:
             self.pending[cid] = p
         self._send(w.spec.worker_id, pb.SupervisorCommand(command_id=cid, **body))

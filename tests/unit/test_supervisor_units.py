@@ -342,3 +342,17 @@ def test_a_script_named_like_a_package_imports_the_package(tmp_path: Path) -> No
         timeout=60,
     )
     assert r.stdout.strip() == "7", r.stderr
+
+
+def test_a_worker_that_ends_fails_its_unanswered_commands_at_once(tmp_path: Path) -> None:
+    from onthefly_supervisor.supervisor import PendingAck
+
+    sup = _sup(tmp_path)
+    try:
+        mine, other = PendingAck(worker_id="w-1"), PendingAck(worker_id="w-2")
+        sup.pending.update({"a": mine, "b": other})
+        sup.detach("w-1")
+        assert mine.event.is_set() and not mine.ok and "ended before answering" in mine.message
+        assert not other.event.is_set() and sup.pending == {"b": other}
+    finally:
+        sup.shutdown()
