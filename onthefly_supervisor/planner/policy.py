@@ -803,7 +803,11 @@ def _stabilize_card(rnd: _Round, d: Detection, target: str, ctx: Mapping[str, An
     reason = Reason.NONFINITE if d.kind is DetectionKind.NONFINITE else Reason.INSTABILITY_SPIKE
     # A drift is gradual: there is no single bad batch and no obviously good checkpoint,
     # so it is repaired from the current weights; NaN and spikes roll back before them.
-    point_event = d.kind in (DetectionKind.NONFINITE, DetectionKind.SPIKE)
+    # A gradient-norm spike with a sane loss is repaired in place (lr down, clip): the
+    # weights are not known to be bad, and the norm may be sampled (grad_norm_every).
+    point_event = d.kind is DetectionKind.NONFINITE or (
+        d.kind is DetectionKind.SPIKE and d.subject != "grad_norm"
+    )
     can_roll_back = bool(ctx.get("rollback_supported", True))
     rollback = (
         _rollback_target(ctx.get("checkpoint_steps", ()), d.step)

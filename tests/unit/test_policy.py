@@ -105,6 +105,14 @@ def test_stabilize_keeps_tighter_clip_and_handles_missing_checkpoint() -> None:
     assert "No checkpoint before step 995" in card.diagnostics["summary"]
 
 
+def test_grad_norm_spike_is_repaired_in_place_but_a_loss_spike_rolls_back() -> None:
+    gn_spike = det(DetectionKind.SPIKE, 995, subject="grad_norm", z=9.0)
+    r = one(gn_spike).training_recipe
+    assert r["rollback_to_step"] is None and not r["skip_offending_batches"]
+    assert r["lr_mul"] < 1.0 and r["grad_clip"] > 0
+    assert one(SPIKE).training_recipe["rollback_to_step"] is not None
+
+
 def test_drift_is_repaired_without_rollback() -> None:
     r = one(DRIFT_UP).training_recipe
     assert r["rollback_to_step"] is None and not r["skip_offending_batches"]
