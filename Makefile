@@ -81,6 +81,7 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py
+	$(PY) bench/loop_overhead.py
 	$(PY) bench/ingest.py
 	$(PY) bench/load.py
 	$(PY) bench/checkpoint.py
