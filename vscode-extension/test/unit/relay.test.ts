@@ -164,7 +164,10 @@ describe('relay + session watcher against a fake supervisor', () => {
       assert.match(!fork.ok ? fork.error.message : '', /not built yet/);
       assert.deepEqual(
         { ...sup.lastCall('Fork') },
-        { run: 'main', select: 'quantile:0.85:1.0', budget_steps: 100, lr_mul: 0.5, wd_mul: 0, adapters_rank: 4, variants: 0, name: '', checkpoint: '' },
+        {
+          run: 'main', select: 'quantile:0.85:1.0', budget_steps: 100, lr_mul: 0.5, wd_mul: 0, adapters_rank: 4, variants: 0, name: '', checkpoint: '',
+          variant_lr_muls: [], race_eta: 0, race_metric: '',
+        },
       );
 
       const stop = await h.request('stop', { run: 'main' });
