@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 
@@ -677,10 +677,12 @@ def cmd_rpc(a: argparse.Namespace) -> int:
 
     d = MessageToDict(reply, preserving_proto_field_name=True)
     race = json.loads(d.get("payload_json") or "{}").get("race") if c == "fork" else None
+    # With --json, stdout holds only the JSON document; progress lines go to stderr.
+    progress = sys.stderr if getattr(a, "json", False) else sys.stdout
     if race and getattr(a, "wait", False):
-        d = _wait_race(client, str(race), d)
+        d = _wait_race(client, str(race), d, progress=progress)
     elif c in ("fork", "gate", "merge") and getattr(a, "wait", False) and d.get("run_id"):
-        d = _wait_run(client, d["run_id"], d)
+        d = _wait_run(client, d["run_id"], d, progress=progress)
     if getattr(a, "json", False):
         print(json.dumps(d, indent=2))
     elif c == "compare":
@@ -715,10 +717,14 @@ def cmd_rpc(a: argparse.Namespace) -> int:
 
 # -- parser ----------------------------------------------------------------------------------
 def _wait_run(
-    client: ControlClient, run_id: str, reply: dict[str, Any], timeout: float = 1800
+    client: ControlClient,
+    run_id: str,
+    reply: dict[str, Any],
+    timeout: float = 1800,
+    progress: TextIO = sys.stdout,
 ) -> dict[str, Any]:
     """Follow a new run until it ends; the reply then carries its outcome."""
-    print(reply.get("message", ""), flush=True)
+    print(reply.get("message", ""), flush=True, file=progress)
     deadline = time.time() + timeout
     while time.time() < deadline:
         runs = _rpc(client, "ListRuns", pb.ListRunsRequest()).runs
@@ -740,10 +746,14 @@ def _wait_run(
 
 
 def _wait_race(
-    client: ControlClient, race_id: str, reply: dict[str, Any], timeout: float = 1800
+    client: ControlClient,
+    race_id: str,
+    reply: dict[str, Any],
+    timeout: float = 1800,
+    progress: TextIO = sys.stdout,
 ) -> dict[str, Any]:
     """Follow a race's `race` events until it has a winner (or failed)."""
-    print(reply.get("message", ""), flush=True)
+    print(reply.get("message", ""), flush=True, file=progress)
     deadline = time.time() + timeout
     stream = client.watch(kinds=["race"])
     seen = 0
@@ -761,6 +771,7 @@ def _wait_race(
                 print(
                     f"rung {h['rung'] + 1} at step {h['step']} ({h['metric']} loss): {line}",
                     flush=True,
+                    file=progress,
                 )
             seen = len(p.get("history", []))
             if p.get("status") in ("done", "failed"):

@@ -128,9 +128,12 @@ def test_gate_and_moe_export_round_trip(session, tmp_path: Path) -> None:
                 timeout=180,
             )
         )
-    out = _ok(cli("gate", "main", "fork-1", cwd=session.cwd, timeout=300))
-    assert "completed" in out, out
-    moe_id = out.split(":")[0]
+    # --json with the default wait: stdout is one JSON document (progress goes to stderr).
+    g = cli("gate", "main", "fork-1", "--json", cwd=session.cwd, timeout=300)
+    assert g.returncode == 0, g.stdout + g.stderr
+    done = json.loads(g.stdout)
+    assert done["ok"] and done["run"]["status"] == "completed", done
+    moe_id = done["run_id"]
     path = tmp_path / "moe.pt"
     _ok(cli("export-model", "--run", moe_id, "-o", str(path), cwd=session.cwd, timeout=300))
     r = cli("export-model", "--run", moe_id, "-o", str(path), cwd=session.cwd, timeout=300)
