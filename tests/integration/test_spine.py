@@ -298,52 +298,28 @@ def test_per_sample_losses_exact_for_a_plain_model(project: Path) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_nonfinite_losses_are_skipped_and_reported(project: Path) -> None:
-    r = cli(
-        "run",
-        "--headless",
-        "--port",
-        "0",
-        str(SMALL),
-        "--nan-at-step",
-        "5",
-        "--epochs",
-        "1",
-        cwd=project,
-        timeout=120,
-    )
+def _run_bad_step(project: Path, *flags: str) -> tuple[str, Path]:
+    """Run the small script for one epoch with a bad step 5; the weights must stay finite."""
+    r = cli("run", "--headless", "--port", "0", str(SMALL), *flags, "--epochs", "1",
+            cwd=project, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "non-finite loss at step 5" in r.stdout
     sdir = _latest(project)
     ck = sorted((sdir / "checkpoints" / "main").glob("step-*.pt"))[-1]
     state = torch.load(ck, weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    return r.stdout, sdir
+
+
+def test_nonfinite_losses_are_skipped_and_reported(project: Path) -> None:
+    out, sdir = _run_bad_step(project, "--nan-at-step", "5")
+    assert "non-finite loss at step 5" in out
     arr = np.load(sdir / "samples" / "main" / "epoch-0000.npy")
     assert np.isnan(arr).sum() == 32, "the poisoned batch's samples are recorded as non-finite"
 
 
 def test_nonfinite_gradients_are_skipped_when_measured_every_step(project: Path) -> None:
-    r = cli(
-        "run",
-        "--headless",
-        "--port",
-        "0",
-        str(SMALL),
-        "--nan-grad-at-step",
-        "5",
-        "--grad-norm-every",
-        "1",
-        "--epochs",
-        "1",
-        cwd=project,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "non-finite gradients at step 5" in r.stdout
-    sdir = _latest(project)
-    ck = sorted((sdir / "checkpoints" / "main").glob("step-*.pt"))[-1]
-    state = torch.load(ck, weights_only=True)
-    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    out, sdir = _run_bad_step(project, "--nan-grad-at-step", "5", "--grad-norm-every", "1")
+    assert "non-finite gradients at step 5" in out
     db = sqlite3.connect(sdir / "session.db")
     (gn,) = db.execute("SELECT grad_norm FROM metrics WHERE run_id='main' AND step=5").fetchone()
     db.close()
