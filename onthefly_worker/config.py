@@ -96,6 +96,12 @@ class TrainerConfig:
                 if not ids or min(ids) < 0:
                     raise bad("val_slices", name, "a slice of positions must be non-empty and >= 0")
 
+    def torch_device(self) -> Any:
+        """`device`, or CUDA when available, else CPU (a torch.device)."""
+        import torch
+
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if self.val_slices is not None:

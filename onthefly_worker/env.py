@@ -7,8 +7,10 @@ starts a supervisor for itself (see `selfhost.py`).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 ADDR = "ONTHEFLY_ADDR"
 TOKEN = "ONTHEFLY_TOKEN"
@@ -52,6 +54,14 @@ class WorkerEnv:
     attempt: int
     standby: bool = False
     """A warm spare for the next fork: wait at fit() for the fork's identity (standby.py)."""
+
+    def read_spec(self) -> dict[str, Any]:
+        """The role's spec (fork selection/recipe, merge method...); {} when there is none."""
+        if not self.spec:
+            return {}
+        with open(self.spec, encoding="utf-8") as f:
+            spec = json.load(f)
+        return dict(spec)
 
     @staticmethod
     def from_environ(environ: dict[str, str] | None = None) -> WorkerEnv | None:

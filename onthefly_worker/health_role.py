@@ -162,11 +162,8 @@ class HealthWorker:
         self.env = env
         self.objs = _Objects(model, optimizer, scheduler, loss_fn)
         self.train_loader = train_loader
-        self.spec: dict[str, Any] = {}
-        if env.spec:
-            with open(env.spec, encoding="utf-8") as f:
-                self.spec = json.load(f)
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.spec: dict[str, Any] = env.read_spec()
+        self.device = cfg.torch_device()
         self.conn: WorkerConnection | None = None
 
     # -- the role ----------------------------------------------------------------------------

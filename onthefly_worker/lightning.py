@@ -455,9 +455,7 @@ class _LightningRun(CommandLoop):
                 f"this worker was started as role {env.role!r}; a Lightning script can run the "
                 "'train', 'fork' and 'merge' roles"
             )
-        if env.spec:
-            with open(env.spec, encoding="utf-8") as f:
-                self.spec = json.load(f)
+        self.spec = env.read_spec()
         self.run_id = env.run_id
         self.seed = self.opts.seed if self.opts.seed is not None else (wenv.session_seed() or 0)
         if "seed" in self.spec:

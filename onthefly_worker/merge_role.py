@@ -64,7 +64,7 @@ class MergeWorker:
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.test_loader = test_loader
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = cfg.torch_device()
         self.conn: WorkerConnection | None = None
         self.bs = int(train_loader.batch_size or 64)
 

@@ -169,15 +169,12 @@ class _Loop(CommandLoop):
         self.val_loader = val_loader
         self.test_loader = test_loader
         self.sched = scheduler
-        self.spec: dict[str, Any] = {}
-        if env.spec:
-            with open(env.spec, encoding="utf-8") as f:
-                self.spec = json.load(f)
+        self.spec: dict[str, Any] = env.read_spec()
         self.run_id = env.run_id
         self.seed = cfg.seed if cfg.seed is not None else (wenv.session_seed() or 0)
         if "seed" in self.spec:
             self.seed = int(self.spec["seed"])
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = cfg.torch_device()
         self.amp_dtype: torch.dtype | None = None
         self.scaler: Any = None
         if cfg.amp:
