@@ -504,6 +504,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 def _recv(sock: socket.socket) -> tuple[Any, list[int]]:
     size, nfds = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    # Only ever a socketpair between a worker and its own writer child (same user, same
+    # trust): never a network peer, never a file from a session or an archive.
     msg = pickle.loads(_recv_exact(sock, size))
     fds: list[int] = []
     if nfds:

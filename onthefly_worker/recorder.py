@@ -79,7 +79,7 @@ class Recorder:
         self.sent_samples = 0
         self._mem = 0.0
         self._mem_at = -1.0
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._cond = threading.Condition()
         self._inflight = 0
         self._error: BaseException | None = None
@@ -149,13 +149,6 @@ class Recorder:
                 self._cond.wait(1.0)
         self._raise_error()
 
-    def close(self) -> None:
-        self.flush()
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(5.0)
-            self._thread = None
-
     def _raise_error(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
@@ -164,8 +157,6 @@ class Recorder:
     def _pack_loop(self) -> None:
         while True:
             buf = self._queue.get()
-            if buf is None:
-                return
             try:
                 with torch.no_grad():
                     self._pack(buf)
