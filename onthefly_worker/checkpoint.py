@@ -277,8 +277,12 @@ def capture_rng() -> dict[str, Any]:
     """All RNG states (python, numpy, torch CPU, every CUDA device) as weights_only-safe values."""
     np_state = np.random.get_state(legacy=True)
     assert isinstance(np_state, tuple)
+    py_version, py_key, py_gauss = random.getstate()
     out: dict[str, Any] = {
-        "python": random.getstate(),
+        # The 625-word Mersenne Twister state as one tensor, not a tuple of 625 ints: the
+        # snapshot and torch.save walk every container element, and the tuple was most of
+        # the cost of checkpointing a small model.
+        "python": (py_version, torch.tensor(py_key, dtype=torch.int64), py_gauss),
         "numpy": {
             "key": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
             "pos": int(np_state[2]),
@@ -294,7 +298,8 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
+    key = py[1].tolist() if isinstance(py[1], torch.Tensor) else py[1]  # older: a tuple
+    random.setstate((py[0], tuple(key), py[2]))
     n = state["numpy"]
     np.random.set_state(
         ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
