@@ -67,6 +67,7 @@ def main() -> None:
         conn = _NullConnection()
         lp.conn = conn  # type: ignore[assignment]
         lp.rec = Recorder(conn.send, "main", torch.device("cpu"))
+        lp.rec.per_sample = lp.loss.per_sample
         t = time.perf_counter()
         lp._train()
         lp.writer.wait()

@@ -26,6 +26,26 @@ LossFn = Callable[..., torch.Tensor]
 
 # Outputs up to this many elements get the "user's loss + gradient-free per-sample" path.
 SMALL_OUTPUT = 1 << 20
+# Outputs up to this many elements may have their per-sample losses computed later, batched
+# over many steps, off the training thread (see `PerSampleLoss.deferrable`).
+DEFER_OUTPUT = 1 << 16
+
+# torch's own losses whose reduction='none' value for a sample depends only on that sample's
+# row of output and target: computing them on many steps' rows concatenated gives exactly
+# the per-step values. Exact types only: a subclass may override forward.
+_ROW_INDEPENDENT: tuple[type[nn.Module], ...] = (
+    nn.CrossEntropyLoss,
+    nn.NLLLoss,
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.BCELoss,
+    nn.BCEWithLogitsLoss,
+    nn.SoftMarginLoss,
+    nn.MultiLabelSoftMarginLoss,
+    nn.PoissonNLLLoss,
+)
 
 
 def _per_row(raw: torch.Tensor, batch: int) -> torch.Tensor:
@@ -67,6 +87,35 @@ class PerSampleLoss:
             except (TypeError, ValueError):
                 self._kwarg = False
         self.name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        self._row_independent = (
+            self._none is not None
+            and type(loss_fn) in _ROW_INDEPENDENT
+            and self.reduction in ("mean", "sum")
+        )
+
+    def deferrable(self, output: Any, target: Any) -> bool:
+        """True when `per_sample(output, target)` may run later on another thread, batched
+        with other steps' rows, and give exactly what it would give now: one of torch's
+        row-independent losses on a small output and target batch, outside autocast (whose
+        casts a later call would not see)."""
+        return (
+            self._row_independent
+            and isinstance(output, torch.Tensor)
+            and isinstance(target, torch.Tensor)
+            and output.dim() >= 1
+            and target.dim() >= 1
+            and output.shape[0] == target.shape[0]
+            and output.numel() <= DEFER_OUTPUT
+            and target.numel() <= DEFER_OUTPUT
+            and not torch.is_autocast_enabled(output.device.type)
+        )
+
+    def per_sample(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The reduction='none' loss of each row (gradient-free): the deferred half of
+        `__call__` for a `deferrable` batch, or many of them concatenated."""
+        assert self._none is not None
+        with torch.no_grad():
+            return _per_row(self._none(output, target), int(output.shape[0]))
 
     def _weighted_denominator(self, target: torch.Tensor) -> torch.Tensor | None:
         """CrossEntropy/NLL 'mean' divides by the summed class weights of the targets."""

@@ -14,7 +14,7 @@ import queue
 import resource
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,7 @@ class _Pending:
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
         self.ids: list[np.ndarray] = []
-        self.per: list[torch.Tensor] = []
+        self.per: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = []
         self.losses: list[torch.Tensor | float] = []
         self.gnorms: list[torch.Tensor | float | None] = []
         self.points: list[tuple[int, int, int, float, float, float, float, float]] = []
@@ -84,6 +84,8 @@ class Recorder:
         self._inflight = 0
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        # Computes deferred per-sample losses from (output, target) pairs, batched.
+        self.per_sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def record(
         self,
@@ -91,7 +93,7 @@ class Recorder:
         epoch: int,
         batch: int,
         ids: np.ndarray,
-        per: torch.Tensor,
+        per: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
         loss: torch.Tensor | float,
         lr: float,
         grad_norm: torch.Tensor | float | None,
@@ -101,7 +103,9 @@ class Recorder:
         cls: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """`cls` = (logits [B, C], labels [B]) of a classification batch; margins and
-        predictions are computed at flush time, batched over many steps."""
+        predictions are computed at flush time, batched over many steps. `per` is the
+        per-sample loss tensor, or (output, target) whose per-sample losses `per_sample`
+        computes at flush time, batched the same way."""
         buf = self._buf
         if epoch != buf.epoch:
             if buf.ids:
@@ -167,6 +171,42 @@ class Recorder:
                     self._inflight -= 1
                     self._cond.notify_all()
 
+    def _per_sample_values(
+        self, items: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """Flat per-sample loss tensors in step order; deferred (output, target) pairs with
+        the same trailing shapes and dtypes are computed in one call on their rows
+        concatenated (the losses allowed to defer are row-independent)."""
+        out: list[torch.Tensor] = []
+        run: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def key(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[Any, ...]:
+            o, t = pair
+            return (o.shape[1:], o.dtype, o.device, t.shape[1:], t.dtype)
+
+        def compute() -> None:
+            if not run:
+                return
+            assert self.per_sample is not None, "deferred per-sample losses need per_sample"
+            if len(run) == 1:
+                out.append(self.per_sample(*run[0]).reshape(-1))
+            else:
+                o = torch.cat([p[0] for p in run])
+                t = torch.cat([p[1] for p in run])
+                out.append(self.per_sample(o, t).reshape(-1))
+            run.clear()
+
+        for item in items:
+            if isinstance(item, tuple):
+                if run and key(run[-1]) != key(item):
+                    compute()
+                run.append(item)
+            else:
+                compute()
+                out.append(item.reshape(-1))
+        compute()
+        return out
+
     def _memory(self) -> float:
         now = time.monotonic()
         if now - self._mem_at >= 0.5:  # /proc is read at most twice a second
@@ -176,7 +216,7 @@ class Recorder:
     def _pack(self, buf: _Pending) -> None:
         ids = np.concatenate(buf.ids).astype("<i8", copy=False)
         per = (
-            torch.cat([p.reshape(-1) for p in buf.per])
+            torch.cat(self._per_sample_values(buf.per))
             .float()
             .cpu()
             .numpy()

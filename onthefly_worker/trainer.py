@@ -241,6 +241,7 @@ class _Loop(CommandLoop):
         self.flush_s = welcome.flush_interval_s
         self.hb_s = welcome.heartbeat_interval_s
         self.rec = Recorder(self.conn.send, self.run_id, self.device, self.flush_s)
+        self.rec.per_sample = self.loss.per_sample
         self.conn.start_heartbeat(self.hb_s, lambda: self.step)
         status = "failed"
         try:
@@ -627,7 +628,13 @@ class _Loop(CommandLoop):
                 opt.zero_grad(set_to_none=True)
                 with self._autocast():
                     out = model(x)
-                    total, per = self.loss(out, y, n)
+                    if self.loss.deferrable(out, y):
+                        # The user's loss for backward now; the per-sample values later on
+                        # the recorder's thread, batched over many steps (same values).
+                        total = self.loss.user(out, y)
+                        per: Any = (out.detach(), y.detach())
+                    else:
+                        total, per = self.loss(out, y, n)
                 # One host read of the loss per step (the value is recorded as a float, so
                 # the recorder never has to gather loss tensors).
                 loss_value = float(total.detach().float().item())

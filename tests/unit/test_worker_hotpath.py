@@ -100,6 +100,63 @@ def test_recorder_sends_every_sample_in_order_with_margins_and_epoch_mean() -> N
     assert margins.shape == (8,)
 
 
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 1.5]), label_smoothing=0.1),
+        nn.MSELoss(),
+        nn.CrossEntropyLoss(reduction="sum"),
+    ],
+)
+def test_deferred_per_sample_losses_equal_the_per_step_ones(loss_fn: nn.Module) -> None:
+    """Deferred (output, target) pairs, computed batched on the packing thread, give bitwise
+    the values the per-step call gives, in order, mixed with ordinary per-sample tensors."""
+    psl = PerSampleLoss(loss_fn)
+    sent: list[dict[str, object]] = []
+    rec = _recorder(sent, flush_interval_s=10.0)  # one hand-off, at flush
+    rec.per_sample = psl.per_sample
+    torch.manual_seed(0)
+    expect = []
+    for step in range(1, 31):
+        b = 5 if step % 7 == 0 else 8  # a short batch too
+        out = torch.randn(b, 4, requires_grad=True)
+        y = (
+            torch.randint(0, 4, (b,))
+            if isinstance(loss_fn, nn.CrossEntropyLoss)
+            else torch.randn(b, 4)
+        )
+        total, per = psl(out, y, b)
+        expect.append(per.numpy().copy())
+        assert psl.deferrable(out, y)
+        assert torch.equal(total, loss_fn(out, y))
+        item = (out.detach(), y) if step % 5 else per  # every 5th step not deferred
+        rec.record(
+            step, 0, step - 1, np.arange(b), item, float(total.detach()), 0.1, None, 2.0, 0.1
+        )
+    rec.flush()
+    vals = np.concatenate(
+        [np.frombuffer(m["samples"].losses, "<f4") for m in sent if "samples" in m]  # type: ignore[attr-defined]
+    )
+    assert np.array_equal(vals, np.concatenate(expect))
+
+
+def test_only_torchs_row_independent_losses_defer() -> None:
+    class Mine(nn.MSELoss):  # a subclass may change forward: not deferred
+        pass
+
+    out, y = torch.randn(4, 3), torch.randn(4, 3)
+    assert PerSampleLoss(nn.MSELoss()).deferrable(out, y)
+    assert not PerSampleLoss(Mine()).deferrable(out, y)
+    assert not PerSampleLoss(lambda o, t, reduction="mean": (o - t).pow(2).mean()).deferrable(
+        out, y
+    )
+    assert not PerSampleLoss(nn.MSELoss(reduction="none")).deferrable(out, y)
+    big = torch.randn(losses.DEFER_OUTPUT + 1, 1)
+    assert not PerSampleLoss(nn.MSELoss()).deferrable(big, big)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not PerSampleLoss(nn.MSELoss()).deferrable(out, y)
+
+
 def test_recorder_margins_are_true_minus_best_other() -> None:
     logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0], [1.0, 1.0, 0.0]])
     labels = torch.tensor([0, 1, 1])
