@@ -44,6 +44,13 @@ AUTO_K_RANGE = range(2, 9)
 """Candidate k for kmeans:auto. More than 8 residual clusters is rarely a useful fork."""
 
 AUTO_K_SUBSAMPLE = 10_000
+# kmeans:auto does not choose a k whose smallest cluster is tiny: a handful of outliers
+# would win the silhouette and become a "regime" too small to fork a specialist on. A
+# cluster must hold at least MIN_CLUSTER_FRAC of the (sub)sample and at least
+# min(MIN_CLUSTER_ABS, n // 10) samples (a set of a few samples may still split into single
+# ones). An explicit kmeans:K is kept as asked.
+MIN_CLUSTER_FRAC = 0.02
+MIN_CLUSTER_ABS = 10
 """Silhouette is O(n^2); scoring on at most this many samples keeps auto-k bounded."""
 
 SILHOUETTE_SUBSAMPLE = 4_000
@@ -438,7 +445,7 @@ def _fit_kmeans(x: np.ndarray, k: int, seed: int, rng: np.random.Generator) -> n
 
 
 def _auto_k(
-    x: np.ndarray, seed: int, rng: np.random.Generator, k_max: int
+    x: np.ndarray, seed: int, rng: np.random.Generator, k_max: int, notes: list[str]
 ) -> tuple[int, dict[int, float]]:
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
@@ -450,16 +457,25 @@ def _auto_k(
     if sub.shape[0] > SILHOUETTE_SUBSAMPLE:
         score_rows = np.sort(rng.choice(sub.shape[0], SILHOUETTE_SUBSAMPLE, replace=False))
     scores: dict[int, float] = {}
+    n_sub = sub.shape[0]
+    min_size = max(1, min(MIN_CLUSTER_ABS, n_sub // 10), math.ceil(MIN_CLUSTER_FRAC * n_sub))
+    tiny: list[int] = []
     for k in AUTO_K_RANGE:
         if k > k_max:
             break
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             lab = KMeans(n_clusters=k, n_init=2, random_state=seed).fit_predict(sub)
+        if np.bincount(lab, minlength=k).min() < min_size:
+            tiny.append(k)
+            continue
         lab_s = lab[score_rows]
         if np.unique(lab_s).size < 2 or np.unique(lab_s).size >= score_rows.size:
             continue
         scores[k] = float(silhouette_score(sub[score_rows], lab_s))
+    if tiny:
+        ks = ", ".join(str(k) for k in tiny)
+        notes.append(f"k={ks} not chosen: a cluster smaller than {min_size} of {n_sub} samples")
     if not scores:
         return 1, scores
     # Highest silhouette; ties go to the smaller k (simpler forks).
@@ -501,7 +517,7 @@ def _select_kmeans(
                     f"too few distinct seen samples ({distinct}) to cluster: one cluster holds all"
                 )
             else:
-                k, scores = _auto_k(x, seed, rng, k_max)
+                k, scores = _auto_k(x, seed, rng, k_max, notes)
                 if k == 1:
                     notes.append(
                         "no k in 2..8 gave two non-trivial clusters: one cluster holds all"

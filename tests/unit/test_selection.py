@@ -250,3 +250,35 @@ def test_indices_may_name_unseen_samples(tmp_path: Path) -> None:
     sel = select("indices:ids.txt", losses, base_dir=tmp_path)
     assert sel.indices.tolist() == [0, 1]
     assert "1 of them have no loss yet" in sel.description
+
+
+def _regimes_with_outliers() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    losses = np.concatenate(
+        [rng.normal(0.2, 0.03, 300), rng.normal(1.0, 0.05, 200), [9.0, 9.5, 10.0]]
+    ).astype(np.float32)
+    margin = np.concatenate([rng.normal(2, 0.2, 300), rng.normal(-0.5, 0.2, 200), [-8, -8, -8]])
+    return losses, margin
+
+
+def test_kmeans_auto_does_not_pick_a_cluster_of_a_few_outliers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import onthefly_supervisor.selection as selmod
+
+    losses, margin = _regimes_with_outliers()
+    sel = select("kmeans:auto", losses, margin, seed=0, threads=1)
+    assert min(c.size for c in sel.clusters) >= 10
+    assert sel.indices.size >= 200  # the hard regime (with the outliers), not 3 samples
+    assert "not chosen: a cluster smaller than" in sel.description
+    # Without the guard the outliers become their own "hardest regime".
+    monkeypatch.setattr(selmod, "MIN_CLUSTER_FRAC", 0.0)
+    monkeypatch.setattr(selmod, "MIN_CLUSTER_ABS", 0)
+    unguarded = select("kmeans:auto", losses, margin, seed=0, threads=1)
+    assert unguarded.indices.size == 3
+
+
+def test_explicit_k_may_form_a_tiny_cluster() -> None:
+    losses, margin = _regimes_with_outliers()
+    sel = select("kmeans:3", losses, margin, seed=0, threads=1)
+    assert sorted(c.size for c in sel.clusters)[0] == 3
