@@ -798,6 +798,7 @@ class SupervisorCommand(_message.Message):
     HEALTH_FIELD_NUMBER: _builtins.int
     SET_HPARAMS_FIELD_NUMBER: _builtins.int
     ASSIGN_FIELD_NUMBER: _builtins.int
+    EMBED_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     """echoed by CommandAck; empty for fire-and-forget"""
     @_builtins.property
@@ -818,6 +819,8 @@ class SupervisorCommand(_message.Message):
     def set_hparams(self) -> Global___SetHyperParams: ...
     @_builtins.property
     def assign(self) -> Global___AssignRole: ...
+    @_builtins.property
+    def embed(self) -> Global___Embed: ...
     def __init__(
         self,
         *,
@@ -831,12 +834,13 @@ class SupervisorCommand(_message.Message):
         health: Global___HealthCheck | None = ...,
         set_hparams: Global___SetHyperParams | None = ...,
         assign: Global___AssignRole | None = ...,
+        embed: Global___Embed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "body", b"body", "checkpoint", b"checkpoint", "eval", b"eval", "health", b"health", "pause", b"pause", "resume", b"resume", "set_hparams", b"set_hparams", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "body", b"body", "checkpoint", b"checkpoint", "embed", b"embed", "eval", b"eval", "health", b"health", "pause", b"pause", "resume", b"resume", "set_hparams", b"set_hparams", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "body", b"body", "checkpoint", b"checkpoint", "command_id", b"command_id", "eval", b"eval", "health", b"health", "pause", b"pause", "resume", b"resume", "set_hparams", b"set_hparams", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "body", b"body", "checkpoint", b"checkpoint", "command_id", b"command_id", "embed", b"embed", "eval", b"eval", "health", b"health", "pause", b"pause", "resume", b"resume", "set_hparams", b"set_hparams", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "pause", "resume", "checkpoint", "eval", "stop", "health", "set_hparams", "assign"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "pause", "resume", "checkpoint", "eval", "stop", "health", "set_hparams", "assign", "embed"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -1059,6 +1063,30 @@ class AssignRole(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AssignRole: _TypeAlias = AssignRole  # noqa: Y015
+
+@_typing.final
+class Embed(_message.Message):
+    """Write a low-dimensional embedding of every training sample (the input of the model's last
+    nn.Linear, randomly projected to at most max_dims; 0 = the default, 16) to
+    samples/<run>/embed-step-NNNNNNNN.npy; acked with {"path": relative path, "dims": d}.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_DIMS_FIELD_NUMBER: _builtins.int
+    max_dims: _builtins.int
+    def __init__(
+        self,
+        *,
+        max_dims: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_dims", b"max_dims"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Embed: _TypeAlias = Embed  # noqa: Y015
 
 @_typing.final
 class StatusRequest(_message.Message):

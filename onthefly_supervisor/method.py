@@ -37,6 +37,12 @@ DETERMINISM_STEPS = 5
 DETERMINISM_TIMEOUT_S = 300.0
 """The side process's time for start-up (the script up to fit) and both replays."""
 MERGE_RUN = "merger"
+EMBED_DIMS = 16
+"""Width of the penultimate-layer embedding a kmeans selection asks a live worker for."""
+EMBED_TIMEOUT_S = 30.0
+"""How long a kmeans fork waits for the parent's embedding (one inference pass over the
+training set). Past it the fork goes on with the newest saved embedding, if any; the
+worker still finishes and writes its file, so the next selection has it."""
 
 
 @dataclass
@@ -120,6 +126,47 @@ class MethodOps:
         labels = arrays.get(run_id, -1, "labels")
         return losses, margin, labels
 
+    def embedding(self, run_id: str, n: int) -> tuple[np.ndarray | None, str]:
+        """The run's penultimate-layer embedding as float32 (n, d) rows by sample id, and a
+        note for the selection's description ("embedding: ..." or "no embedding (why)").
+
+        A live worker is asked for a fresh one (onthefly_worker/embed.py; one inference pass,
+        never a per-step cost); otherwise, or when it cannot answer, the newest saved
+        samples/<run>/embed-step-*.npy is used.
+        """
+        from onthefly_supervisor.slices import load_embedding, newest_embedding
+
+        sup = self.sup
+        rel, why = self.request_embedding(run_id)
+        if not rel:
+            found = newest_embedding(sup.dir, run_id)
+            if found is None:
+                return None, f"no embedding ({why}; none saved)"
+            rel = found[0]
+        try:
+            arr = load_embedding(sup.dir, rel, n)
+        except (OSError, ValueError) as e:
+            return None, f"no embedding ({rel} cannot be read: {e})"
+        note = f"embedding: {arr.shape[1]} dims from {rel}"
+        return arr, note + (f" (the newest saved: {why})" if why else "")
+
+    def request_embedding(self, run_id: str) -> tuple[str, str]:
+        """Ask the run's live worker to write its embedding: (relative path, "") on success,
+        ("", why not) otherwise (no live worker, no nn.Linear, no answer in time...)."""
+        sup = self.sup
+        if sup.live_worker(run_id) is None:
+            return "", f"run {run_id} has no live worker"
+        try:
+            _, ack = sup.command(
+                run_id, wait=True, timeout=EMBED_TIMEOUT_S, embed=pb.Embed(max_dims=EMBED_DIMS)
+            )
+        except self.ControlError as e:
+            return "", e.message
+        payload = ack.payload if isinstance(ack.payload, dict) else {}
+        if ack.ok and payload.get("path"):
+            return str(payload["path"]), ""
+        return "", str(payload.get("reason") or ack.message or "the worker did not embed")
+
     # -- fork --------------------------------------------------------------------------------
     def fork(self, req: pb.ForkRequest) -> pb.ActionReply:
         sup = self.sup
@@ -144,12 +191,23 @@ class MethodOps:
         race = self._race_options(req, parent, lr_mul)
         spec_str = req.select or "all"
         cwd = str(sup.store.get_meta("cwd", os.getcwd()))
+        parsed = sel.parse_spec(spec_str)  # a bad spec fails before any embedding work
         losses, margin, labels = self.latest_losses(parent.run_id)
-        features = margin[:, None] if margin is not None else None
+        cols = [margin[:, None]] if margin is not None else []
+        embed_note, embed_dims = "", 0
+        if parsed.kind == "kmeans":
+            emb, embed_note = self.embedding(parent.run_id, losses.shape[0])
+            if emb is not None:
+                cols.append(emb)
+                embed_dims = int(emb.shape[1])
+        features = np.concatenate(cols, axis=1) if cols else None
         seed = int(sup.store.get_meta("seed", 0))
         selection = sel.select(
-            spec_str, losses, features=features, seed=seed, base_dir=cwd, labels=labels
+            parsed, losses, features=features, seed=seed, base_dir=cwd, labels=labels
         )
+        if embed_note:
+            selection.description += f"; {embed_note}"
+            selection.extra["embedding_dims"] = float(embed_dims)
         ckpt_rel = self._parent_checkpoint(parent, req.checkpoint)
         if race is not None:
             return self._start_race(req, parent, selection, ckpt_rel, budget, wd_mul, seed, *race)
@@ -308,6 +366,7 @@ class MethodOps:
             "name": name or run_id,
             "seed": seed + 1000 + int(run_id.split("-")[1]),
             "samples": int(selection.indices.size),
+            "selection_extra": selection.extra,
             **(extra_spec or {}),
         }
         with open(os.path.join(fdir, "spec.json"), "w", encoding="utf-8") as f:
@@ -668,6 +727,10 @@ class MethodOps:
 
         if not req.path or not os.path.isabs(req.path):
             raise ValueError("export-slice needs an absolute output path chosen by the user")
+        if sel.parse_spec(req.select or "all").kind == "kmeans":
+            # A fresh embedding for export_slice to find; it falls back to the newest saved
+            # one (or none) by itself, so a failure here is not an error.
+            self.request_embedding(self.sup.resolve_run(req.run or "main").run_id)
         res = export_slice(
             self.sup.dir,
             req.run or "main",

@@ -44,14 +44,17 @@ AUTO_K_RANGE = range(2, 9)
 """Candidate k for kmeans:auto. More than 8 residual clusters is rarely a useful fork."""
 
 AUTO_K_SUBSAMPLE = 10_000
+"""Silhouette is O(n^2); scoring on at most this many samples keeps auto-k bounded."""
+
 # kmeans:auto does not choose a k whose smallest cluster is tiny: a handful of outliers
 # would win the silhouette and become a "regime" too small to fork a specialist on. A
 # cluster must hold at least MIN_CLUSTER_FRAC of the (sub)sample and at least
 # min(MIN_CLUSTER_ABS, n // 10) samples (a set of a few samples may still split into single
 # ones). An explicit kmeans:K is kept as asked.
 MIN_CLUSTER_FRAC = 0.02
+"""kmeans:auto: the smallest cluster's least share of the (sub)sample (2 %)."""
 MIN_CLUSTER_ABS = 10
-"""Silhouette is O(n^2); scoring on at most this many samples keeps auto-k bounded."""
+"""kmeans:auto: the smallest cluster's least size in samples (capped at n // 10)."""
 
 SILHOUETTE_SUBSAMPLE = 4_000
 """Points used to score each candidate k (drawn from the auto-k subsample). Silhouette

@@ -57,6 +57,7 @@ SLICE_FORMAT_VERSION = 1
 """Version of the slice definition record; bump when its keys change meaning."""
 
 _EPOCH_FILE = re.compile(r"^epoch-(\d+)\.npy$")
+_EMBED_FILE = re.compile(r"^embed-step-(\d+)\.npy$")
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,42 @@ def load_run_samples(session_dir: str, run_id: str) -> RunSamples:
     )
 
 
+def newest_embedding(session_dir: str, run_id: str) -> tuple[str, int] | None:
+    """(session-relative path, step) of a run's newest samples/<run>/embed-step-*.npy.
+
+    Workers write these on demand (onthefly_worker/embed.py): the penultimate-layer
+    embedding of every training sample, rows indexed by sample id. None when there is none.
+    """
+    rdir = os.path.join(session_dir, "samples", run_id)
+    steps = sorted(
+        int(m.group(1))
+        for m in (_EMBED_FILE.match(fn) for fn in (os.listdir(rdir) if os.path.isdir(rdir) else []))
+        if m
+    )
+    if not steps:
+        return None
+    return os.path.join("samples", run_id, f"embed-step-{steps[-1]:08d}.npy"), steps[-1]
+
+
+def load_embedding(session_dir: str, rel: str, n: int) -> np.ndarray:
+    """An embedding file as float32 (n, d): rows beyond the file are NaN (imputed by select),
+    rows beyond `n` (samples without a loss array entry) are dropped. ValueError when the
+    file is not a finite 2-D float array inside the session folder."""
+    sdir = os.path.realpath(session_dir)
+    path = os.path.realpath(os.path.join(sdir, rel))
+    if os.path.commonpath([sdir, path]) != sdir:
+        raise ValueError(f"embedding {rel!r} lies outside the session folder")
+    arr = np.load(path, allow_pickle=False)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating) or arr.shape[1] < 1:
+        raise ValueError(f"{rel} is {arr.dtype}{list(arr.shape)}, expected a 2-D float array")
+    if arr.shape[0] == n:
+        return np.asarray(arr, dtype=np.float32)
+    out = np.full((n, arr.shape[1]), np.nan, dtype=np.float32)
+    m = min(n, arr.shape[0])
+    out[:m] = arr[:m]
+    return out
+
+
 def _pad(arr: np.ndarray, n: int, fill: float) -> np.ndarray:
     if arr.size == n:
         return arr
@@ -175,8 +212,10 @@ def export_slice(
     Raises ValueError for an unknown format, an unknown run (naming the known ones), a bad
     or empty spec; FileExistsError when `out_path` (or, for CSV, its sidecar) exists and
     not `force`. `base_dir` resolves a relative `indices:FILE` (default: the current
-    directory). kmeans clusters on the loss plus the loss history (loss_mean) and, when
-    recorded, the margin.
+    directory). kmeans clusters on the loss plus the loss history (loss_mean), when
+    recorded the margin, and, when the run has one, its newest penultimate-layer
+    embedding (samples/<run>/embed-step-*.npy; a live supervisor asks the run's worker
+    for a fresh one first).
     """
     fmt_l = str(fmt).lower()
     if fmt_l not in FORMATS:
@@ -211,11 +250,25 @@ def export_slice(
 
     data = load_run_samples(sdir, run_id)
     features = None
+    embed_note = ""
+    embed_dims = 0
     if parsed.kind == "kmeans":
         # select() already uses the loss as the first feature column; these complete
-        # the residual features [loss, loss_mean, margin].
+        # the residual features [loss, loss_mean, margin, embedding...].
         cols = [data.loss_mean] + ([data.margin] if data.margin is not None else [])
         features = np.stack(cols, axis=1)
+        found = newest_embedding(sdir, run_id)
+        if found is None:
+            embed_note = "no embedding (the run has no samples/<run>/embed-step-*.npy)"
+        else:
+            try:
+                emb = load_embedding(sdir, found[0], data.loss.shape[0])
+            except (OSError, ValueError) as e:
+                embed_note = f"no embedding ({found[0]} cannot be read: {e})"
+            else:
+                features = np.concatenate([features, emb], axis=1)
+                embed_dims = int(emb.shape[1])
+                embed_note = f"embedding: {embed_dims} dims from {found[0]}"
     sel: Selection = select(
         parsed,
         data.loss,
@@ -223,6 +276,9 @@ def export_slice(
         base_dir=base_dir,
         labels=data.labels,
     )
+    if embed_note:
+        sel.description += f"; {embed_note}"
+        sel.extra["embedding_dims"] = float(embed_dims)
     ids = sel.indices
     definition: dict[str, Any] = {
         "format_version": SLICE_FORMAT_VERSION,

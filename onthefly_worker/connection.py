@@ -30,7 +30,7 @@ _CLOSE = object()
 class Command:
     """A supervisor command, converted from protobuf at the boundary."""
 
-    kind: str  # pause | resume | checkpoint | eval | stop | health | set_hparams | assign
+    kind: str  # pause | resume | checkpoint | eval | stop | health | set_hparams | embed | assign
     command_id: str = ""
     args: dict[str, Any] = field(default_factory=dict)
 
@@ -71,6 +71,8 @@ def command_from_proto(msg: pb.SupervisorCommand) -> Command | Welcome:
         return Command("health", cid, {"check": msg.health.check, "options": opts})
     if body == "set_hparams":
         return Command("set_hparams", cid, {"values": dict(msg.set_hparams.values)})
+    if body == "embed":
+        return Command("embed", cid, {"max_dims": msg.embed.max_dims})
     if body == "assign":
         return Command("assign", cid, {"role": msg.assign.role, "spec_json": msg.assign.spec_json})
     return Command("unknown", cid, {"body": str(body)})

@@ -9,6 +9,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from onthefly_proto import onthefly_pb2 as pb
@@ -52,6 +54,50 @@ class CommandLoop(ABC):
     def _health(self, cmd: Command) -> None:
         assert self.conn is not None
         self.conn.ack(cmd.command_id, False, "health checks are not built for this kind of run yet")
+
+    def _embed_source(self) -> tuple[nn.Module, DataLoader, torch.device | str] | None:
+        """(model, training loader, device) to embed the training set with; None = no way.
+
+        The native loop keeps them as `model`, `train_loader` and `device`; another kind of
+        run overrides this or answers the embed command with a clear "not available".
+        """
+        model = getattr(self, "model", None)
+        loader = getattr(self, "train_loader", None)
+        if isinstance(model, nn.Module) and isinstance(loader, DataLoader):
+            return model, loader, getattr(self, "device", None) or "cpu"
+        return None
+
+    def _embed(self, cmd: Command) -> None:
+        """Write the penultimate-layer embedding of every training sample (embed.py)."""
+        from onthefly_worker import embed
+
+        conn = self.conn
+        assert conn is not None
+        src = self._embed_source()
+        env = getattr(self, "env", None)
+        session_dir = getattr(env, "session_dir", "") or (
+            conn.welcome.session_dir if conn.welcome is not None else ""
+        )
+        run_id = str(getattr(self, "run_id", "") or (conn.welcome.run_id if conn.welcome else ""))
+        if src is None or not session_dir or not run_id:
+            conn.ack(
+                cmd.command_id,
+                False,
+                "no embedding: this kind of run does not expose its model and training loader",
+            )
+            return
+        try:
+            ok, message, payload = embed.embed_to_session(
+                *src,
+                session_dir,
+                run_id,
+                self.step,
+                int(cmd.args.get("max_dims") or embed.MAX_DIMS),
+            )
+        except Exception as e:  # a data set that cannot be read, a model that fails in eval
+            conn.ack(cmd.command_id, False, f"no embedding: {type(e).__name__}: {e}")
+            return
+        conn.ack(cmd.command_id, ok, message, payload)
 
     # -- the protocol --------------------------------------------------------------------------
     def _poll(self) -> None:
@@ -130,5 +176,7 @@ class CommandLoop(ABC):
             conn.ack(cmd.command_id, True, f"set {', '.join(sorted(vals))}", vals)
         elif cmd.kind == "health":
             self._health(cmd)
+        elif cmd.kind == "embed":
+            self._embed(cmd)
         else:
             conn.ack(cmd.command_id, False, f"unknown command {cmd.kind}")

@@ -192,3 +192,41 @@ def test_bad_method_requests_get_clear_errors(session) -> None:
         assert expect in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert session.proc.poll() is None, "bad requests never take the supervisor down"
+
+
+def test_kmeans_fork_clusters_on_the_parents_embedding(tmp_path: Path) -> None:
+    """A live parent is asked for its penultimate-layer embedding (one inference pass, in the
+    session folder); once it has stopped, the newest saved one is used."""
+    small = SCRIPTS / "train_small.py"
+    live = start(
+        tmp_path, small, "--epochs", "500", "--n", "256", "--step-sleep", "0.01",
+        extra=("--keep-alive",),
+    )  # fmt: skip
+    try:
+        live.wait_for(lambda s: live.main_run(s)["epoch"] >= 1, timeout=120)
+        out = _ok(
+            cli("fork", "--select", "kmeans:auto", "--budget-steps", "4", cwd=tmp_path, timeout=180)
+        )
+        assert "embedding: 16 dims from samples/main/embed-step-" in out, out
+        runs = {r["run_id"]: r for r in cli_json("runs", cwd=tmp_path)["runs"]}
+        spec = runs["fork-1"]["spec"]
+        assert "embedding: 16 dims" in spec["description"]
+        assert spec["selection_extra"]["embedding_dims"] == 16
+        # Loss + margin (2 classes) + 16 embedding dims.
+        assert "18 standardized residual feature(s)" in spec["description"]
+        files = list((live.session_dir / "samples" / "main").glob("embed-step-*.npy"))
+        assert len(files) == 1
+        arr = np.load(files[0])
+        assert arr.shape == (256, 16) and arr.dtype == np.float32 and np.isfinite(arr).all()
+
+        _ok(cli("stop", cwd=tmp_path, timeout=60))
+        live.wait_for(lambda s: live.main_run(s)["status"] != "running", timeout=60)
+        out = _ok(
+            cli("fork", "--select", "kmeans:2", "--budget-steps", "4", cwd=tmp_path, timeout=180)
+        )
+        assert f"embedding: 16 dims from samples/main/{files[0].name}" in out, out
+        assert "the newest saved: run main has no live worker" in out, out
+    finally:
+        if live.proc.poll() is None:
+            live.proc.send_signal(signal.SIGINT)
+            live.finish(60)

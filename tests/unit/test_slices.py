@@ -232,3 +232,23 @@ def test_growing_arrays_are_padded_as_unseen(tmp_path: Path) -> None:
     assert data.loss.size == 10 and np.isnan(data.loss[4:]).all()
     assert data.epochs_seen.tolist() == [2] * 4 + [1] * 6
     assert data.loss_mean[:4].tolist() == [50.0, 51.0, 52.0, 53.0]
+
+
+def test_kmeans_uses_the_newest_saved_embedding(session: Path, tmp_path: Path) -> None:
+    out = tmp_path / "k.json"
+    export_slice(session, "main", "kmeans:2", "json", out)
+    doc = json.loads(out.read_text())["slice"]
+    assert "no embedding" in doc["description"] and doc["extra"]["embedding_dims"] == 0
+    d = session / "samples" / "main"
+    rng = np.random.default_rng(3)
+    np.save(d / "embed-step-00000004.npy", np.zeros((N, 3), np.float32))  # older: not used
+    emb = rng.normal(size=(N - 5, 5)).astype(np.float32)  # a shorter one: padded as missing
+    np.save(d / "embed-step-00000020.npy", emb)
+    export_slice(session, "main", "kmeans:2", "json", out, force=True)
+    doc = json.loads(out.read_text())["slice"]
+    assert "embedding: 5 dims from samples/main/embed-step-00000020.npy" in doc["description"]
+    assert "8 standardized residual feature(s)" in doc["description"]  # loss, mean, margin, 5
+    assert doc["extra"]["embedding_dims"] == 5
+    # Other specs never look at it; the per-sample columns are unchanged.
+    res = export_slice(session, "main", "all", "csv", tmp_path / "a.csv")
+    assert "embedding" not in res.description
