@@ -9,6 +9,40 @@ from typing import Any
 from onthefly_worker.errors import OnTheFlyError
 
 
+def check_val_slices(val_slices: Any, owner: str) -> None:
+    """Validate a `val_slices` option (`Trainer(...)` or `attach_lightning(...)`, named by
+    `owner` in the error): a non-empty {name: predicate or validation-set positions}."""
+
+    def bad(value: Any, want: str) -> OnTheFlyError:
+        return OnTheFlyError(f"{owner}(val_slices={value!r}): {want}")
+
+    if not isinstance(val_slices, dict) or not val_slices:
+        raise bad(val_slices, "must be a non-empty dict {name: slice}")
+    for name, sl in val_slices.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+            raise bad(name, "slice names are 1-64 letters, digits, '_', '-' or '.'")
+        if callable(sl):
+            continue
+        try:
+            ids = [int(i) for i in sl]
+        except (TypeError, ValueError):
+            raise bad(
+                {name: type(sl).__name__},
+                "each slice is a predicate fn(inputs, targets) -> bools, or a sequence "
+                "of validation-set positions",
+            ) from None
+        if not ids or min(ids) < 0:
+            raise bad(name, "a slice of positions must be non-empty and >= 0")
+
+
+def describe_val_slices(val_slices: dict[str, Any]) -> dict[str, str]:
+    """A JSON-able summary of `val_slices` for the run's config: "predicate" or "N positions"."""
+    return {
+        k: "predicate" if callable(v) else f"{len(list(v))} positions"
+        for k, v in val_slices.items()
+    }
+
+
 @dataclass
 class TrainerConfig:
     project: str = "default"
@@ -73,28 +107,7 @@ class TrainerConfig:
         if self.nonfinite_patience < 1:
             raise bad("nonfinite_patience", self.nonfinite_patience, "must be >= 1")
         if self.val_slices is not None:
-            if not isinstance(self.val_slices, dict) or not self.val_slices:
-                raise bad("val_slices", self.val_slices, "must be a non-empty dict {name: slice}")
-            for name, sl in self.val_slices.items():
-                if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
-                    raise bad(
-                        "val_slices",
-                        name,
-                        "slice names are 1-64 letters, digits, '_', '-' or '.'",
-                    )
-                if callable(sl):
-                    continue
-                try:
-                    ids = [int(i) for i in sl]
-                except (TypeError, ValueError):
-                    raise bad(
-                        "val_slices",
-                        {name: type(sl).__name__},
-                        "each slice is a predicate fn(inputs, targets) -> bools, or a sequence "
-                        "of validation-set positions",
-                    ) from None
-                if not ids or min(ids) < 0:
-                    raise bad("val_slices", name, "a slice of positions must be non-empty and >= 0")
+            check_val_slices(self.val_slices, "Trainer")
 
     def torch_device(self) -> Any:
         """`device`, or CUDA when available, else CPU (a torch.device)."""
@@ -105,10 +118,7 @@ class TrainerConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if self.val_slices is not None:
-            out["val_slices"] = {
-                k: "predicate" if callable(v) else f"{len(list(v))} positions"
-                for k, v in self.val_slices.items()
-            }
+            out["val_slices"] = describe_val_slices(self.val_slices)
         return out
 
     @classmethod

@@ -59,7 +59,8 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_worker import checkpoint as ckpt
 from onthefly_worker import env as wenv
-from onthefly_worker.config import TrainerConfig
+from onthefly_worker import slices as sl
+from onthefly_worker.config import TrainerConfig, check_val_slices, describe_val_slices
 from onthefly_worker.connection import PROTOCOL_VERSION, WorkerConnection
 from onthefly_worker.control import CommandLoop
 from onthefly_worker.data import (
@@ -286,6 +287,10 @@ class LightningOptions:
     """Seed of the data order; None = the session seed (ONTHEFLY_SEED, default 0)."""
     checkpoint_every_n_steps: int = 0
     """Also checkpoint on this step cadence (pause, epoch end and stop always checkpoint)."""
+    val_slices: dict[str, Any] | None = None
+    """Named validation slices reported as `val_slice:<name>` next to `val`, as for
+    `Trainer(val_slices=...)`: a predicate `fn(inputs, targets) -> one bool per sample`
+    or a sequence of validation-set positions."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.project, str) or not self.project:
@@ -303,6 +308,8 @@ class LightningOptions:
                 f"attach_lightning(checkpoint_every_n_steps={self.checkpoint_every_n_steps!r}): "
                 "must be an integer >= 0"
             )
+        if self.val_slices is not None:
+            check_val_slices(self.val_slices, "attach_lightning")
 
 
 @dataclass
@@ -401,6 +408,10 @@ class _LightningRun(CommandLoop):
         self._val_count = 0
         self._val_correct = 0
         self._val_classif = True
+        self._slice_sums: sl.SliceSums | None = None
+        self._val_masks: dict[str, torch.Tensor] = {}
+        self._slices_written = False
+        self._warned_slices = False
         # lifecycle
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._restore_state: dict[str, Any] | None = None
@@ -604,6 +615,8 @@ class _LightningRun(CommandLoop):
             "device": str(module.device),
             "model_factory": self.att.model_factory is not None,
         }
+        if self.opts.val_slices is not None:
+            config["val_slices"] = describe_val_slices(self.opts.val_slices)
         n_params = sum(p.numel() for p in module.parameters())
         hello = pb.Hello(
             role=ROLE_TO_PB[env.role],
@@ -876,16 +889,22 @@ class _LightningRun(CommandLoop):
         self._target, self._n = y, batch_len(x)
         self._phase = "val"
         self._per = None
+        if self.opts.val_slices:
+            if self._slice_sums is None:
+                self._slice_sums = sl.SliceSums(self.opts.val_slices)
+            self._val_masks = self._slice_sums.masks(x, y, self._n)
 
     def on_validation_batch_end(self) -> None:
         if self._phase in ("val", "val-done"):
             self._phase = None
             self._target = None
+        self._val_masks = {}  # a batch whose validation_step never called self(...) counts nowhere
 
     def _accumulate_val(self, output: Any, per: torch.Tensor) -> None:
         self._val_sum += float(per.float().sum())
         self._val_count += int(per.numel())
         out, y = prediction_of(output), self._target
+        hit: torch.Tensor | None = None
         if (
             self._val_classif
             and out.dim() == 2
@@ -893,9 +912,13 @@ class _LightningRun(CommandLoop):
             and y.dim() == 1
             and not y.is_floating_point()
         ):
-            self._val_correct += int((out.argmax(dim=1) == y).sum())
+            hit = out.argmax(dim=1) == y
+            self._val_correct += int(hit.sum())
         else:
             self._val_classif = False
+        if self._slice_sums is not None:
+            self._slice_sums.add(self._val_masks, per, hit)
+            self._val_masks = {}
 
     def on_validation_epoch_end(self) -> None:
         if not self.active or self.trainer.sanity_checking:
@@ -903,26 +926,98 @@ class _LightningRun(CommandLoop):
         assert self.conn is not None
         count, total, correct = self._val_count, self._val_sum, self._val_correct
         classif = self._val_classif
+        sums, self._slice_sums, self._val_masks = self._slice_sums, None, {}
         self._val_sum, self._val_count, self._val_correct, self._val_classif = 0.0, 0, 0, True
+        slices = self.opts.val_slices
         if count:
             loss = total / count
             acc = correct / count if classif else math.nan
+            if slices:
+                assert sums is not None
+                self._report_slices(sums.results(classif))
         else:
+            if slices and self._slices_without_hook():
+                return
             logged = self.trainer.callback_metrics.get("val_loss")
             if not isinstance(logged, torch.Tensor):
                 return
             loss, acc = float(logged), math.nan
-        self.conn.send(
-            eval=pb.EvalResult(
-                run_id=self.run_id,
-                split="val",
-                step=self.step,
-                epoch=self.epoch,
-                loss=loss,
-                accuracy=acc,
-                samples=count,
+        report_eval(self.conn, self.run_id, "val", self.step, self.epoch, (loss, acc, count))
+
+    def _report_slices(self, predicates: dict[str, sl.Result]) -> None:
+        """Report `val_slice:<name>` for every slice (before the overall `val`, as the
+        Trainer does): predicate slices from Lightning's own validation batches, position
+        slices from a small pass over those positions of the val loader."""
+        assert self.conn is not None and self.opts.val_slices
+        slices = self.opts.val_slices
+        self._write_train_selections()
+        results = dict(predicates)
+        if any(not callable(v) for v in slices.values()):
+            # Positions are in the set Lightning just validated, else in attach's val_loader.
+            vals = self.trainer.val_dataloaders
+            loader = vals if isinstance(vals, DataLoader) else self.val_loader
+            if loader is None:
+                raise OnTheFlyError(
+                    "attach_lightning(val_slices=...) names validation-set positions, which needs "
+                    "one val DataLoader: pass trainer.fit(model, train, val_loader) or "
+                    "attach_lightning(val_loader=...)"
+                )
+            module = self.module
+            with self._unrecorded():
+                results.update(
+                    sl.evaluate_positions(
+                        module,
+                        loader,
+                        self.loss,
+                        module.device,
+                        slices,
+                        forward=self._prediction,
+                        context=self.trainer.precision_plugin.forward_context,
+                    )
+                )
+        for name in slices:
+            report_eval(
+                self.conn, self.run_id, f"val_slice:{name}", self.step, self.epoch, results[name]
             )
+
+    def _slices_without_hook(self) -> bool:
+        """Lightning validated but no forward hook saw a validation output (validation_step
+        does not call self(...)): evaluate `val` and the slices in one extra pass over the
+        val loader. False when there is no single val loader to do that with."""
+        loader = self._val_loader()
+        if not self._warned_slices:
+            self._warned_slices = True
+            self._log(
+                f"{type(self.module).__name__}.validation_step does not call self(...), so "
+                + (
+                    "val_slices come from one extra pass over the val loader per validation; "
+                    "call self(x) in validation_step to take them from Lightning's own pass"
+                    if loader is not None
+                    else "val_slices cannot be evaluated (no single val DataLoader for an extra "
+                    "pass): call self(x) in validation_step or pass attach_lightning(val_loader=...)"
+                ),
+                "warning",
+            )
+        if loader is None:
+            return False
+        self.evaluate(loader, "val")
+        return True
+
+    def _write_train_selections(self) -> None:
+        """Once per process (the main run only): the training positions of each predicate
+        slice, `slices/<name>.train.npy`, which automode forks a specialist on."""
+        if self._slices_written or self.env is None or self.env.role != "train":
+            return
+        self._slices_written = True
+        assert self.opts.val_slices is not None and self.source_loader is not None
+        sizes = sl.write_train_selections(
+            self.source_loader, self.opts.val_slices, self.env.session_dir
         )
+        if sizes:
+            self._log(
+                "val slices in the training set: "
+                + ", ".join(f"{k} {n} samples" for k, n in sizes.items())
+            )
 
     # -- commands --------------------------------------------------------------------------
     def _request_stop(self, reason: str) -> None:
@@ -955,22 +1050,44 @@ class _LightningRun(CommandLoop):
         return vals if isinstance(vals, DataLoader) else None
 
     # -- evaluation ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _unrecorded(self) -> Iterator[None]:
+        """OnTheFly's own evaluation passes: the forward hook must not record them."""
+        phase, self._phase = self._phase, None
+        try:
+            yield
+        finally:
+            self._phase = phase
+
+    def _prediction(self, x: Any) -> torch.Tensor:
+        return prediction_of(self.module(x))
+
     def evaluate(self, loader: DataLoader, split: str) -> dict[str, Any]:
         """Loss (and accuracy for classification) of the live module on `loader`, RNG untouched."""
         assert self.conn is not None
         module = self.module
-        phase, self._phase = self._phase, None  # the forward hook must not record these
-        try:
-            result = evaluate_model(
-                module,
-                loader,
-                self.loss,
-                module.device,
-                forward=lambda x: prediction_of(module(x)),
-                context=self.trainer.precision_plugin.forward_context,
-            )
-        finally:
-            self._phase = phase
+        slices = self.opts.val_slices if split == "val" else None
+        if slices:
+            self._write_train_selections()
+        ctx = self.trainer.precision_plugin.forward_context
+        per: dict[str, sl.Result] = {}
+        with self._unrecorded():
+            if slices:
+                result, per = sl.evaluate_with_slices(
+                    module,
+                    loader,
+                    self.loss,
+                    module.device,
+                    slices,
+                    context=ctx,
+                    forward=self._prediction,
+                )
+            else:
+                result = evaluate_model(
+                    module, loader, self.loss, module.device, forward=self._prediction, context=ctx
+                )
+        for name, res in per.items():  # before the overall loss, as in the Trainer
+            report_eval(self.conn, self.run_id, f"val_slice:{name}", self.step, self.epoch, res)
         return report_eval(self.conn, self.run_id, split, self.step, self.epoch, result)
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -1006,7 +1123,7 @@ class _LightningRun(CommandLoop):
         }
 
     def _config_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "framework": "lightning",
             "project": self.opts.project,
             "run_name": self.opts.run_name,
@@ -1014,6 +1131,9 @@ class _LightningRun(CommandLoop):
             "seed": self.seed,
             "checkpoint_every_n_steps": self.opts.checkpoint_every_n_steps,
         }
+        if self.opts.val_slices is not None:
+            out["val_slices"] = describe_val_slices(self.opts.val_slices)
+        return out
 
     def _checkpoint(self, reason: str, wait: bool = False) -> str:
         assert self.conn is not None and self.env is not None
@@ -1267,6 +1387,7 @@ def attach_lightning(
     *,
     seed: int | None = None,
     checkpoint_every_n_steps: int = 0,
+    val_slices: dict[str, Any] | None = None,
 ) -> LightningAttachment:
     """Put a Lightning trainer under OnTheFly; keep calling `trainer.fit(model, ...)` as before.
 
@@ -1276,6 +1397,9 @@ def attach_lightning(
     on demand, `do_test_after`); the train data itself is whatever Lightning's fit uses.
     `model_factory` builds a fresh model when one is needed beside the live one: a
     callable, a `(callable, args, kwargs)` tuple, or `{"factory", "args", "kwargs"}`.
+    `val_slices` (as for `Trainer`): {name: predicate `fn(inputs, targets) -> bools` or
+    validation-set positions}, each reported as `val_slice:<name>` whenever Lightning
+    validates (and in on-demand validation and fork reports).
     """
     try:
         import lightning.pytorch as pl
@@ -1324,6 +1448,7 @@ def attach_lightning(
         do_test_after=bool(do_test_after),
         seed=seed,
         checkpoint_every_n_steps=checkpoint_every_n_steps,
+        val_slices=val_slices,
     )
     att = LightningAttachment(opts, model, normalize_model_factory(model_factory))
     run = _LightningRun(att, trainer, loss_fn, train_loader, val_loader, test_loader)

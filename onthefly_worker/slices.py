@@ -44,65 +44,56 @@ def _mask(name: str, fn: Callable[[Any, Any], Any], x: Any, y: Any, n: int) -> t
     return t.to(torch.bool)
 
 
-@torch.no_grad()
-def evaluate_with_slices(
+class SliceSums:
+    """Running loss sums of the predicate slices over evaluation batches.
+
+    Shared by `evaluate_with_slices` (its own loop) and the Lightning callback (batches of
+    Lightning's validation loop, per-sample losses from the forward hook): `masks` applies
+    the predicates to a batch, `add` accumulates that batch's per-sample losses (and hits,
+    for classification), `results` gives each slice's (loss, accuracy, n)."""
+
+    def __init__(self, slices: Mapping[str, Any]) -> None:
+        self.preds = {k: v for k, v in slices.items() if callable(v)}
+        self._sums = {k: [0.0, 0, 0] for k in self.preds}  # loss sum, count, correct
+
+    def masks(self, x: Any, y: Any, n: int) -> dict[str, torch.Tensor]:
+        return {k: _mask(k, fn, x, y, n) for k, fn in self.preds.items()}
+
+    def add(
+        self, masks: Mapping[str, torch.Tensor], per: torch.Tensor, hit: torch.Tensor | None
+    ) -> None:
+        if not masks:
+            return
+        per = per.float().detach().cpu()
+        hit = hit.cpu() if hit is not None else None
+        for k, m in masks.items():
+            s = self._sums[k]
+            s[0] += float(per[m].sum())
+            s[1] += int(m.sum())
+            if hit is not None:
+                s[2] += int(hit[m].sum())
+
+    def results(self, classif: bool) -> dict[str, Result]:
+        """{slice: (mean loss, accuracy or NaN unless classification, n)}; NaN loss for a
+        slice no sample fell into."""
+        return {
+            k: (ls / c if c else math.nan, ok / c if (classif and c) else math.nan, int(c))
+            for k, (ls, c, ok) in self._sums.items()
+        }
+
+
+def evaluate_positions(
     model: nn.Module,
     loader: DataLoader,
     loss: PerSampleLoss,
     device: torch.device,
     slices: Mapping[str, Any],
+    forward: Callable[[Any], Any] | None = None,
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-) -> tuple[Result, dict[str, Result]]:
-    """(overall result, {slice: result}) with results as evaluate_model's (loss, accuracy, n).
-
-    Predicate slices share the overall pass; a slice no sample fell into has NaN loss."""
-    preds = {k: v for k, v in slices.items() if callable(v)}
-    sums = {k: [0.0, 0, 0] for k in preds}  # loss sum, count, correct
-    classif = [True]
-    was_training = model.training
-    total, count, correct = 0.0, 0, 0
-    with preserved_rng():
-        model.eval()
-        try:
-            for raw in loader:
-                x, y = split_batch(raw)
-                n = batch_len(x)
-                masks = {k: _mask(k, fn, x, y, n) for k, fn in preds.items()}
-                xd, yd = to_device(x, device), to_device(y, device)
-                with context():
-                    out = model(xd)
-                    _, per = loss(out, yd, n)
-                per = per.float().detach().cpu()
-                hit: torch.Tensor | None = None
-                if (
-                    classif[0]
-                    and isinstance(out, torch.Tensor)
-                    and out.dim() == 2
-                    and isinstance(yd, torch.Tensor)
-                    and yd.dim() == 1
-                    and not yd.is_floating_point()
-                ):
-                    hit = (out.argmax(dim=1) == yd).cpu()
-                    correct += int(hit.sum())
-                else:
-                    classif[0] = False
-                total += float(per.sum())
-                count += n
-                for k, m in masks.items():
-                    s = sums[k]
-                    s[0] += float(per[m].sum())
-                    s[1] += int(m.sum())
-                    if hit is not None:
-                        s[2] += int(hit[m].sum())
-        finally:
-            model.train(was_training)
-    out_slices: dict[str, Result] = {}
-    for k, (ls, c, ok) in sums.items():
-        out_slices[k] = (
-            ls / c if c else math.nan,
-            ok / c if (classif[0] and c) else math.nan,
-            int(c),
-        )
+) -> dict[str, Result]:
+    """{slice: result} for the slices given as validation-set positions, each evaluated on
+    its own small loader over `loader`'s dataset (predicate slices are skipped)."""
+    out: dict[str, Result] = {}
     for k, v in slices.items():
         if callable(v):
             continue
@@ -117,10 +108,66 @@ def evaluate_with_slices(
             batch_size=loader.batch_size or 256,
             collate_fn=loader.collate_fn,
         )
-        out_slices[k] = evaluate_model(model, sub, loss, device, context=context)
+        out[k] = evaluate_model(model, sub, loss, device, forward=forward, context=context)
+    return out
+
+
+@torch.no_grad()
+def evaluate_with_slices(
+    model: nn.Module,
+    loader: DataLoader,
+    loss: PerSampleLoss,
+    device: torch.device,
+    slices: Mapping[str, Any],
+    context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    forward: Callable[[Any], Any] | None = None,
+) -> tuple[Result, dict[str, Result]]:
+    """(overall result, {slice: result}) with results as evaluate_model's (loss, accuracy, n).
+
+    Predicate slices share the overall pass; a slice no sample fell into has NaN loss.
+    `forward` replaces `model(x)` (e.g. to pick the logits out of a richer output)."""
+    fwd = forward or model
+    sums = SliceSums(slices)
+    classif = True
+    was_training = model.training
+    total, count, correct = 0.0, 0, 0
+    with preserved_rng():
+        model.eval()
+        try:
+            for raw in loader:
+                x, y = split_batch(raw)
+                n = batch_len(x)
+                masks = sums.masks(x, y, n)
+                xd, yd = to_device(x, device), to_device(y, device)
+                with context():
+                    out = fwd(xd)
+                    _, per = loss(out, yd, n)
+                per = per.float().detach().cpu()
+                hit: torch.Tensor | None = None
+                if (
+                    classif
+                    and isinstance(out, torch.Tensor)
+                    and out.dim() == 2
+                    and isinstance(yd, torch.Tensor)
+                    and yd.dim() == 1
+                    and not yd.is_floating_point()
+                ):
+                    hit = (out.argmax(dim=1) == yd).cpu()
+                    correct += int(hit.sum())
+                else:
+                    classif = False
+                total += float(per.sum())
+                count += n
+                sums.add(masks, per, hit)
+        finally:
+            model.train(was_training)
+    out_slices = sums.results(classif)
+    out_slices.update(
+        evaluate_positions(model, loader, loss, device, slices, forward=forward, context=context)
+    )
     overall = (
         total / count if count else math.nan,
-        correct / count if (classif[0] and count) else math.nan,
+        correct / count if (classif and count) else math.nan,
         count,
     )
     return overall, out_slices

@@ -47,6 +47,7 @@ p.add_argument("--dropout", type=float, default=0.1)
 p.add_argument("--step-sleep", type=float, default=0.0)
 p.add_argument("--uncopyable", action="store_true")
 p.add_argument("--factory", choices=["none", "callable", "tuple", "dict"], default="none")
+p.add_argument("--slices", action="store_true")
 args = p.parse_args()
 
 
@@ -101,6 +102,7 @@ trainer = L.Trainer(
 attach_lightning(
     trainer=trainer, model=model, project="tests", run_name="lit", train_loader=train,
     val_loader=val, test_loader=val, loss_fn=model.loss, do_test_after=True, model_factory=factory,
+    val_slices={"cls0": lambda x, y: y == 0, "first50": range(50)} if args.slices else None,
 )
 trainer.fit(model, train, val)
 """
@@ -126,10 +128,11 @@ def _run(project: Path, *args: str, timeout: float = 150) -> subprocess.Complete
     )
 
 
-def _data(n: int = 600) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(n: int = 600, val: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(5)
     x = torch.randn(n + 200, 16, generator=g)
-    return x[:n], x[:n, :3].argmax(1)
+    x = x[n:] if val else x[:n]
+    return x, x[:, :3].argmax(1)
 
 
 # -- unit: model_factory forms and outputs ---------------------------------------------------
@@ -259,9 +262,11 @@ def test_onthefly_imports_and_explains_without_lightning() -> None:
 
 # -- end to end ----------------------------------------------------------------------------------
 def test_metrics_and_exact_per_sample_losses(project: Path) -> None:
-    # lr=0 and no dropout: the weights never change, so each recorded loss must equal a
-    # fresh forward pass with the final weights.
-    r = _run(project, str(_script(project)), "--epochs", "2", "--lr", "0", "--dropout", "0")
+    # lr=0 and no dropout: the weights never change, so each recorded loss (and each
+    # validation slice's loss) must equal a fresh forward pass with the final weights.
+    r = _run(
+        project, str(_script(project)), "--epochs", "2", "--lr", "0", "--dropout", "0", "--slices"
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     main = cli_json("runs", cwd=project)["runs"][0]
     assert main["status"] == "completed" and main["name"] == "lit"
@@ -298,6 +303,38 @@ def test_metrics_and_exact_per_sample_losses(project: Path) -> None:
         got = np.load(sdir / "samples" / "main" / f"epoch-{epoch:04d}.npy")
         assert got.shape == (600,) and np.isfinite(got).all(), "every sample once per epoch"
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+    # attach_lightning(val_slices=...): each Lightning validation reports every slice as
+    # val_slice:<name> at the step of its `val` (the predicate from Lightning's own val
+    # batches, the positions from their own pass), as Trainer(val_slices=...) does.
+    xv, yv = _data(val=True)
+    with torch.no_grad():
+        out = net(xv)
+        each = nn.functional.cross_entropy(out, yv, reduction="none")
+    cls0 = yv == 0
+    by_split: dict[str, list[dict[str, Any]]] = {}
+    for e in main["evals"]:
+        by_split.setdefault(e["split"], []).append(e)
+    assert [e["step"] for e in by_split["val"]] == [19, 38]
+    for name, rows_ in (
+        ("cls0", by_split["val_slice:cls0"]),
+        ("first50", by_split["val_slice:first50"]),
+    ):
+        assert [e["step"] for e in rows_] == [19, 38], name
+    for e in by_split["val_slice:cls0"]:
+        assert e["samples"] == int(cls0.sum())
+        assert e["loss"] == pytest.approx(float(each[cls0].mean()), rel=1e-5)
+        assert e["accuracy"] == pytest.approx(float((out.argmax(1) == yv)[cls0].float().mean()))
+    for e in by_split["val_slice:first50"]:
+        assert e["samples"] == 50
+        assert e["loss"] == pytest.approx(float(each[:50].mean()), rel=1e-5)
+    for e in by_split["val"]:
+        assert e["loss"] == pytest.approx(float(each.mean()), rel=1e-5)
+    # The predicate marked the training set once, for automode's forks; positions do not.
+    _, yt = _data()
+    marked = np.load(sdir / "slices" / "cls0.train.npy")
+    assert marked.tolist() == torch.nonzero(yt == 0).flatten().tolist()
+    assert not (sdir / "slices" / "first50.train.npy").exists()
 
 
 def _cpu_ticks(pid: int) -> int:
