@@ -134,21 +134,10 @@ class MethodOps:
         never a per-step cost); otherwise, or when it cannot answer, the newest saved
         samples/<run>/embed-step-*.npy is used.
         """
-        from onthefly_supervisor.slices import load_embedding, newest_embedding
+        from onthefly_supervisor.slices import embedding_features
 
-        sup = self.sup
         rel, why = self.request_embedding(run_id)
-        if not rel:
-            found = newest_embedding(sup.dir, run_id)
-            if found is None:
-                return None, f"no embedding ({why}; none saved)"
-            rel = found[0]
-        try:
-            arr = load_embedding(sup.dir, rel, n)
-        except (OSError, ValueError) as e:
-            return None, f"no embedding ({rel} cannot be read: {e})"
-        note = f"embedding: {arr.shape[1]} dims from {rel}"
-        return arr, note + (f" (the newest saved: {why})" if why else "")
+        return embedding_features(self.sup.dir, run_id, n, fresh=rel, why=why)
 
     def request_embedding(self, run_id: str) -> tuple[str, str]:
         """Ask the run's live worker to write its embedding: (relative path, "") on success,

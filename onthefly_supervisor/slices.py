@@ -60,6 +60,12 @@ _EPOCH_FILE = re.compile(r"^epoch-(\d+)\.npy$")
 _EMBED_FILE = re.compile(r"^embed-step-(\d+)\.npy$")
 
 
+def _numbered(folder: str, pattern: re.Pattern[str]) -> list[int]:
+    """The numbers of the files in `folder` whose names match `pattern`, sorted."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
+
+
 @dataclass(frozen=True)
 class SliceResult:
     """What export_slice wrote."""
@@ -103,11 +109,7 @@ def load_run_samples(session_dir: str, run_id: str) -> RunSamples:
     rather than refused -- a sample beyond an array's end has simply not been seen there.
     """
     rdir = os.path.join(session_dir, "samples", run_id)
-    epochs = sorted(
-        int(m.group(1))
-        for m in (_EPOCH_FILE.match(fn) for fn in (os.listdir(rdir) if os.path.isdir(rdir) else []))
-        if m
-    )
+    epochs = _numbered(rdir, _EPOCH_FILE)
     if not epochs:
         raise ValueError(
             f"run {run_id!r} has no per-sample losses yet (no samples/{run_id}/epoch-*.npy)"
@@ -160,12 +162,7 @@ def newest_embedding(session_dir: str, run_id: str) -> tuple[str, int] | None:
     Workers write these on demand (onthefly_worker/embed.py): the penultimate-layer
     embedding of every training sample, rows indexed by sample id. None when there is none.
     """
-    rdir = os.path.join(session_dir, "samples", run_id)
-    steps = sorted(
-        int(m.group(1))
-        for m in (_EMBED_FILE.match(fn) for fn in (os.listdir(rdir) if os.path.isdir(rdir) else []))
-        if m
-    )
+    steps = _numbered(os.path.join(session_dir, "samples", run_id), _EMBED_FILE)
     if not steps:
         return None
     return os.path.join("samples", run_id, f"embed-step-{steps[-1]:08d}.npy"), steps[-1]
@@ -188,6 +185,32 @@ def load_embedding(session_dir: str, rel: str, n: int) -> np.ndarray:
     m = min(n, arr.shape[0])
     out[:m] = arr[:m]
     return out
+
+
+def embedding_features(
+    session_dir: str, run_id: str, n: int, fresh: str = "", why: str = ""
+) -> tuple[np.ndarray | None, str]:
+    """A run's embedding as (n, d) kmeans features, and a note for the selection's
+    description ("embedding: ..." or "no embedding (why)").
+
+    `fresh` is a just-written embedding's session-relative path; without it the newest
+    saved one is used, and `why` says why there was no fresh one.
+    """
+    rel = fresh
+    if not rel:
+        found = newest_embedding(session_dir, run_id)
+        if found is None:
+            reason = (
+                f"{why}; none saved" if why else "the run has no samples/<run>/embed-step-*.npy"
+            )
+            return None, f"no embedding ({reason})"
+        rel = found[0]
+    try:
+        arr = load_embedding(session_dir, rel, n)
+    except (OSError, ValueError) as e:
+        return None, f"no embedding ({rel} cannot be read: {e})"
+    note = f"embedding: {arr.shape[1]} dims from {rel}"
+    return arr, note + (f" (the newest saved: {why})" if why and not fresh else "")
 
 
 def _pad(arr: np.ndarray, n: int, fill: float) -> np.ndarray:
@@ -257,18 +280,10 @@ def export_slice(
         # the residual features [loss, loss_mean, margin, embedding...].
         cols = [data.loss_mean] + ([data.margin] if data.margin is not None else [])
         features = np.stack(cols, axis=1)
-        found = newest_embedding(sdir, run_id)
-        if found is None:
-            embed_note = "no embedding (the run has no samples/<run>/embed-step-*.npy)"
-        else:
-            try:
-                emb = load_embedding(sdir, found[0], data.loss.shape[0])
-            except (OSError, ValueError) as e:
-                embed_note = f"no embedding ({found[0]} cannot be read: {e})"
-            else:
-                features = np.concatenate([features, emb], axis=1)
-                embed_dims = int(emb.shape[1])
-                embed_note = f"embedding: {embed_dims} dims from {found[0]}"
+        emb, embed_note = embedding_features(sdir, run_id, data.loss.shape[0])
+        if emb is not None:
+            features = np.concatenate([features, emb], axis=1)
+            embed_dims = int(emb.shape[1])
     sel: Selection = select(
         parsed,
         data.loss,
