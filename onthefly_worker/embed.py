@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from onthefly_worker.checkpoint import capture_rng, restore_rng
 from onthefly_worker.data import batch_len, split_batch, to_device
+from onthefly_worker.evaluation import preserved_rng
 
 MAX_DIMS = 16
 """Default width of the embedding: enough for k-means to see the representation's main
@@ -108,7 +108,6 @@ def embed_dataset(
             captured.append(inputs[0])
 
     label = name or type(head).__name__
-    rng = capture_rng()
     was_training = model.training
     handle = head.register_forward_pre_hook(hook)
     out: np.ndarray | None = None
@@ -117,7 +116,7 @@ def embed_dataset(
     row = 0
     try:
         model.eval()
-        with torch.no_grad():
+        with preserved_rng(), torch.no_grad():
             for batch in loader:
                 x, _ = split_batch(batch)
                 b = batch_len(x)
@@ -158,7 +157,6 @@ def embed_dataset(
     finally:
         handle.remove()
         model.train(was_training)
-        restore_rng(rng)
     if out is None or row != n:
         return EmbedResult(None, f"the loader yielded {row} of {n} samples", label)
     return EmbedResult(out, "", label, raw_dims)
