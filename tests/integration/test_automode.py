@@ -95,14 +95,20 @@ def test_nan_batch_is_rolled_back_and_skipped_and_the_run_finishes(tmp_path: Pat
 
 
 def test_plateau_explore_races_variants_to_a_winner(tmp_path: Path) -> None:
-    # lr=0: the loss cannot move, the textbook plateau.
+    # lr=0: the loss cannot move, the textbook plateau. The planner looks about once a
+    # second (~30 steps here); batches of 128 keep the batch-loss noise low (~3%) so the
+    # plateau test fires on most looks, and 12 epochs give it several looks.
     r = _automode(
         tmp_path,
         SMALL,
         "--lr",
         "0",
         "--epochs",
-        "8",
+        "12",
+        "--n",
+        "2048",
+        "--batch-size",
+        "128",
         "--step-sleep",
         "0.03",
         "--val",
