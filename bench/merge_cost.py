@@ -3,7 +3,8 @@
 1. Merge arithmetic (the merge worker's `merge_math` on state dicts already in memory):
    `swa_average`, `fisher_soup` (Fishers given) and `adapter_fuse` (rank-r deltas) over k
    models of P parameters; prints seconds / (P x k) in ns. Goal (issue 4): <= 10 ns.
-2. Fisher estimation (`diagonal_fisher`, per-sample gradients through torch.func, as the
+2. Fisher estimation (`diagonal_fisher`: batched per-sample gradients for Linear/Conv2d
+   models, torch.func otherwise; the line says which was used; as the
    merge worker runs it for `fisher_soup` with its default 256 samples per model) against
    the compute that trained the models: the Fisher's wall time is converted into training
    sample-steps of the same model (measured here: forward + backward + SGD step at the
@@ -141,14 +142,16 @@ def _fisher_one(
 
     t_train = timed(train, 3) / (20 * bs)  # seconds per training sample-step
     per_sample = nn.CrossEntropyLoss(reduction="none")
+    how: dict[str, object] = {}
     t_fisher = timed(
-        lambda: mm.diagonal_fisher(model, loader, per_sample, "cpu", FISHER_SAMPLES), 3
+        lambda: mm.diagonal_fisher(model, loader, per_sample, "cpu", FISHER_SAMPLES, info=how), 3
     )
     equiv = t_fisher / t_train  # in training sample-steps
     models = 2  # a soup of the main run and one fork: one Fisher each
     ratio = models * equiv / (main_ss + fork_ss)
     print(
-        f"fisher {name}: {FISHER_SAMPLES} samples in {t_fisher * 1e3:.0f} ms = "
+        f"fisher {name} ({how.get('method')} per-sample gradients): {FISHER_SAMPLES} samples "
+        f"in {t_fisher * 1e3:.1f} ms = "
         f"{equiv:,.0f} training sample-steps ({t_fisher / FISHER_SAMPLES * 1e6:.0f} us/sample vs "
         f"{t_train * 1e6:.1f} us per training sample-step)"
     )

@@ -224,21 +224,33 @@ def diagonal_fisher(
     max_samples: int,
     batch_fn: BatchFn | None = None,
     chunk_size: int = 32,
+    info: dict[str, Any] | None = None,
 ) -> StateDict:
     """Empirical diagonal Fisher: the mean over samples of squared per-sample gradients.
 
     Returns `{parameter name: tensor}` for every parameter (frozen ones included, so a
     soup weights every parameter), in float32 on `device`.
 
-    Per-sample gradients come from `torch.func` (`vmap(grad(functional_call))`) over
-    chunks of `chunk_size` samples; chunking bounds memory at chunk_size x #params. If
-    vmap cannot trace the model (data-dependent control flow, unsupported ops) it warns
-    and falls back to one backward per sample — same numbers, slower.
+    Three ways to the same numbers, fastest first:
+
+    * batched — when every module holding parameters is a plain `nn.Linear` or
+      `nn.Conv2d` (groups=1, zero padding), one forward + backward per chunk gives each
+      module's input and output gradient per sample, and the per-sample weight gradients
+      are their outer products (Linear) or unfold products (Conv2d): a few matmuls instead
+      of one traced gradient per sample (~20x cheaper on a small MLP). It needs
+      `loss_fn_per_sample` to give one loss per row of a batch; it is checked against one
+      backward per sample on the first few samples, and a mismatch (a loss that couples the rows)
+      falls back with a warning.
+    * `torch.func` (`vmap(grad(functional_call))`) over chunks of `chunk_size` samples;
+      chunking bounds memory at chunk_size x #params.
+    * one backward per sample, when vmap cannot trace the model (data-dependent control
+      flow, unsupported ops); it warns.
+
+    `info`, when given, receives `method` (batched / vmap / loop) and `samples`.
 
     The model runs in eval mode: in train mode BatchNorm would couple the samples of a
     batch (a "per-sample" gradient would depend on its neighbours) and dropout noise
-    would inflate the Fisher. `loss_fn_per_sample(output, target)` may return per-sample
-    losses or their mean; it is always called on one sample at a time.
+    would inflate the Fisher.
     """
     if max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
@@ -255,6 +267,26 @@ def diagonal_fisher(
     }
     seen = 0
     use_vmap = True
+    batched = _BatchedGrads.plan(model)
+    method = "batched" if batched is not None else "vmap"
+
+    def per_sample(xc: Tensor, yc: Tensor) -> StateDict:
+        nonlocal use_vmap, method
+        if use_vmap:
+            try:
+                return _sq_grads_vmap(model, loss_fn_per_sample, xc, yc)
+            except Exception as exc:  # torch.func raises many types; fall back once
+                warnings.warn(
+                    f"diagonal_fisher: vmap per-sample gradients failed for this model "
+                    f"({type(exc).__name__}: {exc}); using one backward per sample",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                use_vmap = False
+        if method != "batched":
+            method = "loop"
+        return _sq_grads_loop(model, loss_fn_per_sample, xc, yc)
+
     try:
         for batch in loader:
             if seen >= max_samples:
@@ -271,21 +303,32 @@ def diagonal_fisher(
                 )
             take = min(int(x.shape[0]), max_samples - seen)
             x, y = x[:take], y[:take]
-            for start in range(0, take, chunk_size):
-                xc, yc = x[start : start + chunk_size], y[start : start + chunk_size]
-                if use_vmap:
-                    try:
-                        sq = _sq_grads_vmap(model, loss_fn_per_sample, xc, yc)
-                    except Exception as exc:  # torch.func raises many types; fall back once
-                        warnings.warn(
-                            f"diagonal_fisher: vmap per-sample gradients failed for this model "
-                            f"({type(exc).__name__}: {exc}); using one backward per sample",
-                            RuntimeWarning,
-                            stacklevel=2,
-                        )
-                        use_vmap = False
-                if not use_vmap:
-                    sq = _sq_grads_loop(model, loss_fn_per_sample, xc, yc)
+            start = 0
+            if batched is not None and seen == 0:
+                # The check: the first few samples both ways must agree.
+                n_check = min(_FISHER_CHECK, take)
+                xc, yc = x[:n_check], y[:n_check]
+                # One plain backward per sample: for a handful, cheaper than tracing vmap.
+                ref = _sq_grads_loop(model, loss_fn_per_sample, xc, yc)
+                why = batched.verify(loss_fn_per_sample, xc, yc, ref)
+                if why:
+                    warnings.warn(
+                        f"diagonal_fisher: batched per-sample gradients are not usable here "
+                        f"({why}); computing them one sample at a time",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    batched, method = None, "vmap" if use_vmap else "loop"
+                for n in names:
+                    fisher[n].add_(ref[n])
+                start = n_check
+            step = batched.chunk if batched is not None else chunk_size
+            for lo in range(start, take, step):
+                xc, yc = x[lo : lo + step], y[lo : lo + step]
+                if batched is not None:
+                    sq = batched.sq_grads(loss_fn_per_sample, xc, yc)
+                else:
+                    sq = per_sample(xc, yc)
                 for n in names:
                     fisher[n].add_(sq[n])
             seen += take
@@ -295,7 +338,164 @@ def diagonal_fisher(
         raise ValueError("diagonal_fisher: the loader yielded no samples")
     for n in names:
         fisher[n].div_(seen)
+    if info is not None:
+        info.update(method=method, samples=seen)
     return fisher
+
+
+_FISHER_CHECK = 4
+"""Samples on which the batched Fisher path is checked against the per-sample one."""
+
+
+class _BatchedGrads:
+    """Squared per-sample gradients of Linear / Conv2d layers from one batched backward.
+
+    A layer's weight gradient for sample i is the product of what flowed into the layer
+    and the gradient of its output, for that sample alone (rows do not mix in eval mode):
+    `g_i^T a_i` for Linear (summed over any middle dimensions), `g_i unfold(a_i)^T` for
+    Conv2d. The gradients are taken with respect to the layer outputs only, so autograd
+    never builds the (unneeded) batch-summed weight gradients.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]], largest: int) -> None:
+        self.model = model
+        self.layers = layers
+        # Per-sample gradients are materialised chunk x (largest layer) floats at most:
+        # bounded near 64 MB, never below 8 samples.
+        self.chunk = max(8, min(512, (16 << 20) // max(1, largest)))
+
+    @classmethod
+    def plan(cls, model: nn.Module) -> _BatchedGrads | None:
+        named = dict(model.named_parameters())
+        layers: list[tuple[str, nn.Module]] = []
+        covered: set[str] = set()
+        largest = 0
+        for prefix, m in model.named_modules():
+            own = [n for n, _ in m.named_parameters(recurse=False)]
+            if not own:
+                continue
+            ok = type(m) is nn.Linear or (
+                type(m) is nn.Conv2d
+                and m.groups == 1
+                and m.padding_mode == "zeros"
+                and not isinstance(m.padding, str)
+            )
+            if not ok or not set(own) <= {"weight", "bias"}:
+                return None
+            full = [f"{prefix}.{n}" if prefix else n for n in own]
+            if any(f not in named for f in full):
+                return None
+            covered.update(full)
+            layers.append((prefix, m))
+            largest = max(largest, sum(p.numel() for _, p in m.named_parameters(recurse=False)))
+        if not layers or covered != set(named):
+            return None
+        return cls(model, layers, largest)
+
+    def sq_grads(
+        self, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor
+    ) -> StateDict:
+        """Sum over the batch of squared per-sample gradients, keyed like named_parameters."""
+        calls: dict[int, list[tuple[Tensor, Tensor]]] = {id(m): [] for _, m in self.layers}
+        handles = []
+
+        def hook(m: nn.Module, inp: tuple[Any, ...], out: Tensor) -> None:
+            calls[id(m)].append((inp[0].detach(), out))
+
+        params = [p for _, m in self.layers for p in m.parameters(recurse=False)]
+        flags = [p.requires_grad for p in params]
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            for _, m in self.layers:
+                handles.append(m.register_forward_hook(hook))
+            with torch.enable_grad():
+                losses = loss_fn(self.model(x), y)
+                if losses.dim() != 1 or losses.shape[0] != x.shape[0]:
+                    raise _NotRowwise(
+                        f"the per-sample loss has shape {tuple(losses.shape)}, not ({x.shape[0]},)"
+                    )
+                outs = [o for c in calls.values() for _, o in c]
+                grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+            for p, f in zip(params, flags, strict=True):
+                p.requires_grad_(f)
+        it = iter(grads)
+        result: StateDict = {}
+        for prefix, m in self.layers:
+            pairs = [(a, next(it)) for a, _ in calls[id(m)]]
+            pairs = [(a, g) for a, g in pairs if g is not None]
+            w, b = _layer_sq_grads(m, pairs, int(x.shape[0]))
+            result[f"{prefix}.weight" if prefix else "weight"] = w
+            if m.bias is not None:
+                result[f"{prefix}.bias" if prefix else "bias"] = b
+        return result
+
+    def verify(
+        self,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        x: Tensor,
+        y: Tensor,
+        reference: Mapping[str, Tensor],
+    ) -> str:
+        """'' when the batched path reproduces `reference` on (x, y); else why not."""
+        try:
+            got = self.sq_grads(loss_fn, x, y)
+        except _NotRowwise as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001 - any failure means: use the per-sample path
+            return f"{type(e).__name__}: {e}"
+        for k, ref in reference.items():
+            scale = float(ref.abs().max()) if ref.numel() else 0.0
+            if not torch.allclose(got[k], ref, rtol=1e-3, atol=1e-5 * max(scale, 1e-12)):
+                return f"{k} differs from the per-sample gradients (a loss that mixes rows?)"
+        return ""
+
+
+class _NotRowwise(ValueError):
+    pass
+
+
+def _layer_sq_grads(
+    m: nn.Module, pairs: list[tuple[Tensor, Tensor]], batch: int
+) -> tuple[Tensor, Tensor]:
+    """(sum_i w_grad_i^2, sum_i b_grad_i^2) of one layer from its calls' (input, grad out)."""
+    assert isinstance(m, (nn.Linear, nn.Conv2d))
+    w_shape = m.weight.shape
+    n_out = int(w_shape[0])
+    if not pairs:
+        return (
+            torch.zeros(w_shape, dtype=torch.float32, device=m.weight.device),
+            torch.zeros(n_out, dtype=torch.float32, device=m.weight.device),
+        )
+    if isinstance(m, nn.Linear) and len(pairs) == 1 and pairs[0][0].dim() == 2:
+        # One call on [B, in]: sum_i (g_i a_i^T)^2 = (g^2)^T (a^2), nothing materialised.
+        a, g = (t.float() for t in pairs[0])
+        g2 = g * g
+        return g2.t() @ (a * a), g2.sum(0)
+    gw: Tensor | None = None
+    gb: Tensor | None = None
+    for a, g in pairs:
+        a, g = a.float(), g.float()
+        if isinstance(m, nn.Linear):
+            a3 = a.reshape(batch, -1, a.shape[-1])  # [B, L, in]
+            g3 = g.reshape(batch, -1, g.shape[-1])  # [B, L, out]
+            w = torch.bmm(g3.transpose(1, 2), a3)  # [B, out, in]
+            bias = g3.sum(1)
+        else:
+            assert not isinstance(m.padding, str)  # plan() admits numeric padding only
+            cols = F.unfold(
+                a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+            )  # [B, in*kh*kw, L]
+            g3 = g.reshape(batch, n_out, -1)  # [B, out, L]
+            w = torch.bmm(g3, cols.transpose(1, 2)).reshape(batch, *w_shape)
+            bias = g3.sum(2)
+        gw = w if gw is None else gw + w
+        gb = bias if gb is None else gb + bias
+    assert gw is not None and gb is not None
+    return gw.pow(2).sum(0), gb.pow(2).sum(0)
 
 
 def _sq_grads_vmap(

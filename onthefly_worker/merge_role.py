@@ -278,6 +278,7 @@ class MergeWorker:
         elif method == "fisher_soup":
             fishers = []
             n_samples = int(opts.get("fisher_samples", 256))
+            how: dict[str, Any] = {}
             for p, st in zip(parents, states, strict=True):
                 m = self.fresh(st)
                 fishers.append(
@@ -288,10 +289,12 @@ class MergeWorker:
                         self.device,
                         n_samples,
                         batch_fn=_batch_fn,
+                        info=how,
                     )
                 )
             merged = mm.fisher_soup(states, fishers)
             info["fisher_samples_per_model"] = n_samples
+            info["fisher_gradients"] = how.get("method", "")
             # Each sample's gradient is one forward + backward: a training step's worth.
             info["sample_steps"] = n_samples * len(parents)
         elif method == "adapter_fuse":

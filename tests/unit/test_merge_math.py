@@ -185,16 +185,18 @@ def test_diagonal_fisher_matches_the_closed_form() -> None:
 
 
 class _Branchy(nn.Module):
-    """Data-dependent control flow: vmap cannot trace it, the per-sample loop can."""
+    """Data-dependent control flow: vmap cannot trace it, the per-sample loop can. (The bare
+    parameter keeps it off the batched Linear/Conv2d path.)"""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(3, 1)
+        self.scale = nn.Parameter(torch.ones(1))
 
     def forward(self, x: Tensor) -> Tensor:
         if float(x.sum()) > 1e9:  # never true, but vmap cannot decide it
             return x[:, :1]
-        return self.lin(x)
+        return self.lin(x) * self.scale
 
 
 def test_diagonal_fisher_falls_back_to_a_loop_when_vmap_fails() -> None:
@@ -203,8 +205,12 @@ def test_diagonal_fisher_falls_back_to_a_loop_when_vmap_fails() -> None:
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     with pytest.warns(RuntimeWarning, match="one backward per sample"):
         fisher = diagonal_fisher(model, loader, _mse, "cpu", max_samples=1000)
-    expected = _manual_fisher(model.lin, x, y)
-    assert _close(fisher, {f"lin.{k}": v for k, v in expected.items()}, atol=1e-5)
+    expected = _manual_fisher(model.lin, x, y)  # scale = 1: lin's gradients are unchanged
+    assert _close(
+        {k: v for k, v in fisher.items() if k != "scale"},
+        {f"lin.{k}": v for k, v in expected.items()},
+        atol=1e-5,
+    )
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -218,6 +224,113 @@ def test_diagonal_fisher_uses_eval_mode_and_restores_train_mode() -> None:
     assert _close(a, b, atol=0)  # deterministic: no dropout, BN running stats untouched
     assert model.training
     assert set(a) == {n for n, _ in model.named_parameters()}
+
+
+_CE = nn.CrossEntropyLoss(reduction="none")
+
+
+def _per_sample_reference(model: nn.Module, x: Tensor, y: Tensor, loss=_CE) -> dict[str, Tensor]:
+    """Mean of squared gradients from one ordinary backward per sample, in eval mode."""
+    model.eval()
+    out = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        loss(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
+        for n, p in model.named_parameters():
+            out[n] += p.grad.detach() ** 2
+    return {n: v / x.shape[0] for n, v in out.items()}
+
+
+class _SharedLayer(nn.Module):
+    """The same Linear applied twice: its per-sample gradient sums both uses before squaring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.body(torch.relu(self.body(x)))))
+
+
+class _Sequence(nn.Module):
+    """A Linear over [batch, time, features]: per-sample gradients sum over time steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.proj(x)).mean(dim=1))
+
+
+def _cnn_for_fisher() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3, stride=2, dilation=2, padding=2, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(5 * 5 * 5, 3),
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), (6,)),
+        (_SharedLayer, (6,)),
+        (_Sequence, (5, 6)),
+        (_cnn_for_fisher, (2, 10, 10)),
+    ],
+    ids=["mlp", "shared-layer", "sequence", "cnn"],
+)
+def test_batched_fisher_equals_one_backward_per_sample(make, shape) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = make()
+    x, y = torch.randn(70, *shape), torch.randint(0, 3, (70,))
+    info: dict[str, object] = {}
+    # Batches of 32 and max_samples 70: the check chunk, full chunks and a cut batch.
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    got = diagonal_fisher(model, loader, _CE, "cpu", max_samples=70, info=info)
+    assert info == {"method": "batched", "samples": 70}
+    expected = _per_sample_reference(model, x, y)
+    assert got.keys() == expected.keys()
+    for k in got:
+        assert torch.allclose(got[k], expected[k], rtol=1e-4, atol=1e-7), k
+
+
+def test_batched_fisher_is_refused_for_a_loss_that_mixes_rows() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+
+    def mixing(out: Tensor, target: Tensor) -> Tensor:
+        # Per sample it is the plain loss; over a batch each row is reweighted by the others.
+        lo = _CE(out, target)
+        return lo * lo.shape[0] * torch.softmax(lo, dim=0)
+
+    info: dict[str, object] = {}
+    with pytest.warns(RuntimeWarning, match="batched per-sample gradients are not usable"):
+        got = diagonal_fisher(model, [(x, y)], mixing, "cpu", max_samples=40, info=info)
+    assert info["method"] == "vmap"
+    expected = _per_sample_reference(model, x, y)  # mixing == _CE one sample at a time
+    for k in got:
+        assert torch.allclose(got[k], expected[k], rtol=1e-4, atol=1e-7), k
+
+
+def test_fisher_of_other_layers_uses_per_sample_gradients() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    info: dict[str, object] = {}
+    got = diagonal_fisher(model, [(x, y)], _CE, "cpu", max_samples=20, info=info)
+    assert info["method"] == "vmap"
+    expected = _per_sample_reference(model, x, y)
+    for k in got:
+        assert torch.allclose(got[k], expected[k], rtol=1e-4, atol=1e-7), k
 
 
 def test_fisher_soup_equal_fishers_is_the_plain_average() -> None:
