@@ -182,17 +182,21 @@ class MethodOps:
         cwd = str(sup.store.get_meta("cwd", os.getcwd()))
         parsed = sel.parse_spec(spec_str)  # a bad spec fails before any embedding work
         losses, margin, labels = self.latest_losses(parent.run_id)
-        cols = [margin[:, None]] if margin is not None else []
-        embed_note, embed_dims = "", 0
+        features = margin[:, None] if margin is not None else None
+        embed_note, embed_dims, emb = "", 0, None
         if parsed.kind == "kmeans":
             emb, embed_note = self.embedding(parent.run_id, losses.shape[0])
             if emb is not None:
-                cols.append(emb)
                 embed_dims = int(emb.shape[1])
-        features = np.concatenate(cols, axis=1) if cols else None
         seed = int(sup.store.get_meta("seed", 0))
         selection = sel.select(
-            parsed, losses, features=features, seed=seed, base_dir=cwd, labels=labels
+            parsed,
+            losses,
+            features=features,
+            seed=seed,
+            base_dir=cwd,
+            labels=labels,
+            embedding=emb,
         )
         if embed_note:
             selection.description += f"; {embed_note}"

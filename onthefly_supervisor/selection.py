@@ -265,13 +265,17 @@ def select(
     base_dir: str | os.PathLike[str] | None = None,
     labels: np.ndarray | None = None,
     threads: int | None = None,
+    embedding: np.ndarray | None = None,
 ) -> Selection:
     """Apply a SPEC to a dense per-sample loss array (NaN = unseen).
 
     `features` (n,) or (n, d), rows indexed like `losses`, adds residual features for
-    kmeans (loss history over epochs, margin, embeddings); NaN entries are imputed with the
-    column mean of the seen samples because a history column is naturally missing for
-    samples a run has not revisited. `labels` (n,) ints fill ClusterInfo.label_mix.
+    kmeans (loss history over epochs, margin); NaN entries are imputed with the column
+    mean of the seen samples because a history column is naturally missing for samples a
+    run has not revisited. `embedding` (n, e) adds a representation block (e.g. the
+    penultimate layer): standardized like the rest, then scaled so the block as a whole
+    weighs as much as the residual columns together (16 embedding columns would otherwise
+    outvote loss and margin 16 to 2). `labels` (n,) ints fill ClusterInfo.label_mix.
     `base_dir` resolves a relative indices:FILE (default: the current directory).
     `threads` caps the BLAS/OpenMP pools during k-means (default min(4, cpus)).
     """
@@ -304,6 +308,26 @@ def select(
         )
     if parsed.kind == "quantile":
         return _select_quantile(parsed, loss, seen_ids, note)
+    embed_dims = 0
+    if embedding is not None:
+        emb = np.asarray(embedding)
+        if emb.ndim != 2 or emb.shape[0] != loss.shape[0]:
+            raise ValueError(
+                f"embedding must have shape (n, e) with n = {loss.shape[0]} (one row per "
+                f"sample id), got {emb.shape}"
+            )
+        if features is not None:
+            f0 = np.asarray(features)
+            f0 = f0[:, None] if f0.ndim == 1 else f0
+            if f0.ndim != 2 or f0.shape[0] != loss.shape[0]:
+                raise ValueError(
+                    f"features must have shape (n,) or (n, d) with n = {loss.shape[0]} (one "
+                    f"row per sample id), got {f0.shape}"
+                )
+            features = np.concatenate([f0, emb], axis=1)
+        else:
+            features = emb
+        embed_dims = int(emb.shape[1])
     return _select_kmeans(
         parsed,
         loss,
@@ -313,6 +337,7 @@ def select(
         seed,
         _default_threads() if threads is None else threads,
         note,
+        embed_dims,
     )
 
 
@@ -348,9 +373,11 @@ def _select_quantile(
 
 
 def _feature_matrix(
-    loss: np.ndarray, seen_ids: np.ndarray, features: np.ndarray | None
+    loss: np.ndarray, seen_ids: np.ndarray, features: np.ndarray | None, embed_dims: int = 0
 ) -> tuple[np.ndarray, list[str]]:
-    """Standardized residual features of the seen samples, float32 (n_seen, d).
+    """Standardized residual features of the seen samples, float32 (n_seen, d); the last
+    `embed_dims` columns of `features` are an embedding block, scaled after standardizing
+    so its total variance equals the number of other columns (loss included).
 
     Built in one preallocated float32 array and standardized in place: at 1M x 64 every
     extra copy costs ~0.25 GB and a float64 one twice that, and copies were most of the
@@ -383,6 +410,8 @@ def _feature_matrix(
                 notes.append(f"{int(empty.sum())} feature column(s) with no finite value dropped")
                 x = np.ascontiguousarray(x[:, np.concatenate([[True], ~empty])])
                 bad = bad[:, ~empty]
+                if embed_dims:
+                    embed_dims -= int(np.count_nonzero(np.asarray(empty)[-embed_dims:]))
             if bad.any():
                 feats = x[:, 1:]
                 means = np.nanmean(np.where(bad, np.nan, feats), axis=0)
@@ -395,6 +424,13 @@ def _feature_matrix(
     std[std == 0] = 1.0
     x -= mean.astype(np.float32)
     x /= std.astype(np.float32)
+    if embed_dims > 0:
+        others = x.shape[1] - embed_dims
+        x[:, others:] *= np.float32(math.sqrt(others / embed_dims))
+        notes.append(
+            f"the {embed_dims} embedding column(s) weigh as much as the {others} residual "
+            "column(s) together"
+        )
     return x, notes
 
 
@@ -495,6 +531,7 @@ def _select_kmeans(
     seed: int,
     threads: int,
     note: str,
+    embed_dims: int = 0,
 ) -> Selection:
     text = str(spec)
     # Validate everything before the (possibly long) clustering.
@@ -506,7 +543,7 @@ def _select_kmeans(
                 f"labels must have shape {loss.shape} (one per sample id), got {lab_arr.shape}"
             )
         lab_arr = lab_arr[seen_ids]
-    x, notes = _feature_matrix(loss, seen_ids, features)
+    x, notes = _feature_matrix(loss, seen_ids, features, embed_dims)
     n = x.shape[0]
     rng = np.random.default_rng(seed)
     distinct = _n_distinct(x, cap=max(AUTO_K_RANGE) + 1)

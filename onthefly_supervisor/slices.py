@@ -273,16 +273,16 @@ def export_slice(
 
     data = load_run_samples(sdir, run_id)
     features = None
+    emb = None
     embed_note = ""
     embed_dims = 0
     if parsed.kind == "kmeans":
         # select() already uses the loss as the first feature column; these complete
-        # the residual features [loss, loss_mean, margin, embedding...].
+        # the residual features [loss, loss_mean, margin] (+ the embedding block).
         cols = [data.loss_mean] + ([data.margin] if data.margin is not None else [])
         features = np.stack(cols, axis=1)
         emb, embed_note = embedding_features(sdir, run_id, data.loss.shape[0])
         if emb is not None:
-            features = np.concatenate([features, emb], axis=1)
             embed_dims = int(emb.shape[1])
     sel: Selection = select(
         parsed,
@@ -290,6 +290,7 @@ def export_slice(
         features=features,
         base_dir=base_dir,
         labels=data.labels,
+        embedding=emb,
     )
     if embed_note:
         sel.description += f"; {embed_note}"

@@ -214,6 +214,7 @@ def test_kmeans_fork_clusters_on_the_parents_embedding(tmp_path: Path) -> None:
         assert spec["selection_extra"]["embedding_dims"] == 16
         # Loss + margin (2 classes) + 16 embedding dims.
         assert "18 standardized residual feature(s)" in spec["description"]
+        assert "the 16 embedding column(s) weigh as much as the 2 residual" in spec["description"]
         files = list((live.session_dir / "samples" / "main").glob("embed-step-*.npy"))
         assert len(files) == 1
         arr = np.load(files[0])

@@ -192,6 +192,24 @@ def test_kmeans_ignores_unseen_and_imputes_missing_features() -> None:
     assert "10 missing feature value(s) imputed" in sel.description
 
 
+def test_kmeans_embedding_block_does_not_outvote_the_residual_features() -> None:
+    # 16 columns of noise as the "embedding": standardized one by one they would carry 16 of
+    # 18 votes and blur the planted regimes (the hard cluster then mixes regimes 1 and 2).
+    losses, margin, regime = _regimes()
+    emb = np.random.default_rng(1).normal(size=(losses.size, 16)).astype(np.float32)
+    flat = select("kmeans:auto", losses, np.concatenate([margin[:, None], emb], 1), threads=1)
+    assert set(regime[flat.indices].tolist()) != {2}
+    sel = select("kmeans:auto", losses, margin, threads=1, embedding=emb)
+    assert sel.indices.tolist() == np.flatnonzero(regime == 2).tolist()
+    assert "the 16 embedding column(s) weigh as much as the 2 residual column(s)" in sel.description
+    # An all-NaN embedding column is dropped and the block reweighted over what is left.
+    emb[:, 3] = np.nan
+    sel = select("kmeans:auto", losses, margin, threads=1, embedding=emb)
+    assert "the 15 embedding column(s)" in sel.description
+    with pytest.raises(ValueError, match="embedding must have shape"):
+        select("kmeans:auto", losses, margin, threads=1, embedding=emb[:10])
+
+
 def test_kmeans_feature_shape_is_checked() -> None:
     with pytest.raises(ValueError, match="features must have shape"):
         select("kmeans:auto", np.zeros(10, dtype=np.float32), np.zeros((9, 2)), threads=1)
