@@ -1720,6 +1720,7 @@ class ForkRequest(_message.Message):
     VARIANT_LR_MULS_FIELD_NUMBER: _builtins.int
     RACE_ETA_FIELD_NUMBER: _builtins.int
     RACE_METRIC_FIELD_NUMBER: _builtins.int
+    RACE_MODE_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """parent run"""
     select: _builtins.str
@@ -1746,6 +1747,10 @@ class ForkRequest(_message.Message):
     """
     race_metric: _builtins.str
     """what a rung compares at equal steps: "slice" (loss on the fork's"""
+    race_mode: _builtins.str
+    """selection, the default) or "val" (validation loss)
+    "asha" (the default: a variant is promoted as soon as it ranks in
+    """
     @_builtins.property
     def variant_lr_muls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """explicit lr multipliers of the raced variants (instead"""
@@ -1765,10 +1770,11 @@ class ForkRequest(_message.Message):
         variant_lr_muls: _abc.Iterable[_builtins.float] | None = ...,
         race_eta: _builtins.int = ...,
         race_metric: _builtins.str = ...,
+        race_mode: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_rank", b"adapters_rank", "budget_steps", b"budget_steps", "checkpoint", b"checkpoint", "lr_mul", b"lr_mul", "name", b"name", "race_eta", b"race_eta", "race_metric", b"race_metric", "run", b"run", "select", b"select", "variant_lr_muls", b"variant_lr_muls", "variants", b"variants", "wd_mul", b"wd_mul"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_rank", b"adapters_rank", "budget_steps", b"budget_steps", "checkpoint", b"checkpoint", "lr_mul", b"lr_mul", "name", b"name", "race_eta", b"race_eta", "race_metric", b"race_metric", "race_mode", b"race_mode", "run", b"run", "select", b"select", "variant_lr_muls", b"variant_lr_muls", "variants", b"variants", "wd_mul", b"wd_mul"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

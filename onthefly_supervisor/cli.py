@@ -582,8 +582,8 @@ def cmd_rpc(a: argparse.Namespace) -> int:
             raise CliError(
                 f"--variants {a.variants}: must be >= 1 (1 = one fork, N >= 2 = race N variants)"
             )
-        if a.variants == 1 and (a.race_eta or a.race_metric):
-            raise CliError("--race-eta/--race-metric need --variants N with N >= 2")
+        if a.variants == 1 and (a.race_eta or a.race_metric or a.race_mode):
+            raise CliError("--race-eta/--race-metric/--race-mode need --variants N with N >= 2")
         req: Any = pb.ForkRequest(
             run=a.run,
             select=a.select,
@@ -595,6 +595,7 @@ def cmd_rpc(a: argparse.Namespace) -> int:
             name=a.name or "",
             race_eta=a.race_eta,
             race_metric=a.race_metric or "",
+            race_mode=a.race_mode or "",
         )
         method = "Fork"
     elif c == "rollback":
@@ -930,6 +931,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["slice", "val"],
         default=None,
         help="compare variants on their slice (default) or on the validation loss",
+    )
+    f.add_argument(
+        "--race-mode",
+        choices=["asha", "sync"],
+        default=None,
+        help="asha (default): promote a variant as soon as it ranks in the top 1/ETA of those "
+        "that finished its rung so far; sync: wait for every variant of a rung",
     )
     f.add_argument("--name", default=None)
     f.add_argument("--json", action="store_true")

@@ -231,8 +231,9 @@ class MethodOps:
 
     def _race_options(
         self, req: pb.ForkRequest, parent: RunRow, lr_mul: float
-    ) -> tuple[list[float], int, str] | None:
-        """(lr multipliers, eta, metric) of a race, None for a single fork; one-line errors."""
+    ) -> tuple[list[float], int, str, str] | None:
+        """(lr multipliers, eta, metric, mode) of a race, None for a single fork; one-line
+        errors."""
         from onthefly_supervisor import variants as va
 
         if req.variants < 0:
@@ -255,8 +256,8 @@ class MethodOps:
                 raise ValueError(f"--variants {req.variants}: at most {va.MAX_VARIANTS}")
             muls = va.spread_lr_multipliers(lr_mul, int(req.variants))
         else:
-            if req.race_eta or req.race_metric:
-                raise ValueError("race_eta/race_metric need --variants N (N >= 2)")
+            if req.race_eta or req.race_metric or req.race_mode:
+                raise ValueError("race_eta/race_metric/race_mode need --variants N (N >= 2)")
             return None
         eta = int(req.race_eta or 2)
         metric = req.race_metric or "slice"
@@ -269,8 +270,11 @@ class MethodOps:
                 f"race metric val: run {parent.run_id} reports no validation loss "
                 "(give fit() a val_loader and val_every_n_epochs)"
             )
+        mode = req.race_mode or "asha"
+        if mode not in va.MODES:
+            raise ValueError(f"race mode {mode!r}: one of {', '.join(va.MODES)}")
         va.race_rungs(int(req.budget_steps or 300), len(muls), eta)  # validates the budget
-        return muls, eta, metric
+        return muls, eta, metric, mode
 
     def _start_race(
         self,
@@ -284,6 +288,7 @@ class MethodOps:
         muls: list[float],
         eta: int,
         metric: str,
+        mode: str,
     ) -> pb.ActionReply:
         # One data order for every variant: they differ only in their recipe.
         common = {"seed": seed + 1000 + int(self._next_id("fork").split("-")[1])}
@@ -302,7 +307,9 @@ class MethodOps:
                 {**common, **extra},
             )
 
-        race = self.races.start(parent.run_id, muls, budget, eta, metric, make, name=req.name)
+        race = self.races.start(
+            parent.run_id, muls, budget, eta, metric, make, name=req.name, mode=mode
+        )
         self._start_queued_forks()
         rungs = "/".join(str(r) for r in race.rungs)
         return pb.ActionReply(
@@ -311,7 +318,7 @@ class MethodOps:
             message=f"{race.race_id}: {len(race.runs)} variants of {parent.run_id} ({', '.join(race.runs)}) "
             f"on {selection.indices.size} samples ({selection.description}), lr x"
             + "/".join(f"{m:.3g}" for m in muls)
-            + f"; rungs at {rungs} steps, each keeps the best 1/{eta} by {metric} loss",
+            + f"; rungs at {rungs} steps, each keeps the best 1/{eta} by {metric} loss ({mode})",
             payload_json=json.dumps(
                 {
                     "race": race.race_id,
@@ -320,6 +327,7 @@ class MethodOps:
                     "rungs": race.rungs,
                     "eta": eta,
                     "metric": metric,
+                    "mode": mode,
                     "samples": int(selection.indices.size),
                     "selection": selection.spec,
                     "checkpoint": ckpt_rel,

@@ -14,8 +14,17 @@ resume) to the next rung. The rest end as stopped runs with the reason recorded.
 last rung one variant is left; it trains to the full budget and ends as the race's
 winner (a completed run). Every variant stays in the lineage.
 
+That is the "sync" mode: a rung is decided when every variant has reported. The default
+mode, "asha" (asynchronous successive halving, Li et al. 2020), does not wait: whenever a
+variant finishes a rung it is promoted at once if it ranks in the top floor(m / eta) of
+the m variants that have finished that rung so far (`asha_promotions`), so a fast good
+variant goes on while slow ones still train; a variant that never ranks there stays
+parked at its rung (holding nothing) and ends as lost when the race ends. When nothing
+trains and nothing can be promoted, the best parked variant of the highest rung goes
+straight to the full budget (as one survivor does in sync mode), so a race always ends.
+
 This module holds the pure decisions (`spread_lr_multipliers`, `race_rungs`,
-`decide_rung`) and a small driver (`Races`) that the supervisor ticks.
+`decide_rung`, `asha_promotions`) and a small driver (`Races`) that the supervisor ticks.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ if TYPE_CHECKING:
 LR_SPAN = 10.0
 """The lr multipliers of a race span this factor (one decade), log-uniformly."""
 MAX_VARIANTS = 16
+MODES = ("asha", "sync")
+"""How rungs are decided: asynchronously as variants report (asha) or all at once (sync)."""
 METRICS = ("slice", "val")
 """What a rung compares: the loss on the fork's selection (`slice:self`) or on val."""
 _SPLIT = {"slice": "slice:self", "val": "val"}
@@ -176,6 +187,21 @@ def decide_rung(
     )
 
 
+def asha_promotions(
+    finished: Mapping[str, float | None], eta: int, already: Sequence[str]
+) -> list[str]:
+    """ASHA at one rung: of the m variants that have `finished` it so far (in variant
+    order, with their scores; lower is better), the top floor(m / eta) with a finite score
+    go on; returns those not promoted `already`, best first. Ties go to variant order."""
+    if eta < 2:
+        raise ValueError(f"asha_promotions(eta={eta!r}): must be >= 2")
+    order = {k: i for i, k in enumerate(finished)}
+    finite = {k: float(v) for k, v in finished.items() if v is not None and math.isfinite(v)}
+    ranked = sorted(finite, key=lambda k: (finite[k], order[k]))
+    done = set(already)
+    return [k for k in ranked[: len(finished) // eta] if k not in done]
+
+
 # --------------------------------------------------------------------------- the driver
 
 
@@ -198,6 +224,13 @@ class Race:
     """running | done | failed"""
     winner: str = ""
     error: str = ""
+    mode: str = "sync"
+    at: dict[str, int] = field(default_factory=dict)
+    """asha: the rung each variant trains towards or is parked at."""
+    finished: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    """asha: per rung index (as text), the variants that finished it and their scores."""
+    promoted: dict[str, list[str]] = field(default_factory=dict)
+    """asha: per rung index (as text), the variants promoted out of it, in order."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -215,6 +248,13 @@ class Race:
             "status": self.status,
             "winner": self.winner,
             "error": self.error,
+            "mode": self.mode,
+            "at": dict(self.at),
+            "finished": {
+                k: {r: (v if v is not None and math.isfinite(v) else None) for r, v in d.items()}
+                for k, d in self.finished.items()
+            },
+            "promoted": {k: list(v) for k, v in self.promoted.items()},
         }
 
 
@@ -247,15 +287,18 @@ class Races:
         metric: str,
         make_fork: Any,
         name: str = "",
+        mode: str = "asha",
     ) -> Race:
         """Create the variant runs through `make_fork(lr_mul, name, extra_spec) -> run_id`
         (the MethodOps fork path: same selection, checkpoint and seed) and start rung 1."""
         n = len(lr_muls)
         if metric not in METRICS:
             raise ValueError(f"race metric {metric!r}: one of {', '.join(METRICS)}")
+        if mode not in MODES:
+            raise ValueError(f"race mode {mode!r}: one of {', '.join(MODES)}")
         rungs = race_rungs(budget, n, eta)
         race_id = self._next_id()
-        race = Race(race_id, parent, [], {}, rungs, eta, metric, name=name or race_id)
+        race = Race(race_id, parent, [], {}, rungs, eta, metric, name=name or race_id, mode=mode)
         first_stop = rungs[0] if len(rungs) > 1 else 0
         for i, m in enumerate(lr_muls):
             extra = {
@@ -267,11 +310,13 @@ class Races:
                     "metric": metric,
                     "stop_at": first_stop,
                     "state": "running",
+                    "mode": mode,
                 }
             }
             run_id = make_fork(float(m), f"{race.name}-v{i}", extra)
             race.runs.append(run_id)
             race.recipes[run_id] = {"lr_mul": float(m)}
+            race.at[run_id] = 0
         race.alive = list(race.runs)
         self.races[race_id] = race
         self._save(race)
@@ -302,7 +347,10 @@ class Races:
     def tick(self) -> None:
         for race in list(self.races.values()):
             if race.status == "running":
-                self._advance(race)
+                if race.mode == "asha":
+                    self._advance_asha(race)
+                else:
+                    self._advance(race)
 
     def _score(self, run_id: str, step: int, metric: str) -> tuple[float | None, str]:
         rows = self.sup.store.query(
@@ -367,17 +415,10 @@ class Races:
             return
         # One survivor goes straight to the full budget (a later cut would have no one to cut).
         race.rung = len(race.rungs) - 1 if len(res.promoted) == 1 else race.rung + 1
-        nxt = 0 if race.rung == len(race.rungs) - 1 else race.rungs[race.rung]
         race.alive = list(res.promoted)
         for rid in res.promoted:
-            self._set_spec(rid, stop_at=nxt, state="running", rung=race.rung)
-            ck = st.latest_checkpoint(rid)
-            if ck is None:
-                self._lose(rid, "promoted, but its rung checkpoint is missing")
+            if not self._promote(race, rid, race.rung):
                 race.alive.remove(rid)
-                continue
-            self.sup._set_run_status(rid, RunStatus.PENDING)
-            self.method.queue_fork(rid, resume=str(ck["path"]))
         self.sup.bus.publish(
             "log",
             race.parent,
@@ -392,10 +433,167 @@ class Races:
             return
         self._save(race)
 
+    def _promote(self, race: Race, rid: str, rung: int) -> bool:
+        """Send a variant on towards `rung` from its rung checkpoint; False if it cannot go."""
+        nxt = 0 if rung == len(race.rungs) - 1 else race.rungs[rung]
+        self._set_spec(rid, stop_at=nxt, state="running", rung=rung)
+        ck = self.sup.store.latest_checkpoint(rid)
+        if ck is None:
+            self._lose(rid, "promoted, but its rung checkpoint is missing")
+            return False
+        self.sup._set_run_status(rid, RunStatus.PENDING)
+        self.method.queue_fork(rid, resume=str(ck["path"]))
+        return True
+
+    def _advance_asha(self, race: Race) -> None:
+        st = self.sup.store
+        last = len(race.rungs) - 1
+        changed = moved = False
+        # 1. Variants that reached their rung (or ended before it) are recorded.
+        for rid in list(race.alive):
+            r = st.run(rid)
+            k = race.at.get(rid, 0)
+            fin = race.finished.setdefault(str(k), {})
+            if r is None or not r.status.terminal or rid in fin:
+                continue
+            step = race.rungs[k]
+            reached = (
+                r.status is RunStatus.COMPLETED
+                if k == last
+                else r.status is RunStatus.STOPPED and r.step >= step
+            )
+            if reached:
+                fin[rid] = self._score(rid, r.step if k == last else step, race.metric)[0]
+            else:
+                race.alive.remove(rid)
+                self._lose(
+                    rid,
+                    f"dropped at rung {k + 1} (step {step}): it {r.status.value} at step {r.step}"
+                    + (f" ({r.error})" if r.error else ""),
+                )
+            changed = True
+        # 2. Promotions, the highest rung first (a variant further on is closer to the end).
+        for k in range(last - 1, -1, -1):
+            fin = race.finished.get(str(k), {})
+            already = race.promoted.setdefault(str(k), [])
+            for rid in asha_promotions(fin, race.eta, already):
+                already.append(rid)
+                race.at[rid] = k + 1
+                self._record_promotion(race, k, rid, fin)
+                if not self._promote(race, rid, k + 1):
+                    race.alive.remove(rid)
+                changed = moved = True
+        # 3. The end: nothing trains and nothing more can be promoted.
+        training = [
+            rid for rid in race.alive if rid not in race.finished.get(str(race.at.get(rid, 0)), {})
+        ]
+        if not training and not moved:
+            done_last = {
+                rid: v for rid, v in race.finished.get(str(last), {}).items() if rid in race.alive
+            }
+            if not done_last and self._rescue(race):
+                changed = True
+            else:
+                self._end_asha(race, done_last)
+                return
+        if changed:
+            self._save(race)
+
+    def _record_promotion(
+        self, race: Race, k: int, rid: str, fin: Mapping[str, float | None]
+    ) -> None:
+        finite = {x: v for x, v in fin.items() if v is not None and math.isfinite(v)}
+        ranked = sorted(finite, key=lambda x: (finite[x], race.runs.index(x)))
+        race.history.append(
+            {
+                "rung": k,
+                "step": race.rungs[k],
+                "metric": race.metric,
+                "scores": {
+                    x: (v if v is not None and math.isfinite(v) else None) for x, v in fin.items()
+                },
+                "ranked": ranked,
+                "promoted": [rid],
+                "stopped": [],
+                "reasons": {},
+                "of": len(race.runs),
+            }
+        )
+        self.sup.bus.publish(
+            "log",
+            race.parent,
+            level="info",
+            text=f"{race.race_id}: {rid} promoted from rung {k + 1} (step {race.rungs[k]}, "
+            f"{race.metric} loss {_fmt(fin.get(rid))}, ranked {ranked.index(rid) + 1} of the "
+            f"{len(fin)} that finished it so far)",
+        )
+
+    def _rescue(self, race: Race) -> bool:
+        """Nothing trains, nothing is promotable and no one reached the full budget (a
+        promoted variant failed): the best parked variant of the highest rung goes straight
+        to the full budget. False when there is none."""
+        last = len(race.rungs) - 1
+        for k in range(last - 1, -1, -1):
+            fin = race.finished.get(str(k), {})
+            moved = set(race.promoted.get(str(k), []))
+            parked = {
+                rid: v
+                for rid, v in fin.items()
+                if rid in race.alive and rid not in moved and v is not None and math.isfinite(v)
+            }
+            if parked:
+                best = min(parked, key=lambda x: (parked[x], race.runs.index(x)))
+                race.promoted.setdefault(str(k), []).append(best)
+                race.at[best] = last
+                self._record_promotion(race, k, best, fin)
+                if not self._promote(race, best, last):
+                    race.alive.remove(best)
+                return True
+        return False
+
+    def _end_asha(self, race: Race, done_last: Mapping[str, float | None]) -> None:
+        if not done_last:
+            self._finish(race, "", "no variant reached the full budget")
+            for rid in list(race.alive):
+                self._lose(rid, "the race ended without a winner")
+            return
+        best = min(done_last, key=lambda x: (_inf(done_last[x]), race.runs.index(x)))
+        for rid in race.alive:
+            if rid == best:
+                continue
+            k = race.at.get(rid, 0)
+            if k == len(race.rungs) - 1:
+                self._lose(rid, f"completed, but {best} finished the race better")
+                continue
+            fin = race.finished.get(str(k), {})
+            finite = {x: v for x, v in fin.items() if v is not None and math.isfinite(v)}
+            ranked = sorted(finite, key=lambda x: (finite[x], race.runs.index(x)))
+            v = fin.get(rid)
+            if rid in finite:
+                why = (
+                    f"lost the race at rung {k + 1} (step {race.rungs[k]}): {race.metric} loss "
+                    f"{finite[rid]:.4g}, ranked {ranked.index(rid) + 1} of {len(fin)}; "
+                    f"never in the top 1/{race.eta}"
+                )
+            else:
+                why = f"dropped at rung {k + 1} (step {race.rungs[k]}): " + (
+                    "its loss is not finite" if v is not None else f"no {race.metric} loss"
+                )
+            self._lose(rid, why)
+        self._set_spec(best, state="won")
+        self.sup.bus.publish(
+            "log",
+            best,
+            level="info",
+            text=f"{race.race_id}: {best} won the race ({race.recipes[best]})",
+        )
+        self._finish(race, best, "")
+
     def _lose(self, run_id: str, reason: str) -> None:
         self._set_spec(run_id, state="lost", reason=reason)
         run = self.sup.store.run(run_id)
-        if run is not None and run.status is RunStatus.COMPLETED:
+        if run is not None and run.status in (RunStatus.COMPLETED, RunStatus.FAILED):
+            # A completed run stays completed and a failed one failed; the reason is added.
             self.sup.store.update_run(run_id, error=reason)
         else:
             self.sup._set_run_status(run_id, RunStatus.STOPPED, reason)

@@ -124,6 +124,8 @@ def test_plateau_explore_races_variants_to_a_winner(tmp_path: Path) -> None:
     out = card["diagnostics"]["outcome"]
     race = out["race"]
     assert race["status"] == "done" and race["metric"] == "val"
+    # ASHA by default; with 3 variants and eta 3 the first promotion waits for all three.
+    assert race["mode"] == "asha" and race["finished"]["0"].keys() == set(race["runs"])
     runs = {x["run_id"]: x for x in rep["runs"]}
     variants = [x for x in runs.values() if x["name"].startswith(card["plan_id"])]
     assert sorted(x["run_id"] for x in variants) == sorted(race["runs"])
@@ -163,6 +165,8 @@ def test_fork_variants_race_ends_with_one_winner_and_stopped_losers(tmp_path: Pa
             "4",
             "--budget-steps",
             "24",
+            "--race-mode",
+            "sync",
             "--wait",
             "--json",
             cwd=tmp_path,
@@ -171,6 +175,7 @@ def test_fork_variants_race_ends_with_one_winner_and_stopped_losers(tmp_path: Pa
         assert r.returncode == 0, r.stdout + r.stderr
         race = json.loads(r.stdout[r.stdout.index("{") :])["race"]
         assert race["status"] == "done" and race["rungs"] == [6, 12, 24]
+        assert race["mode"] == "sync"  # every rung decided at once: the counts are exact
         assert [len(h["ranked"]) for h in race["history"]] == [4, 2]
         runs = {x["run_id"]: x for x in cli_json("runs", cwd=tmp_path)["runs"]}
         variants = [runs[v] for v in race["runs"]]

@@ -1,0 +1,164 @@
+"""ASHA races: the pure promotion rule, and the driver on a real store with simulated variants.
+
+The driver test plays the workers' part: a variant "trains" to the step its spec says
+(`race.stop_at`, 0 = the full budget), reports its loss there and stops (or completes),
+exactly the way fork workers do; the supervisor part (`Races`) is the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from onthefly_supervisor.lifecycle import RunStatus
+from onthefly_supervisor.store import RunRow, Store
+from onthefly_supervisor.variants import Races, asha_promotions
+
+
+def test_asha_promotes_the_top_fraction_of_those_finished_so_far() -> None:
+    # Two of four finished: floor(2/2) = 1 goes on at once, the better one.
+    assert asha_promotions({"a": 0.5, "b": 0.3}, eta=2, already=[]) == ["b"]
+    # All four: the top two; b already went on, so only d is new.
+    got = asha_promotions({"a": 0.5, "b": 0.3, "c": 0.9, "d": 0.1}, eta=2, already=["b"])
+    assert got == ["d"]
+    # An early promotion is never taken back, and a late better one still goes on (ASHA).
+    assert asha_promotions({"a": 0.5, "b": 0.3, "c": 0.2}, eta=2, already=["b"]) == ["c"]
+    # One finished of eta=3: nobody yet. Non-finite and missing scores never go on.
+    assert asha_promotions({"a": 0.1}, eta=3, already=[]) == []
+    assert asha_promotions({"a": math.nan, "b": None, "c": 1.0, "d": math.inf}, 2, []) == ["c"]
+    # Ties go to variant order.
+    assert asha_promotions({"y": 1.0, "x": 1.0}, eta=2, already=[]) == ["y"]
+    with pytest.raises(ValueError, match="eta"):
+        asha_promotions({"a": 1.0}, eta=1, already=[])
+
+
+class _Bus:
+    def __init__(self) -> None:
+        self.logs: list[str] = []
+
+    def publish(self, kind: str, run_id: str, **payload: Any) -> None:
+        if kind == "log":
+            self.logs.append(str(payload.get("text", "")))
+
+
+class _Sup:
+    def __init__(self, d: str) -> None:
+        self.dir = d
+        self.store = Store(d)
+        self.bus = _Bus()
+        self.tick_hooks: list[Any] = []
+        self.final_hooks: list[Any] = []
+
+    def _set_run_status(self, run_id: str, status: RunStatus, error: str | None = None) -> None:
+        self.store.set_run_status(run_id, status, error)  # raises on a transition the
+        # real supervisor would refuse: the driver must never ask for one
+
+
+class _Method:
+    def __init__(self) -> None:
+        self.queued: list[str] = []
+
+    def queue_fork(self, run_id: str, resume: str = "") -> None:
+        self.queued.append(run_id)
+
+
+def _race(tmp_path: Path, n: int, eta: int, budget: int) -> tuple[_Sup, _Method, Races, Any]:
+    sup, method = _Sup(str(tmp_path)), _Method()
+    races = Races(sup, method)  # type: ignore[arg-type]
+
+    def make(m: float, name: str, extra: dict[str, Any]) -> str:
+        rid = f"fork-{len(sup.store.runs()) + 1}"
+        spec = {"lr_mul": m, **extra}
+        os.makedirs(os.path.join(sup.dir, "forks", rid), exist_ok=True)
+        with open(os.path.join(sup.dir, "forks", rid, "spec.json"), "w") as f:
+            json.dump(spec, f)
+        sup.store.add_run(
+            RunRow(rid, name, "fork", RunStatus.RUNNING, ["main"], time.time(), spec=spec)
+        )
+        return rid
+
+    race = races.start("main", [0.5, 1.0, 2.0, 4.0][:n], budget, eta, "slice", make)
+    return sup, method, races, race
+
+
+def _train(sup: _Sup, rid: str, loss: float) -> None:
+    """What a fork worker does: train to its stop_at (0 = the budget), report, end."""
+    run = sup.store.run(rid)
+    assert run is not None
+    spec = json.loads(Path(sup.dir, "forks", rid, "spec.json").read_text())
+    stop = int(spec["race"]["stop_at"]) or int(spec["race"]["rungs"][-1])
+    sup.store.add_eval(rid, "slice:self", stop, 0, loss, math.nan, 10, {})
+    sup.store.add_checkpoint(
+        rid, f"checkpoints/{rid}/step-{stop}.pt", "0" * 64, stop, 0, 0, "race", 1
+    )
+    sup.store.update_run(rid, step=stop)
+    final = stop == int(spec["race"]["rungs"][-1])
+    sup.store.set_run_status(rid, RunStatus.COMPLETED if final else RunStatus.STOPPED)
+
+
+def test_asha_race_promotes_early_and_ends_with_one_winner(tmp_path: Path) -> None:
+    sup, method, races, race = _race(tmp_path, n=4, eta=2, budget=24)
+    a, b, c, d = race.runs
+    assert race.mode == "asha" and race.rungs == [6, 12, 24]
+    _train(sup, a, 0.5)
+    races.tick()
+    assert method.queued == []  # 1 of 4 finished: floor(1/2) = 0 promotions
+    _train(sup, b, 0.3)
+    races.tick()
+    # 2 finished: b goes on at once, while c and d are still training.
+    assert method.queued == [b] and race.at[b] == 1
+    assert sup.store.run(b).status is RunStatus.PENDING  # type: ignore[union-attr]
+    assert any(f"{b} promoted from rung 1" in x for x in sup.bus.logs)
+    _train(sup, c, 0.9)
+    _train(sup, d, 0.1)
+    sup.store.set_run_status(b, RunStatus.RUNNING)  # b's worker picked it up meanwhile
+    races.tick()
+    assert method.queued == [b, d]  # 4 finished: the top two, d is new
+    _train(sup, b, 0.25)
+    races.tick()
+    # Rung 2 (step 12): 1 of 2 finished, nobody goes to the full budget yet.
+    assert method.queued == [b, d]
+    _train(sup, d, 0.05)
+    races.tick()
+    assert method.queued == [b, d, d] and race.at[d] == 2
+    _train(sup, d, 0.01)
+    races.tick()
+    assert race.status == "done" and race.winner == d
+    runs = {r.run_id: r for r in sup.store.runs()}
+    assert runs[d].status is RunStatus.COMPLETED
+    for rid in (a, b, c):
+        assert runs[rid].status is RunStatus.STOPPED
+        assert (
+            "lost the race at rung" in runs[rid].error and "never in the top 1/2" in runs[rid].error
+        )
+    assert [h["promoted"] for h in race.history] == [[b], [d], [d]]
+    saved = sup.store.get_meta(f"race:{race.race_id}")
+    assert saved["status"] == "done" and saved["mode"] == "asha"
+    json.dumps(saved, allow_nan=False)
+
+
+def test_asha_race_rescues_when_the_promoted_variant_fails(tmp_path: Path) -> None:
+    sup, method, races, race = _race(tmp_path, n=2, eta=2, budget=8)
+    a, b = race.runs
+    assert race.rungs == [4, 8]
+    _train(sup, a, 0.2)
+    _train(sup, b, 0.4)
+    races.tick()
+    assert method.queued == [a]
+    sup.store.set_run_status(a, RunStatus.FAILED, "out of memory")
+    # a is dropped; nothing trains and nothing is promotable, so the best parked
+    # variant, b, goes straight to the full budget.
+    races.tick()
+    assert method.queued == [a, b] and race.at[b] == 1
+    failed = sup.store.run(a)
+    assert failed is not None and failed.status is RunStatus.FAILED  # stays failed
+    assert "dropped at rung 2" in failed.error and "out of memory" in failed.error
+    _train(sup, b, 0.3)
+    races.tick()
+    assert race.status == "done" and race.winner == b
