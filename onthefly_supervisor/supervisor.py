@@ -1001,7 +1001,8 @@ class Supervisor:
         runs = [
             r for r in self.store.runs() if r.status is not RunStatus.COMPLETED and r.kind == "main"
         ]
-        if not runs:
+        races = self.method.races.resume()
+        if not runs and not races:
             raise SupervisorError(f"session {self.session_id} has no unfinished run to resume")
         for r in runs:
             ck = self.store.latest_checkpoint(r.run_id)

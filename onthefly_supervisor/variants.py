@@ -258,6 +258,33 @@ class Race:
         }
 
 
+def race_from_dict(d: Mapping[str, Any]) -> Race:
+    """A race as `Race.to_dict()` stored it (the store's `race:<id>` meta entry)."""
+    return Race(
+        race_id=str(d["race_id"]),
+        parent=str(d["parent"]),
+        runs=[str(x) for x in d["runs"]],
+        recipes={str(k): {str(a): float(b) for a, b in v.items()} for k, v in d["recipes"].items()},
+        rungs=[int(x) for x in d["rungs"]],
+        eta=int(d["eta"]),
+        metric=str(d["metric"]),
+        name=str(d.get("name", "")),
+        rung=int(d.get("rung", 0)),
+        alive=[str(x) for x in d.get("alive", [])],
+        history=list(d.get("history", [])),
+        status=str(d.get("status", "running")),
+        winner=str(d.get("winner", "")),
+        error=str(d.get("error", "")),
+        mode=str(d.get("mode", "sync")),
+        at={str(k): int(v) for k, v in (d.get("at") or {}).items()},
+        finished={
+            str(k): {str(r): (None if v is None else float(v)) for r, v in fin.items()}
+            for k, fin in (d.get("finished") or {}).items()
+        },
+        promoted={str(k): [str(x) for x in v] for k, v in (d.get("promoted") or {}).items()},
+    )
+
+
 class Races:
     """The supervisor side of racing: starts variants, judges rungs, promotes and stops."""
 
@@ -271,6 +298,40 @@ class Races:
 
     def active(self) -> bool:
         return any(r.status == "running" for r in self.races.values())
+
+    def resume(self) -> list[str]:
+        """Go on with the races that were running when the session's previous supervisor
+        ended (`onthefly resume`): each variant that was training (or queued) when it ended
+        restarts from its latest checkpoint, bit-exact like any resume (from the parent's
+        checkpoint if it had none yet); finished and parked variants keep their place.
+        Returns the ids of the races that go on."""
+        st = self.sup.store
+        out = []
+        for row in st.query("SELECT key FROM meta WHERE key LIKE 'race:%' ORDER BY key"):
+            d = st.get_meta(row["key"])
+            if not isinstance(d, dict) or d.get("status") != "running":
+                continue
+            race = race_from_dict(d)
+            self.races[race.race_id] = race
+            restarted = []
+            for rid in race.alive:
+                run = st.run(rid)
+                if run is None or run.status.terminal:
+                    continue  # finished its rung (or ended): the next tick judges it
+                ck = st.latest_checkpoint(rid)
+                self.sup._set_run_status(rid, RunStatus.PENDING)
+                self.method.queue_fork(rid, resume=str(ck["path"]) if ck else "")
+                restarted.append(f"{rid} from {ck['path'] if ck else 'the parent checkpoint'}")
+            self.sup.bus.publish(
+                "log",
+                race.parent,
+                level="info",
+                text=f"{race.race_id} resumes ({race.mode})"
+                + (f": restarting {', '.join(restarted)}" if restarted else ""),
+            )
+            self._save(race)
+            out.append(race.race_id)
+        return out
 
     def _next_id(self) -> str:
         n = 1

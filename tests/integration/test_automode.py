@@ -302,3 +302,44 @@ def test_manual_mode_cards_wait_for_approval(tmp_path: Path) -> None:
     finally:
         live.proc.send_signal(signal.SIGINT)
         live.finish(60)
+
+
+def test_a_race_goes_on_after_the_supervisor_is_killed_and_resumed(tmp_path: Path) -> None:
+    live = start(
+        tmp_path, SMALL, "--epochs", "2", "--n", "256", "--step-sleep", "0.02",
+        extra=("--keep-alive",),
+    )  # fmt: skip
+    try:
+        live.wait_for(lambda s: live.main_run(s)["status"] == "completed", timeout=120)
+        r = cli(
+            "fork", "--select", "all", "--variants", "2", "--budget-steps", "400",
+            "--json", cwd=tmp_path, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        reply = json.loads(r.stdout[r.stdout.index("{") :])
+        race_id = json.loads(reply["payload_json"])["race"]
+
+        def variants_started(s: dict) -> bool:  # type: ignore[type-arg]
+            steps = [x["step"] for x in s["runs"] if x["run_id"].startswith("fork-")]
+            return len(steps) == 2 and min(steps) >= 10  # rung 1 is at step 200
+
+        live.wait_for(variants_started, timeout=120, every=0.1)
+    finally:
+        live.proc.kill()  # SIGKILL: the variants' workers die with it, mid-rung
+        live.proc.wait(10)
+    sdir = (tmp_path / ".onthefly" / "sessions" / "latest").resolve()
+    r = cli("resume", "--headless", "--port", "0", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{race_id} resumes (asha): restarting fork-1 from " in r.stdout, r.stdout
+    import sqlite3
+
+    db = sqlite3.connect(sdir / "session.db")
+    race = json.loads(
+        db.execute("SELECT value FROM meta WHERE key = ?", (f"race:{race_id}",)).fetchone()[0]
+    )
+    runs = {row[0]: row[1:] for row in db.execute("SELECT run_id, status, step FROM runs")}
+    db.close()
+    assert race["status"] == "done", race
+    assert runs[race["winner"]] == ("completed", 400)
+    loser = next(x for x in race["runs"] if x != race["winner"])
+    assert runs[loser] == ("stopped", race["rungs"][0])

@@ -162,3 +162,17 @@ def test_asha_race_rescues_when_the_promoted_variant_fails(tmp_path: Path) -> No
     _train(sup, b, 0.3)
     races.tick()
     assert race.status == "done" and race.winner == b
+
+
+def test_a_stored_race_round_trips(tmp_path: Path) -> None:
+    from onthefly_supervisor.variants import race_from_dict
+
+    sup, _, races, race = _race(tmp_path, n=3, eta=2, budget=40)
+    a, b, _c = race.runs
+    _train(sup, a, 0.5)
+    _train(sup, b, 0.25)
+    races.tick()
+    stored = sup.store.get_meta(f"race:{race.race_id}")
+    again = race_from_dict(stored)
+    assert again == race
+    assert again.finished["0"] == {a: 0.5, b: 0.25} and again.promoted["0"] == [b]
