@@ -17,6 +17,7 @@ import {
   affectsRuns,
   type ErrorPayload,
 } from '../shared/events';
+import { DEFAULT_ETA, MAX_ETA, MAX_VARIANTS, MIN_ETA, RACE_METRICS, RACE_MODES, forkRaceFromForm, parseLrMuls } from '../shared/fork';
 import { validateSelectSpec, type QuantileSelection } from '../shared/histogram';
 import { relatives } from '../shared/lineage';
 import {
@@ -26,6 +27,7 @@ import {
   EXPORT_FORMATS,
   type ExportDto,
   type ExportFormat,
+  type ForkParams,
   HEALTH_CHECKS,
   type HostToWebview,
   MERGE_METHODS,
@@ -47,7 +49,19 @@ import { HostRpc, RpcFailure, vscodeApi } from './rpc';
 interface SavedState {
   selectedRun: string;
   checked: string[];
-  fork: { select: string; budget: string; lrMul: string; rank: string; name: string };
+  fork: {
+    select: string;
+    budget: string;
+    lrMul: string;
+    rank: string;
+    name: string;
+    // race fields (absent in the state of older versions)
+    variants?: string;
+    eta?: string;
+    metric?: string;
+    mode?: string;
+    lrMuls?: string;
+  };
   exportFormat: ExportFormat;
   mergeMethod: MergeMethod;
   healthCheck: string;
@@ -95,6 +109,15 @@ class Dashboard {
   private readonly forkLr = h('input', { type: 'number', id: 'fork-lr', value: '1.0', min: '0', step: '0.1' });
   private readonly forkRank = h('input', { type: 'number', id: 'fork-rank', value: '0', min: '0', step: '1' });
   private readonly forkName = h('input', { type: 'text', id: 'fork-name', placeholder: 'optional' });
+  // Racing variants (ForkRequest.variants / race_eta / race_metric / race_mode / variant_lr_muls):
+  // the race fields show only with 2 or more variants; explicit lr multipliers set the count.
+  private readonly forkVariants = h('input', { type: 'number', id: 'fork-variants', value: '1', min: '1', max: String(MAX_VARIANTS), step: '1', title: `1 = one fork; 2..${MAX_VARIANTS} = race that many variants by successive halving, the winner completes` });
+  private readonly forkRaceEta = h('input', { type: 'number', id: 'fork-race-eta', value: String(DEFAULT_ETA), min: String(MIN_ETA), max: String(MAX_ETA), step: '1', title: 'each rung keeps the best 1/eta of the variants' });
+  private readonly forkRaceMetric = h('select', { id: 'fork-race-metric', title: 'what a rung compares at equal steps: the loss on the selection, or the validation loss' });
+  private readonly forkRaceMode = h('select', { id: 'fork-race-mode', title: 'asha: a variant goes on as soon as it ranks in the top 1/eta of its rung so far; sync: the whole rung reports first' });
+  private readonly forkLrMuls = h('input', { type: 'text', id: 'fork-lr-muls', placeholder: 'optional, e.g. 0.3, 1, 3', spellcheck: 'false', title: 'explicit lr multipliers, one per variant (their count sets the variants); empty: spread over one decade around lr ×' });
+  private readonly forkRace = h('div', { className: 'fork-race hidden', id: 'fork-race' });
+  private readonly forkError = h('div', { className: 'error-text', id: 'fork-error', role: 'alert' });
   private readonly forkHint = h('div', { className: 'muted', id: 'fork-hint' });
   private readonly mergeMethod = h('select', { id: 'merge-method' });
   private readonly healthCheck = h('select', { id: 'health-check' });
@@ -124,6 +147,9 @@ class Dashboard {
       if (this.connection?.state === 'connected' && document.visibilityState !== 'hidden') void this.pollGpus();
     }, 2000);
     for (const m of MERGE_METHODS) this.mergeMethod.append(new Option(m, m));
+    const metricLabels: Record<string, string> = { slice: 'slice (loss on the selection)', val: 'val (validation loss)' };
+    for (const m of RACE_METRICS) this.forkRaceMetric.append(new Option(metricLabels[m] ?? m, m));
+    for (const m of RACE_MODES) this.forkRaceMode.append(new Option(m, m));
     this.healthCheck.append(new Option('all checks', ''));
     for (const c of HEALTH_CHECKS) this.healthCheck.append(new Option(c, c));
     for (const f of EXPORT_FORMATS) this.exportFormat.append(new Option(f.toUpperCase(), f));
@@ -182,14 +208,35 @@ class Dashboard {
       h('label', {}, 'lr ×', this.forkLr),
       h('label', {}, 'adapters rank', this.forkRank),
       h('label', {}, 'name', this.forkName),
+      h('label', {}, 'variants', this.forkVariants),
+      this.forkRace,
       this.button('btn-fork', 'Fork', () => this.fork(), 'primary'),
+      this.forkError,
       this.forkHint,
+    );
+    this.forkRace.append(
+      h('label', {}, 'race eta', this.forkRaceEta),
+      h('label', {}, 'compare on', this.forkRaceMetric),
+      h('label', {}, 'race mode', this.forkRaceMode),
+      h('label', {}, 'lr multipliers', this.forkLrMuls),
+      h('span', { className: 'muted' }, 'the variants race by successive halving; without lr multipliers their lr spreads over one decade around lr ×'),
     );
     this.forkSelect.addEventListener('change', () => {
       this.histogram.showSpec(this.forkSelect.value);
       this.save();
     });
-    for (const el of [this.forkBudget, this.forkLr, this.forkRank, this.forkName]) el.addEventListener('change', () => this.save());
+    for (const el of [this.forkBudget, this.forkLr, this.forkRank, this.forkName, this.forkRaceEta, this.forkRaceMetric, this.forkRaceMode]) el.addEventListener('change', () => this.save());
+    for (const el of [this.forkVariants, this.forkLrMuls]) {
+      el.addEventListener('input', () => this.updateRaceFields());
+      el.addEventListener('change', () => {
+        this.updateRaceFields();
+        this.save();
+      });
+    }
+    for (const el of [this.forkSelect, this.forkBudget, this.forkLr, this.forkRank, this.forkVariants, this.forkRaceEta, this.forkRaceMetric, this.forkRaceMode, this.forkLrMuls]) {
+      el.addEventListener('input', () => (this.forkError.textContent = ''));
+    }
+    this.updateRaceFields();
 
     const combine = h(
       'div',
@@ -271,6 +318,11 @@ class Dashboard {
       this.forkLr.value = s.fork.lrMul || this.forkLr.value;
       this.forkRank.value = s.fork.rank || this.forkRank.value;
       this.forkName.value = s.fork.name || '';
+      this.forkVariants.value = s.fork.variants || this.forkVariants.value;
+      this.forkRaceEta.value = s.fork.eta || this.forkRaceEta.value;
+      if (s.fork.metric && (RACE_METRICS as readonly string[]).includes(s.fork.metric)) this.forkRaceMetric.value = s.fork.metric;
+      if (s.fork.mode && (RACE_MODES as readonly string[]).includes(s.fork.mode)) this.forkRaceMode.value = s.fork.mode;
+      this.forkLrMuls.value = s.fork.lrMuls || '';
     }
     if (s.exportFormat) this.exportFormat.value = s.exportFormat;
     if (s.mergeMethod) this.mergeMethod.value = s.mergeMethod;
@@ -282,7 +334,18 @@ class Dashboard {
     const s: SavedState = {
       selectedRun: this.selected,
       checked: [...this.checked],
-      fork: { select: this.forkSelect.value, budget: this.forkBudget.value, lrMul: this.forkLr.value, rank: this.forkRank.value, name: this.forkName.value },
+      fork: {
+        select: this.forkSelect.value,
+        budget: this.forkBudget.value,
+        lrMul: this.forkLr.value,
+        rank: this.forkRank.value,
+        name: this.forkName.value,
+        variants: this.forkVariants.value,
+        eta: this.forkRaceEta.value,
+        metric: this.forkRaceMetric.value,
+        mode: this.forkRaceMode.value,
+        lrMuls: this.forkLrMuls.value,
+      },
       exportFormat: this.exportFormat.value as ExportFormat,
       mergeMethod: this.mergeMethod.value as MergeMethod,
       healthCheck: this.healthCheck.value,
@@ -579,18 +642,61 @@ class Dashboard {
     this.save();
   }
 
-  private async fork(): Promise<void> {
+  /**
+   * The race fields show (and are sent) only with 2 or more variants. Explicit lr
+   * multipliers set the number of variants: the variants box follows their count and is
+   * read-only while there are any.
+   */
+  private updateRaceFields(): void {
+    const mulsText = this.forkLrMuls.value.trim();
+    if (mulsText) {
+      const muls = parseLrMuls(mulsText);
+      if (Array.isArray(muls) && muls.length >= 2 && muls.length <= MAX_VARIANTS) this.forkVariants.value = String(muls.length);
+    }
+    this.forkVariants.readOnly = !!mulsText;
+    this.forkVariants.title = mulsText ? 'set by the count of the lr multipliers' : `1 = one fork; 2..${MAX_VARIANTS} = race that many variants by successive halving, the winner completes`;
+    const raced = !!mulsText || Number(this.forkVariants.value) >= 2;
+    this.forkRace.classList.toggle('hidden', !raced);
+    for (const el of [this.forkRaceEta, this.forkRaceMetric, this.forkRaceMode, this.forkLrMuls]) el.disabled = !raced;
+  }
+
+  /** Checks the fork form (select spec, numbers, race fields); its ForkParams, or a one-line error. */
+  private forkParams(): { params: ForkParams } | { error: string } {
     const select = this.forkSelect.value.trim();
     const bad = validateSelectSpec(select);
-    if (bad) throw new Error(`Fork: ${bad}`);
+    if (bad) return { error: bad };
     const budgetSteps = Number(this.forkBudget.value);
     const lrMul = Number(this.forkLr.value);
     const adaptersRank = Number(this.forkRank.value);
-    if (!Number.isInteger(budgetSteps) || budgetSteps <= 0) throw new Error('Fork: budget steps must be a positive integer');
-    if (!Number.isFinite(lrMul) || lrMul <= 0) throw new Error('Fork: the lr multiplier must be > 0');
-    if (!Number.isInteger(adaptersRank) || adaptersRank < 0) throw new Error('Fork: adapters rank must be an integer >= 0 (0 = full weights)');
-    const a = await rpc.call('fork', { run: this.run, select, budgetSteps, lrMul, adaptersRank, name: this.forkName.value.trim() || undefined });
-    this.reportAction(`Fork of ${this.run} on ${select}`, a);
+    if (!Number.isInteger(budgetSteps) || budgetSteps <= 0) return { error: 'budget steps must be a positive integer' };
+    if (!Number.isFinite(lrMul) || lrMul <= 0) return { error: 'the lr multiplier must be > 0' };
+    if (!Number.isInteger(adaptersRank) || adaptersRank < 0) return { error: 'adapters rank must be an integer >= 0 (0 = full weights)' };
+    // Hidden race fields (fewer than 2 variants) are not sent.
+    const raced = !this.forkRace.classList.contains('hidden');
+    const race = forkRaceFromForm({
+      variants: this.forkVariants.value,
+      eta: raced ? this.forkRaceEta.value : '',
+      metric: raced ? this.forkRaceMetric.value : '',
+      mode: raced ? this.forkRaceMode.value : '',
+      lrMuls: raced ? this.forkLrMuls.value : '',
+    });
+    if ('error' in race) return race;
+    return { params: { run: this.run, select, budgetSteps, lrMul, adaptersRank, name: this.forkName.value.trim() || undefined, ...race.race } };
+  }
+
+  private async fork(): Promise<void> {
+    this.updateRaceFields();
+    const checked = this.forkParams();
+    // A bad value: the reason next to the form, nothing sent.
+    if ('error' in checked) {
+      this.forkError.textContent = `Fork: ${checked.error}`;
+      return;
+    }
+    this.forkError.textContent = '';
+    const p = checked.params;
+    const a = await rpc.call('fork', p);
+    const n = p.variants ?? 1;
+    this.reportAction(n >= 2 ? `Race of ${n} variants of ${this.run} on ${p.select}` : `Fork of ${this.run} on ${p.select}`, a);
     this.refreshRuns();
   }
 

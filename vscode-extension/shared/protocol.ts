@@ -12,6 +12,7 @@
  *
  * This module imports neither `vscode` nor the DOM.
  */
+import { type ForkRace, validateForkRace } from './fork';
 
 /** Message types, grouped by direction. */
 export enum MessageType {
@@ -230,7 +231,11 @@ export interface RunParams {
   run: string;
 }
 
-export interface ForkParams {
+/**
+ * A fork, or a race of fork variants (ForkRace: variants, variantLrMuls, raceEta,
+ * raceMetric, raceMode — shared/fork.ts has their rules).
+ */
+export interface ForkParams extends ForkRace {
   run: string;
   /** SPEC: all | quantile:LO:HI | kmeans:auto[:cluster=K] | indices:FILE */
   select: string;
@@ -238,7 +243,6 @@ export interface ForkParams {
   lrMul: number;
   adaptersRank: number;
   wdMul?: number;
-  variants?: number;
   name?: string;
 }
 
@@ -413,6 +417,14 @@ function num(o: Record<string, unknown>, key: string, where: string, optional = 
   if (typeof v !== 'number' || !Number.isFinite(v)) throw new ProtocolError(`${where}: "${key}" must be a finite number`);
 }
 
+function numArray(o: Record<string, unknown>, key: string, where: string, optional = false): void {
+  const v = o[key];
+  if (v === undefined && optional) return;
+  if (!Array.isArray(v) || v.some((x) => typeof x !== 'number' || !Number.isFinite(x))) {
+    throw new ProtocolError(`${where}: "${key}" must be an array of finite numbers`);
+  }
+}
+
 function strArray(o: Record<string, unknown>, key: string, where: string): void {
   const v = o[key];
   if (!Array.isArray(v) || v.some((s) => typeof s !== 'string')) {
@@ -448,7 +460,7 @@ function checkParams(method: MethodName, p: Record<string, unknown>): void {
     case 'stop':
       str(p, 'run', where);
       return;
-    case 'fork':
+    case 'fork': {
       str(p, 'run', where);
       str(p, 'select', where);
       num(p, 'budgetSteps', where);
@@ -457,7 +469,14 @@ function checkParams(method: MethodName, p: Record<string, unknown>): void {
       num(p, 'wdMul', where, true);
       num(p, 'variants', where, true);
       str(p, 'name', where, true);
+      numArray(p, 'variantLrMuls', where, true);
+      num(p, 'raceEta', where, true);
+      str(p, 'raceMetric', where, true);
+      str(p, 'raceMode', where, true);
+      const bad = validateForkRace(p as ForkRace);
+      if (bad) throw new ProtocolError(`${where}: ${bad}`);
       return;
+    }
     case 'gate':
       strArray(p, 'runs', where);
       str(p, 'name', where, true);

@@ -176,7 +176,16 @@ export interface PForkRequest {
   lr_mul?: number;
   wd_mul?: number;
   adapters_rank?: number;
+  /** >1: race this many variants (lr multipliers spread log-uniformly over a decade around lr_mul); 0/1: no race. */
   variants?: number;
   name?: string;
   checkpoint?: string;
+  /** Explicit lr multipliers of the raced variants, instead of the spread. */
+  variant_lr_muls?: number[];
+  /** Each rung keeps the best 1/eta; 0 = 2. */
+  race_eta?: number;
+  /** "slice" (the default) or "val". */
+  race_metric?: string;
+  /** "asha" (the default) or "sync". */
+  race_mode?: string;
 }

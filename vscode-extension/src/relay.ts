@@ -9,6 +9,7 @@
  * end-to-end test wires it to a page in headless Chromium.
  */
 import * as path from 'node:path';
+import { validateForkRace } from '../shared/fork';
 import {
   type ConnectionDto,
   type EventDto,
@@ -189,6 +190,13 @@ export class Relay implements Disposable {
         return actionFromProto(await ctl.call('Test', { run, wait: false }, opts)) as R;
       case 'fork': {
         const f = params as ParamsOf<'fork'>;
+        // A race: explicit lr multipliers (their count is the variants) or a spread of
+        // `variants` around lr_mul; 0 / '' leave eta, metric and mode to the supervisor's
+        // defaults (2, slice, asha). handle() has checked them already (decodeWebviewMessage);
+        // a direct dispatch() gets the same check.
+        const bad = validateForkRace(f);
+        if (bad) throw new RpcError(3, 'INVALID_ARGUMENT', bad);
+        const muls = f.variantLrMuls ?? [];
         const reply = await ctl.call(
           'Fork',
           {
@@ -198,8 +206,12 @@ export class Relay implements Disposable {
             lr_mul: f.lrMul,
             wd_mul: f.wdMul ?? 0,
             adapters_rank: Math.max(0, Math.floor(f.adaptersRank)),
-            variants: f.variants ?? 0,
+            variants: muls.length || (f.variants ?? 0),
             name: f.name ?? '',
+            variant_lr_muls: muls,
+            race_eta: f.raceEta ?? 0,
+            race_metric: f.raceMetric ?? '',
+            race_mode: f.raceMode ?? '',
           },
           opts,
         );

@@ -1,8 +1,9 @@
 /**
  * The views the real supervisor cannot drive on demand (plan cards, health verdicts,
- * compare table, gate / merge / automode, exports, a reconnect in the middle), in the
- * browser, against the fake ControlService (test/fakeSupervisor.ts). Every click must
- * reach the RPC the CLI calls, with the right fields, and every answer must show.
+ * compare table, gate / merge / automode, exports, the fork form's race of variants, a
+ * reconnect in the middle), in the browser, against the fake ControlService
+ * (test/fakeSupervisor.ts). Every click must reach the RPC the CLI calls, with the right
+ * fields, and every answer must show.
  * The real-supervisor tests are dashboard.e2e.test.ts and failure.e2e.test.ts.
  */
 import assert from 'node:assert/strict';
@@ -71,6 +72,7 @@ describe('dashboard views in a browser (fake supervisor)', { timeout: 120_000 },
       ],
     }),
     CompareExperts: (r) => ({ runs: r.runs, slices: r.slices, losses: (r.runs as string[]).flatMap((_, i) => (r.slices as string[]).map((_s, j) => 0.5 - 0.1 * i + 0.01 * j)) }),
+    Fork: (r) => (Number(r.variants) > 1 ? { ok: true, message: `race of ${r.variants} variants started`, run_id: 'race-1' } : { ok: true, message: 'fork started', run_id: 'fork-3' }),
     TrainGate: () => ({ ok: true, message: 'gate training started', run_id: 'moe-1' }),
     Merge: () => {
       throw grpcError(grpc.status.FAILED_PRECONDITION, 'fisher_soup needs at least two runs with the same architecture');
@@ -205,6 +207,85 @@ describe('dashboard views in a browser (fake supervisor)', { timeout: 120_000 },
     await d.page.mouse.up();
     assert.equal(await d.page.inputValue('#fork-select'), 'quantile:0.7:1.0');
     assert.match((await d.page.textContent('#fork-hint')) ?? '', /≈30 samples/);
+  });
+
+  it('the fork form races variants: the race fields reach ForkRequest; a bad value shows inline and sends nothing', async () => {
+    type ForkCall = { select: string; budget_steps: number; lr_mul: number; variants: number; variant_lr_muls: number[]; race_eta: number; race_metric: string; race_mode: string };
+    const forkCalls = () => sup.calls.filter((c) => c.method === 'Fork').length;
+    // One variant: no race fields.
+    assert.equal(await d.page.inputValue('#fork-variants'), '1');
+    assert.equal(await d.page.isHidden('#fork-race'), true, 'race fields hidden with 1 variant');
+
+    await d.page.fill('#fork-budget', '240');
+    await d.page.fill('#fork-lr', '0.5');
+    await d.page.fill('#fork-variants', '4');
+    assert.equal(await d.page.isVisible('#fork-race'), true, 'race fields shown with 4 variants');
+    assert.equal(await d.page.inputValue('#fork-race-eta'), '2', 'eta defaults to 2');
+    assert.equal(await d.page.inputValue('#fork-race-metric'), 'slice');
+    assert.equal(await d.page.inputValue('#fork-race-mode'), 'asha');
+    await d.page.fill('#fork-race-eta', '3');
+    await d.page.selectOption('#fork-race-metric', 'val');
+    await d.page.selectOption('#fork-race-mode', 'sync');
+    await d.clickAndSettle('#btn-fork');
+    const race = sup.lastCall('Fork') as ForkCall;
+    assert.deepEqual(
+      { select: race.select, budget_steps: race.budget_steps, lr_mul: race.lr_mul, variants: race.variants, variant_lr_muls: race.variant_lr_muls, race_eta: race.race_eta, race_metric: race.race_metric, race_mode: race.race_mode },
+      { select: 'quantile:0.7:1.0', budget_steps: 240, lr_mul: 0.5, variants: 4, variant_lr_muls: [], race_eta: 3, race_metric: 'val', race_mode: 'sync' },
+    );
+    await waitFor('the race toast', async () => (await d.toasts()).some((t) => t === 'Race of 4 variants of main on quantile:0.7:1.0: race of 4 variants started (race-1)'));
+    assert.equal(await d.page.textContent('#fork-error'), '');
+
+    // A bad value: the reason next to the form, no request to the host, no RPC.
+    const sent = d.countRequests('fork');
+    const before = forkCalls();
+    const rejects: [string, string, RegExp][] = [
+      ['#fork-race-eta', '9', /^Fork: race eta must be an integer in 2\.\.8/],
+      ['#fork-race-eta', '1', /^Fork: race eta must be an integer in 2\.\.8/],
+      ['#fork-variants', '17', /^Fork: variants must be an integer in 1\.\.16/],
+    ];
+    for (const [sel, value, re] of rejects) {
+      const keep = await d.page.inputValue(sel);
+      await d.page.fill(sel, value);
+      await d.clickAndSettle('#btn-fork');
+      assert.match((await d.page.textContent('#fork-error')) ?? '', re, `${sel}=${value}`);
+      assert.equal(await d.page.isEnabled('#btn-fork'), true);
+      await d.page.fill(sel, keep);
+      assert.equal(await d.page.textContent('#fork-error'), '', 'editing clears the error');
+    }
+    await d.page.fill('#fork-lr-muls', '0.5, -1, 2');
+    await d.clickAndSettle('#btn-fork');
+    assert.match((await d.page.textContent('#fork-error')) ?? '', /^Fork: lr multiplier "-1": each must be a positive number/);
+    await d.page.fill('#fork-lr-muls', '0.5');
+    await d.clickAndSettle('#btn-fork');
+    assert.match((await d.page.textContent('#fork-error')) ?? '', /^Fork: lr multipliers: give 2\.\.16 of them, one per variant \(got 1\)/);
+    assert.equal(d.countRequests('fork'), sent, 'nothing sent to the host');
+    assert.equal(forkCalls(), before, 'no Fork RPC');
+
+    // Explicit lr multipliers: their count sets the variants.
+    await d.page.fill('#fork-lr-muls', '0.25, 1, 4');
+    assert.equal(await d.page.inputValue('#fork-variants'), '3');
+    assert.equal(await d.page.getAttribute('#fork-variants', 'readonly'), '', 'the count is set by the multipliers');
+    await d.clickAndSettle('#btn-fork');
+    const explicit = sup.lastCall('Fork') as ForkCall;
+    assert.deepEqual(
+      [explicit.variants, explicit.variant_lr_muls, explicit.race_eta, explicit.race_metric, explicit.race_mode],
+      [3, [0.25, 1, 4], 3, 'val', 'sync'],
+    );
+    assert.equal(await d.page.textContent('#fork-error'), '');
+    await d.shot('21-fork-race');
+
+    // Back to one fork: the hidden race fields are not sent.
+    await d.page.fill('#fork-lr-muls', '');
+    assert.equal(await d.page.getAttribute('#fork-variants', 'readonly'), null);
+    await d.page.fill('#fork-variants', '1');
+    assert.equal(await d.page.isHidden('#fork-race'), true);
+    await d.clickAndSettle('#btn-fork');
+    const single = sup.lastCall('Fork') as ForkCall;
+    assert.deepEqual(
+      [single.variants, single.variant_lr_muls, single.race_eta, single.race_metric, single.race_mode],
+      [1, [], 0, '', ''],
+    );
+    assert.equal(forkCalls(), before + 2);
   });
 
   it('export slice / session through the save dialog; import errors show', async () => {

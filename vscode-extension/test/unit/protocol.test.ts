@@ -18,6 +18,14 @@ describe('protocol: webview -> host', () => {
     assert.deepEqual(back, req);
   });
 
+  it('round-trips a race of fork variants', () => {
+    const req = makeRequest(8, 'fork', {
+      run: 'main', select: 'quantile:0.9:1.0', budgetSteps: 240, lrMul: 1, adaptersRank: 0,
+      variants: 3, variantLrMuls: [0.3, 1, 3], raceEta: 3, raceMetric: 'val', raceMode: 'sync',
+    });
+    assert.deepEqual(decodeWebviewMessage(encodeMessage(req)), req);
+  });
+
   it('accepts ready and notify', () => {
     assert.deepEqual(decodeWebviewMessage({ type: 'ready' }), { type: MessageType.Ready });
     assert.deepEqual(decodeWebviewMessage({ type: 'notify', level: 'error', text: 'x' }), { type: MessageType.Notify, level: 'error', text: 'x' });
@@ -36,6 +44,13 @@ describe('protocol: webview -> host', () => {
     ['non-integer id', { type: 'request', id: 1.5, method: 'listRuns', params: {} }, /"id"/],
     ['missing run', { type: 'request', id: 1, method: 'pause', params: {} }, /"run" must be a string/],
     ['NaN budget', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: NaN, lrMul: 1, adaptersRank: 0 } }, /budgetSteps/],
+    ['race eta out of range', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variants: 4, raceEta: 9 } }, /race eta must be an integer in 2\.\.8/],
+    ['race options without a race', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variants: 1, raceMetric: 'val' } }, /race options need 2 or more variants/],
+    ['unknown race mode', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variants: 2, raceMode: 'hyperband' } }, /race mode must be one of asha, sync/],
+    ['race metric not a string', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variants: 2, raceMetric: 1 } }, /"raceMetric" must be a string/],
+    ['lr multipliers not numbers', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variantLrMuls: ['0.5', 2] } }, /"variantLrMuls" must be an array of finite numbers/],
+    ['a negative lr multiplier', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variantLrMuls: [0.5, -2] } }, /positive/],
+    ['17 variants', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variants: 17 } }, /1\.\.16/],
     ['bad merge method', { type: 'request', id: 1, method: 'merge', params: { method: 'average', runs: ['a'] } }, /method must be one of/],
     ['runs not strings', { type: 'request', id: 1, method: 'gate', params: { runs: ['a', 2] } }, /array of strings/],
     ['bad format', { type: 'request', id: 1, method: 'exportSlice', params: { run: 'main', select: 'all', format: 'xlsx' } }, /format must be one of/],

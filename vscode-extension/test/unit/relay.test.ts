@@ -11,7 +11,7 @@ import * as path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { type HostToWebview, MessageType } from '../../shared/protocol';
-import { findProto } from '../../src/client';
+import { RpcError, findProto } from '../../src/client';
 import type { PEvent } from '../../src/protoTypes';
 import { FAKE_TOKEN, FakeSupervisor, fakeEvent, grpcError } from '../fakeSupervisor';
 import { type Dialogs, Relay } from '../../src/relay';
@@ -166,9 +166,47 @@ describe('relay + session watcher against a fake supervisor', () => {
         { ...sup.lastCall('Fork') },
         {
           run: 'main', select: 'quantile:0.85:1.0', budget_steps: 100, lr_mul: 0.5, wd_mul: 0, adapters_rank: 4, variants: 0, name: '', checkpoint: '',
-          variant_lr_muls: [], race_eta: 0, race_metric: '',
+          variant_lr_muls: [], race_eta: 0, race_metric: '', race_mode: '',
         },
       );
+
+      // A race of variants spread around lr_mul, with every race option.
+      await h.request('fork', { run: 'main', select: 'all', budgetSteps: 240, lrMul: 0.5, adaptersRank: 0, variants: 4, raceEta: 3, raceMetric: 'val', raceMode: 'sync', name: 'r' });
+      assert.deepEqual(
+        { ...sup.lastCall('Fork') },
+        {
+          run: 'main', select: 'all', budget_steps: 240, lr_mul: 0.5, wd_mul: 0, adapters_rank: 0, variants: 4, name: 'r', checkpoint: '',
+          variant_lr_muls: [], race_eta: 3, race_metric: 'val', race_mode: 'sync',
+        },
+      );
+      // Explicit lr multipliers: their count is the variants; unset options stay at the supervisor's defaults.
+      await h.request('fork', { run: 'main', select: 'all', budgetSteps: 240, lrMul: 1, adaptersRank: 0, variantLrMuls: [0.25, 1, 4] });
+      const explicit = sup.lastCall('Fork') as Record<string, unknown>;
+      assert.deepEqual(
+        [explicit.variants, explicit.variant_lr_muls, explicit.race_eta, explicit.race_metric, explicit.race_mode],
+        [3, [0.25, 1, 4], 0, '', ''],
+      );
+
+      // Bad race options never reach the supervisor: INVALID_ARGUMENT with the reason.
+      const forks = sup.calls.filter((c) => c.method === 'Fork').length;
+      for (const [params, re] of [
+        [{ variants: 1, raceEta: 3 }, /race options need 2 or more variants/],
+        [{ variants: 4, raceEta: 9 }, /race eta must be an integer in 2\.\.8/],
+        [{ variants: 4, raceMetric: 'train' }, /compare on must be one of slice, val/],
+        [{ variants: 4, raceMode: 'fast' }, /race mode must be one of asha, sync/],
+        [{ variantLrMuls: [0.5, -1] }, /positive/],
+        [{ variants: 20 }, /1\.\.16/],
+      ] as [Record<string, unknown>, RegExp][]) {
+        const r = await h.request('fork', { run: 'main', select: 'all', budgetSteps: 240, lrMul: 1, adaptersRank: 0, ...params });
+        assert.equal(!r.ok && r.error.codeName, 'INVALID_ARGUMENT', JSON.stringify(params));
+        assert.match(!r.ok ? r.error.message : '', re);
+      }
+      // The same check when the relay is called directly.
+      await assert.rejects(
+        h.relay.dispatch('fork', { run: 'main', select: 'all', budgetSteps: 240, lrMul: 1, adaptersRank: 0, variants: 1, raceMode: 'sync' }),
+        (e: unknown) => e instanceof RpcError && e.codeName === 'INVALID_ARGUMENT' && /race options need 2 or more variants/.test(e.message),
+      );
+      assert.equal(sup.calls.filter((c) => c.method === 'Fork').length, forks, 'no Fork RPC for a bad race');
 
       const stop = await h.request('stop', { run: 'main' });
       assert.equal(!stop.ok && stop.error.codeName, 'FAILED_PRECONDITION');
