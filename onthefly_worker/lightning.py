@@ -61,7 +61,7 @@ from onthefly_worker import checkpoint as ckpt
 from onthefly_worker import env as wenv
 from onthefly_worker import slices as sl
 from onthefly_worker.config import TrainerConfig, check_val_slices, describe_val_slices
-from onthefly_worker.connection import PROTOCOL_VERSION, WorkerConnection
+from onthefly_worker.connection import PROTOCOL_VERSION, Command, WorkerConnection
 from onthefly_worker.control import CommandLoop
 from onthefly_worker.data import (
     EpochOrder,
@@ -1031,6 +1031,17 @@ class _LightningRun(CommandLoop):
         tr.should_stop = True
 
     # CommandLoop hooks
+    def _embed_source(self) -> tuple[nn.Module, DataLoader, torch.device | str] | None:
+        """The live module and the user's train loader: sample ids are positions in its
+        dataset, as for the per-sample losses."""
+        if self.source_loader is None:
+            return None
+        return self.module, self.source_loader, self.module.device
+
+    def _embed(self, cmd: Command) -> None:
+        with self._unrecorded():  # OnTheFly's own forward passes are not training samples
+            super()._embed(cmd)
+
     def _eval_loader(self, split: str) -> DataLoader | None:
         return self.test_loader if split == "test" else self._val_loader()
 

@@ -440,3 +440,27 @@ def test_fork_then_merge_with_model_factory(project: Path) -> None:
         if live.proc.poll() is None:
             live.proc.send_signal(signal.SIGINT)
             live.finish(60)
+
+
+def test_kmeans_fork_of_a_lightning_run_clusters_on_its_embedding(project: Path) -> None:
+    live = start(
+        project, _script(project), "--epochs", "400", "--step-sleep", "0.005",
+        extra=("--keep-alive",),
+    )  # fmt: skip
+    try:
+        live.wait_for(lambda s: live.main_run(s)["epoch"] >= 1, timeout=120)
+        r = cli("fork", "--select", "kmeans:auto", "--budget-steps", "4", cwd=project, timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        # The last nn.Linear of Lit.net takes 32 features: projected to 16 dims.
+        assert "embedding: 16 dims from samples/main/embed-step-" in r.stdout, r.stdout
+        files = list((live.session_dir / "samples" / "main").glob("embed-step-*.npy"))
+        assert len(files) == 1
+        arr = np.load(files[0])
+        assert arr.shape == (600, 16) and np.isfinite(arr).all()
+        runs = {x["run_id"]: x for x in cli_json("runs", cwd=project)["runs"]}
+        assert runs["main"]["status"] == "running"  # the generalist trains on
+        assert "the 16 embedding column(s) weigh as much as" in runs["fork-1"]["spec"]["description"]
+    finally:
+        if live.proc.poll() is None:
+            live.proc.send_signal(signal.SIGINT)
+            live.finish(60)
