@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_worker import checkpoint as ckpt
 from onthefly_worker import env as wenv
+from onthefly_worker import merge_math as mm
 from onthefly_worker import slices as sl
 from onthefly_worker.config import TrainerConfig, check_val_slices, describe_val_slices
 from onthefly_worker.connection import PROTOCOL_VERSION, Command, WorkerConnection
@@ -347,6 +348,19 @@ class LightningAttachment:
 
 
 # -- the run ---------------------------------------------------------------------------------
+def _adapter_group(opt: torch.optim.Optimizer, module: nn.Module) -> None:
+    """Give the optimizer the adapters' parameters as a group of their own, with the first
+    group's settings. The user's optimizer object stays (Lightning and the LR schedulers
+    hold it); the base weights add_adapters froze get no gradients, so it skips them."""
+    lora = [p for n, p in module.named_parameters() if p.requires_grad]
+    known = {id(p) for g in opt.param_groups for p in g["params"]}
+    new = [p for p in lora if id(p) not in known]
+    if new:
+        opt.add_param_group(
+            {**{k: v for k, v in opt.param_groups[0].items() if k != "params"}, "params": new}
+        )
+
+
 class _LightningRun(CommandLoop):
     """All the state of one instrumented `trainer.fit`; the Lightning callback forwards here."""
 
@@ -366,11 +380,15 @@ class _LightningRun(CommandLoop):
         self.user_train_loader = train_loader
         self.val_loader = val_loader
         self.test_loader = test_loader
+        self.adapters = False
+        """A fork training low-rank adapters (--adapters) instead of full weights."""
         self.env: wenv.WorkerEnv | None = None
         self.spec: dict[str, Any] = {}
         self.run_id = "main"
         self.seed = 0
         self.budget = 0
+        self.rung_stop = 0
+        """A raced fork variant's rung: it stops there (0 = train the whole budget)."""
         self.subset: np.ndarray | None = None
         self.conn: WorkerConnection | None = None
         self.rec: Recorder | None = None
@@ -479,12 +497,8 @@ class _LightningRun(CommandLoop):
             if not path:
                 raise OnTheFlyError("the fork spec names no parent checkpoint")
         if env.role == "fork":
-            if int(self.spec.get("adapters_rank", 0) or 0) > 0:
-                raise OnTheFlyError(
-                    "forks with low-rank adapters (--adapters) are not supported for Lightning runs yet; "
-                    "fork with full weights (leave out --adapters)"
-                )
             self.budget = int(self.spec.get("budget_steps", 0) or 0)
+            self.rung_stop = int((self.spec.get("race") or {}).get("stop_at", 0) or 0)
             if self.budget <= 0:
                 raise OnTheFlyError(f"a fork needs budget_steps > 0, got {self.budget}")
             self.subset = np.load(os.path.join(env.session_dir, str(self.spec["indices_file"])))
@@ -647,9 +661,13 @@ class _LightningRun(CommandLoop):
     def _restore(
         self, trainer: pl.Trainer, module: pl.LightningModule, state: dict[str, Any]
     ) -> None:
-        module.load_state_dict(state["model"])
         opt = trainer.optimizers[0]
-        opt.load_state_dict(state["optimizer"])
+        rank = int(self.spec.get("adapters_rank", 0) or 0)
+        if self._restore_kind == "resume" and rank > 0 and state.get("adapters"):
+            self._restore_adapters(module, opt, state, rank)
+        else:
+            module.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         if self._restore_kind == "fork":
             lr_mul = float(self.spec.get("lr_mul", 1.0) or 1.0)
             wd_mul = float(self.spec.get("wd_mul", 1.0) or 1.0)
@@ -657,6 +675,13 @@ class _LightningRun(CommandLoop):
                 g["lr"] = g["lr"] * lr_mul
                 if "weight_decay" in g:
                     g["weight_decay"] = g["weight_decay"] * wd_mul
+            if rank > 0:
+                names = mm.add_adapters(module, rank, skip_small=True)
+                if not names:
+                    raise OnTheFlyError("--adapters: the model has no nn.Linear layers to adapt")
+                _adapter_group(opt, module)
+                self.adapters = True
+                self._log(f"fork trains rank-{rank} adapters on {len(names)} linear layer(s)")
             self._log(
                 f"fork started from {self._restore_path} (parent step {state['counters']['step']})"
             )
@@ -681,6 +706,32 @@ class _LightningRun(CommandLoop):
         self._log(
             f"resumed from {self._restore_path} at epoch {self.epoch}, batch {self.batch}, step {self.step}"
         )
+
+    def _restore_adapters(
+        self,
+        module: pl.LightningModule,
+        opt: torch.optim.Optimizer,
+        state: dict[str, Any],
+        rank: int,
+    ) -> None:
+        """Resume a fork that trains adapters (a race variant promoted to its next rung): the
+        frozen base weights from the parent checkpoint, buffers from this one, then the
+        adapters and the optimizer state (which has the adapters' parameter group)."""
+        parent = ckpt.load(
+            os.path.join(self.env.session_dir, str(self.spec["checkpoint"])),  # type: ignore[union-attr]
+            map_location="cpu",
+            expected_sha256=None,
+        )
+        module.load_state_dict(parent["model"])
+        buffers = dict(module.named_buffers())
+        with torch.no_grad():
+            for k, v in state["model"].items():
+                if k in buffers:
+                    buffers[k].copy_(v)
+        mm.restore_adapters(module, rank, state["adapters"])
+        _adapter_group(opt, module)
+        opt.load_state_dict(state["optimizer"])
+        self.adapters = True
 
     def on_train_start(self) -> None:
         if not self.active:
@@ -831,6 +882,11 @@ class _LightningRun(CommandLoop):
             self._checkpoint("cadence")
         if self.budget and self.step >= self.budget:
             self._request_stop("")
+        elif self.rung_stop and self.step >= self.rung_stop:
+            # A raced variant stops at its rung to be compared with the others (variants.py).
+            self._request_stop(
+                f"race rung at step {self.rung_stop}: waiting for the other variants"
+            )
         if self.conn.commands:
             self.rec.flush()
             self._poll()
@@ -1115,7 +1171,9 @@ class _LightningRun(CommandLoop):
             "framework": "lightning",
             "run_id": self.run_id,
             "role": self.env.role if self.env else "train",
-            "model": module.state_dict(),
+            # Adapters folded in: the plain module's keys; the factors are kept beside them.
+            "model": mm.folded_state_dict(module) if self.adapters else module.state_dict(),
+            "adapters": mm.saved_adapters(module) if self.adapters else None,
             "optimizer": trainer.optimizers[0].state_dict(),
             "scheduler": scheds[0] if scheds else None,
             "scaler": scaler or None,

@@ -786,6 +786,43 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
+def folded_state_dict(model: nn.Module) -> StateDict:
+    """The state dict `merge_adapters` would give, without touching or copying the model:
+    each adapted layer's `base.weight` + scale * B @ A under the original `<layer>.weight`
+    key, its bias under `<layer>.bias`, and no adapter entries."""
+    sd = model.state_dict()
+    for n, m in _adapters(model):
+        pre = f"{n}." if n else ""
+        w = sd.pop(f"{pre}base.weight")
+        sd[f"{pre}weight"] = w + m.delta().to(w.dtype)
+        if f"{pre}base.bias" in sd:
+            sd[f"{pre}bias"] = sd.pop(f"{pre}base.bias")
+        sd.pop(f"{pre}lora_A")
+        sd.pop(f"{pre}lora_B")
+    return sd
+
+
+def saved_adapters(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """A checkpoint's `adapters` entry: `{"<layer>.weight": {"A", "B", "scale"}}`."""
+    return {
+        k: {"A": a, "B": b, "scale": float(sc)} for k, (a, b, sc) in adapter_factors(model).items()
+    }
+
+
+def restore_adapters(
+    model: nn.Module, rank: int, factors: Mapping[str, Mapping[str, Tensor]]
+) -> None:
+    """Add rank-`rank` adapters (as `add_adapters(skip_small=True)`) and load their saved
+    factors `{"<layer>.weight": {"A": ..., "B": ...}}` (a checkpoint's `adapters`)."""
+    add_adapters(model, rank, skip_small=True)
+    with torch.no_grad():
+        for n, m in _adapters(model):
+            f = factors.get(f"{n}.weight")
+            if f is not None:
+                m.lora_A.copy_(f["A"])
+                m.lora_B.copy_(f["B"])
+
+
 AdapterDelta = Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, float]
 
 

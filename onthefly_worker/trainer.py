@@ -375,16 +375,8 @@ class _Loop(CommandLoop):
             for k, v in state["model"].items():
                 if k in buffers:
                     buffers[k].copy_(v)
-        rank = int(self.spec["adapters_rank"])
-        mm.add_adapters(self.model, rank, skip_small=True)
+        mm.restore_adapters(self.model, int(self.spec["adapters_rank"]), state["adapters"])
         self.model.to(self.device)
-        factors = state["adapters"]
-        with torch.no_grad():
-            for n, m in self.model.named_modules():
-                f = factors.get(f"{n}.weight")
-                if isinstance(m, mm.LoRALinear) and f is not None:
-                    m.lora_A.copy_(f["A"])
-                    m.lora_B.copy_(f["B"])
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = type(self.opt)(trainable, **self.opt.defaults)
         self.opt.load_state_dict(state["optimizer"])
@@ -434,16 +426,11 @@ class _Loop(CommandLoop):
         model_state = self.model.state_dict()
         adapters = None
         if self.adapters:
-            import copy
-
             from onthefly_worker import merge_math as mm
 
-            adapters = {
-                k: {"A": a, "B": b, "scale": float(s)}
-                for k, (a, b, s) in mm.adapter_factors(self.model).items()
-            }
+            adapters = mm.saved_adapters(self.model)
             # The plain model (adapters folded in) keeps the original state-dict keys.
-            model_state = mm.merge_adapters(copy.deepcopy(self.model)).state_dict()
+            model_state = mm.folded_state_dict(self.model)
         return {
             "adapters": adapters,
             "format": ckpt.FORMAT,

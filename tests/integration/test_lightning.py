@@ -459,7 +459,52 @@ def test_kmeans_fork_of_a_lightning_run_clusters_on_its_embedding(project: Path)
         assert arr.shape == (600, 16) and np.isfinite(arr).all()
         runs = {x["run_id"]: x for x in cli_json("runs", cwd=project)["runs"]}
         assert runs["main"]["status"] == "running"  # the generalist trains on
-        assert "the 16 embedding column(s) weigh as much as" in runs["fork-1"]["spec"]["description"]
+        assert (
+            "the 16 embedding column(s) weigh as much as" in runs["fork-1"]["spec"]["description"]
+        )
+    finally:
+        if live.proc.poll() is None:
+            live.proc.send_signal(signal.SIGINT)
+            live.finish(60)
+
+
+def test_adapter_race_of_a_lightning_run_then_adapter_fuse(project: Path) -> None:
+    live = start(project, _script(project), "--epochs", "2", extra=("--keep-alive",))
+    try:
+        live.wait_for(lambda s: live.main_run(s)["status"] == "completed", timeout=90)
+        # Two adapter variants raced (sync: the winner resumes from its rung checkpoint, so
+        # the adapters are restored from a checkpoint too), then folded back.
+        r = cli(
+            "fork", "--select", "quantile:0.5:1.0", "--budget-steps", "12", "--adapters", "4",
+            "--variants", "2", "--race-mode", "sync", "--wait", "--json",
+            cwd=project, timeout=240,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        race = json.loads(r.stdout[r.stdout.index("{") :])["race"]
+        assert race["status"] == "done" and race["rungs"] == [6, 12]
+        runs = {x["run_id"]: x for x in cli_json("runs", cwd=project)["runs"]}
+        winner = runs[race["winner"]]
+        assert winner["status"] == "completed" and winner["step"] == 12
+        import sqlite3
+
+        db = sqlite3.connect(live.session_dir / "session.db")
+        logs = [r[0] for r in db.execute("SELECT payload FROM events WHERE kind = 'log'")]
+        db.close()
+        assert any("fork trains rank-4 adapters on 1 linear layer(s)" in x for x in logs)
+        parent = torch.load(live.session_dir / runs["main"]["last_checkpoint"], weights_only=True)
+        state = torch.load(live.session_dir / winner["last_checkpoint"], weights_only=True)
+        assert state["model"].keys() == parent["model"].keys()  # adapters folded in
+        assert set(state["adapters"]) == {"net.0.weight"}  # the 3-class head is too small
+        # Only the adapted layer moved; every frozen weight is the parent's, bit for bit.
+        for k, v in state["model"].items():
+            if k == "net.0.weight":
+                assert not torch.equal(v, parent["model"][k])
+            else:
+                assert torch.equal(v, parent["model"][k]), k
+        r = cli("merge", "--method", "adapter_fuse", race["winner"], cwd=project, timeout=150)
+        assert r.returncode == 0, r.stdout + r.stderr
+        merged = {x["run_id"]: x for x in cli_json("runs", cwd=project)["runs"]}["merge-1"]
+        assert merged["status"] == "completed" and merged["val_loss"] is not None
     finally:
         if live.proc.poll() is None:
             live.proc.send_signal(signal.SIGINT)
