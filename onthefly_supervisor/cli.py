@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -498,6 +499,70 @@ def cmd_export_slice(a: argparse.Namespace) -> int:
         )
     else:
         print(f"wrote {res.rows} rows to {res.path} ({res.description})")
+    return 0
+
+
+def cmd_clusters(a: argparse.Namespace) -> int:
+    """The clusters of a k-means selection: stored with a fork, or computed now (no fork)."""
+    from onthefly_supervisor.slices import select_in_session, slice_definition
+
+    sdir = resolve_session(a.session)
+    if a.select:
+        try:
+            sdir, run_id, name, data, sel = select_in_session(
+                sdir, a.run, a.select, base_dir=os.getcwd()
+            )
+        except (ValueError, FileNotFoundError) as e:
+            raise CliError(str(e)) from None
+        if sel.clusters is None:
+            raise CliError(f"--select {a.select}: not a kmeans selection, so it has no clusters")
+        doc = slice_definition(sdir, run_id, name, data.epoch, sel)
+        doc.pop("columns", None)
+    else:
+        st = Store(sdir, readonly=True)
+        try:
+            row = st.find_run(a.run)
+            known = ", ".join(r.run_id for r in st.runs())
+        finally:
+            st.close()
+        if row is None:
+            raise CliError(f"unknown run {a.run!r}; known runs: {known or '(none)'}")
+        path = os.path.join(sdir, "forks", row.run_id, "clusters.json")
+        if not os.path.isfile(path):
+            raise CliError(
+                f"{row.run_id} was not forked on a kmeans selection, so no clusters are stored "
+                f"with it; `onthefly clusters --run {row.run_id} --select kmeans:auto` clusters "
+                "its samples now"
+            )
+        with open(path, encoding="utf-8") as f:
+            clusters = json.load(f)
+        spec = row.spec
+        sel_spec = str(spec.get("selection", ""))
+        m = re.search(r"cluster=(\d+)", sel_spec)
+        doc = {
+            "run": str((row.parents or [""])[0]),
+            "fork": row.run_id,
+            "spec": sel_spec,
+            "description": spec.get("description", ""),
+            "selected_cluster": int(m.group(1)) if m else len(clusters) - 1,
+            "clusters": clusters,
+        }
+    if a.json:
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    print(f"{doc.get('fork') or doc['run']}: {doc['spec']} · {doc['description']}")
+    print(f"{'cluster':>7} {'size':>8} {'mean loss':>11}  label mix")
+    for c in doc["clusters"]:
+        mark = "*" if c["id"] == doc["selected_cluster"] else " "
+        mix = c.get("label_mix") or {}
+        total = sum(int(v) for v in mix.values()) or 1
+        mix_s = ", ".join(
+            f"{k}: {100 * int(v) / total:.0f}%"
+            for k, v in sorted(mix.items(), key=lambda kv: -int(kv[1]))[:5]
+        )
+        more = f" (+{len(mix) - 5} more)" if len(mix) > 5 else ""
+        print(f"{mark}{c['id']:>6} {c['size']:>8} {c['mean_loss']:>11.4g}  {mix_s or '-'}{more}")
+    print("* = the selected cluster (clusters are ordered by mean loss)")
     return 0
 
 
@@ -1024,6 +1089,16 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--json", action="store_true")
     es.add_argument("--session", default=None)
     es.set_defaults(fn=cmd_export_slice)
+
+    cl = sub.add_parser(
+        "clusters",
+        help="browse k-means clusters: a fork's (stored), or a run's now with --select kmeans:...",
+    )
+    cl.add_argument("--run", default="main", help="a fork made on kmeans, or any run with --select")
+    cl.add_argument("--select", default=None, help="kmeans:auto | kmeans:K (computed now, no fork)")
+    cl.add_argument("--json", action="store_true")
+    cl.add_argument("--session", default=None)
+    cl.set_defaults(fn=cmd_clusters)
 
     em = sub.add_parser("export-model", help="write a run's model (or the MoE) as one file")
     em.add_argument("--run", default="main")

@@ -39,7 +39,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from onthefly_supervisor.selection import Selection, parse_spec, select
+from onthefly_supervisor.selection import Selection, SelectionSpec, parse_spec, select
 from onthefly_supervisor.store import Store
 
 FORMATS = ("csv", "parquet", "json")
@@ -221,41 +221,17 @@ def _pad(arr: np.ndarray, n: int, fill: float) -> np.ndarray:
     return out
 
 
-def export_slice(
+def select_in_session(
     session_dir: str | os.PathLike[str],
     run: str,
-    spec: str,
-    fmt: str,
-    out_path: str | os.PathLike[str],
-    force: bool = False,
+    spec: str | SelectionSpec,
     base_dir: str | os.PathLike[str] | None = None,
-) -> SliceResult:
-    """Select samples of `run` (id or name) with `spec` and write them as `fmt`.
-
-    Raises ValueError for an unknown format, an unknown run (naming the known ones), a bad
-    or empty spec; FileExistsError when `out_path` (or, for CSV, its sidecar) exists and
-    not `force`. `base_dir` resolves a relative `indices:FILE` (default: the current
-    directory). kmeans clusters on the loss plus the loss history (loss_mean), when
-    recorded the margin, and, when the run has one, its newest penultimate-layer
-    embedding (samples/<run>/embed-step-*.npy; a live supervisor asks the run's worker
-    for a fresh one first).
-    """
-    fmt_l = str(fmt).lower()
-    if fmt_l not in FORMATS:
-        raise ValueError(f"unknown slice format {fmt!r}; use one of {', '.join(FORMATS)}")
-    parsed = parse_spec(spec)
-    out = os.path.abspath(os.fspath(out_path))
-    sidecar = out + ".slice.json"
-    targets = [out, sidecar] if fmt_l == "csv" else [out]
-    if os.path.isdir(out):
-        raise IsADirectoryError(f"{out} is a directory; give the slice's file name")
-    if not force:
-        for t in targets:
-            if os.path.lexists(t):
-                raise FileExistsError(
-                    f"{t} already exists; pass force=True (--force) to overwrite it"
-                )
-
+) -> tuple[str, str, str, RunSamples, Selection]:
+    """Apply a SPEC to a run of a session on disk, as a fork or export-slice would:
+    (session dir, run id, run name, the run's samples, the selection). kmeans uses the
+    loss, its history, the margin and the newest saved embedding. ValueError for an
+    unknown run or a bad or empty spec; FileNotFoundError when it is not a session."""
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
     sdir = os.path.realpath(os.fspath(session_dir))
     if not os.path.isfile(os.path.join(sdir, "session.db")):
         raise FileNotFoundError(f"{sdir} is not an OnTheFly session (no session.db)")
@@ -295,7 +271,14 @@ def export_slice(
     if embed_note:
         sel.description += f"; {embed_note}"
         sel.extra["embedding_dims"] = float(embed_dims)
-    ids = sel.indices
+    return sdir, run_id, run_name, data, sel
+
+
+def slice_definition(
+    sdir: str, run_id: str, run_name: str, epoch: int, sel: Selection
+) -> dict[str, Any]:
+    """What a slice is: the spec and its description, the run and epoch, and (kmeans) every
+    cluster with its size, mean loss and label mix and which one was selected."""
     definition: dict[str, Any] = {
         "format_version": SLICE_FORMAT_VERSION,
         "session_id": os.path.basename(sdir),
@@ -303,8 +286,8 @@ def export_slice(
         "run_name": run_name,
         "spec": sel.spec,
         "description": sel.description,
-        "epoch": data.epoch,
-        "rows": int(ids.size),
+        "epoch": epoch,
+        "rows": int(sel.indices.size),
         "columns": list(COLUMNS),
         "created": time.time(),
         "n_seen": sel.n_seen,
@@ -316,6 +299,47 @@ def export_slice(
             {"id": c.id, "size": c.size, "mean_loss": c.mean_loss, "label_mix": c.label_mix}
             for c in sel.clusters
         ]
+    return definition
+
+
+def export_slice(
+    session_dir: str | os.PathLike[str],
+    run: str,
+    spec: str,
+    fmt: str,
+    out_path: str | os.PathLike[str],
+    force: bool = False,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> SliceResult:
+    """Select samples of `run` (id or name) with `spec` and write them as `fmt`.
+
+    Raises ValueError for an unknown format, an unknown run (naming the known ones), a bad
+    or empty spec; FileExistsError when `out_path` (or, for CSV, its sidecar) exists and
+    not `force`. `base_dir` resolves a relative `indices:FILE` (default: the current
+    directory). kmeans clusters on the loss plus the loss history (loss_mean), when
+    recorded the margin, and, when the run has one, its newest penultimate-layer
+    embedding (samples/<run>/embed-step-*.npy; a live supervisor asks the run's worker
+    for a fresh one first).
+    """
+    fmt_l = str(fmt).lower()
+    if fmt_l not in FORMATS:
+        raise ValueError(f"unknown slice format {fmt!r}; use one of {', '.join(FORMATS)}")
+    parsed = parse_spec(spec)
+    out = os.path.abspath(os.fspath(out_path))
+    sidecar = out + ".slice.json"
+    targets = [out, sidecar] if fmt_l == "csv" else [out]
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"{out} is a directory; give the slice's file name")
+    if not force:
+        for t in targets:
+            if os.path.lexists(t):
+                raise FileExistsError(
+                    f"{t} already exists; pass force=True (--force) to overwrite it"
+                )
+
+    sdir, run_id, run_name, data, sel = select_in_session(session_dir, run, parsed, base_dir)
+    ids = sel.indices
+    definition = slice_definition(sdir, run_id, run_name, data.epoch, sel)
     columns = _columns(data, ids)
 
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -215,6 +215,20 @@ def test_kmeans_fork_clusters_on_the_parents_embedding(tmp_path: Path) -> None:
         # Loss + margin (2 classes) + 16 embedding dims.
         assert "18 standardized residual feature(s)" in spec["description"]
         assert "the 16 embedding column(s) weigh as much as the 2 residual" in spec["description"]
+        # The fork's clusters are stored and browsable; selected = the one it trained on.
+        doc = cli_json("clusters", "--run", "fork-1", cwd=tmp_path)
+        assert doc["fork"] == "fork-1" and doc["spec"] == "kmeans:auto"
+        sizes = [c["size"] for c in doc["clusters"]]
+        assert sum(sizes) == 256 and doc["selected_cluster"] == len(sizes) - 1
+        assert doc["clusters"][-1]["size"] == spec["samples"]
+        means = [c["mean_loss"] for c in doc["clusters"]]
+        assert means == sorted(means)
+        # Any run's clusters, computed now without forking (here: 2, the cheaper one picked).
+        r = cli("clusters", "--select", "kmeans:2:cluster=0", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "cluster     size   mean loss  label mix" in r.stdout and "*     0 " in r.stdout
+        bad = cli("clusters", "--run", "main", cwd=tmp_path)
+        assert bad.returncode != 0 and "was not forked on a kmeans selection" in bad.stderr
         files = list((live.session_dir / "samples" / "main").glob("embed-step-*.npy"))
         assert len(files) == 1
         arr = np.load(files[0])
