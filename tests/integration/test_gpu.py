@@ -34,8 +34,21 @@ def test_fork_is_pinned_to_a_gpu(tmp_path: Path) -> None:
         fork = next(w for w in st["workers"] if w["run_id"] == "fork-1")
         assert fork["gpu"] != "", "the allocator pinned the fork to a GPU"
         assert st["gpus"] and st["gpus"][0]["name"]
-        log = (live.session_dir / "logs" / f"{fork['worker_id']}.log").read_text()
-        assert "on cuda" in log or fork["gpu"]
+        # The fork's worker really trained on the GPU it was pinned to (CUDA_VISIBLE_DEVICES
+        # leaves it exactly one device, which torch calls cuda:0).
+        import json
+        import sqlite3
+
+        db = sqlite3.connect(live.session_dir / "session.db")
+        attached = [
+            json.loads(r[0])
+            for r in db.execute(
+                "SELECT payload FROM events WHERE kind = 'attached' AND run_id = 'fork-1'"
+            )
+        ]
+        db.close()
+        assert attached and str(attached[0]["device"]).startswith("cuda"), attached
+        assert str(fork["gpu"]) in {str(g["index"]) for g in st["gpus"]}, (fork, st["gpus"])
     finally:
         live.proc.send_signal(2)
         live.finish(120)
