@@ -445,14 +445,7 @@ class Races:
             for rid in race.alive:
                 if rid != best:
                     self._lose(rid, f"completed, but {best} finished the race better")
-            self._set_spec(best, state="won")
-            self.sup.bus.publish(
-                "log",
-                best,
-                level="info",
-                text=f"{race.race_id}: {best} won the race ({race.recipes[best]})",
-            )
-            self._finish(race, best, "")
+            self._win(race, best)
             return
         scores: dict[str, float | None] = {}
         notes: dict[str, str] = {}
@@ -641,6 +634,9 @@ class Races:
                     "its loss is not finite" if v is not None else f"no {race.metric} loss"
                 )
             self._lose(rid, why)
+        self._win(race, best)
+
+    def _win(self, race: Race, best: str) -> None:
         self._set_spec(best, state="won")
         self.sup.bus.publish(
             "log",
