@@ -233,10 +233,12 @@ def diagonal_fisher(
 
     Three ways to the same numbers, fastest first:
 
-    * batched — when every module holding parameters is a plain `nn.Linear` or
-      `nn.Conv2d` (groups=1, zero padding), one forward + backward per chunk gives each
+    * batched — when every module holding parameters is a plain `nn.Linear`,
+      `nn.Conv2d` (groups=1, zero padding), BatchNorm with running statistics or
+      `nn.LayerNorm`, one forward + backward per chunk gives each
       module's input and output gradient per sample, and the per-sample weight gradients
-      are their outer products (Linear) or unfold products (Conv2d): a few matmuls instead
+      are their outer products (Linear), unfold products (Conv2d) or sums of the gradient
+      times the normalised input (BatchNorm, LayerNorm): a few matmuls instead
       of one traced gradient per sample (~20x cheaper on a small MLP). It needs
       `loss_fn_per_sample` to give one loss per row of a batch; it is checked against one
       backward per sample on the first few samples, and a mismatch (a loss that couples the rows)
@@ -348,12 +350,14 @@ _FISHER_CHECK = 4
 
 
 class _BatchedGrads:
-    """Squared per-sample gradients of Linear / Conv2d layers from one batched backward.
+    """Squared per-sample gradients of Linear / Conv2d / norm layers from one batched
+    backward.
 
     A layer's weight gradient for sample i is the product of what flowed into the layer
     and the gradient of its output, for that sample alone (rows do not mix in eval mode):
     `g_i^T a_i` for Linear (summed over any middle dimensions), `g_i unfold(a_i)^T` for
-    Conv2d. The gradients are taken with respect to the layer outputs only, so autograd
+    Conv2d, `sum(g_i * x_hat_i)` for BatchNorm (running statistics) and LayerNorm. The
+    gradients are taken with respect to the layer outputs only, so autograd
     never builds the (unneeded) batch-summed weight gradients.
     """
 
@@ -374,11 +378,18 @@ class _BatchedGrads:
             own = [n for n, _ in m.named_parameters(recurse=False)]
             if not own:
                 continue
-            ok = type(m) is nn.Linear or (
-                type(m) is nn.Conv2d
-                and m.groups == 1
-                and m.padding_mode == "zeros"
-                and not isinstance(m.padding, str)
+            ok = (
+                type(m) is nn.Linear
+                or (
+                    type(m) is nn.Conv2d
+                    and m.groups == 1
+                    and m.padding_mode == "zeros"
+                    and not isinstance(m.padding, str)
+                )
+                # In eval mode with running statistics BatchNorm is a per-channel affine
+                # map of each sample alone; LayerNorm always normalises a sample alone.
+                or (type(m) in _BATCHNORMS and m.track_running_stats)
+                or type(m) is nn.LayerNorm
             )
             if not ok or not set(own) <= {"weight", "bias"}:
                 return None
@@ -458,18 +469,44 @@ class _NotRowwise(ValueError):
     pass
 
 
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _norm_grads(m: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample (weight, bias) gradients of an eval-mode BatchNorm or a LayerNorm:
+    sums of g * x_hat and of g over everything but the sample and the parameter's dims."""
+    if isinstance(m, nn.LayerNorm):
+        k = len(m.normalized_shape)
+        dims = tuple(range(a.dim() - k, a.dim()))
+        mu = a.mean(dim=dims, keepdim=True)
+        var = a.var(dim=dims, unbiased=False, keepdim=True)
+        xh = (a - mu) / torch.sqrt(var + m.eps)
+        over = tuple(range(1, a.dim() - k))
+    else:
+        assert isinstance(m, _BATCHNORMS)
+        assert m.running_mean is not None and m.running_var is not None
+        shape = (1, -1) + (1,) * (a.dim() - 2)
+        rm = m.running_mean.float().reshape(shape)
+        rv = m.running_var.float().reshape(shape)
+        xh = (a - rm) / torch.sqrt(rv + m.eps)
+        over = tuple(range(2, a.dim()))
+    w, b = g * xh, g
+    if over:
+        w, b = w.sum(dim=over), b.sum(dim=over)
+    return w, b
+
+
 def _layer_sq_grads(
     m: nn.Module, pairs: list[tuple[Tensor, Tensor]], batch: int
 ) -> tuple[Tensor, Tensor]:
     """(sum_i w_grad_i^2, sum_i b_grad_i^2) of one layer from its calls' (input, grad out)."""
-    assert isinstance(m, (nn.Linear, nn.Conv2d))
+    assert isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm, *_BATCHNORMS))
+    assert m.weight is not None
     w_shape = m.weight.shape
     n_out = int(w_shape[0])
     if not pairs:
-        return (
-            torch.zeros(w_shape, dtype=torch.float32, device=m.weight.device),
-            torch.zeros(n_out, dtype=torch.float32, device=m.weight.device),
-        )
+        zeros = torch.zeros(w_shape, dtype=torch.float32, device=m.weight.device)
+        return zeros, zeros.clone()
     if isinstance(m, nn.Linear) and len(pairs) == 1 and pairs[0][0].dim() == 2:
         # One call on [B, in]: sum_i (g_i a_i^T)^2 = (g^2)^T (a^2), nothing materialised.
         a, g = (t.float() for t in pairs[0])
@@ -479,7 +516,9 @@ def _layer_sq_grads(
     gb: Tensor | None = None
     for a, g in pairs:
         a, g = a.float(), g.float()
-        if isinstance(m, nn.Linear):
+        if isinstance(m, (nn.LayerNorm, *_BATCHNORMS)):
+            w, bias = _norm_grads(m, a, g)
+        elif isinstance(m, nn.Linear):
             a3 = a.reshape(batch, -1, a.shape[-1])  # [B, L, in]
             g3 = g.reshape(batch, -1, g.shape[-1])  # [B, L, out]
             w = torch.bmm(g3.transpose(1, 2), a3)  # [B, out, in]

@@ -265,6 +265,27 @@ class _Sequence(nn.Module):
         return self.head(torch.tanh(self.proj(x)).mean(dim=1))
 
 
+def _with_norms() -> nn.Module:
+    """Conv + BatchNorm2d + LayerNorm + BatchNorm1d with running statistics of real data."""
+    torch.manual_seed(4)
+    m = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LayerNorm(4 * 10 * 10),
+        nn.Linear(4 * 10 * 10, 8),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    )
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 2, 10, 10) * 2 + 1)
+    return m
+
+
 def _cnn_for_fisher() -> nn.Module:
     torch.manual_seed(3)
     return nn.Sequential(
@@ -284,8 +305,9 @@ def _cnn_for_fisher() -> nn.Module:
         (_SharedLayer, (6,)),
         (_Sequence, (5, 6)),
         (_cnn_for_fisher, (2, 10, 10)),
+        (_with_norms, (2, 10, 10)),
     ],
-    ids=["mlp", "shared-layer", "sequence", "cnn"],
+    ids=["mlp", "shared-layer", "sequence", "cnn", "batchnorm-layernorm"],
 )
 def test_batched_fisher_equals_one_backward_per_sample(make, shape) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
@@ -323,7 +345,7 @@ def test_batched_fisher_is_refused_for_a_loss_that_mixes_rows() -> None:
 
 def test_fisher_of_other_layers_uses_per_sample_gradients() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(6, 8), nn.GroupNorm(2, 8), nn.Linear(8, 3))
     x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
     info: dict[str, object] = {}
     got = diagonal_fisher(model, [(x, y)], _CE, "cpu", max_samples=20, info=info)
