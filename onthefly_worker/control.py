@@ -55,6 +55,60 @@ class CommandLoop(ABC):
         assert self.conn is not None
         self.conn.ack(cmd.command_id, False, "health checks are not built for this kind of run yet")
 
+    def _health_on(
+        self,
+        cmd: Command,
+        loader: DataLoader,
+        model: nn.Module,
+        **context: Any,
+    ) -> None:
+        """Run the requested health checks on the live `model` with batches drawn from
+        `loader`'s data set (RNG, weights and data order untouched) and acknowledge `cmd`.
+        `context` completes what the checks take (health.run_checks): loss, optimizer,
+        device, autocast, scaler, order (an EpochOrder), epoch, seed, data_wait_ms,
+        step_ms, and optionally `replay_steps` (K: an in-process determinism replay)."""
+        from onthefly_worker import health
+        from onthefly_worker.data import dataset_size
+        from onthefly_worker.evaluation import preserved_rng
+
+        assert self.conn is not None
+        opts = dict(cmd.args.get("options") or {})
+        order, epoch, seed = context.pop("order"), int(context.pop("epoch")), context.pop("seed")
+        replay_k = context.pop("replay_steps", 0)
+        try:
+            with preserved_rng():
+                hb = health.draw_batches(
+                    loader, int(opts.get("batches", 4)), context["device"], seed=seed
+                )
+                if replay_k:
+                    k = int(opts.get("replay_steps", replay_k))
+                    opt, loss, autocast = context["optimizer"], context["loss"], context["autocast"]
+                    context["replay"] = lambda: health.replay_steps(
+                        model, opt, loss, hb[:k], autocast=autocast
+                    )
+                verdicts = health.run_checks(
+                    str(cmd.args.get("check") or "") or None,
+                    model=model,
+                    batches=hb,
+                    dataset_len=dataset_size(loader),
+                    ids_seen_by_epoch=[order.order(e) for e in range(max(0, epoch - 1), epoch + 1)],
+                    labels=health.labels_of(loader.dataset),
+                    **context,
+                )
+        except Exception as e:  # a bad check name, missing context, a data set that cannot be read
+            self.conn.ack(cmd.command_id, False, f"{type(e).__name__}: {e}")
+            return
+        self.conn.ack(
+            cmd.command_id,
+            True,
+            f"health: {health.worst(verdicts)}",
+            {
+                "run_id": str(getattr(self, "run_id", "")),
+                "step": self.step,
+                "verdicts": [v.to_dict() for v in verdicts],
+            },
+        )
+
     def _embed_source(self) -> tuple[nn.Module, DataLoader, torch.device | str] | None:
         """(model, training loader, device) to embed the training set with; None = no way.
 

@@ -1092,18 +1092,20 @@ def time_step_breakdown(
     *,
     autocast: Autocast | None = None,
     warmup: int = 1,
+    side_copy: Callable[[], tuple[nn.Module, torch.optim.Optimizer]] | None = None,
 ) -> dict[str, list[float]]:
     """Forward / backward / optimizer milliseconds per step, measured on deep copies.
 
     The first `warmup` steps are not recorded (allocator growth, cuDNN autotuning, lazy
     optimizer state). On CUDA each phase is closed by a synchronize, so the numbers are
     device time, not launch time. The copies need one more model + optimizer state in
-    memory for the duration.
+    memory for the duration. `side_copy()` makes them when a plain deep copy cannot (a
+    LightningModule wired to its trainer).
     """
     _require_batches(batches, "throughput")
     dev = torch.device(device)
     ploss = _as_loss(loss)
-    m, opt = _copy_for_side_work(model, optimizer)
+    m, opt = side_copy() if side_copy is not None else _copy_for_side_work(model, optimizer)
     out: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
     ctx = autocast if autocast is not None else contextlib.nullcontext
     plan = [batches[i % len(batches)] for i in range(warmup)] + list(batches)
@@ -1453,6 +1455,7 @@ def _run_throughput(c: Mapping[str, Any]) -> Verdict:
                 c["batches"],
                 c["device"],
                 autocast=c.get("autocast"),
+                side_copy=c.get("side_copy"),
             )
         )
     if "data" not in breakdown and c.get("data_wait_ms"):

@@ -73,10 +73,10 @@ from onthefly_worker.data import (
     split_batch,
 )
 from onthefly_worker.errors import OnTheFlyError
-from onthefly_worker.evaluation import evaluate_model, report_eval
+from onthefly_worker.evaluation import evaluate_model, preserved_rng, report_eval
 from onthefly_worker.losses import PerSampleLoss
 from onthefly_worker.recorder import Recorder
-from onthefly_worker.trainer import ROLE_TO_PB, connect, mark_fit_reached, preserved_rng
+from onthefly_worker.trainer import ROLE_TO_PB, connect, mark_fit_reached
 
 if TYPE_CHECKING:  # lightning is optional: never imported at module import time
     import lightning.pytorch as pl
@@ -334,8 +334,11 @@ class LightningAttachment:
         if self.model_factory is not None:
             return self.model_factory()
         hooks = self._run.hook_ids() if self._run is not None else set()
+        # OnTheFly's forward hook is a method of the live run (which holds the gRPC stream):
+        # the memo keeps the copy from copying the run; the hook is dropped from it below.
+        memo: dict[int, Any] = {id(self._run): self._run} if self._run is not None else {}
         try:
-            clone = copy.deepcopy(self.model)
+            clone = copy.deepcopy(self.model, memo)
         except Exception as e:
             raise OnTheFlyError(
                 f"could not copy {type(self.model).__name__} ({type(e).__name__}: {e}); pass "
@@ -382,6 +385,9 @@ class _LightningRun(CommandLoop):
         self.test_loader = test_loader
         self.adapters = False
         """A fork training low-rank adapters (--adapters) instead of full weights."""
+        # Recent step and data-wait times, for the throughput health check.
+        self.step_ms: collections.deque[float] = collections.deque(maxlen=512)
+        self.data_ms: collections.deque[float] = collections.deque(maxlen=512)
         self.env: wenv.WorkerEnv | None = None
         self.spec: dict[str, Any] = {}
         self.run_id = "main"
@@ -861,6 +867,8 @@ class _LightningRun(CommandLoop):
         b = self.batch
         self.batch += 1
         t_end = time.perf_counter()
+        self.step_ms.append((t_end - self._t_prev) * 1000.0)
+        self.data_ms.append((self._t_data - self._t_prev) * 1000.0)
         self.rec.record(
             self.step,
             self.epoch,
@@ -1087,6 +1095,53 @@ class _LightningRun(CommandLoop):
         tr.should_stop = True
 
     # CommandLoop hooks
+    def _health(self, cmd: Command) -> None:
+        """The live health checks (numerics, gradients, activations, data, throughput) on the
+        module, as for Trainer runs: read-only on the weights, the RNG and the data order.
+        (Determinism is the supervisor's: a side-process replay, not built for Lightning.)"""
+        assert self.conn is not None
+        if self.source_loader is None or self.order is None:
+            self.conn.ack(cmd.command_id, False, "the run has no train loader yet")
+            return
+        plugin = self.trainer.precision_plugin
+        with self._unrecorded():  # the checks' forward passes are not training samples
+            self._health_on(
+                cmd,
+                self.source_loader,
+                self.module,
+                loss=self.loss,
+                optimizer=self.trainer.optimizers[0],
+                device=self.module.device,
+                autocast=plugin.forward_context,
+                scaler=getattr(plugin, "scaler", None),
+                order=self.order,
+                epoch=self.epoch,
+                seed=self.seed,
+                data_wait_ms=list(self.data_ms),
+                step_ms=list(self.step_ms),
+                side_copy=self._side_copy,
+            )
+
+    def _side_copy(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Independent copies of the live module and optimizer for side work (the
+        throughput check's timed steps): a fresh model (model_factory or a copy without
+        the trainer and OnTheFly's hooks) with the live weights, and an optimizer of the
+        same type over it with the live optimizer's groups and state."""
+        live, opt = self.module, self.trainer.optimizers[0]
+        m = self.att.fresh_model().to(live.device)
+        m.load_state_dict(live.state_dict())
+        twin = dict(zip((id(p) for p in live.parameters()), m.parameters(), strict=True))
+        groups = [
+            {
+                **{k: v for k, v in g.items() if k != "params"},
+                "params": [twin[id(p)] for p in g["params"]],
+            }
+            for g in opt.param_groups
+        ]
+        copy_opt = type(opt)(groups, **opt.defaults)
+        copy_opt.load_state_dict(opt.state_dict())
+        return m, copy_opt
+
     def _embed_source(self) -> tuple[nn.Module, DataLoader, torch.device | str] | None:
         """The live module and the user's train loader: sample ids are positions in its
         dataset, as for the per-sample losses."""

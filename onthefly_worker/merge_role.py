@@ -35,9 +35,9 @@ from onthefly_worker.config import TrainerConfig
 from onthefly_worker.connection import PROTOCOL_VERSION, WorkerConnection
 from onthefly_worker.data import batch_len, data_fingerprint, dataset_size, split_batch, to_device
 from onthefly_worker.errors import OnTheFlyError
-from onthefly_worker.evaluation import evaluate_model
+from onthefly_worker.evaluation import evaluate_model, preserved_rng
 from onthefly_worker.losses import PerSampleLoss
-from onthefly_worker.trainer import connect, preserved_rng
+from onthefly_worker.trainer import connect
 
 
 def _batch_fn(batch: Any) -> tuple[Any, Any]:

@@ -37,7 +37,7 @@ from onthefly_worker.data import (
     to_device,
 )
 from onthefly_worker.errors import OnTheFlyError
-from onthefly_worker.evaluation import evaluate_model, preserved_rng, report_eval
+from onthefly_worker.evaluation import evaluate_model, report_eval
 from onthefly_worker.losses import PerSampleLoss
 from onthefly_worker.recorder import Recorder
 
@@ -528,45 +528,21 @@ class _Loop(CommandLoop):
 
     def _health(self, cmd: Command) -> None:
         """Health checks on the live run, without moving its weights, RNG or data order."""
-        from onthefly_worker import health
-
-        assert self.conn is not None
-        opts = dict(cmd.args.get("options") or {})
-        try:
-            with preserved_rng():
-                hb = health.draw_batches(
-                    self.train_loader, int(opts.get("batches", 4)), self.device, seed=self.seed
-                )
-                model, opt, loss = self.model, self.opt, self.loss
-                k = int(opts.get("replay_steps", 3))
-                verdicts = health.run_checks(
-                    str(cmd.args.get("check") or "") or None,
-                    model=model,
-                    loss=loss,
-                    optimizer=opt,
-                    batches=hb,
-                    device=self.device,
-                    autocast=self._autocast,
-                    scaler=self.scaler,
-                    dataset_len=dataset_size(self.train_loader),
-                    ids_seen_by_epoch=[
-                        self.order.order(e) for e in range(max(0, self.epoch - 1), self.epoch + 1)
-                    ],
-                    labels=health.labels_of(self.train_loader.dataset),
-                    data_wait_ms=list(self.data_ms),
-                    step_ms=list(self.step_ms),
-                    replay=lambda: health.replay_steps(
-                        model, opt, loss, hb[:k], autocast=self._autocast
-                    ),
-                )
-        except Exception as e:  # a bad check name, missing context, a data set that cannot be read
-            self.conn.ack(cmd.command_id, False, f"{type(e).__name__}: {e}")
-            return
-        self.conn.ack(
-            cmd.command_id,
-            True,
-            f"health: {health.worst(verdicts)}",
-            {"run_id": self.run_id, "step": self.step, "verdicts": [v.to_dict() for v in verdicts]},
+        self._health_on(
+            cmd,
+            self.train_loader,
+            self.model,
+            loss=self.loss,
+            optimizer=self.opt,
+            device=self.device,
+            autocast=self._autocast,
+            scaler=self.scaler,
+            order=self.order,
+            epoch=self.epoch,
+            seed=self.seed,
+            data_wait_ms=list(self.data_ms),
+            step_ms=list(self.step_ms),
+            replay_steps=3,
         )
 
     # -- training ----------------------------------------------------------------------------
