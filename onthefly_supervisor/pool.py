@@ -150,6 +150,8 @@ class LocalLauncher:
         env.update(spec.env)
         env["ONTHEFLY_PARENT_PID"] = str(os.getpid())
         env["PYTHONUNBUFFERED"] = "1"
+        # Loader workers fork the worker; they never use gRPC (see onthefly_worker/__init__).
+        env.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         if spec.gpu:
             env["CUDA_VISIBLE_DEVICES"] = spec.gpu
         if spec.threads:
