@@ -43,6 +43,8 @@ EMBED_TIMEOUT_S = 30.0
 """How long a kmeans fork waits for the parent's embedding (one inference pass over the
 training set). Past it the fork goes on with the newest saved embedding, if any; the
 worker still finishes and writes its file, so the next selection has it."""
+EMBED_ENDED_TIMEOUT_S = 180.0
+"""An ended run is embedded by the merge worker: its start-up (the script up to fit) included."""
 
 
 @dataclass
@@ -137,7 +139,36 @@ class MethodOps:
         from onthefly_supervisor.slices import embedding_features
 
         rel, why = self.request_embedding(run_id)
+        if not rel and self.sup.live_worker(run_id) is None:
+            rel, why = self.embed_ended_run(run_id)
         return embedding_features(self.sup.dir, run_id, n, fresh=rel, why=why)
+
+    def embed_ended_run(self, run_id: str) -> tuple[str, str]:
+        """A run without a live worker (it ended): its saved embedding when one is as new as
+        its latest checkpoint, else the merge worker embeds that checkpoint. (path, "") or
+        ("", why not)."""
+        from onthefly_supervisor.slices import newest_embedding
+
+        run = self.sup.resolve_run(run_id)
+        if run.kind == "moe":
+            return "", f"{run_id} is an MoE run (no single penultimate layer)"
+        ck = self.sup.store.latest_checkpoint(run_id)
+        if ck is None:
+            return "", f"run {run_id} has no live worker and no checkpoint"
+        saved = newest_embedding(self.sup.dir, run_id)
+        if saved is not None and saved[1] >= int(ck["step"]):
+            return saved[0], ""
+        try:
+            job = self._submit(
+                {"job": "embed", "run": self._entry(run), "max_dims": EMBED_DIMS}, ""
+            )
+            ack = self._wait(job, EMBED_ENDED_TIMEOUT_S)
+        except self.ControlError as e:
+            return "", e.message
+        payload = ack.payload if isinstance(ack.payload, dict) else {}
+        if ack.ok and payload.get("path"):
+            return str(payload["path"]), ""
+        return "", str(ack.message or "the merge worker did not embed")
 
     def request_embedding(self, run_id: str) -> tuple[str, str]:
         """Ask the run's live worker to write its embedding: (relative path, "") on success,

@@ -262,7 +262,33 @@ class MergeWorker:
             return self.compare(job)
         if kind == "export_model":
             return self.export_model(job)
+        if kind == "embed":
+            return self.embed(job)
         raise OnTheFlyError(f"unknown merge-worker job {kind!r}")
+
+    def embed(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The penultimate-layer embedding of a run that has no live worker (it ended), from
+        its latest checkpoint, over the whole training set in order (embed.py)."""
+        from onthefly_worker import embed as em
+
+        entry = job["run"]
+        if entry.get("kind") == "moe":
+            raise OnTheFlyError("an MoE run has no single penultimate layer; embed an expert")
+        state = self.load(entry["checkpoint"])
+        model = self.fresh(state["model"])
+        step = int((state.get("counters") or {}).get("step", 0))
+        ok, message, payload = em.embed_to_session(
+            model,
+            self.train_loader,
+            self.device,
+            self.env.session_dir,
+            str(entry["run_id"]),
+            step,
+            int(job.get("max_dims") or em.MAX_DIMS),
+        )
+        if not ok:
+            raise OnTheFlyError(message)
+        return {"message": message, **payload}
 
     def merge(self, job: dict[str, Any]) -> dict[str, Any]:
         method = job["method"]

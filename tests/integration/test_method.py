@@ -236,11 +236,20 @@ def test_kmeans_fork_clusters_on_the_parents_embedding(tmp_path: Path) -> None:
 
         _ok(cli("stop", cwd=tmp_path, timeout=60))
         live.wait_for(lambda s: live.main_run(s)["status"] != "running", timeout=60)
-        out = _ok(
-            cli("fork", "--select", "kmeans:2", "--budget-steps", "4", cwd=tmp_path, timeout=180)
-        )
-        assert f"embedding: 16 dims from samples/main/{files[0].name}" in out, out
-        assert "the newest saved: run main has no live worker" in out, out
+        # The run has ended: the merge worker embeds its final checkpoint (the embedding
+        # saved while it was live is older), and the next kmeans selection reuses that file.
+        final = live.main_run(live.status())["step"]
+        for _ in range(2):
+            out = _ok(
+                cli(
+                    "fork", "--select", "kmeans:2", "--budget-steps", "4", cwd=tmp_path, timeout=240
+                )
+            )
+            assert f"embedding: 16 dims from samples/main/embed-step-{final:08d}.npy" in out, out
+        files = list((live.session_dir / "samples" / "main").glob("embed-step-*.npy"))
+        assert [f.name for f in files] == [f"embed-step-{final:08d}.npy"]  # the older one dropped
+        merge_logs = list((live.session_dir / "logs").glob("merger-*.log"))
+        assert merge_logs, "the merge worker made it"
     finally:
         if live.proc.poll() is None:
             live.proc.send_signal(signal.SIGINT)
