@@ -510,7 +510,7 @@ def cmd_clusters(a: argparse.Namespace) -> int:
     if a.select:
         try:
             sdir, run_id, name, data, sel = select_in_session(
-                sdir, a.run, a.select, base_dir=os.getcwd()
+                sdir, a.run, a.select, base_dir=os.getcwd(), recent=True
             )
         except (ValueError, FileNotFoundError) as e:
             raise CliError(str(e)) from None

@@ -212,26 +212,16 @@ class MethodOps:
         spec_str = req.select or "all"
         cwd = str(sup.store.get_meta("cwd", os.getcwd()))
         parsed = sel.parse_spec(spec_str)  # a bad spec fails before any embedding work
-        losses, margin, labels = self.latest_losses(parent.run_id)
-        features = margin[:, None] if margin is not None else None
-        embed_note, embed_dims, emb = "", 0, None
-        if parsed.kind == "kmeans":
-            emb, embed_note = self.embedding(parent.run_id, losses.shape[0])
-            if emb is not None:
-                embed_dims = int(emb.shape[1])
+        self.latest_losses(parent.run_id)  # a clear error when it has none yet
+        # The selection reads the arrays from the session folder, exactly as export-slice
+        # and `onthefly clusters` do (the same spec picks the same samples in all three).
+        sup.arrays.persist()
         seed = int(sup.store.get_meta("seed", 0))
-        selection = sel.select(
-            parsed,
-            losses,
-            features=features,
-            seed=seed,
-            base_dir=cwd,
-            labels=labels,
-            embedding=emb,
+        from onthefly_supervisor.slices import select_in_session
+
+        _, _, _, _, selection = select_in_session(
+            sup.dir, parent.run_id, parsed, base_dir=cwd, embedding=self.embedding, recent=True
         )
-        if embed_note:
-            selection.description += f"; {embed_note}"
-            selection.extra["embedding_dims"] = float(embed_dims)
         ckpt_rel = self._parent_checkpoint(parent, req.checkpoint)
         if race is not None:
             return self._start_race(req, parent, selection, ckpt_rel, budget, wd_mul, seed, *race)

@@ -99,6 +99,11 @@ class RunSamples:
     """int64, latest epoch, -1 = unknown; None when not recorded."""
     margin: np.ndarray | None
     """float32, latest epoch, NaN = unknown; None when not recorded."""
+    loss_recent: np.ndarray | None = None
+    """float32, each sample's most recent finite loss (the latest epoch that saw it): what
+    selections rank and cluster, so a selection mid-epoch still covers every seen sample."""
+    margin_recent: np.ndarray | None = None
+    """float32, the margin from that same epoch; None when no margins are recorded."""
 
 
 def load_run_samples(session_dir: str, run_id: str) -> RunSamples:
@@ -144,6 +149,20 @@ def load_run_samples(session_dir: str, run_id: str) -> RunSamples:
         count[: arr.size] += ok
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    recent = np.full(n, np.nan, dtype=np.float32)
+    recent_margin: np.ndarray | None = None
+    for e, arr in zip(reversed(epochs), reversed(per_epoch), strict=True):
+        # NaN = not seen in that epoch; a non-finite loss it did see stays (not an older one).
+        fill = np.isnan(recent[: arr.size]) & ~np.isnan(arr)
+        if not fill.any():
+            continue
+        recent[: arr.size][fill] = arr[fill]
+        m = margin if e == latest else load(f"margin-{e:04d}.npy", np.float32)
+        if m is not None:
+            if recent_margin is None:
+                recent_margin = np.full(n, np.nan, dtype=np.float32)
+            k = min(m.size, arr.size)
+            recent_margin[:k][fill[:k]] = m[:k][fill[:k]]
     return RunSamples(
         run_id=run_id,
         epoch=latest,
@@ -153,6 +172,8 @@ def load_run_samples(session_dir: str, run_id: str) -> RunSamples:
         labels=None if labels is None else _pad(labels, n, -1),
         pred=None if pred is None else _pad(pred, n, -1),
         margin=None if margin is None else _pad(margin, n, np.nan),
+        loss_recent=recent,
+        margin_recent=recent_margin,
     )
 
 
@@ -226,11 +247,20 @@ def select_in_session(
     run: str,
     spec: str | SelectionSpec,
     base_dir: str | os.PathLike[str] | None = None,
+    embedding: Callable[[str, int], tuple[np.ndarray | None, str]] | None = None,
+    recent: bool = False,
 ) -> tuple[str, str, str, RunSamples, Selection]:
-    """Apply a SPEC to a run of a session on disk, as a fork or export-slice would:
-    (session dir, run id, run name, the run's samples, the selection). kmeans uses the
-    loss, its history, the margin and the newest saved embedding. ValueError for an
-    unknown run or a bad or empty spec; FileNotFoundError when it is not a session."""
+    """Apply a SPEC to a run of a session on disk: the one selection path of forks,
+    export-slice and `onthefly clusters`, so the same spec picks the same samples (and
+    numbers the same clusters) in all three. Returns (session dir, run id, run name, the
+    run's samples, the selection). Samples are ranked by their loss in the latest epoch,
+    or with `recent` (forks, and `onthefly clusters` which previews them) by their most
+    recent loss, so a fork made mid-epoch also covers the samples this epoch has not
+    reached yet (once an epoch is complete the two agree). kmeans
+    clusters on [loss, mean loss over epochs, margin] plus the embedding block, which
+    `embedding(run_id, n)` supplies (default: the newest saved one), with the session's
+    seed. ValueError for an unknown run or a bad or empty spec; FileNotFoundError when it
+    is not a session."""
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
     sdir = os.path.realpath(os.fspath(session_dir))
     if not os.path.isfile(os.path.join(sdir, "session.db")):
@@ -244,10 +274,15 @@ def select_in_session(
             )
             raise ValueError(f"unknown run {run!r}; known runs: {known or '(none)'}")
         run_id, run_name = row.run_id, row.name
+        seed = int(store.get_meta("seed", 0) or 0)
     finally:
         store.close()
 
     data = load_run_samples(sdir, run_id)
+    loss, margin = data.loss, data.margin
+    if recent and data.loss_recent is not None:
+        loss = data.loss_recent
+        margin = data.margin_recent if data.margin_recent is not None else data.margin
     features = None
     emb = None
     embed_note = ""
@@ -255,15 +290,19 @@ def select_in_session(
     if parsed.kind == "kmeans":
         # select() already uses the loss as the first feature column; these complete
         # the residual features [loss, loss_mean, margin] (+ the embedding block).
-        cols = [data.loss_mean] + ([data.margin] if data.margin is not None else [])
+        cols = [data.loss_mean] + ([margin] if margin is not None else [])
         features = np.stack(cols, axis=1)
-        emb, embed_note = embedding_features(sdir, run_id, data.loss.shape[0])
+        if embedding is not None:
+            emb, embed_note = embedding(run_id, loss.shape[0])
+        else:
+            emb, embed_note = embedding_features(sdir, run_id, loss.shape[0])
         if emb is not None:
             embed_dims = int(emb.shape[1])
     sel: Selection = select(
         parsed,
-        data.loss,
+        loss,
         features=features,
+        seed=seed,
         base_dir=base_dir,
         labels=data.labels,
         embedding=emb,

@@ -212,9 +212,10 @@ def test_kmeans_fork_clusters_on_the_parents_embedding(tmp_path: Path) -> None:
         spec = runs["fork-1"]["spec"]
         assert "embedding: 16 dims" in spec["description"]
         assert spec["selection_extra"]["embedding_dims"] == 16
-        # Loss + margin (2 classes) + 16 embedding dims.
-        assert "18 standardized residual feature(s)" in spec["description"]
-        assert "the 16 embedding column(s) weigh as much as the 2 residual" in spec["description"]
+        # Loss, its mean over epochs, margin (2 classes) + 16 embedding dims: the same
+        # features export-slice and `onthefly clusters` use.
+        assert "19 standardized residual feature(s)" in spec["description"]
+        assert "the 16 embedding column(s) weigh as much as the 3 residual" in spec["description"]
         # The fork's clusters are stored and browsable; selected = the one it trained on.
         doc = cli_json("clusters", "--run", "fork-1", cwd=tmp_path)
         assert doc["fork"] == "fork-1" and doc["spec"] == "kmeans:auto"
@@ -250,6 +251,13 @@ def test_kmeans_fork_clusters_on_the_parents_embedding(tmp_path: Path) -> None:
         assert [f.name for f in files] == [f"embed-step-{final:08d}.npy"]  # the older one dropped
         merge_logs = list((live.session_dir / "logs").glob("merger-*.log"))
         assert merge_logs, "the merge worker made it"
+        # The preview clusters exactly as the fork did (one selection path, one seed).
+        preview = cli_json("clusters", "--select", "kmeans:2", cwd=tmp_path)
+        stored = cli_json("clusters", "--run", "fork-3", cwd=tmp_path)
+        assert [(c["size"], c["mean_loss"]) for c in preview["clusters"]] == [
+            (c["size"], c["mean_loss"]) for c in stored["clusters"]
+        ]
+        assert preview["selected_cluster"] == stored["selected_cluster"] == 1
     finally:
         if live.proc.poll() is None:
             live.proc.send_signal(signal.SIGINT)
