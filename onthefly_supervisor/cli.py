@@ -319,6 +319,21 @@ def _f(x: Any) -> str:
     return "—" if x is None else f"{x:.4g}"
 
 
+def _print_matrix(runs: list[str], slices: list[str], losses: list[Any]) -> None:
+    """Runs as rows, slices as columns, losses row-major (as CompareRequest returns them)."""
+    width = max([len(s) for s in slices] + [10])
+    print(f"{'run':<12}" + "".join(f"{s:>{width + 2}}" for s in slices))
+    for i, r in enumerate(runs):
+        row = losses[i * len(slices) : (i + 1) * len(slices)]
+        print(
+            f"{r:<12}"
+            + "".join(
+                f"{(f'{v:.4g}' if isinstance(v, (int, float)) else '—' if v is None else str(v)):>{width + 2}}"
+                for v in row
+            )
+        )
+
+
 # -- store-backed views (work on finished sessions too) ---------------------------------------
 def cmd_runs(a: argparse.Namespace) -> int:
     sdir = resolve_session(a.session)
@@ -326,6 +341,7 @@ def cmd_runs(a: argparse.Namespace) -> int:
     try:
         runs = [r.to_dict() for r in st.runs()]
         evals = st.evals()
+        comparison = st.get_meta("comparison")
     finally:
         st.close()
     for r in runs:
@@ -335,8 +351,16 @@ def cmd_runs(a: argparse.Namespace) -> int:
             for e in evals
             if e["run_id"] == r["run_id"]
         ]
+    for r in runs:
+        own = [e for e in r["evals"] if e["split"] == "slice:self"]
+        r["slice_loss"] = own[-1]["loss"] if own else None
     if a.json:
-        print(json.dumps({"session_id": os.path.basename(sdir), "runs": runs}, indent=2))
+        print(
+            json.dumps(
+                {"session_id": os.path.basename(sdir), "runs": runs, "comparison": comparison},
+                indent=2,
+            )
+        )
         return 0
     children: dict[str, list[dict[str, Any]]] = {}
     roots = []
@@ -350,7 +374,9 @@ def cmd_runs(a: argparse.Namespace) -> int:
         also = f" ← {', '.join(r['parents'])}" if len(r["parents"]) > 1 else ""
         pad = "  " * depth + ("└─ " if depth else "")
         print(
-            f"{pad}{r['run_id']} ({r['kind']}, {r['status']}){also} step {r['step']} loss {_f(r['last_loss'])} val {_f(r['val_loss'])} test {_f(r['test_loss'])} · {r['sample_steps']} sample-steps"
+            f"{pad}{r['run_id']} ({r['kind']}, {r['status']}){also} step {r['step']} loss {_f(r['last_loss'])}"
+            + (f" own slice {_f(r['slice_loss'])}" if r["slice_loss"] is not None else "")
+            + f" val {_f(r['val_loss'])} test {_f(r['test_loss'])} · {r['sample_steps']} sample-steps"
             + (f" · error: {r['error']}" if r["error"] else "")
         )
         for c in children.get(r["run_id"], []):
@@ -359,6 +385,12 @@ def cmd_runs(a: argparse.Namespace) -> int:
     print(f"session {os.path.basename(sdir)}")
     for r in roots:
         show(r, 1)
+    if comparison and comparison.get("runs") and comparison.get("slices"):
+        when = time.strftime("%H:%M:%S", time.localtime(float(comparison.get("t", 0))))
+        print(f"loss of each run on each slice (`onthefly compare`, {when}):")
+        _print_matrix(comparison["runs"], comparison["slices"], comparison["losses"])
+    else:
+        print("`onthefly compare` adds each run's loss on every other run's slice")
     return 0
 
 
@@ -752,18 +784,7 @@ def cmd_rpc(a: argparse.Namespace) -> int:
     if getattr(a, "json", False):
         print(json.dumps(d, indent=2))
     elif c == "compare":
-        runs, slices, losses = d.get("runs", []), d.get("slices", []), d.get("losses", [])
-        width = max([len(s) for s in slices] + [10])
-        print(f"{'run':<12}" + "".join(f"{s:>{width + 2}}" for s in slices))
-        for i, r in enumerate(runs):
-            row = losses[i * len(slices) : (i + 1) * len(slices)]
-            print(
-                f"{r:<12}"
-                + "".join(
-                    f"{(f'{v:.4g}' if isinstance(v, (int, float)) else str(v)):>{width + 2}}"
-                    for v in row
-                )
-            )
+        _print_matrix(d.get("runs", []), d.get("slices", []), d.get("losses", []))
     elif c == "health":
         for v in d.get("verdicts", []):
             print(f"{v.get('check', ''):<12} {v.get('verdict', ''):<5} {v.get('hint', '')}")

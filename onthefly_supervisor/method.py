@@ -689,6 +689,16 @@ class MethodOps:
         if not ack.ok:
             raise self._err(grpc.StatusCode.FAILED_PRECONDITION, ack.message)
         p = ack.payload or {}
+        # Kept in the store: `onthefly runs` shows the newest matrix beside the lineage.
+        self.sup.store.set_meta(
+            "comparison",
+            {
+                "runs": list(p.get("runs", [])),
+                "slices": list(p.get("slices", [])),
+                "losses": [None if v is None else float(v) for v in p.get("losses", [])],
+                "t": time.time(),
+            },
+        )
         return pb.Comparison(
             runs=p.get("runs", []),
             slices=p.get("slices", []),

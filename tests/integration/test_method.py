@@ -114,6 +114,33 @@ def test_merge_methods_make_new_runs(session, method: str) -> None:
     assert runs["main"]["status"] == "completed"  # the parent stays the catch-all
 
 
+def test_compare_fills_the_slice_matrix_that_runs_shows(session) -> None:
+    if "fork-1" not in {r["run_id"] for r in cli_json("runs", cwd=session.cwd)["runs"]}:
+        _ok(
+            cli(
+                "fork", "--select", "quantile:0.8:1.0", "--budget-steps", "30", "--wait",
+                cwd=session.cwd, timeout=180,
+            )
+        )  # fmt: skip
+    before = _ok(cli("runs", cwd=session.cwd))
+    assert "`onthefly compare` adds each run's loss on every other run's slice" in before
+    doc = cli_json("runs", cwd=session.cwd)
+    fork = next(r for r in doc["runs"] if r["run_id"] == "fork-1")
+    assert fork["slice_loss"] is not None and f"own slice {fork['slice_loss']:.4g}" in before
+    out = _ok(cli("compare", "main", "fork-1", cwd=session.cwd, timeout=300))
+    assert out.splitlines()[0].split() == ["run", "val", "fork-1"], out
+    assert [line.split()[0] for line in out.splitlines()[1:3]] == ["main", "fork-1"]
+    after = _ok(cli("runs", cwd=session.cwd))
+    assert "loss of each run on each slice (`onthefly compare`," in after
+    assert out.splitlines()[0] in after  # the same matrix, from the store
+    cmp = cli_json("runs", cwd=session.cwd)["comparison"]
+    assert cmp["runs"] == ["main", "fork-1"] and cmp["slices"] == ["val", "fork-1"]
+    assert len(cmp["losses"]) == 4 and all(v is not None for v in cmp["losses"])
+    # The fork-1 row on its own slice is the slice loss the fork reported itself.
+    own = cmp["losses"][3]
+    assert abs(own - fork["slice_loss"]) < 1e-3 * max(1.0, abs(own)), (own, fork["slice_loss"])
+
+
 def test_gate_and_moe_export_round_trip(session, tmp_path: Path) -> None:
     if "fork-1" not in {r["run_id"] for r in cli_json("runs", cwd=session.cwd)["runs"]}:
         _ok(
