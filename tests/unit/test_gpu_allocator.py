@@ -101,3 +101,33 @@ def test_no_driver_means_cpu_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert a.acquire("fork-1-0") == "" and not a.has_free()
     with pytest.raises(ValueError, match=r"not found \(NVML sees 0 GPU\(s\); NVML Shared Library"):
         GpuAllocator("0")
+
+
+def test_the_launcher_pins_a_worker_with_cuda_visible_devices(tmp_path: Any) -> None:
+    import time
+
+    from onthefly_supervisor.lifecycle import Role
+    from onthefly_supervisor.pool import LocalLauncher, WorkerSpec
+
+    out = tmp_path / "env.txt"
+    script = tmp_path / "show_env.py"
+    script.write_text(
+        "import os, sys\n"
+        f"open({str(out)!r}, 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>') + "
+        "' ' + os.environ.get('OMP_NUM_THREADS', '<unset>'))\n"
+    )
+    launcher = LocalLauncher()
+    try:
+        for gpu, threads, want in (("3", 0, "3 "), ("", 2, "<unset> 2")):
+            spec = WorkerSpec(
+                f"fork-{gpu or 'cpu'}-0", "fork-1", Role.FORK, str(script), (), str(tmp_path),
+                gpu=gpu, threads=threads,
+            )  # fmt: skip
+            launcher.start(spec, 0)
+            deadline = time.time() + 60
+            while launcher.poll(spec.worker_id) is None and time.time() < deadline:
+                time.sleep(0.05)
+            got = out.read_text()
+            assert got.startswith(want), got
+    finally:
+        launcher.close()
