@@ -127,7 +127,10 @@ def test_compare_fills_the_slice_matrix_that_runs_shows(session) -> None:
     doc = cli_json("runs", cwd=session.cwd)
     fork = next(r for r in doc["runs"] if r["run_id"] == "fork-1")
     assert fork["slice_loss"] is not None and f"own slice {fork['slice_loss']:.4g}" in before
-    out = _ok(cli("compare", "main", "fork-1", cwd=session.cwd, timeout=300))
+    # Explicit slices: other tests of this module's session may have made more forks.
+    out = _ok(
+        cli("compare", "main", "fork-1", "--slices", "val", "fork-1", cwd=session.cwd, timeout=300)
+    )
     assert out.splitlines()[0].split() == ["run", "val", "fork-1"], out
     assert [line.split()[0] for line in out.splitlines()[1:3]] == ["main", "fork-1"]
     after = _ok(cli("runs", cwd=session.cwd))
