@@ -503,6 +503,12 @@ class Autopilot:
         seen = seen[np.isfinite(seen)]
         return float(seen.mean()) if seen.size else None
 
+    def _first_score(self, run_id: str, split: str) -> tuple[int, float] | None:
+        evs = [e for e in self.sup.store.evals(run_id) if e["split"] == split]
+        if not evs or evs[0]["loss"] is None:
+            return None
+        return int(evs[0]["step"]), float(evs[0]["loss"])
+
     def _score(self, run_id: str, split: str) -> float | None:
         evs = [e for e in self.sup.store.evals(run_id) if e["split"] == split]
         return evs[-1]["loss"] if evs else None
@@ -539,6 +545,11 @@ class Autopilot:
             after: float | None
             if card.action is pl.Action.FORK:
                 after = self._score(good[0].run_id, "slice:self")
+                start = self._first_score(good[0].run_id, "slice:self")
+                if start is not None and after is not None and start[0] < good[0].step:
+                    # Like with like: the fork's slice loss at its start (the parent's
+                    # weights, eval mode) instead of the parent's training-time losses.
+                    ex.before = start[1]
             else:
                 vals = [
                     float(v)

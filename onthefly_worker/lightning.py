@@ -742,6 +742,14 @@ class _LightningRun(CommandLoop):
     def on_train_start(self) -> None:
         if not self.active:
             return
+        if self._restore_kind == "fork":
+            # The slice loss before any fork step (the parent's weights), so the fork's gain
+            # is measured like with like: slice:self at its end vs here (not for a fork on
+            # all the data, such as the matched-compute baseline).
+            ld, src, subset = self._slice_loader(), self.source_loader, self.subset
+            whole = subset is None or src is None or subset.size >= dataset_size(src)
+            if ld is not None and not whole:
+                self.evaluate(ld, "slice:self")
         self._status(pb.WORKER_STATE_RUNNING, "training")
         self._poll()
         self._t_prev = self._t_epoch = time.perf_counter()
@@ -1332,16 +1340,21 @@ class _LightningRun(CommandLoop):
         )
         self.finished = True
 
-    def _fork_reports(self) -> None:
-        """A fork reports its loss on its own slice (train data restricted to it) and on val."""
+    def _slice_loader(self) -> DataLoader | None:
+        """The fork's own slice: the train data restricted to its selection, in order."""
         if self.subset is None or self.source_loader is None:
-            return
+            return None
         ld = self.source_loader
         sub = Subset(ld.dataset, self.subset.tolist())
         bs = int((self.order.batch_size if self.order else None) or 256)
-        self.evaluate(
-            DataLoader(sub, batch_size=max(bs, 64), collate_fn=ld.collate_fn), "slice:self"
-        )
+        return DataLoader(sub, batch_size=max(bs, 64), collate_fn=ld.collate_fn)
+
+    def _fork_reports(self) -> None:
+        """A fork reports its loss on its own slice (train data restricted to it) and on val."""
+        ld = self._slice_loader()
+        if ld is None:
+            return
+        self.evaluate(ld, "slice:self")
         val = self._val_loader()
         if val is not None:
             self.evaluate(val, "val")

@@ -246,6 +246,17 @@ class _Loop(CommandLoop):
         status = "failed"
         try:
             self._restore()
+            subset = self.order.subset
+            if (
+                self.env.role == "fork"
+                and not self.env.resume
+                and subset is not None
+                and subset.size < dataset_size(self.train_loader)
+            ):
+                # The slice loss before any fork step (the parent's weights, eval mode), so
+                # the fork's gain is measured like with like: slice:self at its end vs here.
+                # (Not for a fork on all the data, such as the matched-compute baseline.)
+                self._evaluate(self._slice_loader(), "slice:self")
             self._status(pb.WORKER_STATE_RUNNING, "training")
             self._train()
             if self.run_test_on_stop and self.test_loader is not None:
@@ -767,15 +778,19 @@ class _Loop(CommandLoop):
             report_eval(self.conn, self.run_id, f"val_slice:{name}", self.step, self.epoch, res)
         return report_eval(self.conn, self.run_id, split, self.step, self.epoch, overall)
 
-    def _fork_reports(self) -> None:
-        """A fork reports its loss on its own slice (train data restricted to it) and on val."""
+    def _slice_loader(self) -> DataLoader:
+        """The fork's own slice: the train data restricted to its selection, in order."""
         subset = self.order.subset
-        if subset is None:
-            return
+        assert subset is not None
         sub = torch.utils.data.Subset(self.train_loader.dataset, subset.tolist())
         bs = int(self.order.batch_size or 256)
-        ld = DataLoader(sub, batch_size=max(bs, 64), collate_fn=self.train_loader.collate_fn)
-        self._evaluate(ld, "slice:self")
+        return DataLoader(sub, batch_size=max(bs, 64), collate_fn=self.train_loader.collate_fn)
+
+    def _fork_reports(self) -> None:
+        """A fork reports its loss on its own slice (train data restricted to it) and on val."""
+        if self.order.subset is None:
+            return
+        self._evaluate(self._slice_loader(), "slice:self")
         if self.val_loader is not None:
             self._evaluate(self.val_loader, "val")
         if self.test_loader is not None:

@@ -60,6 +60,10 @@ def test_fork_quantile_runs_as_its_own_process(session) -> None:
     assert set(seen.tolist()) <= set(idx.tolist())
     evals = {e["split"] for e in fork["evals"]}
     assert {"slice:self", "val"} <= evals
+    # Its slice loss is reported before its first step (the parent's weights) and at the
+    # end, measured the same way: the gain is like for like.
+    own = [(e["step"], e["loss"]) for e in fork["evals"] if e["split"] == "slice:self"]
+    assert [s for s, _ in own] == [0, 30] and all(v is not None for _, v in own)
     st = session.wait_for(
         lambda s: any(w["run_id"] == "fork-1" and w["state"] == "succeeded" for w in s["workers"])
     )
