@@ -530,7 +530,9 @@ class Races:
         for k in range(last - 1, -1, -1):
             fin = race.finished.get(str(k), {})
             already = race.promoted.setdefault(str(k), [])
-            for rid in asha_promotions(fin, race.eta, already):
+            # In variant order (not the order they finished in): ties go to the earlier variant.
+            ordered = {r: fin[r] for r in race.runs if r in fin}
+            for rid in asha_promotions(ordered, race.eta, already):
                 already.append(rid)
                 race.at[rid] = k + 1
                 self._record_promotion(race, k, rid, fin)

@@ -176,3 +176,12 @@ def test_a_stored_race_round_trips(tmp_path: Path) -> None:
     again = race_from_dict(stored)
     assert again == race
     assert again.finished["0"] == {a: 0.5, b: 0.25} and again.promoted["0"] == [b]
+
+
+def test_a_tie_goes_to_the_earlier_variant_whatever_order_they_finish_in(tmp_path: Path) -> None:
+    sup, method, races, race = _race(tmp_path, n=3, eta=3, budget=18)
+    a, b, c = race.runs
+    for rid in (c, b, a):  # they finish last variant first, all with the same loss
+        _train(sup, rid, 0.5)
+        races.tick()
+    assert method.queued == [a], "the first variant (e.g. automode's x1 control arm) goes on"
