@@ -99,14 +99,19 @@ class MethodOps:
         return f"{prefix}-{n}"
 
     # -- selection over the parent's latest per-sample losses ---------------------------------
-    def latest_losses(self, run_id: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        arrays = self.sup.arrays
-        epochs = arrays.epochs(run_id)
+    def _loss_epochs(self, run_id: str) -> list[int]:
+        """The epochs with per-sample losses; a clear error when there are none yet."""
+        epochs = self.sup.arrays.epochs(run_id)
         if not epochs:
             raise self._err(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"run {run_id} has no per-sample losses yet; let it train for a few steps",
             )
+        return epochs
+
+    def latest_losses(self, run_id: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        arrays = self.sup.arrays
+        epochs = self._loss_epochs(run_id)
         losses: np.ndarray | None = None
         margin: np.ndarray | None = None
         for e in reversed(epochs):  # the most recent loss known for every sample
@@ -133,13 +138,15 @@ class MethodOps:
         note for the selection's description ("embedding: ..." or "no embedding (why)").
 
         A live worker is asked for a fresh one (onthefly_worker/embed.py; one inference pass,
-        never a per-step cost); otherwise, or when it cannot answer, the newest saved
+        never a per-step cost); a run that has ended is embedded from its latest checkpoint
+        by the merge worker (`embed_ended_run`). When neither answers, the newest saved
         samples/<run>/embed-step-*.npy is used.
         """
         from onthefly_supervisor.slices import embedding_features
 
-        rel, why = self.request_embedding(run_id)
-        if not rel and self.sup.live_worker(run_id) is None:
+        if self.sup.live_worker(run_id) is not None:
+            rel, why = self.request_embedding(run_id)
+        else:
             rel, why = self.embed_ended_run(run_id)
         return embedding_features(self.sup.dir, run_id, n, fresh=rel, why=why)
 
@@ -212,7 +219,7 @@ class MethodOps:
         spec_str = req.select or "all"
         cwd = str(sup.store.get_meta("cwd", os.getcwd()))
         parsed = sel.parse_spec(spec_str)  # a bad spec fails before any embedding work
-        self.latest_losses(parent.run_id)  # a clear error when it has none yet
+        self._loss_epochs(parent.run_id)  # a clear error when it has none yet
         # The selection reads the arrays from the session folder, exactly as export-slice
         # and `onthefly clusters` do (the same spec picks the same samples in all three).
         sup.arrays.persist()

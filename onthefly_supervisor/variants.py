@@ -154,9 +154,8 @@ def decide_rung(
     if not scores:
         raise ValueError("decide_rung: no variants")
     notes = notes or {}
-    order = {k: i for i, k in enumerate(scores)}
-    finite = {k: float(v) for k, v in scores.items() if v is not None and math.isfinite(v)}
-    ranked = tuple(sorted(finite, key=lambda k: (finite[k], order[k])))
+    ranked = tuple(rank(scores, list(scores)))
+    finite = {k: _inf(scores[k]) for k in ranked}  # finite already: _inf only narrows the type
     keep = max(1, len(scores) // eta)
     promoted = ranked[:keep]
     stopped = tuple(k for k in scores if k not in promoted)
@@ -187,17 +186,27 @@ def decide_rung(
     )
 
 
+def rank(scores: Mapping[str, float | None], order: Sequence[str]) -> list[str]:
+    """The variants with a finite score, best (lowest) first; a tie goes to the variant that
+    comes first in `order` (the race's variant order), so every decision is deterministic."""
+    pos = {k: i for i, k in enumerate(order)}
+    finite = {k: float(v) for k, v in scores.items() if v is not None and math.isfinite(v)}
+    return sorted(finite, key=lambda k: (finite[k], pos[k]))
+
+
 def asha_promotions(
-    finished: Mapping[str, float | None], eta: int, already: Sequence[str]
+    finished: Mapping[str, float | None],
+    eta: int,
+    already: Sequence[str],
+    order: Sequence[str] | None = None,
 ) -> list[str]:
-    """ASHA at one rung: of the m variants that have `finished` it so far (in variant
-    order, with their scores; lower is better), the top floor(m / eta) with a finite score
-    go on; returns those not promoted `already`, best first. Ties go to variant order."""
+    """ASHA at one rung: of the m variants that have `finished` it so far (with their
+    scores; lower is better), the top floor(m / eta) with a finite score go on; returns
+    those not promoted `already`, best first. Ties go to the variant earlier in `order`
+    (default: the order of `finished`), not to the one that happened to finish first."""
     if eta < 2:
         raise ValueError(f"asha_promotions(eta={eta!r}): must be >= 2")
-    order = {k: i for i, k in enumerate(finished)}
-    finite = {k: float(v) for k, v in finished.items() if v is not None and math.isfinite(v)}
-    ranked = sorted(finite, key=lambda k: (finite[k], order[k]))
+    ranked = rank(finished, list(finished) if order is None else order)
     done = set(already)
     return [k for k in ranked[: len(finished) // eta] if k not in done]
 
@@ -530,9 +539,7 @@ class Races:
         for k in range(last - 1, -1, -1):
             fin = race.finished.get(str(k), {})
             already = race.promoted.setdefault(str(k), [])
-            # In variant order (not the order they finished in): ties go to the earlier variant.
-            ordered = {r: fin[r] for r in race.runs if r in fin}
-            for rid in asha_promotions(ordered, race.eta, already):
+            for rid in asha_promotions(fin, race.eta, already, race.runs):
                 already.append(rid)
                 race.at[rid] = k + 1
                 self._record_promotion(race, k, rid, fin)
@@ -558,8 +565,7 @@ class Races:
     def _record_promotion(
         self, race: Race, k: int, rid: str, fin: Mapping[str, float | None]
     ) -> None:
-        finite = {x: v for x, v in fin.items() if v is not None and math.isfinite(v)}
-        ranked = sorted(finite, key=lambda x: (finite[x], race.runs.index(x)))
+        ranked = rank(fin, race.runs)
         race.history.append(
             {
                 "rung": k,
@@ -592,13 +598,10 @@ class Races:
         for k in range(last - 1, -1, -1):
             fin = race.finished.get(str(k), {})
             moved = set(race.promoted.get(str(k), []))
-            parked = {
-                rid: v
-                for rid, v in fin.items()
-                if rid in race.alive and rid not in moved and v is not None and math.isfinite(v)
-            }
-            if parked:
-                best = min(parked, key=lambda x: (parked[x], race.runs.index(x)))
+            parked = {rid: v for rid, v in fin.items() if rid in race.alive and rid not in moved}
+            ranked = rank(parked, race.runs)
+            if ranked:
+                best = ranked[0]
                 race.promoted.setdefault(str(k), []).append(best)
                 race.at[best] = last
                 self._record_promotion(race, k, best, fin)
@@ -622,13 +625,12 @@ class Races:
                 self._lose(rid, f"completed, but {best} finished the race better")
                 continue
             fin = race.finished.get(str(k), {})
-            finite = {x: v for x, v in fin.items() if v is not None and math.isfinite(v)}
-            ranked = sorted(finite, key=lambda x: (finite[x], race.runs.index(x)))
+            ranked = rank(fin, race.runs)
             v = fin.get(rid)
-            if rid in finite:
+            if rid in ranked:
                 why = (
                     f"lost the race at rung {k + 1} (step {race.rungs[k]}): {race.metric} loss "
-                    f"{finite[rid]:.4g}, ranked {ranked.index(rid) + 1} of {len(fin)}; "
+                    f"{_fmt(v)}, ranked {ranked.index(rid) + 1} of {len(fin)}; "
                     f"never in the top 1/{race.eta}"
                 )
             else:

@@ -728,13 +728,7 @@ class _LightningRun(CommandLoop):
             map_location="cpu",
             expected_sha256=None,
         )
-        module.load_state_dict(parent["model"])
-        buffers = dict(module.named_buffers())
-        with torch.no_grad():
-            for k, v in state["model"].items():
-                if k in buffers:
-                    buffers[k].copy_(v)
-        mm.restore_adapters(module, rank, state["adapters"])
+        mm.restore_adapters(module, rank, parent["model"], state)
         _adapter_group(opt, module)
         opt.load_state_dict(state["optimizer"])
         self.adapters = True

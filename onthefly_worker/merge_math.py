@@ -849,10 +849,24 @@ def saved_adapters(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def restore_adapters(
-    model: nn.Module, rank: int, factors: Mapping[str, Mapping[str, Tensor]]
+    model: nn.Module,
+    rank: int,
+    base: Mapping[str, Tensor],
+    fork_state: Mapping[str, Any],
 ) -> None:
-    """Add rank-`rank` adapters (as `add_adapters(skip_small=True)`) and load their saved
-    factors `{"<layer>.weight": {"A": ..., "B": ...}}` (a checkpoint's `adapters`)."""
+    """Rebuild a fork that trains adapters from its checkpoint `fork_state`: the frozen base
+    weights are `base` (the parent checkpoint's model; the fork's own `model` entry has the
+    adapters folded in), buffers such as BatchNorm statistics come from the fork's
+    checkpoint, then rank-`rank` adapters are added (as `add_adapters(skip_small=True)`) and
+    loaded from its `adapters` factors `{"<layer>.weight": {"A": ..., "B": ...}}`. The
+    optimizer is the caller's: its adapter parameters are the model's trainable ones."""
+    model.load_state_dict(base)
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for k, v in fork_state["model"].items():
+            if k in buffers:
+                buffers[k].copy_(v)
+    factors: Mapping[str, Mapping[str, Tensor]] = fork_state["adapters"]
     add_adapters(model, rank, skip_small=True)
     with torch.no_grad():
         for n, m in _adapters(model):

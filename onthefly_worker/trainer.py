@@ -380,13 +380,7 @@ class _Loop(CommandLoop):
             map_location=self.device,
             expected_sha256=None,
         )
-        self.model.load_state_dict(parent["model"])
-        buffers = dict(self.model.named_buffers())
-        with torch.no_grad():
-            for k, v in state["model"].items():
-                if k in buffers:
-                    buffers[k].copy_(v)
-        mm.restore_adapters(self.model, int(self.spec["adapters_rank"]), state["adapters"])
+        mm.restore_adapters(self.model, int(self.spec["adapters_rank"]), parent["model"], state)
         self.model.to(self.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = type(self.opt)(trainable, **self.opt.defaults)

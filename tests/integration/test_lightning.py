@@ -394,6 +394,14 @@ def test_readme_lightning_script_as_plain_python(project: Path) -> None:
     assert len(list((sdir / "samples" / "main").glob("epoch-*.npy"))) == 3
 
 
+def _merge_completes(project: Path, *args: str) -> None:
+    """`onthefly merge ARGS` makes merge-1, completed and evaluated on val."""
+    r = cli("merge", *args, cwd=project, timeout=150)
+    assert r.returncode == 0, r.stdout + r.stderr
+    merged = {x["run_id"]: x for x in cli_json("runs", cwd=project)["runs"]}["merge-1"]
+    assert merged["status"] == "completed" and merged["val_loss"] is not None
+
+
 def test_fork_then_merge_with_model_factory(project: Path) -> None:
     # The module holds a lock, so it cannot be deep-copied: the merge worker can only
     # rebuild it through the model_factory.
@@ -432,10 +440,7 @@ def test_fork_then_merge_with_model_factory(project: Path) -> None:
         state = torch.load(live.session_dir / fork["last_checkpoint"], weights_only=True)
         assert state["role"] == "fork" and state["counters"]["step"] == 12
 
-        r = cli("merge", "--method", "swa", "main", "fork-1", cwd=project, timeout=150)
-        assert r.returncode == 0, r.stdout + r.stderr
-        merged = {x["run_id"]: x for x in cli_json("runs", cwd=project)["runs"]}["merge-1"]
-        assert merged["status"] == "completed" and merged["val_loss"] is not None
+        _merge_completes(project, "--method", "swa", "main", "fork-1")
     finally:
         if live.proc.poll() is None:
             live.proc.send_signal(signal.SIGINT)
@@ -501,10 +506,7 @@ def test_adapter_race_of_a_lightning_run_then_adapter_fuse(project: Path) -> Non
                 assert not torch.equal(v, parent["model"][k])
             else:
                 assert torch.equal(v, parent["model"][k]), k
-        r = cli("merge", "--method", "adapter_fuse", race["winner"], cwd=project, timeout=150)
-        assert r.returncode == 0, r.stdout + r.stderr
-        merged = {x["run_id"]: x for x in cli_json("runs", cwd=project)["runs"]}["merge-1"]
-        assert merged["status"] == "completed" and merged["val_loss"] is not None
+        _merge_completes(project, "--method", "adapter_fuse", race["winner"])
     finally:
         if live.proc.poll() is None:
             live.proc.send_signal(signal.SIGINT)
