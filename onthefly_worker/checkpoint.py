@@ -8,9 +8,9 @@ faults: it runs at the speed of a plain `copy_`.
 `AsyncWriter` hands the snapshot to a long-lived writer *process* (one per worker,
 started on the first large checkpoint) which maps the same arena, so nothing is copied or
 pickled but a small skeleton (the nesting, the non-tensor values and where each tensor
-lives). The writer torch.saves to a temp file, computes the sha256 (read back from the
-page cache while fsync waits on the disk), renames into place, fsyncs the folder and
-reports (sha256, bytes) or the error. A thread would do the same work under the training
+lives). The writer torch.saves to a temp file while a second thread hashes what is already
+written and starts its writeback to disk (`_TailHasher`), fsyncs, renames into place,
+fsyncs the folder and reports (sha256, bytes) or the error. A thread would do the same work under the training
 process's GIL: torch.save holds it, and training slowed to about half its speed during a
 write. The writer process ignores SIGINT/SIGTERM (the worker decides when to stop and
 waits for its last checkpoint), dies with the worker (parent-death signal, and EOF on its
@@ -320,32 +320,102 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _save_hashed(state: Any, tmp: str) -> tuple[str, int]:
-    """torch.save to `tmp`, then sha256 it while fsync makes it durable; (sha256, bytes).
-
-    torch.save to a path uses its C++ writer (a Python file object is ~2x slower). The
-    hash is read back from the page cache on a second thread while fsync waits for the
-    disk (both release the GIL), so it fills idle I/O time instead of adding to it.
-    """
-    torch.save(state, tmp)
-    out: dict[str, Any] = {}
-
-    def hash_it() -> None:
-        try:
-            out["hash"] = _sha256_and_size(tmp)
-        except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
-            out["error"] = e
-
-    t = threading.Thread(target=hash_it, name="onthefly-ckpt-sha256")
-    t.start()
+def _sync_file_range() -> Callable[[int, int, int], None] | None:
+    """Linux sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk now,
+    without waiting. None where libc does not have it (the final fsync then does it all)."""
     try:
-        _fsync_path(tmp)
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; a failure only loses the head start
+
+    return start_writeback
+
+
+_START_WRITEBACK = _sync_file_range()
+_HASH_CHUNK = 4 << 20
+
+
+class _TailHasher:
+    """Hashes a file while torch.save is still writing it: a thread reads back (from the
+    page cache) what is already written, hashes it and starts its writeback to disk
+    (sync_file_range), so hashing and most of the disk time overlap the save instead of
+    following it, and the final fsync has little left to wait for.
+
+    torch.save's zip writer only ever appends, so bytes behind the end of the file never
+    change once written; the tests compare this digest with a read-back of the finished
+    file. Both threads release the GIL (torch's C++ writer, os.readv, hashlib).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+        self.error: BaseException | None = None
+        self._writer_done = threading.Event()
+        self._fd = -1
+        self._thread = threading.Thread(
+            target=self._follow, name="onthefly-ckpt-sha256", daemon=True
+        )
+        self._thread.start()
+
+    def _open(self) -> bool:
+        if self._fd < 0:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                return False
+        return True
+
+    def _follow(self) -> None:
+        buf = bytearray(_HASH_CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                finished = self._writer_done.is_set()  # read before the file: no lost tail
+                k = os.readv(self._fd, [buf]) if self._open() else 0
+                if k:
+                    self.sha.update(view[:k])
+                    if _START_WRITEBACK is not None:
+                        _START_WRITEBACK(self._fd, self.nbytes, k)
+                    self.nbytes += k
+                elif finished:
+                    return
+                else:
+                    self._writer_done.wait(0.002)
+        except BaseException as e:  # noqa: BLE001 - re-raised by digest(), on the caller's thread
+            self.error = e
+
+    def digest(self) -> tuple[str, int]:
+        """After the writer is done: wait for the hash of the whole file."""
+        self._writer_done.set()
+        self._thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self.error is not None:
+            raise self.error
+        return self.sha.hexdigest(), self.nbytes
+
+
+def _save_hashed(state: Any, tmp: str) -> tuple[str, int]:
+    """torch.save to `tmp` (its fast C++ file writer) while a `_TailHasher` hashes what is
+    written, then fsync; (sha256, bytes)."""
+    hasher = _TailHasher(tmp)
+    try:
+        torch.save(state, tmp)
     finally:
-        t.join()
-    if "error" in out:
-        raise out["error"]
-    digest, nbytes = out["hash"]
-    return str(digest), int(nbytes)
+        digest, nbytes = hasher.digest()
+    _fsync_path(tmp)
+    if nbytes != os.path.getsize(tmp):
+        raise OSError(f"checkpoint {tmp} changed size while it was hashed")
+    return digest, nbytes
 
 
 def _write_via(state: Any, path: str, tmp: str) -> tuple[str, int]:
@@ -366,26 +436,13 @@ def write_atomic(state: dict[str, Any], path: str) -> tuple[str, int]:
     return _write_via(state, path, f"{path}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
-def _sha256_and_size(path: str) -> tuple[str, int]:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
-    n = 0
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(4 << 20)
         view = memoryview(buf)
-        while True:
-            k = f.readinto(buf)
-            if not k:
-                break
+        while k := f.readinto(buf):
             h.update(view[:k])
-            n += k
-    return h.hexdigest(), n
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 

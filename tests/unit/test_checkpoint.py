@@ -286,3 +286,59 @@ def test_error_from_the_writer_process_keeps_its_type() -> None:
     assert type(e) is ValueError and str(e) == "bad"
     e = ckpt._error_from_wire({"type": "PicklingError", "message": "nope"})
     assert isinstance(e, RuntimeError) and "PicklingError: nope" in str(e)
+
+
+# -- the hashing write -----------------------------------------------------------------------
+
+
+def test_hash_taken_while_writing_equals_the_file_read_back(tmp_path: Path) -> None:
+    # Big tensors go through the second (hashing) thread, small records and the zip headers
+    # through the writing thread: the digest must still be the file's, byte for byte.
+    big = {f"layer{i}": torch.randn(300, 300) for i in range(4)}  # 360 KB each: hashed aside
+    state = {**model_state(), "big": big, "half": torch.randn(512, 257).half()}
+    for name, obj in (("small", model_state()), ("mixed", state), ("snap", ckpt.snapshot(state))):
+        path = str(tmp_path / f"{name}.pt")
+        digest, nbytes = ckpt.write_atomic(obj, path)
+        assert digest == ckpt.sha256_file(path), name
+        assert nbytes == os.path.getsize(path), name
+        assert_same(torch.load(path, weights_only=True), obj, name)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p], "no temp file is left behind"
+
+
+_FULL_DISK = """
+import os, resource, signal, sys
+import torch
+from onthefly_worker import checkpoint as ckpt
+path = sys.argv[1]
+ckpt.write_atomic({"w": torch.zeros(10)}, path)
+before = ckpt.sha256_file(path)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+try:
+    ckpt.write_atomic({"big": torch.randn(400, 400), "w": torch.ones(10)}, path)
+except Exception as e:
+    print("raised", type(e).__name__, e)
+else:
+    print("no error")
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+print("intact", ckpt.sha256_file(path) == before)
+print("files", sorted(os.listdir(os.path.dirname(path))))
+digest, _ = ckpt.write_atomic({"w": torch.full((10,), 2.0)}, path)
+print("after", digest == ckpt.sha256_file(path))
+"""
+
+
+def test_a_write_that_hits_a_full_disk_raises_and_keeps_the_old_file(tmp_path: Path) -> None:
+    # A real failing write: the file-size limit (EFBIG) stands in for a full disk.
+    r = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(tmp_path / "c.pt")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("raised"), r.stdout
+    assert lines[1:] == ["intact True", "files ['c.pt']", "after True"], r.stdout
