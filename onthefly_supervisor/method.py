@@ -866,6 +866,7 @@ class _DeterminismCheck:
         self.ops = ops
         self.ready = ready
         self.worker: Any = None
+        self.first: Any = None  # Lightning: the replay whose result the worker's is compared with
         self.ack: PendingAck | None = None
         self.cid = ""
         self.folder = ""
@@ -884,17 +885,7 @@ class _DeterminismCheck:
                     error=f"{run.kind} run",
                 ),
             )
-        if str((run.config or {}).get("framework", "")) == "lightning":
-            return cls(
-                ops,
-                _not_run(
-                    "not run: replaying steps from a checkpoint in a side process is built for "
-                    "Trainer.fit scripts, not yet for attach_lightning runs, so whether this run "
-                    "resumes bit for bit was not checked (no in-process replay was done instead)",
-                    "not-run",
-                    reason="attach_lightning run",
-                ),
-            )
+        lightning = str((run.config or {}).get("framework", "")) == "lightning"
         ck = sup.store.latest_checkpoint(run.run_id)
         if ck is None and sup.live_worker(run.run_id) is not None:
             # No checkpoint yet (early in the first epoch): ask the worker for one.
@@ -938,28 +929,42 @@ class _DeterminismCheck:
             os.link(os.path.join(sup.dir, rel), os.path.join(sup.dir, file))
         except OSError:
             file = rel
-        spec_file = os.path.join(check.folder, "spec.json")
-        with open(spec_file, "w", encoding="utf-8") as f:
-            json.dump(
-                {
-                    "command_id": check.cid,
-                    "run_id": run.run_id,
-                    "checkpoint": rel,
-                    "file": file,
-                    "sha256": ck.get("sha256") or "",
-                    "steps": DETERMINISM_STEPS,
-                },
-                f,
-            )
+        spec = {
+            "command_id": check.cid,
+            "run_id": run.run_id,
+            "checkpoint": rel,
+            "file": file,
+            "sha256": ck.get("sha256") or "",
+            "steps": DETERMINISM_STEPS,
+        }
+        specs = [spec]
+        if lightning:
+            # Lightning owns the step, so each replay is the script resumed by Lightning's own
+            # fit loop, one per process (onthefly_worker/lightning_health.py): the first saves
+            # its result, the second compares with it and answers.
+            out = [
+                os.path.relpath(os.path.join(check.folder, f"replay-{i}.pt"), sup.dir)
+                for i in (0, 1)
+            ]
+            specs = [
+                {**spec, "command_id": "", "out": out[0]},
+                {**spec, "out": out[1], "peer": out[0]},
+            ]
+        spec_files = []
+        for i, one in enumerate(specs):
+            spec_files.append(os.path.join(check.folder, f"spec-{i}.json"))
+            with open(spec_files[-1], "w", encoding="utf-8") as f:
+                json.dump(one, f)
         check.ack = PendingAck()
         with sup.lock:
             sup.pending[check.cid] = check.ack
         check.deadline = time.monotonic() + DETERMINISM_TIMEOUT_S
         try:
-            check.worker = sup.spawn(
-                f"health-{run.run_id}", Role.HEALTH, spec_file=spec_file, gpu=True
-            )
+            for sf in spec_files:
+                w = sup.spawn(f"health-{run.run_id}", Role.HEALTH, spec_file=sf, gpu=True)
+                check.first, check.worker = check.worker, w
         except Exception as e:  # noqa: BLE001 - reported as the verdict
+            check._stop()
             check._cleanup()
             check.ready = _not_run(
                 f"the determinism check could not run: the side process did not start ({e})",
@@ -977,6 +982,16 @@ class _DeterminismCheck:
         try:
             ended_at: float | None = None
             while not ack.event.wait(0.2):
+                first = self.first
+                if first is not None and first.state.terminal and first.exit and not first.exit.ok:
+                    self._stop()
+                    return _not_run(
+                        "the determinism check could not run: the first replay (side process "
+                        f"pid {first.pid}) failed: {first.exit.describe()}",
+                        "side-process",
+                        error=first.exit.describe(),
+                        pid=first.pid,
+                    )
                 if w.state.terminal:
                     # Its last messages may still be on their way: give them a moment.
                     ended_at = ended_at or time.monotonic()
@@ -1026,11 +1041,11 @@ class _DeterminismCheck:
         self._cleanup()
 
     def _stop(self) -> None:
-        w = self.worker
-        if w is not None and not w.state.terminal:
-            threading.Thread(
-                target=self.ops.sup.launcher.stop, args=(w.spec.worker_id, 2.0), daemon=True
-            ).start()
+        for w in (self.worker, self.first):
+            if w is not None and not w.state.terminal:
+                threading.Thread(
+                    target=self.ops.sup.launcher.stop, args=(w.spec.worker_id, 2.0), daemon=True
+                ).start()
 
     def _cleanup(self) -> None:
         sup = self.ops.sup

@@ -1291,11 +1291,21 @@ def check_determinism(replay: Callable[[], Mapping[str, Any]], runs: int = 2) ->
     if runs < 2:
         raise ValueError(f"check_determinism needs runs >= 2 to compare anything, got {runs}")
     t0 = time.perf_counter()
-    states: list[dict[str, Any]] = []
+    states: list[Mapping[str, Any]] = []
     for _ in range(runs):
         with _rng_sandbox(None):
-            states.append(_flatten(replay()))
-    seconds = time.perf_counter() - t0
+            states.append(replay())
+    return compare_replays(states, time.perf_counter() - t0)
+
+
+def compare_replays(replays: Sequence[Mapping[str, Any]], seconds: float) -> Verdict:
+    """The determinism verdict for the states that replays of the same steps from the same
+    checkpoint ended with (in one process, or one per side process): ok when they are bit
+    for bit the same, else fail naming the first tensor that differs and by how much."""
+    runs = len(replays)
+    if runs < 2:
+        raise ValueError(f"comparing replays needs at least 2, got {runs}")
+    states = [_flatten(r) for r in replays]
     hashes = [state_hashes(s) for s in states]
     base, base_h = states[0], hashes[0]
     differing: list[str] = []

@@ -131,18 +131,57 @@ def _param_names(model: nn.Module, opt: torch.optim.Optimizer) -> dict[int, str]
     return out
 
 
-def _result_state(objs: _Objects) -> dict[str, Any]:
+def replay_result(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """Model state, optimizer state (named by parameter) and the torch RNG after a replay."""
     out: dict[str, Any] = {
-        f"model.{k}": v.detach().cpu().clone() for k, v in objs.model.state_dict().items()
+        f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()
     }
-    names = _param_names(objs.model, objs.opt)
-    for idx, st in objs.opt.state_dict()["state"].items():
+    names = _param_names(model, opt)
+    for idx, st in opt.state_dict()["state"].items():
         for key, v in st.items():
             name = f"optimizer.{names.get(int(idx), str(idx))}.{key}"
             out[name] = v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
     out["rng.torch"] = torch.get_rng_state()
     return out
+
+
+def side_process_verdict(
+    verdict: Verdict,
+    *,
+    checkpoint: str,
+    checkpoint_step: int,
+    steps: int,
+    start: tuple[int, int],
+    end: tuple[int, int],
+    isolation: str,
+    device: str,
+    seconds: float,
+    processes: str = "in a side process",
+) -> Verdict:
+    """A replay comparison as the answer to `onthefly health`: where the replays started,
+    how they were isolated, and that the training worker was not involved."""
+    where = (
+        f"replayed {steps} step{'s' if steps != 1 else ''} from checkpoint {checkpoint} (step "
+        f"{checkpoint_step}, epoch {start[0]}, batch {start[1]}) twice {processes} (pid "
+        f"{os.getpid()}), the training worker untouched: "
+    )
+    numbers = {
+        **verdict.numbers,
+        "mode": MODE,
+        "pid": os.getpid(),
+        "checkpoint": checkpoint,
+        "checkpoint_step": checkpoint_step,
+        "steps": steps,
+        "start_epoch": start[0],
+        "start_batch": start[1],
+        "end_epoch": end[0],
+        "end_batch": end[1],
+        "isolation": isolation,
+        "device": device,
+        "replay_seconds": verdict.numbers.get("seconds", 0.0),
+        "seconds": seconds,
+    }
+    return Verdict(verdict.check, verdict.verdict, where + verdict.hint, numbers)
 
 
 class HealthWorker:
@@ -248,33 +287,21 @@ class HealthWorker:
             state = ckpt.load(path, map_location=self.device)
             where = self._replay(objs, state, cfg, clip, order, k)
             positions.append(where)
-            return _result_state(objs)
+            return replay_result(objs.model, objs.opt)
 
         verdict = check_determinism(replay, runs=2)
-        seconds = time.perf_counter() - t0
-        end_epoch, end_batch = positions[0] if positions else (start_epoch, start_batch)
-        where = (
-            f"replayed {k} step{'s' if k != 1 else ''} from checkpoint {rel} (step {step0}, "
-            f"epoch {start_epoch}, batch {start_batch}) twice in a side process (pid {os.getpid()}), "
-            "the training worker untouched: "
+        end = positions[0] if positions else (start_epoch, start_batch)
+        return side_process_verdict(
+            verdict,
+            checkpoint=rel,
+            checkpoint_step=step0,
+            steps=k,
+            start=(start_epoch, start_batch),
+            end=end,
+            isolation=isolation,
+            device=str(self.device),
+            seconds=time.perf_counter() - t0,
         )
-        numbers = {
-            **verdict.numbers,
-            "mode": MODE,
-            "pid": os.getpid(),
-            "checkpoint": rel,
-            "checkpoint_step": step0,
-            "steps": k,
-            "start_epoch": start_epoch,
-            "start_batch": start_batch,
-            "end_epoch": end_epoch,
-            "end_batch": end_batch,
-            "isolation": isolation,
-            "device": str(self.device),
-            "replay_seconds": verdict.numbers.get("seconds", 0.0),
-            "seconds": seconds,
-        }
-        return Verdict(verdict.check, verdict.verdict, where + verdict.hint, numbers)
 
     # -- one replay --------------------------------------------------------------------------
     def _run_config(self, head: dict[str, Any]) -> TrainerConfig:
@@ -402,4 +429,11 @@ def serve_health(
     return HealthWorker(cfg, env, model, optimizer, loss_fn, train_loader, scheduler).serve()
 
 
-__all__ = ["DEFAULT_STEPS", "MODE", "HealthWorker", "serve_health"]
+__all__ = [
+    "DEFAULT_STEPS",
+    "MODE",
+    "HealthWorker",
+    "replay_result",
+    "serve_health",
+    "side_process_verdict",
+]

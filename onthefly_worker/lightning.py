@@ -395,6 +395,9 @@ class _LightningRun(CommandLoop):
         self.budget = 0
         self.rung_stop = 0
         """A raced fork variant's rung: it stops there (0 = train the whole budget)."""
+        self.replay_steps = 0
+        """role=health: the steps this replay of a checkpoint trains (then it stops)."""
+        self.replayed = 0
         self.subset: np.ndarray | None = None
         self.conn: WorkerConnection | None = None
         self.rec: Recorder | None = None
@@ -485,10 +488,10 @@ class _LightningRun(CommandLoop):
                 TrainerConfig(project=self.opts.project, run_name=self.opts.run_name)
             )
         self.env = env
-        if env.role not in ("train", "fork", "merge"):
+        if env.role not in ("train", "fork", "merge", "health"):
             raise OnTheFlyError(
                 f"this worker was started as role {env.role!r}; a Lightning script can run the "
-                "'train', 'fork' and 'merge' roles"
+                "'train', 'fork', 'merge' and 'health' roles"
             )
         self.spec = env.read_spec()
         self.run_id = env.run_id
@@ -517,10 +520,22 @@ class _LightningRun(CommandLoop):
             tr.fit_loop.epoch_loop.max_steps = self.budget
             tr.fit_loop.min_epochs = 0
             tr.fit_loop.epoch_loop.min_steps = None
+        elif env.role == "health":
+            from onthefly_worker.lightning_health import prepare_replay
+
+            path = prepare_replay(self)
+            self._restore_kind = "resume"
         if path:
             full = os.path.join(env.session_dir, path)
-            self._restore_state = ckpt.load(full, map_location="cpu", expected_sha256=None)
+            expected = (
+                (str(self.spec.get("sha256") or "") or None) if env.role == "health" else None
+            )
+            self._restore_state = ckpt.load(full, map_location="cpu", expected_sha256=expected)
             self._restore_path = path
+            if env.role == "health":
+                from onthefly_worker.lightning_health import check_replayable
+
+                check_replayable(self, self._restore_state)
 
     # -- fit start -------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -661,7 +676,9 @@ class _LightningRun(CommandLoop):
         assert welcome is not None
         self.flush_s = welcome.flush_interval_s
         self.hb_s = welcome.heartbeat_interval_s
-        self.rec = Recorder(self.conn.send, self.run_id, module.device, self.flush_s)
+        # A replay (role=health) reports only its verdict: its steps are not the run's.
+        send = self.conn.send if not self.replay_steps else _drop
+        self.rec = Recorder(send, self.run_id, module.device, self.flush_s)
         self.conn.start_heartbeat(self.hb_s, lambda: self.step)
 
     def _restore(
@@ -735,6 +752,9 @@ class _LightningRun(CommandLoop):
 
     def on_train_start(self) -> None:
         if not self.active:
+            return
+        if self.replay_steps:
+            self._t_prev = self._t_epoch = time.perf_counter()
             return
         if self._restore_kind == "fork":
             # The slice loss before any fork step (the parent's weights), so the fork's gain
@@ -887,6 +907,11 @@ class _LightningRun(CommandLoop):
         )
         self._t_prev = t_end
         self._per = self._inputs = self._target = self._cls = None
+        if self.replay_steps:
+            self.replayed += 1
+            if self.replayed >= self.replay_steps:
+                self._request_stop("")
+            return
         every = self.opts.checkpoint_every_n_steps
         if every and self.step % every == 0:
             self._checkpoint("cadence")
@@ -929,6 +954,9 @@ class _LightningRun(CommandLoop):
         assert self.rec is not None and self.conn is not None
         if self.stopping and self.batch < self.n_batches:
             return  # a stop mid-epoch: the epoch did not end (the final checkpoint says where we are)
+        if self.replay_steps:
+            self.epoch, self.batch = self.epoch + 1, 0
+            return
         mean = self.rec.take_epoch_mean()
         epoch = self.epoch
         self.conn.send(
@@ -1100,7 +1128,7 @@ class _LightningRun(CommandLoop):
     def _health(self, cmd: Command) -> None:
         """The live health checks (numerics, gradients, activations, data, throughput) on the
         module, as for Trainer runs: read-only on the weights, the RNG and the data order.
-        (Determinism is the supervisor's: a side-process replay, not built for Lightning.)"""
+        (Determinism is the supervisor's: two side-process replays, lightning_health.py.)"""
         assert self.conn is not None
         if self.source_loader is None or self.order is None:
             self.conn.ack(cmd.command_id, False, "the run has no train loader yet")
@@ -1305,8 +1333,8 @@ class _LightningRun(CommandLoop):
     # -- the end ---------------------------------------------------------------------------
     def finish(self) -> None:
         """Test if asked, report (forks), write the final checkpoint and say RunFinished."""
-        if not self.active:
-            return
+        if not self.active or self.replay_steps:
+            return  # a replay reports from the fit wrapper (lightning_health.report_replay)
         assert self.conn is not None and self.rec is not None
         self._phase = None
         self.rec.flush()
@@ -1423,6 +1451,10 @@ class _LightningRun(CommandLoop):
         self.writer.wait()
         if self.conn is not None:
             self.conn.close()
+
+
+def _drop(**_: Any) -> None:
+    """The recorder's sink in a replay: nothing it records is sent."""
 
 
 # -- the Lightning callback (a class made when Lightning is first needed) ----------------------
@@ -1613,6 +1645,10 @@ def attach_lightning(
             raise SystemExit(0)
         if run._restore_kind and kwargs.get("ckpt_path"):
             kwargs["ckpt_path"] = None  # OnTheFly's checkpoint decides where this worker starts
+        if run.env.role == "health":
+            from onthefly_worker.lightning_health import replay_and_report
+
+            raise SystemExit(replay_and_report(run, lambda: original_fit(*args, **kwargs)))
         try:
             out = original_fit(*args, **kwargs)
             run.finish()  # no-op unless Lightning skipped training (e.g. max_epochs already met)

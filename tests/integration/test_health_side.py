@@ -158,19 +158,28 @@ def test_determinism_names_the_tensor_a_noisy_model_changes_and_failures_are_ver
         live.finish()
 
 
-def test_determinism_on_a_lightning_run_says_plainly_that_it_did_not_run(project: Path) -> None:
+def test_determinism_of_a_lightning_run_replays_in_two_processes_and_catches_noise(
+    project: Path,
+) -> None:
     pytest.importorskip("lightning")
     from tests.integration.test_lightning import _script
 
-    live = start(project, _script(project), "--epochs", "3", "--step-sleep", "0.05")
+    live = start(project, _script(project), "--epochs", "40", "--step-sleep", "0.05", "--noise")
     try:
-        live.wait_for(lambda s: live.main_run(s)["step"] >= 3, timeout=120)
-        r = cli("health", "--check", "determinism", "--json", cwd=project, timeout=120)
+        before = live.wait_for(lambda s: live.main_run(s)["step"] >= 3, timeout=120)
+        r = cli("health", "--check", "determinism", "--json", cwd=project, timeout=400)
         assert r.returncode == 0, r.stdout + r.stderr
         det = verdicts(r.stdout)["determinism"]
-        assert det["verdict"] == "warn" and det["numbers"]["mode"] == "not-run", det
-        assert "attach_lightning" in det["hint"] and "not checked" in det["hint"]
-        assert not [w for w in live.status()["workers"] if w["role"] == "health"]
+        n = det["numbers"]
+        assert det["verdict"] == "fail", det["hint"]
+        assert n["mode"] == "side-process" and n["pid"] != main_worker(before)["pid"], n
+        assert n["first_difference"].startswith("model.net."), n
+        assert f"'{n['first_difference']}'" in det["hint"], det["hint"]
+        assert "two side processes" in det["hint"], det["hint"]
+        # The replays sent nothing as the run: its steps go on from where they were.
+        after = live.status()
+        assert live.main_run(after)["status"] == "running"
+        assert live.main_run(after)["step"] > live.main_run(before)["step"]
     finally:
         live.proc.send_signal(signal.SIGINT)
         live.finish()
