@@ -151,6 +151,11 @@ class ControlServiceStub:
                 request_serializer=onthefly__proto_dot_onthefly__pb2.RunRequest.SerializeToString,
                 response_deserializer=onthefly__proto_dot_onthefly__pb2.ActionReply.FromString,
                 _registered_method=True)
+        self.Shutdown = channel.unary_unary(
+                '/onthefly.v1.ControlService/Shutdown',
+                request_serializer=onthefly__proto_dot_onthefly__pb2.ShutdownRequest.SerializeToString,
+                response_deserializer=onthefly__proto_dot_onthefly__pb2.ActionReply.FromString,
+                _registered_method=True)
         self.Test = channel.unary_unary(
                 '/onthefly.v1.ControlService/Test',
                 request_serializer=onthefly__proto_dot_onthefly__pb2.RunRequest.SerializeToString,
@@ -295,6 +300,14 @@ class ControlServiceServicer:
 
     def Stop(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Shutdown(self, request, context):
+        """End the supervisor itself: live workers stop at a step boundary and checkpoint (as on
+        Ctrl-C), unfinished runs are marked stopped (`onthefly resume` continues them).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -453,6 +466,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
             'Stop': grpc.unary_unary_rpc_method_handler(
                     servicer.Stop,
                     request_deserializer=onthefly__proto_dot_onthefly__pb2.RunRequest.FromString,
+                    response_serializer=onthefly__proto_dot_onthefly__pb2.ActionReply.SerializeToString,
+            ),
+            'Shutdown': grpc.unary_unary_rpc_method_handler(
+                    servicer.Shutdown,
+                    request_deserializer=onthefly__proto_dot_onthefly__pb2.ShutdownRequest.FromString,
                     response_serializer=onthefly__proto_dot_onthefly__pb2.ActionReply.SerializeToString,
             ),
             'Test': grpc.unary_unary_rpc_method_handler(
@@ -699,6 +717,33 @@ class ControlService:
             target,
             '/onthefly.v1.ControlService/Stop',
             onthefly__proto_dot_onthefly__pb2.RunRequest.SerializeToString,
+            onthefly__proto_dot_onthefly__pb2.ActionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Shutdown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onthefly.v1.ControlService/Shutdown',
+            onthefly__proto_dot_onthefly__pb2.ShutdownRequest.SerializeToString,
             onthefly__proto_dot_onthefly__pb2.ActionReply.FromString,
             options,
             channel_credentials,

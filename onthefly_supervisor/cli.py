@@ -218,6 +218,22 @@ def cmd_simple(a: argparse.Namespace) -> int:
     return _act(_client(), method, a.run)
 
 
+def cmd_shutdown(a: argparse.Namespace) -> int:
+    client = _client()
+    reply = _rpc(client, "Shutdown", pb.ShutdownRequest(reason=a.reason), timeout=30)
+    print(reply.message)
+    deadline = time.monotonic() + a.timeout
+    while time.monotonic() < deadline:
+        try:
+            client.call("GetStatus", pb.StatusRequest(), timeout=2)
+        except grpc.RpcError:
+            print("supervisor stopped")
+            return 0
+        time.sleep(0.2)
+    print(f"the supervisor still answers after {a.timeout:.0f} s", file=sys.stderr)
+    return 1
+
+
 def _status_dict(st: pb.SessionStatus) -> dict[str, Any]:
     return {
         "session_id": st.session_id,
@@ -965,6 +981,15 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=text)
         c.add_argument("--run", default="main")
         c.set_defaults(fn=cmd_simple)
+
+    sd = sub.add_parser(
+        "shutdown",
+        help="end the supervisor (e.g. one started with --keep-alive or by `serve`): live "
+        "workers stop at a step boundary with a checkpoint; `onthefly resume` continues",
+    )
+    sd.add_argument("--reason", default="", help="shown in the session's log")
+    sd.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it to exit")
+    sd.set_defaults(fn=cmd_shutdown)
 
     rs = sub.add_parser("resume", help="resume a paused run, or continue an unfinished session")
     rs.add_argument("session", nargs="?", default=None)

@@ -275,6 +275,15 @@ class ControlServicer(pbg.ControlServiceServicer):
         run = _guard(context, lambda: self.sup.request_stop(request.run, "stopped by the user"))
         return pb.ActionReply(ok=True, message=f"stopping {run.run_id}", run_id=run.run_id)
 
+    def Shutdown(
+        self, request: pb.ShutdownRequest, context: grpc.ServicerContext
+    ) -> pb.ActionReply:
+        live = _guard(context, lambda: self.sup.request_shutdown(request.reason))
+        what = f"; stopping {live} at a step boundary with a checkpoint" if live else ""
+        return pb.ActionReply(
+            ok=True, message=f"supervisor of session {self.sup.session_id} shutting down{what}"
+        )
+
     # -- read-only views ---------------------------------------------------------------------
     def ListRuns(self, request: pb.ListRunsRequest, context: grpc.ServicerContext) -> pb.RunList:
         if request.session and request.session != self.sup.session_id:

@@ -830,7 +830,8 @@ class Supervisor:
         if w is None:
             raise ControlError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"run {run.run_id} has no live worker (status: {run.status.value})",
+                f"run {run.run_id} has no live worker (status: {run.status.value}); "
+                "`onthefly shutdown` ends the supervisor itself",
             )
         w.stop_requested = True
         self.stop_deadline[w.spec.worker_id] = time.monotonic() + self.cfg.stop_grace_s
@@ -840,6 +841,24 @@ class Supervisor:
         )
         self._set_worker_state(w.spec.worker_id, WorkerState.STOPPING)
         return run
+
+    def request_shutdown(self, reason: str = "") -> str:
+        """End the supervisor (`onthefly shutdown`): the monitor loop exits and `shutdown()`
+        stops every live worker at a step boundary with a checkpoint, as on Ctrl-C. The exit
+        code says how the main run fared (a run stopped here is not a failure)."""
+        if self._shutdown.is_set():
+            raise ControlError(
+                grpc.StatusCode.FAILED_PRECONDITION, "the supervisor is already stopping"
+            )
+        with self.lock:
+            live = sorted({w.spec.run_id for w in self.workers.values() if not w.state.terminal})
+        why = reason or "requested by the user"
+        self.bus.publish("log", "", level="info", text=f"supervisor shutting down: {why}")
+        main = self.store.run("main")
+        failed = main is not None and main.status is RunStatus.FAILED
+        if self._exit_code is None:
+            self._exit_code = 1 if failed else 0
+        return ", ".join(live)
 
     # -- monitor loop ------------------------------------------------------------------------
     def serve(self, should_stop: Callable[[], bool] | None = None) -> int:

@@ -220,6 +220,24 @@ def test_stop_reaps_every_process(project: Path) -> None:
     assert main["status"] == "stopped"
 
 
+def test_shutdown_ends_a_keep_alive_supervisor_with_a_checkpoint(project: Path) -> None:
+    live = start(project, SMALL, "--epochs", "50", "--step-sleep", "0.02", extra=("--keep-alive",))
+    st = live.wait_for(lambda s: live.main_run(s)["step"] >= 3)
+    worker_pid = live.worker_pids(st)[0]
+    r = cli("shutdown", "--reason", "end of the experiment", cwd=project)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "shutting down; stopping main" in r.stdout and "supervisor stopped" in r.stdout
+    code, out = live.finish()
+    assert code == 0, out
+    assert "end of the experiment" in out
+    assert not pid_alive(worker_pid)
+    main = cli_json("runs", cwd=project)["runs"][0]
+    assert main["status"] == "stopped" and main["last_checkpoint"], main
+    # Nothing answers any more: the CLI says so in one line.
+    r = cli("shutdown", cwd=project)
+    assert r.returncode != 0 and "has no live supervisor" in r.stderr, r.stderr
+
+
 def _descendants(pid: int) -> list[int]:
     out = subprocess.run(
         ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True
