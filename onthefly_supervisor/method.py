@@ -766,6 +766,9 @@ class MethodOps:
 
         if not req.path or not os.path.isabs(req.path):
             raise ValueError("export-slice needs an absolute output path chosen by the user")
+        # The losses ingested so far, on disk before they are read (right after a pause the
+        # current epoch's array may not have been persisted yet).
+        self.sup.arrays.persist()
         if sel.parse_spec(req.select or "all").kind == "kmeans":
             # A fresh embedding for export_slice to find; it falls back to the newest saved
             # one (or none) by itself, so a failure here is not an error.

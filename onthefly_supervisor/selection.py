@@ -656,10 +656,15 @@ def _read_ids(path: str) -> np.ndarray:
     if not lines:
         return np.zeros(0, dtype=np.int64)
     first = [t.strip() for t in re.split(r"[,\t;]", lines[0])]
+    names = [t.strip('"').lower() for t in first]
+    tokens = [t for t in re.split(r"[,\s;]+", lines[0]) if t]
     ids: list[int] = []
-    if any(t and not re.fullmatch(r"[+-]?\d+", t) for t in first):
-        # A header row: a CSV written by export-slice. Take the id column.
-        names = [t.strip().strip('"').lower() for t in first]
+    header = any(c in names for c in ("sample_id", "id", "index", "idx")) or not any(
+        re.fullmatch(r"[+-]?\d+", t) for t in tokens
+    )
+    if header:
+        # A header row (a CSV written by export-slice): take the id column. A first line
+        # with some ids and a bad token is data, and the bad token is named below.
         col = next((names.index(c) for c in ("sample_id", "id", "index", "idx") if c in names), 0)
         for lineno, ln in enumerate(lines[1:], start=2):
             cells = [t.strip().strip('"') for t in re.split(r"[,\t;]", ln)]

@@ -1,15 +1,17 @@
 """Slice export: the samples a SPEC selects from a run, as CSV, Parquet or JSON.
 
-One row per selected sample id, from the run's latest epoch:
+One row per selected sample id, from the latest epoch that saw that sample (mid-epoch,
+this epoch's samples come from it, the rest from the one before; the same basis a fork
+or `onthefly clusters` ranks and clusters, so a spec picks the same samples in all three):
 
     sample_id    the id (the dataset index the worker reported)
-    loss         loss in the latest epoch (empty where not seen in it)
+    loss         its most recent loss
     loss_mean    mean over the epochs in which the sample had a finite loss
     epochs_seen  how many epochs that was
     label        the true class (classification), empty where unknown
-    prediction   the predicted class in the latest epoch, empty where unknown
-    margin       true-class logit minus the best other logit, latest epoch, empty where unknown
-    epoch        the latest epoch
+    prediction   the predicted class in that epoch, empty where unknown
+    margin       true-class logit minus the best other logit in that epoch, empty where unknown
+    epoch        the epoch the loss, prediction and margin come from
 
 The slice definition (session, run, canonical spec, description, epoch, row count) goes
 with the data so a file on its own says what it is: a `<out>.slice.json` sidecar for
@@ -104,6 +106,10 @@ class RunSamples:
     selections rank and cluster, so a selection mid-epoch still covers every seen sample."""
     margin_recent: np.ndarray | None = None
     """float32, the margin from that same epoch; None when no margins are recorded."""
+    epoch_recent: np.ndarray | None = None
+    """int64, the epoch `loss_recent` comes from; -1 = never seen."""
+    pred_recent: np.ndarray | None = None
+    """int64, the prediction from that same epoch, -1 = unknown; None when not recorded."""
 
 
 def load_run_samples(session_dir: str, run_id: str) -> RunSamples:
@@ -150,19 +156,28 @@ def load_run_samples(session_dir: str, run_id: str) -> RunSamples:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     recent = np.full(n, np.nan, dtype=np.float32)
+    recent_epoch = np.full(n, -1, dtype=np.int64)
     recent_margin: np.ndarray | None = None
+    recent_pred: np.ndarray | None = None
     for e, arr in zip(reversed(epochs), reversed(per_epoch), strict=True):
         # NaN = not seen in that epoch; a non-finite loss it did see stays (not an older one).
-        fill = np.isnan(recent[: arr.size]) & ~np.isnan(arr)
+        fill = (recent_epoch[: arr.size] < 0) & ~np.isnan(arr)
         if not fill.any():
             continue
         recent[: arr.size][fill] = arr[fill]
+        recent_epoch[: arr.size][fill] = e
         m = margin if e == latest else load(f"margin-{e:04d}.npy", np.float32)
         if m is not None:
             if recent_margin is None:
                 recent_margin = np.full(n, np.nan, dtype=np.float32)
             k = min(m.size, arr.size)
             recent_margin[:k][fill[:k]] = m[:k][fill[:k]]
+        p = pred if e == latest else load(f"pred-{e:04d}.npy", np.int64)
+        if p is not None:
+            if recent_pred is None:
+                recent_pred = np.full(n, -1, dtype=np.int64)
+            k = min(p.size, arr.size)
+            recent_pred[:k][fill[:k]] = p[:k][fill[:k]]
     return RunSamples(
         run_id=run_id,
         epoch=latest,
@@ -174,6 +189,8 @@ def load_run_samples(session_dir: str, run_id: str) -> RunSamples:
         margin=None if margin is None else _pad(margin, n, np.nan),
         loss_recent=recent,
         margin_recent=recent_margin,
+        epoch_recent=recent_epoch,
+        pred_recent=recent_pred,
     )
 
 
@@ -373,10 +390,14 @@ def export_slice(
         for t in targets:
             if os.path.lexists(t):
                 raise FileExistsError(
-                    f"{t} already exists; pass force=True (--force) to overwrite it"
+                    f"{t} already exists; overwrite it with --force (force=True from Python)"
                 )
 
-    sdir, run_id, run_name, data, sel = select_in_session(session_dir, run, parsed, base_dir)
+    # The same selection as a fork or `onthefly clusters` with this spec: each sample's most
+    # recent loss, so mid-epoch every seen sample counts, not only this epoch's.
+    sdir, run_id, run_name, data, sel = select_in_session(
+        session_dir, run, parsed, base_dir, recent=True
+    )
     ids = sel.indices
     definition = slice_definition(sdir, run_id, run_name, data.epoch, sel)
     columns = _columns(data, ids)
@@ -406,7 +427,8 @@ class _Columns:
     prediction: np.ndarray
     prediction_known: np.ndarray
     margin: np.ndarray
-    epoch: int
+    epoch: np.ndarray
+    """int64 per row: the epoch its loss, prediction and margin come from."""
 
     def __len__(self) -> int:
         return int(self.sample_id.size)
@@ -421,12 +443,20 @@ def _columns(data: RunSamples, ids: np.ndarray) -> _Columns:
         vals = arr[ids]
         return vals, vals >= 0
 
+    # Each sample's values from the latest epoch that saw it (the loss the selection ranked).
+    loss = data.loss_recent if data.loss_recent is not None else data.loss
+    epoch = (
+        data.epoch_recent[ids]
+        if data.epoch_recent is not None
+        else np.where(np.isnan(data.loss[ids]), -1, data.epoch)
+    )
     label, label_known = ints(data.labels)
-    pred, pred_known = ints(data.pred)
-    margin = data.margin[ids] if data.margin is not None else np.full(n, np.nan, np.float32)
+    pred, pred_known = ints(data.pred_recent if data.pred_recent is not None else data.pred)
+    margins = data.margin_recent if data.margin_recent is not None else data.margin
+    margin = margins[ids] if margins is not None else np.full(n, np.nan, np.float32)
     return _Columns(
         sample_id=ids.astype(np.int64),
-        loss=data.loss[ids],
+        loss=loss[ids],
         loss_mean=data.loss_mean[ids],
         epochs_seen=data.epochs_seen[ids],
         label=label,
@@ -434,7 +464,7 @@ def _columns(data: RunSamples, ids: np.ndarray) -> _Columns:
         prediction=pred,
         prediction_known=pred_known,
         margin=margin,
-        epoch=data.epoch,
+        epoch=epoch.astype(np.int64),
     )
 
 
@@ -457,6 +487,7 @@ def _rows(c: _Columns, missing: Any, nonfinite: Callable[[float], Any]) -> Itera
         v if k else missing
         for v, k in zip(c.prediction.tolist(), c.prediction_known.tolist(), strict=True)
     ]
+    epochs = c.epoch.tolist()
     for i, sid in enumerate(c.sample_id.tolist()):
         yield [
             sid,
@@ -466,7 +497,7 @@ def _rows(c: _Columns, missing: Any, nonfinite: Callable[[float], Any]) -> Itera
             label[i],
             pred[i],
             margin[i],
-            c.epoch,
+            epochs[i],
         ]
 
 
@@ -509,7 +540,7 @@ def _write_parquet(f: IO[bytes], definition: dict[str, Any], c: _Columns) -> Non
             "label": pa.array(c.label, pa.int64(), mask=~c.label_known),
             "prediction": pa.array(c.prediction, pa.int64(), mask=~c.prediction_known),
             "margin": pa.array(c.margin, pa.float32(), mask=np.isnan(c.margin)),
-            "epoch": pa.array(np.full(n, c.epoch, dtype=np.int64), pa.int64()),
+            "epoch": pa.array(c.epoch, pa.int64()),
         }
     )
     table = table.replace_schema_metadata({"onthefly.slice": json.dumps(definition)})

@@ -156,7 +156,12 @@ class EpochOrder:
         n_full = len(order) // bs
         out = [order[i * bs : (i + 1) * bs] for i in range(n_full)]
         if not self.drop_last and len(order) % bs:
-            out.append(order[n_full * bs :])
+            if self.subset is not None and len(order) % bs == 1 and out:
+                # A selection's last sample joins the batch before it: a 1-sample batch
+                # breaks BatchNorm in training mode, and the user's own data never made one.
+                out[-1] = order[(n_full - 1) * bs :]
+            else:
+                out.append(order[n_full * bs :])
         skip = self.skip.get(epoch)
         if skip:
             beyond = sorted(b for b in skip if b >= len(out))

@@ -103,3 +103,18 @@ def test_bad_slices_are_refused_with_the_option_named() -> None:
     loader, model, loss = _data()
     with pytest.raises(OnTheFlyError, match="one bool per sample"):
         evaluate_with_slices(model, loader, loss, torch.device("cpu"), {"w": lambda x, y: [True]})
+
+
+def test_a_selection_never_leaves_a_one_sample_batch() -> None:
+    # A fork's selection of 21 samples at batch size 4: the 21st joins the last batch (a
+    # 1-sample batch breaks BatchNorm in training mode); 22 keeps a 2-sample last batch.
+    ds = TensorDataset(torch.arange(40.0))
+    for n, sizes in ((21, [4, 4, 4, 4, 5]), (22, [4, 4, 4, 4, 4, 2]), (1, [1])):
+        sub = np.arange(n) * 2
+        o = EpochOrder(DataLoader(ds, batch_size=4, shuffle=True), seed=7, subset=sub)
+        got = o.batches(3)
+        assert [len(b) for b in got] == sizes
+        assert sorted(np.concatenate(got).tolist()) == sub.tolist()
+    # The whole dataset keeps the user's own batching (a last batch of 1 stays).
+    full = EpochOrder(DataLoader(TensorDataset(torch.arange(41.0)), batch_size=4), seed=7)
+    assert [len(b) for b in full.batches(0)][-2:] == [4, 1]

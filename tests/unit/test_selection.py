@@ -260,6 +260,12 @@ def test_indices_missing_empty_and_garbage(tmp_path: Path) -> None:
     np.save(tmp_path / "f.npy", np.array([0.5]))
     with pytest.raises(ValueError, match="integer sample ids"):
         select("indices:f.npy", losses, base_dir=tmp_path)
+    # One line of ids is data, not a header: parsed, or its bad token named.
+    (tmp_path / "row.txt").write_text("3 1\n")
+    assert select("indices:row.txt", losses, base_dir=tmp_path).indices.tolist() == [1, 3]
+    (tmp_path / "row.csv").write_text("1,2,abc\n")
+    with pytest.raises(ValueError, match="line 1: 'abc' is not an integer id"):
+        select("indices:row.csv", losses, base_dir=tmp_path)
 
 
 def test_indices_may_name_unseen_samples(tmp_path: Path) -> None:

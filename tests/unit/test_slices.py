@@ -36,6 +36,7 @@ def session(tmp_path: Path) -> Path:
     for e in range(3):
         loss = rng.gamma(2.0, 0.5, N).astype(np.float32)
         loss[rng.random(N) < 0.25] = np.nan
+        loss[11] = np.nan  # never seen
         if e == 2:
             loss[5] = np.inf  # a numerics problem must survive the export where it can
         np.save(d / f"epoch-{e:04d}.npy", loss)
@@ -48,7 +49,8 @@ def session(tmp_path: Path) -> Path:
     np.save(d / "labels.npy", labels)
     np.save(d / "pred-0002.npy", pred)
     np.save(d / "margin-0002.npy", margin)
-    np.save(d / "margin-0001.npy", np.zeros(N, np.float32))  # an older epoch: not used
+    # An older epoch: the margin of samples whose latest loss is from epoch 1.
+    np.save(d / "margin-0001.npy", np.zeros(N, np.float32))
     f = sdir / "samples" / "fork-1"
     f.mkdir(parents=True)
     for e in range(2):
@@ -62,8 +64,15 @@ def arrays(sdir: Path, run: str = "main") -> dict[str, np.ndarray]:
     finite = np.isfinite(epochs)
     with np.errstate(invalid="ignore"):
         mean = np.where(finite, epochs, 0.0).sum(0) / finite.sum(0)
+    # Each sample's most recent loss: from the latest epoch that saw it (NaN = not seen).
+    recent = np.full(epochs.shape[1], np.nan, np.float32)
+    epoch = np.full(epochs.shape[1], -1)
+    for e in reversed(range(epochs.shape[0])):
+        take = (epoch < 0) & ~np.isnan(epochs[e])
+        recent[take], epoch[take] = epochs[e][take], e
     return {
-        "loss": epochs[-1].astype(np.float32),
+        "loss": recent,
+        "epoch": epoch,
         "loss_mean": mean,
         "epochs_seen": finite.sum(0),
     }
@@ -78,7 +87,7 @@ def check_rows(df: pd.DataFrame, sdir: Path, ids: np.ndarray) -> None:
     a = arrays(sdir)
     d = sdir / "samples" / "main"
     labels, pred = np.load(d / "labels.npy"), np.load(d / "pred-0002.npy")
-    margin = np.load(d / "margin-0002.npy")
+    margins = {2: np.load(d / "margin-0002.npy"), 1: np.load(d / "margin-0001.npy")}
     assert list(df.columns) == list(COLUMNS)
     assert df["sample_id"].tolist() == ids.tolist()
     for i, sid in enumerate(ids):
@@ -93,10 +102,13 @@ def check_rows(df: pd.DataFrame, sdir: Path, ids: np.ndarray) -> None:
             assert row["loss_mean"] == pytest.approx(a["loss_mean"][sid], rel=1e-12)
         else:
             assert pd.isna(row["loss_mean"])
-        for col, arr in (("label", labels), ("prediction", pred)):
-            assert pd.isna(row[col]) if arr[sid] < 0 else row[col] == arr[sid]
-        assert pd.isna(row["margin"]) if np.isnan(margin[sid]) else row["margin"] == margin[sid]
-        assert row["epoch"] == 2
+        e = a["epoch"][sid]
+        assert row["epoch"] == e  # the epoch the loss, prediction and margin come from
+        p = pred[sid] if e == 2 else -1  # predictions were recorded in epoch 2 only
+        for col, v in (("label", labels[sid]), ("prediction", p)):
+            assert pd.isna(row[col]) if v < 0 else row[col] == v
+        m = margins[e][sid] if e in margins else np.nan
+        assert pd.isna(row["margin"]) if np.isnan(m) else row["margin"] == m
 
 
 def test_csv_all_reads_back_with_pandas(session: Path, tmp_path: Path) -> None:
@@ -130,8 +142,7 @@ def test_json_quantile_top_half(session: Path, tmp_path: Path) -> None:
 
 
 def test_parquet_indices_file_with_unseen_and_inf(session: Path, tmp_path: Path) -> None:
-    loss = arrays(session)["loss"]
-    unseen = int(np.flatnonzero(np.isnan(loss))[0])
+    unseen = 11  # NaN in every epoch
     ids = [5, unseen, 0, 59, 0]  # 5 has an Inf loss; duplicates are dropped
     (tmp_path / "ids.txt").write_text("\n".join(map(str, ids)) + "\n")
     out = tmp_path / "pick.parquet"
@@ -203,7 +214,7 @@ def test_refusals(session: Path, tmp_path: Path) -> None:
 def test_overwrite_needs_force(session: Path, tmp_path: Path, fmt: str) -> None:
     out = tmp_path / f"s.{fmt}"
     out.write_bytes(b"precious")
-    with pytest.raises(FileExistsError, match="already exists; pass force=True"):
+    with pytest.raises(FileExistsError, match="already exists; overwrite it with --force"):
         export_slice(session, "main", "all", fmt, out)
     assert out.read_bytes() == b"precious"
     res = export_slice(session, "main", "all", fmt, out, force=True)
