@@ -530,7 +530,6 @@ def _write_parquet(f: IO[bytes], definition: dict[str, Any], c: _Columns) -> Non
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - pyarrow is in the explorer extra
         raise ValueError("Parquet export needs pyarrow: pip install 'onthefly[explorer]'") from e
-    n = len(c)
     table = pa.table(
         {
             "sample_id": pa.array(c.sample_id, pa.int64()),
