@@ -149,6 +149,7 @@ class Supervisor:
         self._last_prune = time.monotonic()
         self._last_sample_event = 0.0
         self._exit_code: int | None = None
+        self._owner_gone_noted = False
         self._root_cause = ""
         self._shutdown = threading.Event()
         self.output_hooks: list[Callable[[str, str], None]] = []
@@ -1051,12 +1052,22 @@ class Supervisor:
                 self._exit_code = (
                     0 if main is not None and main.status is RunStatus.COMPLETED else 1
                 )
-            elif not _pid_alive(self.cfg.owner_pid):
-                # The owner is gone: stop what it left running.
-                for w in active:
-                    if w.spec.worker_id not in self.external and not w.stop_requested:
-                        with contextlib.suppress(ControlError):
-                            self.request_stop(w.spec.run_id, "the training script exited")
+            elif not _pid_alive(self.cfg.owner_pid) and not self._owner_gone_noted:
+                # The owner (`python train.py`) is gone: what the user started beside it
+                # (forks, races, gates, merges) has a budget and finishes; the supervisor
+                # exits after it, as `onthefly run` would.
+                self._owner_gone_noted = True
+                left = sorted(
+                    {w.spec.run_id for w in active if w.spec.worker_id not in self.external}
+                )
+                self.bus.publish(
+                    "log",
+                    "",
+                    level="info",
+                    text=f"the training script exited; {', '.join(left)} finish(es) in the "
+                    "background first (`onthefly status` shows them, `onthefly stop --run RUN` "
+                    "ends one now)",
+                )
             return
         if active:
             return

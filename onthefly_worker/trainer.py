@@ -244,6 +244,8 @@ class _Loop(CommandLoop):
         self.rec.per_sample = self.loss.per_sample
         self.conn.start_heartbeat(self.hb_s, lambda: self.step)
         status = "failed"
+        if self.env.role == "train" and not self.env.resume:
+            self._note_validation()
         try:
             self._restore()
             subset = self.order.subset
@@ -260,7 +262,9 @@ class _Loop(CommandLoop):
             self._status(pb.WORKER_STATE_RUNNING, "training")
             self._train()
             if self.run_test_on_stop and self.test_loader is not None:
-                self._evaluate(self.test_loader, "test")
+                test = self._evaluate(self.test_loader, "test")
+                if self._console():
+                    print(f"[onthefly] test loss {test['loss']:.4f}", flush=True)
             if self.env.role == "fork":
                 self._fork_reports()
             self._checkpoint("final", wait=True)
@@ -283,8 +287,29 @@ class _Loop(CommandLoop):
                 "epoch": self.epoch,
                 "checkpoint": self.last_checkpoint,
             }
-        except (SystemExit, KeyboardInterrupt):
-            raise  # a stop from outside (SIGTERM/Ctrl+C), not an error of the script
+        except (SystemExit, KeyboardInterrupt) as e:
+            # A stop from outside (SIGTERM/Ctrl+C), not an error of the script. Under
+            # `onthefly run` the supervisor stops the worker itself; Ctrl+C on `python
+            # train.py` lands here, so the run says it was stopped (not failed) and where it
+            # can continue from.
+            if isinstance(e, KeyboardInterrupt) and self._console():
+                with contextlib.suppress(Exception):
+                    where = self.last_checkpoint or "the beginning"
+                    self.log(
+                        f"interrupted (Ctrl+C) at step {self.step}; `onthefly resume` continues "
+                        f"from {where}",
+                        "warning",
+                    )
+                    self.conn.send(
+                        finished=pb.RunFinished(
+                            run_id=self.run_id,
+                            status=pb.RUN_STATUS_STOPPED,
+                            step=self.step,
+                            epoch=self.epoch,
+                            final_checkpoint=self.last_checkpoint,
+                        )
+                    )
+            raise
         except BaseException as e:
             if self.rec is not None:
                 with contextlib.suppress(Exception):
@@ -306,6 +331,13 @@ class _Loop(CommandLoop):
     def log(self, text: str, level: str = "info") -> None:
         assert self.conn is not None
         self.conn.send(log=pb.LogLine(level=level, text=text))
+        if level in ("warning", "error") and self._console():
+            print(f"[onthefly] {level}: {text}", flush=True)
+
+    def _console(self) -> bool:
+        """`python train.py`: the supervisor has no terminal view, so the training process
+        prints its epoch lines, warnings and the final test loss itself."""
+        return bool(os.environ.get("ONTHEFLY_SELFHOSTED")) and self.env.role == "train"
 
     # -- restore / checkpoint ----------------------------------------------------------------
     def _restore(self) -> None:
@@ -685,6 +717,19 @@ class _Loop(CommandLoop):
                 self._end_epoch(len(batches), time.perf_counter() - t_epoch)
         rec.flush()
 
+    def _note_validation(self) -> None:
+        """Say once when a val_loader will not be used on a schedule (val_every_n_epochs
+        unset), and what a ReduceLROnPlateau then steps on."""
+        if self.val_loader is None or self.cfg.val_every_n_epochs:
+            return
+        text = (
+            "val_loader given without val_every_n_epochs: no periodic validation (it runs on "
+            "demand: the dashboard, forks' reports); set val_every_n_epochs=1 to validate every epoch"
+        )
+        if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            text += "; ReduceLROnPlateau steps on the epoch's training loss meanwhile"
+        self.log(text, "warning")
+
     def _calibrate_grad_norm(self, norm_s: float, t_step_start: float) -> None:
         """Auto cadence: after a few steps, measure the norm every N steps where N is the
         smallest (1-16) at which it costs <= 1% of a step. Clipping and AMP measure every step."""
@@ -731,11 +776,12 @@ class _Loop(CommandLoop):
         every = self.cfg.val_every_n_epochs
         if every and (epoch + 1) % every == 0 and self.val_loader is not None:
             val_loss = self._evaluate(self.val_loader, "val")["loss"]
-        if os.environ.get("ONTHEFLY_SELFHOSTED") and self.env.role == "train":
+        if self._console():
             # `python train.py`: no terminal view of its own, so a line per epoch here.
             val = f" · val loss {val_loss:.4f}" if val_loss is not None else ""
+            train = f"{mean:.4f}" if math.isfinite(mean) else "—"
             print(
-                f"[onthefly] epoch {epoch + 1}/{self.cfg.max_epochs} · train loss {mean:.4f}{val}",
+                f"[onthefly] epoch {epoch + 1}/{self.cfg.max_epochs} · train loss {train}{val}",
                 flush=True,
             )
         if self.sched is not None and self.cfg.scheduler_interval == "epoch":

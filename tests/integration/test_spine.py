@@ -62,6 +62,51 @@ def test_seed_script_as_plain_python(project: Path, example: str) -> None:
     assert main["sample_steps"] == (3 * 3072 if example == "minimal.py" else 4096)
 
 
+def test_a_fork_of_a_plain_python_run_finishes_after_the_script_exits(project: Path) -> None:
+    proc = subprocess.Popen(
+        [PY, str(SMALL), "--epochs", "3", "--step-sleep", "0.03"],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            runs = cli_json("runs", cwd=project)["runs"] if _latest_exists(project) else []
+            if runs and runs[0]["step"] >= 25:
+                break
+            time.sleep(0.2)
+        r = cli(
+            "fork",
+            "--run",
+            "main",
+            "--select",
+            "quantile:0.5:1.0",
+            "--budget-steps",
+            "90",
+            cwd=project,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The script is gone; its supervisor lets the fork finish its budget, then follows.
+    sdir = _latest(project)
+    deadline = time.time() + 120
+    while (sdir / "connection.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not (sdir / "connection.json").exists(), "the supervisor exits after the fork"
+    fork = next(r for r in cli_json("runs", cwd=project)["runs"] if r["run_id"] == "fork-1")
+    assert fork["status"] == "completed" and fork["step"] == 90, fork
+
+
+def _latest_exists(project: Path) -> bool:
+    return (project / ".onthefly" / "sessions" / "latest" / "session.db").exists()
+
+
 def test_pause_resume_stop_from_cli(project: Path) -> None:
     live = start(project, SMALL, "--epochs", "50", "--step-sleep", "0.02")
     try:
