@@ -69,6 +69,7 @@ class TerminalView:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_plain = 0.0
+        self._errors: list[str] = []  # worker root causes printed so far
         self._console: Any = None
         self._live: Any = None
         self.sup.output_hooks.append(self.on_output)
@@ -118,6 +119,11 @@ class TerminalView:
     def _run(self, run_id: str) -> RunView:
         return self.runs.setdefault(run_id, RunView())
 
+    def _said(self, text: str) -> bool:
+        """Whether `text` repeats a worker error already printed (the same root cause comes
+        back as the worker's failure and the run's status)."""
+        return any(m and m in text for m in self._errors)
+
     def _on_event(self, ev: Event) -> None:
         p = ev.payload
         rv = self._run(ev.run_id) if ev.run_id else None
@@ -164,11 +170,16 @@ class TerminalView:
         elif k == "run_status" and rv is not None:
             rv.status = str(p.get("status"))
             if p.get("status") in ("paused", "completed", "failed", "stopped"):
-                extra = f": {p.get('error')}" if p.get("error") else ""
+                err = str(p.get("error") or "")
+                extra = f": {err}" if err and not self._said(err) else ""
                 self.print(f"[onthefly] {ev.run_id} {p.get('status')}{extra}")
         elif k == "log":
             lvl = p.get("level", "info")
-            if (
+            if lvl == "debug":
+                pass  # housekeeping (pruning...): in the store's events, not on the terminal
+            elif lvl == "error" and self._said(str(p.get("text", ""))):
+                pass  # the root cause was printed with its traceback already
+            elif (
                 lvl in ("warning", "error")
                 or ev.run_id == ""
                 or "resum" in str(p.get("text", ""))
@@ -181,6 +192,7 @@ class TerminalView:
                 )
         elif k == "error":
             where = f" ({p.get('filename')}:{p.get('lineno')})" if p.get("filename") else ""
+            self._errors.append(str(p.get("message") or ""))
             self.print(f"[onthefly] error in {p.get('worker_id')}: {p.get('message')}{where}")
         elif k == "checkpoint" and p.get("reason") in ("pause", "final", "request"):
             self.print(f"[onthefly] {ev.run_id} checkpoint {p.get('path')} ({p.get('reason')})")

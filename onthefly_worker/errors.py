@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import traceback
 from types import TracebackType
@@ -13,18 +14,12 @@ class OnTheFlyError(RuntimeError):
     """A problem with how OnTheFly is used; the message names the option and the fix."""
 
 
-def innermost_user_frame(
-    tb: TracebackType | None, script_dir: str | None = None
-) -> tuple[str, int]:
-    """The deepest frame that is not inside OnTheFly, torch or the standard library.
-
-    That is where the user's bug most likely lives, so it is what the root cause names.
-    """
+def _innermost_user(frames: list[tuple[str, int]], script_dir: str | None) -> tuple[str, int]:
     ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     best = ("", 0)
     fallback = ("", 0)
-    for frame, lineno in traceback.walk_tb(tb):
-        fname = os.path.abspath(frame.f_code.co_filename)
+    for fname, lineno in frames:
+        fname = os.path.abspath(fname)
         fallback = (fname, lineno)
         library = "site-packages" in fname or fname.startswith(ours) or "/lib/python" in fname
         if library and not (script_dir and fname.startswith(script_dir)):
@@ -33,10 +28,46 @@ def innermost_user_frame(
     return best if best[0] else fallback
 
 
+def innermost_user_frame(
+    tb: TracebackType | None, script_dir: str | None = None
+) -> tuple[str, int]:
+    """The deepest frame that is not inside OnTheFly, torch or the standard library.
+
+    That is where the user's bug most likely lives, so it is what the root cause names.
+    """
+    frames = [(f.f_code.co_filename, n) for f, n in traceback.walk_tb(tb)]
+    return _innermost_user(frames, script_dir)
+
+
+_LOADER_WORKER = re.compile(r"^Caught \w+ in (DataLoader worker process \d+)\.")
+_FRAME = re.compile(r'^\s*File "(.+)", line (\d+), in ')
+
+
+def _from_loader_worker(exc: BaseException, script_dir: str | None) -> tuple[str, str, int] | None:
+    """An exception a DataLoader worker process raised, re-raised by torch in this process
+    with the original traceback as text: (message, file, line) of the original, so the
+    root cause names the user's `__getitem__`, not torch's re-raise."""
+    text = str(exc)
+    head = _LOADER_WORKER.match(text)
+    if head is None or "Original Traceback" not in text:
+        return None
+    lines = text.rstrip().splitlines()
+    frames = [(m.group(1), int(m.group(2))) for m in map(_FRAME.match, lines) if m]
+    if not frames:
+        return None
+    filename, lineno = _innermost_user(frames, script_dir)
+    last = lines[-1].strip()
+    return f"{last} (raised in {head.group(1)})", filename, lineno
+
+
 def error_record(exc: BaseException, script_dir: str | None = None) -> dict[str, object]:
     filename, lineno = innermost_user_frame(exc.__traceback__, script_dir)
+    message = f"{type(exc).__name__}: {exc}"
+    worker = _from_loader_worker(exc, script_dir)
+    if worker is not None:
+        message, filename, lineno = worker
     return {
-        "message": f"{type(exc).__name__}: {exc}",
+        "message": message,
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         "filename": filename,
         "lineno": lineno,

@@ -196,3 +196,27 @@ def test_grad_norm_every_is_validated() -> None:
     with pytest.raises(OnTheFlyError, match="grad_norm_every"):
         TrainerConfig(grad_norm_every=-1)
     assert TrainerConfig(grad_norm_every=4).grad_norm_every == 4
+
+
+class _Broken(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 5:
+            raise KeyError(f"no record {i}")
+        return torch.tensor(float(i))
+
+
+def test_root_cause_of_a_loader_worker_error_names_the_users_getitem() -> None:
+    from onthefly_worker.errors import error_record
+
+    loader = torch.utils.data.DataLoader(_Broken(), batch_size=2, num_workers=1)
+    with pytest.raises(KeyError) as info:
+        list(loader)
+    rec = error_record(info.value)
+    assert rec["message"] == "KeyError: 'no record 5' (raised in DataLoader worker process 0)"
+    assert rec["filename"] == __file__ and rec["lineno"] > 0
+    line = open(__file__).read().splitlines()[int(rec["lineno"]) - 1]  # type: ignore[call-overload]
+    assert "raise KeyError" in line
+    assert "Original Traceback" in str(rec["traceback"])  # the whole story stays in the record
