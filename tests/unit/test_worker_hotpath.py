@@ -217,6 +217,7 @@ def test_root_cause_of_a_loader_worker_error_names_the_users_getitem() -> None:
     rec = error_record(info.value)
     assert rec["message"] == "KeyError: 'no record 5' (raised in DataLoader worker process 0)"
     assert rec["filename"] == __file__ and rec["lineno"] > 0
-    line = open(__file__).read().splitlines()[int(rec["lineno"]) - 1]  # type: ignore[call-overload]
+    with open(__file__) as f:
+        line = f.read().splitlines()[int(rec["lineno"]) - 1]  # type: ignore[call-overload]
     assert "raise KeyError" in line
     assert "Original Traceback" in str(rec["traceback"])  # the whole story stays in the record
