@@ -404,9 +404,18 @@ class _TailHasher:
         return self.sha.hexdigest(), self.nbytes
 
 
+_TAIL_HASH_MIN_BYTES = 8 << 20
+"""Smaller checkpoints are hashed after the save: a follower thread would cost more than
+the few milliseconds it could hide (and compete for the GIL when a thread writes them)."""
+
+
 def _save_hashed(state: Any, tmp: str) -> tuple[str, int]:
     """torch.save to `tmp` (its fast C++ file writer) while a `_TailHasher` hashes what is
-    written, then fsync; (sha256, bytes)."""
+    written (small states: hashed after), then fsync; (sha256, bytes)."""
+    if _nbytes(state) < _TAIL_HASH_MIN_BYTES:
+        torch.save(state, tmp)
+        _fsync_path(tmp)
+        return sha256_file(tmp), os.path.getsize(tmp)
     hasher = _TailHasher(tmp)
     try:
         torch.save(state, tmp)

@@ -291,10 +291,15 @@ def test_error_from_the_writer_process_keeps_its_type() -> None:
 # -- the hashing write -----------------------------------------------------------------------
 
 
-def test_hash_taken_while_writing_equals_the_file_read_back(tmp_path: Path) -> None:
-    # Big tensors go through the second (hashing) thread, small records and the zip headers
-    # through the writing thread: the digest must still be the file's, byte for byte.
-    big = {f"layer{i}": torch.randn(300, 300) for i in range(4)}  # 360 KB each: hashed aside
+@pytest.mark.parametrize("tail_min", [0, 8 << 20])
+def test_hash_taken_while_writing_equals_the_file_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tail_min: int
+) -> None:
+    # 0: every state is hashed by the thread following the file as torch.save writes it;
+    # the default: these small states are hashed after the save. The digest must be the
+    # file's, byte for byte, either way.
+    monkeypatch.setattr(ckpt, "_TAIL_HASH_MIN_BYTES", tail_min)
+    big = {f"layer{i}": torch.randn(300, 300) for i in range(4)}
     state = {**model_state(), "big": big, "half": torch.randn(512, 257).half()}
     for name, obj in (("small", model_state()), ("mixed", state), ("snap", ckpt.snapshot(state))):
         path = str(tmp_path / f"{name}.pt")
