@@ -7,6 +7,7 @@ dashboard and the CLI see.
 from __future__ import annotations
 
 import math
+import re
 import sys
 import threading
 import time
@@ -177,8 +178,12 @@ class TerminalView:
             lvl = p.get("level", "info")
             if lvl == "debug":
                 pass  # housekeeping (pruning...): in the store's events, not on the terminal
-            elif lvl == "error" and self._said(str(p.get("text", ""))):
-                pass  # the root cause was printed with its traceback already
+            elif (
+                lvl == "error"
+                and re.match(r"worker \S+ failed: ", str(p.get("text", "")))
+                and self._said(str(p.get("text", "")))
+            ):
+                pass  # "worker X failed: <root cause>": printed with its traceback already
             elif (
                 lvl in ("warning", "error")
                 or ev.run_id == ""
