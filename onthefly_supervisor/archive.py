@@ -6,6 +6,8 @@ An export is a single tar (plain, or gzip by suffix) holding
                                 database exports a snapshot, not a torn file)
     samples/**                  per-sample arrays as they are on disk
     checkpoints/**              checkpoint files
+    forks/**, slices/**,        each fork's selection (spec, indices, clusters), the
+    rollbacks/**                planner's slice selections, rollback records
     logs/*.json, logs/*.log     worker error files and logs
     manifest.json               format, version, session id, and every member's size and
                                 sha256 -- written *last*, so a truncated archive is missing
@@ -66,8 +68,9 @@ FORMAT_VERSION = 1
 
 MANIFEST = "manifest.json"
 DB_NAME = "session.db"
-_TREES = ("samples", "checkpoints")
-"""Folders exported recursively."""
+_TREES = ("samples", "checkpoints", "forks", "slices", "rollbacks")
+"""Folders exported recursively: per-sample arrays, checkpoints, each fork's selection
+(spec, indices, k-means clusters), the planner's slice selections, rollback records."""
 _LOG_SUFFIXES = (".json", ".log")
 """Only error files and logs from logs/: fit markers and sockets are per-process state."""
 
@@ -485,7 +488,7 @@ def _check_member(src: str, m: tarfile.TarInfo) -> str:
     if not allowed:
         raise ValueError(
             f"archive {src}: unexpected member {name!r}: a session archive holds only "
-            f"{MANIFEST}, {DB_NAME}, samples/, checkpoints/ and logs/"
+            f"{MANIFEST}, {DB_NAME}, logs/ and " + ", ".join(f"{t}/" for t in _TREES)
         )
     return name
 
@@ -739,6 +742,7 @@ def check_session(session_dir: str | os.PathLike[str]) -> list[str]:
             ]
             ckpts = list(conn.execute("SELECT path, sha256 FROM checkpoints ORDER BY path"))
             runs = {r[0]: int(r[1]) for r in conn.execute("SELECT run_id, dataset_size FROM runs")}
+            specs = list(conn.execute("SELECT run_id, spec_json FROM runs ORDER BY run_id"))
         finally:
             conn.close()
     except sqlite3.Error as e:
@@ -757,7 +761,29 @@ def check_session(session_dir: str | os.PathLike[str]) -> list[str]:
                     f"checkpoint {rel} is corrupt: sha256 {actual[:12]}… != recorded {sha[:12]}…"
                 )
     problems += _check_samples(sdir, runs)
+    problems += _check_fork_files(sdir, specs)
     problems += _stray_temps(sdir)
+    return problems
+
+
+def _check_fork_files(sdir: str, specs: list[tuple[str, str]]) -> list[str]:
+    """The selection files a run's spec names (a fork's indices) must be there: a fork
+    cannot be resumed, replayed or browsed (`onthefly clusters`) without them."""
+    problems: list[str] = []
+    for run_id, spec_json in specs:
+        try:
+            spec = json.loads(spec_json or "{}")
+        except ValueError:
+            problems.append(f"run {run_id}: its spec is not valid JSON")
+            continue
+        rel = spec.get("indices_file") if isinstance(spec, dict) else None
+        if not rel:
+            continue
+        path = _inside(sdir, str(rel))
+        if path is None:
+            problems.append(f"run {run_id}: indices file {rel!r} is outside the session")
+        elif not os.path.isfile(path):
+            problems.append(f"run {run_id}: its selection {rel} is missing")
     return problems
 
 

@@ -239,7 +239,7 @@ def render_html(rep: dict[str, Any]) -> str:
 <p>script {esc(rep["meta"].get("script"))} {esc(" ".join(rep["meta"].get("argv") or []))} · seed {esc(rep["meta"].get("seed"))}</p>
 <h2>Matched-compute comparison</h2>
 <table id="comparison"><tr><th>baseline</th><th>baseline test loss</th><th>best run</th><th>best test loss</th><th>best / baseline</th></tr>
-<tr><td>{esc(c.get("baseline_run") or "main (no specialists were trained)")}</td><td>{esc(c.get("baseline_test_loss"))}</td><td>{esc(c.get("best_run"))}</td><td>{esc(c.get("best_test_loss"))}</td><td>{esc(c.get("best_over_baseline"))}</td></tr></table>
+<tr><td>{esc(c.get("baseline_run") or "main (no matched-compute baseline in this session: `onthefly run --automode` trains one)")}</td><td>{esc(c.get("baseline_test_loss"))}</td><td>{esc(c.get("best_run"))}</td><td>{esc(c.get("best_test_loss"))}</td><td>{esc(c.get("best_over_baseline"))}</td></tr></table>
 <h2>Runs</h2><table id="runs"><tr><th>run</th><th>kind</th><th>status</th><th>parents</th><th>val loss</th><th>test loss</th><th>sample-steps</th><th>error</th></tr>{rows}</table>
 {figs}
 <h2>Plan timeline</h2><table id="plans"><tr><th>plan</th><th>step</th><th>action</th><th>reason</th><th>selection</th><th>status</th><th>why</th><th>outcome</th></tr>{plans}</table>

@@ -542,6 +542,8 @@ class Supervisor:
             fields["fingerprint"] = hello.data_fingerprint
         if run_id == "main" and hello.run_name:
             fields["name"] = hello.run_name
+        if run_id == "main" and hello.project:
+            self.store.set_meta("project", hello.project)  # the script's Trainer(project=...)
         self.store.update_run(run_id, **fields)
         main = self.store.run("main")
         if (
@@ -852,7 +854,13 @@ class Supervisor:
                 grpc.StatusCode.FAILED_PRECONDITION, "the supervisor is already stopping"
             )
         with self.lock:
-            live = sorted({w.spec.run_id for w in self.workers.values() if not w.state.terminal})
+            live = sorted(
+                {
+                    w.spec.run_id
+                    for w in self.workers.values()
+                    if not w.state.terminal and w.spec.role in (Role.TRAIN, Role.FORK)
+                }
+            )
         why = reason or "requested by the user"
         self.bus.publish("log", "", level="info", text=f"supervisor shutting down: {why}")
         main = self.store.run("main")

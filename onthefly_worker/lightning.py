@@ -1410,17 +1410,7 @@ class _LightningRun(CommandLoop):
 
         env = self.env
         assert env is not None
-        train = self.user_train_loader
-        if train is None and isinstance(fit_args.get("train_dataloaders"), DataLoader):
-            train = fit_args["train_dataloaders"]
-        if train is None:
-            raise OnTheFlyError(
-                "the merge worker needs the train data: pass attach_lightning(train_loader=...) "
-                "or trainer.fit(model, train_loader)"
-            )
-        val = self.val_loader
-        if val is None and isinstance(fit_args.get("val_dataloaders"), DataLoader):
-            val = fit_args["val_dataloaders"]
+        train, val = self._merge_loaders(fit_args)
         worker = MergeWorker(
             TrainerConfig(project=self.opts.project, run_name=self.opts.run_name),
             env,
@@ -1445,6 +1435,45 @@ class _LightningRun(CommandLoop):
         worker.fresh = fresh  # type: ignore[method-assign]
         worker.serve()
         self.status = "completed"
+
+    def _merge_loaders(self, fit_args: dict[str, Any]) -> tuple[DataLoader, DataLoader | None]:
+        """The train and val loaders for the merge worker, which does not run Lightning's fit:
+        attach_lightning's, else the ones given to fit, else the datamodule's (set up as fit
+        would: prepare_data, setup("fit")), else the module's own dataloader hooks."""
+        import lightning.pytorch as pl
+
+        train, val = self.user_train_loader, self.val_loader
+        given = fit_args.get("train_dataloaders")
+        dm = fit_args.get("datamodule")
+        if isinstance(given, pl.LightningDataModule):
+            dm, given = given, None
+        if train is None and isinstance(given, DataLoader):
+            train = given
+        if val is None and isinstance(fit_args.get("val_dataloaders"), DataLoader):
+            val = fit_args["val_dataloaders"]
+        sources: list[Any] = [dm] if isinstance(dm, pl.LightningDataModule) else []
+        sources.append(self.att.model)
+        for src in sources:
+            if train is not None and val is not None:
+                break
+            if isinstance(src, pl.LightningDataModule):
+                src.prepare_data()
+                src.setup("fit")
+            if train is None:
+                with contextlib.suppress(Exception):  # not defined: Lightning raises
+                    got = src.train_dataloader()
+                    train = got if isinstance(got, DataLoader) else None
+            if val is None:
+                with contextlib.suppress(Exception):
+                    got = src.val_dataloader()
+                    val = got if isinstance(got, DataLoader) else None
+        if train is None:
+            raise OnTheFlyError(
+                "the merge worker needs the train data as one DataLoader: pass "
+                "attach_lightning(train_loader=...), trainer.fit(model, train_loader), a "
+                "datamodule whose train_dataloader() returns one, or define train_dataloader()"
+            )
+        return train, val
 
     def close(self) -> None:
         self.teardown()

@@ -88,7 +88,11 @@ def make_session(project: Path, sid: str = SID) -> Path:
                 ["main"],
                 time.time(),
                 dataset_size=N,
-                spec={"checkpoint": ck_rel("main", 20), "select": "quantile:0.85:1"},
+                spec={
+                    "checkpoint": ck_rel("main", 20),
+                    "select": "quantile:0.85:1",
+                    "indices_file": "forks/fork-1/indices.npy",
+                },
             )
         )
         for step, reason in MAIN_CKPTS:
@@ -111,6 +115,12 @@ def make_session(project: Path, sid: str = SID) -> Path:
             np.save(d / "margin-0002.npy", rng.normal(size=N).astype(np.float32))
             np.save(d / "pred-0002.npy", rng.integers(0, 3, N).astype(np.int64))
             np.save(d / "labels.npy", rng.integers(-1, 3, N).astype(np.int64))
+    fork = sdir / "forks" / "fork-1"  # the fork's selection: part of the session
+    fork.mkdir(parents=True)
+    np.save(fork / "indices.npy", np.arange(5, dtype=np.int64))
+    (fork / "clusters.json").write_text(json.dumps({"clusters": []}))
+    (sdir / "health" / "x").mkdir(parents=True)  # a health check in flight: not exported
+    (sdir / "health" / "x" / "spec.json").write_text("{}")
     logs = sdir / "logs"
     logs.mkdir()
     (logs / "main-0.log").write_text("step 1\nstep 2\n")
@@ -132,7 +142,7 @@ def exported_files(sdir: Path) -> list[str]:
         rel = p.relative_to(sdir).as_posix()
         top = rel.split("/")[0]
         is_log = top == "logs" and rel.endswith((".log", ".json"))
-        if p.is_file() and (top in ("samples", "checkpoints") or is_log):
+        if p.is_file() and (top in ("samples", "checkpoints", "forks") or is_log):
             out.append(rel)
     return out
 
@@ -474,6 +484,8 @@ def test_check_session_reports_each_problem(tmp_path: Path) -> None:
     old.write_bytes(b"x")
     os.utime(old, (time.time() - 600, time.time() - 600))
     (sdir / "samples/main/epoch-0003.npy.tmp.npy").write_bytes(b"x")
+    # a fork whose selection is gone (an archive from before forks/ was exported)
+    (sdir / "forks/fork-1/indices.npy").unlink()
 
     problems = check_session(sdir)
     text = "\n".join(problems)
@@ -484,7 +496,8 @@ def test_check_session_reports_each_problem(tmp_path: Path) -> None:
     assert "samples/fork-1/epoch-0002.npy cannot be read" in text
     assert "stray temp file checkpoints/main/step-00000100.pt.tmp-1-2" in text
     assert "epoch-0003.npy.tmp.npy" not in text
-    assert len(problems) == 6, problems
+    assert "run fork-1: its selection forks/fork-1/indices.npy is missing" in text
+    assert len(problems) == 7, problems
 
 
 def test_check_session_allows_growing_arrays_of_unknown_size(tmp_path: Path) -> None:
