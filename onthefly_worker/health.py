@@ -594,6 +594,10 @@ def check_gradients(
             exploding.append((name, ratio, gn))
         elif gn == 0 or (pn > 0 and ratio < vanish_ratio):
             vanishing.append((name, ratio if pn > 0 else 0.0))
+    # A bias right before a BatchNorm cannot learn: the normalisation subtracts any
+    # constant shift, so its gradient is zero by construction, not a training problem.
+    cancelled = _biases_before_batchnorm(model) & {n for n, _ in vanishing}
+    vanishing = [v for v in vanishing if v[0] not in cancelled]
     flagged = {n for n, _, _ in exploding} | {n for n, _ in vanishing} | set(nonfinite)
     rows.sort(key=lambda r: r["name"] not in flagged)  # flagged first, model order within
     total_norm = math.sqrt(sum(gn * gn for gn in norms[:k])) if k else 0.0
@@ -607,6 +611,7 @@ def check_gradients(
         "vanishing": [n for n, _ in vanishing],
         "nonfinite": nonfinite,
         "unused": unused,
+        "bias_before_batchnorm": sorted(cancelled),
         "layers": rows[:max_layers],
         "layers_left_out": max(len(rows) - max_layers, 0),
     }
@@ -651,13 +656,41 @@ def check_gradients(
             "to be frozen, set requires_grad=False so the optimizer skips them.",
             numbers,
         )
+    note = (
+        f" {_names(sorted(cancelled))} get(s) no gradient because a BatchNorm follows: it "
+        "removes any constant shift, so such a bias never learns (bias=False saves it)."
+        if cancelled
+        else ""
+    )
     return Verdict(
         "gradients",
         "ok",
         f"gradient norms of all {len(params)} parameter tensors are in a healthy range "
-        f"(total norm {total_norm:.3g}).",
+        f"(total norm {total_norm:.3g}).{note}",
         numbers,
     )
+
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _biases_before_batchnorm(model: nn.Module) -> set[str]:
+    """Names of the biases of Linear/Conv layers followed directly by a BatchNorm in an
+    nn.Sequential (the common pattern); the BatchNorm cancels them."""
+    out: set[str] = set()
+    for prefix, mod in model.named_modules():
+        if not isinstance(mod, nn.Sequential):
+            continue
+        items = list(mod.named_children())
+        for (name, layer), (_, nxt) in zip(items, items[1:], strict=False):
+            bias = getattr(layer, "bias", None)
+            if (
+                isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                and isinstance(bias, nn.Parameter)
+                and isinstance(nxt, _BATCHNORMS)
+            ):
+                out.add(f"{prefix}.{name}.bias" if prefix else f"{name}.bias")
+    return out
 
 
 # -- activations -----------------------------------------------------------------------------

@@ -182,6 +182,20 @@ def test_gradients_flag_vanishing_behind_a_dead_relu() -> None:
     assert {"0.weight", "0.bias"} <= set(num(v, "vanishing"))
 
 
+def test_a_bias_right_before_batchnorm_is_explained_not_flagged_as_vanishing() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16)), nn.ReLU(), nn.Linear(16, 4)
+    )
+    v = check_gradients(model, CE, batches())
+    assert v.verdict == "ok", v.hint
+    assert num(v, "bias_before_batchnorm") == ["0.0.bias"]
+    assert "'0.0.bias'" in v.hint and "BatchNorm" in v.hint and "bias=False" in v.hint
+    # The same bias behind a dead ReLU elsewhere would still be flagged: only the cancelled one
+    # is explained away.
+    assert "0.0.bias" not in num(v, "vanishing")
+
+
 def test_gradients_under_a_grad_scaler_are_unscaled() -> None:
     plain = check_gradients(mlp(), CE, batches())
     scaled = check_gradients(
