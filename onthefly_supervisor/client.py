@@ -33,9 +33,10 @@ def read_connection(session: str | None = None, project_dir: str = ".") -> Conne
     sdir = resolve_session(session, project_dir)
     path = os.path.join(sdir, "connection.json")
     if not os.path.exists(path):
+        resume = ", `onthefly resume` continues its runs" if _has_unfinished_main(sdir) else ""
         raise NoSupervisor(
             f"session {os.path.basename(sdir)} has no live supervisor (it has finished); "
-            "`onthefly serve` serves it for this command, `onthefly resume` continues its runs"
+            f"`onthefly serve` serves it for this command{resume}"
         )
     with open(path, encoding="utf-8") as f:
         info = json.load(f)
@@ -46,6 +47,24 @@ def read_connection(session: str | None = None, project_dir: str = ".") -> Conne
         session_dir=sdir,
         pid=int(info.get("pid", 0)),
     )
+
+
+def _has_unfinished_main(sdir: str) -> bool:
+    """Whether `onthefly resume` has something to continue (its main run did not complete);
+    True when the store cannot be read, so the hint errs on the side of mentioning it."""
+    import sqlite3
+    import urllib.parse
+
+    db = urllib.parse.quote(os.path.abspath(os.path.join(sdir, "session.db")))
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT status FROM runs WHERE kind = 'main'").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return True
+    return any(r[0] != "completed" for r in rows)
 
 
 class ControlClient:
