@@ -10,6 +10,7 @@ collate function, worker count and pinning.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -134,7 +135,15 @@ class EpochOrder:
         ):
             g = torch.Generator().manual_seed(s)
             return torch.randperm(self.n, generator=g).numpy()
-        # Generic sampler: draw it with a private, seeded RNG.
+        # Generic sampler: draw it with a private, seeded RNG (its length many indices: a
+        # sampler that never ends must not be drawn into memory forever).
+        try:
+            limit = len(self.sampler)  # type: ignore[arg-type]
+        except TypeError:
+            raise OnTheFlyError(
+                f"the train loader's sampler ({type(self.sampler).__name__}) has no __len__; "
+                "OnTheFly draws each epoch's order from it and needs to know where an epoch ends"
+            ) from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
             gen = getattr(self.sampler, "generator", None)
@@ -142,11 +151,11 @@ class EpochOrder:
                 saved = gen.get_state()
                 gen.manual_seed(s)
                 try:
-                    idx = list(iter(self.sampler))
+                    idx = list(itertools.islice(iter(self.sampler), limit))
                 finally:
                     gen.set_state(saved)
             else:
-                idx = list(iter(self.sampler))
+                idx = list(itertools.islice(iter(self.sampler), limit))
         return np.asarray(idx, dtype=np.int64)
 
     def batches(self, epoch: int) -> list[np.ndarray]:

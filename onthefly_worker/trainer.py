@@ -105,6 +105,17 @@ class Trainer:
                 raise OnTheFlyError(
                     f"fit({name}=...) must be a torch DataLoader or None, got {type(ld).__name__}"
                 )
+        if dataset_size(train_loader) < 0:
+            kind = (
+                "an IterableDataset"
+                if isinstance(train_loader.dataset, torch.utils.data.IterableDataset)
+                else f"a {type(train_loader.dataset).__name__} without __len__"
+            )
+            raise OnTheFlyError(
+                f"fit(train_loader=...) reads {kind}; OnTheFly needs a map-style dataset (with "
+                "__len__ and __getitem__): it records every sample's loss by its position and "
+                "owns the data order (pause, resume and forks replay it exactly)"
+            )
         env = wenv.WorkerEnv.from_environ()
         if env is None:
             from onthefly_worker import selfhost

@@ -178,6 +178,7 @@ def test_crash_shows_root_cause_and_exits_nonzero(project: Path) -> None:
         (["--bad-batch"], "OnTheFly needs (inputs, target)"),
         (["--scalar-loss"], "returned a scalar and has no reduction='none'"),
         (["--data-raise-at", "7"], "OSError: corrupt record 7"),
+        (["--iterable"], "reads an IterableDataset; OnTheFly needs a map-style dataset"),
     ],
 )
 def test_bad_scripts_get_one_clear_line(project: Path, args: list[str], expect: str) -> None:

@@ -46,6 +46,7 @@ p.add_argument(
     "--nan-grad-at-step", type=int, default=0, help="finite loss, NaN gradients at this step"
 )
 p.add_argument("--grad-norm-every", type=int, default=0)
+p.add_argument("--iterable", action="store_true", help="train data as an IterableDataset")
 args = p.parse_args()
 
 
@@ -123,7 +124,16 @@ if args.raise_before_fit:
     raise RuntimeError("failed while building the data")
 
 ds = Data(args.n, args.regression, poison=args.nan_sample)
-train = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
+if args.iterable:
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return (ds[i] for i in range(len(ds)))
+
+    ds = Stream()
+train = DataLoader(
+    ds, batch_size=args.batch_size, shuffle=not args.iterable, num_workers=args.num_workers
+)
 val = DataLoader(Data(128, args.regression), batch_size=64) if args.val else None
 test = DataLoader(Data(128, args.regression), batch_size=64) if args.test else None
 model = Net(1 if args.regression else 2)
