@@ -1195,7 +1195,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["plans"] and args[1:2] and args[1] in ("approve", "reject", "edit", "automode"):
+        args = args[1:]  # `onthefly plans approve ID` reads as well as `onthefly approve ID`
+    a = parser.parse_args(args)
     try:
         return int(a.fn(a))
     except (CliError, SupervisorError, FileNotFoundError, NoSupervisor) as e:

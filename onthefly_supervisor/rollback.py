@@ -141,6 +141,16 @@ class Rollbacks:
                 raise ValueError(f"--skip {e}:{bi}: epoch and batch must be >= 0")
             if bi in skip_of.get(e, []):
                 raise ValueError(f"batch {bi} of epoch {e} is already skipped")
+            per_epoch, epochs = sup.shape.get(run.run_id, (0, 0))
+            if per_epoch and bi >= per_epoch:
+                raise ValueError(
+                    f"--skip {e}:{bi}: run {run.run_id} has {per_epoch} batches an epoch "
+                    f"(0..{per_epoch - 1})"
+                )
+            if epochs and e >= epochs:
+                raise ValueError(
+                    f"--skip {e}:{bi}: run {run.run_id} trains {epochs} epochs (0..{epochs - 1})"
+                )
             rows = st.query(
                 "SELECT step, loss, grad_norm FROM metrics WHERE run_id = ? AND epoch = ? AND batch = ?"
                 " ORDER BY rowid DESC LIMIT 1",

@@ -154,6 +154,9 @@ class Supervisor:
         self._shutdown = threading.Event()
         self.output_hooks: list[Callable[[str, str], None]] = []
         self.dataset_sizes: dict[str, int] = {}
+        self.shape: dict[str, tuple[int, int]] = {}
+        """(steps per epoch, max epochs) of each run, as its worker reported at attach (0 =
+        unknown)."""
         self.started = time.time()
         self.server: grpc.Server | None = None
         self.port = 0
@@ -563,6 +566,7 @@ class Supervisor:
             )
         self._set_worker_state(worker_id, WorkerState.ATTACHED)
         self._set_run_status(run_id, RunStatus.RUNNING)
+        self.shape[run_id] = (int(hello.steps_per_epoch), int(hello.max_epochs))
         self.bus.publish(
             "attached",
             run_id,

@@ -106,8 +106,26 @@ class TrainerConfig:
             raise bad("seed", self.seed, "must be an integer or None")
         if self.nonfinite_patience < 1:
             raise bad("nonfinite_patience", self.nonfinite_patience, "must be >= 1")
+        if not isinstance(self.amp, bool):
+            raise bad("amp", self.amp, "must be True or False")
+        if self.device is not None:
+            self._check_device(bad)
         if self.val_slices is not None:
             check_val_slices(self.val_slices, "Trainer")
+
+    def _check_device(self, bad: Any) -> None:
+        import torch
+
+        try:
+            dev = torch.device(self.device)  # type: ignore[arg-type]
+        except (RuntimeError, TypeError) as e:
+            raise bad(
+                "device", self.device, 'must be a torch device such as "cpu" or "cuda:0"'
+            ) from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise bad("device", self.device, 'CUDA is not available on this machine (use "cpu")')
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise bad("device", self.device, 'OnTheFly trains on "cpu", "cuda" or "mps"')
 
     def torch_device(self) -> Any:
         """`device`, or CUDA when available, else CPU (a torch.device)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 
 import numpy as np
@@ -196,6 +197,21 @@ def test_grad_norm_every_is_validated() -> None:
     with pytest.raises(OnTheFlyError, match="grad_norm_every"):
         TrainerConfig(grad_norm_every=-1)
     assert TrainerConfig(grad_norm_every=4).grad_norm_every == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"device": "tpu"}, "Trainer(device='tpu'): must be a torch device"),
+        ({"amp": "yes"}, "Trainer(amp='yes'): must be True or False"),
+    ],
+)
+def test_device_and_amp_are_checked_when_the_trainer_is_built(
+    kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(OnTheFlyError, match=re.escape(message)):
+        TrainerConfig(**kwargs)  # type: ignore[arg-type]
+    assert TrainerConfig(device="cpu", amp=True).torch_device().type == "cpu"
 
 
 class _Broken(torch.utils.data.Dataset):  # type: ignore[type-arg]
