@@ -431,6 +431,7 @@ class SampleLosses(_message.Message):
     MARGINS_FIELD_NUMBER: _builtins.int
     PREDS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     epoch: _builtins.int
     count: _builtins.int
@@ -446,6 +447,11 @@ class SampleLosses(_message.Message):
     """int32 LE: predicted class (argmax)"""
     labels: _builtins.bytes
     """int32 LE: the target class"""
+    reset: _builtins.bool
+    """Not training: these samples are not trained yet in this epoch (a resumed run forgets
+    what an abandoned attempt recorded after its checkpoint); `losses` are NaN and the
+    message counts no compute.
+    """
     def __init__(
         self,
         *,
@@ -459,10 +465,11 @@ class SampleLosses(_message.Message):
         margins: _builtins.bytes = ...,
         preds: _builtins.bytes = ...,
         labels: _builtins.bytes = ...,
+        reset: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "epoch", b"epoch", "first_step", b"first_step", "ids", b"ids", "labels", b"labels", "last_step", b"last_step", "losses", b"losses", "margins", b"margins", "preds", b"preds", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "epoch", b"epoch", "first_step", b"first_step", "ids", b"ids", "labels", b"labels", "last_step", b"last_step", "losses", b"losses", "margins", b"margins", "preds", b"preds", "reset", b"reset", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

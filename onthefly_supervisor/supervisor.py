@@ -655,7 +655,8 @@ class Supervisor:
                     run = self.store.run(run_id)
                     self._sample_steps[run_id] = run.sample_steps if run is not None else 0
                 # Written with the next metrics flush (same transaction), not per message.
-                self._sample_steps[run_id] += int(msg.samples.count)
+                if not msg.samples.reset:  # a reset forgets losses: no compute was spent
+                    self._sample_steps[run_id] += int(msg.samples.count)
                 self._sample_dirty[run_id] = int(msg.samples.epoch)
         elif body == "epoch_end":
             ee = msg.epoch_end

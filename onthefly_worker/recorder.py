@@ -264,18 +264,22 @@ class Recorder:
                 "preds": pred.cpu().numpy().astype("<i4").tobytes(),
                 "labels": label.cpu().numpy().astype("<i4").tobytes(),
             }
-        self._send(
-            samples=pb.SampleLosses(
-                run_id=self.run_id,
-                epoch=buf.epoch,
-                count=int(ids.size),
-                ids=ids.tobytes(),
-                losses=per.tobytes(),
-                first_step=first,
-                last_step=last,
-                **cls_kw,
-            )
+        msg = pb.SampleLosses(
+            run_id=self.run_id,
+            epoch=buf.epoch,
+            count=int(ids.size),
+            ids=ids.tobytes(),
+            losses=per.tobytes(),
+            first_step=first,
+            last_step=last,
         )
+        if cls_kw:
+            msg.margins, msg.preds, msg.labels = (
+                cls_kw["margins"],
+                cls_kw["preds"],
+                cls_kw["labels"],
+            )
+        self._send(samples=msg)
         self._send(metrics=pb.MetricsBatch(run_id=self.run_id, points=points))
         self.sent_samples += int(ids.size)
 

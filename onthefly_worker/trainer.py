@@ -411,6 +411,29 @@ class _Loop(CommandLoop):
         rollback = self.spec.get("rollback")
         if rollback:
             self._apply_rollback(dict(rollback), path)
+        self._forget_rest_of_epoch()
+
+    def _forget_rest_of_epoch(self) -> None:
+        """A resumed run records the rest of its epoch again: what an earlier attempt
+        recorded after the checkpoint (an abandoned timeline after a rollback, batches it
+        now skips) is reset to not-seen first, so the epoch's array holds this timeline only."""
+        assert self.conn is not None
+        trained = self.order.batches(self.epoch)[: self.batch]
+        done = np.concatenate(trained) if trained else np.zeros(0, dtype=np.int64)
+        rest = np.setdiff1d(self.order.order(self.epoch), done).astype("<i8")
+        if rest.size:
+            self.conn.send(
+                samples=pb.SampleLosses(
+                    run_id=self.run_id,
+                    epoch=self.epoch,
+                    count=int(rest.size),
+                    ids=rest.tobytes(),
+                    losses=np.full(rest.size, np.nan, dtype="<f4").tobytes(),
+                    first_step=self.step,
+                    last_step=self.step,
+                    reset=True,
+                )
+            )
 
     def _restore_adapters(self, state: dict[str, Any]) -> None:
         """Resume a fork that trains low-rank adapters (a raced variant promoted to its next
