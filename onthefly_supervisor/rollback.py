@@ -99,6 +99,13 @@ class Rollbacks:
                 "the training run is your own `python train.py` process, which the supervisor "
                 "cannot restart; start it with `onthefly run SCRIPT` to allow rollbacks",
             )
+        if str((run.config or {}).get("framework", "")) == "lightning":
+            raise self._err(
+                pre,
+                f"run {run.run_id} is an attach_lightning run: rollback (skipping batches, "
+                "lr/clip overrides on restart) is built for Trainer.fit runs only; nothing "
+                "was changed",
+            )
         w = sup.live_worker(run.run_id)
         if w is None:
             raise self._err(
