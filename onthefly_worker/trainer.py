@@ -637,6 +637,13 @@ class _Loop(CommandLoop):
         conn = self.conn
         params = [p for g in opt.param_groups for p in g["params"]]
         max_epochs = self.cfg.max_epochs if self.env.role != "fork" else 10**9
+        if not self.order.batches(self.epoch) and not self.order.skip:
+            n = self.order.n if self.order.subset is None else self.order.subset.size
+            raise OnTheFlyError(
+                f"the train loader yields no batch: {n} sample(s) at batch_size "
+                f"{self.order.batch_size} with drop_last={self.order.drop_last}; lower the "
+                "batch size or set drop_last=False"
+            )
         model.train()
         self._poll()
         while self.epoch < max_epochs and not self._done():
