@@ -874,5 +874,5 @@ class _Loop(CommandLoop):
         self._evaluate(self._slice_loader(), "slice:self")
         if self.val_loader is not None:
             self._evaluate(self.val_loader, "val")
-        if self.test_loader is not None:
-            self._evaluate(self.test_loader, "test")
+        if self.test_loader is not None and not self.run_test_on_stop:
+            self._evaluate(self.test_loader, "test")  # (do_test_after has just tested it)
