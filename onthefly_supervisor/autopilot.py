@@ -183,6 +183,8 @@ class Autopilot:
                 if k == "selection":
                     kw["selection"] = pl.validate_selection(v)
                 elif k == "budget_steps":
+                    if not v.strip().lstrip("+").isdigit():
+                        raise ValueError(f"budget_steps={v}: must be a whole number >= 1")
                     n = int(v)
                     if n < 1:
                         raise ValueError(f"budget_steps={v}: must be >= 1")
@@ -192,7 +194,10 @@ class Autopilot:
                         raise ValueError(f"method={v}: one of {', '.join(pl.MERGE_METHODS)}")
                     merge["method"] = v
                 else:
-                    x = float(v)
+                    try:
+                        x = float(v)
+                    except ValueError:
+                        raise ValueError(f"{k}={v}: must be a number") from None
                     if not (math.isfinite(x) and x >= 0):
                         raise ValueError(f"{k}={v}: must be a finite number >= 0")
                     recipe[k] = int(x) if k == "adapters_rank" else x
