@@ -211,7 +211,24 @@ class Autopilot:
     def set_automode(self, req: pb.AutomodeRequest) -> pb.ActionReply:
         self.sup.automode = bool(req.enabled)
         self.sup.bus.publish("session", "", state="automode", automode=self.sup.automode)
-        return pb.ActionReply(ok=True, message=f"automode {'on' if req.enabled else 'off'}")
+        started: list[pl.PlanCard] = []
+        if self.sup.automode:
+            # The cards waiting for a person are approved too: automode acts on what the
+            # planner proposes, pending cards included, not only on what comes next.
+            with self._lock:
+                for card in list(self.cards.values()):
+                    if card.status is pl.PlanStatus.PROPOSED:
+                        self._set(card.with_status(pl.PlanStatus.APPROVED))
+                        started.append(card)
+            for card in started:
+                threading.Thread(target=self._execute, args=(card.plan_id,), daemon=True).start()
+        also = (
+            "; approved the pending "
+            + ", ".join(f"{c.plan_id} ({c.action.value})" for c in started)
+            if started
+            else ""
+        )
+        return pb.ActionReply(ok=True, message=f"automode {'on' if req.enabled else 'off'}{also}")
 
     # -- persistence -------------------------------------------------------------------------
     def _set(self, card: pl.PlanCard) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import pytest
@@ -612,3 +613,39 @@ def test_merge_fires_when_the_generalist_finished_before_the_cadence() -> None:
     final = propose([], state, cfg, 300, {**CTX, "final": True})
     assert [c.action for c in final] == [Action.MERGE]
     assert final[0].merge_recipe["runs"] == ["main", "fork-1"]  # the parent stays in it
+
+
+def test_turning_automode_on_approves_the_cards_waiting_for_a_person(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from onthefly_proto import onthefly_pb2 as pb
+    from onthefly_supervisor.autopilot import Autopilot
+    from onthefly_supervisor.planner.policy import PlanStatus
+
+    published: list[tuple[str, dict[str, Any]]] = []
+    sup = SimpleNamespace(
+        automode=False,
+        bus=SimpleNamespace(publish=lambda kind, run, **kw: published.append((kind, kw))),
+        store=SimpleNamespace(put_plan=lambda *a: None),
+        control_hooks={},
+        tick_hooks=[],
+        busy_hooks=[],
+        final_hooks=[],
+    )
+    ap = Autopilot(sup)  # type: ignore[arg-type]
+    executed: list[str] = []
+    monkeypatch.setattr(ap, "_execute", executed.append)
+    base: dict[str, Any] = {"action": "fork", "reason": "high_loss_tail", "selection": "all"}
+    ap._set(PlanCard(plan_id="plan-0001", **base))
+    ap._set(PlanCard(plan_id="plan-0002", **base).with_status(PlanStatus.REJECTED))
+    reply = ap.set_automode(pb.AutomodeRequest(enabled=True))
+    assert reply.ok and "approved the pending plan-0001 (fork)" in reply.message
+    deadline = time.time() + 5
+    while not executed and time.time() < deadline:
+        time.sleep(0.01)
+    assert executed == ["plan-0001"]  # the rejected card stays rejected
+    assert ap.cards["plan-0001"].status is PlanStatus.APPROVED
+    assert ap.cards["plan-0002"].status is PlanStatus.REJECTED
+    assert ap.set_automode(pb.AutomodeRequest(enabled=False)).message == "automode off"
