@@ -101,14 +101,14 @@ class RunSamples:
     """int64, latest epoch, -1 = unknown; None when not recorded."""
     margin: np.ndarray | None
     """float32, latest epoch, NaN = unknown; None when not recorded."""
-    loss_recent: np.ndarray | None = None
-    """float32, each sample's most recent finite loss (the latest epoch that saw it): what
+    loss_recent: np.ndarray
+    """float32, each sample's most recent loss (the latest epoch that saw it): what
     selections rank and cluster, so a selection mid-epoch still covers every seen sample."""
-    margin_recent: np.ndarray | None = None
-    """float32, the margin from that same epoch; None when no margins are recorded."""
-    epoch_recent: np.ndarray | None = None
+    epoch_recent: np.ndarray
     """int64, the epoch `loss_recent` comes from; -1 = never seen."""
-    pred_recent: np.ndarray | None = None
+    margin_recent: np.ndarray | None
+    """float32, the margin from that same epoch; None when no margins are recorded."""
+    pred_recent: np.ndarray | None
     """int64, the prediction from that same epoch, -1 = unknown; None when not recorded."""
 
 
@@ -157,8 +157,12 @@ def load_run_samples(session_dir: str, run_id: str) -> RunSamples:
         mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     recent = np.full(n, np.nan, dtype=np.float32)
     recent_epoch = np.full(n, -1, dtype=np.int64)
-    recent_margin: np.ndarray | None = None
-    recent_pred: np.ndarray | None = None
+    # margin / pred of each sample's most recent epoch: (latest epoch's array, dtype, unknown)
+    extras: dict[str, tuple[np.ndarray | None, type, float]] = {
+        "margin": (margin, np.float32, np.nan),
+        "pred": (pred, np.int64, -1),
+    }
+    recent_extra: dict[str, np.ndarray] = {}
     for e, arr in zip(reversed(epochs), reversed(per_epoch), strict=True):
         # NaN = not seen in that epoch; a non-finite loss it did see stays (not an older one).
         fill = (recent_epoch[: arr.size] < 0) & ~np.isnan(arr)
@@ -166,18 +170,13 @@ def load_run_samples(session_dir: str, run_id: str) -> RunSamples:
             continue
         recent[: arr.size][fill] = arr[fill]
         recent_epoch[: arr.size][fill] = e
-        m = margin if e == latest else load(f"margin-{e:04d}.npy", np.float32)
-        if m is not None:
-            if recent_margin is None:
-                recent_margin = np.full(n, np.nan, dtype=np.float32)
-            k = min(m.size, arr.size)
-            recent_margin[:k][fill[:k]] = m[:k][fill[:k]]
-        p = pred if e == latest else load(f"pred-{e:04d}.npy", np.int64)
-        if p is not None:
-            if recent_pred is None:
-                recent_pred = np.full(n, -1, dtype=np.int64)
-            k = min(p.size, arr.size)
-            recent_pred[:k][fill[:k]] = p[:k][fill[:k]]
+        for kind, (newest, dtype, unknown) in extras.items():
+            x = newest if e == latest else load(f"{kind}-{e:04d}.npy", dtype)
+            if x is None:
+                continue
+            out = recent_extra.setdefault(kind, np.full(n, unknown, dtype=dtype))
+            k = min(x.size, arr.size)
+            out[:k][fill[:k]] = x[:k][fill[:k]]
     return RunSamples(
         run_id=run_id,
         epoch=latest,
@@ -188,9 +187,9 @@ def load_run_samples(session_dir: str, run_id: str) -> RunSamples:
         pred=None if pred is None else _pad(pred, n, -1),
         margin=None if margin is None else _pad(margin, n, np.nan),
         loss_recent=recent,
-        margin_recent=recent_margin,
         epoch_recent=recent_epoch,
-        pred_recent=recent_pred,
+        margin_recent=recent_extra.get("margin"),
+        pred_recent=recent_extra.get("pred"),
     )
 
 
@@ -297,9 +296,8 @@ def select_in_session(
 
     data = load_run_samples(sdir, run_id)
     loss, margin = data.loss, data.margin
-    if recent and data.loss_recent is not None:
-        loss = data.loss_recent
-        margin = data.margin_recent if data.margin_recent is not None else data.margin
+    if recent:
+        loss, margin = data.loss_recent, data.margin_recent
     features = None
     emb = None
     embed_note = ""
@@ -444,19 +442,13 @@ def _columns(data: RunSamples, ids: np.ndarray) -> _Columns:
         return vals, vals >= 0
 
     # Each sample's values from the latest epoch that saw it (the loss the selection ranked).
-    loss = data.loss_recent if data.loss_recent is not None else data.loss
-    epoch = (
-        data.epoch_recent[ids]
-        if data.epoch_recent is not None
-        else np.where(np.isnan(data.loss[ids]), -1, data.epoch)
-    )
     label, label_known = ints(data.labels)
-    pred, pred_known = ints(data.pred_recent if data.pred_recent is not None else data.pred)
-    margins = data.margin_recent if data.margin_recent is not None else data.margin
+    pred, pred_known = ints(data.pred_recent)
+    margins = data.margin_recent
     margin = margins[ids] if margins is not None else np.full(n, np.nan, np.float32)
     return _Columns(
         sample_id=ids.astype(np.int64),
-        loss=loss[ids],
+        loss=data.loss_recent[ids],
         loss_mean=data.loss_mean[ids],
         epochs_seen=data.epochs_seen[ids],
         label=label,
@@ -464,7 +456,7 @@ def _columns(data: RunSamples, ids: np.ndarray) -> _Columns:
         prediction=pred,
         prediction_known=pred_known,
         margin=margin,
-        epoch=epoch.astype(np.int64),
+        epoch=data.epoch_recent[ids],
     )
 
 
