@@ -317,9 +317,10 @@ class Rollbacks:
                     f"{p.run_id} completed before the rollback could stop it; nothing was rolled back",
                 )
                 return
-            pinned = {c["path"] for c in st.checkpoints(p.run_id) if c["pinned"]}
-            ck_row = next((c for c in st.checkpoints(p.run_id) if c["path"] == p.checkpoint), None)
-            if ck_row is not None and ck_row.get("epoch") is not None:
+            ckpts = st.checkpoints(p.run_id)
+            pinned = {c["path"] for c in ckpts if c["pinned"]}
+            ck_row = next((c for c in ckpts if c["path"] == p.checkpoint), None)
+            if ck_row is not None:
                 # Later epochs' per-sample losses belong to the abandoned timeline; the rest of
                 # the checkpoint's own epoch is reset by the resumed worker (it knows the order).
                 sup.arrays.drop_epochs_after(p.run_id, int(ck_row["epoch"]))

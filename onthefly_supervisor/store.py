@@ -635,20 +635,19 @@ class SampleArrays:
                 self._dirty.add((run_id, epoch if kind != "labels" else -1, kind))
             self.ingested += int(ids.size)
 
-    def drop_epochs_after(self, run_id: str, epoch: int) -> list[int]:
+    def drop_epochs_after(self, run_id: str, epoch: int) -> None:
         """Forget a run's per-sample arrays of epochs after `epoch` (in memory and on disk):
-        a rollback to a checkpoint in `epoch` abandons them. Returns the epochs dropped."""
+        a rollback to a checkpoint in `epoch` abandons them."""
         with self._lock:
+            later = [e for e in self.epochs(run_id) if e > epoch]
             for key in [k for k in self._arrays if k[0] == run_id and k[1] > epoch]:
                 del self._arrays[key]
                 self._dirty.discard(key)
-        dropped = [e for e in self.epochs(run_id) if e > epoch]
-        d = os.path.join(self.dir, run_id)
-        for e in dropped:
-            for kind in ("loss", "margin", "pred"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path(run_id, e, kind))
-        return dropped if os.path.isdir(d) else []
+            for e in later:
+                for kind in self._FILL:
+                    if kind != "labels":  # one array for the whole run, not per epoch
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self.path(run_id, e, kind))
 
     def get(self, run_id: str, epoch: int, kind: str = "loss") -> np.ndarray | None:
         key = (run_id, epoch if kind != "labels" else -1, kind)
