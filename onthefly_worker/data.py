@@ -23,6 +23,7 @@ from torch.utils.data import (
     RandomSampler,
     Sampler,
     SequentialSampler,
+    Subset,
 )
 
 from onthefly_worker.errors import OnTheFlyError
@@ -192,6 +193,13 @@ class _ListBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._batches)
+
+
+def selection_loader(loader: DataLoader, subset: np.ndarray, batch_size: int | None) -> DataLoader:
+    """The train data restricted to a fork's selection, in order, for evaluation (its
+    `slice:self` loss): the user's dataset and collate, batches of at least 64."""
+    sub = Subset(loader.dataset, subset.tolist())
+    return DataLoader(sub, batch_size=max(int(batch_size or 256), 64), collate_fn=loader.collate_fn)
 
 
 def epoch_loader(

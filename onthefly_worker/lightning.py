@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_worker import checkpoint as ckpt
@@ -70,6 +70,7 @@ from onthefly_worker.data import (
     data_fingerprint,
     dataset_size,
     epoch_seed,
+    selection_loader,
     split_batch,
 )
 from onthefly_worker.errors import OnTheFlyError
@@ -511,15 +512,8 @@ class _LightningRun(CommandLoop):
             if self.budget <= 0:
                 raise OnTheFlyError(f"a fork needs budget_steps > 0, got {self.budget}")
             self.subset = np.load(os.path.join(env.session_dir, str(self.spec["indices_file"])))
-            # A fork trains on its selection for its budget, and reports at the end: no
-            # periodic Lightning validation, no epoch limit, no minimum that outlasts the budget.
-            tr = self.trainer
-            tr.limit_val_batches = 0
-            tr.num_sanity_val_steps = 0
-            tr.fit_loop.max_epochs = -1
-            tr.fit_loop.epoch_loop.max_steps = self.budget
-            tr.fit_loop.min_epochs = 0
-            tr.fit_loop.epoch_loop.min_steps = None
+            # A fork trains on its selection for its budget, and reports at the end.
+            train_for_steps(self.trainer, self.budget)
         elif env.role == "health":
             from onthefly_worker.lightning_health import prepare_replay
 
@@ -1366,10 +1360,8 @@ class _LightningRun(CommandLoop):
         """The fork's own slice: the train data restricted to its selection, in order."""
         if self.subset is None or self.source_loader is None:
             return None
-        ld = self.source_loader
-        sub = Subset(ld.dataset, self.subset.tolist())
-        bs = int((self.order.batch_size if self.order else None) or 256)
-        return DataLoader(sub, batch_size=max(bs, 64), collate_fn=ld.collate_fn)
+        bs = self.order.batch_size if self.order else None
+        return selection_loader(self.source_loader, self.subset, bs)
 
     def _fork_reports(self) -> None:
         """A fork reports its loss on its own slice (train data restricted to it) and on val."""
@@ -1480,6 +1472,18 @@ class _LightningRun(CommandLoop):
         self.writer.wait()
         if self.conn is not None:
             self.conn.close()
+
+
+def train_for_steps(trainer: pl.Trainer, max_steps: int) -> None:
+    """Let Lightning's fit loop run until `max_steps` (-1: until OnTheFly stops it) whatever
+    the trainer's own limits: no periodic validation or sanity check, no epoch limit, no
+    minimum that outlasts the steps (forks' budgets, determinism replays)."""
+    trainer.limit_val_batches = 0
+    trainer.num_sanity_val_steps = 0
+    trainer.fit_loop.max_epochs = -1
+    trainer.fit_loop.epoch_loop.max_steps = max_steps
+    trainer.fit_loop.min_epochs = 0
+    trainer.fit_loop.epoch_loop.min_steps = None
 
 
 def _drop(**_: Any) -> None:

@@ -57,13 +57,9 @@ def prepare_replay(run: _LightningRun) -> str:
     if not spec.get("out"):
         raise OnTheFlyError("the health spec names no file for the replay's result")
     run.replay_steps = k
-    tr = run.trainer
-    tr.limit_val_batches = 0
-    tr.num_sanity_val_steps = 0
-    tr.fit_loop.max_epochs = -1
-    tr.fit_loop.epoch_loop.max_steps = -1
-    tr.fit_loop.min_epochs = 0
-    tr.fit_loop.epoch_loop.min_steps = None
+    from onthefly_worker.lightning import train_for_steps
+
+    train_for_steps(run.trainer, -1)  # the replay stops itself after its K batches
     return rel
 
 

@@ -33,6 +33,7 @@ from onthefly_worker.data import (
     data_fingerprint,
     dataset_size,
     epoch_loader,
+    selection_loader,
     split_batch,
     to_device,
 )
@@ -861,11 +862,8 @@ class _Loop(CommandLoop):
 
     def _slice_loader(self) -> DataLoader:
         """The fork's own slice: the train data restricted to its selection, in order."""
-        subset = self.order.subset
-        assert subset is not None
-        sub = torch.utils.data.Subset(self.train_loader.dataset, subset.tolist())
-        bs = int(self.order.batch_size or 256)
-        return DataLoader(sub, batch_size=max(bs, 64), collate_fn=self.train_loader.collate_fn)
+        assert self.order.subset is not None
+        return selection_loader(self.train_loader, self.order.subset, self.order.batch_size)
 
     def _fork_reports(self) -> None:
         """A fork reports its loss on its own slice (train data restricted to it) and on val."""
