@@ -272,13 +272,46 @@ class Autopilot:
             if not result.cards:
                 return
             self.state = pl.record_proposed(self.state, result.cards)
-            for c in result.cards:
+            cards = [self._explain_variants(c) for c in result.cards]
+            for c in cards:
                 self._set(c)
-        for c in result.cards:
+        for c in cards:
             if self.sup.automode:
                 with self._lock:
                     self._set(c.with_status(pl.PlanStatus.APPROVED))
                 threading.Thread(target=self._execute, args=(c.plan_id,), daemon=True).start()
+
+    def _explain_variants(self, card: pl.PlanCard) -> pl.PlanCard:
+        """Say on a fork/explore card which lr multipliers it races, and why any configured
+        one is left out: the planner trims a race to the child-process slots that are free
+        when it proposes the card (the first ones in the configured order are kept)."""
+        if card.action is pl.Action.EXPLORE:
+            configured = self.config.explore_lr_multipliers
+        elif card.action is pl.Action.FORK:
+            configured = self.config.fork_lr_multipliers
+        else:
+            return card
+        raced = [float(v.get("lr_mul", 1.0)) for v in card.training_recipe.get("variants") or ()]
+        if len(configured) < 2 or not raced:
+            return card
+        # As _launch orders them: the x1 arm first, so a tie keeps the lr unchanged.
+        shown = "/".join(f"x{m:g}" for m in sorted(raced, key=lambda m: m != 1.0))
+        what = f"races lr {shown}" if len(raced) > 1 else f"one fork at lr {shown}, no race"
+        left_out = [m for m in configured if m not in raced]
+        if left_out:
+            cap = self.config.max_parallel_children
+            text = (
+                f"{what}; {'/'.join(f'x{m:g}' for m in left_out)} left out: "
+                f"{cap - len(raced)} of the {cap} child-process slots were running or "
+                f"reserved when it was proposed (children cap), leaving {len(raced)}"
+            )
+        else:
+            text = what
+        diag = dict(card.diagnostics)
+        diag["variants"] = text
+        summary = str(diag.get("summary", ""))
+        diag["summary"] = f"{summary}; {text}" if summary else text
+        return replace(card, diagnostics=diag)
 
     def detect(self, run_id: str, sample_only: bool = False) -> list[pl.Detection]:
         st = self.sup.store
@@ -751,8 +784,11 @@ class Autopilot:
                 paths = write_report(
                     self.sup.dir, self.sup.dir, baseline_run=self.baseline_run, blocked=self.blocked
                 )
-                self.sup.bus.publish("log", "", level="info", text=f"report: {paths['html']}")
-                print(f"[onthefly] report: {paths['html']} and {paths['json']}", flush=True)
+                # One line: the terminal view prints the session's log events (the dashboard
+                # and the store get the same line).
+                self.sup.bus.publish(
+                    "log", "", level="info", text=f"report: {paths['html']} and {paths['json']}"
+                )
             except Exception as e:  # the report must not turn a good run into a failure
                 self.sup.bus.publish(
                     "log", "", level="error", text=f"report failed: {type(e).__name__}: {e}"

@@ -315,6 +315,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(d, indent=2))
         return 0
+    specs = _run_specs(d["session_dir"])
     print(f"session {d['session_id']} · {d['state']} · tcp://127.0.0.1:{d['port']} · {d['script']}")
     for w in d["workers"]:
         print(
@@ -323,6 +324,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     for r in d["runs"]:
         print(
             f"  run {r['run_id']:<10} {r['kind']:<5} {r['status']:<10} step {r['step']:<7} loss {_f(r['last_loss'])} val {_f(r['val_loss'])}"
+            + _rollback_note(specs.get(r["run_id"], {}))
         )
     for g in d["gpus"]:
         print(
@@ -333,6 +335,51 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 def _f(x: Any) -> str:
     return "—" if x is None else f"{x:.4g}"
+
+
+def _run_specs(sdir: str) -> dict[str, dict[str, Any]]:
+    """Each run's spec from the session store (read-only), for what the status RPC does not
+    carry (rollbacks, skipped batches); empty when the store cannot be read."""
+    try:
+        st = Store(sdir, readonly=True)
+    except Exception:  # noqa: BLE001 - the live view goes on without the extras
+        return {}
+    try:
+        return {r.run_id: r.spec for r in st.runs()}
+    except Exception:  # noqa: BLE001
+        return {}
+    finally:
+        st.close()
+
+
+def _rollback_note(spec: dict[str, Any], max_batches: int = 4) -> str:
+    """' · rolled back 1x (step 190 -> 180, lr x0.5, clip 1) · skipped batches 0:13 (step
+    183)': a run's rollbacks and the batches it leaves out (epoch:batch, as `onthefly
+    rollback --skip` takes them), or '' when it has none."""
+    rbs = [r for r in spec.get("rollbacks") or [] if isinstance(r, dict)]
+    skipped = [b for b in spec.get("skipped_batches") or [] if isinstance(b, dict)]
+    out = ""
+    if rbs:
+        last = rbs[-1]
+        how = [f"step {last.get('from_step', '?')} -> {last.get('to_step', '?')}"]
+        lr_mul = last.get("lr_mul")
+        if isinstance(lr_mul, (int, float)) and lr_mul != 1.0:
+            how.append(f"lr x{lr_mul:g}")
+        if last.get("grad_clip"):
+            how.append(f"clip {last['grad_clip']:g}")
+        if last.get("bf16"):
+            how.append("bf16")
+        label = "last " if len(rbs) > 1 else ""
+        out += f" · rolled back {len(rbs)}x ({label}{', '.join(how)})"
+    if skipped:
+        shown = ", ".join(
+            f"{b.get('epoch', '?')}:{b.get('batch', '?')}"
+            + (f" (step {b['step']})" if b.get("step") is not None else "")
+            for b in skipped[:max_batches]
+        )
+        more = f" +{len(skipped) - max_batches} more" if len(skipped) > max_batches else ""
+        out += f" · skipped batches {shown}{more}"
+    return out
 
 
 def _print_matrix(runs: list[str], slices: list[str], losses: list[Any]) -> None:
@@ -393,6 +440,7 @@ def cmd_runs(a: argparse.Namespace) -> int:
             f"{pad}{r['run_id']} ({r['kind']}, {r['status']}){also} step {r['step']} loss {_f(r['last_loss'])}"
             + (f" own slice {_f(r['slice_loss'])}" if r["slice_loss"] is not None else "")
             + f" val {_f(r['val_loss'])} test {_f(r['test_loss'])} · {r['sample_steps']} sample-steps"
+            + _rollback_note(r.get("spec") or {})
             + (f" · error: {r['error']}" if r["error"] else "")
         )
         for c in children.get(r["run_id"], []):
@@ -686,8 +734,20 @@ def _fix_latest(root: str) -> None:
 
 # -- method commands: RPCs (the supervisor says clearly what is not built) --------------------
 def cmd_rpc(a: argparse.Namespace) -> int:
-    client = _client()
     c = a.cmd
+    if c in ("approve", "reject", "edit", "automode"):
+        try:
+            client = connect()
+        except NoSupervisor:
+            sid = os.path.basename(resolve_session(None))
+            raise CliError(
+                f"{c} needs a live supervisor and session {sid} has none (it has finished); "
+                "`onthefly plans` lists its stored plan cards"
+            ) from None
+        except FileNotFoundError as err:
+            raise CliError(str(err)) from None
+    else:
+        client = _client()
     if c == "fork":
         if a.budget_steps < 1:
             raise CliError(f"--budget-steps {a.budget_steps}: must be >= 1")
@@ -765,8 +825,6 @@ def cmd_rpc(a: argparse.Namespace) -> int:
         )
     elif c == "import-session":
         req, method = pb.ImportSessionRequest(path=os.path.abspath(a.file)), "ImportSession"
-    elif c == "plans":
-        req, method = pb.ListPlansRequest(), "ListPlans"
     elif c in ("approve", "reject"):
         req, method = (
             pb.PlanRequest(plan_id=a.plan_id),
@@ -804,18 +862,79 @@ def cmd_rpc(a: argparse.Namespace) -> int:
     elif c == "health":
         for v in d.get("verdicts", []):
             print(f"{v.get('check', ''):<12} {v.get('verdict', ''):<5} {v.get('hint', '')}")
-    elif c == "plans":
-        plans = d.get("plans", [])
-        if not plans:
-            print("no plan cards yet")
-        for p in plans:
-            diag = json.loads(p.get("diagnostics_json") or "{}")
-            print(
-                f"{p['plan_id']:<10} {p.get('status', ''):<9} {p.get('action', ''):<9} {p.get('reason', ''):<22} {p.get('selection', ''):<18} {diag.get('summary', '')}"
-            )
     else:
         print(d.get("message") or json.dumps(d, indent=2))
     return 0 if d.get("ok", True) else 1
+
+
+def cmd_plans(a: argparse.Namespace) -> int:
+    """The plan cards: from the live supervisor, else (a finished or killed session) from
+    the session store, read-only."""
+    from google.protobuf.json_format import MessageToDict
+
+    client: ControlClient | None = None
+    try:
+        live_client = connect(a.session)
+        live_client.ping()
+        client = live_client
+    except NoSupervisor:
+        pass  # finished or killed: its store has the cards
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
+    if client is not None:
+        reply = _rpc(client, "ListPlans", pb.ListPlansRequest(), timeout=60)
+        d = MessageToDict(reply, preserving_proto_field_name=True)
+        sid, live = client.conn.session_id, True
+    else:
+        sdir = resolve_session(a.session)
+        d = MessageToDict(pb.PlanList(plans=_stored_plans(sdir)), preserving_proto_field_name=True)
+        sid, live = os.path.basename(sdir), False
+    if a.json:
+        print(json.dumps({**d, "session_id": sid, "live": live}, indent=2))
+        return 0
+    plans = d.get("plans", [])
+    if not plans:
+        print("no plan cards yet" if live else f"session {sid} has no plan cards")
+    for p in plans:
+        diag = json.loads(p.get("diagnostics_json") or "{}")
+        print(
+            f"{p['plan_id']:<10} {p.get('status', ''):<9} {p.get('action', ''):<9} {p.get('reason', ''):<22} {p.get('selection', ''):<18} {diag.get('summary', '')}"
+        )
+    if not live:
+        print(
+            f"(session {sid} has no live supervisor: these are its stored cards; approve, "
+            "reject and edit need a live one)"
+        )
+    return 0
+
+
+def _stored_plans(sdir: str) -> list[pb.PlanCard]:
+    """The plan cards a session's store kept, as ListPlans returns them."""
+    from onthefly_supervisor import planner as pl
+    from onthefly_supervisor.autopilot import card_to_proto
+
+    st = Store(sdir, readonly=True)
+    try:
+        cards = st.plans()
+    finally:
+        st.close()
+    out = []
+    for c in cards:
+        try:
+            out.append(card_to_proto(pl.PlanCard.from_dict(c)))
+        except (ValueError, TypeError):  # a card another version wrote: its plain fields
+            out.append(
+                pb.PlanCard(
+                    plan_id=str(c.get("plan_id", "")),
+                    action=str(c.get("action", "")),
+                    reason=str(c.get("reason", "")),
+                    status=str(c.get("status", "")),
+                    selection=str(c.get("selection", "")),
+                    diagnostics_json=json.dumps(c.get("diagnostics") or {}, default=str),
+                    run_id=str(c.get("target_run", "")),
+                )
+            )
+    return out
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -1173,9 +1292,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("-o", "--output", required=True)
     rp.set_defaults(fn=cmd_report)
 
-    pl = sub.add_parser("plans", help="the planner's plan cards")
+    pl = sub.add_parser(
+        "plans",
+        help="the planner's plan cards (from the store, read-only, when no supervisor is live)",
+    )
     pl.add_argument("--json", action="store_true")
-    pl.set_defaults(fn=cmd_rpc)
+    pl.add_argument("--session", default=None)
+    pl.set_defaults(fn=cmd_plans)
     for name in ("approve", "reject"):
         c = sub.add_parser(name, help=f"{name} a plan card")
         c.add_argument("plan_id")

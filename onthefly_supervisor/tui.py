@@ -120,6 +120,19 @@ class TerminalView:
     def _run(self, run_id: str) -> RunView:
         return self.runs.setdefault(run_id, RunView())
 
+    def _samples(self, run_id: str, dataset_size: Any) -> str:
+        """What a run trains on: the dataset's size, or for a fork its selection's size (the
+        worker reports the whole dataset, whose ids the selection indexes)."""
+        try:
+            run = self.sup.store.run(run_id)
+        except Exception:  # noqa: BLE001 - the header goes on without the selection
+            run = None
+        spec = run.spec if run is not None else {}
+        if isinstance(spec.get("samples"), int):
+            sel = spec.get("selection")
+            return f"{spec['samples']} of {dataset_size} samples" + (f" ({sel})" if sel else "")
+        return f"{dataset_size} samples"
+
     def _said(self, text: str) -> bool:
         """Whether `text` repeats a worker error already printed (the same root cause comes
         back as the worker's failure and the run's status)."""
@@ -135,7 +148,7 @@ class TerminalView:
             rv.max_steps = int(p.get("max_steps") or 0)
             rv.t0 = time.time()
             self.print(
-                f"[onthefly] {ev.run_id}: {p.get('model')} on {p.get('device')} · {p.get('dataset_size')} samples · {rv.steps_per_epoch} steps/epoch"
+                f"[onthefly] {ev.run_id}: {p.get('model')} on {p.get('device')} · {self._samples(ev.run_id, p.get('dataset_size'))} · {rv.steps_per_epoch} steps/epoch"
             )
         elif k == "metrics" and rv is not None:
             steps = p.get("step") or []

@@ -92,6 +92,17 @@ def test_nan_batch_is_rolled_back_and_skipped_and_the_run_finishes(tmp_path: Pat
     assert "rollback to checkpoints/main/" in r.stdout and "skipping 1 batch(es)" in r.stdout
     assert "plan plan-" in r.stdout  # cards are printed as they happen
     assert {"baseline_test_loss", "best_test_loss"} <= set(rep["comparison"])
+    assert r.stdout.count("report: ") == 1, r.stdout  # once, not again by the planner
+    # The text lineage shows the rollback and the skipped batch, as `runs --json` has them.
+    runs_text = cli("runs", cwd=tmp_path)
+    assert runs_text.returncode == 0, runs_text.stderr
+    main_line = next(x for x in runs_text.stdout.splitlines() if "└─ main " in x)
+    assert f"rolled back 1x (step {rb['from_step']} -> {rb['to_step']}" in main_line, main_line
+    assert f"skipped batches 0:{rb['skipped'][0]['batch']} (step {bad_step})" in main_line
+    # The session has ended: `plans` reads its cards from the store.
+    plans = cli("plans", cwd=tmp_path)
+    assert plans.returncode == 0, plans.stderr
+    assert stab[0]["plan_id"] in plans.stdout and "need a live one" in plans.stdout
 
 
 def test_plateau_explore_races_variants_to_a_winner(tmp_path: Path) -> None:
@@ -140,6 +151,10 @@ def test_plateau_explore_races_variants_to_a_winner(tmp_path: Path) -> None:
     # Every arm is equally stuck at lr 0: the tie goes to the x1 arm, the lr stays.
     assert race["recipes"][race["winner"]]["lr_mul"] == 1.0
     assert out["summary"].startswith(race["race_id"]) and "winner" in out["summary"]
+    # The card says which multipliers it races (all three unless the children cap trimmed it).
+    raced = "/".join(f"x{v['lr_mul']:g}" for v in card["training_recipe"]["variants"])
+    assert card["diagnostics"]["variants"].startswith("races lr x1/"), card["diagnostics"]
+    assert len(raced.split("/")) == 3 or "children cap" in card["diagnostics"]["variants"]
     # Per-slice validation losses are reported and the slices are marked in the training set.
     splits = {e["split"] for e in rep["evals"] if e["run_id"] == "main"}
     assert {"val", "val_slice:label0", "val_slice:label1"} <= splits
@@ -203,6 +218,11 @@ def test_hard_regime_gets_fork_and_gate_and_the_report_shows_it(tmp_path: Path) 
     assert ("gate", "done") in actions, actions
     kinds = {x["kind"] for x in rep["runs"]}
     assert {"main", "fork", "moe"} <= kinds
+    # A fork's header line gives its selection's size, not the whole dataset's.
+    fork = next(x for x in rep["runs"] if x["kind"] == "fork")
+    assert f"{fork['run_id']}: " in r.stdout
+    header = next(x for x in r.stdout.splitlines() if f"] {fork['run_id']}: " in x)
+    assert f" {fork['spec']['samples']} of {fork['dataset_size']} samples (" in header, header
     c = rep["comparison"]
     assert c["baseline_is_matched_compute"] is True
     base = next(x for x in rep["runs"] if x["run_id"] == c["baseline_run"])

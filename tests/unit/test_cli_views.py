@@ -1,0 +1,255 @@
+"""What the terminal views show: `onthefly status` / `runs` / `plans` text, the live
+terminal view's lines, and automode's end-of-session report line."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from onthefly_proto import onthefly_pb2 as pb
+from onthefly_supervisor import cli
+from onthefly_supervisor.events import Event, EventBus
+from onthefly_supervisor.lifecycle import RunStatus
+from onthefly_supervisor.planner.policy import (
+    Action,
+    Detection,
+    DetectionKind,
+    PlanCard,
+    PlannerConfig,
+    PlannerState,
+    PlanStatus,
+    plan,
+)
+from onthefly_supervisor.store import RunRow, Store
+
+ROLLED_BACK = {
+    "skipped_batches": [
+        {"epoch": 0, "batch": 13, "step": 183, "reason": "plan-0001: nonfinite", "rollback": 1},
+        {"epoch": 1, "batch": 2, "step": None, "reason": "by hand", "rollback": 2},
+    ],
+    "rollbacks": [
+        {"n": 1, "from_step": 190, "to_step": 180, "lr_mul": 0.5, "grad_clip": 1.0, "bf16": False},
+        {"n": 2, "from_step": 240, "to_step": 220, "lr_mul": 1.0, "grad_clip": 0.0, "bf16": False},
+    ],
+}
+
+
+def _session(tmp_path: Path) -> Path:
+    sdir = tmp_path / "s1"
+    st = Store(str(sdir))
+    try:
+        st.add_run(RunRow("main", "main", "main", RunStatus.RUNNING, [], 1.0, spec=ROLLED_BACK))
+        st.add_run(
+            RunRow(
+                "fork-1",
+                "fork-1",
+                "fork",
+                RunStatus.COMPLETED,
+                ["main"],
+                2.0,
+                spec={"samples": 64, "selection": "quantile:0.9:1.0"},
+            )
+        )
+    finally:
+        st.close()
+    return sdir
+
+
+def _main_line(out: str, prefix: str) -> str:
+    return next(line for line in out.splitlines() if line.lstrip().startswith(prefix))
+
+
+def test_runs_text_shows_rollbacks_and_skipped_batches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sdir = _session(tmp_path)
+    assert cli.main(["runs", "--session", str(sdir)]) == 0
+    out = capsys.readouterr().out
+    line = _main_line(out, "└─ main")
+    assert "rolled back 2x (last step 240 -> 220)" in line, line
+    assert "skipped batches 0:13 (step 183), 1:2" in line, line
+    fork = _main_line(out, "└─ fork-1")
+    assert "rolled back" not in fork and "skipped" not in fork, fork
+
+
+def test_status_text_shows_rollbacks_from_the_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sdir = _session(tmp_path)
+    nan = float("nan")
+    reply = pb.SessionStatus(
+        session_id="s1",
+        session_dir=str(sdir),
+        state="running",
+        runs=[
+            pb.RunInfo(
+                run_id="main",
+                kind="main",
+                status=pb.RUN_STATUS_RUNNING,
+                step=230,
+                last_loss=0.5,
+                val_loss=nan,
+                test_loss=nan,
+            )
+        ],
+    )
+    monkeypatch.setattr(cli, "_client", lambda: SimpleNamespace(ping=lambda timeout=3.0: reply))
+    assert cli.main(["status"]) == 0
+    line = _main_line(capsys.readouterr().out, "run main")
+    assert "rolled back 2x (last step 240 -> 220)" in line, line
+    assert "skipped batches 0:13 (step 183), 1:2" in line, line
+
+
+def test_rollback_note_is_compact() -> None:
+    one = {"rollbacks": ROLLED_BACK["rollbacks"][:1], "skipped_batches": []}
+    assert cli._rollback_note(one) == " · rolled back 1x (step 190 -> 180, lr x0.5, clip 1)"
+    many = {"skipped_batches": [{"epoch": 0, "batch": b, "step": None} for b in range(7)]}
+    assert cli._rollback_note(many) == " · skipped batches 0:0, 0:1, 0:2, 0:3 +3 more"
+    assert cli._rollback_note({}) == ""
+
+
+def test_plans_without_a_live_supervisor_reads_the_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    root = tmp_path / ".onthefly" / "sessions"
+    sdir = root / "20250101-000000-abcd"
+    st = Store(str(sdir))
+    try:
+        card = PlanCard(
+            plan_id="plan-0001",
+            action="fork",
+            reason="high_loss_tail",
+            selection="quantile:0.9:1.0",
+            budget_steps=200,
+            diagnostics={"summary": "the loss tail is heavy"},
+        )
+        st.put_plan(card.plan_id, "done", card.to_dict())
+        waiting = PlanCard(
+            plan_id="plan-0002", action="explore", reason="loss_plateau", selection="all"
+        )
+        st.put_plan(waiting.plan_id, "proposed", waiting.to_dict())
+    finally:
+        st.close()
+    (root / "latest").symlink_to(sdir.name)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["plans"]) == 0
+    out = capsys.readouterr().out
+    assert "plan-0001" in out and "done" in out and "the loss tail is heavy" in out, out
+    assert "plan-0002" in out and "proposed" in out, out
+    assert "approve, reject and edit need a live one" in out, out
+    assert cli.main(["plans", "--json", "--session", sdir.name]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["live"] is False and doc["session_id"] == sdir.name
+    assert [(p["plan_id"], p["status"]) for p in doc["plans"]] == [
+        ("plan-0001", "done"),
+        ("plan-0002", "proposed"),
+    ]
+    assert json.loads(doc["plans"][0]["recipe_json"])["training"] == {}
+    # Acting on a card needs the live supervisor, and the error says so.
+    assert cli.main(["approve", "plan-0002"]) == 1
+    err = capsys.readouterr().err
+    assert "approve needs a live supervisor" in err and "`onthefly plans`" in err, err
+
+
+def _view(store: Any, bus: Any = None) -> Any:
+    from onthefly_supervisor.tui import TerminalView
+
+    sup = SimpleNamespace(output_hooks=[], store=store, bus=bus)
+    view = TerminalView(sup, rich_mode=False)  # type: ignore[arg-type]
+    lines: list[str] = []
+    view.print = lines.append  # type: ignore[method-assign]
+    return view, lines
+
+
+def test_a_forks_header_shows_its_selection_size(tmp_path: Path) -> None:
+    st = Store(str(_session(tmp_path)), readonly=True)
+    try:
+        view, lines = _view(st)
+        for run_id in ("main", "fork-1"):
+            view._on_event(
+                Event(
+                    1,
+                    time.time(),
+                    "attached",
+                    run_id,
+                    {"model": "MLP", "device": "cpu", "dataset_size": 1000, "steps_per_epoch": 2},
+                )
+            )
+    finally:
+        st.close()
+    assert lines[0] == "[onthefly] main: MLP on cpu · 1000 samples · 2 steps/epoch"
+    assert lines[1] == (
+        "[onthefly] fork-1: MLP on cpu · 64 of 1000 samples (quantile:0.9:1.0) · 2 steps/epoch"
+    )
+
+
+def test_automode_prints_the_report_line_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onthefly_supervisor import report
+    from onthefly_supervisor.autopilot import Autopilot
+
+    st = Store(str(tmp_path / "s"))
+    bus = EventBus(st)
+    sup = SimpleNamespace(
+        automode=True,
+        store=st,
+        bus=bus,
+        dir=str(tmp_path / "s"),
+        control_hooks={},
+        tick_hooks=[],
+        busy_hooks=[],
+        final_hooks=[],
+    )
+    ap = Autopilot(sup)  # type: ignore[arg-type]
+    monkeypatch.setattr(ap, "tick", lambda: None)
+    monkeypatch.setattr(
+        report,
+        "write_report",
+        lambda *a, **kw: {"html": "/x/report.html", "json": "/x/report.json"},
+    )
+    printed: list[str] = []
+    monkeypatch.setattr("builtins.print", lambda *a, **kw: printed.append(" ".join(map(str, a))))
+    view, lines = _view(st, bus)
+    try:
+        assert ap.finalize() is False
+        for ev in bus.follow(0, alive=lambda: False):
+            view._on_event(ev)
+    finally:
+        bus.close()
+        st.close()
+    shown = [x for x in printed + lines if "report: " in x]
+    assert shown == ["[onthefly] report: /x/report.html and /x/report.json"], shown
+
+
+def test_an_explore_card_says_what_it_races_and_why_a_multiplier_is_left_out() -> None:
+    from onthefly_supervisor.autopilot import Autopilot
+
+    sup = SimpleNamespace(control_hooks={}, tick_hooks=[], busy_hooks=[], final_hooks=[])
+    ap = Autopilot(sup)  # type: ignore[arg-type]
+    cfg = ap.config
+    assert cfg.max_parallel_children == 3 and cfg.explore_lr_multipliers == (0.3, 1.0, 3.0)
+    plateau = Detection(DetectionKind.PLATEAU, 1000, 0.9, "the loss has stopped moving")
+    for busy, want in (
+        (0, "races lr x1/x0.3/x3"),
+        (
+            1,
+            "races lr x1/x0.3; x3 left out: 1 of the 3 child-process slots were running or "
+            "reserved when it was proposed (children cap), leaving 2",
+        ),
+    ):
+        res = plan([plateau], PlannerState(), cfg, 1000, {"active_children": busy})
+        card = ap._explain_variants(res.cards[0])
+        assert card.action is Action.EXPLORE and card.status is PlanStatus.PROPOSED
+        assert card.diagnostics["variants"] == want
+        assert card.diagnostics["summary"] == f"the loss has stopped moving; {want}"
+    # A card that races nothing configured as a race is left as it is.
+    assert PlannerConfig().fork_lr_multipliers == (1.0, 0.5)
+    fork = PlanCard(plan_id="plan-0009", action="gate", reason="high_loss_tail", selection="all")
+    assert ap._explain_variants(fork) is fork
