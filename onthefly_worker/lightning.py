@@ -951,15 +951,14 @@ class _LightningRun(CommandLoop):
         if self.replay_steps:
             self.epoch, self.batch = self.epoch + 1, 0
             return
-        mean = self.rec.take_epoch_mean()
-        epoch = self.epoch
-        self.conn.send(
-            epoch_end=pb.EpochEnd(
-                run_id=self.run_id,
-                epoch=epoch,
-                step=self.step,
-                train_loss=mean,
-                seconds=time.perf_counter() - self._t_epoch,
+        conn, run_id, epoch, step = self.conn, self.run_id, self.epoch, self.step
+        seconds = time.perf_counter() - self._t_epoch
+        # Sent by the recorder's thread after the epoch's last losses: no wait here.
+        self.rec.end_epoch(
+            lambda mean: conn.send(
+                epoch_end=pb.EpochEnd(
+                    run_id=run_id, epoch=epoch, step=step, train_loss=mean, seconds=seconds
+                )
             )
         )
         self.epoch += 1
@@ -1285,7 +1284,7 @@ class _LightningRun(CommandLoop):
 
     def _checkpoint(self, reason: str, wait: bool = False) -> str:
         assert self.conn is not None and self.env is not None
-        state = ckpt.snapshot(self.state_dict())
+        state = self.state_dict()
         rel = os.path.join("checkpoints", self.run_id, f"step-{self.step:08d}.pt")
         path = os.path.join(self.env.session_dir, rel)
         meta = {
@@ -1298,7 +1297,11 @@ class _LightningRun(CommandLoop):
         conn, run_id = self.conn, self.run_id
         step, epoch, batch = self.step, self.epoch, self.batch
 
+        rec, handed = self.rec, self.rec.handed_off() if self.rec is not None else 0
+
         def done(saved: ckpt.SavedCheckpoint | None, err: BaseException | None) -> None:
+            if rec is not None:
+                rec.wait_sent(handed)  # after the metrics and losses recorded before it
             if saved is not None:
                 conn.send(
                     checkpoint=pb.CheckpointSaved(
@@ -1315,7 +1318,7 @@ class _LightningRun(CommandLoop):
             else:
                 conn.send(log=pb.LogLine(level="error", text=f"checkpoint {rel} failed: {err}"))
 
-        self.writer.submit(state, path, meta, done)
+        self.writer.submit_live(state, path, meta, done)
         if wait:
             self.writer.wait()
             if self.writer.error is not None:

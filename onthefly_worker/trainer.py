@@ -532,7 +532,7 @@ class _Loop(CommandLoop):
 
     def _checkpoint(self, reason: str, wait: bool = False) -> str:
         assert self.conn is not None
-        state = ckpt.snapshot(self.state_dict())
+        state = self.state_dict()
         rel = os.path.join("checkpoints", self.run_id, f"step-{self.step:08d}.pt")
         path = os.path.join(self.env.session_dir, rel)
         meta = {
@@ -545,7 +545,11 @@ class _Loop(CommandLoop):
         conn = self.conn
         step, epoch, batch = self.step, self.epoch, self.batch
 
+        rec, handed = self.rec, self.rec.handed_off() if self.rec is not None else 0
+
         def done(saved: ckpt.SavedCheckpoint | None, err: BaseException | None) -> None:
+            if rec is not None:
+                rec.wait_sent(handed)  # after the metrics and losses recorded before it
             if saved is not None:
                 conn.send(
                     checkpoint=pb.CheckpointSaved(
@@ -575,7 +579,7 @@ class _Loop(CommandLoop):
                 self.last_good = rel
             done(saved, err)
 
-        self.writer.submit(state, path, meta, track)
+        self.writer.submit_live(state, path, meta, track)
         if wait:
             self.writer.wait()
             if self.writer.error is not None:
@@ -807,16 +811,30 @@ class _Loop(CommandLoop):
 
     def _end_epoch(self, n_batches: int, seconds: float = 0.0) -> None:
         assert self.conn is not None and self.rec is not None
-        mean = self.rec.take_epoch_mean()
-        epoch = self.epoch
-        self.conn.send(
-            epoch_end=pb.EpochEnd(
-                run_id=self.run_id, epoch=epoch, step=self.step, train_loss=mean, seconds=seconds
+        conn, run_id, epoch, step = self.conn, self.run_id, self.epoch, self.step
+        means: list[float] = []
+
+        def send_end(mean: float) -> None:  # on the recorder's thread, after the last losses
+            means.append(mean)
+            conn.send(
+                epoch_end=pb.EpochEnd(
+                    run_id=run_id, epoch=epoch, step=step, train_loss=mean, seconds=seconds
+                )
             )
-        )
-        val_loss = None
+
+        self.rec.end_epoch(send_end)
         every = self.cfg.val_every_n_epochs
-        if every and (epoch + 1) % every == 0 and self.val_loader is not None:
+        validate = bool(every and (epoch + 1) % every == 0 and self.val_loader is not None)
+        plateau = self.sched is not None and isinstance(
+            self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau
+        )
+        if validate or self._console() or plateau:
+            # Only these read the epoch's mean here, or must follow its end on the wire; the
+            # common case does not wait for the recorder thread at all.
+            self.rec.flush()
+        mean = means[0] if means else math.nan
+        val_loss = None
+        if validate and self.val_loader is not None:
             val_loss = self._evaluate(self.val_loader, "val")["loss"]
         if self._console():
             # `python train.py`: no terminal view of its own, so a line per epoch here.

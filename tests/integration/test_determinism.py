@@ -49,7 +49,7 @@ def test_pause_resume_is_bit_exact(tmp_path: Path, workers: str) -> None:
     )
     proj = tmp_path / "paused"
     proj.mkdir()
-    live = start(proj, SMALL, *COMMON, "--num-workers", workers, "--step-sleep", "0.02")
+    live = start(proj, SMALL, *COMMON, "--num-workers", workers, "--step-sleep", "0.05")
     try:
         live.wait_for(lambda s: live.main_run(s)["step"] >= 10, timeout=60, every=0.05)
         # The pause must land mid-epoch (25 steps an epoch). The CLI's start-up decides where it

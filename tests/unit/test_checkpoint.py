@@ -334,6 +334,82 @@ print("after", digest == ckpt.sha256_file(path))
 """
 
 
+_FULL_DISK_LIVE = """
+import os, resource, signal, sys
+import torch
+from onthefly_worker import checkpoint as ckpt
+path = sys.argv[1]
+w = ckpt.AsyncWriter()
+got = []
+w.submit_live({"w": torch.zeros(10)}, path, {}, lambda s, e: got.append((s, e)))
+w.wait()
+before = ckpt.sha256_file(path)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+w.submit_live({"big": torch.randn(400, 400)}, path, {}, lambda s, e: got.append((s, e)))
+w.wait()
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+print("mode", w.last_mode)
+print("error", got[-1][0] is None and isinstance(got[-1][1], OSError))
+print("intact", ckpt.sha256_file(path) == before)
+print("files", sorted(os.listdir(os.path.dirname(path))))
+"""
+
+
+def test_a_live_state_is_serialized_before_submit_live_returns(tmp_path: Path) -> None:
+    """Small states: torch.save into memory on the calling thread, the bytes written by a
+    GIL-free thread. Training may change the tensors at once; the file has the old values."""
+    writer = ckpt.AsyncWriter()
+    state = model_state(4)
+    del state["model"]["sparse"]  # torch.save handles it; kept out to compare with torch.equal
+    expected = ckpt.snapshot(state)
+    path = str(tmp_path / "live.pt")
+    rec = Recorder()
+    writer.submit_live(state, path, {"p": path}, rec)
+    state["model"]["w"].add_(100.0)  # the next training step, before the write is done
+    writer.wait()
+    assert writer.last_mode == "inline"
+    ((saved, err),) = rec.calls
+    assert err is None and saved is not None
+    assert saved.sha256 == ckpt.sha256_file(path) and saved.nbytes == os.path.getsize(path)
+    assert_same(expected, torch.load(path, weights_only=True))
+    assert os.listdir(tmp_path) == ["live.pt"]
+
+
+def test_a_large_live_state_goes_to_the_snapshot_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ckpt, "INLINE_MAX_BYTES", 1024)
+    writer = ckpt.AsyncWriter(process_min_bytes=1 << 40)  # thread, not the process
+    state = {"w": torch.randn(64, 64)}
+    path = str(tmp_path / "big.pt")
+    rec = Recorder()
+    writer.submit_live(state, path, {}, rec)
+    expected = state["w"].clone()
+    state["w"].zero_()
+    writer.wait()
+    assert writer.last_mode == "thread"
+    assert torch.equal(torch.load(path, weights_only=True)["w"], expected)
+
+
+def test_an_inline_write_that_fails_keeps_the_old_file(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_LIVE, str(tmp_path / "c.pt")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "mode inline",
+        "error True",
+        "intact True",
+        "files ['c.pt']",
+    ], r.stdout
+
+
 def test_a_write_that_hits_a_full_disk_raises_and_keeps_the_old_file(tmp_path: Path) -> None:
     # A real failing write: the file-size limit (EFBIG) stands in for a full disk.
     r = subprocess.run(

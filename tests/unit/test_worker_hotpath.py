@@ -237,3 +237,64 @@ def test_root_cause_of_a_loader_worker_error_names_the_users_getitem() -> None:
         line = f.read().splitlines()[int(rec["lineno"]) - 1]  # type: ignore[call-overload]
     assert "raise KeyError" in line
     assert "Original Traceback" in str(rec["traceback"])  # the whole story stays in the record
+
+
+def _record_steps(rec: Recorder, steps: range, epoch: int = 0) -> None:
+    for step in steps:
+        per = torch.full((4,), float(step))
+        rec.record(
+            step, epoch, step, np.arange(4) + 4 * step, per, float(step), 0.1, None, 1.0, 0.1
+        )
+
+
+def test_end_epoch_does_not_wait_and_its_message_follows_the_epochs_losses() -> None:
+    """The training thread hands the epoch's end to the packing thread and goes on; the
+    EpochEnd that the callback sends comes after every loss of the epoch, with its mean,
+    and the next epoch's mean starts from zero."""
+    sent: list[dict[str, object]] = []
+    gate = threading.Event()
+
+    def send(**m: object) -> None:
+        gate.wait(10)  # a slow connection: packing stalls until the test lets it go
+        sent.append(m)
+
+    rec = Recorder(send, "main", torch.device("cpu"), flush_interval_s=10.0)
+    _record_steps(rec, range(1, 6))
+    means: list[float] = []
+    rec.end_epoch(lambda mean: (means.append(mean), send(epoch_end=mean)))
+    assert not sent and not means  # returned while the packing thread is stalled
+    _record_steps(rec, range(6, 8), epoch=1)
+    gate.set()
+    second = rec.take_epoch_mean()
+    kinds = [next(iter(m)) for m in sent]
+    assert kinds == ["samples", "metrics", "epoch_end", "samples", "metrics"]
+    assert means == [pytest.approx(3.0)]  # mean of steps 1..5, each 4 samples
+    assert second == pytest.approx(6.5)
+
+
+def test_wait_sent_orders_a_message_from_another_thread_after_earlier_steps() -> None:
+    """A checkpoint's CheckpointSaved is sent from the writer's thread; waiting for the
+    buffers handed off before the checkpoint puts it after their losses on the wire."""
+    sent: list[str] = []
+    gate = threading.Event()
+
+    def send(**m: object) -> None:
+        gate.wait(10)
+        sent.append(next(iter(m)))
+
+    rec = Recorder(send, "main", torch.device("cpu"), flush_interval_s=0.0)
+    _record_steps(rec, range(1, 4))
+    handed = rec.handed_off()
+    assert handed == 3
+
+    def writer_thread() -> None:
+        rec.wait_sent(handed)
+        sent.append("checkpoint")
+
+    t = threading.Thread(target=writer_thread)
+    t.start()
+    t.join(0.2)
+    assert t.is_alive() and not sent  # held back: the losses before it are not sent yet
+    gate.set()
+    t.join(10)
+    assert sent == ["samples", "metrics"] * 3 + ["checkpoint"]
