@@ -576,6 +576,10 @@ class SampleArrays:
         self._arrays: dict[tuple[str, int, str], np.ndarray] = {}
         self._dirty: set[tuple[str, int, str]] = set()
         self._lock = threading.Lock()
+        # Held for a whole persist (copy + write): two persists at once (an epoch end and a
+        # fork's selection) could otherwise share a temp file, or write an older copy of an
+        # array after a newer one.
+        self._persist_lock = threading.Lock()
         self.ingested = 0
 
     def path(self, run_id: str, epoch: int, kind: str = "loss") -> str:
@@ -670,24 +674,33 @@ class SampleArrays:
 
     def persist(self, only: tuple[str, int] | None = None) -> None:
         """Write dirty arrays atomically (temp + rename); cheap to call often."""
-        with self._lock:
-            if only is not None:
-                keys = [
-                    k
-                    for k in self._dirty
-                    if (k[0], k[1]) == only or (k[0] == only[0] and k[2] == "labels")
-                ]
-            else:
-                keys = sorted(self._dirty)
-            items = [(k, self._arrays[k].copy()) for k in keys]
-            for k in keys:
-                self._dirty.discard(k)
-        for (run_id, epoch, kind), arr in items:
-            p = self.path(run_id, epoch, kind)
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            tmp = p + ".tmp.npy"
-            np.save(tmp, arr)
-            os.replace(tmp, p)
+        with self._persist_lock:
+            with self._lock:
+                if only is not None:
+                    keys = [
+                        k
+                        for k in self._dirty
+                        if (k[0], k[1]) == only or (k[0] == only[0] and k[2] == "labels")
+                    ]
+                else:
+                    keys = sorted(self._dirty)
+                items = [(k, self._arrays[k].copy()) for k in keys]
+                for k in keys:
+                    self._dirty.discard(k)
+            for (run_id, epoch, kind), arr in items:
+                p = self.path(run_id, epoch, kind)
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+                tmp = f"{p}.tmp-{os.getpid()}.npy"
+                try:
+                    np.save(tmp, arr)
+                    os.replace(tmp, p)
+                except BaseException:
+                    with self._lock:  # not on disk: the next persist tries again
+                        if (run_id, epoch, kind) in self._arrays:
+                            self._dirty.add((run_id, epoch, kind))
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+                    raise
 
     def evict(self, run_id: str, before_epoch: int) -> None:
         """Drop finished epochs from memory once persisted (bounded supervisor memory)."""

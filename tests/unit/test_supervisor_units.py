@@ -151,6 +151,43 @@ def test_event_bus_replays_from_any_sequence(tmp_path: Path) -> None:
     st.close()
 
 
+def test_concurrent_persists_never_collide_and_the_newest_array_lands(tmp_path: Path) -> None:
+    """An epoch end and a fork's selection persist at the same time while losses arrive:
+    before, both wrote the same temp file (one rename then failed with FileNotFoundError)
+    and an older copy could land after a newer one."""
+    arr = SampleArrays(str(tmp_path))
+    n = 4000
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def persist_loop() -> None:
+        while not stop.is_set():
+            try:
+                arr.persist()
+                arr.persist(("main", 0))
+            except BaseException as e:  # noqa: BLE001 - collected for the assertion
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=persist_loop) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for _ in range(15):
+        for i in range(0, n, 8):
+            ids = np.arange(i, i + 8, dtype=np.int64)
+            margins = np.full(8, float(i), dtype=np.float32)
+            arr.ingest("main", 0, n, ids, ids.astype(np.float32), {"margin": margins})
+    stop.set()
+    for t in threads:
+        t.join()
+    arr.persist()
+    assert not errors, errors
+    d = tmp_path / "samples" / "main"
+    assert np.array_equal(np.load(d / "epoch-0000.npy"), np.arange(n, dtype=np.float32))
+    assert np.load(d / "margin-0000.npy")[-1] == n - 8
+    assert sorted(p.name for p in d.iterdir()) == ["epoch-0000.npy", "margin-0000.npy"]
+
+
 def test_sample_arrays_scatter_and_bounds(tmp_path: Path) -> None:
     arr = SampleArrays(str(tmp_path))
     ids = np.array([3, 1, 4], dtype=np.int64)
