@@ -29,7 +29,16 @@ from onthefly_supervisor.lifecycle import RunStatus
 if TYPE_CHECKING:
     from onthefly_supervisor.supervisor import Supervisor
 
-EDITABLE = {"selection", "budget_steps", "lr_mul", "wd_mul", "adapters_rank", "method", "grad_clip"}
+EDITABLE = {
+    "selection",
+    "budget_steps",
+    "lr_mul",
+    "wd_mul",
+    "adapters_rank",
+    "method",
+    "grad_clip",
+    "early_stop_patience",
+}
 
 
 @dataclass
@@ -200,6 +209,14 @@ class Autopilot:
                         raise ValueError(f"{k}={v}: must be a number") from None
                     if not (math.isfinite(x) and x >= 0):
                         raise ValueError(f"{k}={v}: must be a finite number >= 0")
+                    if k == "early_stop_patience":  # 0 turns early stopping off
+                        if x != int(x):
+                            raise ValueError(f"{k}={v}: must be a whole number >= 0")
+                        recipe["early_stop"] = {
+                            **dict(recipe.get("early_stop") or {}),
+                            "patience_evals": int(x),
+                        }
+                        continue
                     recipe[k] = int(x) if k == "adapters_rank" else x
             card = replace(card, training_recipe=recipe, merge_recipe=merge, **kw)
             self._set(card)
@@ -318,9 +335,11 @@ class Autopilot:
         out: list[pl.Detection] = []
         if sample_only:
             return self._sample_detections(run_id, None)
-        # One query, newest 1000 steps: loss and grad norm aligned step by step.
+        # One query, newest 1000 steps: loss, grad norm and the step's batch size aligned step
+        # by step (samples/s x step time = the samples of that step, as the worker measured).
         rows = st.query(
-            "SELECT step, loss, grad_norm FROM metrics WHERE run_id = ? ORDER BY step DESC LIMIT 1000",
+            "SELECT step, loss, grad_norm, samples_per_s * step_time_ms / 1000.0 FROM metrics"
+            " WHERE run_id = ? ORDER BY step DESC LIMIT 1000",
             (run_id,),
         )[::-1]
         if not rows:
@@ -328,13 +347,23 @@ class Autopilot:
         steps = np.array([r[0] for r in rows], dtype=np.int64)
         loss = np.array([np.nan if r[1] is None else r[1] for r in rows], dtype=np.float64)
         gn = np.array([np.nan if r[2] is None else r[2] for r in rows], dtype=np.float64)
+        # Rounded: the product carries float32 rounding; 0 (no step time) means unknown.
+        batch = np.array(
+            [np.nan if not r[3] else round(float(r[3])) for r in rows], dtype=np.float64
+        )
         since = int(steps[-1]) - 200
         for d in (
             # A NaN grad norm means "not measured" (e.g. a skipped step); Inf means bad gradients.
             pl.detect_nonfinite(steps, loss, np.where(np.isnan(gn), 0.0, gn)),
-            pl.detect_spike(steps, loss, since_step=since, metric="loss"),
+            # The smaller last batch of an epoch is noisier, not a spike: both spike detectors
+            # judge every step at its own batch size.
+            pl.detect_spike(steps, loss, since_step=since, metric="loss", batch_sizes=batch),
             pl.detect_spike(
-                steps, np.where(np.isfinite(gn), gn, np.nan), since_step=since, metric="grad_norm"
+                steps,
+                np.where(np.isfinite(gn), gn, np.nan),
+                since_step=since,
+                metric="grad_norm",
+                batch_sizes=batch,
             ),
             pl.detect_plateau(steps, loss, window=min(200, max(50, steps.size // 2))),
             pl.detect_drift(steps, loss),
@@ -500,9 +529,10 @@ class Autopilot:
                 name=card.plan_id if len(muls) > 1 else f"{card.plan_id}-fork",
             )
             metric = "slice"
+            has_val = any(e["split"] == "val" for e in self.sup.store.evals(target))
+            self._early_stop(req, card, has_val)
             if len(muls) > 1:
                 race = r.get("race") or {}
-                has_val = any(e["split"] == "val" for e in self.sup.store.evals(target))
                 metric = "val" if explore and has_val else "slice"
                 req.variant_lr_muls.extend(muls)
                 req.race_eta = int(race.get("eta", self.config.halving_eta))
@@ -550,6 +580,33 @@ class Autopilot:
             ex.runs = [reply.run_id]
         else:
             raise ValueError(f"unknown action {card.action}")
+
+    def _early_stop(self, req: pb.ForkRequest, card: pl.PlanCard, has_val: bool) -> None:
+        """The card's `early_stop` ({"patience_evals": N, "metric": ...}) on the fork
+        request: a fork watches its slice loss, an explore (all the data) its val loss;
+        evaluated every budget/10 steps. Off when the card's budget is too short for N
+        evaluations, or for an explore whose target reports no val loss (its slice is the
+        whole training set, too costly to evaluate ten times)."""
+        es = card.training_recipe.get("early_stop") or {}
+        patience = int(es.get("patience_evals", 0) or 0)
+        if patience <= 0:
+            return
+        val = str(es.get("metric") or "") == "val_loss"
+        why = ""
+        if val and not has_val:
+            why = f"{card.target_run} reports no validation loss"
+        elif patience * max(1, card.budget_steps // 10) >= card.budget_steps:
+            why = f"a {card.budget_steps}-step budget is too short for {patience} evaluations"
+        if why:
+            self.sup.bus.publish(
+                "log",
+                card.target_run,
+                level="info",
+                text=f"{card.plan_id}: no early stopping ({why})",
+            )
+            return
+        req.early_stop_patience = patience
+        req.early_stop_metric = "val" if val else "slice"
 
     def _mean_loss(self, run_id: str, idx: np.ndarray | None) -> float | None:
         """Mean of the latest per-sample training losses (over `idx`, or every sample)."""
@@ -632,6 +689,18 @@ class Autopilot:
         winner = str(race["winner"])
         split = "slice:self" if race.get("metric") == "slice" else "val"
         after = self._score(winner, split)
+        won = st.run(winner)
+        start = self._first_score(winner, "slice:self")
+        if (
+            card.action is pl.Action.FORK
+            and split == "slice:self"
+            and won is not None
+            and start is not None
+            and start[0] < won.step
+        ):
+            # As for a single fork: the winner's slice loss before its first step (the
+            # parent's weights, eval mode), not the parent's training-time losses.
+            ex.before = start[1]
         improved = ex.before is not None and after is not None and after < ex.before
         if ex.adopt:
             mul = float(race["recipes"][winner]["lr_mul"])

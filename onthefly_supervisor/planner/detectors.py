@@ -27,6 +27,7 @@ from numpy.typing import ArrayLike, NDArray
 __all__ = [
     "Detection",
     "DetectionKind",
+    "batch_noise_factors",
     "detect_drift",
     "detect_high_loss_tail",
     "detect_nonfinite",
@@ -300,6 +301,27 @@ def robust_zscores(
     return z
 
 
+def batch_noise_factors(batch_sizes: ArrayLike | None, n: int) -> tuple[FloatArray, float]:
+    """``sqrt(b_i / b_ref)`` per point, and ``b_ref``, the median batch size (the usual one).
+
+    Minibatch statistics get noisier as the batch shrinks: the standard deviation of a
+    mean loss over ``b`` samples scales as ``1 / sqrt(b)``, and so does the norm of the
+    mean gradient while gradient noise dominates it (``E|g_b|^2 = |g|^2 + tr(Sigma) / b``).
+    The factor puts a point measured on ``b`` samples on the scale of the usual batch:
+    the last, smaller batch of an epoch gets a factor below 1. Unknown, non-finite or
+    non-positive sizes get 1 (nothing is known, nothing is rescaled), as does every point
+    when no size is known.
+    """
+    f = np.ones(n, dtype=np.float64)
+    b = _as_float(batch_sizes)[:n]
+    ok = np.isfinite(b) & (b > 0)
+    if not ok.any():
+        return f, math.nan
+    ref = float(np.median(b[ok]))
+    f[: b.size][ok] = np.sqrt(b[ok] / ref)
+    return f, ref
+
+
 @_quiet
 def detect_spike(
     steps: ArrayLike,
@@ -311,12 +333,24 @@ def detect_spike(
     since_step: int | None = None,
     metric: str = "loss",
     rel_floor: float = 0.01,
+    batch_sizes: ArrayLike | None = None,
+    batch_scaling: str = "auto",
 ) -> Detection | None:
     """First upward spike (robust z-score above ``z``) after ``since_step``.
 
     Only upward jumps count: a loss or gradient norm that suddenly *drops* is not an
     instability. Points at or before ``since_step`` still serve as history, so the
     supervisor can call this on a trailing buffer and only ask about the new part.
+
+    ``batch_sizes`` (samples per step, aligned with ``values``) makes points measured on
+    different batch sizes comparable, so the smaller last batch of an epoch is not taken
+    for a spike (see :func:`batch_noise_factors`). ``batch_scaling`` says how: ``"value"``
+    rescales every value to the usual batch size (``x * sqrt(b / b_ref)``: a gradient
+    norm, whose level rises on a small batch), ``"spread"`` divides only the point's
+    deviation by its larger noise (``z * sqrt(b / b_ref)``: a mean loss, whose level
+    does not depend on the batch size); ``"auto"`` is ``"value"`` for ``grad_norm`` and
+    ``"spread"`` otherwise. Both are the noise-dominated bound: a real spike on a small
+    batch is judged at most ``sqrt(b_ref / b)`` more leniently.
 
     False-alarm rate: with i.i.d. Gaussian noise the robust z of a clean point follows
     roughly a Student-t whose scale is estimated from ``window`` points; at the
@@ -325,12 +359,20 @@ def detect_spike(
     median sits above the current value). Heavy-tailed minibatch noise raises it; raise
     ``z`` for such runs.
     """
+    if batch_scaling == "auto":
+        batch_scaling = "value" if metric == "grad_norm" else "spread"
+    if batch_scaling not in ("value", "spread"):
+        raise ValueError(f"detect_spike(batch_scaling={batch_scaling!r}): 'value' or 'spread'")
     x = _as_float(values)
     n = x.size
     if n == 0:
         return None
     st = _as_steps(steps, n)
-    zs = robust_zscores(x, window=window, min_history=min_history, rel_floor=rel_floor)
+    factor, ref = batch_noise_factors(batch_sizes, n)
+    xs = x * factor if batch_scaling == "value" else x
+    zs = robust_zscores(xs, window=window, min_history=min_history, rel_floor=rel_floor)
+    if batch_scaling == "spread":
+        zs = zs * factor
     with np.errstate(invalid="ignore"):
         hit = zs > z
     if since_step is not None:
@@ -340,27 +382,39 @@ def detect_spike(
         return None
     i = int(idx[0])
     zi = float(zs[i])
-    hist = x[max(0, i - window) : i]
+    hist = xs[max(0, i - window) : i]
     hist = hist[np.isfinite(hist)]
     med = float(np.median(hist))
     name = "gradient norm" if metric == "grad_norm" else metric
+    fi = float(factor[i])
+    batch_note = ""
+    numbers = {
+        "index": float(i),
+        "value": float(x[i]),
+        "median": med,
+        "z": zi,
+        "z_threshold": float(z),
+        "ratio_to_median": float(xs[i] / med) if med != 0 else math.inf,
+        "window": float(window),
+    }
+    if math.isfinite(ref):
+        b = ref * fi * fi
+        numbers.update({"batch_size": b, "usual_batch_size": ref})
+        if abs(fi - 1.0) > 1e-9:
+            batch_note = f" (a batch of {b:.0f} samples, not the usual {ref:.0f}: " + (
+                f"{_fmt(float(xs[i]))} at the usual batch size)"
+                if batch_scaling == "value"
+                else "its noise is scaled to match)"
+            )
     return Detection(
         kind=DetectionKind.SPIKE,
         step=int(st[i]),
         severity=_severity(zi / z),
         message=(
-            f"The {name} jumped to {_fmt(float(x[i]))} at step {int(st[i])}, "
+            f"The {name} jumped to {_fmt(float(x[i]))} at step {int(st[i])}{batch_note}, "
             f"{zi:.1f} robust standard deviations above its recent median {_fmt(med)}."
         ),
-        numbers={
-            "index": float(i),
-            "value": float(x[i]),
-            "median": med,
-            "z": zi,
-            "z_threshold": float(z),
-            "ratio_to_median": float(x[i] / med) if med != 0 else math.inf,
-            "window": float(window),
-        },
+        numbers=numbers,
         subject=metric,
     )
 

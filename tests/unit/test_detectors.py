@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 from onthefly_supervisor.planner.detectors import (
     Detection,
     DetectionKind,
+    batch_noise_factors,
     detect_drift,
     detect_high_loss_tail,
     detect_nonfinite,
@@ -124,6 +125,93 @@ def test_spike_false_alarm_rate_on_long_decreasing_series() -> None:
         alarms += int(np.nansum(robust_zscores(y) > 6.0))
         points += y.size
     assert alarms <= points / 20_000  # measured: 0 in 100k points
+
+
+def epochs_of_minibatches(
+    epochs: int = 4, n: int = 1200, batch: int = 32, dim: int = 400, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gradient norm, mean loss, batch size) per step of a healthy run whose epochs end
+    with a smaller batch (1200 samples in batches of 32: the 38th step has 16).
+
+    Each step averages per-sample gradients (a small true gradient plus unit noise in
+    ``dim`` directions, so gradient noise dominates the norm, as in most of training)
+    and per-sample losses, over the samples of that batch.
+    """
+    rng = np.random.default_rng(seed)
+    true_grad = np.full(dim, 0.02)
+    norms, losses, sizes = [], [], []
+    for _ in range(epochs):
+        for lo in range(0, n, batch):
+            b = min(batch, n - lo)
+            norms.append(float(np.linalg.norm(true_grad + rng.normal(size=(b, dim)).mean(0))))
+            losses.append(float(rng.exponential(0.3, size=b).mean()))
+            sizes.append(b)
+    return np.array(norms), np.array(losses), np.array(sizes, dtype=np.float64)
+
+
+def test_the_smaller_last_batch_of_an_epoch_is_not_a_grad_norm_spike() -> None:
+    gn, _, sizes = epochs_of_minibatches()
+    steps = np.arange(1, gn.size + 1)
+    assert sizes[37] == 16 and set(sizes[:37]) == {32.0}
+    # Without batch sizes, the 16-sample batch's larger norm reads as a spike at step 38
+    # (automode then "stabilized" a healthy run: lr x0.5, clip 1).
+    blind = detect_spike(steps, gn, metric="grad_norm")
+    assert blind is not None and blind.step == 38
+    assert detect_spike(steps, gn, metric="grad_norm", batch_sizes=sizes) is None
+    # Every partial batch, not just the first, is judged at its own size.
+    for since in (38, 76, 114):
+        assert (
+            detect_spike(steps, gn, metric="grad_norm", batch_sizes=sizes, since_step=since - 1)
+            is None
+        )
+
+
+def test_true_grad_norm_spikes_are_still_caught_on_full_and_partial_batches() -> None:
+    gn, _, sizes = epochs_of_minibatches()
+    steps = np.arange(1, gn.size + 1)
+    full = gn.copy()
+    full[99] *= 3.0  # step 100: a full batch
+    d = detect_spike(steps, full, metric="grad_norm", batch_sizes=sizes)
+    assert d is not None and d.step == 100 and d.numbers["batch_size"] == 32
+    part = gn.copy()
+    part[75] *= 3.0  # step 76: the last, 16-sample batch of epoch 2
+    d = detect_spike(steps, part, metric="grad_norm", batch_sizes=sizes)
+    assert d is not None and d.step == 76
+    assert d.numbers["batch_size"] == pytest.approx(16) and d.numbers["usual_batch_size"] == 32
+    assert "a batch of 16 samples, not the usual 32" in d.message
+    # The value at the usual batch size is what was compared with the median.
+    assert d.numbers["ratio_to_median"] == pytest.approx(
+        part[75] * math.sqrt(0.5) / d.numbers["median"]
+    )
+
+
+def test_a_loss_on_a_small_batch_is_judged_by_its_own_noise() -> None:
+    rng = np.random.default_rng(4)
+    y = 1.0 + 0.05 * rng.normal(size=200)  # mean losses of 32-sample batches
+    sizes = np.full(200, 32.0)
+    sizes[150] = 8  # a 4x smaller batch: twice the noise
+    steps = np.arange(200)
+    hist = y[100:150]  # the detector's window
+    med = float(np.median(hist))
+    sigma = 1.482602218505602 * float(np.median(np.abs(hist - med)))  # its robust scale
+    y[150] = med + 5 * 2 * sigma  # 5 of its own standard deviations: noise, not a spike
+    assert detect_spike(steps, y) is not None  # 10 full-batch sigmas
+    assert detect_spike(steps, y, batch_sizes=sizes) is None
+    y[150] = med + 7 * 2 * sigma  # 7 of its own: a spike at any batch size
+    d = detect_spike(steps, y, batch_sizes=sizes)
+    assert d is not None and d.step == 150 and "its noise is scaled" in d.message
+    # The loss's level does not move with the batch size: only the deviation is scaled.
+    assert d.numbers["ratio_to_median"] == pytest.approx(y[150] / d.numbers["median"])
+
+
+def test_batch_noise_factors_leave_unknown_sizes_alone() -> None:
+    f, ref = batch_noise_factors([32, 32, 16, math.nan, 0, -1, 128], 8)
+    assert ref == 32
+    assert f == pytest.approx([1, 1, math.sqrt(0.5), 1, 1, 1, 2, 1])
+    f, ref = batch_noise_factors(None, 3)
+    assert list(f) == [1, 1, 1] and math.isnan(ref)
+    with pytest.raises(ValueError, match="batch_scaling"):
+        detect_spike([1], [1.0], batch_scaling="nonsense")
 
 
 def test_robust_zscores_shape_and_nan_for_short_history() -> None:
@@ -416,6 +504,8 @@ def test_series_detectors_never_crash_or_warn(y: np.ndarray, g: np.ndarray) -> N
         warnings.simplefilter("error")
         _valid(detect_nonfinite(steps, y, g))
         _valid(detect_spike(steps, y))
+        _valid(detect_spike(steps, y, batch_sizes=g))
+        _valid(detect_spike(steps, y, batch_sizes=g, metric="grad_norm"))
         _valid(detect_plateau(steps, y, window=min(200, max(3, y.size))))
         _valid(detect_drift(steps, y))
         mann_kendall(y)
