@@ -628,10 +628,13 @@ class Races:
             ranked = rank(fin, race.runs)
             v = fin.get(rid)
             if rid in ranked:
+                # Where it was cut and its rank there; a variant promoted out of earlier
+                # rungs says so (it was in their top 1/eta, just not in this one's).
+                past = f", after promotion past rung{'s 1-' if k > 1 else ' '}{k}" if k > 0 else ""
                 why = (
-                    f"lost the race at rung {k + 1} (step {race.rungs[k]}): {race.metric} loss "
-                    f"{_fmt(v)}, ranked {ranked.index(rid) + 1} of {len(fin)}; "
-                    f"never in the top 1/{race.eta}"
+                    f"lost the race at rung {k + 1} (step {race.rungs[k]}){past}: {race.metric} "
+                    f"loss {_fmt(v)}, ranked {ranked.index(rid) + 1} of the {len(fin)} that "
+                    f"finished rung {k + 1}, never in that rung's top 1/{race.eta}"
                 )
             else:
                 why = f"dropped at rung {k + 1} (step {race.rungs[k]}): " + (

@@ -134,9 +134,17 @@ def test_asha_race_promotes_early_and_ends_with_one_winner(tmp_path: Path) -> No
     assert runs[d].status is RunStatus.COMPLETED
     for rid in (a, b, c):
         assert runs[rid].status is RunStatus.STOPPED
-        assert (
-            "lost the race at rung" in runs[rid].error and "never in the top 1/2" in runs[rid].error
-        )
+    # Each loser says at which rung it was cut and its rank there: a and c at rung 1; b was
+    # promoted out of rung 1 and cut at rung 2 (not "never in the top 1/2").
+    assert runs[a].error == (
+        "lost the race at rung 1 (step 6): slice loss 0.5, ranked 3 of the 4 that finished "
+        "rung 1, never in that rung's top 1/2"
+    )
+    assert "ranked 4 of the 4 that finished rung 1" in runs[c].error
+    assert runs[b].error == (
+        "lost the race at rung 2 (step 12), after promotion past rung 1: slice loss 0.25, "
+        "ranked 2 of the 2 that finished rung 2, never in that rung's top 1/2"
+    )
     assert [h["promoted"] for h in race.history] == [[b], [d], [d]]
     saved = sup.store.get_meta(f"race:{race.race_id}")
     assert saved["status"] == "done" and saved["mode"] == "asha"
