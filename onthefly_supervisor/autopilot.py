@@ -25,6 +25,7 @@ from onthefly_proto import onthefly_pb2 as pb
 from onthefly_supervisor import planner as pl
 from onthefly_supervisor.client import Connection, ControlClient
 from onthefly_supervisor.lifecycle import RunStatus
+from onthefly_supervisor.variants import race_from_dict
 
 if TYPE_CHECKING:
     from onthefly_supervisor.supervisor import Supervisor
@@ -275,7 +276,7 @@ class Autopilot:
         ctx = {
             "checkpoint_steps": [c["step"] for c in self.sup.store.checkpoints("main")],
             "grad_clip": float(main.config.get("grad_clip", 0.0) or 0.0),
-            "active_children": sum(len(e.runs) for e in self.running.values()),
+            "active_children": self._active_children(),
             "nonfinite_steps": self._nonfinite_steps("main"),
             "rollback_supported": not self.sup.cfg.owner_pid,
             "bf16_supported": bf16,
@@ -297,6 +298,42 @@ class Autopilot:
                 with self._lock:
                     self._set(c.with_status(pl.PlanStatus.APPROVED))
                 threading.Thread(target=self._execute, args=(c.plan_id,), daemon=True).start()
+
+    def _active_children(self) -> int:
+        """Fork processes going now or about to, for the planner's children cap: every race's
+        variants still going or still able to go on (its stopped losers hold nothing), every
+        other fork run still going (a person's forks too), and all the slots of a started card
+        whose launch has not returned yet."""
+        st = self.sup.store
+        runs = st.runs()
+        status = {r.run_id: r.status for r in runs}
+        n = 0
+        in_race: set[str] = set()
+        launched = {r.name for r in runs}  # a card's race is named after it, a lone fork -fork
+        for row in st.query("SELECT key FROM meta WHERE key LIKE 'race:%'"):
+            d = st.get_meta(row["key"])
+            if not isinstance(d, dict):
+                continue
+            launched.add(str(d.get("name", "")))
+            if d.get("status") == "running":
+                race = race_from_dict(d)
+                in_race.update(race.runs)
+                n += race.slots(status)
+        n += sum(
+            1
+            for r in runs
+            if r.kind == "fork" and not r.status.terminal and r.run_id not in in_race
+        )
+        # A started card whose launch has not returned holds all it asked for, unless what it
+        # launched is already counted above.
+        n += sum(
+            p.children
+            for p in self.state.pending
+            if p.started
+            and p.plan_id not in self.running
+            and not {p.plan_id, f"{p.plan_id}-fork"} & launched
+        )
+        return n
 
     def _explain_variants(self, card: pl.PlanCard) -> pl.PlanCard:
         """Say on a fork/explore card which lr multipliers it races, and why any configured

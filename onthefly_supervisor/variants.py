@@ -241,6 +241,28 @@ class Race:
     promoted: dict[str, list[str]] = field(default_factory=dict)
     """asha: per rung index (as text), the variants promoted out of it, in order."""
 
+    def slots(self, status: Mapping[str, RunStatus]) -> int:
+        """Fork slots the race holds now, given each run's status: its variants still going
+        (training or queued), and those that stopped at a rung and may still be sent on
+        (sync: waiting for their rung's verdict; asha: parked while a variant still going,
+        or one that may itself be sent on, can still finish that rung and outrank them).
+        Losers, a variant that reached the full budget and an ended race hold none: their
+        processes are gone."""
+        if self.status != "running":
+            return 0
+        last = len(self.rungs) - 1
+        going = [r for r in self.alive if r in status and not status[r].terminal]
+        stopped = [r for r in self.alive if r in status and status[r].terminal]
+        if self.mode != "asha":
+            return len(going) + (len(stopped) if self.rung < last else 0)
+        maybe: list[str] = []
+        for k in range(last):
+            if any(self.at.get(v, 0) <= k for v in going) or any(
+                self.at.get(v, 0) < k for v in maybe
+            ):
+                maybe += [r for r in stopped if self.at.get(r, 0) == k]
+        return len(going) + len(maybe)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "race_id": self.race_id,

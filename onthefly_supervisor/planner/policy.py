@@ -936,24 +936,27 @@ def plan(
 
     ``context`` (all optional): ``target_run`` (default ``main``); ``checkpoint_steps``
     of the target run (rollback targets); ``bf16_supported``; ``grad_clip`` currently
-    set; ``active_children`` live in the pool, including manual forks (defaults to the
-    planner's own count); ``slice_selections`` mapping a slice name to a SPEC (a weak
-    slice without one cannot be forked and is reported as blocked); ``nonfinite_steps``
-    (every recent step with a non-finite loss or gradient: a NaN stabilization skips all
-    of them from the first on); ``rollback_supported`` (False when the supervisor cannot
+    set; ``active_children``: fork processes still going or about to start, manual forks
+    included, but not the stopped losers of a race nor finished forks (without it, every
+    started card holds all its slots until it ends); ``slice_selections`` mapping a slice
+    name to a SPEC (a weak slice without one cannot be forked and is reported as
+    blocked); ``nonfinite_steps`` (every recent step with a non-finite loss or gradient: a
+    NaN stabilization skips all of them from the first on); ``rollback_supported`` (False when the supervisor cannot
     restart the run's process: no rollback, repair in place); ``bf16_note`` (why bf16 is
     or is not part of a stabilization, shown on the card); ``final`` (the target run has
     finished: unmerged specialists are merged without waiting for the cadence).
     """
     ctx: Mapping[str, Any] = context or {}
     target = str(ctx.get("target_run", "main"))
-    live = int(ctx.get("active_children", state.active_children))
+    # The caller's count of processes still going replaces the card-based one, which holds
+    # every slot of a started card until the card ends (a race's stopped losers included).
+    live = int(ctx["active_children"]) if "active_children" in ctx else state.active_children
     pending_stabilize = any(p.action is Action.STABILIZE for p in state.pending)
     rnd = _Round(
         state=state,
         config=config,
         step=int(step),
-        children_used=max(live, state.active_children) + state.reserved_children,
+        children_used=live + state.reserved_children,
         budget_used=state.budget_spent_steps + state.reserved_budget_steps,
         pending_keys={p.key: p.plan_id for p in state.pending},
         proposed_actions={},

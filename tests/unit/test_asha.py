@@ -68,8 +68,10 @@ class _Method:
         self.queued.append(run_id)
 
 
-def _race(tmp_path: Path, n: int, eta: int, budget: int) -> tuple[_Sup, _Method, Races, Any]:
-    sup, method = _Sup(str(tmp_path)), _Method()
+def _race(
+    tmp_path: Path, n: int, eta: int, budget: int, sup: _Sup | None = None, name: str = ""
+) -> tuple[_Sup, _Method, Races, Any]:
+    sup, method = sup or _Sup(str(tmp_path)), _Method()
     races = Races(sup, method)  # type: ignore[arg-type]
 
     def make(m: float, name: str, extra: dict[str, Any]) -> str:
@@ -83,7 +85,7 @@ def _race(tmp_path: Path, n: int, eta: int, budget: int) -> tuple[_Sup, _Method,
         )
         return rid
 
-    race = races.start("main", [0.5, 1.0, 2.0, 4.0][:n], budget, eta, "slice", make)
+    race = races.start("main", [0.5, 1.0, 2.0, 4.0][:n], budget, eta, "slice", make, name=name)
     return sup, method, races, race
 
 
@@ -193,3 +195,102 @@ def test_a_tie_goes_to_the_earlier_variant_whatever_order_they_finish_in(tmp_pat
         _train(sup, rid, 0.5)
         races.tick()
     assert method.queued == [a], "the first variant (e.g. automode's x1 control arm) goes on"
+
+
+def test_a_race_holds_slots_only_for_variants_still_going_or_able_to_go_on(
+    tmp_path: Path,
+) -> None:
+    sup, method, races, race = _race(tmp_path, n=4, eta=2, budget=24)
+    a, b, c, d = race.runs
+
+    def slots() -> int:
+        return race.slots({r.run_id: r.status for r in sup.store.runs()})
+
+    assert slots() == 4
+    _train(sup, a, 0.5)  # parked at rung 1, but c and d may still rank below it
+    assert slots() == 4
+    _train(sup, b, 0.3)
+    races.tick()  # b goes on
+    assert slots() == 4
+    _train(sup, c, 0.9)
+    _train(sup, d, 0.1)
+    races.tick()  # all four finished rung 1: d goes on too; a and c can no longer
+    assert method.queued == [b, d]
+    assert slots() == 2
+    sup.store.set_run_status(b, RunStatus.RUNNING)
+    _train(sup, b, 0.25)
+    sup.store.set_run_status(d, RunStatus.RUNNING)
+    _train(sup, d, 0.05)
+    races.tick()  # d to the full budget; b is parked for good (no one else left at rung 2)
+    assert slots() == 1
+    _train(sup, d, 0.01)
+    assert slots() == 0  # the winner reached the full budget
+    races.tick()
+    assert race.status == "done" and slots() == 0
+
+
+def test_a_sync_race_frees_its_losers_slots_at_the_rung_verdict(tmp_path: Path) -> None:
+    sup, method = _Sup(str(tmp_path)), _Method()
+    races = Races(sup, method)  # type: ignore[arg-type]
+    made: list[str] = []
+
+    def make(m: float, name: str, extra: dict[str, Any]) -> str:
+        rid = f"fork-{len(made) + 1}"
+        spec = {"lr_mul": m, **extra}
+        os.makedirs(os.path.join(sup.dir, "forks", rid), exist_ok=True)
+        Path(sup.dir, "forks", rid, "spec.json").write_text(json.dumps(spec))
+        sup.store.add_run(
+            RunRow(rid, name, "fork", RunStatus.RUNNING, ["main"], time.time(), spec=spec)
+        )
+        made.append(rid)
+        return rid
+
+    race = races.start("main", [0.3, 1.0, 3.0], 150, 3, "slice", make, mode="sync")
+
+    def slots() -> int:
+        return race.slots({r.run_id: r.status for r in sup.store.runs()})
+
+    for rid, loss in zip(race.runs, (0.4, 0.2, 0.9), strict=True):
+        _train(sup, rid, loss)
+    assert slots() == 3  # stopped at rung 1, waiting for its verdict
+    races.tick()
+    assert method.queued == [race.runs[1]] and slots() == 1  # the two losers hold nothing
+
+
+def test_automode_counts_only_the_forks_still_going(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from onthefly_supervisor import planner as pl
+    from onthefly_supervisor.autopilot import Autopilot, Execution
+
+    sup = _Sup(str(tmp_path))
+    hooks: dict[str, Any] = {"control_hooks": {}, "tick_hooks": [], "busy_hooks": []}
+    ap = Autopilot(SimpleNamespace(store=sup.store, bus=sup.bus, final_hooks=[], **hooks))  # type: ignore[arg-type]
+    cfg = pl.PlannerConfig(max_parallel_children=4, base_cooldown_steps=0)
+    card = pl.PlanCard(
+        "plan-0001",
+        pl.Action.EXPLORE,
+        pl.Reason.LOSS_PLATEAU,
+        "all",
+        training_recipe={"variants": [{"lr_mul": m} for m in (0.5, 1, 2, 4)]},
+        budget_steps=24,
+    )
+    ap.state = pl.record_started(pl.record_proposed(ap.state, [card]), card.plan_id)
+    assert ap._active_children() == 4  # started, its launch not returned: all it asked for
+    _, method, races, race = _race(tmp_path, n=4, eta=2, budget=24, sup=sup, name=card.plan_id)
+    a, b, c, d = race.runs
+    assert ap._active_children() == 4  # its race exists: counted once
+    ap.running[card.plan_id] = Execution(card, runs=list(race.runs), race=race.race_id)
+    assert ap._active_children() == 4
+    for rid, loss in ((a, 0.5), (b, 0.3), (c, 0.9), (d, 0.1)):
+        _train(sup, rid, loss)
+    races.tick()  # b and d go on; a and c stopped for good
+    assert ap._active_children() == 2
+    sup.store.add_run(  # a person's fork beside it holds a slot too
+        RunRow("fork-9", "manual", "fork", RunStatus.RUNNING, ["main"], time.time())
+    )
+    assert ap._active_children() == 3
+    tail = pl.Detection(pl.DetectionKind.HIGH_LOSS_TAIL, 30, 0.8, "tail", {"q": 0.85})
+    ctx = {"active_children": ap._active_children()}
+    fork = pl.propose([tail], ap.state, cfg, 30, ctx)
+    assert [c.action for c in fork] == [pl.Action.FORK] and fork[0].children == 1

@@ -202,6 +202,23 @@ def test_children_cap_blocks_and_trims() -> None:
     assert res.cards == () and "needs 2" in res.blocked[0].why
 
 
+def test_a_race_frees_the_slots_of_its_stopped_losers() -> None:
+    # An explore race of 3 variants started; rung 1 stopped two of them. The caller's count
+    # of processes still going (1) is what the cap sees, not the card's 3 until it ends.
+    cfg = PlannerConfig(max_parallel_children=3, base_cooldown_steps=0)
+    explore = propose([PLATEAU], PlannerState(), cfg, 1000, CTX)[0]
+    state = record_started(record_proposed(PlannerState(), [explore]), explore.plan_id)
+    assert state.active_children == 3
+    assert plan([TAIL], state, cfg, 1001, CTX).cards == ()  # no count given: all 3 held
+    card = propose([TAIL], state, cfg, 1001, {**CTX, "active_children": 1})[0]
+    assert card.action is Action.FORK and card.children == 2  # both fork variants fit
+    # A fork (1 slot) still running beside a new explore leaves it 2 of its 3 variants.
+    trimmed = propose([PLATEAU], PlannerState(), cfg, 1000, {**CTX, "active_children": 1})[0]
+    assert [v["lr_mul"] for v in trimmed.training_recipe["variants"]] == [0.3, 1.0]
+    full = propose([PLATEAU], PlannerState(), cfg, 1000, {**CTX, "active_children": 0})[0]
+    assert [v["lr_mul"] for v in full.training_recipe["variants"]] == [0.3, 1.0, 3.0]
+
+
 def test_budget_cap_blocks_with_numbers() -> None:
     # Two variants race 333 steps, the survivor goes on to 1000: 2*333 + 667 = 1333.
     cfg = PlannerConfig(max_total_budget_steps=1200, fork_budget_steps=1000)
