@@ -218,12 +218,21 @@ class Autopilot:
                             "patience_evals": int(x),
                         }
                         continue
+                    if k == "lr_mul" and recipe.get("variants"):
+                        recipe["variants"] = _scale_lr_variants(recipe, x, v)
                     recipe[k] = int(x) if k == "adapters_rank" else x
             card = replace(card, training_recipe=recipe, merge_recipe=merge, **kw)
+            if "lr_mul" in req.values:
+                card = self._explain_variants(card)
             self._set(card)
+        note = ""
+        if "lr_mul" in req.values and card.training_recipe.get("variants"):
+            raced = [float(x["lr_mul"]) for x in card.training_recipe["variants"]]
+            note = f" (races lr {'/'.join(f'x{m:.3g}' for m in raced)})"
         return pb.ActionReply(
             ok=True,
-            message=f"plan {card.plan_id} edited: {', '.join(f'{k}={v}' for k, v in req.values.items())}",
+            message=f"plan {card.plan_id} edited: "
+            f"{', '.join(f'{k}={v}' for k, v in req.values.items())}{note}",
         )
 
     def set_automode(self, req: pb.AutomodeRequest) -> pb.ActionReply:
@@ -348,22 +357,37 @@ class Autopilot:
         raced = [float(v.get("lr_mul", 1.0)) for v in card.training_recipe.get("variants") or ()]
         if len(configured) < 2 or not raced:
             return card
+        # An edit of lr_mul scales every variant (see edit); trimming keeps the first ones,
+        # so the first raced variant is the first configured one, scaled.
+        scale = raced[0] / configured[0]
+        configured = tuple(m * scale for m in configured)
         # As _launch orders them: the x1 arm first, so a tie keeps the lr unchanged.
-        shown = "/".join(f"x{m:g}" for m in sorted(raced, key=lambda m: m != 1.0))
+        shown = "/".join(f"x{m:.3g}" for m in sorted(raced, key=lambda m: m != 1.0))
         what = f"races lr {shown}" if len(raced) > 1 else f"one fork at lr {shown}, no race"
-        left_out = [m for m in configured if m not in raced]
+        if not math.isclose(scale, 1.0, rel_tol=1e-9):
+            what += f" (lr_mul edited: the configured multipliers scaled by {scale:.3g}" + (
+                "; no x1 arm, so the winner's lr is adopted only if it beats "
+                f"{card.target_run}'s loss at the start)"
+                if card.action is pl.Action.EXPLORE
+                and not any(math.isclose(m, 1.0, rel_tol=1e-9) for m in raced)
+                else ")"
+            )
+        left_out = [m for m in configured if not any(math.isclose(m, r) for r in raced)]
         if left_out:
             cap = self.config.max_parallel_children
             text = (
-                f"{what}; {'/'.join(f'x{m:g}' for m in left_out)} left out: "
+                f"{what}; {'/'.join(f'x{m:.3g}' for m in left_out)} left out: "
                 f"{cap - len(raced)} of the {cap} child-process slots were running or "
                 f"reserved when it was proposed (children cap), leaving {len(raced)}"
             )
         else:
             text = what
         diag = dict(card.diagnostics)
+        old = str(diag.get("variants", ""))
         diag["variants"] = text
         summary = str(diag.get("summary", ""))
+        if old and summary.endswith(old):  # explained before (an edit): replace that part
+            summary = summary[: -len(old)].removesuffix("; ")
         diag["summary"] = f"{summary}; {text}" if summary else text
         return replace(card, diagnostics=diag)
 
@@ -904,6 +928,23 @@ class Autopilot:
 
 class _Empty:
     step = 0
+
+
+def _scale_lr_variants(recipe: Any, lr_mul: float, text: str) -> list[dict[str, Any]]:
+    """A card that races lr variants: ``lr_mul`` is the multiplier of its first variant (a
+    fork's) or the centre its variants spread around (explore's, 1 when never set), so an
+    edit scales every variant by new / old: explore x0.3/x1/x3 edited to lr_mul=0.5 races
+    x0.15/x0.5/x1.5, and a later lr_mul=2 makes it x0.6/x2/x6 (not a product of edits)."""
+    if lr_mul <= 0:
+        raise ValueError(f"lr_mul={text}: must be > 0 (the plan races lr multipliers)")
+    variants = [dict(v) for v in recipe.get("variants") or ()]
+    old = float(recipe.get("lr_mul", 1.0) or 0.0)
+    if old <= 0:
+        old = float(variants[0].get("lr_mul", 1.0))
+    for v in variants:
+        v["lr_mul"] = float(v.get("lr_mul", 1.0)) * lr_mul / old
+        v["name"] = f"lr_x{v['lr_mul']:.3g}"
+    return variants
 
 
 def _race_summary(race: dict[str, Any]) -> str:

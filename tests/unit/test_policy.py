@@ -666,3 +666,54 @@ def test_turning_automode_on_approves_the_cards_waiting_for_a_person(
     assert ap.cards["plan-0001"].status is PlanStatus.APPROVED
     assert ap.cards["plan-0002"].status is PlanStatus.REJECTED
     assert ap.set_automode(pb.AutomodeRequest(enabled=False)).message == "automode off"
+
+
+def test_editing_lr_mul_of_an_explore_card_changes_what_is_raced() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from onthefly_proto import onthefly_pb2 as pb
+    from onthefly_supervisor.autopilot import Autopilot, Execution
+
+    sup = SimpleNamespace(
+        automode=False,
+        bus=SimpleNamespace(publish=lambda kind, run, **kw: None),
+        store=SimpleNamespace(put_plan=lambda *a: None, run=lambda r: None, evals=lambda r: []),
+        method=SimpleNamespace(latest_losses=lambda r: (np.array([1.0]),)),
+        control_hooks={},
+        tick_hooks=[],
+        busy_hooks=[],
+        final_hooks=[],
+    )
+    ap = Autopilot(sup)  # type: ignore[arg-type]
+    card = ap._explain_variants(propose([PLATEAU], PlannerState(), ap.config, 1000, CTX)[0])
+    assert card.diagnostics["variants"] == "races lr x1/x0.3/x3"
+    ap._set(card)
+
+    def edit(value: str) -> str:
+        req = pb.EditPlanRequest(plan_id=card.plan_id, values={"lr_mul": value})
+        return str(ap.edit(req).message)
+
+    assert edit("0.5").endswith("edited: lr_mul=0.5 (races lr x0.15/x0.5/x1.5)")
+    got = ap.cards[card.plan_id]
+    assert [v["lr_mul"] for v in got.training_recipe["variants"]] == pytest.approx([0.15, 0.5, 1.5])
+    assert "no x1 arm" in got.diagnostics["variants"]
+    # A second edit sets the centre again (it does not multiply the first).
+    edit("2")
+    got = ap.cards[card.plan_id]
+    assert [v["lr_mul"] for v in got.training_recipe["variants"]] == pytest.approx([0.6, 2, 6])
+    summary = got.diagnostics["summary"]
+    assert summary.count("races lr") == 1 and "races lr x0.6/x2/x6 (" in summary
+    with pytest.raises(ValueError, match="must be > 0"):
+        edit("0")
+    # The race that starts is the edited one.
+    sent: list[Any] = []
+
+    def call(method: str, req: Any) -> Any:
+        sent.append(req)
+        return SimpleNamespace(payload_json='{"runs": ["fork-1"], "race": "race-1"}', run_id="")
+
+    ap._call = call  # type: ignore[method-assign]
+    ap._launch(got, Execution(got))
+    assert list(sent[0].variant_lr_muls) == pytest.approx([0.6, 2, 6])
