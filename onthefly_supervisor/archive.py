@@ -24,10 +24,13 @@ then are the files extracted into a hidden staging folder inside `.onthefly/sess
 (hashed again on the way, in case the archive changed in between), every `.pt` is
 loaded with `torch.load(weights_only=True)` -- the unpickler that refuses to build
 arbitrary objects, so a malicious pickle is rejected, never run -- and the database
-passes `PRAGMA integrity_check`. The staging folder is renamed into place in one step;
-on any failure it is removed and nothing is left behind. Checksums prove integrity, not
-authorship: an archive rewritten with a matching manifest is accepted, which is why the
-weights_only load, not the checksum, is the safety line against code in checkpoints.
+passes `PRAGMA integrity_check`. Runs that were live when the session was exported (an
+export of a running session) are marked `stopped` with the reason "was running when
+exported" (`settle_live_runs`): no process trains them in the copy. The staging folder
+is renamed into place in one step; on any failure it is removed and nothing is left
+behind. Checksums prove integrity, not authorship: an archive rewritten with a matching
+manifest is accepted, which is why the weights_only load, not the checksum, is the
+safety line against code in checkpoints.
 
 torch is imported lazily and only to verify checkpoints on import: the supervisor stays
 torch-free at start-up, and there is no safe way to validate a torch pickle without
@@ -386,6 +389,7 @@ def import_session(
         os.mkdir(staging, 0o700)
         _extract(src, staging, members)
         _verify_staged(staging, members)
+        settle_live_runs(os.path.join(staging, DB_NAME))
         final = _rename_unique(staging, root, session_id)
         staging = ""
         _fsync_dir(root)
@@ -661,6 +665,85 @@ def _verify_staged(staging: str, members: dict[str, Member]) -> None:
     problems = _db_integrity(os.path.join(staging, DB_NAME))
     if problems:
         raise ValueError(f"{DB_NAME} in the archive is damaged: {'; '.join(problems[:5])}")
+
+
+LIVE_AT_EXPORT = "was running when exported"
+"""Start of the reason an imported run that was live at export time ends with."""
+
+
+def settle_live_runs(db_path: str) -> list[str]:
+    """Runs (and workers) that were live when the session was exported: in the imported copy
+    no process trains them, so they become `stopped`, with a reason that says what was live
+    and how far it can go on. The generalist and race variants are what `onthefly resume`
+    continues (from their latest checkpoint, or the beginning / the parent's checkpoint);
+    other runs (forks, merges) are not continued, and the reason names their last checkpoint.
+    Each change is also a `run_status` event, as the supervisor would have written it.
+    Returns the run ids it stopped."""
+    conn = sqlite3.connect(db_path)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "runs" not in tables:
+            return []
+        live = ("pending", "running", "paused")
+        rows = list(
+            conn.execute(
+                "SELECT run_id, kind, status, spec_json FROM runs WHERE status IN (?, ?, ?)"
+                " ORDER BY created",
+                live,
+            )
+        )
+        if not rows:
+            return []
+        ended = None
+        if "events" in tables:  # the export's last event: when it was live for the last time
+            ended = conn.execute("SELECT MAX(t) FROM events").fetchone()[0]
+        with conn:
+            for run_id, kind, status, spec_json in rows:
+                ck = None
+                if "checkpoints" in tables:
+                    ck = conn.execute(
+                        "SELECT step FROM checkpoints WHERE run_id = ? ORDER BY step DESC, t DESC"
+                        " LIMIT 1",
+                        (run_id,),
+                    ).fetchone()
+                spec = _loads(spec_json)
+                race = isinstance(spec, dict) and isinstance(spec.get("race"), dict)
+                at = f"its checkpoint at step {ck[0]}" if ck else ""
+                if kind == "main":
+                    how = f"`onthefly resume` continues it from {at or 'the beginning'}"
+                elif race:
+                    how = (
+                        f"`onthefly resume` continues its race from {at or 'the parent checkpoint'}"
+                    )
+                else:
+                    how = f"{at} remains" if at else "it had no checkpoint yet"
+                why = f"{LIVE_AT_EXPORT} ({status}); {how}"
+                conn.execute(
+                    "UPDATE runs SET status = 'stopped', error = ?, ended = COALESCE(ended, ?)"
+                    " WHERE run_id = ?",
+                    (why, ended, run_id),
+                )
+                if "events" in tables:
+                    conn.execute(
+                        "INSERT INTO events(t, kind, run_id, payload) VALUES (?, 'run_status', ?, ?)",
+                        (
+                            time.time(),
+                            run_id,
+                            json.dumps({"status": "stopped", "previous": status, "error": why}),
+                        ),
+                    )
+            if "workers" in tables:
+                conn.execute(
+                    "UPDATE workers SET state = 'stopped', ended = COALESCE(ended, ?),"
+                    " error = CASE WHEN error = '' THEN ? ELSE error END"
+                    " WHERE state NOT IN ('succeeded', 'failed', 'stopped')",
+                    (ended, LIVE_AT_EXPORT),
+                )
+    except sqlite3.Error as e:
+        raise ValueError(f"{DB_NAME} in the archive could not be updated: {e}") from e
+    finally:
+        conn.close()
+    return [r[0] for r in rows]
 
 
 def _check_weights_only(path: str, name: str) -> None:

@@ -245,10 +245,14 @@ def test_round_trip_is_byte_equal_and_checks_ok(tmp_path: Path, suffix: str) -> 
 
     a, b = Store(str(src), readonly=True), Store(str(dst), readonly=True)
     try:
-        assert [r.to_dict() for r in a.runs()] == [r.to_dict() for r in b.runs()]
+        # Its runs were live at export: the copy says they stopped (see the test below).
+        def same(r: RunRow) -> dict[str, Any]:
+            return {k: v for k, v in r.to_dict().items() if k not in ("status", "error", "ended")}
+
+        assert [same(r) for r in a.runs()] == [same(r) for r in b.runs()]
         assert a.checkpoints() == b.checkpoints()
         assert a.get_meta("script") == b.get_meta("script") == "train.py"
-        assert a.last_seq() == b.last_seq()
+        assert b.last_seq() == a.last_seq() + 2  # one run_status event per settled run
         latest = b.latest_checkpoint("main")
     finally:
         a.close()
@@ -292,10 +296,81 @@ def test_export_of_a_live_wal_session_sees_committed_rows(tmp_path: Path) -> Non
     try:
         main = b.run("main")
         assert main is not None and main.step == 1234
-        assert b.events_after(0)[-1]["payload"] == json.dumps({"text": "after"})
+        logs = [e["payload"] for e in b.events_after(0) if e["kind"] == "log"]
+        assert logs[-1] == json.dumps({"text": "after"})
     finally:
         b.close()
     assert not list(Path(imp.session_dir).rglob("*.tmp-*"))  # in-flight writes skipped
+
+
+def test_runs_live_at_export_are_stopped_in_the_imported_copy(tmp_path: Path) -> None:
+    # An export taken while main trains and a fork and a race variant run beside it.
+    src = make_session(tmp_path / "a")
+    st = Store(str(src))
+    try:
+        st.add_run(RunRow("main-2", "m", "main", RunStatus.RUNNING, [], time.time()))
+        write_checkpoint(st, src, "main-2", 7, "cadence")
+        st.add_run(RunRow("main-3", "m", "main", RunStatus.PAUSED, [], time.time()))
+        spec = {"race": {"id": "race-1", "variant": 0, "rungs": [5, 10]}}
+        st.add_run(
+            RunRow("fork-2", "v0", "fork", RunStatus.PENDING, ["main"], time.time(), spec=spec)
+        )
+        st.add_run(RunRow("fork-3", "done", "fork", RunStatus.COMPLETED, ["main"], time.time()))
+        st.upsert_worker(
+            {"worker_id": "main-0", "run_id": "main", "role": "train", "state": "running"}
+        )
+    finally:
+        st.close()
+    out = tmp_path / "live.tar"
+    export_session(src, out)
+    imp = import_session(out, tmp_path / "b")
+    b = Store(imp.session_dir, readonly=True)
+    try:
+        runs = {r.run_id: r for r in b.runs()}
+        assert {k: r.status for k, r in runs.items()} == {
+            "main": RunStatus.STOPPED,
+            "fork-1": RunStatus.STOPPED,
+            "main-2": RunStatus.STOPPED,
+            "main-3": RunStatus.STOPPED,
+            "fork-2": RunStatus.STOPPED,
+            "fork-3": RunStatus.COMPLETED,  # finished before the export: unchanged
+        }
+        assert runs["main-2"].error == (
+            "was running when exported (running); `onthefly resume` continues it from its "
+            "checkpoint at step 7"
+        )
+        assert runs["main-3"].error == (
+            "was running when exported (paused); `onthefly resume` continues it from the beginning"
+        )
+        # A run `onthefly resume` does not continue says only where its checkpoint is.
+        assert runs["fork-1"].error == (
+            "was running when exported (running); its checkpoint at step 25 remains"
+        )
+        assert runs["main"].error.endswith("its checkpoint at step 90 remains")  # kind train
+        assert runs["fork-2"].error == (
+            "was running when exported (pending); `onthefly resume` continues its race from "
+            "the parent checkpoint"
+        )
+        assert runs["fork-3"].error == ""
+        assert all(runs[r].ended for r in ("main", "fork-1", "main-2", "main-3", "fork-2"))
+        events = [
+            (e["run_id"], json.loads(e["payload"])["status"])
+            for e in b.events_after(0)
+            if e["kind"] == "run_status"
+        ]
+        settled = ("main", "fork-1", "main-2", "main-3", "fork-2")
+        assert events == [(r, "stopped") for r in settled]
+        worker = b.workers()[0]
+        assert (worker["state"], worker["error"]) == ("stopped", "was running when exported")
+    finally:
+        b.close()
+    assert check_session(imp.session_dir) == []
+    # The source session is not touched.
+    a = Store(str(src), readonly=True)
+    try:
+        assert a.run("main").status is RunStatus.RUNNING  # type: ignore[union-attr]
+    finally:
+        a.close()
 
 
 def test_export_refuses_overwrite_and_bad_names(tmp_path: Path) -> None:
