@@ -106,6 +106,98 @@ class Autopilot:
         self.report_dir = ""
         self.slice_margin = 0.2
         """A validation slice is weak when its loss stays this much (relative) above the overall."""
+        self.leftover: list[str] = []
+        """Cards approved before the previous supervisor ended that never started."""
+        if getattr(getattr(sup, "cfg", None), "resume_dir", ""):
+            self._reload()
+
+    # -- a served or resumed session -----------------------------------------------------------
+    def _reload(self) -> None:
+        """Take over the stored plan cards of a session this supervisor serves or resumes, so
+        `plans`, approve, reject and edit work on them as on the previous supervisor's.
+
+        The planner's state is rebuilt by replaying the cards in order (cooldowns, adaptive
+        back-off, budget spent, specialists waiting for a gate or merge): proposed and
+        approved cards are pending again, done/failed/rejected ones are folded in with
+        their recorded outcome. A card that was running is taken over when what it started
+        can still be found (its race, named after it, or its run): it is judged when that
+        ends. Otherwise its execution ended with the previous supervisor, and it fails
+        saying so."""
+        cards: list[pl.PlanCard] = []
+        for d in self.sup.store.plans():
+            try:
+                cards.append(pl.PlanCard.from_dict(d))
+            except (ValueError, KeyError, TypeError):
+                continue  # a card this version cannot read stays in the store, unlisted
+        state = pl.PlannerState()
+        lost: list[pl.PlanCard] = []
+        for c in cards:
+            state = pl.record_proposed(state, [c])
+            if c.status in (pl.PlanStatus.DONE, pl.PlanStatus.FAILED):
+                state = pl.record_started(state, c.plan_id)
+                out = dict(c.diagnostics.get("outcome") or {})
+                runs = [str(r) for r in out.get("runs") or ()]
+                outcome: dict[str, Any] = {
+                    "status": c.status.value,
+                    "improved": bool(out.get("improved")),
+                    "runs": runs[:1] if out.get("race") else runs,
+                    "step": int(out.get("step", c.created_step) or 0),
+                }
+                if out.get("budget_used_steps") is not None:
+                    outcome["budget_used_steps"] = int(out["budget_used_steps"])
+                state = pl.apply_outcome(state, c, outcome, self.config)
+            elif c.status is pl.PlanStatus.REJECTED:
+                state = pl.apply_outcome(state, c, {"status": "rejected"}, self.config)
+            elif c.status is pl.PlanStatus.RUNNING:
+                state = pl.record_started(state, c.plan_id)
+                ex = self._take_over(c)
+                if ex is None:
+                    lost.append(c)
+                else:
+                    self.running[c.plan_id] = ex
+            elif c.status is pl.PlanStatus.APPROVED:
+                self.leftover.append(c.plan_id)
+        self.cards = {c.plan_id: c for c in cards}
+        self.state = state
+        for c in lost:
+            self._finish(
+                c,
+                Execution(c),
+                "failed",
+                "its execution ended with the previous supervisor (nothing it started was found)",
+            )
+
+    def _take_over(self, card: pl.PlanCard) -> Execution | None:
+        """The execution of a card that was running when the previous supervisor ended, found
+        by what it started (names given in _launch); None when nothing is found."""
+        st = self.sup.store
+        ex = Execution(card, started_step=card.created_step)
+        if card.action is pl.Action.STABILIZE:
+            return ex  # judged on its target run over its watch window
+        if card.action in (pl.Action.FORK, pl.Action.EXPLORE):
+            for row in st.query("SELECT key FROM meta WHERE key LIKE 'race:%'"):
+                d = st.get_meta(row["key"])
+                if isinstance(d, dict) and d.get("name") == card.plan_id:
+                    ex.race = str(d.get("race_id", ""))
+                    ex.runs = [str(x) for x in d.get("runs") or ()]
+                    ex.adopt = "lr_mul" if card.action is pl.Action.EXPLORE else ""
+                    return ex
+            name = f"{card.plan_id}-fork"
+        elif card.action is pl.Action.GATE:
+            name = f"{card.plan_id}-moe"
+        else:
+            name = f"{card.plan_id}-merge"
+        ex.runs = [r.run_id for r in st.runs() if r.name == name]
+        return ex if ex.runs else None
+
+    def _start_leftover(self, plan_id: str) -> bool:
+        """Start a card approved before the previous supervisor ended; False if it is not one."""
+        with self._lock:
+            if plan_id not in self.leftover:
+                return False
+            self.leftover.remove(plan_id)
+        threading.Thread(target=self._execute, args=(plan_id,), daemon=True).start()
+        return True
 
     # -- ControlService client (the planner acts only through it) -----------------------------
     @property
@@ -144,6 +236,12 @@ class Autopilot:
 
         with self._lock:
             card = self._card(req.plan_id)
+            if card.status is pl.PlanStatus.APPROVED and self._start_leftover(card.plan_id):
+                return pb.ActionReply(
+                    ok=True,
+                    message=f"plan {card.plan_id} was approved before the previous supervisor "
+                    f"ended and never started; starting it: {card.action.value}",
+                )
             if card.status is not pl.PlanStatus.PROPOSED:
                 raise ControlError(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -272,6 +370,9 @@ class Autopilot:
             return
         self._last = now
         self._judge_running()
+        if self.sup.automode:
+            for plan_id in list(self.leftover):
+                self._start_leftover(plan_id)
         main = self.sup.store.run("main")
         if main is None or main.status not in (RunStatus.RUNNING, RunStatus.COMPLETED):
             return
@@ -830,6 +931,9 @@ class Autopilot:
                 "after": after,
                 "runs": ex.runs,
                 "error": error,
+                # What a later supervisor needs to rebuild the planner's state (_reload).
+                "step": outcome["step"],
+                "budget_used_steps": used,
             }
             if summary:
                 diag["outcome"]["summary"] = summary

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -717,3 +718,105 @@ def test_editing_lr_mul_of_an_explore_card_changes_what_is_raced() -> None:
     ap._call = call  # type: ignore[method-assign]
     ap._launch(got, Execution(got))
     assert list(sent[0].variant_lr_muls) == pytest.approx([0.6, 2, 6])
+
+
+def test_a_served_session_takes_over_its_stored_plan_cards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`onthefly serve` (or resume) of a finished session: `plans approve` used to answer
+    "no plan ..." because the new supervisor started with no cards."""
+    from onthefly_proto import onthefly_pb2 as pb
+    from onthefly_supervisor.server import ControlServicer
+    from onthefly_supervisor.supervisor import Supervisor, SupervisorConfig
+    from onthefly_supervisor.variants import Race
+    from tests.unit.test_supervisor_units import Aborted, FakeContext, FakeLauncher
+
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")
+    first = Supervisor(
+        SupervisorConfig(script=str(script), project_dir=str(tmp_path), port=0),
+        launcher=FakeLauncher(),
+    )
+    first.start()
+    try:
+        st = first.store
+        base: dict[str, Any] = {"selection": "quantile:0.85:1", "created_step": 40}
+        fork_done = PlanCard(
+            "plan-0001",
+            Action.FORK,
+            Reason.HIGH_LOSS_TAIL,
+            status=PlanStatus.DONE,
+            diagnostics={"outcome": {"status": "done", "improved": True, "runs": ["fork-1"]}},
+            **base,
+        )
+        explore = PlanCard(
+            "plan-0002", Action.EXPLORE, Reason.LOSS_PLATEAU, "all", status=PlanStatus.RUNNING
+        )
+        gate = PlanCard(
+            "plan-0003", Action.GATE, Reason.HIGH_LOSS_TAIL, "all", status=PlanStatus.RUNNING
+        )
+        proposed = PlanCard("plan-0004", Action.FORK, Reason.RESIDUAL_CLUSTER, **base)
+        approved = PlanCard(
+            "plan-0005",
+            Action.MERGE,
+            Reason.MERGE_CADENCE,
+            "all",
+            merge_recipe={"method": "swa", "runs": ["main", "fork-1"]},
+            status=PlanStatus.APPROVED,
+        )
+        for c in (fork_done, explore, gate, proposed, approved):
+            st.put_plan(c.plan_id, c.status.value, c.to_dict())
+        race = Race("race-1", "main", ["fork-2", "fork-3"], {}, [50, 150], 3, "val")
+        race.name = "plan-0002"
+        st.set_meta("race:race-1", race.to_dict())
+    finally:
+        first.shutdown()
+
+    served = Supervisor(
+        SupervisorConfig(
+            script=str(script),
+            project_dir=str(tmp_path),
+            port=0,
+            resume_dir=first.dir,
+            serve_only=True,
+            keep_alive=True,
+        ),
+        launcher=FakeLauncher(),
+    )
+    ap = served.autopilot
+    executed: list[str] = []
+    monkeypatch.setattr(ap, "_execute", executed.append)
+    served.start()
+    try:
+        svc = ControlServicer(served)
+        listed = svc.ListPlans(pb.ListPlansRequest(), FakeContext())
+        assert {p.plan_id: p.status for p in listed.plans} == {
+            "plan-0001": "done",
+            "plan-0002": "running",  # its race is found: judged when it ends
+            "plan-0003": "failed",  # nothing it started was found
+            "plan-0004": "proposed",
+            "plan-0005": "approved",
+        }
+        assert "ended with the previous supervisor" in str(
+            ap.cards["plan-0003"].diagnostics["outcome"]["error"]
+        )
+        assert ap.running["plan-0002"].race == "race-1"
+        reply = svc.ApprovePlan(pb.PlanRequest(plan_id="plan-0004"), FakeContext())
+        assert reply.ok and "approved" in reply.message
+        reply = svc.ApprovePlan(pb.PlanRequest(plan_id="plan-0005"), FakeContext())
+        assert "never started; starting it" in reply.message
+        deadline = time.time() + 5
+        while len(executed) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        assert sorted(executed) == ["plan-0004", "plan-0005"]
+        ctx = FakeContext()
+        with pytest.raises(Aborted):
+            svc.ApprovePlan(pb.PlanRequest(plan_id="plan-0001"), ctx)
+        assert "is done, not proposed" in ctx.details
+        # The planner's memory is back: the improving specialist waits for a gate, and the
+        # next card gets a new id.
+        assert [s.run_id for s in ap.state.ungated] == ["fork-1"]
+        assert ap.state.next_seq == 6
+        assert {p.plan_id for p in ap.state.pending} == {"plan-0002", "plan-0004", "plan-0005"}
+    finally:
+        served.shutdown()
