@@ -1748,6 +1748,10 @@ class ForkRequest(_message.Message):
     RACE_ETA_FIELD_NUMBER: _builtins.int
     RACE_METRIC_FIELD_NUMBER: _builtins.int
     RACE_MODE_FIELD_NUMBER: _builtins.int
+    EARLY_STOP_PATIENCE_FIELD_NUMBER: _builtins.int
+    EARLY_STOP_METRIC_FIELD_NUMBER: _builtins.int
+    EARLY_STOP_MIN_DELTA_FIELD_NUMBER: _builtins.int
+    EARLY_STOP_EVERY_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """parent run"""
     select: _builtins.str
@@ -1778,6 +1782,25 @@ class ForkRequest(_message.Message):
     """selection, the default) or "val" (validation loss)
     "asha" (the default: a variant is promoted as soon as it ranks in
     """
+    early_stop_patience: _builtins.int
+    """the top 1/eta of those that finished its rung so far) or "sync"
+    (every variant of a rung reports before the best 1/eta go on)
+    >0: the fork evaluates early_stop_metric every
+    """
+    early_stop_metric: _builtins.str
+    """early_stop_every steps and ends (completed, its record
+    says where it stopped) when it has not improved by more
+    than early_stop_min_delta on its best for this many
+    evaluations in a row; raced variants only once promoted
+    to the full budget. 0 = off (train the whole budget)
+    "slice" (the loss on the fork's selection, the default)
+    """
+    early_stop_min_delta: _builtins.float
+    """or "val" (validation loss)
+    an improvement must exceed this; 0 = any decrease counts
+    """
+    early_stop_every: _builtins.int
+    """steps between evaluations; 0 = max(1, budget_steps / 10)"""
     @_builtins.property
     def variant_lr_muls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """explicit lr multipliers of the raced variants (instead"""
@@ -1798,10 +1821,14 @@ class ForkRequest(_message.Message):
         race_eta: _builtins.int = ...,
         race_metric: _builtins.str = ...,
         race_mode: _builtins.str = ...,
+        early_stop_patience: _builtins.int = ...,
+        early_stop_metric: _builtins.str = ...,
+        early_stop_min_delta: _builtins.float = ...,
+        early_stop_every: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_rank", b"adapters_rank", "budget_steps", b"budget_steps", "checkpoint", b"checkpoint", "lr_mul", b"lr_mul", "name", b"name", "race_eta", b"race_eta", "race_metric", b"race_metric", "race_mode", b"race_mode", "run", b"run", "select", b"select", "variant_lr_muls", b"variant_lr_muls", "variants", b"variants", "wd_mul", b"wd_mul"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_rank", b"adapters_rank", "budget_steps", b"budget_steps", "checkpoint", b"checkpoint", "early_stop_every", b"early_stop_every", "early_stop_metric", b"early_stop_metric", "early_stop_min_delta", b"early_stop_min_delta", "early_stop_patience", b"early_stop_patience", "lr_mul", b"lr_mul", "name", b"name", "race_eta", b"race_eta", "race_metric", b"race_metric", "race_mode", b"race_mode", "run", b"run", "select", b"select", "variant_lr_muls", b"variant_lr_muls", "variants", b"variants", "wd_mul", b"wd_mul"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

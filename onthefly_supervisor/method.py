@@ -216,6 +216,7 @@ class MethodOps:
                 f"--adapters {req.adapters_rank}: must be 0 (full weights) or a rank in 1..4096"
             )
         race = self._race_options(req, parent, lr_mul)
+        early = self._early_stop_options(req, parent, budget)
         spec_str = req.select or "all"
         cwd = str(sup.store.get_meta("cwd", os.getcwd()))
         parsed = sel.parse_spec(spec_str)  # a bad spec fails before any embedding work
@@ -231,7 +232,9 @@ class MethodOps:
         )
         ckpt_rel = self._parent_checkpoint(parent, req.checkpoint)
         if race is not None:
-            return self._start_race(req, parent, selection, ckpt_rel, budget, wd_mul, seed, *race)
+            return self._start_race(
+                req, parent, selection, ckpt_rel, budget, wd_mul, seed, *race, early=early
+            )
         run_id = self._create_fork(
             parent,
             selection,
@@ -242,20 +245,85 @@ class MethodOps:
             int(req.adapters_rank),
             req.name,
             seed,
+            early,
         )
         self._start_queued_forks()
         return pb.ActionReply(
             ok=True,
             run_id=run_id,
-            message=f"{run_id}: fork of {parent.run_id} on {selection.indices.size} samples ({selection.description}), budget {budget} steps",
+            message=f"{run_id}: fork of {parent.run_id} on {selection.indices.size} samples ({selection.description}), budget {budget} steps"
+            + _early_note(early),
             payload_json=json.dumps(
                 {
                     "samples": int(selection.indices.size),
                     "selection": selection.spec,
                     "checkpoint": ckpt_rel,
+                    **early,
                 }
             ),
         )
+
+    def _early_stop_options(
+        self, req: pb.ForkRequest, parent: RunRow, budget: int
+    ) -> dict[str, Any]:
+        """`{"early_stop": {patience, metric, min_delta, every}}` for the fork spec, or {}
+        when the fork trains its whole budget; one-line errors."""
+        patience = int(req.early_stop_patience)
+        others = req.early_stop_metric or req.early_stop_min_delta or req.early_stop_every
+        if patience < 0 or patience > 1_000_000:
+            raise ValueError(f"--early-stop-patience {patience}: must be in 0..1000000 (0 = off)")
+        if patience == 0:
+            if others:
+                raise ValueError(
+                    "--early-stop-metric/--early-stop-min-delta/--early-stop-every need "
+                    "--early-stop-patience N (N >= 1)"
+                )
+            return {}
+        metric = req.early_stop_metric or "slice"
+        if metric not in ("slice", "val"):
+            raise ValueError(f"--early-stop-metric {metric!r}: one of slice, val")
+        if metric == "val" and not any(
+            e["split"] == "val" for e in self.sup.store.evals(parent.run_id)
+        ):
+            raise ValueError(
+                f"--early-stop-metric val: run {parent.run_id} reports no validation loss "
+                "(give fit() a val_loader and val_every_n_epochs)"
+            )
+        min_delta = float(req.early_stop_min_delta)
+        if not (math.isfinite(min_delta) and min_delta >= 0):
+            raise ValueError(f"--early-stop-min-delta {min_delta}: must be a finite number >= 0")
+        every = int(req.early_stop_every)
+        if every < 0:
+            raise ValueError(f"--early-stop-every {every}: must be >= 1 (0 = budget / 10)")
+        every = every or max(1, budget // 10)
+        if patience * every >= budget:
+            raise ValueError(
+                f"--early-stop-patience {patience} with an evaluation every {every} steps "
+                f"cannot stop a {budget}-step fork before its end; lower the patience or "
+                "--early-stop-every"
+            )
+        return {
+            "early_stop": {
+                "patience": patience,
+                "metric": metric,
+                "min_delta": min_delta,
+                "every": every,
+            }
+        }
+
+    def _batch_size(self) -> int | None:
+        """The training loader's batch size (every worker runs the same script), estimated
+        from the main run's dataset size and steps per epoch, or from its samples per step;
+        None when unknown."""
+        main = self.sup.store.run("main")
+        if main is None:
+            return None
+        steps = self.sup.shape.get("main", (0, 0))[0]
+        if main.dataset_size > 0 and steps > 0:
+            return math.ceil(main.dataset_size / steps)
+        if main.step > 0 and main.sample_steps > 0:
+            return round(main.sample_steps / main.step)
+        return None
 
     def _race_options(
         self, req: pb.ForkRequest, parent: RunRow, lr_mul: float
@@ -317,9 +385,13 @@ class MethodOps:
         eta: int,
         metric: str,
         mode: str,
+        early: dict[str, Any] | None = None,
     ) -> pb.ActionReply:
         # One data order for every variant: they differ only in their recipe.
-        common = {"seed": seed + 1000 + int(self._next_id("fork").split("-")[1])}
+        common = {
+            "seed": seed + 1000 + int(self._next_id("fork").split("-")[1]),
+            **(early or {}),
+        }
 
         def make(m: float, name: str, extra: dict[str, Any]) -> str:
             return self._create_fork(
@@ -346,7 +418,8 @@ class MethodOps:
             message=f"{race.race_id}: {len(race.runs)} variants of {parent.run_id} ({', '.join(race.runs)}) "
             f"on {selection.indices.size} samples ({selection.description}), lr x"
             + "/".join(f"{m:.3g}" for m in muls)
-            + f"; rungs at {rungs} steps, each keeps the best 1/{eta} by {metric} loss ({mode})",
+            + f"; rungs at {rungs} steps, each keeps the best 1/{eta} by {metric} loss ({mode})"
+            + _early_note(early or {}, race=True),
             payload_json=json.dumps(
                 {
                     "race": race.race_id,
@@ -359,6 +432,7 @@ class MethodOps:
                     "samples": int(selection.indices.size),
                     "selection": selection.spec,
                     "checkpoint": ckpt_rel,
+                    **(early or {}),
                 }
             ),
         )
@@ -844,6 +918,19 @@ class MethodOps:
         if not ack.ok:
             raise self._err(grpc.StatusCode.FAILED_PRECONDITION, ack.message)
         return pb.ExportReply(ok=True, path=path, message=ack.message, sha256=_sha256(path))
+
+
+def _early_note(early: dict[str, Any], race: bool = False) -> str:
+    """'; early stop on the slice loss every 30 steps, patience 3' for a fork's reply."""
+    es = early.get("early_stop")
+    if not es:
+        return ""
+    delta = f", min delta {es['min_delta']:g}" if es["min_delta"] else ""
+    when = " (of a variant sent on to the full budget)" if race else ""
+    return (
+        f"; early stop{when} on the {es['metric']} loss every {es['every']} steps, patience "
+        f"{es['patience']}{delta}"
+    )
 
 
 def _not_run(hint: str, mode: str, **numbers: Any) -> dict[str, Any]:

@@ -766,6 +766,9 @@ class Supervisor:
             summary: dict[str, Any] = json.loads(f.summary_json) if f.summary_json else {}
             if w.spec.role is Role.MERGE and isinstance(summary.get("sample_steps"), int):
                 self.store.update_run(run_id, sample_steps=int(summary["sample_steps"]))
+            early = summary.get("early_stop")
+            if w.spec.role is Role.FORK and isinstance(early, dict):
+                self._record_early_stop(run_id, early)
             failure = str(summary.get("error", "")) if status is RunStatus.FAILED else ""
             self._set_run_status(run_id, status, failure or None)
             self.bus.publish(
@@ -775,8 +778,19 @@ class Supervisor:
                 step=int(f.step),
                 epoch=int(f.epoch),
                 checkpoint=f.final_checkpoint,
+                **({"early_stop": early} if isinstance(early, dict) else {}),
             )
         # heartbeat: last_seen is enough
+
+    def _record_early_stop(self, run_id: str, early: dict[str, Any]) -> None:
+        """A fork that stopped early: its record (spec `early_stopped`: step, metric, best
+        value and step...) and an `early_stop` event; before its status changes, so whoever
+        reacts to the status (a race) sees the record."""
+        run = self.store.run(run_id)
+        if run is not None:
+            spec = {**run.spec, "early_stopped": early}
+            self.store.update_run(run_id, spec_json=json.dumps(spec))
+        self.bus.publish("early_stop", run_id, **early)
 
     def _on_output(self, wid: str, line: str) -> None:
         if self.warm.quiet(wid):

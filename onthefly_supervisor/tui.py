@@ -181,6 +181,17 @@ class TerminalView:
             self.print(
                 f"[onthefly] {ev.run_id} epoch {p.get('epoch')} done · train loss {_fmt(p.get('train_loss'))} · p50/p90/p99 {_fmt(rv.p50)}/{_fmt(rv.p90)}/{_fmt(rv.p99)}"
             )
+        elif k == "early_stop":
+            best = p.get("best")
+            shown = (
+                f"best {best:.4g} at step {p.get('best_step')}"
+                if isinstance(best, float)
+                else "no finite value"
+            )
+            self.print(
+                f"[onthefly] {ev.run_id} stopped early at step {p.get('step')}: {p.get('metric')} "
+                f"loss did not improve in {p.get('patience')} evaluations ({shown})"
+            )
         elif k == "run_status" and rv is not None:
             rv.status = str(p.get("status"))
             if p.get("status") in ("paused", "completed", "failed", "stopped"):

@@ -60,6 +60,7 @@ from onthefly_proto import onthefly_pb2 as pb
 from onthefly_worker import checkpoint as ckpt
 from onthefly_worker import env as wenv
 from onthefly_worker import merge_math as mm
+from onthefly_worker import recipe
 from onthefly_worker import slices as sl
 from onthefly_worker.config import TrainerConfig, check_val_slices, describe_val_slices
 from onthefly_worker.connection import PROTOCOL_VERSION, Command, WorkerConnection
@@ -352,19 +353,6 @@ class LightningAttachment:
 
 
 # -- the run ---------------------------------------------------------------------------------
-def _adapter_group(opt: torch.optim.Optimizer, module: nn.Module) -> None:
-    """Give the optimizer the adapters' parameters as a group of their own, with the first
-    group's settings. The user's optimizer object stays (Lightning and the LR schedulers
-    hold it); the base weights add_adapters froze get no gradients, so it skips them."""
-    lora = [p for n, p in module.named_parameters() if p.requires_grad]
-    known = {id(p) for g in opt.param_groups for p in g["params"]}
-    new = [p for p in lora if id(p) not in known]
-    if new:
-        opt.add_param_group(
-            {**{k: v for k, v in opt.param_groups[0].items() if k != "params"}, "params": new}
-        )
-
-
 class _LightningRun(CommandLoop):
     """All the state of one instrumented `trainer.fit`; the Lightning callback forwards here."""
 
@@ -396,6 +384,10 @@ class _LightningRun(CommandLoop):
         self.budget = 0
         self.rung_stop = 0
         """A raced fork variant's rung: it stops there (0 = train the whole budget)."""
+        self.early: recipe.EarlyStop | None = None
+        """--early-stop-patience: when the fork stops before its budget (recipe.py)."""
+        self.early_stopped: dict[str, Any] | None = None
+        self._evaluated: dict[str, int] = {}  # split -> the step it was last evaluated at
         self.replay_steps = 0
         """role=health: the steps this replay of a checkpoint trains (then it stops)."""
         self.replayed = 0
@@ -512,6 +504,7 @@ class _LightningRun(CommandLoop):
             if self.budget <= 0:
                 raise OnTheFlyError(f"a fork needs budget_steps > 0, got {self.budget}")
             self.subset = np.load(os.path.join(env.session_dir, str(self.spec["indices_file"])))
+            self.early = recipe.EarlyStop.from_spec(self.spec)
             # A fork trains on its selection for its budget, and reports at the end.
             train_for_steps(self.trainer, self.budget)
         elif env.role == "health":
@@ -692,13 +685,19 @@ class _LightningRun(CommandLoop):
                 g["lr"] = g["lr"] * lr_mul
                 if "weight_decay" in g:
                     g["weight_decay"] = g["weight_decay"] * wd_mul
+            for cfg in trainer.lr_scheduler_configs:  # as in the Trainer (recipe.py)
+                recipe.scale_scheduler_lrs(cfg.scheduler, lr_mul)
             if rank > 0:
                 names = mm.add_adapters(module, rank, skip_small=True)
                 if not names:
                     raise OnTheFlyError("--adapters: the model has no nn.Linear layers to adapt")
-                _adapter_group(opt, module)
+                # The user's optimizer object stays (Lightning and the lr schedulers hold it);
+                # its groups, with their lr/wd multiplied, now hold the adapters.
+                how = recipe.train_adapters(opt, module)
                 self.adapters = True
-                self._log(f"fork trains rank-{rank} adapters on {len(names)} linear layer(s)")
+                self._log(
+                    f"fork trains rank-{rank} adapters on {len(names)} linear layer(s); {how}"
+                )
             self._log(
                 f"fork started from {self._restore_path} (parent step {state['counters']['step']})"
             )
@@ -740,7 +739,7 @@ class _LightningRun(CommandLoop):
             expected_sha256=None,
         )
         mm.restore_adapters(module, rank, parent["model"], state)
-        _adapter_group(opt, module)
+        recipe.train_adapters(opt, module)  # the groups as the fork's start made them
         opt.load_state_dict(state["optimizer"])
         self.adapters = True
 
@@ -750,6 +749,7 @@ class _LightningRun(CommandLoop):
         if self.replay_steps:
             self._t_prev = self._t_epoch = time.perf_counter()
             return
+        self._check_early_stop_setup()
         if self._restore_kind == "fork":
             # The slice loss before any fork step (the parent's weights), so the fork's gain
             # is measured like with like: slice:self at its end vs here (not for a fork on
@@ -757,7 +757,10 @@ class _LightningRun(CommandLoop):
             ld, src, subset = self._slice_loader(), self.source_loader, self.subset
             whole = subset is None or src is None or subset.size >= dataset_size(src)
             if ld is not None and not whole:
-                self.evaluate(ld, "slice:self")
+                start = self.evaluate(ld, "slice:self")
+                if self.early is not None and self.early.metric == "slice":
+                    self.early.start(self.step, float(start["loss"]))
+        self._early_stop_start()
         self._status(pb.WORKER_STATE_RUNNING, "training")
         self._poll()
         self._t_prev = self._t_epoch = time.perf_counter()
@@ -916,6 +919,8 @@ class _LightningRun(CommandLoop):
             self._request_stop(
                 f"race rung at step {self.rung_stop}: waiting for the other variants"
             )
+        elif self.early is not None and self.early.due(self.step) and not self.stopping:
+            self._early_stop_check()
         if self.conn.commands:
             self.rec.flush()
             self._poll()
@@ -1161,7 +1166,7 @@ class _LightningRun(CommandLoop):
             }
             for g in opt.param_groups
         ]
-        copy_opt = type(opt)(groups, **opt.defaults)
+        copy_opt = recipe.optimizer_like(opt, groups)
         copy_opt.load_state_dict(opt.state_dict())
         return m, copy_opt
 
@@ -1210,6 +1215,7 @@ class _LightningRun(CommandLoop):
     def evaluate(self, loader: DataLoader, split: str) -> dict[str, Any]:
         """Loss (and accuracy for classification) of the live module on `loader`, RNG untouched."""
         assert self.conn is not None
+        self._evaluated[split] = self.step
         module = self.module
         slices = self.opts.val_slices if split == "val" else None
         if slices:
@@ -1353,6 +1359,7 @@ class _LightningRun(CommandLoop):
                     {
                         "sample_steps": self.sample_steps,
                         "global_step": int(self.trainer.global_step),
+                        **({"early_stop": self.early_stopped} if self.early_stopped else {}),
                     }
                 ),
             )
@@ -1367,14 +1374,76 @@ class _LightningRun(CommandLoop):
         return selection_loader(self.source_loader, self.subset, bs)
 
     def _fork_reports(self) -> None:
-        """A fork reports its loss on its own slice (train data restricted to it) and on val."""
+        """A fork reports its loss on its own slice (train data restricted to it) and on val
+        (not twice at one step: an early-stop check may have just measured it)."""
         ld = self._slice_loader()
         if ld is None:
             return
-        self.evaluate(ld, "slice:self")
+        if self._evaluated.get("slice:self") != self.step:
+            self.evaluate(ld, "slice:self")
         val = self._val_loader()
-        if val is not None:
+        if val is not None and self._evaluated.get("val") != self.step:
             self.evaluate(val, "val")
+
+    def _check_early_stop_setup(self) -> None:
+        """Say how the fork stops early, or refuse a setup where it cannot (as the Trainer)."""
+        es = self.early
+        if es is None:
+            return
+        if es.metric == "val" and self._val_loader() is None:
+            raise OnTheFlyError(
+                "--early-stop-metric val: the fork has no val dataloader (attach_lightning("
+                "val_loader=...) or trainer.fit(..., val_dataloaders=...)); use the default "
+                "(slice) or give it one"
+            )
+        when = (
+            f"once the race sends it on to the full budget (now training to rung step "
+            f"{self.rung_stop})"
+            if self.rung_stop
+            else f"from step {self.step}"
+        )
+        self._log(
+            f"early stopping on the {es.metric} loss every {es.every} steps, patience "
+            f"{es.patience}, min delta {es.min_delta:g}, {when}"
+        )
+
+    def _early_stop_start(self) -> None:
+        """The metric where early stopping starts is its first best (as in the Trainer):
+        the slice loss just reported before the first step, else measured here, unreported."""
+        es = self.early
+        if es is None or self.rung_stop or es.best is not None:
+            return
+        loader = self._slice_loader() if es.metric == "slice" else self._val_loader()
+        if loader is None:
+            return
+        module = self.module
+        with self._unrecorded():
+            loss, _, _ = evaluate_model(
+                module,
+                loader,
+                self.loss,
+                module.device,
+                forward=self._prediction,
+                context=self.trainer.precision_plugin.forward_context,
+            )
+        es.start(self.step, loss)
+
+    def _early_stop_check(self) -> None:
+        """Evaluate the early-stop metric on its cadence and stop the fork (completed) when
+        it has run out of patience; not while a raced variant trains to a rung."""
+        es = self.early
+        if es is None or self.rung_stop:
+            return
+        assert self.rec is not None
+        self.rec.flush()  # the step's metrics before its evaluation
+        loader = self._slice_loader() if es.metric == "slice" else self._val_loader()
+        if loader is None:
+            return
+        value = float(self.evaluate(loader, es.split)["loss"])
+        if es.update(self.step, value):
+            self.early_stopped = es.summary()
+            self._log(es.describe())
+            self._request_stop("")
 
     def on_exception(self, exc: BaseException) -> None:
         if self.conn is None or self.finished:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_worker import checkpoint as ckpt
 from onthefly_worker import env as wenv
+from onthefly_worker import recipe
 from onthefly_worker.config import TrainerConfig
 from onthefly_worker.connection import PROTOCOL_VERSION, Command, WorkerConnection
 from onthefly_worker.control import CommandLoop
@@ -215,6 +216,12 @@ class _Loop(CommandLoop):
         self.budget = int(self.spec.get("budget_steps", 0) or 0)
         # A raced fork variant stops at its rung to be compared with the others (variants.py).
         self.rung_stop = int((self.spec.get("race") or {}).get("stop_at", 0) or 0)
+        # --early-stop-patience: a fork stops when its slice (or val) loss stops improving;
+        # a raced variant only on its way to the full budget (rungs compare at equal steps).
+        self.early = recipe.EarlyStop.from_spec(self.spec) if env.role == "fork" else None
+        self.early_stopped: dict[str, Any] | None = None
+        # split -> (step, result) of its latest evaluation: not twice at one step
+        self._evaluated: dict[str, tuple[int, dict[str, Any]]] = {}
         subset = None
         if env.role == "fork":
             subset = np.load(os.path.join(env.session_dir, self.spec["indices_file"]))
@@ -260,6 +267,7 @@ class _Loop(CommandLoop):
             self._note_validation()
         try:
             self._restore()
+            self._check_early_stop_setup()
             subset = self.order.subset
             if (
                 self.env.role == "fork"
@@ -270,7 +278,10 @@ class _Loop(CommandLoop):
                 # The slice loss before any fork step (the parent's weights, eval mode), so
                 # the fork's gain is measured like with like: slice:self at its end vs here.
                 # (Not for a fork on all the data, such as the matched-compute baseline.)
-                self._evaluate(self._slice_loader(), "slice:self")
+                start = self._evaluate(self._slice_loader(), "slice:self")
+                if self.early is not None and self.early.metric == "slice":
+                    self.early.start(self.step, float(start["loss"]))
+            self._early_stop_start()
             self._status(pb.WORKER_STATE_RUNNING, "training")
             self._train()
             if self.run_test_on_stop and self.test_loader is not None:
@@ -289,7 +300,11 @@ class _Loop(CommandLoop):
                     epoch=self.epoch,
                     final_checkpoint=self.last_checkpoint,
                     summary_json=json.dumps(
-                        {"sample_steps": self.sample_steps, "nonfinite_steps": self.nonfinite_total}
+                        {
+                            "sample_steps": self.sample_steps,
+                            "nonfinite_steps": self.nonfinite_total,
+                            **({"early_stop": self.early_stopped} if self.early_stopped else {}),
+                        }
                     ),
                 )
             )
@@ -376,6 +391,9 @@ class _Loop(CommandLoop):
                 g["lr"] = g["lr"] * lr_mul
                 if "weight_decay" in g:
                     g["weight_decay"] = g["weight_decay"] * wd_mul
+            # The script's scheduler starts afresh on the parent's lr; one that computes the
+            # lr from its base_lrs would drop the multiplier at its first step otherwise.
+            recipe.scale_scheduler_lrs(self.sched, lr_mul)
             ckpt.restore_rng(state["rng"])
             rank = int(self.spec.get("adapters_rank", 0) or 0)
             if rank > 0:
@@ -385,11 +403,11 @@ class _Loop(CommandLoop):
                 if not names:
                     raise OnTheFlyError("--adapters: the model has no nn.Linear layers to adapt")
                 self.model.to(self.device)
-                trainable = [p for p in self.model.parameters() if p.requires_grad]
-                lr = float(self.opt.param_groups[0]["lr"])
-                self.opt = type(self.opt)(trainable, **{**self.opt.defaults, "lr": lr})
+                # The script's optimizer object (its groups' lr/wd, multipliers applied, and
+                # the scheduler that holds it) now trains the adapters.
+                how = recipe.train_adapters(self.opt, self.model)
                 self.adapters = True
-                self.log(f"fork trains rank-{rank} adapters on {len(names)} linear layer(s)")
+                self.log(f"fork trains rank-{rank} adapters on {len(names)} linear layer(s); {how}")
             self.log(f"fork started from {path} (parent step {state['counters']['step']})")
             return
         if self.sched is not None and state.get("scheduler") is not None:
@@ -449,8 +467,7 @@ class _Loop(CommandLoop):
         )
         mm.restore_adapters(self.model, int(self.spec["adapters_rank"]), parent["model"], state)
         self.model.to(self.device)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = type(self.opt)(trainable, **self.opt.defaults)
+        recipe.train_adapters(self.opt, self.model)  # the groups as the fork's start made them
         self.opt.load_state_dict(state["optimizer"])
         self.adapters = True
 
@@ -628,7 +645,7 @@ class _Loop(CommandLoop):
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _done(self) -> bool:
-        if self.stop_reason:
+        if self.stop_reason or self.early_stopped:
             return True
         if self.rung_stop and self.step >= self.rung_stop:
             self.stop_reason = f"race rung at step {self.rung_stop}: waiting for the other variants"
@@ -752,6 +769,8 @@ class _Loop(CommandLoop):
                 every = self.cfg.checkpoint_every_n_steps
                 if every and self.step % every == 0:
                     self._checkpoint("cadence")
+                if self.early is not None and self.early.due(self.step):
+                    self._early_stop_check()
                 if conn.commands:
                     rec.flush()
                     self._poll()
@@ -762,6 +781,58 @@ class _Loop(CommandLoop):
             if self.batch >= len(batches):
                 self._end_epoch(len(batches), time.perf_counter() - t_epoch)
         rec.flush()
+
+    def _check_early_stop_setup(self) -> None:
+        """Say how the fork stops early, or refuse a setup where it cannot."""
+        es = self.early
+        if es is None:
+            return
+        if es.metric == "val" and self.val_loader is None:
+            raise OnTheFlyError(
+                "--early-stop-metric val: the script gives fit() no val_loader; use the "
+                "default (slice) or pass a val_loader"
+            )
+        when = (
+            f"once the race sends it on to the full budget (now training to rung step "
+            f"{self.rung_stop})"
+            if self.rung_stop
+            else f"from step {self.step}"
+        )
+        self.log(
+            f"early stopping on the {es.metric} loss every {es.every} steps, patience "
+            f"{es.patience}, min delta {es.min_delta:g}, {when}"
+        )
+
+    def _early_stop_start(self) -> None:
+        """The metric where early stopping starts is its first best: the slice loss the
+        fork has just reported before its first step, else measured here (not reported: a
+        raced variant's rung already reported it, and val is reported at the fork's end)."""
+        es = self.early
+        if es is None or self.rung_stop or es.best is not None:
+            return
+        loader = self._slice_loader() if es.metric == "slice" else self.val_loader
+        assert loader is not None
+        loss, _, _ = evaluate_model(
+            self.model, loader, self.loss, self.device, context=self._autocast
+        )
+        es.start(self.step, loss)
+
+    def _early_stop_check(self) -> None:
+        """Evaluate the early-stop metric on its cadence; stop the fork when it has run out
+        of patience. Not on the step that ends the budget (the fork stops there anyway and
+        reports its slice and val loss), nor while a raced variant trains to a rung."""
+        es = self.early
+        limit = self.budget or self.cfg.max_steps
+        if es is None or self.rung_stop or self.stop_reason or (limit and self.step >= limit):
+            return
+        assert self.rec is not None
+        self.rec.flush()  # the step's metrics before its evaluation
+        loader = self._slice_loader() if es.metric == "slice" else self.val_loader
+        assert loader is not None
+        value = float(self._evaluate(loader, es.split)["loss"])
+        if es.update(self.step, value):
+            self.early_stopped = es.summary()
+            self.log(es.describe())
 
     def _note_validation(self) -> None:
         """Say once when a val_loader will not be used on a schedule (val_every_n_epochs
@@ -835,7 +906,12 @@ class _Loop(CommandLoop):
         mean = means[0] if means else math.nan
         val_loss = None
         if validate and self.val_loader is not None:
-            val_loss = self._evaluate(self.val_loader, "val")["loss"]
+            # An early-stop check may have just validated these weights (same step).
+            val_loss = (
+                self._evaluated["val"][1]["loss"]
+                if self._at_this_step("val")
+                else self._evaluate(self.val_loader, "val")["loss"]
+            )
         if self._console():
             # `python train.py`: no terminal view of its own, so a line per epoch here.
             val = f" · val loss {val_loss:.4f}" if val_loss is not None else ""
@@ -854,6 +930,15 @@ class _Loop(CommandLoop):
         self._checkpoint("epoch")
 
     def _evaluate(self, loader: DataLoader, split: str) -> dict[str, Any]:
+        out = self._evaluate_once(loader, split)
+        self._evaluated[split] = (self.step, out)
+        return out
+
+    def _at_this_step(self, split: str) -> bool:
+        done = self._evaluated.get(split)
+        return done is not None and done[0] == self.step
+
+    def _evaluate_once(self, loader: DataLoader, split: str) -> dict[str, Any]:
         assert self.conn is not None
         slices = self.cfg.val_slices if split == "val" else None
         if not slices:
@@ -887,8 +972,11 @@ class _Loop(CommandLoop):
         """A fork reports its loss on its own slice (train data restricted to it) and on val."""
         if self.order.subset is None:
             return
-        self._evaluate(self._slice_loader(), "slice:self")
-        if self.val_loader is not None:
+        # Not twice at one step (same weights): an early-stop check or the epoch's
+        # validation may have just measured it.
+        if not self._at_this_step("slice:self"):
+            self._evaluate(self._slice_loader(), "slice:self")
+        if self.val_loader is not None and not self._at_this_step("val"):
             self._evaluate(self.val_loader, "val")
         if self.test_loader is not None and not self.run_test_on_stop:
             self._evaluate(self.test_loader, "test")  # (do_test_after has just tested it)

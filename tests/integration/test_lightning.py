@@ -49,6 +49,7 @@ p.add_argument("--uncopyable", action="store_true")
 p.add_argument("--factory", choices=["none", "callable", "tuple", "dict"], default="none")
 p.add_argument("--slices", action="store_true")
 p.add_argument("--noise", action="store_true", help="time-seeded noise: not reproducible")
+p.add_argument("--adamw", action="store_true", help="AdamW and a per-step StepLR (halves every 4)")
 args = p.parse_args()
 
 
@@ -80,6 +81,10 @@ class Lit(L.LightningModule):
         self.log("val_loss", self.loss(self(x), y))
 
     def configure_optimizers(self):
+        if args.adamw:
+            opt = torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return torch.optim.SGD(self.parameters(), lr=args.lr, momentum=0.9)
 
 
@@ -511,6 +516,42 @@ def test_adapter_race_of_a_lightning_run_then_adapter_fuse(project: Path) -> Non
             else:
                 assert torch.equal(v, parent["model"][k]), k
         _merge_completes(project, "--method", "adapter_fuse", race["winner"])
+    finally:
+        if live.proc.poll() is None:
+            live.proc.send_signal(signal.SIGINT)
+            live.finish(60)
+
+
+def test_adapter_fork_with_adamw_and_early_stopping_of_a_lightning_run(project: Path) -> None:
+    """The Lightning fork recipe: adapters with AdamW (whose constructor rejects a key of its
+    own defaults) keep the wd multiplier and follow the module's StepLR; early stopping
+    ends the fork as completed, with its record."""
+    live = start(project, _script(project), "--epochs", "1", "--adamw", extra=("--keep-alive",))
+    try:
+        live.wait_for(lambda s: live.main_run(s)["status"] == "completed", timeout=90)
+        r = cli(
+            "fork", "--select", "quantile:0.5:1.0", "--budget-steps", "40", "--adapters", "4",
+            "--wd-mul", "3", "--early-stop-patience", "2", "--early-stop-every", "5",
+            "--early-stop-min-delta", "10", "--wait", cwd=project, timeout=150,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "fork-1 completed" in r.stdout and "stopped early at step 10" in r.stdout
+        fork = {x["run_id"]: x for x in cli_json("runs", cwd=project)["runs"]}["fork-1"]
+        assert fork["status"] == "completed" and fork["step"] == 10
+        es = fork["early_stopped"]
+        assert (es["step"], es["best_step"], es["evals"]) == (10, 0, 2)
+        own = [e["step"] for e in fork["evals"] if e["split"] == "slice:self"]
+        assert own == [0, 5, 10]
+        state = torch.load(live.session_dir / fork["last_checkpoint"], weights_only=True)
+        assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [
+            pytest.approx(0.3)
+        ]
+        db = sqlite3.connect(live.session_dir / "session.db")
+        lrs = [v for (v,) in db.execute("SELECT lr FROM metrics WHERE run_id = 'fork-1' ORDER BY step")]  # fmt: skip
+        db.close()
+        # The parent's lr at its end (19 steps: 0.01 halved 4 times), then the StepLR's halving
+        # every 4 fork steps (recorded after the step's scheduler step).
+        assert lrs == pytest.approx([0.01 / 16 * 0.5 ** ((s + 1) // 4) for s in range(10)])
     finally:
         if live.proc.poll() is None:
             live.proc.send_signal(signal.SIGINT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -292,6 +293,99 @@ def test_kmeans_fork_clusters_on_the_parents_embedding(tmp_path: Path) -> None:
             (c["size"], c["mean_loss"]) for c in stored["clusters"]
         ]
         assert preview["selected_cluster"] == stored["selected_cluster"] == 1
+    finally:
+        if live.proc.poll() is None:
+            live.proc.send_signal(signal.SIGINT)
+            live.finish(60)
+
+
+def test_fork_recipe_adapters_adamw_schedule_and_early_stopping(tmp_path: Path) -> None:
+    """The recipe on a script with AdamW (two groups) and a per-step StepLR: an adapter fork
+    trains with the groups' own lr/wd (multipliers applied) and follows the schedule exactly
+    as a full-weight fork; early stopping ends a fork (and a race's winner) as completed."""
+    live = start(tmp_path, SCRIPTS / "train_recipe.py", extra=("--keep-alive",))
+    try:
+        live.wait_for(lambda s: live.main_run(s)["status"] == "completed", timeout=90)
+        recipe = ("--select", "quantile:0.7:1.0", "--budget-steps", "12", "--lr-mul", "0.5")
+        recipe += ("--wd-mul", "3", "--wait")
+        out = _ok(cli("fork", *recipe, "--adapters", "4", cwd=tmp_path, timeout=120))
+        assert "fork-1 completed" in out, out
+        out = _ok(cli("fork", *recipe, cwd=tmp_path, timeout=120))
+        assert "fork-2 completed" in out, out
+        db = sqlite3.connect(live.session_dir / "session.db")
+        logs = [json.loads(r[0])["text"] for r in db.execute("SELECT payload FROM events WHERE kind = 'log' AND run_id = 'fork-1'")]  # fmt: skip
+        lrs = {
+            r: [
+                v
+                for (v,) in db.execute(
+                    "SELECT lr FROM metrics WHERE run_id = ? ORDER BY step", (r,)
+                )
+            ]  # fmt: skip
+            for r in ("main", "fork-1", "fork-2")
+        }
+        assert any(
+            "rank-4 adapters on 2 linear layer(s); each adapter uses the optimizer group of the "
+            "layer it adapts (groups 0, 1)" in t
+            for t in logs
+        ), logs
+        # Group 0's lr: the parent's at its end (4e-3 halved every 5 of its 40 steps) x0.5,
+        # then halved every 5 fork steps by the script's StepLR, in both forks alike.
+        assert lrs["fork-1"] == lrs["fork-2"] and len(lrs["fork-1"]) == 12
+        start_lr = 4e-3 * 0.5**8 * 0.5
+        want = [start_lr * 0.5 ** ((s + 1) // 5) for s in range(12)]
+        assert lrs["fork-1"] == pytest.approx(want, rel=1e-5)
+        runs = {r["run_id"]: r for r in cli_json("runs", cwd=tmp_path)["runs"]}
+        groups = []
+        for r in ("fork-1", "fork-2"):
+            state = torch.load(live.session_dir / runs[r]["last_checkpoint"], weights_only=True)
+            groups.append([(g["lr"], g["weight_decay"]) for g in state["optimizer"]["param_groups"]])  # fmt: skip
+        assert groups[0] == groups[1]
+        assert [wd for _, wd in groups[0]] == pytest.approx([0.03, 0.3])  # wd x3 per group
+        assert [lr for lr, _ in groups[0]] == pytest.approx([4e-3 / 2**11, 2e-3 / 2**11])
+
+        # Early stopping: an improvement must exceed 10, so the 2nd evaluation (every 4
+        # steps) after the step-0 slice loss stops the fork at step 8 of its 60.
+        out = _ok(
+            cli(
+                "fork", "--select", "quantile:0.7:1.0", "--budget-steps", "60",
+                "--early-stop-patience", "2", "--early-stop-every", "4",
+                "--early-stop-min-delta", "10", "--wait", cwd=tmp_path, timeout=120,
+            )
+        )  # fmt: skip
+        assert "early stop on the slice loss every 4 steps, patience 2, min delta 10" in out
+        assert "fork-3 completed" in out and "stopped early at step 8" in out, out
+        fork = {r["run_id"]: r for r in cli_json("runs", cwd=tmp_path)["runs"]}["fork-3"]
+        assert fork["status"] == "completed" and fork["step"] == 8
+        assert fork["sample_steps"] == 8 * 30  # only the steps that ran
+        es = fork["early_stopped"]
+        own = [(e["step"], e["loss"]) for e in fork["evals"] if e["split"] == "slice:self"]
+        assert [s for s, _ in own] == [0, 4, 8]  # not twice at the stop
+        assert (es["step"], es["best_step"], es["evals"], es["metric"]) == (8, 0, 2, "slice")
+        assert es["best"] == pytest.approx(own[0][1]) and es["last"] == pytest.approx(own[2][1])
+        assert fork["last_checkpoint"].endswith("step-00000008.pt")
+        assert "stopped early at step 8 (slice loss best" in _ok(cli("runs", cwd=tmp_path))
+        kinds = [r[0] for r in db.execute("SELECT kind FROM events WHERE run_id = 'fork-3'")]
+        assert "early_stop" in kinds and kinds.index("early_stop") < kinds.index("finished")
+
+        # A race of adapter variants: rungs compare at equal steps, and the variant sent on
+        # to the full budget stops early (patience 1: at its first evaluation, step 12).
+        r = cli(
+            "fork", "--select", "quantile:0.7:1.0", "--budget-steps", "16", "--variants", "2",
+            "--adapters", "4", "--race-mode", "sync", "--early-stop-patience", "1",
+            "--early-stop-every", "4", "--early-stop-min-delta", "10", "--wait", "--json",
+            cwd=tmp_path, timeout=180,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        race = json.loads(r.stdout[r.stdout.index("{") :])["race"]
+        assert race["status"] == "done" and race["rungs"] == [8, 16]
+        runs = {x["run_id"]: x for x in cli_json("runs", cwd=tmp_path)["runs"]}
+        winner = runs[race["winner"]]
+        assert winner["status"] == "completed" and winner["step"] == 12
+        assert winner["early_stopped"]["step"] == 12
+        for v in race["runs"]:  # every variant reports its slice loss before its first step
+            steps = [e["step"] for e in runs[v]["evals"] if e["split"] == "slice:self"]
+            assert steps[0] == 0 and 8 in steps, (v, steps)
+        db.close()
     finally:
         if live.proc.poll() is None:
             live.proc.send_signal(signal.SIGINT)
