@@ -149,8 +149,12 @@ class Supervisor:
         self._last_prune = time.monotonic()
         self._last_sample_event = 0.0
         self._exit_code: int | None = None
+        # The script failed after its run completed (its own code after fit(), or a second
+        # fit()): the run keeps its status, `onthefly run` exits non-zero like `python` would.
+        self._script_failed = ""
         self._owner_gone_noted = False
         self._root_cause = ""
+        self._discard_dir = False
         self._shutdown = threading.Event()
         self.output_hooks: list[Callable[[str, str], None]] = []
         self.dataset_sizes: dict[str, int] = {}
@@ -1010,6 +1014,20 @@ class Supervisor:
         self._set_worker_state(wid, state)
         run = self.store.run(run_id)
         if run is None or run.status.terminal:
+            if (
+                state is WorkerState.FAILED
+                and w.spec.role is Role.TRAIN
+                and run is not None
+                and run.status is RunStatus.COMPLETED
+            ):
+                self._script_failed = ex.describe()
+                self.bus.publish(
+                    "log",
+                    run_id,
+                    worker_id=wid,
+                    level="error",
+                    text=f"the script failed after {run_id} completed: {self._script_failed}",
+                )
             return
         if state is WorkerState.SUCCEEDED:
             if not finished:
@@ -1104,7 +1122,7 @@ class Supervisor:
             return
         main = self.store.run("main")
         ok = main is not None and main.status in (RunStatus.COMPLETED, RunStatus.STOPPED)
-        self._exit_code = 0 if ok else 1
+        self._exit_code = 0 if ok and not self._script_failed else 1
 
     def _prune(self) -> None:
         """Keep policy: old cadence checkpoints go; anything a run, fork, plan or pin refers to stays."""

@@ -151,6 +151,21 @@ class Recorder:
             self._handed += 1
         self._queue.put(buf)
 
+    def hand_off(self) -> None:
+        """Hand what is buffered to the packing thread now, without waiting for it."""
+        self._hand_off()
+
+    def epoch_partial(self) -> tuple[float, int]:
+        """(sum, count) of the finite per-sample losses recorded so far this epoch (waits for
+        the packing thread): a checkpoint carries them, so a run resumed mid-epoch reports
+        the whole epoch's mean, not the mean of the batches after the resume."""
+        self.flush()
+        return self.epoch_sum, self.epoch_count
+
+    def set_epoch_partial(self, total: float, count: int) -> None:
+        self.flush()
+        self.epoch_sum, self.epoch_count = float(total), int(count)
+
     def handed_off(self) -> int:
         """How many buffers have been handed to the packing thread so far (see `wait_sent`)."""
         return self._handed

@@ -43,6 +43,9 @@ from onthefly_worker.evaluation import evaluate_model, report_eval
 from onthefly_worker.losses import PerSampleLoss
 from onthefly_worker.recorder import Recorder
 
+_FIT_CALLED = ""
+"""Set by the first `Trainer.fit` of a training process: a second one is refused."""
+
 ROLE_TO_PB = {
     "train": pb.ROLE_TRAIN,
     "fork": pb.ROLE_FORK,
@@ -118,6 +121,14 @@ class Trainer:
                 "__len__ and __getitem__): it records every sample's loss by its position and "
                 "owns the data order (pause, resume and forks replay it exactly)"
             )
+        global _FIT_CALLED
+        if _FIT_CALLED:
+            raise OnTheFlyError(
+                f"Trainer.fit() was already called in this script ({_FIT_CALLED}); OnTheFly "
+                "records one run per script (its per-sample losses, checkpoints and forks "
+                "belong to that run): train the second phase in a script of its own, or in the "
+                "same fit() (e.g. with a scheduler)"
+            )
         env = wenv.WorkerEnv.from_environ()
         if env is None:
             from onthefly_worker import selfhost
@@ -141,6 +152,7 @@ class Trainer:
             raise SystemExit(
                 serve_health(self.config, env, model, optimizer, loss_fn, train_loader, scheduler)
             )
+        _FIT_CALLED = f"run {env.run_id}"
         loop = _Loop(
             self.config,
             env,
@@ -209,6 +221,7 @@ class _Loop(CommandLoop):
         # Gradient-norm cadence (see TrainerConfig.grad_norm_every); 0 until calibrated.
         self.gn_every = cfg.grad_norm_every
         self._gn_cal: list[tuple[float, float]] = []
+        self._gn_ok_step = 0  # the last step whose gradients were measured finite
         self.writer = ckpt.AsyncWriter()
         self.last_checkpoint = ""
         self.last_good = ""
@@ -424,6 +437,10 @@ class _Loop(CommandLoop):
             self.grad_clip = float(state["grad_clip"])
         self.step = int(state["counters"]["step"])
         self.sample_steps = int(state["counters"]["sample_steps"])
+        self._gn_ok_step = self.step
+        partial = state["counters"].get("epoch_loss")
+        if partial and self.rec is not None:
+            self.rec.set_epoch_partial(float(partial[0]), int(partial[1]))
         if not self.cfg.grad_norm_every:
             self.gn_every = int(state["counters"].get("grad_norm_every", 0) or 0)
         self.log(f"resumed from {path} at epoch {self.epoch}, batch {self.batch}, step {self.step}")
@@ -542,6 +559,10 @@ class _Loop(CommandLoop):
                 "step": self.step,
                 "sample_steps": self.sample_steps,
                 "grad_norm_every": self.gn_every,
+                # The epoch's mean loss so far (none at an epoch's start).
+                "epoch_loss": list(self.rec.epoch_partial())
+                if self.rec is not None and self.batch > 0
+                else [0.0, 0],
             },
             "config": self.cfg.to_dict(),
             "spec": self.spec,
@@ -562,7 +583,10 @@ class _Loop(CommandLoop):
         conn = self.conn
         step, epoch, batch = self.step, self.epoch, self.batch
 
-        rec, handed = self.rec, self.rec.handed_off() if self.rec is not None else 0
+        rec = self.rec
+        if rec is not None:
+            rec.hand_off()  # this step's losses too: a resume from here starts after them
+        handed = rec.handed_off() if rec is not None else 0
 
         def done(saved: ckpt.SavedCheckpoint | None, err: BaseException | None) -> None:
             if rec is not None:
@@ -726,6 +750,8 @@ class _Loop(CommandLoop):
                             gnorm = float(norm_t.item())
                         if not every:
                             self._calibrate_grad_norm(time.perf_counter() - t_norm, t_prev)
+                        if math.isfinite(gnorm):
+                            self._gn_ok_step = self.step + 1
                     if self.scaler is None and grads and not math.isfinite(gnorm):
                         # Like GradScaler: an update with Inf/NaN gradients would poison the weights.
                         gnorm = math.inf  # reported as Inf: NaN on the wire means "not measured"
@@ -742,8 +768,13 @@ class _Loop(CommandLoop):
                         else:
                             opt.step()
                         if self.sched is not None and self.cfg.scheduler_interval == "step":
-                            self.sched.step()
+                            if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                                self.sched.step(loss_value)  # on this step's training loss
+                            else:
+                                self.sched.step()
                 else:
+                    if self.nonfinite_run == 0:
+                        self._check_weights(f"at step {self.step + 1} (its loss is non-finite)")
                     self._nonfinite("loss")
                 self.step += 1
                 self.sample_steps += n
@@ -780,6 +811,7 @@ class _Loop(CommandLoop):
             del it
             if self.batch >= len(batches):
                 self._end_epoch(len(batches), time.perf_counter() - t_epoch)
+        self._check_weights(f"when training ended at step {self.step}")
         rec.flush()
 
     def _check_early_stop_setup(self) -> None:
@@ -864,6 +896,26 @@ class _Loop(CommandLoop):
                 f"{norm_med * 1e3:.3f} ms of a {step_med * 1e3:.2f} ms step); "
                 "set Trainer(grad_norm_every=1) to measure it on every step"
             )
+
+    def _check_weights(self, why: str) -> None:
+        """With the gradient norm measured only every N steps, an update with NaN/Inf
+        gradients can go through unseen on the steps between; the weights are then
+        non-finite for good, and so is every later loss. Checked (one norm pass over the
+        parameters) on the first non-finite loss of a streak and when training ends: such a
+        run fails, naming the steps, instead of skipping updates or 'completing'."""
+        if self.gn_every <= 1 or self.grad_clip > 0 or self.scaler is not None:
+            return  # every update was checked (and skipped when non-finite)
+        weights = [p.detach() for g in self.opt.param_groups for p in g["params"]]
+        if not weights or bool(torch.isfinite(torch.stack(torch._foreach_norm(weights))).all()):
+            return
+        raise OnTheFlyError(
+            f"the weights are non-finite {why}: an update with "
+            f"NaN/Inf gradients was applied after step {self._gn_ok_step}, on a step whose "
+            f"gradient norm was not measured (it is measured every {self.gn_every} steps to "
+            "keep its cost under 1% of a step). `onthefly rollback` continues from a "
+            f"checkpoint before step {self._gn_ok_step + 1}; Trainer(grad_norm_every=1) "
+            "checks every update and skips bad ones"
+        )
 
     def _nonfinite(self, what: str) -> None:
         self.nonfinite_run += 1

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,6 +109,26 @@ def test_kill_and_restart_from_checkpoint_is_bit_exact(tmp_path: Path) -> None:
     assert marker.exists(), "the worker really was killed"
     assert "restarting main from checkpoint" in r.stdout
     assert final_hash(proj) == ref
+    # The per-sample losses and each epoch's train loss are the uninterrupted run's too:
+    # a checkpoint is recorded only after its steps' losses are sent, and it carries the
+    # epoch's loss so far (the restart resumed mid-epoch 1).
+    for (ea, a), (eb, b) in zip(epoch_arrays(tmp_path / "ref"), epoch_arrays(proj), strict=True):
+        assert ea == eb and np.array_equal(a, b, equal_nan=True), ea
+    assert epoch_losses(proj) == pytest.approx(epoch_losses(tmp_path / "ref"), rel=1e-9)
+
+
+def epoch_arrays(project: Path) -> list[tuple[str, np.ndarray]]:
+    d = (project / ".onthefly" / "sessions" / "latest" / "samples" / "main").resolve()
+    return [(p.name, np.load(p)) for p in sorted(d.glob("epoch-*.npy"))]
+
+
+def epoch_losses(project: Path) -> list[float]:
+    db = sqlite3.connect(project / ".onthefly" / "sessions" / "latest" / "session.db")
+    rows = db.execute(
+        "SELECT payload FROM events WHERE kind='epoch_end' AND run_id='main' ORDER BY seq"
+    ).fetchall()
+    db.close()
+    return [float(json.loads(p)["train_loss"]) for (p,) in rows]
 
 
 def _session_dir(project: Path) -> Path:

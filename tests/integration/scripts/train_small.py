@@ -46,7 +46,16 @@ p.add_argument(
     "--nan-grad-at-step", type=int, default=0, help="finite loss, NaN gradients at this step"
 )
 p.add_argument("--grad-norm-every", type=int, default=0)
+p.add_argument("--second-fit", action="store_true", help="call Trainer.fit a second time")
+p.add_argument(
+    "--plateau-per-step", action="store_true", help="ReduceLROnPlateau stepped every step"
+)
 p.add_argument("--iterable", action="store_true", help="train data as an IterableDataset")
+p.add_argument(
+    "--bad-test-loader",
+    action="store_true",
+    help="a test loader whose record 40 is missing (KeyError), for `onthefly test`",
+)
 args = p.parse_args()
 
 
@@ -136,12 +145,23 @@ train = DataLoader(
 )
 val = DataLoader(Data(128, args.regression), batch_size=64) if args.val else None
 test = DataLoader(Data(128, args.regression), batch_size=64) if args.test else None
+if args.bad_test_loader:
+
+    class MissingRecord(Data):
+        def __getitem__(self, i: int):
+            if i == 40:
+                raise KeyError(f"test record {i} missing")
+            return super().__getitem__(i)
+
+    test = DataLoader(MissingRecord(128, args.regression), batch_size=16)
 model = Net(1 if args.regression else 2)
 if args.optim == "sgd":
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 else:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+sched: object = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+if args.plateau_per_step:
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=2, factor=0.5)
 if args.scalar_loss:
 
     def loss_fn(out, y):
@@ -153,15 +173,23 @@ if args.no_fit:
     print("built everything, but forgot to call fit")
     sys.exit(0)
 
-Trainer(
-    project="tests",
-    run_name="small",
-    max_epochs=args.epochs,
-    val_every_n_epochs=1 if args.val else 0,
-    do_test_after=args.test,
-    checkpoint_every_n_steps=args.checkpoint_every,
-    grad_norm_every=args.grad_norm_every,
-    val_slices={"label0": lambda x, y: y.reshape(-1) <= 0, "label1": lambda x, y: y.reshape(-1) > 0}
+kw = {
+    "project": "tests",
+    "run_name": "small",
+    "max_epochs": args.epochs,
+    "val_every_n_epochs": 1 if args.val else 0,
+    "do_test_after": args.test,
+    "checkpoint_every_n_steps": args.checkpoint_every,
+    "grad_norm_every": args.grad_norm_every,
+    "val_slices": {
+        "label0": lambda x, y: y.reshape(-1) <= 0,
+        "label1": lambda x, y: y.reshape(-1) > 0,
+    }
     if args.slices
     else None,
-).fit(model, opt, loss_fn, train, val, test, scheduler=sched)
+}
+if args.plateau_per_step:
+    kw["scheduler_interval"] = "step"
+Trainer(**kw).fit(model, opt, loss_fn, train, val, test, scheduler=sched)
+if args.second_fit:  # e.g. a fine-tuning phase after pre-training
+    Trainer(project="tests", run_name="finetune", max_epochs=1).fit(model, opt, loss_fn, train)
