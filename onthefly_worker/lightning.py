@@ -1303,7 +1303,10 @@ class _LightningRun(CommandLoop):
         conn, run_id = self.conn, self.run_id
         step, epoch, batch = self.step, self.epoch, self.batch
 
-        rec, handed = self.rec, self.rec.handed_off() if self.rec is not None else 0
+        rec = self.rec
+        if rec is not None:
+            rec.hand_off()  # this step's losses too: a resume from here starts after them
+        handed = rec.handed_off() if rec is not None else 0
 
         def done(saved: ckpt.SavedCheckpoint | None, err: BaseException | None) -> None:
             if rec is not None:
