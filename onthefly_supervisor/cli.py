@@ -588,53 +588,139 @@ def _live(sdir: str) -> bool:
         return False
 
 
+def _serving(sdir: str) -> ControlClient | None:
+    """A client of the live supervisor serving the session folder `sdir`, or None when the
+    session has none (finished, or its supervisor does not answer)."""
+    if not _live(sdir):
+        return None
+    try:
+        client = connect(sdir)
+    except (NoSupervisor, FileNotFoundError, OSError, ValueError, KeyError):
+        return None
+    try:
+        st = client.ping(timeout=10)
+        if os.path.realpath(st.session_dir) == os.path.realpath(sdir):
+            return client
+    except (NoSupervisor, grpc.RpcError):
+        pass
+    client.close()
+    return None
+
+
+def _abs_indices(spec: str) -> str:
+    """indices:FILE with FILE made absolute from this command's folder (a live supervisor
+    would resolve a relative one from its own)."""
+    kind, sep, rest = spec.strip().partition(":")
+    if kind.strip().lower() != "indices" or not sep or not rest.strip():
+        return spec
+    return f"indices:{os.path.abspath(os.path.expanduser(rest.strip()))}"
+
+
+def _select_live(
+    client: ControlClient, run: str, spec: str, fmt: str, path: str, force: bool
+) -> tuple[Any, dict[str, Any]]:
+    """Export a slice through the live supervisor (the selection path of a fork, embedding
+    included): its reply and the slice definition stored with the file."""
+    from onthefly_supervisor.slices import read_slice_definition
+
+    reply = _rpc(
+        client,
+        "ExportSlice",
+        pb.ExportSliceRequest(run=run, select=spec, format=fmt, path=path, force=force),
+        timeout=600,
+    )
+    try:
+        return reply, read_slice_definition(reply.path, fmt)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _offline_note(sdir: str, run: str, spec: str) -> None:
+    """Say on stderr what a kmeans selection without a live supervisor clustered on."""
+    from onthefly_supervisor.selection import parse_spec
+    from onthefly_supervisor.slices import offline_embedding_note
+
+    try:
+        kmeans = parse_spec(spec).kind == "kmeans"
+    except ValueError:
+        return
+    if kmeans:
+        print(f"note: {offline_embedding_note(sdir, run)}", file=sys.stderr)
+
+
 def cmd_export_slice(a: argparse.Namespace) -> int:
     from onthefly_supervisor.slices import export_slice
 
     sdir = resolve_session(a.session)
-    try:
-        res = export_slice(
-            sdir,
-            a.run,
-            a.select,
-            a.format,
-            os.path.abspath(a.output),
-            force=a.force,
-            base_dir=os.getcwd(),
-        )
-    except (ValueError, FileExistsError) as e:
-        raise CliError(str(e)) from None
+    client = _serving(sdir)
+    if client is not None:
+        # The live supervisor selects as a fork does (kmeans: the same embedding source).
+        try:
+            reply, definition = _select_live(
+                client, a.run, _abs_indices(a.select), a.format, os.path.abspath(a.output), a.force
+            )
+        finally:
+            client.close()
+        path, rows = reply.path, int(reply.rows)
+        sel_spec, description = str(definition["spec"]), str(definition["description"])
+    else:
+        try:
+            res = export_slice(
+                sdir,
+                a.run,
+                a.select,
+                a.format,
+                os.path.abspath(a.output),
+                force=a.force,
+                base_dir=os.getcwd(),
+            )
+        except (ValueError, FileExistsError) as e:
+            raise CliError(str(e)) from None
+        _offline_note(sdir, a.run, a.select)
+        path, rows, sel_spec, description = res.path, res.rows, res.spec, res.description
     if a.json:
         print(
-            json.dumps(
-                {
-                    "path": res.path,
-                    "rows": res.rows,
-                    "spec": res.spec,
-                    "description": res.description,
-                }
-            )
+            json.dumps({"path": path, "rows": rows, "spec": sel_spec, "description": description})
         )
     else:
-        print(f"wrote {res.rows} rows to {res.path} ({res.description})")
+        print(f"wrote {rows} rows to {path} ({description})")
     return 0
 
 
 def cmd_clusters(a: argparse.Namespace) -> int:
     """The clusters of a k-means selection: stored with a fork, or computed now (no fork)."""
+    from onthefly_supervisor.selection import parse_spec
     from onthefly_supervisor.slices import select_in_session, slice_definition
 
     sdir = resolve_session(a.session)
     if a.select:
         try:
-            sdir, run_id, name, data, sel = select_in_session(
-                sdir, a.run, a.select, base_dir=os.getcwd(), recent=True
-            )
-        except (ValueError, FileNotFoundError) as e:
+            kmeans = parse_spec(a.select).kind == "kmeans"
+        except ValueError as e:
             raise CliError(str(e)) from None
-        if sel.clusters is None:
+        if not kmeans:
             raise CliError(f"--select {a.select}: not a kmeans selection, so it has no clusters")
-        doc = slice_definition(sdir, run_id, name, data.epoch, sel)
+        client = _serving(sdir)
+        if client is not None:
+            # Through the live supervisor: the selection path and embedding of a fork.
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="onthefly-clusters-") as tmp:
+                try:
+                    _, doc = _select_live(
+                        client, a.run, a.select, "json", os.path.join(tmp, "slice.json"), False
+                    )
+                finally:
+                    client.close()
+        else:
+            try:
+                sdir, run_id, name, data, sel = select_in_session(
+                    sdir, a.run, a.select, base_dir=os.getcwd(), recent=True
+                )
+            except (ValueError, FileNotFoundError) as e:
+                raise CliError(str(e)) from None
+            _offline_note(sdir, run_id, a.select)
+            doc = slice_definition(sdir, run_id, name, data.epoch, sel)
         doc.pop("columns", None)
     else:
         st = Store(sdir, readonly=True)
@@ -818,10 +904,16 @@ def cmd_rpc(a: argparse.Namespace) -> int:
             ),
             "Rollback",
         )
-    elif c == "gate":
-        req, method = pb.GateRequest(runs=a.runs, name=a.name or ""), "TrainGate"
-    elif c == "merge":
-        req, method = pb.MergeRequest(method=a.method, runs=a.runs, name=a.name or ""), "Merge"
+    elif c in ("gate", "merge"):
+        opts = json.dumps({"allow_failed": True}) if a.allow_failed else ""
+        req, method = (
+            (pb.GateRequest(runs=a.runs, name=a.name or "", options_json=opts), "TrainGate")
+            if c == "gate"
+            else (
+                pb.MergeRequest(method=a.method, runs=a.runs, name=a.name or "", options_json=opts),
+                "Merge",
+            )
+        )
     elif c == "health":
         req, method = pb.HealthRequest(run=a.run, check=a.check or ""), "RunHealthCheck"
     elif c == "export-slice":
@@ -1272,6 +1364,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default=None)
     g.add_argument("--json", action="store_true")
     g.add_argument("--no-wait", dest="wait", action="store_false", help="return once queued")
+    g.add_argument(
+        "--allow-failed",
+        action="store_true",
+        help="use a failed run's partial (latest) checkpoint instead of refusing it",
+    )
     g.set_defaults(fn=cmd_rpc, wait=True)
 
     m = sub.add_parser("merge", help="merge runs (swa | distill | fisher_soup | adapter_fuse)")
@@ -1282,6 +1379,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--name", default=None)
     m.add_argument("--json", action="store_true")
     m.add_argument("--no-wait", dest="wait", action="store_false", help="return once queued")
+    m.add_argument(
+        "--allow-failed",
+        action="store_true",
+        help="use a failed run's partial (latest) checkpoint instead of refusing it",
+    )
     m.set_defaults(fn=cmd_rpc, wait=True)
 
     cp = sub.add_parser(

@@ -230,6 +230,10 @@ class MethodOps:
         _, _, _, _, selection = select_in_session(
             sup.dir, parent.run_id, parsed, base_dir=cwd, embedding=self.embedding, recent=True
         )
+        # Too few samples to train on: refused now, not by a fork failing at its first step.
+        small = sel.check_fork_size(selection, self._batch_size())
+        if small:
+            selection.description += f"; {small}"
         ckpt_rel = self._parent_checkpoint(parent, req.checkpoint)
         if race is not None:
             return self._start_race(
@@ -673,13 +677,24 @@ class MethodOps:
         opts = json.loads(req.options_json) if req.options_json else {}
         if not isinstance(opts, dict):
             raise ValueError("options_json must be a JSON object")
-        parents = [self._entry(r) for r in runs]
+        allow_failed = bool(opts.pop("allow_failed", False))
+        # Everything that would fail the merge worker is refused here, before a run exists.
+        for r in runs:
+            if r.kind == "moe":
+                experts = " ".join(r.parents)
+                raise ValueError(
+                    f"merge --method {req.method}: {r.run_id} is an MoE (a gate over "
+                    f"{', '.join(r.parents)}), not one model's weights; merge its experts "
+                    f"instead (onthefly merge --method {req.method} {experts})"
+                )
         if req.method == "adapter_fuse":
             for r in runs:
                 if not r.spec.get("adapters_rank"):
                     raise ValueError(
                         f"run {r.run_id} was not trained with adapters (use `onthefly fork --adapters RANK`)"
                     )
+        partial = self._check_failed(runs, f"merge --method {req.method}", allow_failed)
+        parents = [self._entry(r) for r in runs]
         run_id = self._next_id("merge")
         self.sup.store.add_run(
             RunRow(
@@ -693,6 +708,7 @@ class MethodOps:
             )
         )
         self.sup.bus.publish("run_created", run_id, run=self.sup.store.run(run_id).to_dict())  # type: ignore[union-attr]
+        self._log_partial(run_id, partial)
         self._submit(
             {
                 "job": "merge",
@@ -706,8 +722,43 @@ class MethodOps:
         return pb.ActionReply(
             ok=True,
             run_id=run_id,
-            message=f"{run_id}: {req.method} of {', '.join(r.run_id for r in runs)} queued in the merge worker",
+            message=f"{run_id}: {req.method} of {', '.join(r.run_id for r in runs)} queued in the merge worker"
+            + "".join(f"; {p}" for p in partial),
         )
+
+    def _check_failed(self, runs: list[RunRow], what: str, allow: bool) -> list[str]:
+        """Refuse runs whose worker failed (their latest checkpoint is whatever it reached,
+        not a finished run) unless `allow` (--allow-failed); then one line per such run saying
+        which partial checkpoint is used. A run that failed before any checkpoint is refused
+        either way."""
+        notes: list[str] = []
+        for r in runs:
+            if r.status is not RunStatus.FAILED:
+                continue
+            cause = (r.error or "no cause recorded").strip().splitlines()[0]
+            if len(cause) > 200:
+                cause = cause[:197] + "..."
+            ck = self.sup.store.latest_checkpoint(r.run_id)
+            if ck is None:
+                raise self._err(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{what}: run {r.run_id} failed before its first checkpoint ({cause}); "
+                    "there are no weights to use",
+                )
+            if not allow:
+                raise self._err(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{what}: run {r.run_id} failed ({cause}); its latest checkpoint (step "
+                    f"{int(ck['step'])}) is partial. Pass --allow-failed to use it anyway",
+                )
+            notes.append(
+                f"{r.run_id} failed: its partial checkpoint at step {int(ck['step'])} is used"
+            )
+        return notes
+
+    def _log_partial(self, run_id: str, notes: list[str]) -> None:
+        for note in notes:
+            self.sup.bus.publish("log", run_id, level="warning", text=f"{run_id}: {note}")
 
     def gate(self, req: pb.GateRequest) -> pb.ActionReply:
         runs = self._runs(list(req.runs), 2, "gate")
@@ -717,6 +768,7 @@ class MethodOps:
         opts = json.loads(req.options_json) if req.options_json else {}
         if not isinstance(opts, dict):
             raise ValueError("options_json must be a JSON object")
+        partial = self._check_failed(runs, "gate", bool(opts.pop("allow_failed", False)))
         parents = [self._entry(r) for r in runs]
         run_id = self._next_id("moe")
         self.sup.store.add_run(
@@ -731,13 +783,15 @@ class MethodOps:
             )
         )
         self.sup.bus.publish("run_created", run_id, run=self.sup.store.run(run_id).to_dict())  # type: ignore[union-attr]
+        self._log_partial(run_id, partial)
         self._submit(
             {"job": "gate", "out_run": run_id, "parents": parents, "options": opts}, run_id
         )
         return pb.ActionReply(
             ok=True,
             run_id=run_id,
-            message=f"{run_id}: switch_softmax gate over {', '.join(r.run_id for r in runs)} queued in the merge worker",
+            message=f"{run_id}: switch_softmax gate over {', '.join(r.run_id for r in runs)} queued in the merge worker"
+            + "".join(f"; {p}" for p in partial),
         )
 
     def compare(self, req: pb.CompareRequest) -> pb.Comparison:
@@ -843,10 +897,10 @@ class MethodOps:
         # The losses ingested so far, on disk before they are read (right after a pause the
         # current epoch's array may not have been persisted yet).
         self.sup.arrays.persist()
-        if sel.parse_spec(req.select or "all").kind == "kmeans":
-            # A fresh embedding for export_slice to find; it falls back to the newest saved
-            # one (or none) by itself, so a failure here is not an error.
-            self.request_embedding(self.sup.resolve_run(req.run or "main").run_id)
+        sel.parse_spec(req.select or "all")  # a bad spec fails before any embedding work
+        # kmeans: the embedding comes from where a fork's does (the live worker, or the merge
+        # worker for an ended run, else the newest saved one), so the spec picks the same
+        # samples here, in a fork and in `onthefly clusters`.
         res = export_slice(
             self.sup.dir,
             req.run or "main",
@@ -855,6 +909,7 @@ class MethodOps:
             req.path,
             force=req.force,
             base_dir=str(self.sup.store.get_meta("cwd", os.getcwd())),
+            embedding=self.embedding,
         )
         return pb.ExportReply(
             ok=True,

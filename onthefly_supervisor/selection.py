@@ -8,7 +8,9 @@ A SPEC is the small string that the CLI, the dashboard, plan cards and the wire 
     kmeans:auto             residual clustering with k picked by silhouette (2..8);
     kmeans:auto:cluster=J   the highest-mean-loss cluster unless cluster=J names one
     kmeans:K[:cluster=J]    the same with a fixed k
-    indices:FILE            explicit sample ids (.npy, or text/CSV)
+    indices:FILE            explicit sample ids: .npy, text/CSV (one id per line, or an id
+                            column under a header), or what export-slice writes (CSV, JSON,
+                            Parquet: its sample_id column)
 
 Losses are a dense float array indexed by sample id with NaN for samples not seen yet
 (that is how the session store keeps them). Non-finite losses are treated as unseen:
@@ -47,14 +49,20 @@ AUTO_K_SUBSAMPLE = 10_000
 """Silhouette is O(n^2); scoring on at most this many samples keeps auto-k bounded."""
 
 # kmeans:auto does not choose a k whose smallest cluster is tiny: a handful of outliers
-# would win the silhouette and become a "regime" too small to fork a specialist on. A
-# cluster must hold at least MIN_CLUSTER_FRAC of the (sub)sample and at least
-# min(MIN_CLUSTER_ABS, n // 10) samples (a set of a few samples may still split into single
-# ones). An explicit kmeans:K is kept as asked.
+# would win the silhouette and become a "regime" too small to fork a specialist on. Every
+# cluster must hold at least MIN_CLUSTER_ABS samples and at least MIN_CLUSTER_FRAC of the
+# (sub)sample (`min_cluster_size`); with fewer than twice that many seen samples no split
+# qualifies and one cluster holds all (said in the description). An explicit kmeans:K is
+# kept as asked (a fork still refuses a selection under MIN_FORK_SAMPLES).
 MIN_CLUSTER_FRAC = 0.02
 """kmeans:auto: the smallest cluster's least share of the (sub)sample (2 %)."""
 MIN_CLUSTER_ABS = 10
-"""kmeans:auto: the smallest cluster's least size in samples (capped at n // 10)."""
+"""kmeans:auto: the smallest cluster's least size in samples."""
+
+MIN_FORK_SAMPLES = 2
+"""The fewest samples a fork trains on. One sample cannot train a BatchNorm model (a batch
+of one has no variance); from two on every batch of a fork has at least two samples,
+because a selection's odd last sample joins the batch before it (onthefly_worker/data.py)."""
 
 SILHOUETTE_SUBSAMPLE = 4_000
 """Points used to score each candidate k (drawn from the auto-k subsample). Silhouette
@@ -237,6 +245,28 @@ class Selection:
     """How many samples had a finite loss."""
     extra: dict[str, float] = field(default_factory=dict)
     """Numbers behind the description (loss thresholds, silhouette), for reports."""
+
+
+def check_fork_size(selection: Selection, batch_size: int | None = None) -> str:
+    """Refuse a selection too small to train a fork on (ValueError naming its size and the
+    minimum, MIN_FORK_SAMPLES); else a note when it is smaller than one batch of the
+    parent's loader (`batch_size`, when known), "" otherwise."""
+    n = int(selection.indices.size)
+    what = f"the selection {selection.spec}"
+    if selection.selected_cluster is not None and selection.clusters:
+        what += f" (cluster {selection.selected_cluster} of {len(selection.clusters)})"
+    if n < MIN_FORK_SAMPLES:
+        raise ValueError(
+            f"{what} has {n} sample{'' if n == 1 else 's'}; a fork needs at least "
+            f"{MIN_FORK_SAMPLES} (a batch of one sample cannot train BatchNorm): widen the "
+            "selection"
+        )
+    if batch_size and n < batch_size:
+        return (
+            f"{n} samples, fewer than one batch of the parent's loader (~{batch_size}): "
+            f"every step trains on all {n}"
+        )
+    return ""
 
 
 @contextmanager
@@ -483,6 +513,12 @@ def _fit_kmeans(x: np.ndarray, k: int, seed: int, rng: np.random.Generator) -> n
         return model.predict(x)
 
 
+def min_cluster_size(n: int) -> int:
+    """The smallest cluster kmeans:auto keeps among `n` (sub)sampled points: MIN_CLUSTER_ABS
+    samples, and MIN_CLUSTER_FRAC of them when that is more."""
+    return max(1, MIN_CLUSTER_ABS, math.ceil(MIN_CLUSTER_FRAC * n))
+
+
 def _auto_k(
     x: np.ndarray, seed: int, rng: np.random.Generator, k_max: int, notes: list[str]
 ) -> tuple[int, dict[int, float]]:
@@ -497,7 +533,7 @@ def _auto_k(
         score_rows = np.sort(rng.choice(sub.shape[0], SILHOUETTE_SUBSAMPLE, replace=False))
     scores: dict[int, float] = {}
     n_sub = sub.shape[0]
-    min_size = max(1, min(MIN_CLUSTER_ABS, n_sub // 10), math.ceil(MIN_CLUSTER_FRAC * n_sub))
+    min_size = min_cluster_size(n_sub)
     tiny: list[int] = []
     for k in AUTO_K_RANGE:
         if k > k_max:
@@ -551,10 +587,17 @@ def _select_kmeans(
     with _limit_threads(threads):
         if spec.k == "auto":
             k_max = min(max(AUTO_K_RANGE), distinct - 1)
+            least = min_cluster_size(min(n, AUTO_K_SUBSAMPLE))
             if k_max < 2:
                 k = 1
                 notes.append(
                     f"too few distinct seen samples ({distinct}) to cluster: one cluster holds all"
+                )
+            elif n < 2 * least:
+                k = 1
+                notes.append(
+                    f"too few seen samples ({n}) to split: kmeans:auto keeps no cluster under "
+                    f"{least} samples, so one cluster holds all"
                 )
             else:
                 k, scores = _auto_k(x, seed, rng, k_max, notes)
@@ -631,9 +674,92 @@ def _select_kmeans(
     )
 
 
+ID_COLUMNS = ("sample_id", "id", "index", "idx")
+"""Column names an indices file's ids may be under (export-slice writes sample_id)."""
+
+INDICES_FORMATS = (
+    ".npy (an integer array); text or CSV (ids separated by newlines, commas or spaces, or a "
+    "sample_id/id/index column under a header); JSON (a list of ids, or export-slice's "
+    '{"slice": ..., "rows": [{"sample_id": ...}]}); Parquet (a sample_id column, as '
+    "export-slice writes)"
+)
+"""What `indices:FILE` reads, quoted when a file cannot be read."""
+
+_INT = re.compile(r"[+-]?\d+")
+_NUMBER = re.compile(r"[+-]?((\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|nan|inf|infinity)", re.IGNORECASE)
+
+
+def _unreadable(path: str, why: str) -> ValueError:
+    return ValueError(f"indices file {path!r}: {why}; supported: {INDICES_FORMATS}")
+
+
+def _int_ids(values: list[object], path: str, where: str) -> np.ndarray:
+    """Integer ids from parsed JSON/Parquet values; the first non-integer is named (`where`
+    is a format string for its position, e.g. "row {} sample_id")."""
+    out: list[int] = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not (
+            isinstance(v, int) or (isinstance(v, float) and math.isfinite(v) and v == int(v))
+        ):
+            raise ValueError(
+                f"indices file {path!r}: {where.format(i)}: {v!r} is not an integer sample id"
+            )
+        out.append(int(v))
+    return np.asarray(out, dtype=np.int64)
+
+
+def _json_ids(path: str, text: str) -> np.ndarray:
+    import json
+
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _unreadable(path, f"not valid JSON ({exc})") from None
+    if isinstance(doc, dict):
+        rows = doc.get("rows")
+        if isinstance(rows, list):  # what export-slice writes
+            doc = rows
+        else:
+            key = next((k for k in ("sample_ids", "indices", "ids") if k in doc), None)
+            if key is None:
+                raise _unreadable(path, "a JSON object without a 'rows' or 'ids' list")
+            doc = doc[key]
+    if not isinstance(doc, list):
+        raise _unreadable(path, f"JSON {type(doc).__name__} where a list of ids was expected")
+    if doc and all(isinstance(r, dict) for r in doc):
+        col = next((c for c in ID_COLUMNS if c in doc[0]), None)
+        if col is None:
+            raise _unreadable(path, f"JSON rows without a sample_id field (keys {sorted(doc[0])})")
+        missing = next((i for i, r in enumerate(doc) if col not in r), None)
+        if missing is not None:
+            raise ValueError(f"indices file {path!r}: row {missing} has no {col!r}")
+        return _int_ids([r[col] for r in doc], path, "row {} " + col)
+    return _int_ids(list(doc), path, "item {}")
+
+
+def _parquet_ids(path: str) -> np.ndarray:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow is in the explorer extra
+        raise _unreadable(path, "a Parquet file, and reading Parquet needs pyarrow") from None
+    try:
+        schema = pq.read_schema(path)
+        col = next((c for c in ID_COLUMNS if c in schema.names), None)
+        if col is None:
+            raise _unreadable(path, f"a Parquet file without a sample_id column ({schema.names})")
+        values = pq.read_table(path, columns=[col]).column(col).to_pylist()
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith("indices file"):
+            raise
+        raise _unreadable(path, f"not a readable Parquet file ({exc})") from None
+    return _int_ids(values, path, "row {} " + col)
+
+
 def _read_ids(path: str) -> np.ndarray:
-    """Sample ids from .npy or text/CSV; order is kept so errors can name the first bad id."""
-    if path.endswith(".npy"):
+    """Sample ids from .npy, text/CSV, JSON or Parquet (see INDICES_FORMATS); order is kept so
+    errors can name the first bad id."""
+    lower = path.lower()
+    if lower.endswith(".npy"):
         try:
             arr = np.load(path, allow_pickle=False)
         except ValueError as exc:
@@ -650,35 +776,45 @@ def _read_ids(path: str) -> np.ndarray:
         raise ValueError(
             f"indices file {path!r} must hold integer sample ids, got dtype {arr.dtype}"
         )
-    with open(path, encoding="utf-8") as fh:
-        lines = [ln.strip() for ln in fh.read().splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not lines:
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if lower.endswith((".parquet", ".pq")) or raw[:4] == b"PAR1":
+        return _parquet_ids(path)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise _unreadable(path, "not text (utf-8), .npy, JSON or Parquet") from None
+    if lower.endswith(".json") or text.lstrip()[:1] in ("{", "["):
+        return _json_ids(path, text)
+    lines = [ln.strip() for ln in text.splitlines()]
+    numbered = [(i, ln) for i, ln in enumerate(lines, start=1) if ln and not ln.startswith("#")]
+    if not numbered:
         return np.zeros(0, dtype=np.int64)
-    first = [t.strip() for t in re.split(r"[,\t;]", lines[0])]
-    names = [t.strip('"').lower() for t in first]
-    tokens = [t for t in re.split(r"[,\s;]+", lines[0]) if t]
+    first = numbered[0][1]
+    cells = [t.strip().strip('"').strip("'") for t in re.split(r"[,\t;]", first)]
+    names = [t.lower() for t in cells]
+    tokens = [t for t in re.split(r"[,\s;]+", first) if t]
     ids: list[int] = []
-    header = any(c in names for c in ("sample_id", "id", "index", "idx")) or not any(
-        re.fullmatch(r"[+-]?\d+", t) for t in tokens
-    )
+    # A header row (a CSV written by export-slice) names an id column, or holds no number at
+    # all. A first line with a number in it is data (1.5 is a bad id, not a column name).
+    header = any(c in names for c in ID_COLUMNS) or not any(_NUMBER.fullmatch(t) for t in tokens)
     if header:
-        # A header row (a CSV written by export-slice): take the id column. A first line
-        # with some ids and a bad token is data, and the bad token is named below.
-        col = next((names.index(c) for c in ("sample_id", "id", "index", "idx") if c in names), 0)
-        for lineno, ln in enumerate(lines[1:], start=2):
-            cells = [t.strip().strip('"') for t in re.split(r"[,\t;]", ln)]
-            if col >= len(cells) or not re.fullmatch(r"[+-]?\d+", cells[col]):
+        col = next((names.index(c) for c in ID_COLUMNS if c in names), 0)
+        for lineno, ln in numbered[1:]:
+            row = [t.strip().strip('"') for t in re.split(r"[,\t;]", ln)]
+            if col >= len(row) or not _INT.fullmatch(row[col]):
+                got = repr(row[col]) if col < len(row) else "missing"
                 raise ValueError(
-                    f"indices file {path!r} line {lineno}: column {names[col]!r} is not an integer id"
+                    f"indices file {path!r} line {lineno}: column {cells[col]!r} is {got}, "
+                    "not an integer id"
                 )
-            ids.append(int(cells[col]))
+            ids.append(int(row[col]))
         return np.asarray(ids, dtype=np.int64)
-    for lineno, ln in enumerate(lines, start=1):
+    for lineno, ln in numbered:
         for tok in re.split(r"[,\s;]+", ln):
             if not tok:
                 continue
-            if not re.fullmatch(r"[+-]?\d+", tok):
+            if not _INT.fullmatch(tok):
                 raise ValueError(
                     f"indices file {path!r} line {lineno}: {tok!r} is not an integer id"
                 )

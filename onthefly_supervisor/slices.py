@@ -15,9 +15,9 @@ or `onthefly clusters` ranks and clusters, so a spec picks the same samples in a
 
 The slice definition (session, run, canonical spec, description, epoch, row count) goes
 with the data so a file on its own says what it is: a `<out>.slice.json` sidecar for
-CSV (which stays a plain, pandas-readable table, and a valid `indices:FILE` for a fork),
-schema metadata for Parquet, and a top-level `slice` key for JSON
-(`{"slice": {...}, "rows": [...]}`).
+CSV (which stays a plain, pandas-readable table), schema metadata for Parquet, and a
+top-level `slice` key for JSON (`{"slice": {...}, "rows": [...]}`). Each of the three is a
+valid `indices:FILE` for a fork (its sample_id column is read).
 
 Everything is written to a temp file and renamed, so an output path holds either a
 complete export or whatever it held before. Supervisor-side: numpy only, plus pyarrow
@@ -250,6 +250,38 @@ def embedding_features(
     return arr, note + (f" (the newest saved: {why})" if why and not fresh else "")
 
 
+def offline_embedding_note(session_dir: str, run: str) -> str:
+    """What a kmeans selection of `run` (id or name) made without a live supervisor clusters
+    on, for the CLI to say: with no supervisor nobody can embed the run now, so the newest
+    saved embedding is used (and whether it is older than the run's latest checkpoint), or
+    none at all."""
+    store = Store(os.path.realpath(session_dir), readonly=True)
+    try:
+        row = store.find_run(run)
+        run_id = row.run_id if row is not None else run
+        ck = store.latest_checkpoint(run_id)
+    finally:
+        store.close()
+    latest = int(ck["step"]) if ck is not None else None
+    found = newest_embedding(session_dir, run_id)
+    fork_way = (
+        "a fork (or this command while the session is live, e.g. under `onthefly serve`) "
+        "embeds the run's latest weights first, so it may pick other samples"
+    )
+    if found is None:
+        return (
+            f"no live supervisor: kmeans clustered {run_id} without an embedding (none saved "
+            f"in samples/{run_id}/); {fork_way}"
+        )
+    rel, step = found
+    if latest is not None and latest > step:
+        return (
+            f"no live supervisor: kmeans used the newest saved embedding, {rel} (step {step}; "
+            f"{run_id}'s latest checkpoint is step {latest}); {fork_way}"
+        )
+    return f"no live supervisor: kmeans used the newest saved embedding, {rel} (step {step})"
+
+
 def _pad(arr: np.ndarray, n: int, fill: float) -> np.ndarray:
     if arr.size == n:
         return arr
@@ -364,6 +396,7 @@ def export_slice(
     out_path: str | os.PathLike[str],
     force: bool = False,
     base_dir: str | os.PathLike[str] | None = None,
+    embedding: Callable[[str, int], tuple[np.ndarray | None, str]] | None = None,
 ) -> SliceResult:
     """Select samples of `run` (id or name) with `spec` and write them as `fmt`.
 
@@ -371,9 +404,10 @@ def export_slice(
     or empty spec; FileExistsError when `out_path` (or, for CSV, its sidecar) exists and
     not `force`. `base_dir` resolves a relative `indices:FILE` (default: the current
     directory). kmeans clusters on the loss plus the loss history (loss_mean), when
-    recorded the margin, and, when the run has one, its newest penultimate-layer
-    embedding (samples/<run>/embed-step-*.npy; a live supervisor asks the run's worker
-    for a fresh one first).
+    recorded the margin, and the run's penultimate-layer embedding from `embedding(run_id,
+    n)`: a live supervisor passes the fork's own source (MethodOps.embedding), so the same
+    spec picks the same samples; without one, the newest saved samples/<run>/embed-step-*.npy
+    (or none; `offline_embedding_note` says which).
     """
     fmt_l = str(fmt).lower()
     if fmt_l not in FORMATS:
@@ -394,7 +428,7 @@ def export_slice(
     # The same selection as a fork or `onthefly clusters` with this spec: each sample's most
     # recent loss, so mid-epoch every seen sample counts, not only this epoch's.
     sdir, run_id, run_name, data, sel = select_in_session(
-        session_dir, run, parsed, base_dir, recent=True
+        session_dir, run, parsed, base_dir, embedding=embedding, recent=True
     )
     ids = sel.indices
     definition = slice_definition(sdir, run_id, run_name, data.epoch, sel)
@@ -410,6 +444,36 @@ def export_slice(
     else:
         _atomic_write(out, lambda f: _write_parquet(f, definition, columns))
     return SliceResult(path=out, rows=int(ids.size), spec=sel.spec, description=sel.description)
+
+
+def read_slice_definition(path: str, fmt: str) -> dict[str, Any]:
+    """The slice definition `export_slice` stored with a file it wrote: the CSV's sidecar,
+    the JSON's "slice" key (read from the head of the file, not its rows), Parquet's schema
+    metadata. ValueError when the file has none."""
+    fmt_l = str(fmt).lower()
+    try:
+        if fmt_l == "csv":
+            with open(path + ".slice.json", encoding="utf-8") as f:
+                found = json.load(f)
+        elif fmt_l == "json":
+            with open(path, encoding="utf-8") as f:
+                head = f.readline()  # {"slice": {...}, "rows": [   (one line, see _write_json)
+            prefix = '{"slice": '
+            if not head.startswith(prefix):
+                raise ValueError("no leading slice definition")
+            found, _ = json.JSONDecoder().raw_decode(head, len(prefix))
+        elif fmt_l == "parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.read_schema(path).metadata or {}
+            found = json.loads(meta[b"onthefly.slice"])
+        else:
+            raise ValueError(f"unknown slice format {fmt!r}; use one of {', '.join(FORMATS)}")
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: no slice definition found ({e})") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"{path}: the slice definition is not a JSON object")
+    return found
 
 
 @dataclass

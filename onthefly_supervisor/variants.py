@@ -685,11 +685,32 @@ class Races:
             self.sup._set_run_status(run_id, RunStatus.STOPPED, reason)
 
     def _finish(self, race: Race, winner: str, error: str) -> None:
+        if not winner:
+            error = self._with_root_cause(race, error)
         race.status = "done" if winner else "failed"
         race.winner = winner
         race.error = error
         race.alive = [winner] if winner else []
         self._save(race)
+
+    def _with_root_cause(self, race: Race, error: str) -> str:
+        """A failed race's message, with the root cause of its first failed variant (every
+        variant failing, e.g. on the same bad selection, otherwise reads as just "no variant
+        reached the full budget")."""
+        failed = [
+            r
+            for r in (self.sup.store.run(rid) for rid in race.runs)
+            if r is not None and r.status is RunStatus.FAILED
+        ]
+        if not failed:
+            return error
+        who = (
+            f"all {len(race.runs)} variants failed"
+            if len(failed) == len(race.runs)
+            else f"{len(failed)} of {len(race.runs)} variants failed"
+        )
+        cause = (failed[0].error or "no cause recorded").strip().splitlines()[0]
+        return f"{error}: {who}; {failed[0].run_id}: {cause}"
 
 
 def _inf(v: float | None) -> float:

@@ -10,7 +10,8 @@ the same code. The methods:
   each coordinate leans toward the model whose loss is most sensitive to it.
 * `LoRALinear`, `add_adapters`, `adapter_deltas`, `merge_adapters`, `adapter_fuse` —
   low-rank adapters for cheap forks, and folding their deltas back into full weights.
-* `distill_step` / `distill` — train a student on a teacher's soft targets (Hinton et al.).
+* `distill_step` / `distill` — train a student on a teacher's soft targets (Hinton et al.),
+  or, for a regression model (`objective="mse"`), on the teacher's outputs by MSE.
 
 Integer tensors (BatchNorm's `num_batches_tracked`, index buffers) are never averaged:
 averaging counters into floats would corrupt them. Models must already be on `device`;
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from onthefly_worker.data import split_batch, to_device
+from onthefly_worker.data import batch_len, split_batch, to_device
 
 StateDict = dict[str, Tensor]
 BatchFn = Callable[[Any], tuple[Any, Any]]
@@ -157,8 +158,10 @@ def recalibrate_batchnorm(
     device: torch.device | str,
     max_batches: int | None = None,
     batch_fn: BatchFn | None = None,
+    info: dict[str, Any] | None = None,
 ) -> int:
-    """Recompute every BatchNorm's running statistics from data; returns the batches used.
+    """Recompute every BatchNorm's running statistics from data; returns the batches used
+    (and sets `info["samples"]` to the samples forwarded, for compute accounting).
 
     Averaged (SWA / soup) weights produce activations whose statistics match none of the
     parents' running stats, so they are reset and re-estimated with `momentum=None`
@@ -179,7 +182,7 @@ def recalibrate_batchnorm(
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    used = 0
+    used = samples = 0
     fork_devices = [dev.index or 0] if dev.type == "cuda" else []
     ok = False
     try:
@@ -188,14 +191,18 @@ def recalibrate_batchnorm(
             for batch in loader:
                 if max_batches is not None and used >= max_batches:
                     break
-                _forward(model, to_device(_inputs(batch, batch_fn), dev))
+                x = to_device(_inputs(batch, batch_fn), dev)
+                _forward(model, x)
                 used += 1
+                samples += batch_len(x)
         if used == 0:
             raise ValueError(
                 "recalibrate_batchnorm: the loader yielded no batches, so the running statistics "
                 "cannot be estimated"
             )
         ok = True
+        if info is not None:
+            info["samples"] = samples
     finally:
         for mod, mode in modes.items():
             mod.training = mode
@@ -967,6 +974,36 @@ def distill_step(student: nn.Module, teacher_logits: Tensor, x: Any, temperature
     return kl * temperature**2
 
 
+def mse_step(student: nn.Module, teacher_out: Tensor, x: Any) -> Tensor:
+    """The regression distillation loss for one batch (with grad): the mean squared error
+    between the student's outputs and the teacher's (any shape, the same for both)."""
+    s = _forward(student, x)
+    if not isinstance(s, Tensor):
+        raise ValueError(
+            f"distill needs the student to return an output tensor, got {type(s).__name__}"
+        )
+    if s.shape != teacher_out.shape:
+        raise ValueError(
+            f"student outputs {tuple(s.shape)} and teacher outputs {tuple(teacher_out.shape)} differ"
+        )
+    return F.mse_loss(s.float(), teacher_out.detach().float())
+
+
+OBJECTIVES = ("kl", "mse")
+"""distill's objectives: "kl" to a classifier teacher's soft targets, "mse" to a regression
+teacher's outputs."""
+
+
+def _objective_step(
+    objective: str, temperature: float
+) -> Callable[[nn.Module, Tensor, Any], Tensor]:
+    if objective == "kl":
+        return lambda student, t, x: distill_step(student, t, x, temperature)
+    if objective == "mse":
+        return mse_step
+    raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+
+
 def kl_to_teacher(
     student: nn.Module,
     teacher_fn: Callable[[Any], Tensor],
@@ -975,8 +1012,11 @@ def kl_to_teacher(
     device: torch.device | str,
     max_batches: int | None = None,
     batch_fn: BatchFn | None = None,
+    objective: str = "kl",
 ) -> float:
-    """Mean distillation loss (T^2 KL) of the student in eval mode over the loader."""
+    """Mean distillation loss (T^2 KL, or the MSE with objective="mse") of the student in
+    eval mode over the loader."""
+    step = _objective_step(objective, temperature)
     dev = torch.device(device)
     was = student.training
     student.eval()
@@ -987,7 +1027,7 @@ def kl_to_teacher(
                 if max_batches is not None and n >= max_batches:
                     break
                 x = to_device(_inputs(batch, batch_fn), dev)
-                total += float(distill_step(student, teacher_fn(x), x, temperature))
+                total += float(step(student, teacher_fn(x), x))
                 n += 1
     finally:
         student.train(was)
@@ -1006,6 +1046,7 @@ def distill(
     device: torch.device | str,
     batch_fn: BatchFn | None = None,
     eval_batches: int = 10,
+    objective: str = "kl",
 ) -> float:
     """Train `student` toward `teacher_fn`'s soft targets for `steps` Adam steps.
 
@@ -1013,10 +1054,14 @@ def distill(
     distillation starts from the generalist and only has to absorb the specialists);
     this function only trains it. `teacher_fn(x) -> logits` runs under no_grad — an MoE,
     or an ensemble (pass log of the mean probabilities: log-probs are valid logits).
-    Returns the final KL: `kl_to_teacher` on up to `eval_batches` batches after training.
+    With objective="mse" (a regression model) `teacher_fn(x)` returns the teacher's
+    outputs (e.g. the ensemble's mean) and the student is fit to them by mean squared
+    error; `temperature` is then unused. Returns the final loss to the teacher
+    (`kl_to_teacher` on up to `eval_batches` batches after training).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    step = _objective_step(objective, temperature)
     dev = torch.device(device)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
@@ -1030,7 +1075,7 @@ def distill(
             x = to_device(_inputs(next(batches), batch_fn), dev)
             with torch.no_grad():
                 t = teacher_fn(x)
-            loss = distill_step(student, t, x, temperature)
+            loss = step(student, t, x)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"distill: the loss became {loss.item()}; lower lr")
             opt.zero_grad(set_to_none=True)
@@ -1038,4 +1083,6 @@ def distill(
             opt.step()
     finally:
         student.train(was)
-    return kl_to_teacher(student, teacher_fn, loader, temperature, dev, eval_batches, batch_fn)
+    return kl_to_teacher(
+        student, teacher_fn, loader, temperature, dev, eval_batches, batch_fn, objective
+    )

@@ -37,6 +37,7 @@ from onthefly_worker.data import batch_len, data_fingerprint, dataset_size, spli
 from onthefly_worker.errors import OnTheFlyError
 from onthefly_worker.evaluation import evaluate_model, preserved_rng
 from onthefly_worker.losses import PerSampleLoss
+from onthefly_worker.recorder import Recorder
 from onthefly_worker.trainer import connect
 
 
@@ -338,22 +339,24 @@ class MergeWorker:
             info["base_checkpoint"] = base_rel
         elif method == "distill":
             experts = [self.fresh(st) for st in states]
-            teacher_probe = self._probe_output(experts[0])
-            if not (
-                isinstance(teacher_probe, torch.Tensor)
-                and teacher_probe.dim() == 2
-                and teacher_probe.shape[1] >= 2
-            ):
+            probe, target = self._probe_output(experts[0])
+            # A classifier ([batch, classes] logits, class-id targets, as the recorder tells
+            # them) distills the ensemble's mean probabilities by KL; anything else is a
+            # regression, fit to the ensemble's mean output by MSE.
+            classifier = Recorder.classification(probe, target) is not None
+            if not isinstance(probe, torch.Tensor):
                 raise OnTheFlyError(
-                    "distill needs a classifier (logits [batch, classes]); for regression use swa or fisher_soup"
+                    f"distill needs the model to return a tensor, got {type(probe).__name__}"
                 )
 
             def teacher(x: Any) -> torch.Tensor:
+                if not classifier:
+                    return torch.stack([e(x) for e in experts]).mean(0)
                 probs = torch.stack([torch.softmax(e(x), dim=1) for e in experts]).mean(0)
                 return torch.log(probs.clamp_min(1e-12))
 
             student = self.fresh(states[0])
-            kl = mm.distill(
+            final = mm.distill(
                 student,
                 teacher,
                 self.subset_loader(None, shuffle=True),
@@ -362,9 +365,11 @@ class MergeWorker:
                 float(opts.get("temperature", 2.0)),
                 self.device,
                 batch_fn=_batch_fn,
+                objective="kl" if classifier else "mse",
             )
             merged = {k: v.detach() for k, v in student.state_dict().items()}
-            info["final_kl"] = kl
+            info["objective"] = "kl" if classifier else "mse"
+            info["final_kl" if classifier else "final_mse"] = final
             # Student training steps plus the teachers' forward passes (1/3 of a step each).
             info["sample_steps"] = int(opts.get("steps", 200)) * self.bs * (3 + len(experts)) // 3
         else:
@@ -373,20 +378,33 @@ class MergeWorker:
         if method in ("swa", "fisher_soup", "adapter_fuse") and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
         ):
+            bn: dict[str, Any] = {}
             info["bn_batches"] = mm.recalibrate_batchnorm(
-                model, self.subset_loader(None), self.device, max_batches=50, batch_fn=_batch_fn
+                model,
+                self.subset_loader(None),
+                self.device,
+                max_batches=50,
+                batch_fn=_batch_fn,
+                info=bn,
             )
             merged = {k: v.detach() for k, v in model.state_dict().items()}
+            # Forward-only work, counted as the gate counts its expert forwards: 1/3 of a
+            # training step per sample.
+            info["bn_samples"] = int(bn.get("samples", 0))
+            info["sample_steps"] = int(info.get("sample_steps", 0)) + math.ceil(
+                info["bn_samples"] / 3
+            )
         rel = self.save(out_run, merged, base, {"merge": info})
         info.update(self.report(out_run, model))
         self.finish(out_run, rel, info)
         return {"message": f"{out_run}: {method} of {', '.join(info['parents'])}", **info}
 
-    def _probe_output(self, model: nn.Module) -> Any:
+    def _probe_output(self, model: nn.Module) -> tuple[Any, Any]:
+        """The model's output on the first training batch, and that batch's target."""
         raw = next(iter(self.subset_loader(None)))
-        x, _ = split_batch(raw)
+        x, y = split_batch(raw)
         with torch.no_grad():
-            return model(to_device(x, self.device))
+            return model(to_device(x, self.device)), y
 
     def gate(self, job: dict[str, Any]) -> dict[str, Any]:
         out_run = job["out_run"]
@@ -483,8 +501,16 @@ class MergeWorker:
         model = self.build_run_model(job["run"])
         path = job["path"]
         factory = job.get("factory") or None
-        if isinstance(model, moe_mod.MoE):
-            moe_mod.export_moe(model, path, [factory] * len(model.experts) if factory else None)
-        else:
-            moe_mod.export_model(model, path, factory=factory)
+        try:
+            if isinstance(model, moe_mod.MoE):
+                moe_mod.export_moe(model, path, [factory] * len(model.experts) if factory else None)
+            else:
+                moe_mod.export_model(model, path, factory=factory)
+        except moe_mod.UnsupportedModule as e:
+            # This job is the CLI's `export-model` (and the dashboard's): say it their way.
+            raise OnTheFlyError(
+                f"{e.summary}. Give `onthefly export-model` a factory that rebuilds it: "
+                "--factory package.module:callable (an importable function returning the "
+                "model); onthefly.load_model(path, allow_import=True) then calls it"
+            ) from None
         return {"message": f"wrote {path}", "path": path}

@@ -545,13 +545,25 @@ def _plain(value: Any, where: str) -> Any:
     )
 
 
-def _unsupported(path: str, module: nn.Module, why: str) -> ValueError:
+class UnsupportedModule(ValueError):
+    """A module that `module_to_spec` cannot describe; `summary` says which and why, without
+    the advice (the CLI and the Python API phrase that differently)."""
+
+    def __init__(self, summary: str) -> None:
+        self.summary = summary
+        super().__init__(
+            f"{summary}. For a custom model pass factory='package.module:callable' (an "
+            "importable function that builds it) to export_model/export_moe"
+        )
+
+
+def _unsupported(path: str, module: nn.Module, why: str) -> UnsupportedModule:
     cls = type(module)
-    return ValueError(
+    return UnsupportedModule(
         f"cannot describe module {path or '<root>'!r} of class {cls.__module__}.{cls.__qualname__} as a "
-        f"spec: {why}. Supported: {', '.join(SUPPORTED_MODULES)}. For a custom model pass "
-        "factory='package.module:callable' (an importable function that builds it) to "
-        "export_model/export_moe"
+        f"spec: {why} (the {len(SUPPORTED_MODULES)} torch.nn classes in "
+        "onthefly_worker.moe.SUPPORTED_MODULES, e.g. Linear, Conv2d, BatchNorm2d, Sequential, "
+        "are rebuilt without your code)"
     )
 
 
@@ -742,6 +754,8 @@ def _entry(module: nn.Module, what: str, how: Mapping[str, Any] | str | None) ->
     elif how is None:
         try:
             entry["spec"] = module_to_spec(module)
+        except UnsupportedModule as exc:
+            raise UnsupportedModule(f"{what}: {exc.summary}") from exc
         except ValueError as exc:
             raise ValueError(f"{what}: {exc}") from exc
     else:

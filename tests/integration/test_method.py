@@ -390,3 +390,105 @@ def test_fork_recipe_adapters_adamw_schedule_and_early_stopping(tmp_path: Path) 
         if live.proc.poll() is None:
             live.proc.send_signal(signal.SIGINT)
             live.finish(60)
+
+
+# -- a BatchNorm regression (tests/integration/scripts/train_small.py --regression) ----------
+SMALL = SCRIPTS / "train_small.py"
+
+
+@pytest.fixture(scope="module")
+def regression(tmp_path_factory: pytest.TempPathFactory):
+    """A finished BatchNorm regression (256 samples, batch size 32) under a live supervisor."""
+    project = tmp_path_factory.mktemp("regression")
+    live = start(
+        project, SMALL, "--regression", "--val", "--test", "--epochs", "2", "--n", "256",
+        extra=("--keep-alive",),
+    )  # fmt: skip
+    live.wait_for(lambda s: live.main_run(s)["status"] == "completed", timeout=120)
+    yield live
+    if live.proc.poll() is None:
+        live.proc.send_signal(signal.SIGINT)
+        live.finish(60)
+
+
+def _run_ids(cwd: Path) -> list[str]:
+    return [r["run_id"] for r in cli_json("runs", cwd=cwd)["runs"]]
+
+
+def _specialist(cwd: Path) -> str:
+    """A completed fork of main on its loss tail (made now unless an earlier test did)."""
+    for r in cli_json("runs", cwd=cwd)["runs"]:
+        if r["kind"] == "fork" and r["status"] == "completed" and r["spec"]["samples"] >= 50:
+            return str(r["run_id"])
+    d = json.loads(_ok(cli("fork", "--select", "quantile:0.8:1.0", "--budget-steps", "3",
+                           "--wait", "--json", cwd=cwd, timeout=120)))  # fmt: skip
+    assert d["ok"], d
+    return str(d["run_id"])
+
+
+def test_clusters_export_slice_and_fork_pick_the_same_kmeans_samples(regression) -> None:
+    """All three embed the run the same way (here: an ended run, by the merge worker). The
+    preview and the export used to cluster without it (none was saved yet) and so picked
+    other samples than the fork."""
+    cwd = regression.cwd
+    preview = cli_json("clusters", "--select", "kmeans:2", cwd=cwd)
+    assert "embedding: 16 dims from samples/main/embed-step-" in preview["description"]
+    out = cwd / "k.json"
+    _ok(cli("export-slice", "--select", "kmeans:2", "--format", "json", "-o", str(out), cwd=cwd))
+    exported = [r["sample_id"] for r in json.loads(out.read_text())["rows"]]
+    fork = json.loads(
+        _ok(cli("fork", "--select", "kmeans:2", "--budget-steps", "2", "--json", cwd=cwd))
+    )
+    spec = {r["run_id"]: r for r in cli_json("runs", cwd=cwd)["runs"]}[fork["run_id"]]["spec"]
+    forked = np.load(regression.session_dir / spec["indices_file"]).tolist()
+    assert exported == forked and len(forked) == preview["clusters"][-1]["size"]
+    assert preview["description"] == json.loads(out.read_text())["slice"]["description"]
+
+
+def test_tiny_selections_are_refused_up_front(regression) -> None:
+    cwd = regression.cwd
+    (cwd / "one.txt").write_text("7\n")
+    before = _run_ids(cwd)
+    for args in (
+        ("--select", "quantile:0.996:1.0"),  # 1 of 256
+        ("--select", "indices:one.txt"),
+        ("--select", "kmeans:100"),
+        ("--select", "quantile:0.996:1.0", "--variants", "2"),
+    ):
+        r = cli("fork", *args, cwd=cwd)
+        assert r.returncode != 0, args
+        assert "has 1 sample; a fork needs at least 2" in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert _run_ids(cwd) == before
+    # 5 samples, under one batch of 32: accepted, said so, and the BatchNorm model trains.
+    out = _ok(cli("fork", "--select", "quantile:0.98:1.0", "--budget-steps", "3", "--wait",
+                  cwd=cwd, timeout=120))  # fmt: skip
+    assert "5 samples, fewer than one batch of the parent's loader (~32)" in out, out
+    assert " completed" in out, out
+
+
+def test_distill_and_swa_of_a_batchnorm_regression(regression) -> None:
+    cwd = regression.cwd
+    fork = _specialist(cwd)
+    d = json.loads(_ok(cli("merge", "--method", "distill", "main", fork, "--json", cwd=cwd,
+                           timeout=120)))  # fmt: skip
+    assert d["ok"] and d["run"]["status"] == "completed", d  # was "distill needs a classifier"
+    s = json.loads(_ok(cli("merge", "--method", "swa", "main", fork, "--json", cwd=cwd)))
+    # The BatchNorm recalibration's forwards over the 256 samples, at 1/3 of a step each.
+    assert s["ok"] and s["run"]["sample_steps"] == 86, s
+
+
+def test_merging_an_moe_or_exporting_a_custom_class_says_so_in_one_line(regression) -> None:
+    cwd = regression.cwd
+    fork = _specialist(cwd)
+    moe = json.loads(_ok(cli("gate", "main", fork, "--json", cwd=cwd, timeout=120)))
+    before = _run_ids(cwd)
+    for method in ("swa", "fisher_soup"):
+        r = cli("merge", "--method", method, "main", moe["run_id"], cwd=cwd)
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"{moe['run_id']} is an MoE (a gate over main, {fork})" in r.stderr
+    assert _run_ids(cwd) == before  # no failed run left behind
+    r = cli("export-model", "--run", "main", "-o", str(cwd / "m.pt"), cwd=cwd, timeout=120)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "class __main__.Net" in r.stderr and "--factory package.module:callable" in r.stderr
+    assert "AdaptiveMaxPool2d" not in r.stderr  # the supported classes are not listed

@@ -197,6 +197,22 @@ def test_a_tie_goes_to_the_earlier_variant_whatever_order_they_finish_in(tmp_pat
     assert method.queued == [a], "the first variant (e.g. automode's x1 control arm) goes on"
 
 
+@pytest.mark.parametrize("mode", ["asha", "sync"])
+def test_a_race_whose_variants_all_fail_says_the_root_cause(tmp_path: Path, mode: str) -> None:
+    """It used to say only "no variant reached the full budget"."""
+    sup, _, races, race = _race(tmp_path, n=2, eta=2, budget=8)
+    race.mode = mode
+    cause = "RuntimeError: Expected more than 1 value per channel when training (model.py:12)"
+    for rid in race.runs:
+        sup.store.set_run_status(rid, RunStatus.FAILED, cause)
+    races.tick()
+    assert race.status == "failed"
+    first = race.runs[0]
+    assert "all 2 variants failed" in race.error and f"; {first}: " in race.error, race.error
+    assert cause in race.error
+    assert sup.store.get_meta(f"race:{race.race_id}")["error"] == race.error
+
+
 def test_a_race_holds_slots_only_for_variants_still_going_or_able_to_go_on(
     tmp_path: Path,
 ) -> None:

@@ -138,6 +138,23 @@ def test_recalibration_preserves_the_training_rng_and_respects_max_batches() -> 
     assert torch.equal(torch.rand(5), expected)
 
 
+def test_recalibration_reports_the_samples_it_forwarded() -> None:
+    # The merge worker charges them as compute (1/3 of a sample-step each, like the gate's
+    # expert forwards): SWA on a BatchNorm model used to show 0 sample-steps.
+    x = _bn_data()[:60]
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    info: dict[str, int] = {}
+    used = recalibrate_batchnorm(
+        model, DataLoader(TensorDataset(x), batch_size=16), "cpu", info=info
+    )
+    assert used == 4 and info == {"samples": 60}  # 16 + 16 + 16 + 12
+    info = {}
+    recalibrate_batchnorm(
+        model, DataLoader(TensorDataset(x), batch_size=16), "cpu", max_batches=2, info=info
+    )
+    assert info == {"samples": 32}
+
+
 def test_recalibration_with_an_empty_loader_raises_and_keeps_stats() -> None:
     bn = nn.BatchNorm1d(3)
     assert bn.running_mean is not None
@@ -514,6 +531,35 @@ def test_distill_lowers_kl_to_the_teacher() -> None:
     after = distill(student, teacher_fn, loader, steps=150, lr=0.01, temperature=2.0, device="cpu")
     assert after < 0.2 * before
     assert student.training  # mode restored
+
+
+def test_distill_a_regression_lowers_the_mse_to_the_teacher_ensemble() -> None:
+    torch.manual_seed(0)
+    teachers = [nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2)).eval() for _ in "ab"]
+    student = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 4, generator=g)
+    y = torch.randn(256, 2, generator=g)  # regression targets: never used by distillation
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False)
+
+    def ensemble(inp: Tensor) -> Tensor:
+        return torch.stack([t(inp) for t in teachers]).mean(0)
+
+    def first(batch: object) -> tuple[Tensor, Tensor]:
+        assert isinstance(batch, (list, tuple))
+        return batch[0], batch[1]
+
+    before = kl_to_teacher(student, ensemble, loader, 1.0, "cpu", batch_fn=first, objective="mse")
+    with torch.no_grad():
+        direct = float(torch.mean((student(x) - ensemble(x)) ** 2))
+    assert before == pytest.approx(direct, rel=1e-5)  # the MSE to the ensemble's mean output
+    after = distill(
+        student, ensemble, loader, steps=300, lr=0.01, temperature=2.0, device="cpu",
+        batch_fn=first, objective="mse",
+    )  # fmt: skip
+    assert after < 0.1 * before, (before, after)
+    with pytest.raises(ValueError, match="objective must be one of kl, mse"):
+        distill(student, ensemble, loader, 1, 0.1, 1.0, "cpu", batch_fn=first, objective="l1")
 
 
 def test_distill_checks_shapes() -> None:

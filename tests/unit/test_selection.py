@@ -166,11 +166,64 @@ def test_kmeans_cluster_out_of_range_after_auto() -> None:
 
 
 def test_kmeans_on_three_samples() -> None:
+    # Too few to split into clusters of the documented minimum: one cluster, said so (it
+    # used to split off the single 5.0 sample as the "hardest regime").
     losses = np.array([0.1, 0.2, 5.0], dtype=np.float32)
     sel = select("kmeans:auto", losses, threads=1)
-    assert sel.indices.tolist() == [2]
+    assert sel.indices.tolist() == [0, 1, 2]
+    assert sel.clusters is not None and len(sel.clusters) == 1
+    assert "too few seen samples (3) to split" in sel.description
     with pytest.raises(ValueError, match="needs at least 4 distinct seen samples"):
         select("kmeans:4", losses, threads=1)
+
+
+def test_kmeans_auto_never_keeps_a_cluster_under_the_documented_minimum() -> None:
+    """README: kmeans:auto never keeps a cluster under 10 samples or 2 % of the samples."""
+    from onthefly_supervisor.selection import min_cluster_size
+
+    assert [min_cluster_size(n) for n in (4, 100, 500, 501, 10_000)] == [10, 10, 10, 11, 200]
+    # The new-user trial: 4 samples gave k=3 with clusters of 1-2 samples.
+    four = np.array([0.1, 0.15, 3.0, 9.0], dtype=np.float32)
+    sel = select("kmeans:auto", four, np.array([1.0, 0.9, -2.0, -5.0]), threads=1)
+    assert [c.size for c in sel.clusters or []] == [4]
+    rng = np.random.default_rng(3)
+    for n in (15, 19, 20, 25, 40, 60, 150, 700):
+        # Three well-separated regimes, one of them tiny: a split that isolates it wins
+        # the silhouette unless the minimum holds.
+        tiny = max(1, n // 12)
+        losses = np.concatenate(
+            [rng.normal(0.2, 0.02, n - 2 * tiny - n // 3), rng.normal(1.0, 0.02, n // 3 + tiny)]
+            + [rng.normal(8.0, 0.02, tiny)]
+        ).astype(np.float32)
+        got = select("kmeans:auto", losses, seed=0, threads=1)
+        sizes = [c.size for c in got.clusters or []]
+        assert sum(sizes) == n
+        if n < 2 * min_cluster_size(n):
+            assert sizes == [n], (n, sizes)
+        else:
+            assert min(sizes) >= min_cluster_size(n), (n, sizes)
+
+
+def test_a_fork_needs_at_least_two_samples_and_says_when_it_is_under_a_batch() -> None:
+    from onthefly_supervisor.selection import MIN_FORK_SAMPLES, check_fork_size
+
+    assert MIN_FORK_SAMPLES == 2
+    losses = np.linspace(0, 1, 1000, dtype=np.float32)
+    one = select("quantile:0.999:1.0", losses)
+    assert one.indices.size == 1
+    with pytest.raises(ValueError, match=r"quantile:0.999:1 has 1 sample; a fork needs at least 2"):
+        check_fork_size(one, batch_size=64)
+    regimes, _, _ = _regimes(40)
+    regimes[:1] = 50.0  # one outlier: kmeans:K keeps it as its own cluster when asked
+    lone = select("kmeans:4", regimes, threads=1)
+    assert lone.indices.size == 1
+    with pytest.raises(ValueError, match=r"kmeans:4 \(cluster 3 of 4\) has 1 sample"):
+        check_fork_size(lone)
+    five = select("quantile:0.995:1.0", losses)
+    assert check_fork_size(five, batch_size=64) == (
+        "5 samples, fewer than one batch of the parent's loader (~64): every step trains on all 5"
+    )
+    assert check_fork_size(five, batch_size=None) == check_fork_size(five, batch_size=4) == ""
 
 
 def test_kmeans_degrades_to_one_cluster_with_too_few_samples() -> None:
@@ -266,6 +319,40 @@ def test_indices_missing_empty_and_garbage(tmp_path: Path) -> None:
     (tmp_path / "row.csv").write_text("1,2,abc\n")
     with pytest.raises(ValueError, match="line 1: 'abc' is not an integer id"):
         select("indices:row.csv", losses, base_dir=tmp_path)
+
+
+def test_indices_a_first_line_with_a_number_is_data_not_a_header(tmp_path: Path) -> None:
+    # "1.5" used to be taken as a CSV header, so the file silently selected only [2].
+    losses = np.zeros(5, dtype=np.float32)
+    (tmp_path / "f.txt").write_text("1.5\n2\n")
+    with pytest.raises(ValueError, match="line 1: '1.5' is not an integer id"):
+        select("indices:f.txt", losses, base_dir=tmp_path)
+    (tmp_path / "n.txt").write_text("# ids\nnan\n2\n")
+    with pytest.raises(ValueError, match="line 2: 'nan' is not an integer id"):
+        select("indices:n.txt", losses, base_dir=tmp_path)
+    # A real header still names its id column, and a bad cell is named by line and value.
+    (tmp_path / "h.csv").write_text("loss,id\n0.5,3\n0.7,1.5\n")
+    with pytest.raises(ValueError, match=r"line 3: column 'id' is '1.5', not an integer id"):
+        select("indices:h.csv", losses, base_dir=tmp_path)
+    (tmp_path / "h2.csv").write_text("loss,id\n0.5,3\n0.7,4\n")
+    assert select("indices:h2.csv", losses, base_dir=tmp_path).indices.tolist() == [3, 4]
+
+
+def test_indices_json_and_unreadable_files(tmp_path: Path) -> None:
+    losses = np.zeros(10, dtype=np.float32)
+    (tmp_path / "l.json").write_text("[4, 2]")
+    assert select("indices:l.json", losses, base_dir=tmp_path).indices.tolist() == [2, 4]
+    (tmp_path / "o.json").write_text('{"ids": [1, 3]}')
+    assert select("indices:o.json", losses, base_dir=tmp_path).indices.tolist() == [1, 3]
+    (tmp_path / "bad.json").write_text('{"rows": [{"sample_id": 1}, {"sample_id": 2.5}]}')
+    with pytest.raises(ValueError, match=r"bad.json.*row 1 sample_id: 2.5 is not an integer"):
+        select("indices:bad.json", losses, base_dir=tmp_path)
+    (tmp_path / "x.bin").write_bytes(b"\x89\xff\x00garbage")
+    with pytest.raises(ValueError, match=r"x.bin.*not text.*supported: \.npy.*JSON.*Parquet"):
+        select("indices:x.bin", losses, base_dir=tmp_path)
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match=r"fake.parquet.*not a readable Parquet file"):
+        select("indices:fake.parquet", losses, base_dir=tmp_path)
 
 
 def test_indices_may_name_unseen_samples(tmp_path: Path) -> None:

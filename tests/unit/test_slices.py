@@ -263,3 +263,63 @@ def test_kmeans_uses_the_newest_saved_embedding(session: Path, tmp_path: Path) -
     # Other specs never look at it; the per-sample columns are unchanged.
     res = export_slice(session, "main", "all", "csv", tmp_path / "a.csv")
     assert "embedding" not in res.description
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+def test_every_export_format_is_a_valid_indices_file(
+    session: Path, tmp_path: Path, fmt: str
+) -> None:
+    """README: an exported slice is a valid indices:FILE. JSON used to fail with "line 1:
+    '{"slice":' is not an integer id" and Parquet with a utf-8 decode error."""
+    from onthefly_supervisor.slices import read_slice_definition
+
+    out = tmp_path / f"top.{fmt}"
+    res = export_slice(session, "main", "quantile:0.5:1.0", fmt, out)
+    again = select(f"indices:top.{fmt}", arrays(session)["loss"], base_dir=tmp_path)
+    want = select("quantile:0.5:1.0", arrays(session)["loss"])
+    assert again.indices.tolist() == want.indices.tolist() and res.rows == want.indices.size
+    definition = read_slice_definition(str(out), fmt)
+    assert definition["spec"] == res.spec and definition["description"] == res.description
+
+
+def test_export_slice_clusters_with_the_embedding_it_is_given(
+    session: Path, tmp_path: Path
+) -> None:
+    """A live supervisor passes its fork's embedding source (MethodOps.embedding), so
+    export-slice picks what a fork picks; it used to read only the newest saved file."""
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(N, 4)).astype(np.float32)
+    asked: list[tuple[str, int]] = []
+
+    def source(run_id: str, n: int) -> tuple[np.ndarray | None, str]:
+        asked.append((run_id, n))
+        return emb, "embedding: 4 dims from the fork's source"
+
+    res = export_slice(session, "main", "kmeans:2", "json", tmp_path / "k.json", embedding=source)
+    assert asked == [("main", N)]
+    assert "embedding: 4 dims from the fork's source" in res.description
+    from onthefly_supervisor.slices import select_in_session
+
+    *_, fork_like = select_in_session(
+        session, "main", "kmeans:2", embedding=lambda r, n: (emb, "x"), recent=True
+    )
+    doc = json.loads((tmp_path / "k.json").read_text())
+    assert [r["sample_id"] for r in doc["rows"]] == fork_like.indices.tolist()
+
+
+def test_offline_embedding_note_says_what_kmeans_used(session: Path) -> None:
+    from onthefly_supervisor.slices import offline_embedding_note
+
+    note = offline_embedding_note(str(session), "main")
+    assert "without an embedding (none saved in samples/main/)" in note
+    d = session / "samples" / "main"
+    np.save(d / "embed-step-00000020.npy", np.zeros((N, 2), np.float32))
+    assert offline_embedding_note(str(session), "main").endswith(
+        "the newest saved embedding, samples/main/embed-step-00000020.npy (step 20)"
+    )
+    st = Store(str(session))
+    st.add_checkpoint("main", "checkpoints/main/step-00000050.pt", "", 50, 2, 0, "epoch", 1)
+    st.close()
+    note = offline_embedding_note(str(session), "main")
+    assert "(step 20; main's latest checkpoint is step 50)" in note
+    assert "a fork (or this command while the session is live" in note
