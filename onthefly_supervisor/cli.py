@@ -1056,6 +1056,22 @@ def _stored_plans(sdir: str) -> list[pb.PlanCard]:
 
 
 # -- parser ----------------------------------------------------------------------------------
+def _stored_run(run_id: str) -> dict[str, Any] | None:
+    """A run as the store of the latest session has it, once its supervisor is gone."""
+    try:
+        sdir = resolve_session(None)
+    except FileNotFoundError:
+        return None
+    if _live(sdir):
+        return None
+    st = Store(sdir, readonly=True)
+    try:
+        row = st.run(run_id)
+    finally:
+        st.close()
+    return None if row is None else row.to_dict()
+
+
 def _wait_run(
     client: ControlClient,
     run_id: str,
@@ -1067,27 +1083,33 @@ def _wait_run(
     print(reply.get("message", ""), flush=True, file=progress)
     deadline = time.time() + timeout
     while time.time() < deadline:
-        runs = _rpc(client, "ListRuns", pb.ListRunsRequest()).runs
-        r = next((x for x in runs if x.run_id == run_id), None)
-        if r is not None:
-            d = _run_dict(r)
-            if d["status"] in ("completed", "failed", "stopped"):
-                msg = f"{run_id} {d['status']}: val loss {_f(d['val_loss'])} · test loss {_f(d['test_loss'])}"
-                try:
-                    spec = _run_specs(resolve_session(None)).get(run_id, {})
-                except (OSError, ValueError):
-                    spec = {}
-                msg += _early_stop_note(spec)
-                if spec.get("early_stopped"):
-                    d["early_stopped"] = spec["early_stopped"]
-                if d["error"]:
-                    msg += f" · {d['error']}"
-                return {
-                    "ok": d["status"] == "completed",
-                    "run_id": run_id,
-                    "message": msg,
-                    "run": d,
-                }
+        try:
+            runs = [_run_dict(x) for x in _rpc(client, "ListRuns", pb.ListRunsRequest()).runs]
+        except CliError:
+            # The supervisor ended meanwhile (its session's work was done, e.g. a fork that
+            # failed after the main run completed): the store has the run's outcome.
+            stored = _stored_run(run_id)
+            if stored is None:
+                raise
+            runs = [stored]
+        d = next((x for x in runs if x["run_id"] == run_id), None)
+        if d is not None and d["status"] in ("completed", "failed", "stopped"):
+            msg = f"{run_id} {d['status']}: val loss {_f(d['val_loss'])} · test loss {_f(d['test_loss'])}"
+            try:
+                spec = _run_specs(resolve_session(None)).get(run_id, {})
+            except (OSError, ValueError):
+                spec = {}
+            msg += _early_stop_note(spec)
+            if spec.get("early_stopped"):
+                d["early_stopped"] = spec["early_stopped"]
+            if d["error"]:
+                msg += f" · {d['error']}"
+            return {
+                "ok": d["status"] == "completed",
+                "run_id": run_id,
+                "message": msg,
+                "run": d,
+            }
         time.sleep(0.3)
     raise CliError(f"{run_id} did not finish within {timeout:.0f} s")
 

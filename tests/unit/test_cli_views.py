@@ -253,3 +253,28 @@ def test_an_explore_card_says_what_it_races_and_why_a_multiplier_is_left_out() -
     assert PlannerConfig().fork_lr_multipliers == (1.0, 0.5)
     fork = PlanCard(plan_id="plan-0009", action="gate", reason="high_loss_tail", selection="all")
     assert ap._explain_variants(fork) is fork
+
+
+def test_wait_run_reads_the_outcome_from_the_store_when_the_supervisor_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fork --wait`: a fork that fails after the main run completed ends the session, and
+    the supervisor with it, between two polls. The command still reports the fork's outcome
+    (it said 'the supervisor ... does not answer')."""
+    sdir = tmp_path / "s1"
+    st = Store(str(sdir))
+    try:
+        st.add_run(RunRow("main", "main", "main", RunStatus.COMPLETED, [], 1.0))
+        st.add_run(RunRow("fork-1", "fork-1", "fork", RunStatus.FAILED, ["main"], 2.0))
+        st.update_run("fork-1", error="MemoryError: CUDA out of memory (simulated)")
+    finally:
+        st.close()
+    monkeypatch.setattr(cli, "resolve_session", lambda _s=None: str(sdir))
+
+    def gone(*_a: Any, **_k: Any) -> Any:
+        raise cli.CliError("the supervisor at 127.0.0.1:1 does not answer (it has stopped?)")
+
+    monkeypatch.setattr(cli, "_rpc", gone)
+    out = cli._wait_run(SimpleNamespace(), "fork-1", {"message": "fork-1: started"}, timeout=5)  # type: ignore[arg-type]
+    assert out["ok"] is False and out["run"]["status"] == "failed"
+    assert "MemoryError" in out["message"]
