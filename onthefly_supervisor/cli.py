@@ -87,7 +87,7 @@ def _serve(sup: Supervisor, headless: bool) -> int:
     finally:
         time.sleep(0.3)  # let the view drain the last events
         view.stop()
-    if code == 130:
+    if code in (130, 143):  # SIGINT, SIGTERM
         print(
             "[onthefly] interrupted; unfinished runs were checkpointed — `onthefly resume` continues them",
             file=sys.stderr,
@@ -306,12 +306,17 @@ def _run_dict(r: pb.RunInfo) -> dict[str, Any]:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    client = _client()
     try:
-        st = client.ping(timeout=10)
-    except NoSupervisor as e:
-        raise CliError(str(e)) from None
-    d = _status_dict(st)
+        st = _client().ping(timeout=10)
+    except (CliError, NoSupervisor) as e:
+        try:
+            sdir = resolve_session(None)
+        except FileNotFoundError:  # no session at all: an error
+            raise CliError(str(e)) from None
+        if _live(sdir):  # its supervisor lives but does not answer
+            raise CliError(str(e)) from None
+        return _stored_status(sdir, a.json)
+    d = {**_status_dict(st), "live": True}
     if a.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -330,6 +335,51 @@ def cmd_status(a: argparse.Namespace) -> int:
     for g in d["gpus"]:
         print(
             f"  gpu {g['index']} {g['name']} {g['utilization']:.0f}% {g['memory_used_mb']:.0f}/{g['memory_total_mb']:.0f} MiB {','.join(g['workers'])}"
+        )
+    return 0
+
+
+def _stored_status(sdir: str, as_json: bool) -> int:
+    """`onthefly status` without a live supervisor: the session's stored state (exit 0, so a
+    script tells finished from crashed by the runs' statuses). A supervisor that died
+    without cleaning up (SIGKILL) left its connection.json: its unfinished runs show as
+    'stopped (supervisor gone)'."""
+    st = Store(sdir, readonly=True)
+    try:
+        runs = st.runs()
+        script, argv = st.get_meta("script", ""), st.get_meta("argv", [])
+    finally:
+        st.close()
+    gone = os.path.exists(os.path.join(sdir, "connection.json"))
+    main_failed = any(r.run_id == "main" and r.status.value == "failed" for r in runs)
+    state = "supervisor gone" if gone else ("failed" if main_failed else "finished")
+    keys = "run_id name kind parents step epoch last_loss val_loss test_loss sample_steps"
+    keys += " last_checkpoint error"
+    rows = [{k: getattr(r, k) for k in keys.split()} | {"status": r.status.value} for r in runs]
+    if as_json:
+        d = {
+            "session_id": os.path.basename(sdir),
+            "session_dir": sdir,
+            "script": script,
+            "argv": argv,
+            "state": state,
+            "live": False,
+            "workers": [],
+            "runs": rows,
+            "gpus": [],
+        }
+        print(json.dumps(d, indent=2))
+        return 0
+    why = (
+        "gone: killed? `onthefly resume` continues its runs"
+        if gone
+        else "finished; `onthefly runs` for the lineage"
+    )
+    print(f"session {os.path.basename(sdir)} · no live supervisor ({why}) · {script}")
+    for r, row in zip(runs, rows, strict=True):
+        shown = "stopped (supervisor gone)" if gone and not r.status.terminal else row["status"]
+        print(
+            f"  run {row['run_id']:<10} {row['kind']:<5} {shown:<10} step {row['step']:<7} loss {_f(row['last_loss'])} val {_f(row['val_loss'])}"
         )
     return 0
 
@@ -509,12 +559,17 @@ def cmd_sessions(a: argparse.Namespace) -> int:
             live = _live(d)
             size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(d) for f in fs)
             main = next((r for r in runs if r.run_id == "main"), None)
+            # Killed (SIGKILL): its connection.json stays, naming a dead pid.
+            gone = not live and os.path.exists(os.path.join(d, "connection.json"))
+            unfinished = main is not None and not main.status.terminal
             rows.append(
                 {
                     "session_id": n,
                     "script": script,
                     "runs": len(runs),
-                    "status": main.status.value if main else "",
+                    "status": "stopped (supervisor gone)"
+                    if gone and unfinished
+                    else (main.status.value if main else ""),
                     "live": live,
                     "bytes": size,
                     "latest": n == latest,

@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import secrets
+import shutil
 import signal
 import sys
 import threading
@@ -191,7 +192,13 @@ class Supervisor:
 
     # -- start / stop ------------------------------------------------------------------------
     def start(self) -> None:
-        self._bind()
+        try:
+            self._bind()
+        except SupervisorError:
+            # Nothing ran: shutdown() removes the new session folder instead of leaving an
+            # empty session behind for `sessions ls` (a resumed session is kept, of course).
+            self._discard_dir = not self.cfg.resume_dir
+            raise
         self._write_connection()
         point_latest(self.dir)
         st = self.store
@@ -344,6 +351,8 @@ class Supervisor:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.dir, "connection.json"))
         self.store.close()
+        if self._discard_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- workers -----------------------------------------------------------------------------
     def _new_worker_id(self, run_id: str) -> str:
@@ -893,15 +902,17 @@ class Supervisor:
         return ", ".join(live)
 
     # -- monitor loop ------------------------------------------------------------------------
-    def serve(self, should_stop: Callable[[], bool] | None = None) -> int:
-        """Run until the session's work is done; returns the exit code."""
+    def serve(self, should_stop: Callable[[], int | bool] | None = None) -> int:
+        """Run until the session's work is done; returns the exit code. `should_stop`
+        returns the exit code to stop with (128 + the signal's number) or True (130)."""
         try:
             while not self._shutdown.is_set():
                 self.tick()
                 if self._exit_code is not None:
                     break
-                if should_stop is not None and should_stop():
-                    self._exit_code = 130
+                stop = should_stop() if should_stop is not None else 0
+                if stop:
+                    self._exit_code = 130 if stop is True else int(stop)
                     break
                 time.sleep(0.1)
         finally:
@@ -1193,7 +1204,10 @@ class Supervisor:
 
 
 def loss_stats(arr: np.ndarray) -> dict[str, Any]:
-    seen = arr[np.isfinite(arr)]
+    """Quantiles and mean of the seen (finite) per-sample losses, in float64: a diverging
+    run's float32 losses near 3e38 overflow a float32 sum. Every number is finite or None
+    (the event store writes strict JSON)."""
+    seen = arr[np.isfinite(arr)].astype(np.float64)
     if seen.size == 0:
         return {
             "seen": 0,
@@ -1207,10 +1221,10 @@ def loss_stats(arr: np.ndarray) -> dict[str, Any]:
     return {
         "seen": int(seen.size),
         "total": int(arr.size),
-        "p50": float(p50),
-        "p90": float(p90),
-        "p99": float(p99),
-        "mean": float(seen.mean()),
+        "p50": _num(p50),
+        "p90": _num(p90),
+        "p99": _num(p99),
+        "mean": _num(seen.mean()),
     }
 
 
@@ -1253,15 +1267,18 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def install_signal_handlers(sup: Supervisor) -> Callable[[], bool]:
-    """SIGINT/SIGTERM end the monitor loop so `finally:` stops workers in order."""
-    flag = threading.Event()
+def install_signal_handlers(sup: Supervisor) -> Callable[[], int]:
+    """SIGINT/SIGTERM end the monitor loop so `finally:` stops workers in order. The
+    returned callable gives the exit code to stop with, 128 + the first signal's number
+    (SIGINT 130, SIGTERM 143, as a shell reports them), or 0 while none came."""
+    got: list[int] = []
 
     def handler(signum: int, _frame: object) -> None:
-        if flag.is_set():  # second Ctrl+C: hurry
+        if got:  # second Ctrl+C: hurry
             sys.stderr.write("[onthefly] stopping now\n")
-        flag.set()
+        else:
+            got.append(int(signum))
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
-    return flag.is_set
+    return lambda: 128 + got[0] if got else 0

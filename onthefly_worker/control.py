@@ -6,6 +6,8 @@ command is acknowledged with what happened — lives here once.
 
 from __future__ import annotations
 
+import os
+import sys
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -15,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_worker.connection import Command, WorkerConnection
-from onthefly_worker.errors import OnTheFlyError
+from onthefly_worker.errors import OnTheFlyError, root_cause
 from onthefly_worker.recorder import Recorder
 
 
@@ -153,6 +155,22 @@ class CommandLoop(ABC):
             return
         conn.ack(cmd.command_id, ok, message, payload)
 
+    def _on_demand_eval(self, cmd: Command, loader: DataLoader, split: str) -> None:
+        """An eval pass asked for from outside (`onthefly test`). It fails alone: a loader
+        or model that raises answers the command with the root cause and training goes on
+        (evaluation restores the model's mode and every RNG, whatever happens)."""
+        conn = self.conn
+        assert conn is not None
+        try:
+            res = self._run_eval(loader, split)
+        except Exception as e:  # the user's test data or model: not a reason to end the run
+            script = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv[0] else None
+            why = f"{split} pass failed: {root_cause(e, script)}; training goes on"
+            conn.send(log=pb.LogLine(level="warning", text=why))
+            conn.ack(cmd.command_id, False, why)
+            return
+        conn.ack(cmd.command_id, True, f"{split} loss {res['loss']:.4f}", res)
+
     # -- the protocol --------------------------------------------------------------------------
     def _poll(self) -> None:
         """Handle queued supervisor commands; block here (no spinning) while paused."""
@@ -207,8 +225,7 @@ class CommandLoop(ABC):
             if loader is None:
                 conn.ack(cmd.command_id, False, f"this run has no {split} loader")
             else:
-                res = self._run_eval(loader, split)
-                conn.ack(cmd.command_id, True, f"{split} loss {res['loss']:.4f}", res)
+                self._on_demand_eval(cmd, loader, split)
         elif cmd.kind == "stop":
             self._request_stop(str(cmd.args.get("reason") or "stop requested"))
             if cmd.args.get("run_test"):

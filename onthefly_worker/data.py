@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -202,21 +203,45 @@ def selection_loader(loader: DataLoader, subset: np.ndarray, batch_size: int | N
     return DataLoader(sub, batch_size=max(int(batch_size or 256), 64), collate_fn=loader.collate_fn)
 
 
+class _DieWithTrainingWorker:
+    """A loader worker's worker_init_fn: the kernel SIGKILLs the loader process when the
+    training worker that started it dies (PR_SET_PDEATHSIG), then the user's own
+    worker_init_fn runs. Without it a loader process of a SIGKILLed worker lingers until
+    torch's watchdog notices (up to ~5 s). Picklable for spawn/forkserver contexts when
+    the user's function is. (The signal follows the thread that created the process; the
+    loader's workers end with its iterator, which the thread iterating it holds.)"""
+
+    def __init__(self, parent_pid: int, user: Callable[[int], None] | None) -> None:
+        self.parent_pid = parent_pid
+        self.user = user
+
+    def __call__(self, worker_id: int) -> None:
+        from onthefly_worker.launch import arm_parent_death_signal
+
+        arm_parent_death_signal(self.parent_pid)  # exits at once if the parent is gone
+        if self.user is not None:
+            self.user(worker_id)
+
+
 def epoch_loader(
     loader: DataLoader, batches: Sequence[np.ndarray], seed: int, epoch: int
 ) -> DataLoader:
     """The user's DataLoader, re-created to yield exactly `batches` in order.
 
     The generator seeds the loader workers' base seed from (seed, epoch) instead of the
-    global torch RNG, so creating an iterator does not disturb training randomness.
+    global torch RNG, so creating an iterator does not disturb training randomness. Its
+    worker processes die with the training worker (see _DieWithTrainingWorker).
     """
+    init = loader.worker_init_fn
+    if loader.num_workers > 0 and not isinstance(init, _DieWithTrainingWorker):
+        init = _DieWithTrainingWorker(os.getpid(), init)
     kwargs: dict[str, Any] = {
         "batch_sampler": _ListBatchSampler(batches),
         "num_workers": loader.num_workers,
         "collate_fn": loader.collate_fn,
         "pin_memory": loader.pin_memory,
         "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
+        "worker_init_fn": init,
         "generator": torch.Generator().manual_seed(epoch_seed(seed, epoch) ^ 0x5DEECE66D),
     }
     if loader.num_workers > 0:
@@ -225,27 +250,34 @@ def epoch_loader(
     return DataLoader(loader.dataset, **kwargs)
 
 
+# The (inputs, target) key pairs a dict batch may use, tried in this order.
+DICT_BATCH_KEYS: tuple[tuple[str, str], ...] = (
+    ("x", "y"),
+    ("input", "target"),
+    ("inputs", "targets"),
+    ("inputs", "labels"),
+    ("input_ids", "labels"),
+    ("features", "label"),
+    ("image", "label"),
+)
+
+
 def split_batch(batch: Any) -> tuple[Any, Any]:
     """(inputs, target) from what the loader yielded, or a clear error naming the structure."""
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
     if isinstance(batch, dict):
-        for xk, yk in (
-            ("x", "y"),
-            ("input", "target"),
-            ("inputs", "targets"),
-            ("features", "label"),
-            ("image", "label"),
-        ):
+        for xk, yk in DICT_BATCH_KEYS:
             if xk in batch and yk in batch:
                 return batch[xk], batch[yk]
+        pairs = ", ".join(f"{xk}/{yk}" for xk, yk in DICT_BATCH_KEYS)
         raise OnTheFlyError(
-            f"the loader yielded a dict with keys {sorted(batch)}; OnTheFly needs (inputs, target): "
-            "use keys x/y, input/target or inputs/targets, or yield a tuple"
+            f"the loader yielded a dict with keys {sorted(batch, key=str)}; OnTheFly needs "
+            f"(inputs, target): use one of the key pairs {pairs}, or yield a tuple"
         )
     raise OnTheFlyError(
         f"the loader yielded a {type(batch).__name__}; OnTheFly needs (inputs, target) pairs "
-        "(a tuple/list of at least two items, or a dict with x/y keys)"
+        "(a tuple/list of at least two items, or a dict with x/y, input/target, inputs/labels... keys)"
     )
 
 

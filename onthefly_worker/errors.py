@@ -60,10 +60,21 @@ def _from_loader_worker(exc: BaseException, script_dir: str | None) -> tuple[str
     return f"{last} (raised in {head.group(1)})", filename, lineno
 
 
+def _syntax_error_site(exc: BaseException) -> tuple[str, str, int] | None:
+    """A SyntaxError (IndentationError, TabError) in a source file: (message, file, line)
+    of the bad source line itself. Its traceback ends in the importer (runpy, importlib),
+    never in the file that does not parse. None for code compiled from a string
+    (`<string>`): there the frame that called compile()/eval() is the better answer."""
+    if not isinstance(exc, SyntaxError) or not exc.filename or exc.filename.startswith("<"):
+        return None
+    message = f"{type(exc).__name__}: {exc.msg}" if exc.msg else f"{type(exc).__name__}: {exc}"
+    return message, os.path.abspath(exc.filename), int(exc.lineno or 0)
+
+
 def error_record(exc: BaseException, script_dir: str | None = None) -> dict[str, object]:
     filename, lineno = innermost_user_frame(exc.__traceback__, script_dir)
     message = f"{type(exc).__name__}: {exc}"
-    worker = _from_loader_worker(exc, script_dir)
+    worker = _from_loader_worker(exc, script_dir) or _syntax_error_site(exc)
     if worker is not None:
         message, filename, lineno = worker
     return {
@@ -73,6 +84,14 @@ def error_record(exc: BaseException, script_dir: str | None = None) -> dict[str,
         "lineno": lineno,
         "time": time.time(),
     }
+
+
+def root_cause(exc: BaseException, script_dir: str | None = None) -> str:
+    """One line: the exception and where it was raised in the user's code,
+    `KeyError: 'x' (/path/train.py:12)` (the supervisor's form for a failed worker)."""
+    rec = error_record(exc, script_dir)
+    where = f" ({rec['filename']}:{rec['lineno']})" if rec["filename"] else ""
+    return f"{rec['message']}{where}"
 
 
 def write_error_file(path: str, record: dict[str, object]) -> None:

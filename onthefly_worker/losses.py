@@ -48,7 +48,30 @@ _ROW_INDEPENDENT: tuple[type[nn.Module], ...] = (
 )
 
 
-def _per_row(raw: torch.Tensor, batch: int) -> torch.Tensor:
+def _scalar_loss_error(name: str, ignores_reduction: bool = False) -> OnTheFlyError:
+    why = (
+        "returned a scalar even with reduction='none' (its forward ignores its `reduction` "
+        "attribute)"
+        if ignores_reduction
+        else "returned a scalar and has no reduction='none'"
+    )
+    return OnTheFlyError(
+        f"loss_fn {name} {why}: OnTheFly records "
+        "the loss of every sample from the training forward pass, so pass an nn loss module "
+        "(e.g. nn.CrossEntropyLoss()), a function that accepts reduction=, or one that "
+        "returns one loss per sample"
+    )
+
+
+def _per_row(raw: torch.Tensor, batch: int, denom: torch.Tensor | None = None) -> torch.Tensor:
+    """One loss per sample from a reduction='none' tensor whose first dimension is the batch.
+
+    A sample with several elements (tokens, pixels) gets their mean, or, given `denom` (one
+    value per element: the class weight of a CrossEntropy/NLL target, 0 where the target is
+    `ignore_index`), the user's 'mean' restricted to that sample: the sum of its element
+    losses over the sum of its `denom` (its valid tokens' class weights, or their count).
+    A sample with no valid element has loss 0 (NaN would read as "not seen" in the store).
+    """
     if raw.dim() == 0:
         raise OnTheFlyError("internal: per-sample loss is a scalar")
     if raw.shape[0] != batch:
@@ -58,7 +81,12 @@ def _per_row(raw: torch.Tensor, batch: int) -> torch.Tensor:
         )
     if raw.dim() == 1:
         return raw
-    return raw.reshape(batch, -1).mean(dim=1)
+    if denom is None or denom.shape != raw.shape:
+        return raw.reshape(batch, -1).mean(dim=1)
+    num = raw.reshape(batch, -1).sum(dim=1)
+    den = denom.reshape(batch, -1).sum(dim=1).to(num.dtype)
+    some = den > 0
+    return torch.where(some, num / torch.where(some, den, torch.ones_like(den)), 0.0)
 
 
 class PerSampleLoss:
@@ -115,22 +143,36 @@ class PerSampleLoss:
         `__call__` for a `deferrable` batch, or many of them concatenated."""
         assert self._none is not None
         with torch.no_grad():
-            return _per_row(self._none(output, target), int(output.shape[0]))
+            return self._rows(self._none(output, target), target, int(output.shape[0]))
 
-    def _weighted_denominator(self, target: torch.Tensor) -> torch.Tensor | None:
-        """CrossEntropy/NLL 'mean' divides by the summed class weights of the targets."""
+    def _rows(self, raw: torch.Tensor, target: Any, batch: int) -> torch.Tensor:
+        """Per-sample values of `raw`; a CrossEntropy/NLL sample with several targets
+        (a sequence) is normalised by its own valid tokens' class weights (see _per_row)."""
+        denom = None
+        if raw.dim() > 1 and isinstance(target, torch.Tensor):
+            denom = self._token_weights(target)
+        return _per_row(raw, batch, denom)
+
+    def _token_weights(self, target: torch.Tensor) -> torch.Tensor | None:
+        """CrossEntropy/NLL with class-index targets: each target's weight in the 'mean'
+        reduction (its class weight, or 1), 0 where it is `ignore_index`; else None."""
         fn = self._none
         if not isinstance(fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
             return None
         if target.dtype not in (torch.int64, torch.int32, torch.long):
             return None
-        weight = fn.weight
         valid = target != fn.ignore_index
+        weight = fn.weight
         if weight is None:
-            # No host sync: ignored targets (loss 0) are left out of the count, as in PyTorch.
-            return valid.sum()
-        w = weight[target.clamp(min=0)] * valid
-        return w.sum()
+            return valid
+        # An ignored target may lie outside the classes (ignore_index=255): index with 0.
+        return weight[torch.where(valid, target, torch.zeros_like(target))] * valid
+
+    def _weighted_denominator(self, target: torch.Tensor) -> torch.Tensor | None:
+        """CrossEntropy/NLL 'mean' divides by the summed class weights of the targets.
+        No host sync: ignored targets (loss 0) are left out, as in PyTorch."""
+        w = self._token_weights(target)
+        return None if w is None else w.sum()
 
     def __call__(self, output: Any, target: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         if (
@@ -147,7 +189,11 @@ class PerSampleLoss:
                 raise OnTheFlyError(
                     f"loss_fn {self.name} with reduction={self.reduction!r} did not return a scalar tensor"
                 )
-            return total, _per_row(raw, batch)
+            if not isinstance(raw, torch.Tensor):
+                raise OnTheFlyError(f"loss_fn returned {type(raw).__name__}, not a tensor")
+            if raw.dim() == 0:
+                raise _scalar_loss_error(self.name, ignores_reduction=True)
+            return total, self._rows(raw, target, batch)
         if self._none is not None:
             raw = self._none(output, target)
         elif self._kwarg:
@@ -157,15 +203,12 @@ class PerSampleLoss:
         if not isinstance(raw, torch.Tensor):
             raise OnTheFlyError(f"loss_fn returned {type(raw).__name__}, not a tensor")
         if raw.dim() == 0:
-            raise OnTheFlyError(
-                f"loss_fn {self.name} returned a scalar and has no reduction='none': OnTheFly records "
-                "the loss of every sample from the training forward pass, so pass an nn loss module "
-                "(e.g. nn.CrossEntropyLoss()), a function that accepts reduction=, or one that "
-                "returns one loss per sample"
-            )
-        per = _per_row(raw, batch)
+            raise _scalar_loss_error(self.name, ignores_reduction=self._none is not None)
+        per = self._rows(raw, target, batch)
         if self.reduction == "sum":
             total = raw.sum()
+        elif self.reduction == "batchmean":  # nn.KLDivLoss: the sum over the batch size
+            total = raw.sum() / batch
         else:
             denom = self._weighted_denominator(target) if isinstance(target, torch.Tensor) else None
             total = raw.sum() / denom if denom is not None else raw.mean()

@@ -170,6 +170,85 @@ def test_crash_shows_root_cause_and_exits_nonzero(project: Path) -> None:
     assert main["status"] == "failed" and "boom" in main["error"]
 
 
+def test_a_failing_on_demand_test_pass_leaves_training_running(project: Path) -> None:
+    live = start(project, SMALL, "--epochs", "3", "--step-sleep", "0.03", "--bad-test-loader")
+    try:
+        live.wait_for(lambda s: live.main_run(s)["step"] >= 3)
+        r = cli("test", cwd=project)
+        assert r.returncode != 0
+        assert "test pass failed: KeyError: 'test record 40 missing' (" in r.stderr, r.stderr
+        assert "train_small.py:" in r.stderr and "training goes on" in r.stderr, r.stderr
+        code, out = live.finish()
+    finally:
+        if live.proc.poll() is None:
+            live.proc.kill()
+    assert code == 0, out
+    assert "warning: test pass failed: KeyError" in out
+    main = cli_json("runs", cwd=project)["runs"][0]
+    assert main["status"] == "completed" and main["step"] == 48, main
+
+
+def test_a_syntax_error_names_its_line_and_status_reads_the_ended_session(project: Path) -> None:
+    bad = project / "syntax.py"
+    bad.write_text("import torch\nx = 1\ndef f(:\n  pass\n")
+    r = cli("run", "--headless", "--port", "0", str(bad), cwd=project, timeout=60)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "main run failed: SyntaxError: invalid syntax (" in last and "syntax.py:3)" in last, last
+    # No live supervisor: `status` prints what the store holds, exit 0.
+    st = cli("status", "--json", cwd=project)
+    assert st.returncode == 0, st.stderr
+    d = json.loads(st.stdout)
+    assert d["live"] is False and d["state"] == "failed"
+    assert [(x["run_id"], x["status"]) for x in d["runs"]] == [("main", "failed")]
+
+
+DIVERGING = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from onthefly import Trainer
+
+class DS(Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(3)
+        self.x = torch.randn(256, 4, generator=g)
+        self.y = self.x.sum(1)
+    def __len__(self):
+        return 256
+    def __getitem__(self, i):
+        return {"input": self.x[i], "target": self.y[i]}
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 1)
+    def forward(self, x):
+        return self.l(x).squeeze(-1)
+
+model = Net()
+opt = torch.optim.SGD(model.parameters(), lr=5.0)
+Trainer(max_epochs=3).fit(model, opt, nn.MSELoss(), DataLoader(DS(), batch_size=32, shuffle=True))
+"""
+
+
+def test_a_diverging_run_keeps_its_epoch_statistics(project: Path) -> None:
+    script = project / "diverge.py"
+    script.write_text(DIVERGING)
+    r = cli("run", "--headless", "--port", "0", str(script), cwd=project, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "non-finite loss at step" in out  # it did diverge past float32
+    assert "bad message" not in out and "overflow" not in out, out
+    for e in range(3):
+        assert f"main epoch {e} done · train loss " in out, out
+    db = sqlite3.connect(_latest(project) / "session.db")
+    rows = db.execute("SELECT payload FROM events WHERE kind = 'samples'").fetchall()
+    db.close()
+    last = json.loads(rows[-1][0])
+    assert last["epoch"] == 2 and last["mean"] is not None and last["mean"] > 1e35, last
+
+
 @pytest.mark.parametrize(
     "args,expect",
     [
@@ -199,6 +278,9 @@ def test_missing_script_and_busy_port(project: Path) -> None:
         assert r.returncode != 0
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and f"port {port} on 127.0.0.1 is in use" in lines[0], r.stderr
+        # ... and leaves no empty session behind for `sessions ls`.
+        sessions = [p.name for p in (project / ".onthefly" / "sessions").iterdir()]
+        assert sorted(sessions) == sorted([live.session_dir.name, "latest"]), sessions
     finally:
         live.proc.send_signal(signal.SIGINT)
         live.finish()
@@ -240,16 +322,26 @@ def test_no_orphans_when_supervisor_is_killed(project: Path) -> None:
     st = live.wait_for(lambda s: live.main_run(s)["step"] >= 3)
     worker_pid = live.worker_pids(st)[0]
     children = _descendants(worker_pid)
+    deadline = time.time() + 10
+    while len(children) < 2 and time.time() < deadline:  # between epochs: the next loader's
+        time.sleep(0.05)
+        children = _descendants(worker_pid)
     assert pid_alive(worker_pid)
+    assert len(children) >= 2, "the loader's two worker processes"
     live.proc.kill()  # SIGKILL: no cleanup code runs in the supervisor
     live.proc.wait(10)
-    deadline = time.time() + 15
+    t0 = time.time()
+    deadline = t0 + 15
     while time.time() < deadline and (pid_alive(worker_pid) or any(pid_alive(c) for c in children)):
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert not pid_alive(worker_pid), (
         "the worker must die with its supervisor (parent-death signal)"
     )
     assert not any(pid_alive(c) for c in children), "loader workers must not outlive the worker"
+    # Loader processes die by their own parent-death signal, not torch's ~5 s watchdog.
+    assert time.time() - t0 < 1.5, f"loader processes lived {time.time() - t0:.1f} s"
+    r = cli("sessions", "ls", cwd=project)
+    assert "stopped (supervisor gone)" in r.stdout and "running" not in r.stdout, r.stdout
 
 
 def test_stop_reaps_every_process(project: Path) -> None:
@@ -264,6 +356,19 @@ def test_stop_reaps_every_process(project: Path) -> None:
     assert not any(pid_alive(c) for c in children)
     main = cli_json("runs", cwd=project)["runs"][0]
     assert main["status"] == "stopped"
+
+
+def test_sigterm_stops_every_process_and_exits_143(project: Path) -> None:
+    live = start(project, SMALL, "--epochs", "50", "--step-sleep", "0.02")
+    st = live.wait_for(lambda s: live.main_run(s)["step"] >= 3)
+    worker_pid = live.worker_pids(st)[0]
+    live.proc.send_signal(signal.SIGTERM)  # what a job scheduler sends
+    code, out = live.finish()
+    assert code == 143, out  # 128 + SIGTERM, as a shell reports it (Ctrl+C stays 130)
+    assert "interrupted; unfinished runs were checkpointed" in out
+    assert not pid_alive(worker_pid)
+    main = cli_json("runs", cwd=project)["runs"][0]
+    assert main["status"] == "stopped" and main["last_checkpoint"], main
 
 
 def test_shutdown_ends_a_keep_alive_supervisor_with_a_checkpoint(project: Path) -> None:
@@ -360,6 +465,63 @@ def test_per_sample_losses_exact_for_a_plain_model(project: Path) -> None:
         expected = nn.functional.cross_entropy(model(x), y, reduction="none").numpy()
     got = np.load(sdir / "samples" / "main" / "epoch-0000.npy")
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+SEQUENCES = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from onthefly import Trainer
+
+g = torch.Generator().manual_seed(4)
+X = torch.randn(100, 6, 4, generator=g)
+Y = torch.randint(0, 3, (100, 6), generator=g)
+Y[::3, 3:] = -100  # padding on every 3rd sample
+Y[5, :] = -100  # a sample that is all padding
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+    def forward(self, x):
+        return self.l(x).transpose(1, 2)  # (B, C, T)
+
+model = Net()
+loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]), ignore_index=-100)
+opt = torch.optim.SGD(model.parameters(), lr=0.0)
+Trainer(max_epochs=1).fit(model, opt, loss, DataLoader(TensorDataset(X, Y), batch_size=16, shuffle=True))
+"""
+
+
+def test_per_sample_losses_of_padded_sequences_ignore_the_padding(project: Path) -> None:
+    script = project / "seq.py"
+    script.write_text(SEQUENCES)
+    r = cli("run", "--headless", "--port", "0", str(script), cwd=project, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sdir = _latest(project)
+    ck = sorted((sdir / "checkpoints" / "main").glob("step-*.pt"))[-1]
+    from torch import nn
+
+    lin = nn.Linear(4, 3)
+    lin.load_state_dict(
+        {k.removeprefix("l."): v for k, v in torch.load(ck, weights_only=True)["model"].items()}
+    )
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(100, 6, 4, generator=g)
+    y = torch.randint(0, 3, (100, 6), generator=g)
+    y[::3, 3:] = -100
+    y[5, :] = -100
+    loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
+    expected = np.zeros(100, dtype=np.float32)
+    with torch.no_grad():
+        out = lin(x).transpose(1, 2)
+        for i in range(100):  # the user's weighted mean over the sample's own valid tokens
+            v = y[i] != -100
+            if v.any():
+                expected[i] = float(loss(out[i : i + 1, :, v], y[i : i + 1, v]))
+    got = np.load(sdir / "samples" / "main" / "epoch-0000.npy")
+    assert got[5] == 0.0  # all padding: 0, not NaN ("not seen")
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def _run_bad_step(project: Path, *flags: str) -> tuple[str, Path]:

@@ -1,0 +1,413 @@
+"""Defects a new-user trial found in the spine, each pinned: an on-demand test pass that
+raises, per-sample losses of padded sequences, a diverging run's epoch statistics, the
+root cause of a SyntaxError, a busy port's leftover session, loader processes outliving
+their worker, the exit code of SIGTERM, dict batch keys, and `status`/`sessions ls` on a
+session without a live supervisor."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from onthefly_proto import onthefly_pb2 as pb
+from onthefly_supervisor import cli
+from onthefly_supervisor.lifecycle import RunStatus
+from onthefly_supervisor.store import RunRow, Store
+from onthefly_supervisor.supervisor import (
+    Supervisor,
+    SupervisorConfig,
+    SupervisorError,
+    install_signal_handlers,
+    loss_stats,
+)
+from onthefly_worker import losses
+from onthefly_worker.connection import Command
+from onthefly_worker.control import CommandLoop
+from onthefly_worker.data import epoch_loader, split_batch
+from onthefly_worker.errors import OnTheFlyError, error_record
+from onthefly_worker.evaluation import evaluate_model
+from onthefly_worker.losses import PerSampleLoss
+
+# -- 1. an on-demand test pass that raises fails alone -------------------------------------
+
+
+class _MissingRecord(Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i == 40:
+            raise KeyError(f"test record {i} missing")
+        return torch.ones(4) * i, torch.zeros(1)
+
+
+class _FakeConn:
+    def __init__(self) -> None:
+        self.acks: list[tuple[str, bool, str, Any]] = []
+        self.sent: list[dict[str, Any]] = []
+
+    def ack(self, command_id: str, ok: bool = True, message: str = "", payload: Any = None) -> None:
+        self.acks.append((command_id, ok, message, payload))
+
+    def send(self, **body: Any) -> None:
+        self.sent.append(body)
+
+
+class _Loop(CommandLoop):
+    def __init__(self, test_loader: DataLoader) -> None:
+        self.conn = _FakeConn()  # type: ignore[assignment]
+        self.rec = object()  # type: ignore[assignment]
+        self.paused, self.stop_reason, self.run_test_on_stop = False, "", False
+        self.step, self.hb_s = 7, 0.1
+        self.model = nn.Linear(4, 1)
+        self.test_loader = test_loader
+
+    def _checkpoint(self, reason: str, wait: bool = False) -> str:
+        return ""
+
+    def _status(self, state: pb.WorkerState.ValueType, message: str = "") -> None:
+        pass
+
+    def _eval_loader(self, split: str) -> DataLoader | None:
+        return self.test_loader if split == "test" else None
+
+    def _run_eval(self, loader: DataLoader, split: str) -> dict[str, Any]:
+        loss, _, n = evaluate_model(
+            self.model, loader, PerSampleLoss(nn.MSELoss()), torch.device("cpu")
+        )
+        return {"split": split, "loss": loss, "samples": n}
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        return []
+
+    def _set_grad_clip(self, value: float) -> None:
+        pass
+
+
+def test_an_on_demand_test_pass_that_raises_is_answered_and_training_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The user's script lives in this folder: its frames are the root cause.
+    monkeypatch.setattr(sys, "argv", [__file__])
+    loop = _Loop(DataLoader(_MissingRecord(), batch_size=16))
+    loop.model.train()
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    loop._handle(Command("eval", "c1", {"split": "test"}))  # raised out of here before
+    (cid, ok, message, _), *_ = loop.conn.acks  # type: ignore[attr-defined]
+    assert cid == "c1" and not ok
+    assert message.startswith("test pass failed: KeyError: 'test record 40 missing' (")
+    assert f"{os.path.basename(__file__)}:" in message and "training goes on" in message
+    logs = [b["log"] for b in loop.conn.sent if "log" in b]  # type: ignore[attr-defined]
+    assert logs and logs[0].level == "warning" and "KeyError" in logs[0].text
+    # Nothing of the run moved: train mode and RNG are back, later commands still work.
+    assert loop.model.training
+    assert torch.equal(torch.random.get_rng_state(), before)
+    loop.test_loader = DataLoader(TensorDataset(torch.zeros(8, 4), torch.zeros(8, 1)))
+    loop._handle(Command("eval", "c2", {"split": "test"}))
+    assert loop.conn.acks[-1][:2] == ("c2", True)  # type: ignore[attr-defined]
+
+
+# -- 2. per-sample losses of padded sequences ------------------------------------------------
+
+
+def _seq_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randn(6, 3, 5, generator=g)
+    y = torch.randint(0, 3, (6, 5), generator=g)
+    y[1, 2:] = -100  # padded
+    y[3, :] = -100  # nothing but padding
+    y[4, 0] = -100
+    return out, y
+
+
+@pytest.mark.parametrize("weight", [None, torch.tensor([1.0, 2.0, 0.5])])
+@pytest.mark.parametrize("kind", ["ce", "nll"])
+def test_a_sequence_samples_loss_is_the_users_mean_over_its_own_valid_tokens(
+    weight: torch.Tensor | None, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, y = _seq_batch()
+    if kind == "nll":
+        out = out.log_softmax(1)
+        fn: nn.Module = nn.NLLLoss(weight=weight, ignore_index=-100)
+    else:
+        fn = nn.CrossEntropyLoss(weight=weight, ignore_index=-100)
+    expect = []
+    for i in range(6):
+        valid = y[i] != -100
+        expect.append(
+            float(fn(out[i : i + 1, :, valid], y[i : i + 1, valid])) if valid.any() else 0.0
+        )
+    psl = PerSampleLoss(fn)
+    o = out.clone().requires_grad_(True)
+    total, per = psl(o, y, 6)  # the small-output path: the user's loss + a reduction='none' call
+    assert torch.allclose(total, fn(out, y))
+    assert torch.allclose(per, torch.tensor(expect), atol=1e-6), (per, expect)
+    assert per[3] == 0.0  # no valid token: 0, not NaN (NaN reads as "not seen" in the store)
+    deferred = psl.per_sample(out, y)  # the recorder thread's call
+    assert torch.equal(deferred, per)
+    monkeypatch.setattr(losses, "SMALL_OUTPUT", 1)  # the large-output path
+    total_l, per_l = psl(out.clone().requires_grad_(True), y, 6)
+    assert torch.allclose(total_l, fn(out, y)) and torch.allclose(per_l, per)
+
+
+def test_sequence_per_sample_losses_batched_over_steps_are_bitwise_the_per_step_ones() -> None:
+    psl = PerSampleLoss(nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5])))
+    (o1, y1), (o2, y2) = _seq_batch(1), _seq_batch(2)
+    assert psl.deferrable(o1, y1)
+    both = psl.per_sample(torch.cat([o1, o2]), torch.cat([y1, y2]))
+    assert torch.equal(both, torch.cat([psl.per_sample(o1, y1), psl.per_sample(o2, y2)]))
+
+
+@pytest.mark.parametrize("small_output", [1 << 20, 1])
+def test_an_ignore_index_outside_the_classes_is_not_used_as_a_weight_index(
+    small_output: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(losses, "SMALL_OUTPUT", small_output)
+    fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]), ignore_index=255)
+    out, y = _seq_batch()
+    y = torch.where(y == -100, torch.full_like(y, 255), y)
+    total, per = PerSampleLoss(fn)(out.requires_grad_(True), y, 6)
+    assert torch.allclose(total, fn(out, y)) and per[3] == 0.0
+
+
+def test_kl_div_batchmean_backward_is_the_users_loss() -> None:
+    kl = nn.KLDivLoss(reduction="batchmean")
+    o = torch.randn(4, 5).log_softmax(1).requires_grad_(True)
+    t = torch.randn(4, 5).softmax(1)
+    total, _ = PerSampleLoss(kl)(o, t, 4)
+    assert torch.allclose(total, kl(o, t))
+
+
+class _ScalarWithReduction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reduction = "mean"
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((out - y) ** 2).mean()
+
+
+class _ScalarLoss(nn.modules.loss._Loss):
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (out - y).abs().mean()
+
+
+@pytest.mark.parametrize("fn", [_ScalarWithReduction(), _ScalarLoss()])
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_loss_module_that_ignores_reduction_none_gets_a_clear_error(
+    fn: nn.Module, grad: bool
+) -> None:
+    out = torch.randn(8, 1, requires_grad=grad)
+    with torch.set_grad_enabled(grad), pytest.raises(OnTheFlyError) as ei:
+        PerSampleLoss(fn)(out, torch.randn(8, 1), 8)
+    msg = str(ei.value)
+    assert "internal" not in msg
+    assert f"loss_fn {type(fn).__name__} returned a scalar even with reduction='none'" in msg
+    assert "returns one loss per sample" in msg
+
+
+# -- 3. a diverging run's epoch statistics ---------------------------------------------------
+
+
+def test_loss_stats_of_huge_float32_losses_are_finite_json() -> None:
+    arr = np.full(256, 3.0e38, dtype=np.float32)  # a float32 sum overflows to inf
+    arr[:3] = [np.inf, np.nan, 1.0]
+    stats = loss_stats(arr)
+    assert stats["seen"] == 254 and stats["total"] == 256
+    assert stats["mean"] == pytest.approx((253 * float(np.float32(3.0e38)) + 1.0) / 254)
+    json.dumps(stats, allow_nan=False)  # what the event store does with it
+    assert loss_stats(np.full(4, np.nan, dtype=np.float32))["mean"] is None
+
+
+# -- 4. a SyntaxError names the bad line ------------------------------------------------------
+
+
+def test_a_syntax_error_names_its_file_and_line(tmp_path: Path) -> None:
+    script = tmp_path / "syntax.py"
+    script.write_text("import torch\nx = 1\ndef f(:\n  pass\n")
+    with pytest.raises(SyntaxError) as ei:
+        runpy.run_path(str(script), run_name="__main__")
+    rec = error_record(ei.value, str(tmp_path))
+    assert (rec["filename"], rec["lineno"]) == (str(script), 3)
+    assert rec["message"] == "SyntaxError: invalid syntax"
+    bad = tmp_path / "indent.py"
+    bad.write_text("if True:\nprint(1)\n")
+    with pytest.raises(IndentationError) as ie:
+        runpy.run_path(str(bad))
+    rec = error_record(ie.value, str(tmp_path))
+    assert (rec["filename"], rec["lineno"]) == (str(bad), 2)
+    assert str(rec["message"]).startswith("IndentationError: expected an indented block")
+
+
+def test_a_syntax_error_from_compiled_text_names_the_calling_line() -> None:
+    try:
+        compile("1 +", "<string>", "exec")
+    except SyntaxError as e:
+        rec = error_record(e, os.path.dirname(__file__))
+    assert rec["filename"] == __file__ and rec["message"].startswith("SyntaxError: ")  # type: ignore[union-attr]
+
+
+# -- 5. a busy port leaves no session behind ----------------------------------------------------
+
+
+def test_a_busy_port_leaves_no_session_folder(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        sup = Supervisor(SupervisorConfig(script=str(script), project_dir=str(tmp_path), port=port))
+        assert os.path.isdir(sup.dir)
+        with pytest.raises(SupervisorError, match=f"port {port} on 127.0.0.1 is in use"):
+            sup.start()
+        sup.shutdown()  # what `onthefly run` does next
+    root = tmp_path / ".onthefly" / "sessions"
+    assert not os.path.exists(sup.dir)
+    assert not root.exists() or list(root.iterdir()) == []
+
+
+# -- 6. loader processes die with their training worker --------------------------------------
+
+_PR_GET_PDEATHSIG = 2
+_USER_INIT: list[int] = []
+
+
+def _user_init(worker_id: int) -> None:
+    _USER_INIT.append(worker_id + 100)
+
+
+class _Probe(Dataset):
+    """Each item: (the loader process's parent-death signal, its parent pid, what the
+    user's worker_init_fn left)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        sig = ctypes.c_int(0)
+        ctypes.CDLL("libc.so.6").prctl(_PR_GET_PDEATHSIG, ctypes.byref(sig))
+        return torch.tensor([sig.value, os.getppid(), *(_USER_INIT or [-1])])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")
+def test_epoch_loader_workers_get_a_parent_death_signal_and_the_users_init() -> None:
+    user = DataLoader(_Probe(), batch_size=2, num_workers=2, worker_init_fn=_user_init)
+    got = torch.cat(list(epoch_loader(user, [np.arange(2), np.arange(2, 4)], 0, 0)))
+    for sig, ppid, init in got.tolist():
+        assert sig == signal.SIGKILL and ppid == os.getpid()
+        assert init in (100, 101)
+    assert _USER_INIT == []  # ran in the loader processes, not here
+
+
+# -- 7. SIGTERM exits 143, SIGINT 130 ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signals_give_128_plus_their_number(sig: signal.Signals, code: int) -> None:
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = install_signal_handlers(None)  # type: ignore[arg-type]
+        assert stop() == 0
+        os.kill(os.getpid(), sig)
+        assert stop() == code
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal hurries, it does not change the code
+        assert stop() == code
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+# -- 8. dict batches --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "keys", [("inputs", "labels"), ("input_ids", "labels"), ("image", "label"), ("x", "y")]
+)
+def test_dict_batches_with_common_keys(keys: tuple[str, str]) -> None:
+    x, y = torch.zeros(2, 3), torch.ones(2)
+    assert split_batch({keys[0]: x, keys[1]: y, "attention_mask": x}) == (x, y)
+
+
+def test_an_unknown_dict_batch_lists_every_accepted_pair() -> None:
+    with pytest.raises(OnTheFlyError) as ei:
+        split_batch({"pixels": 1, "klass": 2})
+    msg = str(ei.value)
+    for pair in ("x/y", "input/target", "inputs/targets", "inputs/labels", "input_ids/labels"):
+        assert pair in msg
+    assert "features/label" in msg and "image/label" in msg
+
+
+# -- 9. status / sessions ls without a live supervisor ---------------------------------------
+
+
+def _finished_session(root: Path, name: str, status: RunStatus) -> Path:
+    sdir = root / ".onthefly" / "sessions" / name
+    st = Store(str(sdir))
+    try:
+        st.set_meta("script", "/x/train.py")
+        st.add_run(RunRow("main", "main", "main", status, [], 1.0))
+    finally:
+        st.close()
+    latest = sdir.parent / "latest"
+    if latest.is_symlink():
+        latest.unlink()
+    latest.symlink_to(name)
+    return sdir
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_status_of_a_finished_session_prints_its_stored_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["status"]) == 1  # no session at all: still an error
+    assert "no OnTheFly session" in capsys.readouterr().err
+    _finished_session(tmp_path, "s1", RunStatus.COMPLETED)
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "no live supervisor (finished" in out
+    assert "run main" in out and "completed" in out
+    assert cli.main(["status", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["live"] is False and d["state"] == "finished" and d["session_id"] == "s1"
+    assert d["runs"][0]["run_id"] == "main" and d["runs"][0]["status"] == "completed"
+
+
+def test_a_killed_supervisor_shows_as_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    sdir = _finished_session(tmp_path, "s2", RunStatus.RUNNING)
+    (sdir / "connection.json").write_text(
+        json.dumps({"addr": "127.0.0.1:1", "token": "t", "session_id": "s2", "pid": _dead_pid()})
+    )
+    assert cli.main(["sessions", "ls"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "s2" in x)
+    assert "stopped (supervisor gone)" in line and "running" not in line and "live" not in line
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "no live supervisor (gone" in out and "stopped (supervisor gone)" in out
+    assert cli.main(["status", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["live"] is False and d["state"] == "supervisor gone"
