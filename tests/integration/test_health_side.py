@@ -3,7 +3,8 @@
 The live run keeps training while it happens, and ends bitwise equal to a run that never
 had a health check; a model with unseeded noise is caught, naming the tensor; a side
 process that cannot run says why. The live run here also writes its checkpoints through
-the background writer process (ONTHEFLY_CKPT_PROCESS_MIN_BYTES=0), so the same test
+the background writer process (ONTHEFLY_CKPT_INLINE_MAX_BYTES=0 and
+ONTHEFLY_CKPT_PROCESS_MIN_BYTES=0), so the same test
 proves that path bit-exact and its sha256s right.
 """
 
@@ -71,7 +72,7 @@ def test_determinism_runs_in_a_side_process_and_training_goes_on_unchanged(
         "7",
         "--step-sleep",
         "0.25",
-        env={"ONTHEFLY_CKPT_PROCESS_MIN_BYTES": "0"},
+        env={"ONTHEFLY_CKPT_PROCESS_MIN_BYTES": "0", "ONTHEFLY_CKPT_INLINE_MAX_BYTES": "0"},
     )
     try:
         before = live.wait_for(lambda s: live.main_run(s)["step"] >= 10, timeout=120)
