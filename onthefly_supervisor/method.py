@@ -67,6 +67,8 @@ class MethodOps:
         self.fork_queue: list[str] = []
         self.fork_resume: dict[str, str] = {}
         self.merge_worker_id = ""
+        self._ids_lock = threading.Lock()
+        self._reserved_ids: set[str] = set()
         sup.control_hooks.update(
             {
                 "Fork": self.fork,
@@ -91,12 +93,18 @@ class MethodOps:
     def _err(self, code: grpc.StatusCode, msg: str) -> Exception:
         return self.ControlError(code, msg)
 
-    def _next_id(self, prefix: str) -> str:
-        ids = {r.run_id for r in self.sup.store.runs()}
-        n = 1
-        while f"{prefix}-{n}" in ids:
-            n += 1
-        return f"{prefix}-{n}"
+    def _next_id(self, prefix: str, reserve: bool = True) -> str:
+        """The next free run id; reserved until the process ends, so two requests served at
+        once (automode starts a fork and an explore race in the same round) never get the
+        same id before either run is in the store."""
+        with self._ids_lock:
+            ids = {r.run_id for r in self.sup.store.runs()} | self._reserved_ids
+            n = 1
+            while f"{prefix}-{n}" in ids:
+                n += 1
+            if reserve:
+                self._reserved_ids.add(f"{prefix}-{n}")
+            return f"{prefix}-{n}"
 
     # -- selection over the parent's latest per-sample losses ---------------------------------
     def _loss_epochs(self, run_id: str) -> list[int]:
@@ -393,7 +401,7 @@ class MethodOps:
     ) -> pb.ActionReply:
         # One data order for every variant: they differ only in their recipe.
         common = {
-            "seed": seed + 1000 + int(self._next_id("fork").split("-")[1]),
+            "seed": seed + 1000 + int(self._next_id("fork", reserve=False).split("-")[1]),
             **(early or {}),
         }
 

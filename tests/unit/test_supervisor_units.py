@@ -393,3 +393,31 @@ def test_a_worker_that_ends_fails_its_unanswered_commands_at_once(tmp_path: Path
         assert not other.event.is_set() and sup.pending == {"b": other}
     finally:
         sup.shutdown()
+
+
+def test_run_ids_handed_out_at_once_never_collide(tmp_path: Path) -> None:
+    """Automode starts a fork and an explore race in the same round on two threads: both
+    Fork requests took fork-1 before either run was stored, and one failed with 'UNIQUE
+    constraint failed: runs.run_id'."""
+    import threading
+
+    sup = _sup(tmp_path)
+    try:
+        ids: list[str] = []
+        gate = threading.Barrier(8)
+
+        def take() -> None:
+            gate.wait()
+            ids.append(sup.method._next_id("fork"))
+
+        threads = [threading.Thread(target=take) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(ids, key=lambda x: int(x.split("-")[1])) == [f"fork-{n}" for n in range(1, 9)]
+        # A look ahead that creates nothing (a race's seed) reserves nothing.
+        assert sup.method._next_id("fork", reserve=False) == "fork-9"
+        assert sup.method._next_id("fork") == "fork-9"
+    finally:
+        sup.shutdown()
