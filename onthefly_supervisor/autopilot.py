@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -108,6 +109,12 @@ class Autopilot:
         """A validation slice is weak when its loss stays this much (relative) above the overall."""
         self.leftover: list[str] = []
         """Cards approved before the previous supervisor ended that never started."""
+        self.plateau_step: dict[str, int] = {}
+        """Per run: the step at which its loss was first found on a plateau (see plan)."""
+        self.examined: dict[str, tuple[int, float]] = {}
+        """Per run: the last step the spike detectors examined and its time, so each look
+        examines every step since the previous one (a spike is judged once, whenever the
+        planner happens to look)."""
         if getattr(getattr(sup, "cfg", None), "resume_dir", ""):
             self._reload()
 
@@ -145,6 +152,8 @@ class Autopilot:
                 }
                 if out.get("budget_used_steps") is not None:
                     outcome["budget_used_steps"] = int(out["budget_used_steps"])
+                if out.get("parent_step") is not None:
+                    outcome["parent_step"] = int(out["parent_step"])
                 state = pl.apply_outcome(state, c, outcome, self.config)
             elif c.status is pl.PlanStatus.REJECTED:
                 state = pl.apply_outcome(state, c, {"status": "rejected"}, self.config)
@@ -159,6 +168,15 @@ class Autopilot:
                 self.leftover.append(c.plan_id)
         self.cards = {c.plan_id: c for c in cards}
         self.state = state
+        # The previous supervisor judged the steps it saw: spikes are looked for after them.
+        for row in self.sup.store.query(
+            "SELECT step, t FROM metrics WHERE run_id = 'main' ORDER BY step DESC LIMIT 1"
+        ):
+            self.examined["main"] = (int(row[0]), float(row[1]))
+        for c in cards:  # an explore card is proposed on a plateau of its target
+            if c.action is pl.Action.EXPLORE and c.reason is pl.Reason.LOSS_PLATEAU:
+                first = self.plateau_step.get(c.target_run, c.created_step)
+                self.plateau_step[c.target_run] = min(first, c.created_step)
         for c in lost:
             self._finish(
                 c,
@@ -382,6 +400,9 @@ class Autopilot:
         # After the generalist finished, only what a finished model can still use is
         # planned: specialists on its hard samples, then a gate / merge over them.
         detections = self.detect("main", sample_only=finished)
+        kinds = {d.kind for d in detections}
+        if pl.DetectionKind.PLATEAU in kinds and pl.DetectionKind.DRIFT not in kinds:
+            self.plateau_step.setdefault("main", main.step)
         bf16, bf16_note = self._bf16(main)
         ctx = {
             "checkpoint_steps": [c["step"] for c in self.sup.store.checkpoints("main")],
@@ -393,6 +414,9 @@ class Autopilot:
             "bf16_note": bf16_note,
             "slice_selections": self._slice_selections(),
             "final": finished,
+            "plateau_step": self.plateau_step.get("main"),
+            "steps_left": self._steps_left(main),
+            **(self._race_pace(main) if not finished else {}),
         }
         with self._lock:
             result = pl.plan(detections, self.state, self.config, main.step, ctx)
@@ -497,12 +521,20 @@ class Autopilot:
         out: list[pl.Detection] = []
         if sample_only:
             return self._sample_detections(run_id, None)
-        # One query, newest 1000 steps: loss, grad norm and the step's batch size aligned step
-        # by step (samples/s x step time = the samples of that step, as the worker measured).
+        # One query: loss, grad norm and the step's batch size aligned step by step (samples/s
+        # x step time = the samples of that step, as the worker measured), and when each step
+        # was recorded. The newest 1000 steps at least (trend tests); every step since the
+        # previous look plus the spike detectors' history when more (at most _MAX_LOOK).
+        last = self.examined.get(run_id)
+        limit = 1000
+        if last is not None:
+            top = st.query("SELECT MAX(step) FROM metrics WHERE run_id = ?", (run_id,))
+            newest = int(top[0][0]) if top and top[0][0] is not None else 0
+            limit = min(_MAX_LOOK, max(limit, newest - last[0] + _SPIKE_HISTORY))
         rows = st.query(
-            "SELECT step, loss, grad_norm, samples_per_s * step_time_ms / 1000.0 FROM metrics"
-            " WHERE run_id = ? ORDER BY step DESC LIMIT 1000",
-            (run_id,),
+            "SELECT step, loss, grad_norm, samples_per_s * step_time_ms / 1000.0, t FROM metrics"
+            " WHERE run_id = ? ORDER BY step DESC LIMIT ?",
+            (run_id, limit),
         )[::-1]
         if not rows:
             return out
@@ -513,27 +545,96 @@ class Autopilot:
         batch = np.array(
             [np.nan if not r[3] else round(float(r[3])) for r in rows], dtype=np.float64
         )
-        since = int(steps[-1]) - 200
+        times = np.array([r[4] for r in rows], dtype=np.float64)
+        since = _first_unexamined(steps, times, last)
+        # The smaller last batch of an epoch is noisier, not a spike: both spike detectors
+        # judge every step at its own batch size.
+        spikes = [
+            d
+            for d in (
+                pl.detect_spike(steps, loss, since_step=since, metric="loss", batch_sizes=batch),
+                pl.detect_spike(
+                    steps,
+                    np.where(np.isfinite(gn), gn, np.nan),
+                    since_step=since,
+                    metric="grad_norm",
+                    batch_sizes=batch,
+                ),
+            )
+            if d is not None
+        ]
+        # Examined up to the newest step, or up to the first spike found: a detector reports
+        # the first one, so the next look goes on right after it (a later spike is not lost).
+        i = len(steps) - 1
+        if spikes:
+            i = int(np.flatnonzero(steps == min(d.step for d in spikes))[-1])
+        self.examined[run_id] = (int(steps[i]), float(times[i]) if spikes else float(times.max()))
+        trend = slice(-1000, None)  # the trend tests see the newest 1000 steps, as before
         for d in (
             # A NaN grad norm means "not measured" (e.g. a skipped step); Inf means bad gradients.
-            pl.detect_nonfinite(steps, loss, np.where(np.isnan(gn), 0.0, gn)),
-            # The smaller last batch of an epoch is noisier, not a spike: both spike detectors
-            # judge every step at its own batch size.
-            pl.detect_spike(steps, loss, since_step=since, metric="loss", batch_sizes=batch),
-            pl.detect_spike(
-                steps,
-                np.where(np.isfinite(gn), gn, np.nan),
-                since_step=since,
-                metric="grad_norm",
-                batch_sizes=batch,
+            pl.detect_nonfinite(steps[trend], loss[trend], np.where(np.isnan(gn), 0.0, gn)[trend]),
+            *spikes,
+            pl.detect_plateau(
+                steps[trend], loss[trend], window=min(200, max(50, steps[trend].size // 2))
             ),
-            pl.detect_plateau(steps, loss, window=min(200, max(50, steps.size // 2))),
-            pl.detect_drift(steps, loss),
+            pl.detect_drift(steps[trend], loss[trend]),
             self._weak_slice(run_id),
         ):
             if d is not None:
                 out.append(d)
         return out + self._sample_detections(run_id, int(steps[-1]))
+
+    def _race_pace(self, run: Any) -> dict[str, float]:
+        """How fast a race goes beside ``run``, measured: ``run``'s steps/s over its newest
+        200 steps; the newest forks' time from creation to their first step and their
+        steps/s (medians of the last 3). Before any fork has stepped, ``run``'s own pace and
+        twice its own start-up: a fork re-runs the same script, but starts while ``run``
+        trains on the same cores (in the demo, on 2 cores, forks took 1.8-2x as long as
+        main had). Empty when ``run`` has no pace yet."""
+        st = self.sup.store
+
+        def rate(rows: list[Any]) -> float | None:
+            if len(rows) < 2:
+                return None
+            n = max(int(r[0]) for r in rows) - min(int(r[0]) for r in rows)
+            span = max(float(r[1]) for r in rows) - min(float(r[1]) for r in rows)
+            return n / span if n > 0 and span > 0 else None
+
+        newest = st.query(
+            "SELECT step, t FROM metrics WHERE run_id = ? ORDER BY step DESC LIMIT 200",
+            (run.run_id,),
+        )
+        own = rate(newest)
+        if own is None:
+            return {}
+        startups: list[float] = []
+        rates: list[float] = []
+        for r in sorted((r for r in st.runs() if r.kind == "fork"), key=lambda r: r.created)[-3:]:
+            rows = st.query("SELECT step, t FROM metrics WHERE run_id = ?", (r.run_id,))
+            fork_rate = rate(rows)
+            if fork_rate is not None:
+                startups.append(max(0.0, min(float(x[1]) for x in rows) - r.created))
+                rates.append(fork_rate)
+        if not startups:
+            first = st.query(
+                "SELECT t FROM metrics WHERE run_id = ? ORDER BY step LIMIT 1", (run.run_id,)
+            )
+            startups, rates = [2.0 * max(0.0, float(first[0][0]) - run.created)], [own]
+        return {
+            "target_steps_per_s": own,
+            "fork_startup_s": float(np.median(startups)),
+            "fork_steps_per_s": float(np.median(rates)),
+        }
+
+    def _steps_left(self, run: Any) -> int | None:
+        """Steps a running run has left by its shape: max_steps, or epochs x steps per epoch
+        (the smaller when both are set); None when it has finished or its length is unknown."""
+        if run.status.terminal:
+            return None
+        per_epoch, epochs = getattr(self.sup, "shape", {}).get(run.run_id, (0, 0))
+        by_epochs = int(per_epoch) * int(epochs) if per_epoch > 0 and epochs > 0 else 0
+        known = [x for x in (by_epochs, int(run.config.get("max_steps") or 0)) if x > 0]
+        return max(0, min(known) - int(run.step)) if known else None
 
     def _weak_slice(self, run_id: str) -> pl.Detection | None:
         """Per-slice validation losses the user reports (Trainer(val_slices=...)), aligned with
@@ -833,7 +934,27 @@ class Autopilot:
                 after = min(vals) if vals else None
             improved = ex.before is not None and after is not None and after < ex.before
             used = sum(r.step for r in good)
-            self._finish(card, ex, "done", "", improved=improved, after=after, used=used)
+            summary = verdict = ""
+            if card.action is pl.Action.MERGE and not improved and ex.before and after:
+                # A merge that loses to the run it merged into is no candidate: the report
+                # marks it rejected, and the target stays the catch-all.
+                verdict = "rejected"
+                summary = (
+                    f"{', '.join(r.run_id for r in good)} loses to {card.target_run}: val loss "
+                    f"{after:.4g} vs {ex.before:.4g} ({after / ex.before:.2f}x); rejected, "
+                    f"{card.target_run} stays the catch-all"
+                )
+            self._finish(
+                card,
+                ex,
+                "done",
+                "",
+                improved=improved,
+                after=after,
+                used=used,
+                summary=summary,
+                verdict=verdict,
+            )
 
     def _judge_race(self, ex: Execution) -> None:
         """A fork/explore card that raced variants: judged once the race has its winner."""
@@ -907,6 +1028,7 @@ class Autopilot:
         used: int | None = None,
         race: dict[str, Any] | None = None,
         summary: str = "",
+        verdict: str = "",
     ) -> None:
         with self._lock:
             self.running.pop(card.plan_id, None)
@@ -919,6 +1041,11 @@ class Autopilot:
             }
             if used is not None:
                 outcome["budget_used_steps"] = used
+            parent_step = (
+                self._parent_step(ex.runs[0]) if card.action is pl.Action.FORK and ex.runs else None
+            )
+            if parent_step is not None:
+                outcome["parent_step"] = parent_step
             try:
                 self.state = pl.apply_outcome(self.state, card, outcome, self.config)
             except ValueError:
@@ -935,6 +1062,10 @@ class Autopilot:
                 "step": outcome["step"],
                 "budget_used_steps": used,
             }
+            if parent_step is not None:
+                diag["outcome"]["parent_step"] = parent_step
+            if verdict:
+                diag["outcome"]["verdict"] = verdict
             if summary:
                 diag["outcome"]["summary"] = summary
             if race is not None:
@@ -946,6 +1077,19 @@ class Autopilot:
                 pl.PlanStatus.DONE if status == "done" else pl.PlanStatus.FAILED
             )
             self._set(new)
+
+    def _parent_step(self, run_id: str) -> int | None:
+        """Step of the parent's checkpoint a fork started from (its spec names the file)."""
+        st = self.sup.store
+        run = st.run(run_id)
+        path = str((run.spec if run is not None else {}).get("checkpoint") or "")
+        if not path:
+            return None
+        rows = st.query("SELECT step FROM checkpoints WHERE path = ?", (path,))
+        if rows:
+            return int(rows[0][0])
+        m = re.search(r"step-(\d+)\.pt$", path)
+        return int(m.group(1)) if m else None
 
     # -- end of an automode session: matched-compute baseline, then the report ---------------
     def finalize(self) -> bool:
@@ -1032,6 +1176,29 @@ class Autopilot:
 
 class _Empty:
     step = 0
+
+
+_SPIKE_HISTORY = 100
+"""Steps before the first unexamined one that the spike detectors need as history (their
+trailing window is 50 steps)."""
+_MAX_LOOK = 20_000
+"""Most metric rows one look reads: bounds the memory of a look after a long pause."""
+
+
+def _first_unexamined(
+    steps: np.ndarray, times: np.ndarray, last: tuple[int, float] | None
+) -> int | None:
+    """``since_step`` for the spike detectors: the step before the first one recorded after
+    the previous look (``last`` = its newest step and time), so every step is examined once
+    however the looks fall; None (everything) on the first look. Steps are told apart by
+    the time they were recorded, not their number: after a rollback the run trains the
+    same step numbers again, and those steps are new."""
+    if last is None:
+        return None
+    new = np.flatnonzero(times > last[1])
+    if new.size == 0:
+        return int(steps[-1])  # nothing new
+    return int(steps[new[0]]) - 1
 
 
 def _scale_lr_variants(recipe: Any, lr_mul: float, text: str) -> list[dict[str, Any]]:

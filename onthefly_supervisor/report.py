@@ -86,10 +86,21 @@ def build(
                 }
             )
     by_id = {r["run_id"]: r for r in runs}
+    # A merge that lost to the run it merged into (automode's verdict on its card) is shown
+    # as rejected and is no candidate for the best run.
+    for p in plans:
+        out = (p.get("diagnostics") or {}).get("outcome") or {}
+        if out.get("verdict") == "rejected":
+            for rid in out.get("runs") or ():
+                if rid in by_id:
+                    by_id[rid]["rejected"] = str(out.get("summary") or "rejected")
     candidates = [
         r
         for r in runs
-        if r["run_id"] != baseline_run and r["status"] == "completed" and r["test_loss"] is not None
+        if r["run_id"] != baseline_run
+        and r["status"] == "completed"
+        and r["test_loss"] is not None
+        and not r.get("rejected")
     ]
     best = min(candidates, key=lambda r: r["test_loss"]) if candidates else None
     base = by_id.get(baseline_run) if baseline_run else None
@@ -214,8 +225,8 @@ def render_html(rep: dict[str, Any]) -> str:
 
     c = rep["comparison"]
     rows = "".join(
-        f"<tr><td>{esc(r['run_id'])}</td><td>{esc(r['kind'])}</td><td>{esc(r['status'])}</td><td>{esc(', '.join(r['parents']))}</td>"
-        f"<td>{esc(r['val_loss'])}</td><td>{esc(r['test_loss'])}</td><td>{esc(r['sample_steps'])}</td><td>{esc(r['error'])}</td></tr>"
+        f"<tr><td>{esc(r['run_id'])}</td><td>{esc(r['kind'])}</td><td>{esc(r['status'] + (' · rejected' if r.get('rejected') else ''))}</td><td>{esc(', '.join(r['parents']))}</td>"
+        f"<td>{esc(r['val_loss'])}</td><td>{esc(r['test_loss'])}</td><td>{esc(r['sample_steps'])}</td><td>{esc(r.get('rejected') or r['error'])}</td></tr>"
         for r in rep["runs"]
     )
     plans = "".join(

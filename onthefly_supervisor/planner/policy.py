@@ -117,6 +117,8 @@ VALID_PLAN_TRANSITIONS: frozenset[tuple[PlanStatus, PlanStatus]] = frozenset(
 )
 
 MERGE_METHODS: tuple[str, ...] = ("swa", "distill", "fisher_soup", "adapter_fuse")
+_WEIGHT_SPACE_MERGES = ("swa", "fisher_soup", "adapter_fuse")
+"""Merges that average (or add) weights, which only makes sense for runs of one trajectory."""
 
 _PENDING_STATUSES = (PlanStatus.PROPOSED, PlanStatus.APPROVED, PlanStatus.RUNNING)
 
@@ -385,6 +387,12 @@ class PlannerConfig:
     the children cap leaves fewer slots, the first ones are kept)."""
     fork_wd_mul: float = 1.0
     """Weight-decay multiplier for specialists."""
+    fork_requires_plateau: bool = True
+    """Loss-tail and residual-cluster forks on a running target wait until its loss has
+    plateaued (``context['plateau_step']`` or a plateau detection in the round) or it has
+    finished: a specialist forked while the generalist still improves fast starts from
+    weights far from its final ones and is superseded by the next one. A weak validation
+    slice (the user named it) is forked on at once."""
     adapter_rank: int = 0
     """Train low-rank adapters of this rank instead of full weights; 0 = full weights."""
     explore_budget_steps: int = 600
@@ -418,6 +426,12 @@ class PlannerConfig:
     """Merge method for cadence merges: swa, distill, fisher_soup or adapter_fuse."""
     min_completed_for_merge: int = 1
     """Completed, improving specialists needed before a cadence merge is proposed."""
+    merge_max_lag_steps: int = 0
+    """A weight-space merge (swa, fisher_soup, adapter_fuse) takes only specialists forked
+    from the target's weights at most this many target steps ago: it averages points of
+    one trajectory, and a specialist forked from older weights sits on another branch than
+    the target has since taken (0: only specialists forked from its current weights, such
+    as the ones forked once it finished). Distillation takes any specialist."""
     distill_steps: int = 1000
     """Student training steps when ``merge_method`` is distill."""
 
@@ -446,8 +460,11 @@ class PlannerConfig:
             ("merge_every_steps", 0),
             ("min_completed_for_merge", 1),
             ("distill_steps", 1),
+            ("merge_max_lag_steps", 0),
         ):
             int_at_least(name, lo)
+        if not isinstance(self.fork_requires_plateau, bool):
+            raise bad("fork_requires_plateau", "must be true or false")
         overrides = dict(self.cooldown_overrides)
         for k, v in overrides.items():
             if k not in {a.value for a in Action}:
@@ -518,13 +535,31 @@ class Specialist:
     run_id: str
     reason: Reason
     plan_id: str
+    selection: str = ""
+    """The fork card's selection (canonical); with ``reason`` it says which specialists
+    cover the same samples, so a newer one supersedes an older one."""
+    parent_step: int | None = None
+    """Step of the target's checkpoint it was forked from (None: not known)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "reason": self.reason.value, "plan_id": self.plan_id}
+        return {
+            "run_id": self.run_id,
+            "reason": self.reason.value,
+            "plan_id": self.plan_id,
+            "selection": self.selection,
+            "parent_step": self.parent_step,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Specialist:
-        return cls(run_id=str(d["run_id"]), reason=Reason(d["reason"]), plan_id=str(d["plan_id"]))
+        step = d.get("parent_step")
+        return cls(
+            run_id=str(d["run_id"]),
+            reason=Reason(d["reason"]),
+            plan_id=str(d["plan_id"]),
+            selection=str(d.get("selection", "")),
+            parent_step=None if step is None else int(step),
+        )
 
 
 @dataclass(frozen=True)
@@ -654,6 +689,25 @@ class _Round:
     seq: int
     cards: list[PlanCard] = field(default_factory=list)
     blocked: list[Blocked] = field(default_factory=list)
+    steps_left: int | None = None
+    """Steps the target has left by its run's shape (None: not known, or it has finished)."""
+    pace: tuple[float, float, float] | None = None
+    """Measured (target steps/s, fork start-up s, fork steps/s), or None: a race needs as
+    many target steps as it trains."""
+
+    def race_needs(self, cost_steps: int, rungs: int, target: str) -> tuple[int, str]:
+        """Target steps that pass while a race of ``cost_steps`` over ``rungs`` rungs runs,
+        and how that was told: every rung after the first restarts its survivors from their
+        rung checkpoints, so the winner pays a fork's start-up once per rung."""
+        if self.pace is None:
+            return cost_steps, f"the {cost_steps} steps its race trains"
+        rate, startup, fork_rate = self.pace
+        need = int(math.ceil(round(rate * (startup * rungs + cost_steps / fork_rate), 6)))
+        return need, (
+            f"the ~{need} its race takes (a fork starts in ~{startup:.1f} s, at each of its "
+            f"{rungs} rung(s), and its variants train {cost_steps} steps at ~{fork_rate:.0f} "
+            f"steps/s, while {target} trains ~{rate:.0f} steps/s)"
+        )
 
     def block(
         self,
@@ -721,6 +775,20 @@ class _Round:
                 )
                 return False
             draft = _trim_variants(draft, free, cfg.halving_eta)
+        rungs = (draft.training_recipe.get("race") or {}).get("rung_steps", ())
+        need, how = self.race_needs(draft.cost_steps, max(1, len(rungs)), draft.target_run)
+        if a is Action.EXPLORE and self.steps_left is not None and need > self.steps_left:
+            # Its winner is adopted by the target's live worker: a race that ends after the
+            # target only spends compute (which then also enlarges the baseline's budget).
+            self.block(
+                a,
+                r,
+                f"{draft.target_run} has {self.steps_left} steps left, fewer than {how}; "
+                f"{draft.children} lr variants over rungs {'/'.join(str(x) for x in rungs)}: "
+                "the winner would arrive after it has finished, too late to adopt",
+                d,
+            )
+            return False
         remaining = cfg.max_total_budget_steps - self.budget_used
         if draft.cost_steps > remaining:
             self.block(
@@ -741,6 +809,21 @@ class _Round:
         if a is Action.STABILIZE:
             self.unstable = True
         return True
+
+
+def _pace(ctx: Mapping[str, Any]) -> tuple[float, float, float] | None:
+    """(target steps/s, fork start-up s, fork steps/s) from the context, when all are given."""
+    try:
+        pace = (
+            float(ctx["target_steps_per_s"]),
+            float(ctx["fork_startup_s"]),
+            float(ctx["fork_steps_per_s"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+    rate, startup, fork_rate = pace
+    ok = all(math.isfinite(x) for x in pace) and rate > 0 and startup >= 0 and fork_rate > 0
+    return pace if ok else None
 
 
 def _trim_variants(card: PlanCard, keep: int, eta: int) -> PlanCard:
@@ -923,9 +1006,12 @@ def plan(
 
     Mapping: NaN/Inf -> stabilize (``nonfinite``); spike or upward drift -> stabilize
     (``instability_spike``); plateau -> explore (LR variants raced by successive
-    halving); high-loss tail / residual cluster / weak slice -> fork on that selection;
-    completed specialists -> a gate once no fork is pending, and a merge every
-    ``merge_every_steps``. At most one card per action kind per round.
+    halving; not when the running target has too few steps left for the race to end
+    first); high-loss tail / residual cluster / weak slice -> fork on that selection (the
+    first two, on a running target, once it has plateaued); completed specialists (the
+    newest per selection) -> a gate once no fork is pending, and a merge every
+    ``merge_every_steps`` (a weight-space merge only of those on the target's trajectory,
+    ``merge_max_lag_steps``). At most one card per action kind per round.
 
     Safeguards, in order: dedupe against pending cards, give-up after repeated
     non-improving outcomes, per-action adaptive cooldown, instability first (nothing
@@ -944,10 +1030,21 @@ def plan(
     NaN stabilization skips all of them from the first on); ``rollback_supported`` (False when the supervisor cannot
     restart the run's process: no rollback, repair in place); ``bf16_note`` (why bf16 is
     or is not part of a stabilization, shown on the card); ``final`` (the target run has
-    finished: unmerged specialists are merged without waiting for the cadence).
+    finished: unmerged specialists are merged without waiting for the cadence);
+    ``plateau_step`` (the step at which the target's loss was first found on a plateau, or
+    None: with ``fork_requires_plateau``, loss-tail and residual-cluster forks on a running
+    target wait for it or for a plateau detection in this round; a caller that leaves the
+    key out does not track plateaus, and forks are not held back); ``steps_left`` (steps the
+    running target has left by its run's shape, epochs x steps per epoch or max_steps: an
+    explore whose race would end after the target is not proposed); ``target_steps_per_s``,
+    ``fork_startup_s`` and ``fork_steps_per_s`` (measured pace: with all three, the race's
+    length in target steps is ``target_steps_per_s * (fork_startup_s * rungs + cost_steps /
+    fork_steps_per_s)``: a start-up per rung, its variants' steps counted one after the
+    other; without, its ``cost_steps``).
     """
     ctx: Mapping[str, Any] = context or {}
     target = str(ctx.get("target_run", "main"))
+    final = bool(ctx.get("final", False))
     # The caller's count of processes still going replaces the card-based one, which holds
     # every slot of a started card until the card ends (a race's stopped losers included).
     live = int(ctx["active_children"]) if "active_children" in ctx else state.active_children
@@ -963,6 +1060,16 @@ def plan(
         unstable=pending_stabilize or any(_is_instability(d) for d in detections),
         drift_seen=any(d.kind is DetectionKind.DRIFT for d in detections),
         seq=state.next_seq,
+        steps_left=None if final or ctx.get("steps_left") is None else int(ctx["steps_left"]),
+        pace=_pace(ctx),
+    )
+    # A plateau next to a drift is not trusted (see try_add); one seen earlier is kept by the
+    # caller: the plateau test misses some looks at a flat but noisy loss.
+    plateaued = (
+        final
+        or "plateau_step" not in ctx  # a caller that does not track plateaus
+        or ctx["plateau_step"] is not None
+        or (not rnd.drift_seen and any(d.kind is DetectionKind.PLATEAU for d in detections))
     )
 
     unstable = sorted(
@@ -979,6 +1086,24 @@ def plan(
     for d in others:
         if d.kind is DetectionKind.PLATEAU:
             rnd.try_add(_explore_card(rnd, d, target), d)
+        elif (
+            d.kind in (DetectionKind.HIGH_LOSS_TAIL, DetectionKind.RESIDUAL_CLUSTER)
+            and config.fork_requires_plateau
+            and not plateaued
+        ):
+            reason = (
+                Reason.HIGH_LOSS_TAIL
+                if d.kind is DetectionKind.HIGH_LOSS_TAIL
+                else Reason.RESIDUAL_CLUSTER
+            )
+            rnd.block(
+                Action.FORK,
+                reason,
+                f"{target} is still improving (no loss plateau detected yet): a specialist "
+                f"forked now would start from weights far from {target}'s final ones; it is "
+                "forked once the loss plateaus or the run finishes",
+                d,
+            )
         elif d.kind is DetectionKind.HIGH_LOSS_TAIL:
             q = d.numbers.get("q", 0.85)
             sel = f"quantile:{q:g}:1.0" if 0.0 <= q < 1.0 else "quantile:0.85:1.0"
@@ -1007,7 +1132,7 @@ def plan(
             rnd.try_add(_fork_card(rnd, Reason.SLICE_UNDERPERFORMANCE, slice_sel, d, target), d)
 
     _propose_gate(rnd, target)
-    _propose_merge(rnd, target, final=bool(ctx.get("final", False)))
+    _propose_merge(rnd, target, final=final)
     return PlanResult(cards=tuple(rnd.cards), blocked=tuple(rnd.blocked))
 
 
@@ -1060,6 +1185,26 @@ def _propose_merge(rnd: _Round, target: str, final: bool = False) -> None:
             due,
         )
         return
+    if cfg.merge_method in _WEIGHT_SPACE_MERGES:
+        # Averaging weights is sound along one trajectory (SWA averages its snapshots); a
+        # specialist forked from older weights sits on a branch the target has left since.
+        oldest = rnd.step - cfg.merge_max_lag_steps
+        on = [s for s in specialists if s.parent_step is None or s.parent_step >= oldest]
+        if len(on) < cfg.min_completed_for_merge:
+            off = ", ".join(
+                f"{s.run_id} (step {s.parent_step})" for s in specialists if s not in on
+            )
+            rnd.block(
+                Action.MERGE,
+                Reason.MERGE_CADENCE,
+                f"no specialist is on {target}'s trajectory: {off} forked from {target}'s "
+                f"weights more than {cfg.merge_max_lag_steps} steps before its step {rnd.step} "
+                f"(merge_max_lag_steps); a {cfg.merge_method} merge averages weights of one "
+                f"trajectory, so it waits for a specialist forked from {target}'s current weights",
+                None,
+            )
+            return
+        specialists = tuple(on)
     runs = [target] + [s.run_id for s in specialists]
     recipe: dict[str, Any] = {"method": cfg.merge_method, "runs": runs}
     if cfg.merge_method == "swa":
@@ -1168,7 +1313,12 @@ def apply_outcome(
     ``improved`` (bool) or ``metric_before``/``metric_after`` (+ ``higher_is_better``,
     default False); ``runs`` (fork: the specialist run ids that won; merge/gate: the new
     run); ``budget_used_steps`` (actual extra steps, to true up the reserved cost);
-    ``step`` (when it ended; merge cadence restarts there).
+    ``step`` (when it ended; merge cadence restarts there); ``parent_step`` (fork: the
+    step of the target's checkpoint the specialist was forked from; default the card's
+    ``created_step``).
+
+    An improving fork's specialist supersedes those of earlier forks on the same reason and
+    selection forked from older weights: they leave the gate's and merge's waiting lists.
 
     A done card that improved the metric resets its action's cooldown multiplier and
     failure count; a done card that did not, or a failed one, multiplies the cooldown
@@ -1206,8 +1356,25 @@ def apply_outcome(
 
     if card.action is Action.FORK and improved:
         runs = [str(r) for r in outcome.get("runs", ())] or [card.plan_id]
-        new = tuple(Specialist(r, card.reason, card.plan_id) for r in runs)
-        state = replace(state, ungated=state.ungated + new, unmerged=state.unmerged + new)
+        sel = validate_selection(card.selection)
+        step = outcome.get("parent_step")
+        parent_step = int(card.created_step) if step is None else int(step)
+        new = tuple(Specialist(r, card.reason, card.plan_id, sel, parent_step) for r in runs)
+
+        def current(s: Specialist) -> bool:
+            # A specialist on the same samples forked from newer weights of the target
+            # supersedes it: the gate and merges take the newest one per selection.
+            return not (
+                s.reason is card.reason
+                and s.selection == sel
+                and (s.parent_step is None or s.parent_step <= parent_step)
+            )
+
+        state = replace(
+            state,
+            ungated=tuple(s for s in state.ungated if current(s)) + new,
+            unmerged=tuple(s for s in state.unmerged if current(s)) + new,
+        )
     elif card.action is Action.GATE and status == "done":
         covered = set(card.gate_recipe.get("experts", ()))
         state = replace(state, ungated=tuple(s for s in state.ungated if s.run_id not in covered))

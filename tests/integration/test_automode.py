@@ -108,14 +108,16 @@ def test_nan_batch_is_rolled_back_and_skipped_and_the_run_finishes(tmp_path: Pat
 def test_plateau_explore_races_variants_to_a_winner(tmp_path: Path) -> None:
     # lr=0: the loss cannot move, the textbook plateau. The planner looks about once a
     # second (~30 steps here); batches of 128 keep the batch-loss noise low (~3%) so the
-    # plateau test fires on most looks, and 12 epochs give it several looks.
+    # plateau test fires on most looks. 64 epochs (1,024 steps, ~35 s) leave the race room to
+    # end before main does: automode proposes no explore whose winner would come too late
+    # (two fork start-ups, taken as twice main's own, and its steps, at main's pace).
     r = _automode(
         tmp_path,
         SMALL,
         "--lr",
         "0",
         "--epochs",
-        "12",
+        "64",
         "--n",
         "2048",
         "--batch-size",

@@ -573,3 +573,72 @@ def test_weak_slice_noise_rarely_raises_an_alarm() -> None:
         slices = {f"s{i}": overall * (1 + 0.03 * rng.normal(size=6)) for i in range(4)}
         alarms += detect_weak_slices(slices, overall, margin=0.10, persist=3) is not None
     assert alarms <= 20  # <= 1%
+
+
+# --------------------------------------------------------------------------- automode's looks
+
+
+def test_automode_judges_every_step_once_however_its_looks_fall(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """automode looked back only 200 steps from the newest one while it looks about once a
+    second and main trains 300-700 steps/s: a spike was acted on only when a look happened
+    soon after it, and identical runs diverged. Every step since the previous look is
+    examined now, and a rolled-back run's re-trained steps count as new."""
+    import time
+    from types import SimpleNamespace
+
+    from onthefly_supervisor.autopilot import Autopilot
+    from onthefly_supervisor.lifecycle import RunStatus
+    from onthefly_supervisor.store import RunRow, Store
+
+    rng = np.random.default_rng(3)
+    gn = 1.0 + 0.02 * rng.standard_normal(2000)
+    gn[[700, 1500]] = 5.0  # two gradient-norm spikes
+    clock = [1000.0]
+
+    def spikes_seen(looks: list[int], rollback: tuple[int, int] | None = None) -> list[int]:
+        store = Store(str(tmp_path / f"s{len(list(tmp_path.iterdir()))}"))
+        store.add_run(RunRow("main", "main", "main", RunStatus.RUNNING, [], time.time()))
+        sup = SimpleNamespace(
+            store=store,
+            arrays=SimpleNamespace(epochs=lambda r: []),
+            control_hooks={},
+            tick_hooks=[],
+            busy_hooks=[],
+            final_hooks=[],
+        )
+        ap = Autopilot(sup)  # type: ignore[arg-type]
+
+        def train(first: int, last: int) -> None:
+            points = []
+            for s in range(first, last + 1):
+                clock[0] += 0.002
+                points.append({"step": s, "epoch": 0, "time": clock[0], "loss": 0.5,
+                               "grad_norm": float(gn[s - 1]), "samples_per_s": 256 / 0.002,
+                               "step_time_ms": 2.0})  # fmt: skip
+            store.add_metrics("main", points)
+
+        seen, done = [], 0
+        for at in looks:
+            if at > done:
+                train(done + 1, at)
+            done = at
+            seen += [
+                d.step
+                for d in ap.detect("main")
+                if d.kind is DetectionKind.SPIKE and d.subject == "grad_norm"
+            ]
+            if rollback is not None and at == rollback[0]:
+                store.discard_after("main", rollback[1])  # back to a checkpoint, train again
+                done = rollback[1]
+        store.close()
+        return seen
+
+    # A look right after each spike, sparse looks (the old 200-step lookback missed both),
+    # and looks every 100 steps: the same spikes, each reported once.
+    assert spikes_seen([710, 1510, 2000]) == [701, 1501]
+    assert spikes_seen([1000, 2000]) == [701, 1501]
+    assert spikes_seen(list(range(100, 2001, 100))) == [701, 1501]
+    # Two spikes between two looks: the second is reported at the next look.
+    assert spikes_seen([600, 2000, 2000]) == [701, 1501]
+    # A rollback from step 800 to 650 trains the spike's step again: it is new again.
+    assert spikes_seen([800, 2000, 2000], rollback=(800, 650)) == [701, 701, 1501]

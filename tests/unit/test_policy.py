@@ -305,7 +305,12 @@ def test_gives_up_after_repeated_failures() -> None:
 
 
 def test_gate_after_forks_complete_then_merge_on_cadence() -> None:
-    cfg = PlannerConfig(merge_every_steps=5000, base_cooldown_steps=0, max_parallel_children=4)
+    cfg = PlannerConfig(
+        merge_every_steps=5000,
+        base_cooldown_steps=0,
+        max_parallel_children=4,
+        merge_max_lag_steps=4000,  # fork-1 was forked at step 1000, the merge is at 5000
+    )
     fork = propose([TAIL], PlannerState(), cfg, 1000, CTX)[0]
     state = record_started(record_proposed(PlannerState(), [fork]), fork.plan_id)
     # A second fork still running holds the gate back.
@@ -820,3 +825,194 @@ def test_a_served_session_takes_over_its_stored_plan_cards(
         assert {p.plan_id for p in ap.state.pending} == {"plan-0002", "plan-0004", "plan-0005"}
     finally:
         served.shutdown()
+
+
+# --------------------------------------------------------------------------- timing of specialists
+
+
+def test_loss_tail_and_cluster_forks_wait_for_the_plateau_or_the_end() -> None:
+    """The demo forked on the loss tail at steps ~200-800 of 4,096, from a generalist far
+    from its plateau: weak specialists that still joined the gate."""
+    early = {**CTX, "plateau_step": None}  # the caller tracks plateaus: none seen yet
+    for d in (TAIL, CLUSTER):
+        res = plan([d], PlannerState(), PlannerConfig(), 300, early)
+        assert res.cards == ()
+        assert res.blocked[0].action is Action.FORK and "still improving" in res.blocked[0].why
+    # A plateau in this round, one seen earlier, or the finished run lets it go.
+    cfg = PlannerConfig(max_parallel_children=5)
+    assert {c.action for c in propose([TAIL, PLATEAU], PlannerState(), cfg, 1000, early)} == {
+        Action.FORK,
+        Action.EXPLORE,
+    }
+    assert propose([TAIL], PlannerState(), PlannerConfig(), 1000, {**early, "plateau_step": 800})
+    assert propose([CLUSTER], PlannerState(), PlannerConfig(), 1000, {**early, "final": True})
+    # A plateau next to a drift is not trusted for this either.
+    assert propose([TAIL, PLATEAU, DRIFT_DOWN], PlannerState(), PlannerConfig(), 1000, early) == []
+    # A weak validation slice the user named is not held back; nor is anything when off.
+    assert propose([SLICE], PlannerState(), PlannerConfig(), 300, early)
+    assert propose([TAIL], PlannerState(), PlannerConfig(fork_requires_plateau=False), 300, early)
+    # A caller that leaves plateau_step out does not track plateaus: nothing is held back.
+    assert propose([TAIL], PlannerState(), PlannerConfig(), 300, CTX)
+
+
+def test_a_newer_specialist_on_the_same_samples_supersedes_the_older_one() -> None:
+    """Each demo run gated over 3 loss-tail specialists, the early ones weak: the gate takes
+    the one forked from the newest weights per selection."""
+    cfg = PlannerConfig(base_cooldown_steps=0, merge_every_steps=0, merge_max_lag_steps=10_000)
+    state = PlannerState()
+    forks = []
+    for step, run in ((1000, "fork-1"), (2500, "fork-2")):
+        card = propose([TAIL], state, cfg, step, CTX)[0]
+        state = record_started(record_proposed(state, [card]), card.plan_id)
+        state = apply_outcome(
+            state, card, {"improved": True, "runs": [run], "parent_step": step + 20}, cfg
+        )
+        forks.append(card)
+    assert [(s.run_id, s.parent_step) for s in state.ungated] == [("fork-2", 2520)]
+    assert [s.run_id for s in state.unmerged] == ["fork-2"]
+    # A specialist on other samples is kept beside it.
+    other = propose([CLUSTER], state, cfg, 2600, CTX)[0]
+    state = record_started(record_proposed(state, [other]), other.plan_id)
+    state = apply_outcome(state, other, {"improved": True, "runs": ["fork-3"]}, cfg)
+    gate = propose([], state, cfg, 3000, CTX)[0]
+    assert gate.action is Action.GATE
+    assert gate.gate_recipe["experts"] == ["main", "fork-2", "fork-3"]
+    # Older specialists arriving late (a slow fork) do not push out a newer one.
+    late = apply_outcome(
+        state, forks[0], {"improved": True, "runs": ["fork-0"], "parent_step": 500}, cfg
+    )
+    assert [s.run_id for s in late.ungated] == ["fork-2", "fork-3", "fork-0"]
+
+
+def test_explore_is_not_proposed_when_its_race_cannot_end_before_the_run() -> None:
+    """The demo's plateau race always ended after main, its lr never adopted."""
+    cfg = PlannerConfig(max_parallel_children=3)
+    need = propose([PLATEAU], PlannerState(), cfg, 1000, CTX)[0].cost_steps
+    assert need == 3 * 200 + 400
+    res = plan([PLATEAU], PlannerState(), cfg, 1000, {**CTX, "steps_left": need - 1})
+    assert res.cards == ()
+    why = res.blocked[0].why
+    assert f"main has {need - 1} steps left, fewer than the {need} steps its race" in why
+    assert "too late to adopt" in why
+    assert propose([PLATEAU], PlannerState(), cfg, 1000, {**CTX, "steps_left": need})
+    # Trimmed to 2 variants by the children cap, it needs less.
+    trimmed = {**CTX, "steps_left": 2 * 200 + 400, "active_children": 1}
+    assert [c.children for c in propose([PLATEAU], PlannerState(), cfg, 1000, trimmed)] == [2]
+    # Unknown length (None) or a finished run does not hold it back.
+    assert propose([PLATEAU], PlannerState(), cfg, 1000, {**CTX, "steps_left": None})
+    assert propose([PLATEAU], PlannerState(), cfg, 1000, {**CTX, "steps_left": 1, "final": True})
+    # With the measured pace: a fork starts in 5 s (at each of the 2 rungs: survivors restart
+    # from their rung checkpoints) and trains 150 steps/s while main trains 300 steps/s, so
+    # the race's 1000 steps take 300 * (2 * 5 + 1000 / 150) = 5000 of main's.
+    pace = {"target_steps_per_s": 300.0, "fork_startup_s": 5.0, "fork_steps_per_s": 150.0}
+    res = plan([PLATEAU], PlannerState(), cfg, 1000, {**CTX, **pace, "steps_left": 4999})
+    assert res.cards == () and "fewer than the ~5000 its race takes" in res.blocked[0].why
+    assert "a fork starts in ~5.0 s, at each of its 2 rung(s)" in res.blocked[0].why
+    assert propose([PLATEAU], PlannerState(), cfg, 1000, {**CTX, **pace, "steps_left": 5000})
+
+
+def test_a_weight_space_merge_takes_only_specialists_on_the_targets_trajectory() -> None:
+    """Cadence SWA of main with a specialist forked thousands of steps earlier made models
+    3-12x worse than main."""
+    from onthefly_supervisor.planner.policy import Specialist
+
+    old = Specialist("fork-1", Reason.HIGH_LOSS_TAIL, "plan-0001", "quantile:0.85:1", 141)
+    cfg = PlannerConfig(merge_every_steps=500)
+    state = PlannerState(unmerged=(old,))
+    res = plan([], state, cfg, 4096, {**CTX, "final": True})
+    assert res.cards == ()
+    why = res.blocked[0].why
+    assert res.blocked[0].action is Action.MERGE and "fork-1 (step 141)" in why
+    assert "waits for a specialist forked from main's current weights" in why
+    # Forked from the finished main's last checkpoint: on its trajectory.
+    new = Specialist("fork-5", Reason.RESIDUAL_CLUSTER, "plan-0008", "kmeans:auto", 4096)
+    state = PlannerState(unmerged=(old, new))
+    card = propose([], state, cfg, 4096, {**CTX, "final": True})[0]
+    assert card.merge_recipe["runs"] == ["main", "fork-5"]
+    # merge_max_lag_steps widens it; distillation is not a weight average and takes all.
+    lag = PlannerConfig(merge_every_steps=500, merge_max_lag_steps=4000)
+    assert propose([], state, lag, 4096, CTX)[0].merge_recipe["runs"] == [
+        "main",
+        "fork-1",
+        "fork-5",
+    ]
+    distill = PlannerConfig(merge_every_steps=0, merge_method="distill")
+    runs = propose([], PlannerState(unmerged=(old,)), distill, 4096, CTX)[0].merge_recipe["runs"]
+    assert runs == ["main", "fork-1"]
+
+
+def test_automode_measures_the_runs_shape_and_pace_and_rejects_a_losing_merge(
+    tmp_path: Path,
+) -> None:
+    """What the planner is given about the race's room (steps left, pace), and a cadence
+    merge that loses to main is marked rejected on its card and in the report."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from onthefly_supervisor.autopilot import Autopilot, Execution
+    from onthefly_supervisor.lifecycle import RunStatus
+    from onthefly_supervisor.report import build
+    from onthefly_supervisor.store import RunRow, Store
+
+    store = Store(str(tmp_path))
+    t0 = 1000.0
+    store.add_run(
+        RunRow("main", "main", "main", RunStatus.RUNNING, [], t0, config={"max_steps": 0})
+    )
+    # main's first step 4 s after it was created, then 200 steps/s.
+    store.add_metrics(
+        "main", [{"step": s, "epoch": 0, "time": t0 + 4 + s / 200, "loss": 1.0} for s in range(1, 1001)]
+    )  # fmt: skip
+    sup = SimpleNamespace(
+        store=store,
+        shape={"main": (32, 128)},
+        bus=SimpleNamespace(publish=lambda *a, **kw: None),
+        control_hooks={},
+        tick_hooks=[],
+        busy_hooks=[],
+        final_hooks=[],
+    )
+    ap = Autopilot(sup)  # type: ignore[arg-type]
+    main = store.run("main")
+    assert main is not None and ap._steps_left(main) == 4096 - 1000
+    assert ap._steps_left(replace(main, config={"max_steps": 3000})) == 2000
+    # Before any fork, a fork is taken to step as fast as main and to start in twice main's
+    # start-up (it starts while main trains on the same cores).
+    assert ap._race_pace(main) == pytest.approx(
+        {"target_steps_per_s": 200.0, "fork_startup_s": 8.01, "fork_steps_per_s": 200.0}
+    )
+    store.add_run(RunRow("fork-1", "f", "fork", RunStatus.COMPLETED, ["main"], t0 + 10))
+    store.add_metrics(
+        "fork-1", [{"step": s, "epoch": 0, "time": t0 + 17 + s / 50, "loss": 1.0} for s in range(1, 101)]
+    )  # fmt: skip
+    pace = ap._race_pace(main)
+    assert (pace["fork_startup_s"], pace["fork_steps_per_s"]) == pytest.approx((7.02, 50.0))
+
+    # A merge 3x worse than main on val: rejected.
+    store.update_run("main", val_loss=0.04)
+    store.add_run(
+        RunRow("merge-1", "plan-0001-merge", "merge", RunStatus.COMPLETED, ["main", "fork-1"], t0)
+    )
+    store.update_run("merge-1", val_loss=0.12, test_loss=0.13)
+    card = PlanCard(
+        "plan-0001",
+        Action.MERGE,
+        Reason.MERGE_CADENCE,
+        "all",
+        merge_recipe={"method": "swa", "runs": ["main", "fork-1"]},
+        status=PlanStatus.RUNNING,
+    )
+    ap.cards[card.plan_id] = card
+    ap.state = record_started(record_proposed(ap.state, [card]), card.plan_id)
+    ap.running[card.plan_id] = Execution(card, runs=["merge-1"], before=0.04)
+    ap._judge_running()
+    out = ap.cards["plan-0001"].diagnostics["outcome"]
+    assert out["verdict"] == "rejected" and not out["improved"]
+    assert out["summary"] == (
+        "merge-1 loses to main: val loss 0.12 vs 0.04 (3.00x); rejected, main stays the catch-all"
+    )
+    store.close()
+    rep = build(str(tmp_path))
+    runs = {r["run_id"]: r for r in rep["runs"]}
+    assert runs["merge-1"]["rejected"] == out["summary"] and "rejected" not in runs["main"]
+    assert rep["comparison"]["best_run"] != "merge-1"
