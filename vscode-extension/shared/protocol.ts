@@ -244,6 +244,28 @@ export interface ForkParams extends ForkRace {
   adaptersRank: number;
   wdMul?: number;
   name?: string;
+  /** Early stopping (0/unset = off): end the fork after this many evaluations without improvement. */
+  earlyStopPatience?: number;
+  /** "slice" (the default) or "val". */
+  earlyStopMetric?: 'slice' | 'val';
+  /** An improvement must exceed this (default 0). */
+  earlyStopMinDelta?: number;
+  /** Evaluate every this many steps (0/unset = budget/10). */
+  earlyStopEvery?: number;
+}
+
+/** Checks a fork's early-stopping fields; a one-line error, or null when they are fine. */
+export function validateEarlyStop(f: ForkParams): string | null {
+  const nonNegInt = (v: number | undefined): boolean => v === undefined || (Number.isInteger(v) && v >= 0);
+  if (!nonNegInt(f.earlyStopPatience)) return 'early-stop patience must be an integer >= 0 (0 = off)';
+  if (!nonNegInt(f.earlyStopEvery)) return 'early-stop cadence must be an integer number of steps >= 0';
+  if (f.earlyStopMinDelta !== undefined && !(Number.isFinite(f.earlyStopMinDelta) && f.earlyStopMinDelta >= 0)) {
+    return 'early-stop min delta must be a number >= 0';
+  }
+  if (f.earlyStopMetric !== undefined && f.earlyStopMetric !== 'slice' && f.earlyStopMetric !== 'val') {
+    return 'early-stop metric must be slice or val';
+  }
+  return null;
 }
 
 export type MergeMethod = 'swa' | 'distill' | 'fisher_soup' | 'adapter_fuse';
@@ -473,7 +495,11 @@ function checkParams(method: MethodName, p: Record<string, unknown>): void {
       num(p, 'raceEta', where, true);
       str(p, 'raceMetric', where, true);
       str(p, 'raceMode', where, true);
-      const bad = validateForkRace(p as ForkRace);
+      num(p, 'earlyStopPatience', where, true);
+      str(p, 'earlyStopMetric', where, true);
+      num(p, 'earlyStopMinDelta', where, true);
+      num(p, 'earlyStopEvery', where, true);
+      const bad = validateForkRace(p as ForkRace) ?? validateEarlyStop(p as unknown as ForkParams);
       if (bad) throw new ProtocolError(`${where}: ${bad}`);
       return;
     }

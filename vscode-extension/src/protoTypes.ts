@@ -188,4 +188,11 @@ export interface PForkRequest {
   race_metric?: string;
   /** "asha" (the default) or "sync". */
   race_mode?: string;
+  /** Early stopping: evaluations without improvement before the fork ends (0 = off). */
+  early_stop_patience?: number;
+  /** "slice" (the default) or "val". */
+  early_stop_metric?: string;
+  early_stop_min_delta?: number;
+  /** Steps between evaluations (0 = budget/10). */
+  early_stop_every?: number;
 }

@@ -212,6 +212,10 @@ export class Relay implements Disposable {
             race_eta: f.raceEta ?? 0,
             race_metric: f.raceMetric ?? '',
             race_mode: f.raceMode ?? '',
+            early_stop_patience: Math.max(0, Math.floor(f.earlyStopPatience ?? 0)),
+            early_stop_metric: f.earlyStopMetric ?? '',
+            early_stop_min_delta: f.earlyStopMinDelta ?? 0,
+            early_stop_every: Math.max(0, Math.floor(f.earlyStopEvery ?? 0)),
           },
           opts,
         );

@@ -50,6 +50,8 @@ describe('protocol: webview -> host', () => {
     ['race metric not a string', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variants: 2, raceMetric: 1 } }, /"raceMetric" must be a string/],
     ['lr multipliers not numbers', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variantLrMuls: ['0.5', 2] } }, /"variantLrMuls" must be an array of finite numbers/],
     ['a negative lr multiplier', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variantLrMuls: [0.5, -2] } }, /positive/],
+    ['negative early-stop patience', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, earlyStopPatience: -1 } }, /early-stop patience must be an integer >= 0/],
+    ['unknown early-stop metric', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, earlyStopPatience: 3, earlyStopMetric: 'train' } }, /early-stop metric must be slice or val/],
     ['17 variants', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variants: 17 } }, /1\.\.16/],
     ['bad merge method', { type: 'request', id: 1, method: 'merge', params: { method: 'average', runs: ['a'] } }, /method must be one of/],
     ['runs not strings', { type: 'request', id: 1, method: 'gate', params: { runs: ['a', 2] } }, /array of strings/],

@@ -167,6 +167,7 @@ describe('relay + session watcher against a fake supervisor', () => {
         {
           run: 'main', select: 'quantile:0.85:1.0', budget_steps: 100, lr_mul: 0.5, wd_mul: 0, adapters_rank: 4, variants: 0, name: '', checkpoint: '',
           variant_lr_muls: [], race_eta: 0, race_metric: '', race_mode: '',
+          early_stop_patience: 0, early_stop_metric: '', early_stop_min_delta: 0, early_stop_every: 0,
         },
       );
 
@@ -177,7 +178,15 @@ describe('relay + session watcher against a fake supervisor', () => {
         {
           run: 'main', select: 'all', budget_steps: 240, lr_mul: 0.5, wd_mul: 0, adapters_rank: 0, variants: 4, name: 'r', checkpoint: '',
           variant_lr_muls: [], race_eta: 3, race_metric: 'val', race_mode: 'sync',
+          early_stop_patience: 0, early_stop_metric: '', early_stop_min_delta: 0, early_stop_every: 0,
         },
+      );
+      // Early stopping rides along to the supervisor as given.
+      await h.request('fork', { run: 'main', select: 'all', budgetSteps: 200, lrMul: 1, adaptersRank: 0, earlyStopPatience: 3, earlyStopMetric: 'val', earlyStopMinDelta: 0.001, earlyStopEvery: 20 });
+      const early = sup.lastCall('Fork') as Record<string, unknown>;
+      assert.deepEqual(
+        [early.early_stop_patience, early.early_stop_metric, early.early_stop_min_delta, early.early_stop_every],
+        [3, 'val', 0.001, 20],
       );
       // Explicit lr multipliers: their count is the variants; unset options stay at the supervisor's defaults.
       await h.request('fork', { run: 'main', select: 'all', budgetSteps: 240, lrMul: 1, adaptersRank: 0, variantLrMuls: [0.25, 1, 4] });
