@@ -442,9 +442,17 @@ def _save_hashed(state: Any, tmp: str) -> tuple[str, int]:
 
 
 def _write_via(state: Any, path: str, tmp: str) -> tuple[str, int]:
+    return _replace_atomic(path, tmp, lambda t: _save_hashed(state, t))
+
+
+def _replace_atomic(
+    path: str, tmp: str, write: Callable[[str], tuple[str, int]]
+) -> tuple[str, int]:
+    """`write(tmp)` (it fsyncs the file and returns (sha256, bytes)), then rename it to
+    `path` and fsync the folder; the temp file never stays behind."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
-        digest, nbytes = _save_hashed(state, tmp)
+        digest, nbytes = write(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -461,29 +469,24 @@ def serialize(state: Any) -> memoryview:
     return buf.getbuffer()
 
 
+def _write_bytes(data: memoryview | bytes, tmp: str) -> tuple[str, int]:
+    view = memoryview(data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return hashlib.sha256(view).hexdigest(), len(view)
+
+
 def write_bytes_atomic(data: memoryview | bytes, path: str) -> tuple[str, int]:
     """Serialized checkpoint bytes to `path` via temp file + fsync + rename; (sha256, bytes).
     Every step but a few bytecodes runs with the GIL released (write, sha256, fsync)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    view = memoryview(data)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        try:
-            done = 0
-            while done < len(view):
-                done += os.write(fd, view[done:])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        digest = hashlib.sha256(view).hexdigest()
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_path(os.path.dirname(path) or ".")
-    return digest, len(view)
+    return _replace_atomic(path, tmp, lambda t: _write_bytes(data, t))
 
 
 def write_atomic(state: dict[str, Any], path: str) -> tuple[str, int]:

@@ -151,9 +151,11 @@ class Recorder:
             self._handed += 1
         self._queue.put(buf)
 
-    def hand_off(self) -> None:
-        """Hand what is buffered to the packing thread now, without waiting for it."""
+    def hand_off(self) -> int:
+        """Hand what is buffered to the packing thread now, without waiting for it; returns
+        how many buffers have been handed off so far (for `wait_sent`)."""
         self._hand_off()
+        return self._handed
 
     def epoch_partial(self) -> tuple[float, int]:
         """(sum, count) of the finite per-sample losses recorded so far this epoch (waits for
@@ -165,10 +167,6 @@ class Recorder:
     def set_epoch_partial(self, total: float, count: int) -> None:
         self.flush()
         self.epoch_sum, self.epoch_count = float(total), int(count)
-
-    def handed_off(self) -> int:
-        """How many buffers have been handed to the packing thread so far (see `wait_sent`)."""
-        return self._handed
 
     def wait_sent(self, handed: int, timeout: float = 30.0) -> None:
         """Wait (on any thread but the packing one) until the first `handed` buffers are

@@ -584,9 +584,8 @@ class _Loop(CommandLoop):
         step, epoch, batch = self.step, self.epoch, self.batch
 
         rec = self.rec
-        if rec is not None:
-            rec.hand_off()  # this step's losses too: a resume from here starts after them
-        handed = rec.handed_off() if rec is not None else 0
+        # This step's losses too: a resume from this checkpoint starts after them.
+        handed = rec.hand_off() if rec is not None else 0
 
         def done(saved: ckpt.SavedCheckpoint | None, err: BaseException | None) -> None:
             if rec is not None:

@@ -284,7 +284,7 @@ def test_wait_sent_orders_a_message_from_another_thread_after_earlier_steps() ->
 
     rec = Recorder(send, "main", torch.device("cpu"), flush_interval_s=0.0)
     _record_steps(rec, range(1, 4))
-    handed = rec.handed_off()
+    handed = rec.hand_off()  # nothing left to hand off: the count
     assert handed == 3
 
     def writer_thread() -> None:
