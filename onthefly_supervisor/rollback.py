@@ -206,7 +206,8 @@ class Rollbacks:
                     pre,
                     f"run {run.run_id} has no checkpoint before step {first} to roll back to "
                     f"(checkpoints at steps {[c['step'] for c in cks] or 'none'}); "
-                    "checkpoint_every_n_steps makes them more frequent",
+                    "checkpoint_every_n_steps (or checkpoint_min_interval_s=0, every epoch end) "
+                    "makes them more frequent",
                 )
             ck = max(good, key=lambda c: (int(c["step"]), float(c["t"])))
         with self._lock:

@@ -47,6 +47,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -983,6 +984,40 @@ def _nbytes(obj: Any) -> int:
     found: dict[int, torch.Tensor] = {}
     _collect(obj, found)
     return sum(t.numel() * t.element_size() for t in found.values())
+
+
+class EpochGate:
+    """Whether an epoch end writes a checkpoint: when at least `min_interval_s` seconds have
+    passed since the last checkpoint (of any reason), or always with 0. Epochs of a fraction
+    of a second would otherwise spend several percent of training on checkpoints nobody
+    needs (each one is serialized, written, fsynced and registered); pause, stop, the end
+    of training and `checkpoint_every_n_steps` always checkpoint. `note` is called once,
+    with a sentence, the first time an epoch end is skipped."""
+
+    def __init__(self, min_interval_s: float, note: Callable[[str], None], owner: str) -> None:
+        self.min_interval_s = float(min_interval_s)
+        self._note = note
+        self._owner = owner
+        self._last = time.monotonic()
+        self._said = False
+
+    def checkpointed(self) -> None:
+        self._last = time.monotonic()
+
+    def due(self, epoch: int) -> bool:
+        if self.min_interval_s <= 0:
+            return True
+        if time.monotonic() - self._last >= self.min_interval_s:
+            return True
+        if not self._said:
+            self._said = True
+            self._note(
+                f"epoch {epoch} ended {time.monotonic() - self._last:.2f} s after the last "
+                f"checkpoint: epoch ends checkpoint at most every {self.min_interval_s:g} s "
+                f"({self._owner}(checkpoint_min_interval_s=0) checkpoints every epoch; pause, "
+                "stop and the end of training always do)"
+            )
+        return False
 
 
 class AsyncWriter:

@@ -60,7 +60,11 @@ class TrainerConfig:
     seed: int | None = None
     """Seed of the data order; None = the session seed (ONTHEFLY_SEED, default 0)."""
     checkpoint_every_n_steps: int = 0
-    """Also checkpoint on this step cadence (pause, epoch end and stop always checkpoint)."""
+    """Also checkpoint on this step cadence (pause, stop and the end of training always checkpoint)."""
+    checkpoint_min_interval_s: float = 2.0
+    """An epoch end checkpoints when at least this many seconds have passed since the last
+    checkpoint; 0 = every epoch end (epochs of a fraction of a second would otherwise spend
+    several percent of training on checkpoints)."""
     amp: bool = False
     """Mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU."""
     grad_clip: float = 0.0
@@ -95,6 +99,16 @@ class TrainerConfig:
         if not isinstance(self.checkpoint_every_n_steps, int) or self.checkpoint_every_n_steps < 0:
             raise bad(
                 "checkpoint_every_n_steps", self.checkpoint_every_n_steps, "must be an integer >= 0"
+            )
+        if (
+            isinstance(self.checkpoint_min_interval_s, bool)
+            or not isinstance(self.checkpoint_min_interval_s, (int, float))
+            or not self.checkpoint_min_interval_s >= 0
+        ):
+            raise bad(
+                "checkpoint_min_interval_s",
+                self.checkpoint_min_interval_s,
+                "must be a number of seconds >= 0 (0 = every epoch end)",
             )
         if self.grad_clip < 0:
             raise bad("grad_clip", self.grad_clip, "must be >= 0")

@@ -289,7 +289,10 @@ class LightningOptions:
     seed: int | None = None
     """Seed of the data order; None = the session seed (ONTHEFLY_SEED, default 0)."""
     checkpoint_every_n_steps: int = 0
-    """Also checkpoint on this step cadence (pause, epoch end and stop always checkpoint)."""
+    """Also checkpoint on this step cadence (pause, stop and the end of training always checkpoint)."""
+    checkpoint_min_interval_s: float = 2.0
+    """An epoch end checkpoints when at least this many seconds have passed since the last
+    checkpoint; 0 = every epoch end (as `Trainer(checkpoint_min_interval_s=...)`)."""
     val_slices: dict[str, Any] | None = None
     """Named validation slices reported as `val_slice:<name>` next to `val`, as for
     `Trainer(val_slices=...)`: a predicate `fn(inputs, targets) -> one bool per sample`
@@ -310,6 +313,15 @@ class LightningOptions:
             raise OnTheFlyError(
                 f"attach_lightning(checkpoint_every_n_steps={self.checkpoint_every_n_steps!r}): "
                 "must be an integer >= 0"
+            )
+        if (
+            isinstance(self.checkpoint_min_interval_s, bool)
+            or not isinstance(self.checkpoint_min_interval_s, (int, float))
+            or not self.checkpoint_min_interval_s >= 0
+        ):
+            raise OnTheFlyError(
+                f"attach_lightning(checkpoint_min_interval_s={self.checkpoint_min_interval_s!r}): "
+                "must be a number of seconds >= 0 (0 = every epoch end)"
             )
         if self.val_slices is not None:
             check_val_slices(self.val_slices, "attach_lightning")
@@ -395,6 +407,9 @@ class _LightningRun(CommandLoop):
         self.conn: WorkerConnection | None = None
         self.rec: Recorder | None = None
         self.writer = ckpt.AsyncWriter()
+        self.epoch_ckpt = ckpt.EpochGate(
+            att.options.checkpoint_min_interval_s, self._log, "attach_lightning"
+        )
         self.last_checkpoint = ""
         self.flush_s = 0.05
         self.hb_s = 1.0
@@ -631,6 +646,7 @@ class _LightningRun(CommandLoop):
             "val_every_n_epochs": trainer.check_val_every_n_epoch or 0,
             "seed": self.seed,
             "checkpoint_every_n_steps": self.opts.checkpoint_every_n_steps,
+            "checkpoint_min_interval_s": self.opts.checkpoint_min_interval_s,
             "grad_clip": float(trainer.gradient_clip_val or 0.0),
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
             "precision": str(trainer.precision),
@@ -969,7 +985,8 @@ class _LightningRun(CommandLoop):
         self.epoch += 1
         self.batch = 0
         self._t_epoch = time.perf_counter()
-        self._checkpoint("epoch")
+        if self.epoch_ckpt.due(epoch):
+            self._checkpoint("epoch")
 
     def on_validation_batch_start(self, batch: Any) -> None:
         if not self.active or self.trainer.sanity_checking:
@@ -1283,6 +1300,7 @@ class _LightningRun(CommandLoop):
             "do_test_after": self.opts.do_test_after,
             "seed": self.seed,
             "checkpoint_every_n_steps": self.opts.checkpoint_every_n_steps,
+            "checkpoint_min_interval_s": self.opts.checkpoint_min_interval_s,
         }
         if self.opts.val_slices is not None:
             out["val_slices"] = describe_val_slices(self.opts.val_slices)
@@ -1290,6 +1308,7 @@ class _LightningRun(CommandLoop):
 
     def _checkpoint(self, reason: str, wait: bool = False) -> str:
         assert self.conn is not None and self.env is not None
+        self.epoch_ckpt.checkpointed()
         state = self.state_dict()
         rel = os.path.join("checkpoints", self.run_id, f"step-{self.step:08d}.pt")
         path = os.path.join(self.env.session_dir, rel)
@@ -1657,6 +1676,7 @@ def attach_lightning(
     *,
     seed: int | None = None,
     checkpoint_every_n_steps: int = 0,
+    checkpoint_min_interval_s: float = 2.0,
     val_slices: dict[str, Any] | None = None,
 ) -> LightningAttachment:
     """Put a Lightning trainer under OnTheFly; keep calling `trainer.fit(model, ...)` as before.
@@ -1718,6 +1738,7 @@ def attach_lightning(
         do_test_after=bool(do_test_after),
         seed=seed,
         checkpoint_every_n_steps=checkpoint_every_n_steps,
+        checkpoint_min_interval_s=checkpoint_min_interval_s,
         val_slices=val_slices,
     )
     att = LightningAttachment(opts, model, normalize_model_factory(model_factory))

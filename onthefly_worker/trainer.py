@@ -223,6 +223,7 @@ class _Loop(CommandLoop):
         self._gn_cal: list[tuple[float, float]] = []
         self._gn_ok_step = 0  # the last step whose gradients were measured finite
         self.writer = ckpt.AsyncWriter()
+        self.epoch_ckpt = ckpt.EpochGate(cfg.checkpoint_min_interval_s, self.log, "Trainer")
         self.last_checkpoint = ""
         self.last_good = ""
         self.adapters = False
@@ -570,6 +571,7 @@ class _Loop(CommandLoop):
 
     def _checkpoint(self, reason: str, wait: bool = False) -> str:
         assert self.conn is not None
+        self.epoch_ckpt.checkpointed()
         state = self.state_dict()
         rel = os.path.join("checkpoints", self.run_id, f"step-{self.step:08d}.pt")
         path = os.path.join(self.env.session_dir, rel)
@@ -682,6 +684,7 @@ class _Loop(CommandLoop):
         conn = self.conn
         params = [p for g in opt.param_groups for p in g["params"]]
         max_epochs = self.cfg.max_epochs if self.env.role != "fork" else 10**9
+        on_cpu = self.device.type == "cpu"
         if not self.order.batches(self.epoch) and not self.order.skip:
             n = self.order.n if self.order.subset is None else self.order.subset.size
             raise OnTheFlyError(
@@ -708,8 +711,9 @@ class _Loop(CommandLoop):
                 t_data = time.perf_counter()
                 ids = batches[self.batch]
                 x, y = split_batch(raw)
-                x = to_device(x, self.device)
-                y = to_device(y, self.device)
+                if not on_cpu:  # (a CPU loader's tensors are where the model is)
+                    x = to_device(x, self.device)
+                    y = to_device(y, self.device)
                 n = batch_len(x) or len(ids)
                 opt.zero_grad(set_to_none=True)
                 with self._autocast():
@@ -723,7 +727,7 @@ class _Loop(CommandLoop):
                         total, per = self.loss(out, y, n)
                 # One host read of the loss per step (the value is recorded as a float, so
                 # the recorder never has to gather loss tensors).
-                loss_value = float(total.detach().float().item())
+                loss_value = float(total.item())
                 gnorm = math.nan
                 if math.isfinite(loss_value):
                     if self.scaler is not None:
@@ -978,7 +982,8 @@ class _Loop(CommandLoop):
                 self.sched.step()
         self.epoch += 1
         self.batch = 0
-        self._checkpoint("epoch")
+        if self.epoch_ckpt.due(epoch):
+            self._checkpoint("epoch")
 
     def _evaluate(self, loader: DataLoader, split: str) -> dict[str, Any]:
         out = self._evaluate_once(loader, split)

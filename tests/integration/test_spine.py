@@ -397,6 +397,44 @@ def _descendants(pid: int) -> list[int]:
     return kids + [g for k in kids for g in _descendants(k)]
 
 
+@pytest.mark.parametrize("interval", [None, "0"])
+def test_epoch_end_checkpoints_follow_the_minimum_interval(
+    project: Path, interval: str | None
+) -> None:
+    # Epochs of a few milliseconds: by default one checkpoint at the end of training (and a
+    # log line saying why the epoch ends were skipped); with 0, one per epoch end as well.
+    extra = ["--ckpt-min-interval", interval] if interval is not None else []
+    r = cli(
+        "run",
+        "--headless",
+        "--port",
+        "0",
+        str(SMALL),
+        "--epochs",
+        "4",
+        "--n",
+        "64",
+        *extra,
+        cwd=project,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    db = sqlite3.connect(_latest(project) / "session.db")
+    reasons = [row[0] for row in db.execute("SELECT reason FROM checkpoints ORDER BY step, t")]
+    logs = [
+        json.loads(row[0]).get("text", "")
+        for row in db.execute("SELECT payload FROM events WHERE kind='log'")
+    ]
+    db.close()
+    if interval is None:
+        assert reasons == ["final"], reasons
+        assert any("checkpoint_min_interval_s=0" in t for t in logs), logs
+    else:
+        # The last epoch end and the end of training share a step (and a file): "final".
+        assert reasons == ["epoch"] * 3 + ["final"], reasons
+        assert not any("checkpoint_min_interval_s=0" in t for t in logs), logs
+
+
 def test_per_sample_losses_equal_independent_computation(project: Path) -> None:
     # lr=0: the weights never change, so every recorded loss must equal a fresh forward pass.
     r = cli(

@@ -33,6 +33,7 @@ p.add_argument("--bad-batch", action="store_true")
 p.add_argument("--scalar-loss", action="store_true")
 p.add_argument("--regression", action="store_true")
 p.add_argument("--checkpoint-every", type=int, default=0)
+p.add_argument("--ckpt-min-interval", type=float, default=None)
 p.add_argument("--val", action="store_true")
 p.add_argument("--test", action="store_true")
 p.add_argument("--data-raise-at", type=int, default=-1)
@@ -190,6 +191,8 @@ kw = {
 }
 if args.plateau_per_step:
     kw["scheduler_interval"] = "step"
+if args.ckpt_min_interval is not None:
+    kw["checkpoint_min_interval_s"] = args.ckpt_min_interval
 Trainer(**kw).fit(model, opt, loss_fn, train, val, test, scheduler=sched)
 if args.second_fit:  # e.g. a fine-tuning phase after pre-training
     Trainer(project="tests", run_name="finetune", max_epochs=1).fit(model, opt, loss_fn, train)
