@@ -121,6 +121,21 @@ class PerSampleLoss:
             and self.reduction in ("mean", "sum")
         )
 
+    def plain_ce_ignore_index(self) -> int | None:
+        """The `ignore_index` of a plain `nn.CrossEntropyLoss` (no class weights, no label
+        smoothing, mean/sum): its per-sample losses on [N, C] float32 logits and class
+        ids are `logsumexp - true logit`, which the recorder computes together with the
+        margins (one pass over the logits instead of two); None for any other loss."""
+        fn = self.user
+        if (
+            type(fn) is nn.CrossEntropyLoss
+            and self._row_independent
+            and fn.weight is None
+            and float(fn.label_smoothing) == 0.0
+        ):
+            return int(fn.ignore_index)
+        return None
+
     def deferrable(self, output: Any, target: Any) -> bool:
         """True when `per_sample(output, target)` may run later on another thread, batched
         with other steps' rows, and give exactly what it would give now: one of torch's

@@ -91,6 +91,10 @@ class Recorder:
         self._thread: threading.Thread | None = None
         # Computes deferred per-sample losses from (output, target) pairs, batched.
         self.per_sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        # The ignore_index when the loss is a plain CrossEntropyLoss (PerSampleLoss.
+        # plain_ce_ignore_index): its deferred losses and the margins then come from one
+        # pass over the logits (`_ce_and_margins`).
+        self.plain_ce: int | None = None
 
     def record(
         self,
@@ -265,15 +269,34 @@ class Recorder:
             self.epoch_count = 0
             buf.end(mean)
 
+    def _fused(self, buf: _Pending) -> tuple[torch.Tensor, ...] | None:
+        """(losses, margins, preds, labels) of a buffer of deferred plain-CrossEntropy
+        classification steps, from one pass over their logits; None for anything else.
+        The Trainer records such a step's margins (`cls`) from the same output and target
+        as its deferred pair, so computing both from the pair is the same thing, once."""
+        if self.plain_ce is None or any(c is None for c in buf.cls):
+            return None
+        pairs = buf.per
+        for p in pairs:
+            if not (
+                isinstance(p, tuple)
+                and p[0].dim() == 2
+                and p[0].dtype == torch.float32
+                and p[1].dim() == 1
+                and not p[1].is_floating_point()
+                and p[0].shape[1] == pairs[0][0].shape[1]
+                and p[0].device == pairs[0][0].device
+            ):
+                return None
+        logits = torch.cat([p[0] for p in pairs])
+        target = torch.cat([p[1] for p in pairs])
+        return _ce_and_margins(logits, target, self.plain_ce)
+
     def _pack_steps(self, buf: _Pending) -> None:
         ids = np.concatenate(buf.ids).astype("<i8", copy=False)
-        per = (
-            torch.cat(self._per_sample_values(buf.per))
-            .float()
-            .cpu()
-            .numpy()
-            .astype("<f4", copy=False)
-        )
+        fused = self._fused(buf)
+        per_t = fused[0] if fused is not None else torch.cat(self._per_sample_values(buf.per))
+        per = per_t.float().cpu().numpy().astype("<f4", copy=False)
         losses = _host_floats(buf.losses)
         gns = _host_floats(buf.gnorms)
         total = float(per.sum(dtype=np.float64))
@@ -307,9 +330,15 @@ class Recorder:
         first, last = buf.points[0][0], buf.points[-1][0]
         cls_kw: dict[str, bytes] = {}
         parts = [c for c in buf.cls if c is not None]
-        if parts and len(parts) == len(buf.cls) and len({c[0].shape[1] for c in parts}) == 1:
-            margin, pred, label = self._margins(
-                torch.cat([c[0] for c in parts]), torch.cat([c[1] for c in parts])
+        if fused is not None or (
+            parts and len(parts) == len(buf.cls) and len({c[0].shape[1] for c in parts}) == 1
+        ):
+            margin, pred, label = (
+                fused[1:]
+                if fused is not None
+                else self._margins(
+                    torch.cat([c[0] for c in parts]), torch.cat([c[1] for c in parts])
+                )
             )
             cls_kw = {
                 "margins": margin.cpu().numpy().astype("<f4").tobytes(),
@@ -370,6 +399,24 @@ class Recorder:
         self.end_epoch(got.append)
         self.flush()
         return got[0]
+
+
+def _ce_and_margins(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy (0 where the target is `ignore_index`, as reduction='none'
+    gives), margin, prediction and label of [N, C] float32 logits, from one max pass:
+    loss = log(sum(exp(x - max))) - (x_true - max), the same arithmetic as
+    log_softmax + nll_loss (torch's CPU log_softmax is ~6x slower on few classes)."""
+    with torch.no_grad():
+        top, pred = logits.max(1)
+        # Ignored targets may lie outside the classes: margins read class 0 there, as before.
+        y = target.long().clamp(0, logits.shape[1] - 1)[:, None]
+        true = logits.gather(1, y).squeeze(1)
+        lse = (logits - top[:, None]).exp().sum(1).log()
+        loss = (lse - (true - top)).masked_fill(target == ignore_index, 0.0)
+        best_other = logits.scatter(1, y, float("-inf")).amax(1)
+        return loss, true - best_other, pred, target
 
 
 def _host_floats(values: Sequence[torch.Tensor | float | None]) -> list[float]:

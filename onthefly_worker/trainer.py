@@ -275,6 +275,7 @@ class _Loop(CommandLoop):
         self.hb_s = welcome.heartbeat_interval_s
         self.rec = Recorder(self.conn.send, self.run_id, self.device, self.flush_s)
         self.rec.per_sample = self.loss.per_sample
+        self.rec.plain_ce = self.loss.plain_ce_ignore_index()
         self.conn.start_heartbeat(self.hb_s, lambda: self.step)
         status = "failed"
         if self.env.role == "train" and not self.env.resume:

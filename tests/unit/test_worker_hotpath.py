@@ -298,3 +298,51 @@ def test_wait_sent_orders_a_message_from_another_thread_after_earlier_steps() ->
     gate.set()
     t.join(10)
     assert sent == ["samples", "metrics"] * 3 + ["checkpoint"]
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+def test_plain_cross_entropy_losses_and_margins_come_from_one_pass(scale: float) -> None:
+    """A plain CrossEntropyLoss's deferred steps: losses equal reduction='none' (to float32
+    rounding; 0 at ignore_index) and margins/predictions equal the separate computation."""
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-1)
+    psl = PerSampleLoss(loss_fn)
+    assert psl.plain_ce_ignore_index() == -1
+    assert PerSampleLoss(nn.CrossEntropyLoss(label_smoothing=0.1)).plain_ce_ignore_index() is None
+    assert PerSampleLoss(nn.CrossEntropyLoss(weight=torch.ones(3))).plain_ce_ignore_index() is None
+    assert PerSampleLoss(nn.NLLLoss()).plain_ce_ignore_index() is None
+    sent: list[dict[str, object]] = []
+    rec = _recorder(sent, flush_interval_s=10.0)
+    rec.per_sample = psl.per_sample
+    rec.plain_ce = psl.plain_ce_ignore_index()
+    torch.manual_seed(1)
+    outs, ys = [], []
+    for step in range(1, 21):
+        out = torch.randn(16, 5) * scale
+        y = torch.randint(0, 5, (16,))
+        y[step % 16] = -1  # an ignored target
+        outs.append(out)
+        ys.append(y)
+        rec.record(
+            step,
+            0,
+            step - 1,
+            np.arange(16),
+            (out, y),
+            1.0,
+            0.1,
+            None,
+            2.0,
+            0.1,
+            cls=Recorder.classification(out, y),
+        )
+    rec.flush()
+    msg = next(m["samples"] for m in sent if "samples" in m)
+    got = np.frombuffer(msg.losses, "<f4")  # type: ignore[attr-defined]
+    o, t = torch.cat(outs), torch.cat(ys)
+    ref = nn.functional.cross_entropy(o, t, reduction="none", ignore_index=-1).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    assert (got[(t == -1).numpy()] == 0).all()
+    margin, pred, label = Recorder._margins(o, t)
+    assert np.array_equal(np.frombuffer(msg.margins, "<f4"), margin.numpy())  # type: ignore[attr-defined]
+    assert np.array_equal(np.frombuffer(msg.preds, "<i4"), pred.numpy())  # type: ignore[attr-defined]
+    assert np.array_equal(np.frombuffer(msg.labels, "<i4"), label.numpy())  # type: ignore[attr-defined]
