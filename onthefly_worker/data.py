@@ -281,6 +281,18 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
+def unused_batch_keys(batch: Any) -> tuple[list[str], str, str]:
+    """For a dict batch: (the keys the model never sees, the input key, the target key):
+    OnTheFly calls model(batch[input key]) and the loss on batch[target key], so e.g. an
+    `attention_mask` beside `input_ids`/`labels` is not passed on. ([], "", "") otherwise."""
+    if not isinstance(batch, dict):
+        return [], "", ""
+    for xk, yk in DICT_BATCH_KEYS:
+        if xk in batch and yk in batch:
+            return sorted(str(k) for k in batch if k not in (xk, yk)), xk, yk
+    return [], "", ""
+
+
 def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=non_blocking)

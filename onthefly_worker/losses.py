@@ -55,8 +55,9 @@ def _scalar_loss_error(name: str, ignores_reduction: bool = False) -> OnTheFlyEr
         if ignores_reduction
         else "returned a scalar and has no reduction='none'"
     )
+    who = "loss_fn" if name == "loss_fn" else f"loss_fn {name}"
     return OnTheFlyError(
-        f"loss_fn {name} {why}: OnTheFly records "
+        f"{who} {why}: OnTheFly records "
         "the loss of every sample from the training forward pass, so pass an nn loss module "
         "(e.g. nn.CrossEntropyLoss()), a function that accepts reduction=, or one that "
         "returns one loss per sample"

@@ -37,6 +37,7 @@ from onthefly_worker.data import (
     selection_loader,
     split_batch,
     to_device,
+    unused_batch_keys,
 )
 from onthefly_worker.errors import OnTheFlyError
 from onthefly_worker.evaluation import evaluate_model, report_eval
@@ -222,6 +223,7 @@ class _Loop(CommandLoop):
         self.gn_every = cfg.grad_norm_every
         self._gn_cal: list[tuple[float, float]] = []
         self._gn_ok_step = 0  # the last step whose gradients were measured finite
+        self._batch_checked = False
         self.writer = ckpt.AsyncWriter()
         self.epoch_ckpt = ckpt.EpochGate(cfg.checkpoint_min_interval_s, self.log, "Trainer")
         self.last_checkpoint = ""
@@ -280,6 +282,7 @@ class _Loop(CommandLoop):
         status = "failed"
         if self.env.role == "train" and not self.env.resume:
             self._note_validation()
+            self._note_scheduler()
         try:
             self._restore()
             self._check_early_stop_setup()
@@ -712,6 +715,9 @@ class _Loop(CommandLoop):
                 t_data = time.perf_counter()
                 ids = batches[self.batch]
                 x, y = split_batch(raw)
+                if not self._batch_checked:
+                    self._batch_checked = True
+                    self._note_unused_keys(raw)
                 if not on_cpu:  # (a CPU loader's tensors are where the model is)
                     x = to_device(x, self.device)
                     y = to_device(y, self.device)
@@ -882,6 +888,31 @@ class _Loop(CommandLoop):
         if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             text += "; ReduceLROnPlateau steps on the epoch's training loss meanwhile"
         self.log(text, "warning")
+
+    def _note_scheduler(self) -> None:
+        """Say once when a scheduler built to step every batch (OneCycleLR, CyclicLR) is
+        stepped once per epoch (the default scheduler_interval): its schedule then covers a
+        handful of steps of its total and the learning rate never follows it."""
+        per_batch = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
+        if self.cfg.scheduler_interval == "epoch" and isinstance(self.sched, per_batch):
+            self.log(
+                f"{type(self.sched).__name__} is stepped once per epoch "
+                "(scheduler_interval='epoch', the default), but it is built to step every "
+                "batch; pass Trainer(scheduler_interval='step') to follow its schedule",
+                "warning",
+            )
+
+    def _note_unused_keys(self, batch: Any) -> None:
+        """Say once when a dict batch carries keys the model never sees."""
+        unused, xk, yk = unused_batch_keys(batch)
+        if unused:
+            self.log(
+                f"the batches carry {', '.join(repr(k) for k in unused)} beside {xk!r}/{yk!r}: "
+                f"OnTheFly calls model(batch[{xk!r}]) and the loss on batch[{yk!r}], so "
+                "these keys are not passed to the model (e.g. an attention mask); put what "
+                "the model needs into the inputs (a tuple or dict the model unpacks)",
+                "warning",
+            )
 
     def _calibrate_grad_norm(self, norm_s: float, t_step_start: float) -> None:
         """Auto cadence: after a few steps, measure the norm every N steps where N is the

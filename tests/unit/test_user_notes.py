@@ -1,0 +1,69 @@
+"""One-time notes for setups that train, but not as the user likely meant: a per-batch LR
+scheduler stepped per epoch, dict batches with keys the model never sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from onthefly_worker import env as wenv
+from onthefly_worker.config import TrainerConfig
+from onthefly_worker.data import unused_batch_keys
+from onthefly_worker.trainer import _Loop
+
+
+def _loop(tmp_path: Path, sched_kind: str, interval: str) -> tuple[_Loop, list[tuple[str, str]]]:
+    env = wenv.WorkerEnv(
+        addr="127.0.0.1:1", token="t", worker_id="main-0", role="train", run_id="main",
+        session_dir=str(tmp_path), error_file="", resume="", spec="", attempt=0,
+    )  # fmt: skip
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched: object = (
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=40)
+        if sched_kind == "onecycle"
+        else torch.optim.lr_scheduler.CyclicLR(opt, 0.01, 0.1)
+        if sched_kind == "cyclic"
+        else torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    )
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
+    loop = _Loop(
+        TrainerConfig(max_epochs=1, scheduler_interval=interval), env, model, opt,
+        nn.CrossEntropyLoss(), loader, None, None, sched,
+    )  # fmt: skip
+    logs: list[tuple[str, str]] = []
+    loop.log = lambda text, level="info": logs.append((level, text))  # type: ignore[method-assign]
+    return loop, logs
+
+
+@pytest.mark.parametrize("kind", ["onecycle", "cyclic"])
+def test_a_per_batch_scheduler_stepped_per_epoch_is_a_warning(tmp_path: Path, kind: str) -> None:
+    loop, logs = _loop(tmp_path, kind, "epoch")
+    loop._note_scheduler()
+    assert len(logs) == 1 and logs[0][0] == "warning"
+    assert "scheduler_interval='step'" in logs[0][1]
+
+
+@pytest.mark.parametrize(("kind", "interval"), [("onecycle", "step"), ("step", "epoch")])
+def test_no_note_when_the_interval_fits(tmp_path: Path, kind: str, interval: str) -> None:
+    loop, logs = _loop(tmp_path, kind, interval)
+    loop._note_scheduler()
+    assert logs == []
+
+
+def test_dict_batches_name_the_keys_the_model_never_sees(tmp_path: Path) -> None:
+    batch = {"input_ids": 1, "attention_mask": 2, "labels": 3, "idx": 4}
+    assert unused_batch_keys(batch) == (["attention_mask", "idx"], "input_ids", "labels")
+    assert unused_batch_keys({"x": 1, "y": 2}) == ([], "x", "y")
+    assert unused_batch_keys((1, 2, 3)) == ([], "", "")
+    loop, logs = _loop(tmp_path, "step", "epoch")
+    loop._note_unused_keys(batch)
+    assert len(logs) == 1 and logs[0][0] == "warning"
+    assert "'attention_mask', 'idx'" in logs[0][1] and "model(batch['input_ids'])" in logs[0][1]
+    logs.clear()
+    loop._note_unused_keys({"x": 1, "y": 2})
+    assert logs == []
