@@ -372,6 +372,12 @@ class _Loop(CommandLoop):
                 run_id=self.run_id, state=state, message=message, step=self.step, epoch=self.epoch
             )
         )
+        # `python train.py`: a pause / resume / stop from another terminal shows here too.
+        shown = state != pb.WORKER_STATE_RUNNING or message.startswith("resumed")
+        if message and shown and self._console():
+            if state == pb.WORKER_STATE_STOPPING:
+                message = f"stopping at step {self.step}: {message}"
+            print(f"[onthefly] {message}", flush=True)
 
     def log(self, text: str, level: str = "info") -> None:
         assert self.conn is not None
@@ -640,7 +646,10 @@ class _Loop(CommandLoop):
         return self.test_loader if split == "test" else self.val_loader
 
     def _run_eval(self, loader: DataLoader, split: str) -> dict[str, Any]:
-        return self._evaluate(loader, split)
+        out = self._evaluate(loader, split)
+        if self._console():  # an on-demand pass (`onthefly test`) of `python train.py`
+            print(f"[onthefly] {split} loss {out['loss']:.4f} (step {self.step})", flush=True)
+        return out
 
     def _param_groups(self) -> list[dict[str, Any]]:
         return self.opt.param_groups

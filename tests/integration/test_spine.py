@@ -62,6 +62,36 @@ def test_seed_script_as_plain_python(project: Path, example: str) -> None:
     assert main["sample_steps"] == (3 * 3072 if example == "minimal.py" else 4096)
 
 
+def test_plain_python_prints_pause_resume_test_and_stop_from_another_terminal(
+    project: Path,
+) -> None:
+    # `python train.py` has no terminal view of its own: the script's output says what the
+    # CLI did to it.
+    p = subprocess.Popen(
+        [PY, str(SMALL), "--epochs", "200", "--step-sleep", "0.01", "--test"],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 60
+        while cli("status", cwd=project).returncode != 0 and time.time() < deadline:
+            time.sleep(0.2)
+        for cmd in ("pause", "resume", "test", "stop"):
+            r = cli(cmd, cwd=project)
+            assert r.returncode == 0, (cmd, r.stdout + r.stderr)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    lines = [ln for ln in out.splitlines() if ln.startswith("[onthefly] ")]
+    wanted = ["paused at step", "resumed at step", "test loss", "stopping at step"]
+    found = [next((i for i, ln in enumerate(lines) if w in ln), -1) for w in wanted]
+    assert all(i >= 0 for i in found) and found == sorted(found), out
+    assert "(step " in lines[found[2]], lines[found[2]]  # the on-demand pass names its step
+
+
 def test_a_fork_of_a_plain_python_run_finishes_after_the_script_exits(project: Path) -> None:
     proc = subprocess.Popen(
         [PY, str(SMALL), "--epochs", "3", "--step-sleep", "0.03"],
