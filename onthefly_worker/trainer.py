@@ -794,7 +794,7 @@ class _Loop(CommandLoop):
                 else:
                     if self.nonfinite_run == 0:
                         self._check_weights(f"at step {self.step + 1} (its loss is non-finite)")
-                    self._nonfinite("loss")
+                    self._nonfinite("loss", self._nonfinite_samples(per, ids))
                 self.step += 1
                 self.sample_steps += n
                 b = self.batch
@@ -961,11 +961,30 @@ class _Loop(CommandLoop):
             "checks every update and skips bad ones"
         )
 
-    def _nonfinite(self, what: str) -> None:
+    def _nonfinite_samples(self, per: Any, ids: np.ndarray) -> str:
+        """Which samples of a batch with a non-finite loss have one (dataset positions), so
+        the warning points at the data; "" when it cannot tell (every sample finite: the
+        reduction overflowed)."""
+        try:
+            vals = self.loss.per_sample(*per) if isinstance(per, tuple) else per
+            flat = vals.detach().float().cpu().numpy().reshape(-1)
+        except Exception:  # noqa: BLE001 - a warning's detail must not fail the step
+            return ""
+        if flat.size != len(ids):
+            return ""
+        bad = np.asarray(ids)[~np.isfinite(flat)]
+        if bad.size == 0:
+            return ""
+        shown = ", ".join(str(int(i)) for i in bad[:8])
+        more = f" and {bad.size - 8} more" if bad.size > 8 else ""
+        return f"; non-finite for sample(s) {shown}{more} (dataset positions)"
+
+    def _nonfinite(self, what: str, detail: str = "") -> None:
         self.nonfinite_run += 1
         self.nonfinite_total += 1
         self.log(
-            f"non-finite {what} at step {self.step + 1} (epoch {self.epoch}, batch {self.batch}): update skipped",
+            f"non-finite {what} at step {self.step + 1} (epoch {self.epoch}, batch {self.batch})"
+            f"{detail}: update skipped",
             "warning",
         )
         if self.nonfinite_run >= self.cfg.nonfinite_patience:

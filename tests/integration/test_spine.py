@@ -607,6 +607,8 @@ def _run_bad_step(project: Path, *flags: str) -> tuple[str, Path]:
 def test_nonfinite_losses_are_skipped_and_reported(project: Path) -> None:
     out, sdir = _run_bad_step(project, "--nan-at-step", "5")
     assert "non-finite loss at step 5" in out
+    # The warning names the batch's samples whose loss is non-finite (all 32 here: 8 + 24).
+    assert "and 24 more (dataset positions): update skipped" in out, out
     arr = np.load(sdir / "samples" / "main" / "epoch-0000.npy")
     assert np.isnan(arr).sum() == 32, "the poisoned batch's samples are recorded as non-finite"
 
