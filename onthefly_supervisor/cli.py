@@ -351,8 +351,14 @@ def _stored_status(sdir: str, as_json: bool) -> int:
     finally:
         st.close()
     gone = os.path.exists(os.path.join(sdir, "connection.json"))
-    main_failed = any(r.run_id == "main" and r.status.value == "failed" for r in runs)
-    state = "supervisor gone" if gone else ("failed" if main_failed else "finished")
+    main_status = next((r.status.value for r in runs if r.run_id == "main"), "")
+    state = (
+        "supervisor gone"
+        if gone
+        else main_status
+        if main_status in ("failed", "stopped")
+        else "finished"
+    )
     keys = "run_id name kind parents step epoch last_loss val_loss test_loss sample_steps"
     keys += " last_checkpoint error"
     rows = [{k: getattr(r, k) for k in keys.split()} | {"status": r.status.value} for r in runs]
@@ -373,7 +379,9 @@ def _stored_status(sdir: str, as_json: bool) -> int:
     why = (
         "gone: killed? `onthefly resume` continues its runs"
         if gone
-        else "finished; `onthefly runs` for the lineage"
+        else "stopped; `onthefly resume` continues from its last checkpoint"
+        if state == "stopped"
+        else f"{state}; `onthefly runs` for the lineage"
     )
     print(f"session {os.path.basename(sdir)} · no live supervisor ({why}) · {script}")
     for r, row in zip(runs, rows, strict=True):
@@ -904,7 +912,7 @@ def cmd_rpc(a: argparse.Namespace) -> int:
         except NoSupervisor:
             sid = os.path.basename(resolve_session(None))
             raise CliError(
-                f"{c} needs a live supervisor and session {sid} has none (it has finished); "
+                f"{c} needs a live supervisor and session {sid} has none (it has ended); "
                 "`onthefly plans` lists its stored plan cards"
             ) from None
         except FileNotFoundError as err:

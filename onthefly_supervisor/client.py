@@ -35,7 +35,7 @@ def read_connection(session: str | None = None, project_dir: str = ".") -> Conne
     if not os.path.exists(path):
         resume = ", `onthefly resume` continues its runs" if _has_unfinished_main(sdir) else ""
         raise NoSupervisor(
-            f"session {os.path.basename(sdir)} has no live supervisor (it has finished); "
+            f"session {os.path.basename(sdir)} has no live supervisor (it has ended); "
             f"`onthefly serve` serves it for this command{resume}"
         )
     with open(path, encoding="utf-8") as f:

@@ -3,6 +3,7 @@ terminal view's lines, and automode's end-of-session report line."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -278,3 +279,17 @@ def test_wait_run_reads_the_outcome_from_the_store_when_the_supervisor_has_ended
     out = cli._wait_run(SimpleNamespace(), "fork-1", {"message": "fork-1: started"}, timeout=5)  # type: ignore[arg-type]
     assert out["ok"] is False and out["run"]["status"] == "failed"
     assert "MemoryError" in out["message"]
+
+
+def test_status_of_a_stopped_session_says_resume_continues_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.unit.test_spine_defects import _finished_session
+
+    monkeypatch.chdir(tmp_path)
+    _finished_session(tmp_path, "s1", RunStatus.STOPPED)
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "no live supervisor (stopped; `onthefly resume` continues" in out, out
+    assert cli.main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "stopped"
