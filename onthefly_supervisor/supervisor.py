@@ -153,6 +153,9 @@ class Supervisor:
         # The script failed after its run completed (its own code after fit(), or a second
         # fit()): the run keeps its status, `onthefly run` exits non-zero like `python` would.
         self._script_failed = ""
+        # The main worker's exit code when the script ended itself before Trainer.fit()
+        # (an argparse error exits 2): `onthefly run` exits with it, as `python` would.
+        self._before_fit_code: int | None = None
         self._owner_gone_noted = False
         self._root_cause = ""
         self._discard_dir = False
@@ -1040,8 +1043,16 @@ class Supervisor:
                     text=f"the script failed after {run_id} completed: {self._script_failed}",
                 )
             return
+        before_fit = w.spec.role is Role.TRAIN and not _fit_reached(w)
+        script = os.path.basename(w.spec.script)
         if state is WorkerState.SUCCEEDED:
-            if not finished:
+            if before_fit:  # `--help`: the script ended itself, nothing to train
+                self._set_run_status(
+                    run_id,
+                    RunStatus.STOPPED,
+                    f"{script} exited before Trainer.fit() (exit code 0): nothing to train",
+                )
+            elif not finished:
                 self._set_run_status(
                     run_id, RunStatus.FAILED, "the worker exited (code 0) without finishing its run"
                 )
@@ -1050,10 +1061,20 @@ class Supervisor:
             self._set_run_status(run_id, RunStatus.STOPPED)
             return
         cause = ex.describe()
+        if before_fit and ex.error is None and not ex.signal_name and ex.exit_code:
+            cause = f"{script} exited with code {ex.exit_code} before Trainer.fit(): nothing was trained"
+        restart = w.spec.role is Role.TRAIN and self.restarts.get(run_id, 0) < self.cfg.max_restarts
+        if before_fit and not restart:
+            # No "worker failed" line: the run's failure says the same, after the script's
+            # own stderr (an argparse usage error, a traceback).
+            if ex.exit_code and not ex.signal_name:
+                self._before_fit_code = ex.exit_code
+            self._set_run_status(run_id, RunStatus.FAILED, cause)
+            return
         self.bus.publish(
             "log", run_id, worker_id=wid, level="error", text=f"worker {wid} failed: {cause}"
         )
-        if w.spec.role is Role.TRAIN and self.restarts.get(run_id, 0) < self.cfg.max_restarts:
+        if restart:
             ck = self.store.latest_checkpoint(run_id)
             self.restarts[run_id] = self.restarts.get(run_id, 0) + 1
             n = self.restarts[run_id]
@@ -1134,6 +1155,8 @@ class Supervisor:
         main = self.store.run("main")
         ok = main is not None and main.status in (RunStatus.COMPLETED, RunStatus.STOPPED)
         self._exit_code = 0 if ok and not self._script_failed else 1
+        if main is not None and main.status is RunStatus.FAILED and self._before_fit_code:
+            self._exit_code = self._before_fit_code
 
     def _prune(self) -> None:
         """Keep policy: old cadence checkpoints go; anything a run, fork, plan or pin refers to stays."""
@@ -1248,6 +1271,13 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _fit_reached(w: Worker) -> bool:
+    """Whether the worker's script reached Trainer.fit() (the worker creates its fit marker
+    there); a worker started without one counts as having reached it."""
+    marker = w.spec.env.get("ONTHEFLY_FIT_MARKER", "")
+    return not marker or os.path.exists(marker)
 
 
 def _pid_alive(pid: int) -> bool:

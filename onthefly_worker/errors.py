@@ -5,27 +5,56 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 import traceback
-from types import TracebackType
+from types import FrameType, TracebackType
 
 
 class OnTheFlyError(RuntimeError):
     """A problem with how OnTheFly is used; the message names the option and the fix."""
 
 
+_OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _is_user_file(fname: str, script_dir: str | None) -> bool:
+    """Whether a frame's file is the user's code: not OnTheFly, not an installed package
+    (torch, Lightning), not the standard library or a frozen bootstrap module (runpy,
+    importlib), unless it lies under the script's folder."""
+    if fname.startswith("<frozen "):
+        return False
+    fname = os.path.abspath(fname)
+    if script_dir and fname.startswith(script_dir):
+        return True
+    return not ("site-packages" in fname or fname.startswith(_OURS) or "/lib/python" in fname)
+
+
 def _innermost_user(frames: list[tuple[str, int]], script_dir: str | None) -> tuple[str, int]:
-    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    best = ("", 0)
-    fallback = ("", 0)
-    for fname, lineno in frames:
-        fname = os.path.abspath(fname)
-        fallback = (fname, lineno)
-        library = "site-packages" in fname or fname.startswith(ours) or "/lib/python" in fname
-        if library and not (script_dir and fname.startswith(script_dir)):
-            continue
-        best = (fname, lineno)
-    return best if best[0] else fallback
+    return _innermost_user_or_none(frames, script_dir) or (
+        (os.path.abspath(frames[-1][0]), frames[-1][1]) if frames else ("", 0)
+    )
+
+
+def _innermost_user_or_none(
+    frames: list[tuple[str, int]], script_dir: str | None
+) -> tuple[str, int] | None:
+    for fname, lineno in reversed(frames):
+        if _is_user_file(fname, script_dir):
+            return os.path.abspath(fname), lineno
+    return None
+
+
+def _calling_user_frame(script_dir: str | None) -> tuple[str, int] | None:
+    """The innermost user frame of the current call stack: for an exception caught inside
+    `Trainer.fit()` (whose traceback starts at the catching frame and so holds only library
+    frames), the line of the user's script that called fit()."""
+    f: FrameType | None = sys._getframe(1)
+    while f is not None:
+        if _is_user_file(f.f_code.co_filename, script_dir):
+            return os.path.abspath(f.f_code.co_filename), f.f_lineno
+        f = f.f_back
+    return None
 
 
 def innermost_user_frame(
@@ -34,9 +63,16 @@ def innermost_user_frame(
     """The deepest frame that is not inside OnTheFly, torch or the standard library.
 
     That is where the user's bug most likely lives, so it is what the root cause names.
+    When the traceback holds no such frame (it was caught inside the library), the user's
+    frame that called into the library (the current stack's innermost user frame) is named;
+    only when there is none either, the traceback's innermost frame.
     """
     frames = [(f.f_code.co_filename, n) for f, n in traceback.walk_tb(tb)]
-    return _innermost_user(frames, script_dir)
+    return (
+        _innermost_user_or_none(frames, script_dir)
+        or _calling_user_frame(script_dir)
+        or _innermost_user(frames, script_dir)
+    )
 
 
 _LOADER_WORKER = re.compile(r"^Caught \w+ in (DataLoader worker process \d+)\.")

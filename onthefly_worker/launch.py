@@ -72,11 +72,15 @@ def main(argv: list[str]) -> int:
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
+        # The script ended itself (`--help`, an argparse error, sys.exit()): its exit code
+        # is the answer, before fit() as after it. The supervisor tells from the fit marker
+        # whether anything was trained and says so once; "never called fit" is only for a
+        # script that returns without ever reaching fit().
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if code != 0:
-            if not isinstance(e.code, int):
-                write_error_file(_error_file(), _record(f"SystemExit: {e.code}", script))
-            return code
+        if code != 0 and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)  # as Python does for sys.exit("message")
+            write_error_file(_error_file(), _record(f"SystemExit: {e.code}", script))
+        return code
     except BaseException as e:  # noqa: BLE001 - every failure must reach the supervisor as data
         write_error_file(_error_file(), error_record(e, script_dir))
         raise
@@ -86,8 +90,8 @@ def main(argv: list[str]) -> int:
             f"{os.path.basename(script)} finished without calling Trainer.fit(), quickstart() "
             "or trainer.fit() after attach_lightning(): nothing was trained"
         )
+        # The supervisor reports it from the error file (the worker no longer prints it too).
         write_error_file(_error_file(), _record(f"OnTheFlyError: {msg}", script))
-        print(f"[onthefly] error: {msg}", file=sys.stderr)
         return EXIT_NO_FIT
     return 0
 

@@ -1,5 +1,7 @@
 """Faults of the training loop itself that must never pass silently: poisoned weights from
-an unmeasured step, a second fit() in one script, a plateau scheduler stepped per step."""
+an unmeasured step, a second fit() in one script, a plateau scheduler stepped per step, a
+library error's live line naming the user's script, and a script that exits before fit()
+(`--help`, an argparse error) keeping its own exit code."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import SCRIPTS, cli
+from tests.conftest import SCRIPTS, cli, cli_json
 
 SMALL = SCRIPTS / "train_small.py"
 
@@ -45,3 +47,55 @@ def test_reduce_lr_on_plateau_stepped_per_step_uses_the_step_loss(project: Path)
     ck = max((sdir / "checkpoints" / "main").glob("step-*.pt"))
     sched = torch.load(ck, weights_only=True)["scheduler"]
     assert sched["last_epoch"] == 32, "stepped once per step (2 epochs x 16 steps)"
+
+
+SCALAR_LOSS = """import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from onthefly import Trainer
+
+x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+model = nn.Linear(8, 3)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def loss_fn(out, y):
+    return F.cross_entropy(out, y, label_smoothing=0.1)
+
+
+Trainer(max_epochs=1).fit(model, opt, loss_fn, DataLoader(TensorDataset(x, y), batch_size=16))
+"""
+
+
+def test_a_library_error_names_the_users_script_in_every_line(project: Path) -> None:
+    """The loss check raises inside fit() (onthefly_worker/losses.py): the live error line
+    and the final one both name the script's fit() call, never a library file."""
+    script = project / "scalar.py"
+    script.write_text(SCALAR_LOSS)
+    r = cli("run", "--headless", "--port", "0", str(script), cwd=project, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    lines = [ln for ln in out.splitlines() if "returned a scalar" in ln and ln.startswith("[")]
+    assert [ln.split(": ", 1)[0] for ln in lines] == [
+        "[onthefly] error in main-0",
+        "[onthefly] main run failed",
+    ], out
+    for ln in lines:
+        assert ln.endswith(f"({script}:17)"), ln
+
+
+def test_a_script_that_exits_before_fit_keeps_its_exit_code(project: Path) -> None:
+    code, out = _run(project, "--help")
+    assert code == 0, out
+    assert "usage: train_small.py" in out and "error" not in out, out
+    assert out.count("exited before Trainer.fit() (exit code 0): nothing to train") == 1, out
+    [main] = [r for r in cli_json("runs", cwd=project)["runs"] if r["run_id"] == "main"]
+    assert main["status"] == "stopped", main
+
+    code, out = _run(project, "--no-such-flag")
+    assert code == 2, out
+    assert "error: unrecognized arguments: --no-such-flag" in out, out  # the script's stderr
+    why = "train_small.py exited with code 2 before Trainer.fit(): nothing was trained"
+    assert "worker main-0 failed" not in out and out.count(why) == 2, out  # live + final line

@@ -262,6 +262,34 @@ def test_a_syntax_error_from_compiled_text_names_the_calling_line() -> None:
     assert rec["filename"] == __file__ and rec["message"].startswith("SyntaxError: ")  # type: ignore[union-attr]
 
 
+def _library_step() -> None:
+    raise OnTheFlyError("loss_fn returned a scalar")  # like onthefly_worker/losses.py
+
+
+def _library_fit() -> dict[str, object]:
+    """Like Trainer.fit(): the error is caught and sent inside the library, so its
+    traceback starts here and holds library frames only (this file is under the repo)."""
+    try:
+        _library_step()
+    except OnTheFlyError as e:
+        return error_record(e)
+    raise AssertionError("unreachable")
+
+
+def test_an_error_caught_inside_fit_names_the_users_line_that_called_fit(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("def train(fit):\n    x = 1\n    return fit()\n")
+    rec = runpy.run_path(str(script))["train"](_library_fit)
+    assert (rec["filename"], rec["lineno"]) == (str(script), 3), rec
+    assert rec["message"] == "OnTheFlyError: loss_fn returned a scalar"
+    assert "_library_step" in str(rec["traceback"])  # the traceback itself is unchanged
+    # No user frame on the stack either (pytest, this file): the innermost frame, as before.
+    rec = _library_fit()
+    assert (
+        rec["filename"] == __file__ and rec["lineno"] == _library_step.__code__.co_firstlineno + 1
+    )
+
+
 # -- 5. a busy port leaves no session behind ----------------------------------------------------
 
 
