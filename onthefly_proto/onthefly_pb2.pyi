@@ -432,6 +432,7 @@ class SampleLosses(_message.Message):
     PREDS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     RESET_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     epoch: _builtins.int
     count: _builtins.int
@@ -452,6 +453,12 @@ class SampleLosses(_message.Message):
     what an abandoned attempt recorded after its checkpoint); `losses` are NaN and the
     message counts no compute.
     """
+    @_builtins.property
+    def metrics(self) -> Global___MetricsBatch:
+        """The step metrics of the same flush (first_step..last_step): one message per flush
+        carries both, handled as a MetricsBatch right after these samples.
+        """
+
     def __init__(
         self,
         *,
@@ -466,10 +473,11 @@ class SampleLosses(_message.Message):
         preds: _builtins.bytes = ...,
         labels: _builtins.bytes = ...,
         reset: _builtins.bool = ...,
+        metrics: Global___MetricsBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "epoch", b"epoch", "first_step", b"first_step", "ids", b"ids", "labels", b"labels", "last_step", b"last_step", "losses", b"losses", "margins", b"margins", "preds", b"preds", "reset", b"reset", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "epoch", b"epoch", "first_step", b"first_step", "ids", b"ids", "labels", b"labels", "last_step", b"last_step", "losses", b"losses", "margins", b"margins", "metrics", b"metrics", "preds", b"preds", "reset", b"reset", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -623,6 +623,40 @@ class Supervisor:
             link.closed.set()
             link.out.put(None)
 
+    def _on_metrics(self, w: Any, run_id: str, batch: pb.MetricsBatch) -> None:
+        points = [serde.metric_point(p) for p in batch.points]
+        if not points:
+            return
+        self.store.add_metrics(run_id, points, self._sample_steps.get(run_id))
+        last = points[-1]
+        w.step, w.epoch = last["step"], last["epoch"]
+        with self.lock:
+            self._metric_buf.setdefault(run_id, []).extend(points)
+
+    def _on_samples(self, wid: str, run_id: str, samples: pb.SampleLosses) -> None:
+        ids, losses = serde.unpack_samples(samples)
+        size = self.dataset_sizes.get(run_id, -1)
+        try:
+            extras = serde.unpack_sample_extras(samples)
+            self.arrays.ingest(run_id, int(samples.epoch), size, ids, losses, extras)
+        except ValueError as e:
+            self.bus.publish(
+                "log",
+                run_id,
+                worker_id=wid,
+                level="error",
+                text=f"per-sample losses rejected: {e}",
+            )
+            return
+        with self.lock:
+            if run_id not in self._sample_steps:
+                run = self.store.run(run_id)
+                self._sample_steps[run_id] = run.sample_steps if run is not None else 0
+            # Written with the next metrics flush (same transaction), not per message.
+            if not samples.reset:  # a reset forgets losses: no compute was spent
+                self._sample_steps[run_id] += int(samples.count)
+            self._sample_dirty[run_id] = int(samples.epoch)
+
     def on_worker_message(self, wid: str, msg: pb.WorkerMessage) -> None:
         w = self.workers.get(wid)
         if w is None:
@@ -643,37 +677,11 @@ class Supervisor:
                 self._set_worker_state(wid, st0)
             return
         if body == "metrics":
-            points = [serde.metric_point(p) for p in msg.metrics.points]
-            if not points:
-                return
-            self.store.add_metrics(run_id, points, self._sample_steps.get(run_id))
-            last = points[-1]
-            w.step, w.epoch = last["step"], last["epoch"]
-            with self.lock:
-                self._metric_buf.setdefault(run_id, []).extend(points)
+            self._on_metrics(w, run_id, msg.metrics)
         elif body == "samples":
-            ids, losses = serde.unpack_samples(msg.samples)
-            size = self.dataset_sizes.get(run_id, -1)
-            try:
-                extras = serde.unpack_sample_extras(msg.samples)
-                self.arrays.ingest(run_id, int(msg.samples.epoch), size, ids, losses, extras)
-            except ValueError as e:
-                self.bus.publish(
-                    "log",
-                    run_id,
-                    worker_id=wid,
-                    level="error",
-                    text=f"per-sample losses rejected: {e}",
-                )
-                return
-            with self.lock:
-                if run_id not in self._sample_steps:
-                    run = self.store.run(run_id)
-                    self._sample_steps[run_id] = run.sample_steps if run is not None else 0
-                # Written with the next metrics flush (same transaction), not per message.
-                if not msg.samples.reset:  # a reset forgets losses: no compute was spent
-                    self._sample_steps[run_id] += int(msg.samples.count)
-                self._sample_dirty[run_id] = int(msg.samples.epoch)
+            self._on_samples(wid, run_id, msg.samples)
+            if msg.samples.HasField("metrics"):  # the same flush's steps, in one message
+                self._on_metrics(w, run_id, msg.samples.metrics)
         elif body == "epoch_end":
             ee = msg.epoch_end
             self.arrays.persist((run_id, int(ee.epoch)))

@@ -345,6 +345,8 @@ class Recorder:
                 "preds": pred.cpu().numpy().astype("<i4").tobytes(),
                 "labels": label.cpu().numpy().astype("<i4").tobytes(),
             }
+        # One message per flush: every gRPC message costs the training thread GIL
+        # hand-offs with the sending threads (a worker switched ~1,300 times in 2,000 steps).
         msg = pb.SampleLosses(
             run_id=self.run_id,
             epoch=buf.epoch,
@@ -353,6 +355,7 @@ class Recorder:
             losses=per.tobytes(),
             first_step=first,
             last_step=last,
+            metrics=pb.MetricsBatch(run_id=self.run_id, points=points),
         )
         if cls_kw:
             msg.margins, msg.preds, msg.labels = (
@@ -361,7 +364,6 @@ class Recorder:
                 cls_kw["labels"],
             )
         self._send(samples=msg)
-        self._send(metrics=pb.MetricsBatch(run_id=self.run_id, points=points))
         self.sent_samples += int(ids.size)
 
     @staticmethod

@@ -87,7 +87,9 @@ def test_recorder_sends_every_sample_in_order_with_margins_and_epoch_mean() -> N
         all_loss.append(per.numpy())
     mean = rec.take_epoch_mean()
     samples = [m["samples"] for m in sent if "samples" in m]
-    metrics = [m["metrics"] for m in sent if "metrics" in m]
+    # One message per flush: the samples carry the same steps' metrics.
+    assert not any("metrics" in m for m in sent)
+    metrics = [s.metrics for s in samples]  # type: ignore[attr-defined]
     assert isinstance(samples[0], pb.SampleLosses)
     ids = np.concatenate([np.frombuffer(s.ids, "<i8") for s in samples])  # type: ignore[attr-defined]
     vals = np.concatenate([np.frombuffer(s.losses, "<f4") for s in samples])  # type: ignore[attr-defined]
@@ -267,7 +269,7 @@ def test_end_epoch_does_not_wait_and_its_message_follows_the_epochs_losses() -> 
     gate.set()
     second = rec.take_epoch_mean()
     kinds = [next(iter(m)) for m in sent]
-    assert kinds == ["samples", "metrics", "epoch_end", "samples", "metrics"]
+    assert kinds == ["samples", "epoch_end", "samples"]
     assert means == [pytest.approx(3.0)]  # mean of steps 1..5, each 4 samples
     assert second == pytest.approx(6.5)
 
@@ -297,7 +299,7 @@ def test_wait_sent_orders_a_message_from_another_thread_after_earlier_steps() ->
     assert t.is_alive() and not sent  # held back: the losses before it are not sent yet
     gate.set()
     t.join(10)
-    assert sent == ["samples", "metrics"] * 3 + ["checkpoint"]
+    assert sent == ["samples"] * 3 + ["checkpoint"]
 
 
 @pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
