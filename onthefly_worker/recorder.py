@@ -3,7 +3,7 @@
 Per step the training loop only appends references (the loss tensors stay where they
 are, so there is no device sync per step); every ~50 ms or 64 KB a packing thread
 concatenates, copies to host once, packs ids as int64 and losses as float32 bytes, and
-queues one `SampleLosses` and one `MetricsBatch` message.
+queues one `SampleLosses` message that carries the same steps' `MetricsBatch`.
 """
 
 from __future__ import annotations
