@@ -67,7 +67,8 @@ class WorkerExit:
         if self.error and self.error.get("message"):
             where = ""
             if self.error.get("filename"):
-                where = f" ({self.error['filename']}:{self.error.get('lineno', 0)})"
+                line = self.error.get("lineno") or 0  # 0: the script as a whole (no line)
+                where = f" ({self.error['filename']}{f':{line}' if line else ''})"
             return f"{self.error['message']}{where}"
         if self.signal_name:
             return f"killed by {self.signal_name}"

@@ -220,7 +220,8 @@ class TerminalView:
                     else f"[onthefly] {p.get('text')}"
                 )
         elif k == "error":
-            where = f" ({p.get('filename')}:{p.get('lineno')})" if p.get("filename") else ""
+            line = f":{p.get('lineno')}" if p.get("lineno") else ""
+            where = f" ({p.get('filename')}{line})" if p.get("filename") else ""
             self._errors.append(str(p.get("message") or ""))
             self.print(f"[onthefly] error in {p.get('worker_id')}: {p.get('message')}{where}")
         elif k == "checkpoint" and p.get("reason") in ("pause", "final", "request"):
