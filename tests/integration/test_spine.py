@@ -434,20 +434,8 @@ def test_epoch_end_checkpoints_follow_the_minimum_interval(
     # Epochs of a few milliseconds: by default one checkpoint at the end of training (and a
     # log line saying why the epoch ends were skipped); with 0, one per epoch end as well.
     extra = ["--ckpt-min-interval", interval] if interval is not None else []
-    r = cli(
-        "run",
-        "--headless",
-        "--port",
-        "0",
-        str(SMALL),
-        "--epochs",
-        "4",
-        "--n",
-        "64",
-        *extra,
-        cwd=project,
-        timeout=120,
-    )
+    r = cli("run", "--headless", "--port", "0", str(SMALL), "--epochs", "4", "--n", "64", *extra,
+            cwd=project, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     db = sqlite3.connect(_latest(project) / "session.db")
     reasons = [row[0] for row in db.execute("SELECT reason FROM checkpoints ORDER BY step, t")]
