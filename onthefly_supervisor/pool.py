@@ -50,6 +50,14 @@ class WorkerSpec:
             raise ValueError(f"WorkerSpec.threads must be >= 0, got {self.threads}")
 
 
+def location(filename: object, lineno: object) -> str:
+    """ " (file:line)" for an error's place, " (file)" when there is no line (0: the script as
+    a whole, e.g. it never reached fit), "" without a file."""
+    if not filename:
+        return ""
+    return f" ({filename}:{lineno})" if lineno else f" ({filename})"
+
+
 @dataclass
 class WorkerExit:
     """How a worker process ended."""
@@ -65,10 +73,7 @@ class WorkerExit:
 
     def describe(self) -> str:
         if self.error and self.error.get("message"):
-            where = ""
-            if self.error.get("filename"):
-                line = self.error.get("lineno") or 0  # 0: the script as a whole (no line)
-                where = f" ({self.error['filename']}{f':{line}' if line else ''})"
+            where = location(self.error.get("filename"), self.error.get("lineno"))
             return f"{self.error['message']}{where}"
         if self.signal_name:
             return f"killed by {self.signal_name}"

@@ -623,7 +623,7 @@ class Supervisor:
             link.closed.set()
             link.out.put(None)
 
-    def _on_metrics(self, w: Any, run_id: str, batch: pb.MetricsBatch) -> None:
+    def _on_metrics(self, w: Worker, run_id: str, batch: pb.MetricsBatch) -> None:
         points = [serde.metric_point(p) for p in batch.points]
         if not points:
             return

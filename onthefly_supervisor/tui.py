@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from onthefly_supervisor.events import Event
+from onthefly_supervisor.pool import location
 from onthefly_supervisor.supervisor import Supervisor
 
 
@@ -220,8 +221,7 @@ class TerminalView:
                     else f"[onthefly] {p.get('text')}"
                 )
         elif k == "error":
-            line = f":{p.get('lineno')}" if p.get("lineno") else ""
-            where = f" ({p.get('filename')}{line})" if p.get("filename") else ""
+            where = location(p.get("filename"), p.get("lineno"))
             self._errors.append(str(p.get("message") or ""))
             self.print(f"[onthefly] error in {p.get('worker_id')}: {p.get('message')}{where}")
         elif k == "checkpoint" and p.get("reason") in ("pause", "final", "request"):

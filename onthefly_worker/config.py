@@ -43,6 +43,11 @@ def describe_val_slices(val_slices: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def is_seconds(value: Any) -> bool:
+    """A number of seconds >= 0 (int or float, not bool, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(value >= 0)
+
+
 @dataclass
 class TrainerConfig:
     project: str = "default"
@@ -100,11 +105,7 @@ class TrainerConfig:
             raise bad(
                 "checkpoint_every_n_steps", self.checkpoint_every_n_steps, "must be an integer >= 0"
             )
-        if (
-            isinstance(self.checkpoint_min_interval_s, bool)
-            or not isinstance(self.checkpoint_min_interval_s, (int, float))
-            or not self.checkpoint_min_interval_s >= 0
-        ):
+        if not is_seconds(self.checkpoint_min_interval_s):
             raise bad(
                 "checkpoint_min_interval_s",
                 self.checkpoint_min_interval_s,

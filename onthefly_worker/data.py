@@ -262,14 +262,19 @@ DICT_BATCH_KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
+def _dict_keys(batch: dict[Any, Any]) -> tuple[str, str] | None:
+    """The (input, target) key pair of a dict batch, the first of DICT_BATCH_KEYS it has."""
+    return next(((xk, yk) for xk, yk in DICT_BATCH_KEYS if xk in batch and yk in batch), None)
+
+
 def split_batch(batch: Any) -> tuple[Any, Any]:
     """(inputs, target) from what the loader yielded, or a clear error naming the structure."""
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
     if isinstance(batch, dict):
-        for xk, yk in DICT_BATCH_KEYS:
-            if xk in batch and yk in batch:
-                return batch[xk], batch[yk]
+        keys = _dict_keys(batch)
+        if keys is not None:
+            return batch[keys[0]], batch[keys[1]]
         pairs = ", ".join(f"{xk}/{yk}" for xk, yk in DICT_BATCH_KEYS)
         raise OnTheFlyError(
             f"the loader yielded a dict with keys {sorted(batch, key=str)}; OnTheFly needs "
@@ -285,12 +290,10 @@ def unused_batch_keys(batch: Any) -> tuple[list[str], str, str]:
     """For a dict batch: (the keys the model never sees, the input key, the target key):
     OnTheFly calls model(batch[input key]) and the loss on batch[target key], so e.g. an
     `attention_mask` beside `input_ids`/`labels` is not passed on. ([], "", "") otherwise."""
-    if not isinstance(batch, dict):
+    keys = _dict_keys(batch) if isinstance(batch, dict) else None
+    if keys is None:
         return [], "", ""
-    for xk, yk in DICT_BATCH_KEYS:
-        if xk in batch and yk in batch:
-            return sorted(str(k) for k in batch if k not in (xk, yk)), xk, yk
-    return [], "", ""
+    return sorted(str(k) for k in batch if k not in keys), keys[0], keys[1]
 
 
 def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:

@@ -31,9 +31,11 @@ def _is_user_file(fname: str, script_dir: str | None) -> bool:
 
 
 def _innermost_user(frames: list[tuple[str, int]], script_dir: str | None) -> tuple[str, int]:
-    return _innermost_user_or_none(frames, script_dir) or (
-        (os.path.abspath(frames[-1][0]), frames[-1][1]) if frames else ("", 0)
-    )
+    return _innermost_user_or_none(frames, script_dir) or _innermost(frames)
+
+
+def _innermost(frames: list[tuple[str, int]]) -> tuple[str, int]:
+    return (os.path.abspath(frames[-1][0]), frames[-1][1]) if frames else ("", 0)
 
 
 def _innermost_user_or_none(
@@ -71,7 +73,7 @@ def innermost_user_frame(
     return (
         _innermost_user_or_none(frames, script_dir)
         or _calling_user_frame(script_dir)
-        or _innermost_user(frames, script_dir)
+        or _innermost(frames)
     )
 
 

@@ -62,7 +62,12 @@ from onthefly_worker import env as wenv
 from onthefly_worker import merge_math as mm
 from onthefly_worker import recipe
 from onthefly_worker import slices as sl
-from onthefly_worker.config import TrainerConfig, check_val_slices, describe_val_slices
+from onthefly_worker.config import (
+    TrainerConfig,
+    check_val_slices,
+    describe_val_slices,
+    is_seconds,
+)
 from onthefly_worker.connection import PROTOCOL_VERSION, Command, WorkerConnection
 from onthefly_worker.control import CommandLoop
 from onthefly_worker.data import (
@@ -314,11 +319,7 @@ class LightningOptions:
                 f"attach_lightning(checkpoint_every_n_steps={self.checkpoint_every_n_steps!r}): "
                 "must be an integer >= 0"
             )
-        if (
-            isinstance(self.checkpoint_min_interval_s, bool)
-            or not isinstance(self.checkpoint_min_interval_s, (int, float))
-            or not self.checkpoint_min_interval_s >= 0
-        ):
+        if not is_seconds(self.checkpoint_min_interval_s):
             raise OnTheFlyError(
                 f"attach_lightning(checkpoint_min_interval_s={self.checkpoint_min_interval_s!r}): "
                 "must be a number of seconds >= 0 (0 = every epoch end)"

@@ -329,17 +329,19 @@ class Recorder:
         ]
         first, last = buf.points[0][0], buf.points[-1][0]
         cls_kw: dict[str, bytes] = {}
+        margins: tuple[torch.Tensor, ...] | None = fused[1:] if fused is not None else None
         parts = [c for c in buf.cls if c is not None]
-        if fused is not None or (
-            parts and len(parts) == len(buf.cls) and len({c[0].shape[1] for c in parts}) == 1
+        if (
+            margins is None
+            and parts
+            and len(parts) == len(buf.cls)
+            and len({c[0].shape[1] for c in parts}) == 1
         ):
-            margin, pred, label = (
-                fused[1:]
-                if fused is not None
-                else self._margins(
-                    torch.cat([c[0] for c in parts]), torch.cat([c[1] for c in parts])
-                )
+            margins = self._margins(
+                torch.cat([c[0] for c in parts]), torch.cat([c[1] for c in parts])
             )
+        if margins is not None:
+            margin, pred, label = margins
             cls_kw = {
                 "margins": margin.cpu().numpy().astype("<f4").tobytes(),
                 "preds": pred.cpu().numpy().astype("<i4").tobytes(),

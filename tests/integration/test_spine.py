@@ -62,18 +62,23 @@ def test_seed_script_as_plain_python(project: Path, example: str) -> None:
     assert main["sample_steps"] == (3 * 3072 if example == "minimal.py" else 4096)
 
 
-def test_plain_python_prints_pause_resume_test_and_stop_from_another_terminal(
-    project: Path,
-) -> None:
-    # `python train.py` has no terminal view of its own: the script's output says what the
-    # CLI did to it.
-    p = subprocess.Popen(
-        [PY, str(SMALL), "--epochs", "200", "--step-sleep", "0.01", "--test"],
+def _plain_python(project: Path, *args: str) -> subprocess.Popen[str]:
+    """`python train_small.py ARGS` in the project, stdout and stderr together."""
+    return subprocess.Popen(
+        [PY, str(SMALL), *args],
         cwd=project,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def test_plain_python_prints_pause_resume_test_and_stop_from_another_terminal(
+    project: Path,
+) -> None:
+    # `python train.py` has no terminal view of its own: the script's output says what the
+    # CLI did to it.
+    p = _plain_python(project, "--epochs", "200", "--step-sleep", "0.01", "--test")
     try:
         deadline = time.time() + 60
         while cli("status", cwd=project).returncode != 0 and time.time() < deadline:
@@ -93,13 +98,7 @@ def test_plain_python_prints_pause_resume_test_and_stop_from_another_terminal(
 
 
 def test_a_fork_of_a_plain_python_run_finishes_after_the_script_exits(project: Path) -> None:
-    proc = subprocess.Popen(
-        [PY, str(SMALL), "--epochs", "3", "--step-sleep", "0.03"],
-        cwd=project,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _plain_python(project, "--epochs", "3", "--step-sleep", "0.03")
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
