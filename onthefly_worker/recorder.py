@@ -296,7 +296,7 @@ class Recorder:
         ids = np.concatenate(buf.ids).astype("<i8", copy=False)
         fused = self._fused(buf)
         per_t = fused[0] if fused is not None else torch.cat(self._per_sample_values(buf.per))
-        per = per_t.float().cpu().numpy().astype("<f4", copy=False)
+        per = _host(per_t, "<f4")
         losses = _host_floats(buf.losses)
         gns = _host_floats(buf.gnorms)
         total = float(per.sum(dtype=np.float64))
@@ -343,9 +343,9 @@ class Recorder:
         if margins is not None:
             margin, pred, label = margins
             cls_kw = {
-                "margins": margin.cpu().numpy().astype("<f4").tobytes(),
-                "preds": pred.cpu().numpy().astype("<i4").tobytes(),
-                "labels": label.cpu().numpy().astype("<i4").tobytes(),
+                "margins": _host(margin, "<f4").tobytes(),
+                "preds": _host(pred, "<i4").tobytes(),
+                "labels": _host(label, "<i4").tobytes(),
             }
         # One message per flush: every gRPC message costs the training thread GIL
         # hand-offs with the sending threads (a worker switched ~1,300 times in 2,000 steps).
@@ -421,6 +421,16 @@ def _ce_and_margins(
         loss = (lse - (true - top)).masked_fill(target == ignore_index, 0.0)
         best_other = logits.scatter(1, y, float("-inf")).amax(1)
         return loss, true - best_other, pred, target
+
+
+def _host(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A tensor as a host array of `dtype`. Every torch call releases and re-takes the GIL,
+    and each time the training thread may have to wait for it, so a CPU tensor takes none:
+    `.numpy()` shares its memory and numpy converts the dtype (a bfloat16 tensor, which
+    numpy has no type for, is widened by torch first)."""
+    if t.dtype == torch.bfloat16 or t.device.type != "cpu":
+        t = t.float().cpu() if t.is_floating_point() else t.cpu()
+    return t.numpy().astype(dtype, copy=False)
 
 
 def _host_floats(values: Sequence[torch.Tensor | float | None]) -> list[float]:
