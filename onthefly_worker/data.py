@@ -203,6 +203,16 @@ def selection_loader(loader: DataLoader, subset: np.ndarray, batch_size: int | N
     return DataLoader(sub, batch_size=max(int(batch_size or 256), 64), collate_fn=loader.collate_fn)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class _DieWithTrainingWorker:
     """A loader worker's worker_init_fn: the kernel SIGKILLs the loader process when the
     training worker that started it dies (PR_SET_PDEATHSIG), then the user's own
@@ -218,7 +228,12 @@ class _DieWithTrainingWorker:
     def __call__(self, worker_id: int) -> None:
         from onthefly_worker.launch import arm_parent_death_signal
 
-        arm_parent_death_signal(self.parent_pid)  # exits at once if the parent is gone
+        # Under a forkserver context the loader process is the fork server's child, not the
+        # training worker's: the signal then follows the fork server (which ends with the
+        # training worker), and only a training worker that is already gone ends us here.
+        arm_parent_death_signal(0)
+        if os.getppid() != self.parent_pid and not _alive(self.parent_pid):
+            os._exit(1)
         if self.user is not None:
             self.user(worker_id)
 

@@ -343,6 +343,19 @@ def test_epoch_loader_workers_get_a_parent_death_signal_and_the_users_init() -> 
     assert _USER_INIT == []  # ran in the loader processes, not here
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forkserver is POSIX-only")
+@pytest.mark.parametrize("context", ["forkserver", "spawn"])
+def test_epoch_loader_workers_run_under_forkserver_and_spawn(context: str) -> None:
+    """A forkserver's loader processes are the fork server's children, not the training
+    worker's: they must not take that for "the training worker died" and exit."""
+    user = DataLoader(
+        TensorDataset(torch.arange(8)), batch_size=2, num_workers=2, multiprocessing_context=context
+    )
+    batches = [np.arange(i, i + 2) for i in range(0, 8, 2)]
+    got = torch.cat([b[0] for b in epoch_loader(user, batches, 0, 0)])
+    assert got.tolist() == list(range(8))
+
+
 # -- 7. SIGTERM exits 143, SIGINT 130 ----------------------------------------------------------
 
 
