@@ -54,8 +54,9 @@ class TrainerConfig:
     """Project name, shown in the dashboard and stored with the session."""
     run_name: str = "main"
     """Display name of the generalist run (its id is always `main`)."""
-    max_epochs: int = 1
-    """Stop after this many epochs (>= 1)."""
+    max_epochs: int | None = None
+    """Stop after this many epochs (>= 1). None (the default): one epoch, or no epoch limit
+    when `max_steps` is set, as in Lightning (`max_steps` alone is the limit)."""
     max_steps: int = 0
     """Stop after this many optimizer steps; 0 = no step limit."""
     do_test_after: bool = False
@@ -95,8 +96,16 @@ class TrainerConfig:
         def bad(name: str, value: Any, want: str) -> OnTheFlyError:
             return OnTheFlyError(f"Trainer({name}={value!r}): {want}")
 
-        if not isinstance(self.max_epochs, int) or self.max_epochs < 1:
-            raise bad("max_epochs", self.max_epochs, "must be an integer >= 1")
+        if self.max_epochs is not None and (
+            not isinstance(self.max_epochs, int)
+            or isinstance(self.max_epochs, bool)
+            or self.max_epochs < 1
+        ):
+            raise bad(
+                "max_epochs",
+                self.max_epochs,
+                "must be an integer >= 1 (or None: one epoch, no epoch limit with max_steps)",
+            )
         if not isinstance(self.max_steps, int) or self.max_steps < 0:
             raise bad("max_steps", self.max_steps, "must be an integer >= 0 (0 = no limit)")
         if not isinstance(self.val_every_n_epochs, int) or self.val_every_n_epochs < 0:
@@ -127,6 +136,13 @@ class TrainerConfig:
             self._check_device(bad)
         if self.val_slices is not None:
             check_val_slices(self.val_slices, "Trainer")
+
+    @property
+    def epoch_limit(self) -> int:
+        """The epochs to train; 0 = no epoch limit (`max_steps` alone stops the run)."""
+        if self.max_epochs is not None:
+            return self.max_epochs
+        return 0 if self.max_steps else 1
 
     def _check_device(self, bad: Any) -> None:
         import torch

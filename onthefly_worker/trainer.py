@@ -261,7 +261,7 @@ class _Loop(CommandLoop):
             run_name=str(self.spec.get("name", self.cfg.run_name)),
             dataset_size=dataset_size(self.train_loader),
             steps_per_epoch=len(self.order.batches(0)),
-            max_epochs=self.cfg.max_epochs,
+            max_epochs=self.cfg.epoch_limit,
             max_steps=self.budget or self.cfg.max_steps,
             config_json=json.dumps(self.cfg.to_dict()),
             model_summary=f"{type(self.model).__name__} ({sum(p.numel() for p in self.model.parameters()):,} parameters)",
@@ -696,7 +696,7 @@ class _Loop(CommandLoop):
         model, opt, rec = self.model, self.opt, self.rec
         conn = self.conn
         params = [p for g in opt.param_groups for p in g["params"]]
-        max_epochs = self.cfg.max_epochs if self.env.role != "fork" else 10**9
+        max_epochs = (self.cfg.epoch_limit or 10**9) if self.env.role != "fork" else 10**9
         on_cpu = self.device.type == "cpu"
         if not self.order.batches(self.epoch) and not self.order.skip:
             n = self.order.n if self.order.subset is None else self.order.subset.size
@@ -1032,7 +1032,8 @@ class _Loop(CommandLoop):
             val = f" · val loss {val_loss:.4f}" if val_loss is not None else ""
             train = f"{mean:.4f}" if math.isfinite(mean) else "—"
             print(
-                f"[onthefly] epoch {epoch + 1}/{self.cfg.max_epochs} · train loss {train}{val}",
+                f"[onthefly] epoch {epoch + 1}{f'/{n}' if (n := self.cfg.epoch_limit) else ''}"
+                f" · train loss {train}{val}",
                 flush=True,
             )
         if self.sched is not None and self.cfg.scheduler_interval == "epoch":

@@ -1,0 +1,70 @@
+"""`max_steps` alone is the limit (as in Lightning): max_epochs=None means one epoch only when
+no max_steps is given."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from onthefly_worker import env as wenv
+from onthefly_worker.config import TrainerConfig
+from onthefly_worker.errors import OnTheFlyError
+from onthefly_worker.recorder import Recorder
+from onthefly_worker.trainer import _Loop
+
+
+class _Drop:
+    commands: list[Any] = []
+    command_event = threading.Event()
+
+    def send(self, **_: Any) -> None:
+        pass
+
+
+def _trained_steps(tmp_path: Path, **kwargs: Any) -> int:
+    env = wenv.WorkerEnv(
+        addr="127.0.0.1:1", token="t", worker_id="main-0", role="train", run_id="main",
+        session_dir=str(tmp_path), error_file="", resume="", spec="", attempt=0,
+    )  # fmt: skip
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(TensorDataset(torch.randn(40, 4), torch.randint(0, 2, (40,))), batch_size=4)
+    loop = _Loop(
+        TrainerConfig(**kwargs), env, model, opt, nn.CrossEntropyLoss(), loader, None, None, None
+    )
+    loop._checkpoint = lambda *a, **k: ""  # type: ignore[method-assign]
+    conn = _Drop()
+    loop.conn = conn  # type: ignore[assignment]
+    loop.rec = Recorder(conn.send, "main", torch.device("cpu"))
+    loop.rec.per_sample = loop.loss.per_sample
+    loop._train()
+    loop.writer.wait()
+    return loop.step
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "steps", "limit"),
+    [
+        ({"max_steps": 15}, 15, 0),  # 10 steps an epoch: max_steps alone goes past one epoch
+        ({}, 10, 1),  # neither: one epoch
+        ({"max_epochs": 1, "max_steps": 15}, 10, 1),  # both: whichever comes first
+        ({"max_epochs": 3, "max_steps": 25}, 25, 3),
+    ],
+)
+def test_max_steps_alone_is_the_limit(
+    tmp_path: Path, kwargs: dict[str, Any], steps: int, limit: int
+) -> None:
+    assert TrainerConfig(**kwargs).epoch_limit == limit
+    assert _trained_steps(tmp_path, **kwargs) == steps
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_max_epochs_must_be_a_positive_integer_or_none(bad: object) -> None:
+    with pytest.raises(OnTheFlyError, match=r"max_epochs=.*must be an integer >= 1 \(or None"):
+        TrainerConfig(max_epochs=bad)  # type: ignore[arg-type]
