@@ -94,7 +94,8 @@ def _serve(sup: Supervisor, headless: bool) -> int:
         )
     elif code != 0:
         cause = sup.root_cause() or "the main run failed"
-        print(f"[onthefly] main run failed: {cause}", file=sys.stderr)
+        what = "" if sup.failed_after_run else "main run failed: "
+        print(f"[onthefly] {what}{cause}", file=sys.stderr)
     else:
         print(
             f"[onthefly] done · session {sup.session_id} · `onthefly runs` for the lineage",

@@ -156,6 +156,9 @@ class Supervisor:
         # The main worker's exit code when the script ended itself before Trainer.fit()
         # (an argparse error exits 2): `onthefly run` exits with it, as `python` would.
         self._before_fit_code: int | None = None
+        # The main worker's exit code when the script called sys.exit(N) after its run
+        # completed.
+        self._script_exit = 0
         self._owner_gone_noted = False
         self._root_cause = ""
         self._discard_dir = False
@@ -335,8 +338,7 @@ class Supervisor:
         self.launcher.close()
         self._flush_live_events(force=True)
         self.arrays.persist()
-        main = self.store.run("main")
-        self._root_cause = main.error if main is not None else ""
+        self._root_cause = self._cause()
         with self.lock:
             for r in self.store.runs():
                 if not r.status.terminal:
@@ -1025,6 +1027,25 @@ class Supervisor:
         self.detach(wid)
         self.stop_deadline.pop(wid, None)
         finished = wid in self.finished
+        if (
+            finished
+            and w.spec.role is Role.TRAIN
+            and not ex.ok
+            and not ex.error
+            and not ex.signal_name
+            and not w.stop_requested
+            and ex.exit_code
+        ):
+            # sys.exit(N) after fit(): the run completed; `onthefly run` exits N, as
+            # `python train.py` would.
+            self._script_exit = ex.exit_code
+            self.bus.publish(
+                "log",
+                run_id,
+                worker_id=wid,
+                level="error",
+                text=f"the script exited with code {ex.exit_code} after {run_id} completed",
+            )
         if ex.ok or (finished and not ex.error):
             state = (
                 WorkerState.STOPPED if w.stop_requested and not finished else WorkerState.SUCCEEDED
@@ -1163,6 +1184,8 @@ class Supervisor:
         main = self.store.run("main")
         ok = main is not None and main.status in (RunStatus.COMPLETED, RunStatus.STOPPED)
         self._exit_code = 0 if ok and not self._script_failed else 1
+        if ok and not self._script_failed and self._script_exit:
+            self._exit_code = self._script_exit
         if main is not None and main.status is RunStatus.FAILED and self._before_fit_code:
             self._exit_code = self._before_fit_code
 
@@ -1188,10 +1211,22 @@ class Supervisor:
         return self._exit_code
 
     def root_cause(self) -> str:
-        if self._shutdown.is_set():
-            return self._root_cause
+        return self._root_cause if self._shutdown.is_set() else self._cause()
+
+    @property
+    def failed_after_run(self) -> bool:
+        """The main run completed, then the script failed or exited non-zero."""
+        return bool(self._script_failed or self._script_exit)
+
+    def _cause(self) -> str:
         main = self.store.run("main")
-        return main.error if main is not None else ""
+        if main is not None and main.error:
+            return main.error
+        if self._script_failed:
+            return f"the script failed after its run completed: {self._script_failed}"
+        if self._script_exit:
+            return f"the script exited with code {self._script_exit} after its run completed"
+        return ""
 
     # -- live event batching -----------------------------------------------------------------
     def _flush_live_events(self, force: bool = False) -> None:

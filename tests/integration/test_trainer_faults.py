@@ -37,7 +37,18 @@ def test_a_second_fit_is_a_clear_error_and_a_nonzero_exit(project: Path) -> None
     assert code == 1, out
     assert "Trainer.fit() was already called in this script (run main)" in out, out
     assert "the script failed after main completed" in out, out
+    assert "main run failed: the main run failed" not in out, out
     assert "already attached" not in out  # the old, internal symptom
+
+
+def test_sys_exit_after_fit_is_the_exit_code_of_onthefly_run(project: Path) -> None:
+    """As `python train.py` would: the run completed, the script then exited 3."""
+    code, out = _run(project, "--epochs", "1", "--exit-after-fit", "3")
+    assert code == 3, out
+    assert "main completed" in out, out
+    assert out.rstrip().splitlines()[-1] == (
+        "[onthefly] the script exited with code 3 after its run completed"
+    ), out
 
 
 def test_reduce_lr_on_plateau_stepped_per_step_uses_the_step_loss(project: Path) -> None:
