@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -56,7 +57,9 @@ class EpochOrder:
     * SequentialSampler (shuffle=False): 0..n-1.
     * Any other sampler (weighted, subset, custom): iterated under a torch RNG forked and
       seeded from (seed, epoch), so the order is reproducible and the training RNG is
-      untouched.
+      untouched (`random` and numpy's global RNG are seeded and restored the same way).
+    * A batch_sampler of the user's own (not torch's BatchSampler): its batches, drawn the
+      same way, as they come (bucketing and grouping stay).
     `subset` restricts training to those dataset positions (a fork's selection).
 
     `skip` lists batches never to train on, as (epoch, batch) pairs where `batch` is the
@@ -84,17 +87,33 @@ class EpochOrder:
         self.user_batch_sampler = loader.batch_sampler
         self.batch_size = loader.batch_size
         self.drop_last = loader.drop_last
-        if self.batch_size is None:
-            bs = getattr(self.user_batch_sampler, "batch_size", None)
-            if bs is None:
-                raise OnTheFlyError(
-                    "the train loader has a custom batch_sampler without a batch_size; "
-                    "OnTheFly needs to know the batch size to own the data order"
-                )
-            self.batch_size = int(bs)
-            self.drop_last = bool(getattr(self.user_batch_sampler, "drop_last", False))
-            self.sampler = getattr(self.user_batch_sampler, "sampler", self.sampler)
+        # A batch sampler of the user's own (bucketing by length, one class per batch...):
+        # each epoch's batches are drawn from it, as they come, instead of cutting its
+        # sampler's order into fixed-size chunks (which would throw its grouping away).
+        self.custom: Sampler[Any] | None = None
+        self._drawn_cache: dict[int, list[np.ndarray]] = {}
         self.skip: dict[int, frozenset[int]] = {}
+        if self.batch_size is None:
+            bsamp = self.user_batch_sampler
+            if isinstance(bsamp, BatchSampler) and type(bsamp).__iter__ is BatchSampler.__iter__:
+                self.batch_size = int(bsamp.batch_size)
+                self.drop_last = bool(bsamp.drop_last)
+                self.sampler = bsamp.sampler
+            else:
+                self.custom = bsamp
+                try:
+                    len(bsamp)  # type: ignore[arg-type]
+                except TypeError:
+                    raise OnTheFlyError(
+                        f"the train loader's batch_sampler ({type(bsamp).__name__}) has no "
+                        "__len__; OnTheFly draws each epoch's batches from it and needs to know "
+                        "where an epoch ends"
+                    ) from None
+                bs = getattr(bsamp, "batch_size", None)
+                first = self.batches(0) if not isinstance(bs, int) or bs < 1 else None
+                self.batch_size = int(bs) if first is None else max(map(len, first), default=1)
+                self.drop_last = bool(getattr(bsamp, "drop_last", False))
+                self.sampler = getattr(bsamp, "sampler", self.sampler)
         self.set_skip(skip)
 
     def set_skip(self, pairs: Iterable[Sequence[int]]) -> None:
@@ -122,6 +141,10 @@ class EpochOrder:
         return position
 
     def order(self, epoch: int) -> np.ndarray:
+        """The epoch's sample ids in training order (a subset's, when there is one)."""
+        if self.custom is not None:
+            batches = self._drawn(epoch)
+            return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
         s = epoch_seed(self.seed, epoch)
         if self.subset is not None:
             g = torch.Generator().manual_seed(s)
@@ -146,22 +169,34 @@ class EpochOrder:
                 f"the train loader's sampler ({type(self.sampler).__name__}) has no __len__; "
                 "OnTheFly draws each epoch's order from it and needs to know where an epoch ends"
             ) from None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            gen = getattr(self.sampler, "generator", None)
-            if isinstance(gen, torch.Generator):
-                saved = gen.get_state()
-                gen.manual_seed(s)
-                try:
-                    idx = list(itertools.islice(iter(self.sampler), limit))
-                finally:
-                    gen.set_state(saved)
-            else:
-                idx = list(itertools.islice(iter(self.sampler), limit))
+        idx = _seeded_draw(self.sampler, s, limit)
         return np.asarray(idx, dtype=np.int64)
+
+    def _drawn(self, epoch: int) -> list[np.ndarray]:
+        """The user's batch sampler's batches for `epoch`, drawn with a private RNG seeded
+        from (seed, epoch), so a resumed run draws the same ones; a selection keeps each
+        batch's members that it holds (its grouping stays) and drops emptied batches."""
+        assert self.custom is not None
+        if epoch in self._drawn_cache:
+            return self._drawn_cache[epoch]
+        bsamp = self.custom
+        limit = len(bsamp)  # type: ignore[arg-type]
+        drawn = [
+            np.asarray(list(b), dtype=np.int64).reshape(-1)
+            for b in _seeded_draw(bsamp, epoch_seed(self.seed, epoch), limit)
+        ]
+        if self.subset is not None:
+            drawn = [b[np.isin(b, self.subset)] for b in drawn]
+        drawn = [b for b in drawn if b.size]
+        if len(self._drawn_cache) >= 2:  # the current epoch and the one before it
+            self._drawn_cache.pop(min(self._drawn_cache))
+        self._drawn_cache[epoch] = drawn
+        return drawn
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         """The batches (sample ids) to train on in `epoch`, skipped ones left out."""
+        if self.custom is not None:
+            return self._skipped(epoch, self._drawn(epoch))
         order = self.order(epoch)
         bs = int(self.batch_size or 1)
         n_full = len(order) // bs
@@ -173,6 +208,9 @@ class EpochOrder:
                 out[-1] = order[(n_full - 1) * bs :]
             else:
                 out.append(order[n_full * bs :])
+        return self._skipped(epoch, out)
+
+    def _skipped(self, epoch: int, out: list[np.ndarray]) -> list[np.ndarray]:
         skip = self.skip.get(epoch)
         if skip:
             beyond = sorted(b for b in skip if b >= len(out))
@@ -182,6 +220,36 @@ class EpochOrder:
                 )
             out = [b for i, b in enumerate(out) if i not in skip]
         return out
+
+
+def _seeded_draw(sampler: Any, seed: int, limit: int) -> list[Any]:
+    """The first `limit` items of a sampler, drawn under a private torch RNG seeded with
+    `seed` (the sampler's own generator, or its inner sampler's, is seeded the same way and
+    restored after), leaving the global RNGs as they were."""
+    gens = [
+        g
+        for g in (
+            getattr(sampler, "generator", None),
+            getattr(getattr(sampler, "sampler", None), "generator", None),
+        )
+        if isinstance(g, torch.Generator)
+    ]
+    saved = [g.get_state() for g in gens]
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # Samplers written with `random` or numpy's global RNG draw the same way too.
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        for g in gens:
+            g.manual_seed(seed)
+        try:
+            return list(itertools.islice(iter(sampler), limit))
+        finally:
+            for g, st in zip(gens, saved, strict=True):
+                g.set_state(st)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class _ListBatchSampler(Sampler[list[int]]):
