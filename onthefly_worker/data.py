@@ -90,7 +90,7 @@ class EpochOrder:
         # A batch sampler of the user's own (bucketing by length, one class per batch...):
         # each epoch's batches are drawn from it, as they come, instead of cutting its
         # sampler's order into fixed-size chunks (which would throw its grouping away).
-        self.custom: Sampler[Any] | None = None
+        self.custom: Iterable[Any] | None = None
         self._drawn_cache: dict[int, list[np.ndarray]] = {}
         self.skip: dict[int, frozenset[int]] = {}
         if self.batch_size is None:
@@ -110,8 +110,10 @@ class EpochOrder:
                         "where an epoch ends"
                     ) from None
                 bs = getattr(bsamp, "batch_size", None)
-                first = self.batches(0) if not isinstance(bs, int) or bs < 1 else None
-                self.batch_size = int(bs) if first is None else max(map(len, first), default=1)
+                if isinstance(bs, int) and bs >= 1:
+                    self.batch_size = bs
+                else:  # its batch size is that of its largest batch
+                    self.batch_size = max(map(len, self.batches(0)), default=1)
                 self.drop_last = bool(getattr(bsamp, "drop_last", False))
                 self.sampler = getattr(bsamp, "sampler", self.sampler)
         self.set_skip(skip)
