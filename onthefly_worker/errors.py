@@ -20,9 +20,11 @@ _OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _is_user_file(fname: str, script_dir: str | None) -> bool:
     """Whether a frame's file is the user's code: not OnTheFly, not an installed package
-    (torch, Lightning), not the standard library or a frozen bootstrap module (runpy,
-    importlib), unless it lies under the script's folder."""
-    if fname.startswith("<frozen "):
+    (torch, Lightning), not the standard library, a frozen bootstrap module (runpy,
+    importlib) or generated code ("<string>"), unless it lies under the script's folder."""
+    if fname.startswith("<"):
+        # "<frozen runpy>", or "<string>": code generated at run time, such as a
+        # dataclass's __init__ (TrainerConfig's validation), never the user's file.
         return False
     fname = os.path.abspath(fname)
     if script_dir and fname.startswith(script_dir):

@@ -452,3 +452,16 @@ def test_a_killed_supervisor_shows_as_gone(
     assert cli.main(["status", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["live"] is False and d["state"] == "supervisor gone"
+
+
+def test_a_bad_trainer_option_names_the_users_line_not_generated_code(tmp_path: Path) -> None:
+    """TrainerConfig validates in a dataclass's generated __init__ (file "<string>"): the
+    error names the script's Trainer(...) line."""
+    script = tmp_path / "badcfg.py"
+    script.write_text(
+        "from onthefly_worker.config import TrainerConfig\n\nTrainerConfig(max_epochs=0)\n"
+    )
+    with pytest.raises(OnTheFlyError) as info:
+        runpy.run_path(str(script))
+    rec = error_record(info.value, str(tmp_path))
+    assert (rec["filename"], rec["lineno"]) == (str(script), 3), rec
