@@ -224,6 +224,8 @@ class _Loop(CommandLoop):
         self._gn_cal: list[tuple[float, float]] = []
         self._gn_ok_step = 0  # the last step whose gradients were measured finite
         self._batch_checked = False
+        self._nonfinite_evals: set[str] = set()  # splits whose non-finite loss was said
+        self._plateau_skip_said = False
         self.writer = ckpt.AsyncWriter()
         self.epoch_ckpt = ckpt.EpochGate(cfg.checkpoint_min_interval_s, self.log, "Trainer")
         self.last_checkpoint = ""
@@ -700,6 +702,8 @@ class _Loop(CommandLoop):
         on_cpu = self.device.type == "cpu"
         if not self.order.batches(self.epoch) and not self.order.skip:
             n = self.order.n if self.order.subset is None else self.order.subset.size
+            if n <= 0:
+                raise OnTheFlyError("the train loader's dataset is empty: nothing to train on")
             raise OnTheFlyError(
                 f"the train loader yields no batch: {n} sample(s) at batch_size "
                 f"{self.order.batch_size} with drop_last={self.order.drop_last}; lower the "
@@ -887,7 +891,19 @@ class _Loop(CommandLoop):
 
     def _note_validation(self) -> None:
         """Say once when a val_loader will not be used on a schedule (val_every_n_epochs
-        unset), and what a ReduceLROnPlateau then steps on."""
+        unset), and what a ReduceLROnPlateau then steps on; and when do_test_after has no
+        test_loader to test on."""
+        if self.cfg.do_test_after and self.test_loader is None:
+            self.log(
+                "do_test_after=True but fit() got no test_loader: no test pass will run",
+                "warning",
+            )
+        plateau = isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if self.val_loader is None and plateau and self.cfg.scheduler_interval == "epoch":
+            self.log(
+                "ReduceLROnPlateau without a val_loader: it steps on each epoch's training loss",
+                "warning",
+            )
         if self.val_loader is None or self.cfg.val_every_n_epochs:
             return
         text = (
@@ -1038,7 +1054,18 @@ class _Loop(CommandLoop):
             )
         if self.sched is not None and self.cfg.scheduler_interval == "epoch":
             if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                self.sched.step(val_loss if val_loss is not None else mean)
+                metric = val_loss if val_loss is not None else mean
+                if math.isfinite(metric):
+                    self.sched.step(metric)
+                elif not self._plateau_skip_said:
+                    # A NaN would count as "no improvement" and cut the learning rate.
+                    self._plateau_skip_said = True
+                    self.log(
+                        f"ReduceLROnPlateau not stepped at epoch {epoch}: its metric "
+                        f"({'val' if val_loss is not None else 'train'} loss) is {metric}; "
+                        "it is not stepped on non-finite values (said once)",
+                        "warning",
+                    )
             else:
                 self.sched.step()
         self.epoch += 1
@@ -1062,6 +1089,7 @@ class _Loop(CommandLoop):
             result = evaluate_model(
                 self.model, loader, self.loss, self.device, context=self._autocast
             )
+            self._note_nonfinite_eval(split, result[0])
             return report_eval(self.conn, self.run_id, split, self.step, self.epoch, result)
         from onthefly_worker import slices as sl
 
@@ -1076,9 +1104,20 @@ class _Loop(CommandLoop):
         overall, per = sl.evaluate_with_slices(
             self.model, loader, self.loss, self.device, slices, context=self._autocast
         )
+        self._note_nonfinite_eval(split, overall[0])
         for name, res in per.items():  # before the overall loss: a reader sees them together
             report_eval(self.conn, self.run_id, f"val_slice:{name}", self.step, self.epoch, res)
         return report_eval(self.conn, self.run_id, split, self.step, self.epoch, overall)
+
+    def _note_nonfinite_eval(self, split: str, loss: float) -> None:
+        """A non-finite evaluation loss is stored as "no value"; say why, once per split."""
+        if not math.isfinite(loss) and split not in self._nonfinite_evals:
+            self._nonfinite_evals.add(split)
+            self.log(
+                f"{split} loss is {loss} at step {self.step}: at least one {split} sample gives "
+                "a non-finite loss (check that data for NaN/Inf; said once)",
+                "warning",
+            )
 
     def _slice_loader(self) -> DataLoader:
         """The fork's own slice: the train data restricted to its selection, in order."""

@@ -27,14 +27,14 @@ class _Drop:
         pass
 
 
-def _trained_steps(tmp_path: Path, **kwargs: Any) -> int:
+def _trained_steps(tmp_path: Path, n: int = 40, **kwargs: Any) -> int:
     env = wenv.WorkerEnv(
         addr="127.0.0.1:1", token="t", worker_id="main-0", role="train", run_id="main",
         session_dir=str(tmp_path), error_file="", resume="", spec="", attempt=0,
     )  # fmt: skip
     model = nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = DataLoader(TensorDataset(torch.randn(40, 4), torch.randint(0, 2, (40,))), batch_size=4)
+    loader = DataLoader(TensorDataset(torch.randn(n, 4), torch.randint(0, 2, (n,))), batch_size=4)
     loop = _Loop(
         TrainerConfig(**kwargs), env, model, opt, nn.CrossEntropyLoss(), loader, None, None, None
     )
@@ -68,3 +68,9 @@ def test_max_steps_alone_is_the_limit(
 def test_max_epochs_must_be_a_positive_integer_or_none(bad: object) -> None:
     with pytest.raises(OnTheFlyError, match=r"max_epochs=.*must be an integer >= 1 \(or None"):
         TrainerConfig(max_epochs=bad)  # type: ignore[arg-type]
+
+
+def test_an_empty_dataset_says_so(tmp_path: Path) -> None:
+    """Not "lower the batch size or set drop_last=False", which cannot help."""
+    with pytest.raises(OnTheFlyError, match="the train loader's dataset is empty"):
+        _trained_steps(tmp_path, n=0)

@@ -67,3 +67,31 @@ def test_dict_batches_name_the_keys_the_model_never_sees(tmp_path: Path) -> None
     logs.clear()
     loop._note_unused_keys({"x": 1, "y": 2})
     assert logs == []
+
+
+def test_do_test_after_without_a_test_loader_and_plateau_without_val_are_warnings(
+    tmp_path: Path,
+) -> None:
+    env = wenv.WorkerEnv(
+        addr="127.0.0.1:1", token="t", worker_id="main-0", role="train", run_id="main",
+        session_dir=str(tmp_path), error_file="", resume="", spec="", attempt=0,
+    )  # fmt: skip
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
+    loop = _Loop(
+        TrainerConfig(do_test_after=True), env, model, opt, nn.CrossEntropyLoss(), loader,
+        None, None, sched,
+    )  # fmt: skip
+    logs: list[tuple[str, str]] = []
+    loop.log = lambda text, level="info": logs.append((level, text))  # type: ignore[method-assign]
+    loop._note_validation()
+    assert [lv for lv, _ in logs] == ["warning", "warning"], logs
+    assert "no test_loader: no test pass will run" in logs[0][1]
+    assert "ReduceLROnPlateau without a val_loader" in logs[1][1]
+    logs.clear()
+    for split in ("val", "val", "test"):
+        loop._note_nonfinite_eval(split, float("nan"))
+    loop._note_nonfinite_eval("val", 0.5)
+    assert [t.split(" loss is nan at step 0")[0] for _, t in logs] == ["val", "test"], logs
