@@ -968,21 +968,28 @@ Global___RunEval: _TypeAlias = RunEval  # noqa: Y015
 
 @_typing.final
 class Stop(_message.Message):
+    """skip_test: the run's do_test_after test pass does not run at this stop (a supervisor
+    shutdown such as Ctrl+C, a rollback's abandoned branch): nobody reads its result.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REASON_FIELD_NUMBER: _builtins.int
     RUN_TEST_FIELD_NUMBER: _builtins.int
+    SKIP_TEST_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     run_test: _builtins.bool
+    skip_test: _builtins.bool
     def __init__(
         self,
         *,
         reason: _builtins.str = ...,
         run_test: _builtins.bool = ...,
+        skip_test: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "run_test", b"run_test"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "run_test", b"run_test", "skip_test", b"skip_test"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

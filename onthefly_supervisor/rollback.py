@@ -256,7 +256,9 @@ class Rollbacks:
             )
             self.pending[run.run_id] = p
         try:
-            sup.request_stop(run.run_id, f"rollback to step {ck['step']} ({reason})")
+            sup.request_stop(
+                run.run_id, f"rollback to step {ck['step']} ({reason})", skip_test=True
+            )
         except Exception:
             with self._lock:
                 self.pending.pop(run.run_id, None)

@@ -322,7 +322,9 @@ class Supervisor:
                 # Attached workers stop at a step boundary and checkpoint; the rest get SIGTERM.
                 self._send(
                     w.spec.worker_id,
-                    pb.SupervisorCommand(stop=pb.Stop(reason="supervisor shutting down")),
+                    pb.SupervisorCommand(
+                        stop=pb.Stop(reason="supervisor shutting down", skip_test=True)
+                    ),
                 )
                 told.append(w)
             except ControlError:
@@ -871,7 +873,11 @@ class Supervisor:
         return run, p
 
     def request_stop(
-        self, run_ref: str, reason: str = "stop requested", run_test: bool = False
+        self,
+        run_ref: str,
+        reason: str = "stop requested",
+        run_test: bool = False,
+        skip_test: bool = False,
     ) -> RunRow:
         run = self.resolve_run(run_ref)
         w = self.live_worker(run.run_id)
@@ -885,7 +891,9 @@ class Supervisor:
         self.stop_deadline[w.spec.worker_id] = time.monotonic() + self.cfg.stop_grace_s
         self._send(
             w.spec.worker_id,
-            pb.SupervisorCommand(command_id="", stop=pb.Stop(reason=reason, run_test=run_test)),
+            pb.SupervisorCommand(
+                command_id="", stop=pb.Stop(reason=reason, run_test=run_test, skip_test=skip_test)
+            ),
         )
         self._set_worker_state(w.spec.worker_id, WorkerState.STOPPING)
         return run

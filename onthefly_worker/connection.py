@@ -65,7 +65,12 @@ def command_from_proto(msg: pb.SupervisorCommand) -> Command | Welcome:
     if body == "eval":
         return Command("eval", cid, {"split": msg.eval.split or "test"})
     if body == "stop":
-        return Command("stop", cid, {"reason": msg.stop.reason, "run_test": msg.stop.run_test})
+        stop = msg.stop
+        return Command(
+            "stop",
+            cid,
+            {"reason": stop.reason, "run_test": stop.run_test, "skip_test": stop.skip_test},
+        )
     if body == "health":
         opts = json.loads(msg.health.options_json) if msg.health.options_json else {}
         return Command("health", cid, {"check": msg.health.check, "options": opts})

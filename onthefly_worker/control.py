@@ -230,6 +230,8 @@ class CommandLoop(ABC):
             self._request_stop(str(cmd.args.get("reason") or "stop requested"))
             if cmd.args.get("run_test"):
                 self.run_test_on_stop = True
+            elif cmd.args.get("skip_test"):
+                self.run_test_on_stop = False
             self.paused = False
             self._status(pb.WORKER_STATE_STOPPING, self.stop_reason)
             conn.ack(cmd.command_id, True, f"stopping at step {self.step}")

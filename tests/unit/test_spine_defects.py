@@ -35,7 +35,7 @@ from onthefly_supervisor.supervisor import (
     loss_stats,
 )
 from onthefly_worker import losses
-from onthefly_worker.connection import Command
+from onthefly_worker.connection import Command, command_from_proto
 from onthefly_worker.control import CommandLoop
 from onthefly_worker.data import epoch_loader, split_batch
 from onthefly_worker.errors import OnTheFlyError, error_record
@@ -120,6 +120,23 @@ def test_an_on_demand_test_pass_that_raises_is_answered_and_training_goes_on(
     loop.test_loader = DataLoader(TensorDataset(torch.zeros(8, 4), torch.zeros(8, 1)))
     loop._handle(Command("eval", "c2", {"split": "test"}))
     assert loop.conn.acks[-1][:2] == ("c2", True)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("args", "tests"),
+    [({}, True), ({"skip_test": True}, False), ({"run_test": True}, True)],
+)
+def test_a_shutdown_or_rollback_stop_skips_the_do_test_after_pass(
+    args: dict[str, Any], tests: bool
+) -> None:
+    """do_test_after tests when a user stops the run; not at a supervisor shutdown (Ctrl+C)
+    or on a rollback's abandoned branch, whose Stop carries skip_test."""
+    loop = _Loop(DataLoader(TensorDataset(torch.zeros(8, 4), torch.zeros(8, 1))))
+    loop.run_test_on_stop = True  # do_test_after=True
+    loop._handle(Command("stop", "", {"reason": "r", **args}))
+    assert loop.stop_reason and loop.run_test_on_stop is tests
+    msg = pb.SupervisorCommand(stop=pb.Stop(reason="r", skip_test=True))
+    assert command_from_proto(msg).args["skip_test"] is True  # type: ignore[union-attr]
 
 
 # -- 2. per-sample losses of padded sequences ------------------------------------------------
