@@ -549,7 +549,7 @@ class Autopilot:
         since = _first_unexamined(steps, times, last)
         # The smaller last batch of an epoch is noisier, not a spike: both spike detectors
         # judge every step at its own batch size.
-        spikes = [
+        found = [
             d
             for d in (
                 pl.detect_spike(steps, loss, since_step=since, metric="loss", batch_sizes=batch),
@@ -563,12 +563,33 @@ class Autopilot:
             )
             if d is not None
         ]
+        # A loss spike is an instability only when the loss stays up: one hard batch whose
+        # loss is back to normal on the next steps (BatchNorm, dropout, small batches with a
+        # few hard samples) is not, and lowering the learning rate for it hurt healthy runs.
+        # Judged once _SPIKE_AFTER steps follow it; until then it waits for the next look.
+        spikes: list[pl.Detection] = []
+        wait_at: int | None = None
+        for sp in found:
+            verdict = _loss_stays_up(sp, steps, loss) if sp.subject == "loss" else True
+            if verdict is None:
+                wait_at = sp.step
+            elif verdict:
+                spikes.append(sp)
+        if wait_at is not None:  # what comes after it is looked at again with it
+            spikes = [sp for sp in spikes if sp.step < wait_at]
         # Examined up to the newest step, or up to the first spike found: a detector reports
         # the first one, so the next look goes on right after it (a later spike is not lost).
+        # A spike still waiting for its next steps is looked at again from the step before it.
         i = len(steps) - 1
-        if spikes:
-            i = int(np.flatnonzero(steps == min(d.step for d in spikes))[-1])
-        self.examined[run_id] = (int(steps[i]), float(times[i]) if spikes else float(times.max()))
+        if wait_at is not None:
+            i = int(np.flatnonzero(steps == wait_at)[-1]) - 1
+        elif found:
+            i = int(np.flatnonzero(steps == min(sp.step for sp in found))[-1])
+        if i >= 0:
+            self.examined[run_id] = (
+                int(steps[i]),
+                float(times[i]) if found else float(times.max()),
+            )
         trend = slice(-1000, None)  # the trend tests see the newest 1000 steps, as before
         for d in (
             # A NaN grad norm means "not measured" (e.g. a skipped step); Inf means bad gradients.
@@ -1183,6 +1204,26 @@ _SPIKE_HISTORY = 100
 trailing window is 50 steps)."""
 _MAX_LOOK = 20_000
 """Most metric rows one look reads: bounds the memory of a look after a long pause."""
+
+
+# The steps after a loss spike that tell a hard batch (the loss is back) from an instability.
+_SPIKE_AFTER = 5
+
+
+def _loss_stays_up(d: pl.Detection, steps: np.ndarray, loss: np.ndarray) -> bool | None:
+    """Whether the loss after spike `d` stays up: the median of the next _SPIKE_AFTER
+    finite losses is still more than half the detector's threshold (in robust standard
+    deviations) above the median before it. None while fewer steps follow it."""
+    i = int(np.flatnonzero(steps == d.step)[-1])
+    after = loss[i + 1 :]
+    after = after[np.isfinite(after)][:_SPIKE_AFTER]
+    if after.size < _SPIKE_AFTER:
+        return None
+    med, z, value = d.numbers["median"], d.numbers["z"], d.numbers["value"]
+    scale = (value - med) / z if z > 0 else 0.0
+    if not scale > 0:
+        return True
+    return bool((float(np.median(after)) - med) / scale > d.numbers["z_threshold"] / 2)
 
 
 def _first_unexamined(

@@ -642,3 +642,53 @@ def test_automode_judges_every_step_once_however_its_looks_fall(tmp_path) -> Non
     assert spikes_seen([600, 2000, 2000]) == [701, 1501]
     # A rollback from step 800 to 650 trains the spike's step again: it is new again.
     assert spikes_seen([800, 2000, 2000], rollback=(800, 650)) == [701, 701, 1501]
+
+
+def test_a_loss_spike_that_is_gone_on_the_next_steps_is_a_hard_batch_not_an_instability(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """One batch of hard samples (the loss back to normal on the next steps) is not an
+    instability: automode lowered the lr of a healthy BatchNorm/dropout run three times for
+    such batches. A loss that stays up is one; a spike on the newest steps waits for the
+    steps after it."""
+    import time
+    from types import SimpleNamespace
+
+    from onthefly_supervisor.autopilot import Autopilot
+    from onthefly_supervisor.lifecycle import RunStatus
+    from onthefly_supervisor.store import RunRow, Store
+
+    rng = np.random.default_rng(5)
+
+    def loss_spikes(loss: np.ndarray, looks: list[int]) -> list[int]:
+        store = Store(str(tmp_path / f"s{len(list(tmp_path.iterdir()))}"))
+        store.add_run(RunRow("main", "main", "main", RunStatus.RUNNING, [], time.time()))
+        sup = SimpleNamespace(
+            store=store, arrays=SimpleNamespace(epochs=lambda r: []), control_hooks={},
+            tick_hooks=[], busy_hooks=[], final_hooks=[],
+        )  # fmt: skip
+        ap = Autopilot(sup)  # type: ignore[arg-type]
+        seen, done = [], 0
+        for at in looks:
+            store.add_metrics("main", [
+                {"step": s, "epoch": 0, "time": 1000.0 + 0.002 * s, "loss": float(loss[s - 1]),
+                 "grad_norm": 1.0, "samples_per_s": 64 / 0.002, "step_time_ms": 2.0}
+                for s in range(done + 1, at + 1)
+            ])  # fmt: skip
+            done = at
+            seen += [
+                d.step for d in ap.detect("main")
+                if d.kind is DetectionKind.SPIKE and d.subject == "loss"
+            ]  # fmt: skip
+        store.close()
+        return seen
+
+    base = 0.5 + 0.01 * rng.standard_normal(400)
+    hard = base.copy()
+    hard[199] = 1.5  # step 200: one hard batch
+    assert loss_spikes(hard, [400]) == []
+    assert loss_spikes(hard, [201, 203, 400]) == []  # judged once 5 steps follow it
+    shift = base.copy()
+    shift[199:] += 1.0  # from step 200 on the loss stays up
+    assert loss_spikes(shift, [400]) == [200]
+    assert loss_spikes(shift, [202, 400]) == [200]  # waited at 202, reported at 400
