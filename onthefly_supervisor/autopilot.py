@@ -919,12 +919,23 @@ class Autopilot:
                     continue
                 if run.status.terminal or run.step >= ex.started_step + card.budget_steps:
                     ok = run.status is not RunStatus.FAILED
+                    # Measured, not assumed: the median training loss over the steps since
+                    # the plan acted, and "improved" only if every one of them was finite.
+                    rows = st.query(
+                        "SELECT loss FROM metrics WHERE run_id = ? AND step > ?",
+                        (card.target_run, ex.started_step),
+                    )
+                    losses = np.array(
+                        [np.nan if r[0] is None else r[0] for r in rows], dtype=np.float64
+                    )
+                    stable = losses.size > 0 and bool(np.isfinite(losses).all())
                     self._finish(
                         card,
                         ex,
                         "done" if ok else "failed",
                         run.error if not ok else "",
-                        improved=ok,
+                        improved=ok and stable,
+                        after=float(np.median(losses)) if stable else None,
                     )
                 continue
             if ex.race:
