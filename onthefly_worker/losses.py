@@ -163,7 +163,12 @@ class PerSampleLoss:
 
     def _rows(self, raw: torch.Tensor, target: Any, batch: int) -> torch.Tensor:
         """Per-sample values of `raw`; a CrossEntropy/NLL sample with several targets
-        (a sequence) is normalised by its own valid tokens' class weights (see _per_row)."""
+        (a sequence) is normalised by its own valid tokens' class weights (see _per_row); a
+        'batchmean' sample (KLDivLoss) is the sum of its elements."""
+        if self.reduction == "batchmean" and raw.dim() > 1 and raw.shape[0] == batch:
+            # nn.KLDivLoss(reduction="batchmean") is the sum over the batch size: a sample's
+            # loss is the sum of its elements, so the samples' mean is the user's loss.
+            return raw.reshape(batch, -1).sum(dim=1)
         denom = None
         if raw.dim() > 1 and isinstance(target, torch.Tensor):
             denom = self._token_weights(target)

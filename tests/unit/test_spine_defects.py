@@ -206,8 +206,12 @@ def test_kl_div_batchmean_backward_is_the_users_loss() -> None:
     kl = nn.KLDivLoss(reduction="batchmean")
     o = torch.randn(4, 5).log_softmax(1).requires_grad_(True)
     t = torch.randn(4, 5).softmax(1)
-    total, _ = PerSampleLoss(kl)(o, t, 4)
+    total, per = PerSampleLoss(kl)(o, t, 4)
     assert torch.allclose(total, kl(o, t))
+    # A sample's loss is its KL (the sum over its elements): their mean is the user's loss
+    # (it was the mean over the elements, 1/C of it).
+    assert torch.allclose(per, nn.KLDivLoss(reduction="none")(o, t).sum(1))
+    assert torch.allclose(per.mean(), total)
 
 
 class _ScalarWithReduction(nn.Module):
