@@ -85,10 +85,14 @@ class Recorder:
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._cond = threading.Condition()
         self._inflight = 0
-        self._handed = 0  # buffers handed to the packing thread (training thread only)
+        self._handed = 0  # buffers handed to the packing thread (under _lock)
         self._packed = 0  # of those, sent (packing thread only)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        # Guards the buffer: the training thread records into it and hands it off; the
+        # packing thread takes it when it has waited `stale_after_s` (`_hand_off_stale`).
+        self._lock = threading.Lock()
+        self.stale_after_s = 1.0
         # Computes deferred per-sample losses from (output, target) pairs, batched.
         self.per_sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         # The ignore_index when the loss is a plain CrossEntropyLoss (PerSampleLoss.
@@ -115,10 +119,40 @@ class Recorder:
         predictions are computed at flush time, batched over many steps. `per` is the
         per-sample loss tensor, or (output, target) whose per-sample losses `per_sample`
         computes at flush time, batched the same way."""
+        if self._error is not None:
+            self._raise_error()
+        if self._thread is None:
+            self._start_thread()
+        with self._lock:
+            self._record(
+                step, epoch, batch, ids, per, loss, lr, grad_norm, step_ms, data_ms, extra, cls
+            )
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(
+            target=self._pack_loop, name="onthefly-recorder", daemon=True
+        )
+        self._thread.start()
+
+    def _record(
+        self,
+        step: int,
+        epoch: int,
+        batch: int,
+        ids: np.ndarray,
+        per: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        loss: torch.Tensor | float,
+        lr: float,
+        grad_norm: torch.Tensor | float | None,
+        step_ms: float,
+        data_ms: float,
+        extra: dict[str, float] | None,
+        cls: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
         buf = self._buf
         if epoch != buf.epoch:
             if buf.ids:
-                self._hand_off()
+                self._hand_off_locked()
             buf = self._buf
             buf.epoch = epoch
         buf.ids.append(ids)
@@ -135,21 +169,22 @@ class Recorder:
             self._pending >= self.max_pending_bytes
             or time.monotonic() - self._last_flush >= self.flush_interval_s
         ):
-            self._hand_off()
+            self._hand_off_locked()
 
     def _hand_off(self) -> None:
-        self._last_flush = time.monotonic()
         self._raise_error()
+        with self._lock:
+            self._hand_off_locked()
+
+    def _hand_off_locked(self) -> None:
+        self._last_flush = time.monotonic()
         buf = self._buf
         if not buf.ids and buf.end is None:
             return
         self._buf = _Pending(buf.epoch)
         self._pending = 0
         if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._pack_loop, name="onthefly-recorder", daemon=True
-            )
-            self._thread.start()
+            self._start_thread()
         with self._cond:
             self._inflight += 1
             self._handed += 1
@@ -206,7 +241,11 @@ class Recorder:
 
     def _pack_loop(self) -> None:
         while True:
-            buf = self._queue.get()
+            try:
+                buf = self._queue.get(timeout=self.stale_after_s)
+            except queue.Empty:
+                self._hand_off_stale()
+                continue
             try:
                 with torch.no_grad():
                     self._pack(buf)
@@ -217,6 +256,14 @@ class Recorder:
                     self._inflight -= 1
                     self._packed += 1
                     self._cond.notify_all()
+
+    def _hand_off_stale(self) -> None:
+        """Steps recorded long ago and not yet handed off (the training thread has not come
+        back to `record` since: a stalled loader, a loop stuck in user code) are sent from
+        here, so the supervisor shows where the run is instead of its last flush."""
+        with self._lock:
+            if self._buf.ids and time.monotonic() - self._last_flush >= self.stale_after_s:
+                self._hand_off_locked()
 
     def _per_sample_values(
         self, items: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -101,6 +102,26 @@ def test_recorder_sends_every_sample_in_order_with_margins_and_epoch_mean() -> N
     assert mean == pytest.approx(float(np.concatenate(all_loss).mean()), rel=1e-6)
     margins = np.frombuffer(samples[0].margins, "<f4")  # type: ignore[attr-defined]
     assert margins.shape == (8,)
+
+
+def test_steps_the_training_thread_never_came_back_for_are_sent_after_a_while() -> None:
+    """A loop stuck after its last step (a stalled loader, user code that hangs) still
+    gets its recorded steps to the supervisor, which would otherwise show the last flush."""
+    sent: list[dict[str, object]] = []
+    rec = _recorder(sent, flush_interval_s=60.0)  # no hand-off from the training thread
+    rec.stale_after_s = 0.2
+    for step in (1, 2, 3):
+        rec.record(
+            step, 0, step - 1, np.arange(4) + 4 * step, torch.rand(4), 0.5, 0.1, None, 2.0, 0.1
+        )
+    deadline = time.monotonic() + 5.0
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.02)
+    [msg] = [m["samples"] for m in sent]
+    assert [p.step for p in msg.metrics.points] == [1, 2, 3]  # type: ignore[attr-defined]
+    rec.record(4, 0, 3, np.arange(4), torch.rand(4), 0.5, 0.1, None, 2.0, 0.1)
+    rec.flush()  # and the next steps go on as before
+    assert [p.step for m in sent for p in m["samples"].metrics.points] == [1, 2, 3, 4]  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
