@@ -124,52 +124,33 @@ class Recorder:
         if self._thread is None:
             self._start_thread()
         with self._lock:
-            self._record(
-                step, epoch, batch, ids, per, loss, lr, grad_norm, step_ms, data_ms, extra, cls
-            )
+            buf = self._buf
+            if epoch != buf.epoch:
+                if buf.ids:
+                    self._hand_off_locked()
+                buf = self._buf
+                buf.epoch = epoch
+            buf.ids.append(ids)
+            buf.per.append(per)
+            buf.losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+            buf.gnorms.append(grad_norm)
+            n = len(ids)
+            sps = n / (step_ms / 1000.0) if step_ms > 0 else 0.0
+            buf.points.append((step, epoch, batch, time.time(), lr, sps, step_ms, data_ms))
+            buf.extra.append(extra)
+            buf.cls.append(cls)
+            self._pending += 12 * n
+            if (
+                self._pending >= self.max_pending_bytes
+                or time.monotonic() - self._last_flush >= self.flush_interval_s
+            ):
+                self._hand_off_locked()
 
     def _start_thread(self) -> None:
         self._thread = threading.Thread(
             target=self._pack_loop, name="onthefly-recorder", daemon=True
         )
         self._thread.start()
-
-    def _record(
-        self,
-        step: int,
-        epoch: int,
-        batch: int,
-        ids: np.ndarray,
-        per: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-        loss: torch.Tensor | float,
-        lr: float,
-        grad_norm: torch.Tensor | float | None,
-        step_ms: float,
-        data_ms: float,
-        extra: dict[str, float] | None,
-        cls: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> None:
-        buf = self._buf
-        if epoch != buf.epoch:
-            if buf.ids:
-                self._hand_off_locked()
-            buf = self._buf
-            buf.epoch = epoch
-        buf.ids.append(ids)
-        buf.per.append(per)
-        buf.losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
-        buf.gnorms.append(grad_norm)
-        n = len(ids)
-        sps = n / (step_ms / 1000.0) if step_ms > 0 else 0.0
-        buf.points.append((step, epoch, batch, time.time(), lr, sps, step_ms, data_ms))
-        buf.extra.append(extra)
-        buf.cls.append(cls)
-        self._pending += 12 * n
-        if (
-            self._pending >= self.max_pending_bytes
-            or time.monotonic() - self._last_flush >= self.flush_interval_s
-        ):
-            self._hand_off_locked()
 
     def _hand_off(self) -> None:
         self._raise_error()

@@ -36,6 +36,16 @@ def cli(
     )
 
 
+def train_env(session_dir: Path) -> Any:
+    """The environment of a `main` train worker, for running the training loop in-process."""
+    from onthefly_worker.env import WorkerEnv
+
+    return WorkerEnv(
+        addr="127.0.0.1:1", token="t", worker_id="main-0", role="train", run_id="main",
+        session_dir=str(session_dir), error_file="", resume="", spec="", attempt=0,
+    )  # fmt: skip
+
+
 def cli_json(*args: str, cwd: Path) -> Any:
     r = cli(*args, "--json", cwd=cwd)
     assert r.returncode == 0, r.stderr

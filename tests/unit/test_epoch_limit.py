@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from onthefly_worker import env as wenv
 from onthefly_worker.config import TrainerConfig
 from onthefly_worker.errors import OnTheFlyError
 from onthefly_worker.recorder import Recorder
 from onthefly_worker.trainer import _Loop
+from tests.conftest import train_env
 
 
 class _Drop:
@@ -28,10 +28,7 @@ class _Drop:
 
 
 def _trained_steps(tmp_path: Path, n: int = 40, **kwargs: Any) -> int:
-    env = wenv.WorkerEnv(
-        addr="127.0.0.1:1", token="t", worker_id="main-0", role="train", run_id="main",
-        session_dir=str(tmp_path), error_file="", resume="", spec="", attempt=0,
-    )  # fmt: skip
+    env = train_env(tmp_path)
     model = nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = DataLoader(TensorDataset(torch.randn(n, 4), torch.randint(0, 2, (n,))), batch_size=4)

@@ -10,17 +10,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from onthefly_worker import env as wenv
 from onthefly_worker.config import TrainerConfig
 from onthefly_worker.data import unused_batch_keys
 from onthefly_worker.trainer import _Loop
+from tests.conftest import train_env
 
 
 def _loop(tmp_path: Path, sched_kind: str, interval: str) -> tuple[_Loop, list[tuple[str, str]]]:
-    env = wenv.WorkerEnv(
-        addr="127.0.0.1:1", token="t", worker_id="main-0", role="train", run_id="main",
-        session_dir=str(tmp_path), error_file="", resume="", spec="", attempt=0,
-    )  # fmt: skip
+    env = train_env(tmp_path)
     model = nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched: object = (
@@ -72,10 +69,7 @@ def test_dict_batches_name_the_keys_the_model_never_sees(tmp_path: Path) -> None
 def test_do_test_after_without_a_test_loader_and_plateau_without_val_are_warnings(
     tmp_path: Path,
 ) -> None:
-    env = wenv.WorkerEnv(
-        addr="127.0.0.1:1", token="t", worker_id="main-0", role="train", run_id="main",
-        session_dir=str(tmp_path), error_file="", resume="", spec="", attempt=0,
-    )  # fmt: skip
+    env = train_env(tmp_path)
     model = nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
