@@ -33,6 +33,53 @@ def preserved_rng() -> Iterator[None]:
             np.random.set_state(npst)
 
 
+class EvalTotals:
+    """The sums behind an evaluation's (loss, accuracy, samples). The loss is the user's
+    over the whole set: per-sample values weighted as the user's 'mean' weighs them
+    (`PerSampleLoss.row_weights`: class weights, ignore_index, a sequence's valid tokens),
+    else their plain mean; accuracy counts samples whose target is not ignore_index."""
+
+    def __init__(self, loss: PerSampleLoss) -> None:
+        self.loss = loss
+        self.total, self.weight, self.count = 0.0, 0.0, 0
+        self.correct, self.judged, self.classif = 0, 0, True
+
+    def add(self, per: torch.Tensor, out: Any, y: Any, n: int) -> torch.Tensor | None:
+        """Add a batch; returns its per-sample hits (argmax == target) on the host when
+        it is a classification batch, else None."""
+        per = per.detach().float()
+        w = self.loss.row_weights(y, n)
+        if w is None:
+            self.total += float(per.sum())
+            self.weight += n
+        else:
+            w = w.to(per.device)
+            self.total += float((per * w).sum())
+            self.weight += float(w.sum())
+        self.count += n
+        if not (
+            self.classif
+            and isinstance(out, torch.Tensor)
+            and out.dim() == 2
+            and isinstance(y, torch.Tensor)
+            and y.dim() == 1
+            and not y.is_floating_point()
+        ):
+            self.classif = False
+            return None
+        hit = out.argmax(dim=1) == y
+        ignore = self.loss.ignore_index()
+        valid = y != ignore if ignore is not None else torch.ones_like(hit)
+        self.correct += int((hit & valid).sum())
+        self.judged += int(valid.sum())
+        return hit.cpu()
+
+    def result(self) -> tuple[float, float, int]:
+        mean = self.total / self.weight if self.weight > 0 else math.nan
+        acc = self.correct / self.judged if (self.classif and self.judged) else math.nan
+        return mean, acc, self.count
+
+
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module,
@@ -42,14 +89,15 @@ def evaluate_model(
     forward: Callable[[Any], Any] | None = None,
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> tuple[float, float, int]:
-    """(mean per-sample loss, accuracy or NaN unless classification, samples) in eval mode.
+    """(the loss over the set, accuracy or NaN unless classification, samples) in eval
+    mode (see EvalTotals).
 
     The model's train/eval mode and every RNG are restored afterwards, so evaluating in the
     middle of training changes nothing about the training trajectory.
     """
     fwd = forward or model
     was_training = model.training
-    total, count, correct, classif = 0.0, 0, 0, True
+    totals = EvalTotals(loss)
     with preserved_rng():
         model.eval()
         try:
@@ -61,24 +109,10 @@ def evaluate_model(
                 with context():
                     out = fwd(x)
                     _, per = loss(out, y, n)
-                total += float(per.float().sum())
-                count += n
-                if (
-                    classif
-                    and isinstance(out, torch.Tensor)
-                    and out.dim() == 2
-                    and isinstance(y, torch.Tensor)
-                    and y.dim() == 1
-                    and not y.is_floating_point()
-                ):
-                    correct += int((out.argmax(dim=1) == y).sum())
-                else:
-                    classif = False
+                totals.add(per, out, y, n)
         finally:
             model.train(was_training)
-    mean = total / count if count else math.nan
-    acc = correct / count if (classif and count) else math.nan
-    return mean, acc, count
+    return totals.result()
 
 
 def report_eval(

@@ -70,7 +70,8 @@ def _per_row(raw: torch.Tensor, batch: int, denom: torch.Tensor | None = None) -
     A sample with several elements (tokens, pixels) gets their mean, or, given `denom` (one
     value per element: the class weight of a CrossEntropy/NLL target, 0 where the target is
     `ignore_index`), the user's 'mean' restricted to that sample: the sum of its element
-    losses over the sum of its `denom` (its valid tokens' class weights, or their count).
+    losses over the sum of its `denom` (its valid tokens' class weights, or their count);
+    a single class-weighted target likewise (w_y * CE / w_y: its unweighted loss).
     A sample with no valid element has loss 0 (NaN would read as "not seen" in the store).
     """
     if raw.dim() == 0:
@@ -80,7 +81,7 @@ def _per_row(raw: torch.Tensor, batch: int, denom: torch.Tensor | None = None) -
             f"the per-sample loss has shape {tuple(raw.shape)} but the batch has {batch} samples; "
             "the loss's first dimension must be the batch"
         )
-    if raw.dim() == 1:
+    if raw.dim() == 1 and (denom is None or denom.shape != raw.shape):
         return raw
     if denom is None or denom.shape != raw.shape:
         return raw.reshape(batch, -1).mean(dim=1)
@@ -170,9 +171,29 @@ class PerSampleLoss:
             # loss is the sum of its elements, so the samples' mean is the user's loss.
             return raw.reshape(batch, -1).sum(dim=1)
         denom = None
-        if raw.dim() > 1 and isinstance(target, torch.Tensor):
+        if isinstance(target, torch.Tensor) and (
+            raw.dim() > 1 or getattr(self._none, "weight", None) is not None
+        ):
+            # (A single class-weighted target follows the same rule: w_y * CE / w_y.)
             denom = self._token_weights(target)
         return _per_row(raw, batch, denom)
+
+    def row_weights(self, target: Any, batch: int) -> torch.Tensor | None:
+        """Each sample's weight in the user's 'mean' over many samples: the summed class
+        weights of its valid targets (CrossEntropy/NLL with class-index targets; 0 for a
+        sample whose targets are all `ignore_index`), so sum(per * w) / sum(w) is the
+        user's loss over a whole dataset; None for any other loss (plain mean)."""
+        if not isinstance(target, torch.Tensor) or target.dim() == 0:
+            return None
+        w = self._token_weights(target)
+        if w is None or w.shape[0] != batch:
+            return None
+        return w.reshape(batch, -1).sum(dim=1).float()
+
+    def ignore_index(self) -> int | None:
+        """The `ignore_index` of a CrossEntropy/NLL loss; None for any other loss."""
+        fn = self._none
+        return int(fn.ignore_index) if isinstance(fn, (nn.CrossEntropyLoss, nn.NLLLoss)) else None
 
     def _token_weights(self, target: torch.Tensor) -> torch.Tensor | None:
         """CrossEntropy/NLL with class-index targets: each target's weight in the 'mean'

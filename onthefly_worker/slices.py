@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 from onthefly_worker.data import batch_len, split_batch, to_device
 from onthefly_worker.errors import OnTheFlyError
-from onthefly_worker.evaluation import evaluate_model, preserved_rng
+from onthefly_worker.evaluation import EvalTotals, evaluate_model, preserved_rng
 from onthefly_worker.losses import PerSampleLoss
 
 Result = tuple[float, float, int]
@@ -128,9 +128,8 @@ def evaluate_with_slices(
     `forward` replaces `model(x)` (e.g. to pick the logits out of a richer output)."""
     fwd = forward or model
     sums = SliceSums(slices)
-    classif = True
     was_training = model.training
-    total, count, correct = 0.0, 0, 0
+    totals = EvalTotals(loss)
     with preserved_rng():
         model.eval()
         try:
@@ -142,35 +141,15 @@ def evaluate_with_slices(
                 with context():
                     out = fwd(xd)
                     _, per = loss(out, yd, n)
-                per = per.float().detach().cpu()
-                hit: torch.Tensor | None = None
-                if (
-                    classif
-                    and isinstance(out, torch.Tensor)
-                    and out.dim() == 2
-                    and isinstance(yd, torch.Tensor)
-                    and yd.dim() == 1
-                    and not yd.is_floating_point()
-                ):
-                    hit = (out.argmax(dim=1) == yd).cpu()
-                    correct += int(hit.sum())
-                else:
-                    classif = False
-                total += float(per.sum())
-                count += n
-                sums.add(masks, per, hit)
+                hit = totals.add(per, out, yd, n)
+                sums.add(masks, per.float().detach().cpu(), hit)
         finally:
             model.train(was_training)
-    out_slices = sums.results(classif)
+    out_slices = sums.results(totals.classif)
     out_slices.update(
         evaluate_positions(model, loader, loss, device, slices, forward=forward, context=context)
     )
-    overall = (
-        total / count if count else math.nan,
-        correct / count if (classif and count) else math.nan,
-        count,
-    )
-    return overall, out_slices
+    return totals.result(), out_slices
 
 
 def write_train_selections(

@@ -369,3 +369,54 @@ def test_plain_cross_entropy_losses_and_margins_come_from_one_pass(scale: float)
     assert np.array_equal(np.frombuffer(msg.margins, "<f4"), margin.numpy())  # type: ignore[attr-defined]
     assert np.array_equal(np.frombuffer(msg.preds, "<i4"), pred.numpy())  # type: ignore[attr-defined]
     assert np.array_equal(np.frombuffer(msg.labels, "<i4"), label.numpy())  # type: ignore[attr-defined]
+
+
+def test_a_single_class_weighted_target_follows_the_sequence_rule() -> None:
+    """w_y * CE / w_y: a sample's unweighted loss (the README's rule for a sequence's
+    valid tokens, now also for one target); an ignored sample records 0."""
+    fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0, 0.5]), ignore_index=-100)
+    out = torch.randn(6, 3)
+    y = torch.tensor([0, 1, 2, -100, 1, 0])
+    total, per = PerSampleLoss(fn)(out.requires_grad_(True), y, 6)
+    assert torch.allclose(total, fn(out, y))
+    plain = nn.functional.cross_entropy(out.detach(), y, reduction="none")
+    assert torch.allclose(per, plain) and per[3] == 0.0
+
+
+@pytest.mark.parametrize("case", ["weighted", "ignored", "sequences"])
+def test_evaluation_gives_the_users_loss_over_the_whole_set(case: str) -> None:
+    """The val/test loss is the user's loss over the set (class weights, ignore_index and
+    a sequence's valid tokens weigh samples as the user's 'mean' does), and accuracy counts
+    only samples whose target is not ignored."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from onthefly_worker.evaluation import evaluate_model
+
+    g = torch.Generator().manual_seed(2)
+    if case == "sequences":
+        x = torch.randn(40, 5, 4, generator=g)
+        y = torch.randint(0, 3, (40, 5), generator=g)
+        y[::2, 2:] = -100  # every other sample is 2 tokens long, the rest 5
+        model: nn.Module = nn.Sequential(nn.Linear(4, 3))
+        fwd = lambda t: model(t).transpose(1, 2)  # noqa: E731 - (B, C, T)
+        fn = nn.CrossEntropyLoss()
+    else:
+        x = torch.randn(40, 4, generator=g)
+        y = torch.randint(0, 3, (40,), generator=g)
+        model = nn.Linear(4, 3)
+        fwd = model
+        fn = nn.CrossEntropyLoss(
+            weight=torch.tensor([1.0, 3.0, 0.5]) if case == "weighted" else None
+        )
+        if case == "ignored":
+            y[::4] = -100
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)  # batches of 16, 16 and 8
+    loss, acc, n = evaluate_model(
+        model, loader, PerSampleLoss(fn), torch.device("cpu"), forward=fwd
+    )
+    with torch.no_grad():
+        out = fwd(x)
+        assert n == 40 and loss == pytest.approx(float(fn(out, y)), rel=1e-5)
+        if case == "ignored":
+            valid = y != -100
+            assert acc == pytest.approx(float((out.argmax(1) == y)[valid].float().mean()))
