@@ -78,7 +78,7 @@ class Recorder:
         self._pending = 0
         self._last_flush = time.monotonic()
         self.epoch_sum = 0.0
-        self.epoch_count = 0
+        self.epoch_count: float = 0  # samples, or their weights (see _weights)
         self.sent_samples = 0
         self._mem = 0.0
         self._mem_at = -1.0
@@ -99,6 +99,9 @@ class Recorder:
         # plain_ce_ignore_index): its deferred losses and the margins then come from one
         # pass over the logits (`_ce_and_margins`).
         self.plain_ce: int | None = None
+        # Each sample's weight in the user's 'mean' from deferred steps' targets
+        # (PerSampleLoss.row_weights): the epoch's train loss is then the user's loss.
+        self.row_weights: Callable[[torch.Tensor, int], torch.Tensor | None] | None = None
 
     def record(
         self,
@@ -177,16 +180,16 @@ class Recorder:
         self._hand_off()
         return self._handed
 
-    def epoch_partial(self) -> tuple[float, int]:
-        """(sum, count) of the finite per-sample losses recorded so far this epoch (waits for
+    def epoch_partial(self) -> tuple[float, float]:
+        """(sum, count or weight) of the finite per-sample losses recorded so far this epoch (waits for
         the packing thread): a checkpoint carries them, so a run resumed mid-epoch reports
         the whole epoch's mean, not the mean of the batches after the resume."""
         self.flush()
         return self.epoch_sum, self.epoch_count
 
-    def set_epoch_partial(self, total: float, count: int) -> None:
+    def set_epoch_partial(self, total: float, count: float) -> None:
         self.flush()
-        self.epoch_sum, self.epoch_count = float(total), int(count)
+        self.epoch_sum, self.epoch_count = float(total), float(count)
 
     def wait_sent(self, handed: int, timeout: float = 30.0) -> None:
         """Wait (on any thread but the packing one) until the first `handed` buffers are
@@ -320,6 +323,25 @@ class Recorder:
         target = torch.cat([p[1] for p in pairs])
         return _ce_and_margins(logits, target, self.plain_ce)
 
+    def _weights(
+        self, buf: _Pending, fused: tuple[torch.Tensor, ...] | None, n: int
+    ) -> np.ndarray | None:
+        """Each sample's weight in the epoch's mean when the user's 'mean' weighs samples
+        unequally (class weights, ignore_index, a sequence's valid tokens; see
+        PerSampleLoss.row_weights), for deferred steps whose targets the buffer holds;
+        None for a plain mean."""
+        if fused is not None:  # a plain CrossEntropyLoss: only ignored targets weigh 0
+            assert self.plain_ce is not None
+            valid = fused[3] != self.plain_ce
+            return None if bool(valid.all()) else _host(valid, "<f8")
+        if self.row_weights is None or not all(isinstance(p, tuple) for p in buf.per):
+            return None
+        targets = [p[1] for p in buf.per if isinstance(p, tuple)]
+        if len({(t.shape[1:], t.dtype, t.device) for t in targets}) != 1:
+            return None
+        w = self.row_weights(torch.cat(targets), n)
+        return None if w is None else _host(w, "<f8")
+
     def _pack_steps(self, buf: _Pending) -> None:
         ids = np.concatenate(buf.ids).astype("<i8", copy=False)
         fused = self._fused(buf)
@@ -327,14 +349,19 @@ class Recorder:
         per = _host(per_t, "<f4")
         losses = _host_floats(buf.losses)
         gns = _host_floats(buf.gnorms)
-        total = float(per.sum(dtype=np.float64))
+        w = self._weights(buf, fused, per.size)
+        total = float(per.sum(dtype=np.float64)) if w is None else math.nan
         if math.isfinite(total):
             self.epoch_sum += total
-            self.epoch_count += int(per.size)
+            self.epoch_count += per.size
         else:
-            finite = per[np.isfinite(per)]
-            self.epoch_sum += float(finite.sum(dtype=np.float64))
-            self.epoch_count += int(finite.size)
+            ok = np.isfinite(per)
+            if w is None:
+                self.epoch_sum += float(per[ok].sum(dtype=np.float64))
+                self.epoch_count += int(ok.sum())
+            else:  # weighted as the user's 'mean' weighs the samples
+                self.epoch_sum += float((per[ok].astype(np.float64) * w[ok]).sum())
+                self.epoch_count += float(w[ok].sum())
         mem = self._memory()
         points = [
             pb.StepMetric(

@@ -279,6 +279,7 @@ class _Loop(CommandLoop):
         self.hb_s = welcome.heartbeat_interval_s
         self.rec = Recorder(self.conn.send, self.run_id, self.device, self.flush_s)
         self.rec.per_sample = self.loss.per_sample
+        self.rec.row_weights = self.loss.row_weights
         self.rec.plain_ce = self.loss.plain_ce_ignore_index()
         self.conn.start_heartbeat(self.hb_s, lambda: self.step)
         status = "failed"
@@ -453,7 +454,7 @@ class _Loop(CommandLoop):
         self._gn_ok_step = self.step
         partial = state["counters"].get("epoch_loss")
         if partial and self.rec is not None:
-            self.rec.set_epoch_partial(float(partial[0]), int(partial[1]))
+            self.rec.set_epoch_partial(float(partial[0]), float(partial[1]))
         if not self.cfg.grad_norm_every:
             self.gn_every = int(state["counters"].get("grad_norm_every", 0) or 0)
         self.log(f"resumed from {path} at epoch {self.epoch}, batch {self.batch}, step {self.step}")

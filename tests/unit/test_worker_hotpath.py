@@ -420,3 +420,31 @@ def test_evaluation_gives_the_users_loss_over_the_whole_set(case: str) -> None:
         if case == "ignored":
             valid = y != -100
             assert acc == pytest.approx(float((out.argmax(1) == y)[valid].float().mean()))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_epochs_train_loss_is_the_users_loss_over_the_epoch(fused: bool) -> None:
+    """Deferred steps weigh their samples as the user's 'mean' does: ignored targets (the
+    fused plain-CE pass) and class weights (the deferred weighted-CE pass)."""
+    fn = (
+        nn.CrossEntropyLoss()
+        if fused
+        else nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0, 0.5]))
+    )
+    psl = PerSampleLoss(fn)
+    sent: list[dict[str, object]] = []
+    rec = _recorder(sent)
+    rec.per_sample, rec.row_weights = psl.per_sample, psl.row_weights
+    rec.plain_ce = psl.plain_ce_ignore_index()
+    assert (rec.plain_ce is not None) is fused
+    g = torch.Generator().manual_seed(1)
+    outs, ys = [], []
+    for step in range(1, 6):
+        out, y = torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
+        y[step % 8] = -100
+        outs.append(out)
+        ys.append(y)
+        rec.record(step, 0, step - 1, np.arange(8) + 8 * step, (out, y), float(fn(out, y)),
+                   0.1, None, 2.0, 0.1, cls=Recorder.classification(out, y))  # fmt: skip
+    mean = rec.take_epoch_mean()
+    assert mean == pytest.approx(float(fn(torch.cat(outs), torch.cat(ys))), rel=1e-5)
