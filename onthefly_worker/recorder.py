@@ -331,9 +331,9 @@ class Recorder:
         PerSampleLoss.row_weights), for deferred steps whose targets the buffer holds;
         None for a plain mean."""
         if fused is not None:  # a plain CrossEntropyLoss: only ignored targets weigh 0
-            assert self.plain_ce is not None
-            valid = fused[3] != self.plain_ce
-            return None if bool(valid.all()) else _host(valid, "<f8")
+            # (in numpy: every torch call is a GIL hand-off the training thread may wait on)
+            valid = _host(fused[3], "<i8") != self.plain_ce
+            return None if valid.all() else valid.astype(np.float64)
         if self.row_weights is None or not all(isinstance(p, tuple) for p in buf.per):
             return None
         targets = [p[1] for p in buf.per if isinstance(p, tuple)]
