@@ -48,7 +48,9 @@ _ROW_INDEPENDENT: tuple[type[nn.Module], ...] = (
 )
 
 
-def _scalar_loss_error(name: str, ignores_reduction: bool = False) -> OnTheFlyError:
+def _scalar_loss_error(
+    name: str, ignores_reduction: bool = False, module: bool = False
+) -> OnTheFlyError:
     why = (
         "returned a scalar even with reduction='none' (its forward ignores its `reduction` "
         "attribute)"
@@ -56,11 +58,18 @@ def _scalar_loss_error(name: str, ignores_reduction: bool = False) -> OnTheFlyEr
         else "returned a scalar and has no reduction='none'"
     )
     who = "loss_fn" if name == "loss_fn" else f"loss_fn {name}"
+    fix = (
+        # A module of the user's own (e.g. CE + a regulariser): say how to make it work.
+        "give it a `reduction` attribute that its forward honours ('none': one loss per "
+        "sample, e.g. F.cross_entropy(..., reduction='none') plus the regulariser per "
+        "sample), or make it return one loss per sample"
+        if module
+        else "pass an nn loss module (e.g. nn.CrossEntropyLoss()), a function that accepts "
+        "reduction=, or one that returns one loss per sample"
+    )
     return OnTheFlyError(
-        f"{who} {why}: OnTheFly records "
-        "the loss of every sample from the training forward pass, so pass an nn loss module "
-        "(e.g. nn.CrossEntropyLoss()), a function that accepts reduction=, or one that "
-        "returns one loss per sample"
+        f"{who} {why}: OnTheFly records the loss of every sample from the training forward "
+        f"pass, so {fix}"
     )
 
 
@@ -234,7 +243,7 @@ class PerSampleLoss:
             if not isinstance(raw, torch.Tensor):
                 raise OnTheFlyError(f"loss_fn returned {type(raw).__name__}, not a tensor")
             if raw.dim() == 0:
-                raise _scalar_loss_error(self.name, ignores_reduction=True)
+                raise _scalar_loss_error(self.name, ignores_reduction=True, module=True)
             return total, self._rows(raw, target, batch)
         if self._none is not None:
             raw = self._none(output, target)
@@ -245,7 +254,12 @@ class PerSampleLoss:
         if not isinstance(raw, torch.Tensor):
             raise OnTheFlyError(f"loss_fn returned {type(raw).__name__}, not a tensor")
         if raw.dim() == 0:
-            raise _scalar_loss_error(self.name, ignores_reduction=self._none is not None)
+            raise _scalar_loss_error(
+                self.name,
+                ignores_reduction=self._none is not None,
+                module=isinstance(self.user, nn.Module)
+                and type(self.user).__module__ != "torch.nn.modules.loss",
+            )
         per = self._rows(raw, target, batch)
         if self.reduction == "sum":
             total = raw.sum()

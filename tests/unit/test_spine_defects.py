@@ -239,7 +239,20 @@ def test_a_loss_module_that_ignores_reduction_none_gets_a_clear_error(
     msg = str(ei.value)
     assert "internal" not in msg
     assert f"loss_fn {type(fn).__name__} returned a scalar even with reduction='none'" in msg
-    assert "returns one loss per sample" in msg
+    assert "a `reduction` attribute that its forward honours" in msg  # it is a module already
+    assert "return one loss per sample" in msg
+
+
+def test_a_composite_loss_module_without_reduction_is_told_how_to_fix_it() -> None:
+    class CePlusL2(nn.Module):  # CE + a regulariser: a scalar, no reduction attribute
+        def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(out, y) + 0.01 * (out**2).mean()
+
+    with pytest.raises(OnTheFlyError) as ei:
+        PerSampleLoss(CePlusL2())(torch.randn(8, 3), torch.randint(0, 3, (8,)), 8)
+    msg = str(ei.value)
+    assert "loss_fn CePlusL2 returned a scalar and has no reduction='none'" in msg, msg
+    assert "pass an nn loss module" not in msg and "its forward honours" in msg, msg
 
 
 # -- 3. a diverging run's epoch statistics ---------------------------------------------------
