@@ -88,8 +88,14 @@ def _serve(sup: Supervisor, headless: bool) -> int:
         time.sleep(0.3)  # let the view drain the last events
         view.stop()
     if code in (130, 143):  # SIGINT, SIGTERM
+        bare = sup.without_checkpoint
         print(
-            "[onthefly] interrupted; unfinished runs were checkpointed — `onthefly resume` continues them",
+            "[onthefly] interrupted; unfinished runs were checkpointed — `onthefly resume` continues them"
+            if not bare
+            else f"[onthefly] interrupted; {', '.join(bare)} had no checkpoint yet — "
+            "`onthefly resume` starts "
+            + ("it" if len(bare) == 1 else "them")
+            + " from the beginning",
             file=sys.stderr,
         )
     elif code != 0:

@@ -161,6 +161,7 @@ class Supervisor:
         self._script_exit = 0
         self._owner_gone_noted = False
         self._root_cause = ""
+        self.without_checkpoint: list[str] = []
         self._discard_dir = False
         self._shutdown = threading.Event()
         self.output_hooks: list[Callable[[str, str], None]] = []
@@ -341,6 +342,13 @@ class Supervisor:
         self._flush_live_events(force=True)
         self.arrays.persist()
         self._root_cause = self._cause()
+        # What an interrupted session's last line says: runs `onthefly resume` would start
+        # from the beginning, having no checkpoint yet.
+        self.without_checkpoint = [
+            r.run_id
+            for r in self.store.runs()
+            if r.status is not RunStatus.COMPLETED and not self.store.latest_checkpoint(r.run_id)
+        ]
         with self.lock:
             for r in self.store.runs():
                 if not r.status.terminal:

@@ -633,3 +633,49 @@ def test_health_checks_on_a_live_run_do_not_disturb_it(project: Path) -> None:
     finally:
         live.proc.send_signal(signal.SIGINT)
         live.finish()
+
+
+STUCK = """
+import time
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from onthefly import Trainer
+
+class Stuck(Dataset):  # sample 40 never comes back (a stalled network filesystem, a deadlock)
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        if i == 40:
+            time.sleep(3600)
+        return torch.randn(4), i % 2
+
+Trainer(max_epochs=1, checkpoint_min_interval_s=0).fit(
+    nn.Linear(4, 2), torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1),
+    nn.CrossEntropyLoss(), DataLoader(Stuck(), batch_size=8),
+)
+"""
+
+
+def test_a_loop_stuck_in_user_code_shows_its_steps_and_says_there_is_no_checkpoint(
+    project: Path,
+) -> None:
+    """Five steps train, then the loader hangs: status shows step 5 (the steps recorded
+    before the hang reach the supervisor), and SIGTERM's last line says resume would start
+    from the beginning instead of claiming a checkpoint."""
+    script = project / "stuck.py"
+    script.write_text(STUCK)
+    live = start(project, script)
+    try:
+        live.wait_for(lambda s: live.main_run(s)["step"] == 5, timeout=30)
+        live.proc.send_signal(signal.SIGTERM)
+        code, out = live.finish(timeout=60)
+    finally:
+        if live.proc.poll() is None:
+            live.proc.kill()
+    assert code == 143, out
+    last = out.strip().splitlines()[-1]
+    assert last == (
+        "[onthefly] interrupted; main had no checkpoint yet — `onthefly resume` starts it "
+        "from the beginning"
+    ), out
