@@ -226,6 +226,8 @@ class _Loop(CommandLoop):
         self._batch_checked = False
         self._nonfinite_evals: set[str] = set()  # splits whose non-finite loss was said
         self._plateau_skip_said = False
+        # Set when non-finite steps run out nonfinite_patience (raised after the step's record).
+        self._nonfinite_failure: OnTheFlyError | None = None
         self.writer = ckpt.AsyncWriter()
         self.epoch_ckpt = ckpt.EpochGate(cfg.checkpoint_min_interval_s, self.log, "Trainer")
         self.last_checkpoint = ""
@@ -820,6 +822,8 @@ class _Loop(CommandLoop):
                     (t_data - t_prev) * 1000.0,
                     cls=Recorder.classification(out, y),
                 )
+                if self._nonfinite_failure is not None:
+                    raise self._nonfinite_failure
                 t_prev = t_end
                 every = self.cfg.checkpoint_every_n_steps
                 if every and self.step % every == 0:
@@ -1006,7 +1010,8 @@ class _Loop(CommandLoop):
         )
         if self.nonfinite_run >= self.cfg.nonfinite_patience:
             verb = "were" if what == "gradients" else "was"
-            raise OnTheFlyError(
+            # Raised once the step is recorded: its per-sample losses are stored too.
+            self._nonfinite_failure = OnTheFlyError(
                 f"the {what} {verb} non-finite for {self.nonfinite_run} consecutive steps "
                 f"(last at step {self.step + 1}, epoch {self.epoch}); lower the learning rate, "
                 "enable grad_clip, or check the data"

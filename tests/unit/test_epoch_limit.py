@@ -19,29 +19,39 @@ from onthefly_worker.trainer import _Loop
 from tests.conftest import train_env
 
 
-class _Drop:
+class _Keep:
     commands: list[Any] = []
     command_event = threading.Event()
 
-    def send(self, **_: Any) -> None:
-        pass
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def send(self, **body: Any) -> None:
+        self.sent.append(body)
 
 
-def _trained_steps(tmp_path: Path, n: int = 40, **kwargs: Any) -> int:
+def _trained_steps(
+    tmp_path: Path, n: int = 40, conn: _Keep | None = None, x: Any = None, **kwargs: Any
+) -> int:
+    """Run the training loop in-process on n samples (a connection that keeps what is sent)."""
     env = train_env(tmp_path)
     model = nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = DataLoader(TensorDataset(torch.randn(n, 4), torch.randint(0, 2, (n,))), batch_size=4)
+    x = torch.randn(n, 4) if x is None else x
+    loader = DataLoader(TensorDataset(x, torch.randint(0, 2, (n,))), batch_size=4)
     loop = _Loop(
         TrainerConfig(**kwargs), env, model, opt, nn.CrossEntropyLoss(), loader, None, None, None
     )
     loop._checkpoint = lambda *a, **k: ""  # type: ignore[method-assign]
-    conn = _Drop()
+    conn = conn or _Keep()
     loop.conn = conn  # type: ignore[assignment]
     loop.rec = Recorder(conn.send, "main", torch.device("cpu"))
     loop.rec.per_sample = loop.loss.per_sample
-    loop._train()
-    loop.writer.wait()
+    try:
+        loop._train()
+    finally:
+        loop.rec.flush()
+        loop.writer.wait()
     return loop.step
 
 
@@ -71,3 +81,17 @@ def test_an_empty_dataset_says_so(tmp_path: Path) -> None:
     """Not "lower the batch size or set drop_last=False", which cannot help."""
     with pytest.raises(OnTheFlyError, match="the train loader's dataset is empty"):
         _trained_steps(tmp_path, n=0)
+
+
+def test_the_step_that_runs_out_nonfinite_patience_has_its_losses_recorded(
+    tmp_path: Path,
+) -> None:
+    """Every step's per-sample losses reach the store, the failing one's included (its
+    NaN values were lost when the run failed before recording it)."""
+    conn = _Keep()
+    with pytest.raises(OnTheFlyError, match="non-finite for 3 consecutive steps"):
+        _trained_steps(
+            tmp_path, conn=conn, x=torch.full((40, 4), float("nan")), nonfinite_patience=3
+        )
+    steps = [p.step for m in conn.sent if "samples" in m for p in m["samples"].metrics.points]
+    assert steps == [1, 2, 3]
