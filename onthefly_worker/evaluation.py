@@ -45,8 +45,8 @@ class EvalTotals:
         self.correct, self.judged, self.classif = 0, 0, True
 
     def add(self, per: torch.Tensor, out: Any, y: Any, n: int) -> torch.Tensor | None:
-        """Add a batch; returns its per-sample hits (argmax == target) on the host when
-        it is a classification batch, else None."""
+        """Add a batch; returns its per-sample hits (argmax == target, where they are
+        computed) when it is a classification batch, else None."""
         per = per.detach().float()
         w = self.loss.row_weights(y, n)
         if w is None:
@@ -69,10 +69,14 @@ class EvalTotals:
             return None
         hit = out.argmax(dim=1) == y
         ignore = self.loss.ignore_index()
-        valid = y != ignore if ignore is not None else torch.ones_like(hit)
-        self.correct += int((hit & valid).sum())
-        self.judged += int(valid.sum())
-        return hit.cpu()
+        if ignore is None:
+            self.correct += int(hit.sum())
+            self.judged += n
+        else:
+            valid = y != ignore
+            self.correct += int((hit & valid).sum())
+            self.judged += int(valid.sum())
+        return hit
 
     def result(self) -> tuple[float, float, int]:
         mean = self.total / self.weight if self.weight > 0 else math.nan

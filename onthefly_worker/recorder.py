@@ -323,16 +323,14 @@ class Recorder:
         target = torch.cat([p[1] for p in pairs])
         return _ce_and_margins(logits, target, self.plain_ce)
 
-    def _weights(
-        self, buf: _Pending, fused: tuple[torch.Tensor, ...] | None, n: int
-    ) -> np.ndarray | None:
+    def _weights(self, buf: _Pending, labels: np.ndarray | None, n: int) -> np.ndarray | None:
         """Each sample's weight in the epoch's mean when the user's 'mean' weighs samples
         unequally (class weights, ignore_index, a sequence's valid tokens; see
         PerSampleLoss.row_weights), for deferred steps whose targets the buffer holds;
-        None for a plain mean."""
-        if fused is not None:  # a plain CrossEntropyLoss: only ignored targets weigh 0
+        None for a plain mean. `labels`: the fused pass's labels on the host."""
+        if labels is not None:  # a plain CrossEntropyLoss: only ignored targets weigh 0
             # (in numpy: every torch call is a GIL hand-off the training thread may wait on)
-            valid = _host(fused[3], "<i8") != self.plain_ce
+            valid = labels != self.plain_ce
             return None if valid.all() else valid.astype(np.float64)
         if self.row_weights is None or not all(isinstance(p, tuple) for p in buf.per):
             return None
@@ -342,6 +340,20 @@ class Recorder:
         w = self.row_weights(torch.cat(targets), n)
         return None if w is None else _host(w, "<f8")
 
+    def _add_to_epoch(self, per: np.ndarray, w: np.ndarray | None) -> None:
+        """Add a flush's finite per-sample losses to the epoch's mean: plainly, or weighted
+        as the user's 'mean' weighs the samples (`w`, see _weights)."""
+        if w is None:
+            total = float(per.sum(dtype=np.float64))
+            if math.isfinite(total):  # the common case: no mask needed
+                self.epoch_sum += total
+                self.epoch_count += per.size
+                return
+            w = np.ones(per.size)
+        ok = np.isfinite(per)
+        self.epoch_sum += float((per[ok].astype(np.float64) * w[ok]).sum())
+        self.epoch_count += float(w[ok].sum())
+
     def _pack_steps(self, buf: _Pending) -> None:
         ids = np.concatenate(buf.ids).astype("<i8", copy=False)
         fused = self._fused(buf)
@@ -349,19 +361,8 @@ class Recorder:
         per = _host(per_t, "<f4")
         losses = _host_floats(buf.losses)
         gns = _host_floats(buf.gnorms)
-        w = self._weights(buf, fused, per.size)
-        total = float(per.sum(dtype=np.float64)) if w is None else math.nan
-        if math.isfinite(total):
-            self.epoch_sum += total
-            self.epoch_count += per.size
-        else:
-            ok = np.isfinite(per)
-            if w is None:
-                self.epoch_sum += float(per[ok].sum(dtype=np.float64))
-                self.epoch_count += int(ok.sum())
-            else:  # weighted as the user's 'mean' weighs the samples
-                self.epoch_sum += float((per[ok].astype(np.float64) * w[ok]).sum())
-                self.epoch_count += float(w[ok].sum())
+        labels = _host(fused[3], "<i8") if fused is not None else None
+        self._add_to_epoch(per, self._weights(buf, labels, per.size))
         mem = self._memory()
         points = [
             pb.StepMetric(
@@ -400,7 +401,9 @@ class Recorder:
             cls_kw = {
                 "margins": _host(margin, "<f4").tobytes(),
                 "preds": _host(pred, "<i4").tobytes(),
-                "labels": _host(label, "<i4").tobytes(),
+                "labels": (
+                    _host(label, "<i4") if labels is None else labels.astype("<i4")
+                ).tobytes(),
             }
         # One message per flush: every gRPC message costs the training thread GIL
         # hand-offs with the sending threads (a worker switched ~1,300 times in 2,000 steps).

@@ -142,7 +142,7 @@ def evaluate_with_slices(
                     out = fwd(xd)
                     _, per = loss(out, yd, n)
                 hit = totals.add(per, out, yd, n)
-                sums.add(masks, per.float().detach().cpu(), hit)
+                sums.add(masks, per.float().detach().cpu(), None if hit is None else hit.cpu())
         finally:
             model.train(was_training)
     out_slices = sums.results(totals.classif)
