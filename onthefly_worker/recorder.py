@@ -300,7 +300,7 @@ class Recorder:
             self.epoch_count = 0
             buf.end(mean)
 
-    def _fused(self, buf: _Pending) -> tuple[torch.Tensor, ...] | None:
+    def _fused(self, buf: _Pending) -> tuple[torch.Tensor | np.ndarray, ...] | None:
         """(losses, margins, preds, labels) of a buffer of deferred plain-CrossEntropy
         classification steps, from one pass over their logits; None for anything else.
         The Trainer records such a step's margins (`cls`) from the same output and target
@@ -319,6 +319,15 @@ class Recorder:
                 and p[0].device == pairs[0][0].device
             ):
                 return None
+        if pairs[0][0].device.type == "cpu":
+            # On the host: numpy on the class-major logits (one copy), no torch call (each
+            # one is a GIL hand-off the training thread may wait on).
+            rows = [p[0].numpy() for p in pairs]
+            logits_cn = np.empty((rows[0].shape[1], sum(r.shape[0] for r in rows)), np.float32)
+            np.concatenate([r.T for r in rows], axis=1, out=logits_cn)  # class-major, C order
+            return _ce_and_margins_host(
+                logits_cn, np.concatenate([p[1].numpy() for p in pairs]), self.plain_ce
+            )
         logits = torch.cat([p[0] for p in pairs])
         target = torch.cat([p[1] for p in pairs])
         return _ce_and_margins(logits, target, self.plain_ce)
@@ -385,7 +394,9 @@ class Recorder:
         ]
         first, last = buf.points[0][0], buf.points[-1][0]
         cls_kw: dict[str, bytes] = {}
-        margins: tuple[torch.Tensor, ...] | None = fused[1:] if fused is not None else None
+        margins: tuple[torch.Tensor | np.ndarray, ...] | None = (
+            fused[1:] if fused is not None else None
+        )
         parts = [c for c in buf.cls if c is not None]
         if (
             margins is None
@@ -481,11 +492,42 @@ def _ce_and_margins(
         return loss, true - best_other, pred, target
 
 
-def _host(t: torch.Tensor, dtype: str) -> np.ndarray:
+def _ce_and_margins_host(
+    logits_cn: np.ndarray, target: np.ndarray, ignore_index: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`_ce_and_margins` in numpy, on class-major [C, N] float32 logits (a private copy: it
+    is overwritten): every reduction runs across rows of N contiguous values, which numpy
+    vectorises, where a reduction over each sample's few classes does not."""
+    n = logits_cn.shape[1]
+    cols = np.arange(n)
+    y = np.clip(target, 0, logits_cn.shape[0] - 1)
+    top = logits_cn.max(axis=0)
+    if logits_cn.shape[0] <= 32:
+        # argmax over axis 0 is not vectorised; the first class that reaches the max is.
+        pred = np.zeros(n, np.int64)
+        for c in range(logits_cn.shape[0] - 1, -1, -1):
+            pred[logits_cn[c] == top] = c
+        nan = np.isnan(top)  # a NaN row: the NaN's class, as torch's max gives
+        if nan.any():
+            pred[nan] = np.isnan(logits_cn[:, nan]).argmax(axis=0)
+    else:
+        pred = logits_cn.argmax(axis=0)
+    true = logits_cn[y, cols]
+    shifted = logits_cn - top
+    np.exp(shifted, out=shifted)
+    loss = np.log(shifted.sum(axis=0)) - (true - top)
+    loss[target == ignore_index] = 0.0
+    logits_cn[y, cols] = -np.inf
+    return loss, true - logits_cn.max(axis=0), pred, target
+
+
+def _host(t: torch.Tensor | np.ndarray, dtype: str) -> np.ndarray:
     """A tensor as a host array of `dtype`. Every torch call releases and re-takes the GIL,
     and each time the training thread may have to wait for it, so a CPU tensor takes none:
     `.numpy()` shares its memory and numpy converts the dtype (a bfloat16 tensor, which
     numpy has no type for, is widened by torch first)."""
+    if isinstance(t, np.ndarray):
+        return t.astype(dtype, copy=False)
     if t.dtype == torch.bfloat16 or t.device.type != "cpu":
         t = t.float().cpu() if t.is_floating_point() else t.cpu()
     return t.numpy().astype(dtype, copy=False)

@@ -448,3 +448,26 @@ def test_the_epochs_train_loss_is_the_users_loss_over_the_epoch(fused: bool) -> 
                    0.1, None, 2.0, 0.1, cls=Recorder.classification(out, y))  # fmt: skip
     mean = rec.take_epoch_mean()
     assert mean == pytest.approx(float(fn(torch.cat(outs), torch.cat(ys))), rel=1e-5)
+
+
+@pytest.mark.parametrize("classes", [2, 10, 33, 100])
+def test_host_cross_entropy_and_margins_match_the_torch_pass(classes: int) -> None:
+    """The CPU path (numpy on class-major logits) gives the torch pass's losses (to float32
+    rounding), margins, predictions (first class on ties, the NaN's class on a NaN row)
+    and labels, 0 loss at ignore_index."""
+    from onthefly_worker.recorder import _ce_and_margins, _ce_and_margins_host
+
+    torch.manual_seed(classes)
+    logits = torch.randn(300, classes) * 3
+    logits[3, 1] = float("nan")
+    logits[7] = logits[7, 0]  # every class ties
+    target = torch.randint(0, classes, (300,))
+    target[5] = -100
+    ref = [t.numpy() for t in _ce_and_margins(logits, target, -100)]
+    got = _ce_and_margins_host(np.ascontiguousarray(logits.numpy().T), target.numpy(), -100)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert got[0][5] == 0.0
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_array_equal(got[2], ref[2])
+    assert got[2][7] == 0 and got[2][3] == 1
+    np.testing.assert_array_equal(got[3], ref[3])
