@@ -195,7 +195,13 @@ class TerminalView:
             )
         elif k == "run_status" and rv is not None:
             rv.status = str(p.get("status"))
-            if p.get("status") in ("paused", "completed", "failed", "stopped"):
+            if (
+                p.get("status") == "failed"
+                and ev.run_id == "main"
+                and not (self.sup.cfg.keep_alive or self.sup.bus.dashboards)
+            ):
+                pass  # the session ends on it: its last line says "main run failed: <cause>"
+            elif p.get("status") in ("paused", "completed", "failed", "stopped"):
                 err = str(p.get("error") or "")
                 extra = f": {err}" if err and not self._said(err) else ""
                 self.print(f"[onthefly] {ev.run_id} {p.get('status')}{extra}")

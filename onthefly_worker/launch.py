@@ -15,6 +15,7 @@ import runpy
 import signal
 import sys
 import time
+from types import TracebackType
 
 from onthefly_worker import env as wenv
 from onthefly_worker.errors import error_record, write_error_file
@@ -55,6 +56,15 @@ def _error_file() -> str:
     return os.environ.get(wenv.ERROR_FILE, "")
 
 
+def _from_script(tb: TracebackType | None, script: str) -> TracebackType | None:
+    """The part of a traceback that starts at the script's own frame (None if it has none)."""
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == script:
+            return tb
+        tb = tb.tb_next
+    return None
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m onthefly_worker.launch SCRIPT [ARGS...]", file=sys.stderr)
@@ -83,7 +93,13 @@ def main(argv: list[str]) -> int:
         return code
     except BaseException as e:  # noqa: BLE001 - every failure must reach the supervisor as data
         write_error_file(_error_file(), error_record(e, script_dir))
-        raise
+        tb = _from_script(e.__traceback__, script)
+        if not isinstance(e, Exception) or (tb is None and not isinstance(e, SyntaxError)):
+            raise
+        # The traceback `python script.py` would print: from the script's frame on, without
+        # this launcher's and runpy's frames above it (a syntax error: none, only its line).
+        sys.excepthook(type(e), e.with_traceback(tb), tb)
+        return 1
     marker = os.environ.get(wenv.FIT_MARKER, "")
     if marker and not os.path.exists(marker):
         msg = (

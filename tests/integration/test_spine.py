@@ -191,6 +191,10 @@ def test_crash_shows_root_cause_and_exits_nonzero(project: Path) -> None:
     last = r.stderr.strip().splitlines()[-1]
     assert "ValueError: boom at step 3" in last
     assert "train_small.py:" in last
+    # The traceback starts at the script's own frame, as `python train_small.py` prints it.
+    out = r.stdout + r.stderr
+    assert "runpy" not in out and "onthefly_worker/launch.py" not in out, out
+    assert out.count("ValueError: boom at step 3 (") == 2, out  # the live error line, the last
     err = json.loads((_latest(project) / "logs" / "main-0.error.json").read_text())
     assert err["message"] == "ValueError: boom at step 3"
     assert err["filename"].endswith("train_small.py")
@@ -224,6 +228,10 @@ def test_a_syntax_error_names_its_line_and_status_reads_the_ended_session(projec
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert "main run failed: SyntaxError: invalid syntax (" in last and "syntax.py:3)" in last, last
+    # As `python syntax.py` prints it: the line and caret, no launcher or runpy frames.
+    out = r.stdout + r.stderr
+    assert "def f(:" in out and "runpy" not in out, out
+    assert "onthefly_worker" not in out and "Traceback" not in out, out
     # No live supervisor: `status` prints what the store holds, exit 0.
     st = cli("status", "--json", cwd=project)
     assert st.returncode == 0, st.stderr
