@@ -609,13 +609,17 @@ def cmd_sessions(a: argparse.Namespace) -> int:
             raise CliError("sessions rm needs a SESSION id")
         d = resolve_session(a.session)
         if _live(d):
-            raise CliError(f"session {a.session} is live; stop it first (`onthefly stop`)")
+            raise CliError(
+                f"session {a.session} is live; end it first (`onthefly shutdown` in its project)"
+            )
         shutil.rmtree(d)
         _fix_latest(root)
         print(f"removed {os.path.basename(d)}")
         return 0
     if a.action == "gc":
         keep = a.keep
+        if keep < 0:
+            raise CliError(f"sessions gc --keep {keep}: must be >= 0 (how many newest to keep)")
         removed = []
         for n in names[:-keep] if keep else names:
             d = os.path.join(root, n)
@@ -894,7 +898,13 @@ def cmd_report(a: argparse.Namespace) -> int:
         )
     finally:
         st.close()
-    paths = write_report(sdir, os.path.abspath(a.output), baseline_run=baseline)
+    out = os.path.abspath(a.output)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CliError(
+            f"report -o {a.output}: that is a file; give a folder (the report writes "
+            "report.json and report.html into it)"
+        )
+    paths = write_report(sdir, out, baseline_run=baseline)
     print(f"wrote {paths['json']} and {paths['html']}")
     return 0
 
@@ -929,6 +939,12 @@ def cmd_rpc(a: argparse.Namespace) -> int:
     if c == "fork":
         if a.budget_steps < 1:
             raise CliError(f"--budget-steps {a.budget_steps}: must be >= 1")
+        if not (math.isfinite(a.lr_mul) and a.lr_mul > 0):
+            raise CliError(f"--lr-mul {a.lr_mul:g}: must be a finite number > 0")
+        if not a.select.strip():
+            raise CliError(
+                "--select is empty; give a SPEC (all, quantile:LO:HI, kmeans:auto, indices:FILE)"
+            )
         if a.variants < 1:
             raise CliError(
                 f"--variants {a.variants}: must be >= 1 (1 = one fork, N >= 2 = race N variants)"

@@ -211,6 +211,22 @@ class MethodOps:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"cannot fork the MoE run {parent.run_id}; fork one of its experts",
             )
+        if parent.kind == "merge":
+            raise self._err(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"cannot fork {parent.run_id}: a merge ({parent.spec.get('method', '')} of "
+                f"{', '.join(parent.parents)}) has weights but never trained (no per-sample "
+                "losses, no data order to go on from); fork one of its parents, or "
+                f"`onthefly export-model --run {parent.run_id}` to use its weights",
+            )
+        if parent.spec.get("adapters_rank"):
+            raise self._err(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"cannot fork {parent.run_id}: it trains rank-{parent.spec.get('adapters_rank')} "
+                "adapters on frozen base weights, which a fork does not continue; fork its "
+                f"parent ({', '.join(parent.parents) or 'main'}) instead, with --adapters RANK "
+                "for another adapter fork",
+            )
         budget = int(req.budget_steps or 300)
         if not 1 <= budget <= 10_000_000:
             raise ValueError(f"--budget-steps {budget}: must be in 1..10000000")
@@ -701,6 +717,16 @@ class MethodOps:
                     raise ValueError(
                         f"run {r.run_id} was not trained with adapters (use `onthefly fork --adapters RANK`)"
                     )
+            bases = {str(r.spec.get("checkpoint") or "") for r in runs}
+            if len(bases) > 1:
+                # Each adapter is an update to the weights it was trained on: added to
+                # other weights it is not what was learned.
+                raise ValueError(
+                    "merge --method adapter_fuse: the adapters were trained on different base "
+                    "weights ("
+                    + ", ".join(f"{r.run_id} on {r.spec.get('checkpoint')}" for r in runs)
+                    + "); fuse adapter forks of the same checkpoint, or use swa/distill"
+                )
         partial = self._check_failed(runs, f"merge --method {req.method}", allow_failed)
         parents = [self._entry(r) for r in runs]
         run_id = self._next_id("merge")

@@ -65,7 +65,7 @@ def _guard(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         return fn()
     except ControlError as e:
         context.abort(e.code, e.message)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, IsADirectoryError, NotADirectoryError) as e:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e).strip("'\""))
     except FileNotFoundError as e:
         context.abort(grpc.StatusCode.NOT_FOUND, str(e))

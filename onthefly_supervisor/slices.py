@@ -325,6 +325,12 @@ def select_in_session(
         seed = int(store.get_meta("seed", 0) or 0)
     finally:
         store.close()
+    if row.kind in ("merge", "moe") and not os.path.isdir(os.path.join(sdir, "samples", run_id)):
+        raise ValueError(
+            f"run {run_id} is a{'n MoE' if row.kind == 'moe' else ' merge'} of "
+            f"{', '.join(row.parents)}: it never trained, so it has no per-sample training "
+            "losses; select on one of the runs it was made from"
+        )
 
     data = load_run_samples(sdir, run_id)
     loss, margin = data.loss, data.margin

@@ -1148,7 +1148,9 @@ class Supervisor:
             raise SupervisorError(f"session {self.session_id} has no unfinished run to resume")
         for r in runs:
             ck = self.store.latest_checkpoint(r.run_id)
-            self._set_run_status(r.run_id, RunStatus.PENDING)
+            # Why it stopped ("was running when exported", "supervisor gone") is in the
+            # events; the resumed run's record starts clean.
+            self._set_run_status(r.run_id, RunStatus.PENDING, "")
             self.bus.publish(
                 "log",
                 r.run_id,

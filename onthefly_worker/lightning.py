@@ -690,20 +690,22 @@ class _LightningRun(CommandLoop):
     ) -> None:
         opt = trainer.optimizers[0]
         rank = int(self.spec.get("adapters_rank", 0) or 0)
+        script_lrs = recipe.start_lrs(opt)
         if self._restore_kind == "resume" and rank > 0 and state.get("adapters"):
             self._restore_adapters(module, opt, state, rank)
         else:
             module.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
         if self._restore_kind == "fork":
-            lr_mul = float(self.spec.get("lr_mul", 1.0) or 1.0)
-            wd_mul = float(self.spec.get("wd_mul", 1.0) or 1.0)
-            for g in opt.param_groups:
-                g["lr"] = g["lr"] * lr_mul
-                if "weight_decay" in g:
-                    g["weight_decay"] = g["weight_decay"] * wd_mul
-            for cfg in trainer.lr_scheduler_configs:  # as in the Trainer (recipe.py)
-                recipe.scale_scheduler_lrs(cfg.scheduler, lr_mul)
+            restarted = recipe.apply_fork_recipe(  # as in the Trainer
+                opt,
+                [cfg.scheduler for cfg in trainer.lr_scheduler_configs],
+                self.spec,
+                script_lrs,
+                int(state["counters"]["step"]),
+            )
+            if restarted:
+                self._log(restarted, "warning")
             if rank > 0:
                 names = mm.add_adapters(module, rank, skip_small=True)
                 if not names:

@@ -763,8 +763,16 @@ def add_adapters(
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already has adapters; merge_adapters first")
     names = [n for n, m in model.named_modules() if type(m) in targets]
-    if skip_small:
-        names = [n for n in names if _min_dim(model.get_submodule(n)) > rank]
+    if skip_small and names:
+        small = [n for n in names if _min_dim(model.get_submodule(n)) <= rank]
+        if len(small) == len(names):
+            widest = max(_min_dim(model.get_submodule(n)) for n in names)
+            raise ValueError(
+                f"adapters of rank {rank}: no nn.Linear of the model is wider than the rank "
+                f"(its {len(names)} Linear layer(s) have at most {widest} in/out features); "
+                f"use a rank below {widest}"
+            )
+        names = [n for n in names if n not in small]
     if not names:
         raise ValueError(
             f"the model has no {', '.join(t.__name__ for t in targets)} submodules to adapt"

@@ -154,6 +154,50 @@ def scale_scheduler_lrs(sched: Any, mul: float) -> None:
         scale_scheduler_lrs(child, mul)
 
 
+# A parent's lr at or below this fraction of the script's own lr means its schedule has
+# ended (cosine/linear decay to 0): a fork starting there would not train.
+ENDED_LR_FRACTION = 1e-6
+
+
+def start_lrs(opt: Any) -> list[float]:
+    """The script's own lr of each parameter group (a scheduler's `initial_lr`, else the
+    group's lr), read before a checkpoint's optimizer state replaces them."""
+    return [float(g.get("initial_lr", g["lr"])) for g in opt.param_groups]
+
+
+def apply_fork_recipe(
+    opt: Any, schedulers: list[Any], spec: dict[str, Any], script_lrs: list[float], step: int
+) -> str:
+    """A fork's optimizer, loaded from its parent's checkpoint: each group's lr times
+    `lr_mul` and weight decay times `wd_mul` (0 = none), the schedulers' base_lrs scaled
+    alike. A group whose lr at the checkpoint is ~0 (its schedule has ended) starts from the
+    script's own lr instead, times `lr_mul`: the returned sentence says so ("" otherwise)."""
+    lr_mul = float(spec.get("lr_mul", 1.0) or 1.0)
+    wd = spec.get("wd_mul")
+    wd_mul = 1.0 if wd is None else float(wd)
+    ended: list[str] = []
+    for i, g in enumerate(opt.param_groups):
+        start = script_lrs[i] if i < len(script_lrs) else 0.0
+        if start > 0 and g["lr"] <= ENDED_LR_FRACTION * start:
+            ended.append(f"group {i}: {g['lr']:.3g} -> {start:.3g}")
+            g["lr"] = start
+        g["lr"] = g["lr"] * lr_mul
+        if "weight_decay" in g:
+            g["weight_decay"] = g["weight_decay"] * wd_mul
+    # The script's scheduler starts afresh on the fork's lr; one that computes the lr from
+    # its base_lrs would drop the multiplier at its first step otherwise.
+    for sched in schedulers:
+        scale_scheduler_lrs(sched, lr_mul)
+    if not ended:
+        return ""
+    return (
+        f"the parent's learning rate at step {step} is ~0 (its schedule has ended), so the "
+        f"fork would not train: it starts from the script's own lr instead ({'; '.join(ended)}"
+        f"{f', then x{lr_mul:g} (--lr-mul)' if lr_mul != 1.0 else ''}) and its scheduler "
+        "starts afresh"
+    )
+
+
 METRICS = ("slice", "val")
 
 

@@ -408,21 +408,22 @@ class _Loop(CommandLoop):
             return
         full = os.path.join(self.env.session_dir, path)
         state = ckpt.load(full, map_location=self.device, expected_sha256=None)
+        script_lrs = recipe.start_lrs(self.opt)
         if not fork_parent and state.get("adapters") and self.spec.get("adapters_rank"):
             self._restore_adapters(state)
         else:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
         if fork_parent:
-            lr_mul = float(self.spec.get("lr_mul", 1.0) or 1.0)
-            wd_mul = float(self.spec.get("wd_mul", 1.0) or 1.0)
-            for g in self.opt.param_groups:
-                g["lr"] = g["lr"] * lr_mul
-                if "weight_decay" in g:
-                    g["weight_decay"] = g["weight_decay"] * wd_mul
-            # The script's scheduler starts afresh on the parent's lr; one that computes the
-            # lr from its base_lrs would drop the multiplier at its first step otherwise.
-            recipe.scale_scheduler_lrs(self.sched, lr_mul)
+            restarted = recipe.apply_fork_recipe(
+                self.opt,
+                [self.sched] if self.sched is not None else [],
+                self.spec,
+                script_lrs,
+                int(state["counters"]["step"]),
+            )
+            if restarted:
+                self.log(restarted, "warning")
             ckpt.restore_rng(state["rng"])
             rank = int(self.spec.get("adapters_rank", 0) or 0)
             if rank > 0:

@@ -266,6 +266,39 @@ def test_adapter_fork_with_adamw_follows_the_schedule_like_a_full_weight_fork(
     assert again.opt.state_dict()["state"].keys() == lora.opt.state_dict()["state"].keys()
 
 
+def test_a_fork_from_an_ended_schedule_starts_from_the_scripts_lr() -> None:
+    """A parent whose cosine schedule reached lr 0: its fork would train nothing (every
+    step a no-op, races decided on ties). It starts from the script's own lr instead, times
+    --lr-mul, with a fresh schedule, and says so; a group still training keeps its lr."""
+    net = _net()
+    opt = _two_groups(net)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    state = opt.state_dict()
+    state["param_groups"][1]["lr"] = 1e-4  # a group whose decay did not end
+    fresh = _two_groups(_net())
+    fsched = torch.optim.lr_scheduler.CosineAnnealingLR(fresh, T_max=5)
+    script = recipe.start_lrs(fresh)
+    fresh.load_state_dict(state)
+    said = recipe.apply_fork_recipe(fresh, [fsched], {"lr_mul": 2.0, "wd_mul": 0.0}, script, 50)
+    assert [g["lr"] for g in fresh.param_groups] == [pytest.approx(2e-3), pytest.approx(2e-4)]
+    assert [g["weight_decay"] for g in fresh.param_groups] == [0.0, 0.0]  # wd_mul 0: none
+    assert fsched.base_lrs == [pytest.approx(2e-3), pytest.approx(1e-2)]
+    assert "step 50 is ~0 (its schedule has ended)" in said and "group 0: 0 -> 0.001" in said
+    assert "x2 (--lr-mul)" in said and "group 1" not in said
+    fresh.step()
+    fsched.step()
+    assert 0 < fresh.param_groups[0]["lr"] < 2e-3  # the fresh cosine decays from there
+    # A parent mid-schedule: its lr times the multiplier, nothing said.
+    mid = _two_groups(_net())
+    assert recipe.apply_fork_recipe(mid, [], {"lr_mul": 0.5}, recipe.start_lrs(mid), 3) == ""
+    assert [g["lr"] for g in mid.param_groups] == [5e-4, 2.5e-3]
+    assert [g["weight_decay"] for g in mid.param_groups] == [0.05, 0.2]  # wd_mul unset: x1
+
+
 # -- early stopping ------------------------------------------------------------------------
 def test_early_stop_from_spec_defaults_and_errors() -> None:
     assert recipe.EarlyStop.from_spec({"budget_steps": 300}) is None

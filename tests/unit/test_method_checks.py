@@ -133,3 +133,67 @@ def test_failed_parents_need_allow_failed(sup: Supervisor) -> None:
         pb.GateRequest(runs=["main", "fork-2"], options_json=allow), FakeContext()
     )
     assert reply.ok and "partial checkpoint at step 12" in reply.message
+
+
+def _adapter_fork(sup: Supervisor, rid: str, base: str) -> None:
+    sup.store.add_run(
+        RunRow(
+            rid, rid, "fork", RunStatus.COMPLETED, ["main"], time.time(), dataset_size=N,
+            spec={"adapters_rank": 4, "checkpoint": base},
+        )
+    )  # fmt: skip
+    sup.store.add_checkpoint(rid, f"checkpoints/{rid}/step-00000020.pt", "", 20, 0, 0, "x", 1)
+
+
+def test_adapter_fuse_of_adapters_on_different_bases_is_refused(sup: Supervisor) -> None:
+    """An adapter is an update to the weights it trained on: fused onto another fork's
+    base it is not what was learned."""
+    _adapter_fork(sup, "fork-4", "checkpoints/main/step-00000010.pt")
+    _adapter_fork(sup, "fork-5", "checkpoints/main/step-00000048.pt")
+    before = _run_ids(sup)
+    code, msg = _refused(
+        ControlServicer(sup),
+        "Merge",
+        pb.MergeRequest(method="adapter_fuse", runs=["fork-4", "fork-5"]),
+    )
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "trained on different base weights (fork-4 on checkpoints/main/step-00000010.pt" in msg
+    assert _run_ids(sup) == before
+
+
+def test_forking_a_merge_or_an_adapter_fork_is_refused_saying_what_to_fork(
+    sup: Supervisor,
+) -> None:
+    """Neither can be continued by a fork (a merge never trained; an adapter fork's base is
+    frozen): refused up front, not by a worker failing on a torch error."""
+    _adapter_fork(sup, "fork-4", "checkpoints/main/step-00000010.pt")
+    sup.store.add_run(
+        RunRow(
+            "merge-1", "merge-1", "merge", RunStatus.COMPLETED, ["main", "fork-1"], time.time(),
+            dataset_size=N, spec={"method": "swa"},
+        )
+    )  # fmt: skip
+    svc = ControlServicer(sup)
+    before = _run_ids(sup)
+    code, msg = _refused(svc, "Fork", pb.ForkRequest(run="merge-1", select="all"))
+    assert code is grpc.StatusCode.FAILED_PRECONDITION
+    assert "cannot fork merge-1: a merge (swa of main, fork-1) has weights but never" in msg
+    assert "export-model --run merge-1" in msg
+    code, msg = _refused(svc, "Fork", pb.ForkRequest(run="fork-4", select="all"))
+    assert "cannot fork fork-4: it trains rank-4 adapters on frozen base weights" in msg
+    assert "fork its parent (main) instead, with --adapters RANK" in msg
+    out = str(Path(sup.dir).parent / "slice.csv")
+    code, msg = _refused(
+        svc,
+        "ExportSlice",
+        pb.ExportSliceRequest(run="merge-1", select="all", format="csv", path=out),
+    )
+    assert "run merge-1 is a merge of main, fork-1: it never trained" in msg, msg
+    assert _run_ids(sup) == before
+    # A folder given as the slice's file: a clear INVALID_ARGUMENT, not UNKNOWN.
+    code, msg = _refused(
+        svc,
+        "ExportSlice",
+        pb.ExportSliceRequest(run="main", select="all", format="csv", path=str(Path(sup.dir))),
+    )
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "is a directory" in msg, msg
