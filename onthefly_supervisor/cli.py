@@ -1231,6 +1231,8 @@ def _wait_race(
             seen = len(p.get("history", []))
             if p.get("status") in ("done", "failed"):
                 ok = p["status"] == "done"
+                for line in _race_losers(client, p):
+                    print(line, flush=True, file=progress)
                 msg = (
                     f"{race_id}: {p['winner']} won (lr x{p['recipes'][p['winner']]['lr_mul']:.3g}); "
                     f"{len(p['runs']) - 1} other variant(s) stopped"
@@ -1243,6 +1245,25 @@ def _wait_race(
     finally:
         stream.cancel()
     raise CliError(f"{race_id} did not finish within {timeout:.0f} s")
+
+
+def _race_losers(client: ControlClient, race: dict[str, Any]) -> list[str]:
+    """One line per variant that did not win, with its run's own reason ("lost the race at
+    rung 1 (step 75): slice loss ..."): ASHA's rung lines show only the promoted so far."""
+    try:
+        runs = {
+            d["run_id"]: d
+            for d in (_run_dict(x) for x in _rpc(client, "ListRuns", pb.ListRunsRequest()).runs)
+        }
+    except CliError:
+        return []
+    out = []
+    for rid in race.get("runs") or []:
+        d = runs.get(rid)
+        if rid == race.get("winner") or d is None:
+            continue
+        out.append(f"{rid} {d['status']}" + (f": {d['error']}" if d.get("error") else ""))
+    return out
 
 
 def _port(s: str) -> int:

@@ -212,6 +212,8 @@ def test_fork_variants_race_ends_with_one_winner_and_stopped_losers(tmp_path: Pa
         assert len(losers) == 3 and all(v["status"] == "stopped" for v in losers)
         assert sorted(v["step"] for v in losers) == [6, 6, 12]  # stopped at their rung
         assert all("lost the race at rung" in v["error"] for v in losers)
+        for v in losers:  # --wait names every loser, with its last rung and score
+            assert f"{v['run_id']} stopped: lost the race at rung " in r.stdout + r.stderr, r.stderr
         # The lr multipliers were spread over one decade around 1.
         muls = sorted(m["lr_mul"] for m in race["recipes"].values())
         assert muls[0] == pytest.approx(10**-0.5) and muls[-1] == pytest.approx(10**0.5)
