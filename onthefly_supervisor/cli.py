@@ -163,9 +163,12 @@ def cmd_resume(a: argparse.Namespace) -> int:
     if client is not None:
         return _act(client, "Resume", a.run)
     sdir = resolve_session(a.session)
+    script = os.path.abspath(a.script) if a.script else _meta_script(sdir)
+    if not os.path.isfile(script):
+        raise CliError(f"--script {a.script}: no such file")
     sup = Supervisor(
         SupervisorConfig(
-            script=_meta_script(sdir),
+            script=script,
             port=a.port,
             resume_dir=sdir,
             max_restarts=a.max_restarts,
@@ -182,7 +185,10 @@ def _meta_script(sdir: str) -> str:
     finally:
         st.close()
     if not script or not os.path.isfile(script):
-        raise CliError(f"the session's script {script!r} is missing; cannot continue it")
+        raise CliError(
+            f"the session's script {script!r} is missing; give its copy with "
+            "`onthefly resume --script PATH` (an imported session keeps the original path)"
+        )
     return str(script)
 
 
@@ -1371,6 +1377,12 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--max-restarts", type=int, default=0)
     rs.add_argument("--keep-alive", action="store_true")
     rs.add_argument("--headless", action="store_true")
+    rs.add_argument(
+        "--script",
+        default=None,
+        help="the training script to continue with, when the session's is elsewhere (an "
+        "imported session)",
+    )
     rs.set_defaults(fn=cmd_resume)
 
     ru = sub.add_parser("runs", help="the lineage tree with metrics")

@@ -760,10 +760,22 @@ def _read_ids(path: str) -> np.ndarray:
     errors can name the first bad id."""
     lower = path.lower()
     if lower.endswith(".npy"):
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        if magic != b"\x93NUMPY":
+            raise ValueError(
+                f"indices file {path!r} is not a .npy file (no NumPy header); write it with "
+                "numpy.save, or give the ids as text/CSV, JSON or Parquet"
+            )
         try:
             arr = np.load(path, allow_pickle=False)
         except ValueError as exc:
             raise ValueError(f"indices file {path!r} is not a plain .npy array: {exc}") from exc
+        if arr.ndim > 1 and sum(d > 1 for d in arr.shape) > 1:
+            raise ValueError(
+                f"indices file {path!r} holds a {arr.ndim}-D array of shape {arr.shape}; "
+                "give a 1-D array of sample ids"
+            )
         arr = np.ravel(arr)
         if np.issubdtype(arr.dtype, np.integer):
             return arr.astype(np.int64)

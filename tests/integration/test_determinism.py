@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SCRIPTS, cli, start
+from tests.conftest import SCRIPTS, cli, cli_json, start
 
 SMALL = SCRIPTS / "train_small.py"
 # Shuffling, dropout, BatchNorm, SGD momentum and a StepLR scheduler are all in train_small.py.
@@ -170,6 +170,13 @@ def test_export_import_resume_in_a_fresh_folder_is_bit_exact(tmp_path: Path) -> 
     fresh.mkdir()
     r = cli("import-session", str(archive), cwd=fresh)
     assert r.returncode == 0, r.stderr
-    r = cli("resume", "--headless", "--port", "0", cwd=fresh, timeout=180)
+    r = cli("resume", "--headless", "--port", "0", "--script", "nope.py", cwd=fresh)
+    assert r.returncode != 0 and "--script nope.py: no such file" in r.stderr, r.stderr
+    # The script from wherever the user keeps it now (an imported session keeps its path).
+    copy = fresh / "train_copy.py"
+    copy.write_text(SMALL.read_text())
+    r = cli("resume", "--headless", "--port", "0", "--script", str(copy), cwd=fresh, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert final_hash(fresh) == ref
+    runs = cli_json("runs", cwd=fresh)["runs"]
+    assert runs[0]["status"] == "completed" and not runs[0]["error"], runs[0]

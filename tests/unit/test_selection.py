@@ -313,6 +313,14 @@ def test_indices_missing_empty_and_garbage(tmp_path: Path) -> None:
     np.save(tmp_path / "f.npy", np.array([0.5]))
     with pytest.raises(ValueError, match="integer sample ids"):
         select("indices:f.npy", losses, base_dir=tmp_path)
+    (tmp_path / "fake.npy").write_text("1\n2\n")  # text named .npy: said so, not "pickled"
+    with pytest.raises(ValueError, match="is not a .npy file"):
+        select("indices:fake.npy", losses, base_dir=tmp_path)
+    np.save(tmp_path / "grid.npy", np.arange(4).reshape(2, 2))
+    with pytest.raises(ValueError, match=r"2-D array of shape \(2, 2\); give a 1-D array"):
+        select("indices:grid.npy", losses, base_dir=tmp_path)
+    np.save(tmp_path / "col.npy", np.arange(3).reshape(3, 1))  # one column: the ids
+    assert select("indices:col.npy", losses, base_dir=tmp_path).indices.tolist() == [0, 1, 2]
     # One line of ids is data, not a header: parsed, or its bad token named.
     (tmp_path / "row.txt").write_text("3 1\n")
     assert select("indices:row.txt", losses, base_dir=tmp_path).indices.tolist() == [1, 3]
