@@ -473,19 +473,20 @@ def _early_stop_note(spec: dict[str, Any]) -> str:
     )
 
 
+def _cell(v: Any) -> str:
+    """A loss in a table: 4 significant digits; — for none (NaN: no such split)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
+
+
 def _print_matrix(runs: list[str], slices: list[str], losses: list[Any]) -> None:
     """Runs as rows, slices as columns, losses row-major (as CompareRequest returns them)."""
     width = max([len(s) for s in slices] + [10])
     print(f"{'run':<12}" + "".join(f"{s:>{width + 2}}" for s in slices))
     for i, r in enumerate(runs):
         row = losses[i * len(slices) : (i + 1) * len(slices)]
-        print(
-            f"{r:<12}"
-            + "".join(
-                f"{(f'{v:.4g}' if isinstance(v, (int, float)) else '—' if v is None else str(v)):>{width + 2}}"
-                for v in row
-            )
-        )
+        print(f"{r:<12}" + "".join(f"{_cell(v):>{width + 2}}" for v in row))
 
 
 # -- store-backed views (work on finished sessions too) ---------------------------------------

@@ -293,3 +293,12 @@ def test_status_of_a_stopped_session_says_resume_continues_it(
     assert "no live supervisor (stopped; `onthefly resume` continues" in out, out
     assert cli.main(["status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "stopped"
+
+
+def test_the_compare_table_shows_a_missing_loss_as_a_dash(capsys: Any) -> None:
+    """NaN (a run without a val loader) and None read as "—"; Inf (diverged) stays."""
+    from onthefly_supervisor.cli import _print_matrix
+
+    _print_matrix(["main", "fork-1"], ["val", "fork-1"], [float("nan"), 0.5, None, float("inf")])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split() == ["main", "—", "0.5"] and rows[2].split() == ["fork-1", "—", "inf"]
