@@ -17,7 +17,21 @@ import {
   affectsRuns,
   type ErrorPayload,
 } from '../shared/events';
-import { DEFAULT_ETA, MAX_ETA, MAX_VARIANTS, MIN_ETA, RACE_METRICS, RACE_MODES, forkRaceFromForm, parseLrMuls } from '../shared/fork';
+import {
+  DEFAULT_ETA,
+  EARLY_STOP_METRICS,
+  MAX_EARLY_STOP_PATIENCE,
+  MAX_ETA,
+  MAX_VARIANTS,
+  MIN_ETA,
+  RACE_METRICS,
+  RACE_MODES,
+  earlyStopCadence,
+  effectiveBudget,
+  forkEarlyStopFromForm,
+  forkRaceFromForm,
+  parseLrMuls,
+} from '../shared/fork';
 import { validateSelectSpec, type QuantileSelection } from '../shared/histogram';
 import { relatives } from '../shared/lineage';
 import {
@@ -61,6 +75,11 @@ interface SavedState {
     metric?: string;
     mode?: string;
     lrMuls?: string;
+    // early-stop fields (absent in the state of older versions)
+    esPatience?: string;
+    esMetric?: string;
+    esMinDelta?: string;
+    esEvery?: string;
   };
   exportFormat: ExportFormat;
   mergeMethod: MergeMethod;
@@ -117,6 +136,13 @@ class Dashboard {
   private readonly forkRaceMode = h('select', { id: 'fork-race-mode', title: 'asha: a variant goes on as soon as it ranks in the top 1/eta of its rung so far; sync: the whole rung reports first' });
   private readonly forkLrMuls = h('input', { type: 'text', id: 'fork-lr-muls', placeholder: 'optional, e.g. 0.3, 1, 3', spellcheck: 'false', title: 'explicit lr multipliers, one per variant (their count sets the variants); empty: spread over one decade around lr ×' });
   private readonly forkRace = h('div', { className: 'fork-race hidden', id: 'fork-race' });
+  // Early stopping (ForkRequest.early_stop_patience / _metric / _min_delta / _every): the
+  // other fields show (and are sent) only with a patience >= 1.
+  private readonly forkEsPatience = h('input', { type: 'number', id: 'fork-early-stop-patience', value: '0', min: '0', max: String(MAX_EARLY_STOP_PATIENCE), step: '1', title: '0 = off; N = end the fork (completed) when N evaluations in a row have not improved on the best' });
+  private readonly forkEsMetric = h('select', { id: 'fork-early-stop-metric', title: 'what early stopping watches: the loss on the selection, or the validation loss' });
+  private readonly forkEsMinDelta = h('input', { type: 'number', id: 'fork-early-stop-min-delta', value: '0', min: '0', step: 'any', title: 'an improvement must exceed this (0: any decrease)' });
+  private readonly forkEsEvery = h('input', { type: 'number', id: 'fork-early-stop-every', value: '', min: '1', step: '1', title: 'steps between evaluations; empty: budget / 10' });
+  private readonly forkEarlyStop = h('div', { className: 'fork-early-stop hidden', id: 'fork-early-stop' });
   private readonly forkError = h('div', { className: 'error-text', id: 'fork-error', role: 'alert' });
   private readonly forkHint = h('div', { className: 'muted', id: 'fork-hint' });
   private readonly mergeMethod = h('select', { id: 'merge-method' });
@@ -150,6 +176,7 @@ class Dashboard {
     const metricLabels: Record<string, string> = { slice: 'slice (loss on the selection)', val: 'val (validation loss)' };
     for (const m of RACE_METRICS) this.forkRaceMetric.append(new Option(metricLabels[m] ?? m, m));
     for (const m of RACE_MODES) this.forkRaceMode.append(new Option(m, m));
+    for (const m of EARLY_STOP_METRICS) this.forkEsMetric.append(new Option(metricLabels[m] ?? m, m));
     this.healthCheck.append(new Option('all checks', ''));
     for (const c of HEALTH_CHECKS) this.healthCheck.append(new Option(c, c));
     for (const f of EXPORT_FORMATS) this.exportFormat.append(new Option(f.toUpperCase(), f));
@@ -210,6 +237,8 @@ class Dashboard {
       h('label', {}, 'name', this.forkName),
       h('label', {}, 'variants', this.forkVariants),
       this.forkRace,
+      h('label', {}, 'early stop patience', this.forkEsPatience),
+      this.forkEarlyStop,
       this.button('btn-fork', 'Fork', () => this.fork(), 'primary'),
       this.forkError,
       this.forkHint,
@@ -221,11 +250,24 @@ class Dashboard {
       h('label', {}, 'lr multipliers', this.forkLrMuls),
       h('span', { className: 'muted' }, 'the variants race by successive halving; without lr multipliers their lr spreads over one decade around lr ×'),
     );
+    this.forkEarlyStop.append(
+      h('label', {}, 'stop on', this.forkEsMetric),
+      h('label', {}, 'min delta', this.forkEsMinDelta),
+      h('label', {}, 'every', this.forkEsEvery, ' steps'),
+      h('span', { className: 'muted' }, 'the fork ends, completed, after patience evaluations in a row that do not beat its best by more than min delta (a raced variant: once it goes on to the full budget)'),
+    );
     this.forkSelect.addEventListener('change', () => {
       this.histogram.showSpec(this.forkSelect.value);
       this.save();
     });
-    for (const el of [this.forkBudget, this.forkLr, this.forkRank, this.forkName, this.forkRaceEta, this.forkRaceMetric, this.forkRaceMode]) el.addEventListener('change', () => this.save());
+    for (const el of [this.forkBudget, this.forkLr, this.forkRank, this.forkName, this.forkRaceEta, this.forkRaceMetric, this.forkRaceMode, this.forkEsMetric, this.forkEsMinDelta, this.forkEsEvery]) el.addEventListener('change', () => this.save());
+    for (const el of [this.forkEsPatience, this.forkBudget]) {
+      el.addEventListener('input', () => this.updateEarlyStopFields());
+      el.addEventListener('change', () => {
+        this.updateEarlyStopFields();
+        this.save();
+      });
+    }
     for (const el of [this.forkVariants, this.forkLrMuls]) {
       el.addEventListener('input', () => this.updateRaceFields());
       el.addEventListener('change', () => {
@@ -233,10 +275,11 @@ class Dashboard {
         this.save();
       });
     }
-    for (const el of [this.forkSelect, this.forkBudget, this.forkLr, this.forkRank, this.forkVariants, this.forkRaceEta, this.forkRaceMetric, this.forkRaceMode, this.forkLrMuls]) {
+    for (const el of [this.forkSelect, this.forkBudget, this.forkLr, this.forkRank, this.forkVariants, this.forkRaceEta, this.forkRaceMetric, this.forkRaceMode, this.forkLrMuls, this.forkEsPatience, this.forkEsMetric, this.forkEsMinDelta, this.forkEsEvery]) {
       el.addEventListener('input', () => (this.forkError.textContent = ''));
     }
     this.updateRaceFields();
+    this.updateEarlyStopFields();
 
     const combine = h(
       'div',
@@ -323,6 +366,10 @@ class Dashboard {
       if (s.fork.metric && (RACE_METRICS as readonly string[]).includes(s.fork.metric)) this.forkRaceMetric.value = s.fork.metric;
       if (s.fork.mode && (RACE_MODES as readonly string[]).includes(s.fork.mode)) this.forkRaceMode.value = s.fork.mode;
       this.forkLrMuls.value = s.fork.lrMuls || '';
+      this.forkEsPatience.value = s.fork.esPatience || this.forkEsPatience.value;
+      if (s.fork.esMetric && (EARLY_STOP_METRICS as readonly string[]).includes(s.fork.esMetric)) this.forkEsMetric.value = s.fork.esMetric;
+      this.forkEsMinDelta.value = s.fork.esMinDelta || this.forkEsMinDelta.value;
+      this.forkEsEvery.value = s.fork.esEvery || '';
     }
     if (s.exportFormat) this.exportFormat.value = s.exportFormat;
     if (s.mergeMethod) this.mergeMethod.value = s.mergeMethod;
@@ -345,6 +392,10 @@ class Dashboard {
         metric: this.forkRaceMetric.value,
         mode: this.forkRaceMode.value,
         lrMuls: this.forkLrMuls.value,
+        esPatience: this.forkEsPatience.value,
+        esMetric: this.forkEsMetric.value,
+        esMinDelta: this.forkEsMinDelta.value,
+        esEvery: this.forkEsEvery.value,
       },
       exportFormat: this.exportFormat.value as ExportFormat,
       mergeMethod: this.mergeMethod.value as MergeMethod,
@@ -660,7 +711,19 @@ class Dashboard {
     for (const el of [this.forkRaceEta, this.forkRaceMetric, this.forkRaceMode, this.forkLrMuls]) el.disabled = !raced;
   }
 
-  /** Checks the fork form (select spec, numbers, race fields); its ForkParams, or a one-line error. */
+  /**
+   * The early-stop fields show (and are sent) only with a patience >= 1; the cadence's
+   * placeholder says the supervisor's default for the budget (budget / 10).
+   */
+  private updateEarlyStopFields(): void {
+    const on = Number(this.forkEsPatience.value) >= 1;
+    this.forkEarlyStop.classList.toggle('hidden', !on);
+    for (const el of [this.forkEsMetric, this.forkEsMinDelta, this.forkEsEvery]) el.disabled = !on;
+    const budget = Number(this.forkBudget.value);
+    this.forkEsEvery.placeholder = Number.isInteger(budget) && budget > 0 ? `${earlyStopCadence(effectiveBudget(budget))} (budget / 10)` : 'budget / 10';
+  }
+
+  /** Checks the fork form (select spec, numbers, race and early-stop fields); its ForkParams, or a one-line error. */
   private forkParams(): { params: ForkParams } | { error: string } {
     const select = this.forkSelect.value.trim();
     const bad = validateSelectSpec(select);
@@ -681,11 +744,24 @@ class Dashboard {
       lrMuls: raced ? this.forkLrMuls.value : '',
     });
     if ('error' in race) return race;
-    return { params: { run: this.run, select, budgetSteps, lrMul, adaptersRank, name: this.forkName.value.trim() || undefined, ...race.race } };
+    // Hidden early-stop fields (patience 0 or empty) are not sent.
+    const stops = !this.forkEarlyStop.classList.contains('hidden');
+    const early = forkEarlyStopFromForm(
+      {
+        patience: this.forkEsPatience.value,
+        metric: stops ? this.forkEsMetric.value : '',
+        minDelta: stops ? this.forkEsMinDelta.value : '',
+        every: stops ? this.forkEsEvery.value : '',
+      },
+      budgetSteps,
+    );
+    if ('error' in early) return early;
+    return { params: { run: this.run, select, budgetSteps, lrMul, adaptersRank, name: this.forkName.value.trim() || undefined, ...race.race, ...early.earlyStop } };
   }
 
   private async fork(): Promise<void> {
     this.updateRaceFields();
+    this.updateEarlyStopFields();
     const checked = this.forkParams();
     // A bad value: the reason next to the form, nothing sent.
     if ('error' in checked) {

@@ -1,9 +1,12 @@
 /**
  * Racing fork variants (ForkRequest.variants / variant_lr_muls / race_eta / race_metric /
- * race_mode): the limits, the checks both sides apply, and the parsing of the dashboard's
- * fork form. The rules are the CLI's (`onthefly fork --variants N --race-eta E
- * --race-metric M`) and the supervisor's: a race has 2..16 variants, eta is 2..8, race
- * options without a race are an error.
+ * race_mode) and early stopping (early_stop_patience / _metric / _min_delta / _every): the
+ * limits, the checks both sides apply, and the parsing of the dashboard's fork form. The
+ * rules are the CLI's (`onthefly fork --variants N --race-eta E --race-metric M
+ * --early-stop-patience P ...`) and the supervisor's: a race has 2..16 variants, eta is
+ * 2..8, race options without a race are an error; early stopping has a patience of
+ * 0..1000000 (0 = off), its other options need a patience, and it must be able to stop
+ * the fork before the end of its budget.
  *
  * Imports neither `vscode` nor the DOM: the webview checks the form with it before it
  * sends anything, the host checks every fork request with it again (shared/protocol.ts).
@@ -133,4 +136,119 @@ export function forkRaceFromForm(f: ForkRaceForm): { race: ForkRace } | { error:
   const bad = validateForkRace(race);
   if (bad) return { error: bad };
   return { race };
+}
+
+// ---------------------------------------------------------------------------
+// Early stopping
+// ---------------------------------------------------------------------------
+
+/** The supervisor's budget when a request gives none (budget_steps 0). */
+export const DEFAULT_BUDGET_STEPS = 300;
+/** The largest patience the supervisor takes (0 = off). */
+export const MAX_EARLY_STOP_PATIENCE = 1_000_000;
+
+/** What early stopping watches: the loss on the fork's selection (the default), or the validation loss. */
+export type EarlyStopMetric = 'slice' | 'val';
+export const EARLY_STOP_METRICS: readonly EarlyStopMetric[] = ['slice', 'val'];
+
+/** The early-stopping part of a fork request, as the webview sends it (protocol.ts ForkParams). */
+export interface ForkEarlyStop {
+  /** End the fork after this many evaluations in a row without improvement; 0/unset = off. */
+  earlyStopPatience?: number;
+  /** "slice" (the default) or "val"; '' = the default. */
+  earlyStopMetric?: EarlyStopMetric;
+  /** An improvement must exceed this (default 0: any decrease). */
+  earlyStopMinDelta?: number;
+  /** Evaluate every this many steps (0/unset = max(1, budget / 10)). */
+  earlyStopEvery?: number;
+}
+
+export const EARLY_STOP_NEEDS_PATIENCE = 'early-stop metric/min delta/every need a patience N (N >= 1)';
+
+/** The steps between early-stop evaluations the supervisor uses: `every`, or max(1, budget / 10) when 0. */
+export function earlyStopCadence(budgetSteps: number, every = 0): number {
+  return every > 0 ? every : Math.max(1, Math.floor(budgetSteps / 10));
+}
+
+/** The budget the supervisor gives a fork for `budgetSteps` as the relay sends it (0 = its default, 300). */
+export function effectiveBudget(budgetSteps: number): number {
+  return Math.max(0, Math.floor(budgetSteps)) || DEFAULT_BUDGET_STEPS;
+}
+
+/**
+ * Checks the early-stopping fields of a fork request with the supervisor's rules, in its
+ * order (onthefly_supervisor/method.py _early_stop_options); a one-line error, or null when
+ * they are fine. Unset, 0 and '' fields are fine: off, or the supervisor's defaults
+ * (slice, min delta 0, every budget / 10). With a budget, a patience that cannot stop the
+ * fork before its end (patience × every >= budget) is refused, as the supervisor does.
+ * Not checked here (the supervisor does): that the parent reports a validation loss for
+ * metric val.
+ */
+export function validateForkEarlyStop(f: ForkEarlyStop, budgetSteps?: number): string | null {
+  const patience = f.earlyStopPatience ?? 0;
+  if (typeof patience !== 'number' || !Number.isInteger(patience) || patience < 0 || patience > MAX_EARLY_STOP_PATIENCE) {
+    return `early-stop patience ${String(patience)}: must be an integer in 0..${MAX_EARLY_STOP_PATIENCE} (0 = off)`;
+  }
+  const metric = f.earlyStopMetric ?? '';
+  const minDelta = f.earlyStopMinDelta ?? 0;
+  const every = f.earlyStopEvery ?? 0;
+  if (patience === 0) {
+    // The supervisor's test is truthiness: '' / 0 are "not given".
+    if (metric || minDelta || every) return EARLY_STOP_NEEDS_PATIENCE;
+    return null;
+  }
+  if (metric && !EARLY_STOP_METRICS.includes(metric)) return `early-stop metric "${String(metric)}": one of ${EARLY_STOP_METRICS.join(', ')}`;
+  if (typeof minDelta !== 'number' || !Number.isFinite(minDelta) || minDelta < 0) {
+    return `early-stop min delta ${String(minDelta)}: must be a finite number >= 0`;
+  }
+  if (typeof every !== 'number' || !Number.isInteger(every) || every < 0) {
+    return `early-stop every ${String(every)}: must be an integer number of steps >= 1 (0 = budget / 10)`;
+  }
+  if (budgetSteps !== undefined && Number.isFinite(budgetSteps)) {
+    const budget = effectiveBudget(budgetSteps);
+    const cadence = earlyStopCadence(budget, every);
+    if (patience * cadence >= budget) {
+      return `early-stop patience ${patience} with an evaluation every ${cadence} steps cannot stop a ${budget}-step fork before its end; lower the patience or the early-stop every`;
+    }
+  }
+  return null;
+}
+
+/** The fork form's early-stop inputs, as typed (empty string = not given; empty or 0 patience = off). */
+export interface ForkEarlyStopForm {
+  patience: string;
+  metric: string;
+  minDelta: string;
+  every: string;
+}
+
+/**
+ * The early-stopping fields of a fork request from the form, or a one-line error. An
+ * empty or 0 patience turns early stopping off (nothing is sent); another field left
+ * empty is not sent (the supervisor's default). Any other field without a patience is an
+ * error (the form hides and does not pass them then).
+ */
+export function forkEarlyStopFromForm(f: ForkEarlyStopForm, budgetSteps: number): { earlyStop: ForkEarlyStop } | { error: string } {
+  const es: ForkEarlyStop = {};
+  const p = f.patience.trim();
+  if (p !== '') {
+    es.earlyStopPatience = parseInteger(p);
+    if (Number.isNaN(es.earlyStopPatience)) return { error: `early-stop patience "${p}": must be an integer in 0..${MAX_EARLY_STOP_PATIENCE} (0 = off)` };
+    if (es.earlyStopPatience === 0) delete es.earlyStopPatience;
+  }
+  if (f.metric.trim() !== '') es.earlyStopMetric = f.metric.trim() as EarlyStopMetric;
+  const d = f.minDelta.trim();
+  if (d !== '') {
+    es.earlyStopMinDelta = Number(d);
+    if (Number.isNaN(es.earlyStopMinDelta)) return { error: `early-stop min delta "${d}": must be a finite number >= 0` };
+  }
+  const e = f.every.trim();
+  if (e !== '') {
+    es.earlyStopEvery = parseInteger(e);
+    if (Number.isNaN(es.earlyStopEvery)) return { error: `early-stop every "${e}": must be an integer number of steps >= 1 (empty = budget / 10)` };
+  }
+  const bad = validateForkEarlyStop(es, budgetSteps);
+  if (bad) return { error: bad };
+  // Off: nothing to send (a 0 min delta or every left over means "default").
+  return { earlyStop: es.earlyStopPatience ? es : {} };
 }

@@ -12,7 +12,7 @@
  *
  * This module imports neither `vscode` nor the DOM.
  */
-import { type ForkRace, validateForkRace } from './fork';
+import { type ForkEarlyStop, type ForkRace, validateForkEarlyStop, validateForkRace } from './fork';
 
 /** Message types, grouped by direction. */
 export enum MessageType {
@@ -233,9 +233,11 @@ export interface RunParams {
 
 /**
  * A fork, or a race of fork variants (ForkRace: variants, variantLrMuls, raceEta,
- * raceMetric, raceMode — shared/fork.ts has their rules).
+ * raceMetric, raceMode), optionally stopping early (ForkEarlyStop: earlyStopPatience,
+ * earlyStopMetric, earlyStopMinDelta, earlyStopEvery; 0/unset patience = off) —
+ * shared/fork.ts has their rules.
  */
-export interface ForkParams extends ForkRace {
+export interface ForkParams extends ForkRace, ForkEarlyStop {
   run: string;
   /** SPEC: all | quantile:LO:HI | kmeans:auto[:cluster=K] | indices:FILE */
   select: string;
@@ -244,28 +246,6 @@ export interface ForkParams extends ForkRace {
   adaptersRank: number;
   wdMul?: number;
   name?: string;
-  /** Early stopping (0/unset = off): end the fork after this many evaluations without improvement. */
-  earlyStopPatience?: number;
-  /** "slice" (the default) or "val". */
-  earlyStopMetric?: 'slice' | 'val';
-  /** An improvement must exceed this (default 0). */
-  earlyStopMinDelta?: number;
-  /** Evaluate every this many steps (0/unset = budget/10). */
-  earlyStopEvery?: number;
-}
-
-/** Checks a fork's early-stopping fields; a one-line error, or null when they are fine. */
-export function validateEarlyStop(f: ForkParams): string | null {
-  const nonNegInt = (v: number | undefined): boolean => v === undefined || (Number.isInteger(v) && v >= 0);
-  if (!nonNegInt(f.earlyStopPatience)) return 'early-stop patience must be an integer >= 0 (0 = off)';
-  if (!nonNegInt(f.earlyStopEvery)) return 'early-stop cadence must be an integer number of steps >= 0';
-  if (f.earlyStopMinDelta !== undefined && !(Number.isFinite(f.earlyStopMinDelta) && f.earlyStopMinDelta >= 0)) {
-    return 'early-stop min delta must be a number >= 0';
-  }
-  if (f.earlyStopMetric !== undefined && f.earlyStopMetric !== 'slice' && f.earlyStopMetric !== 'val') {
-    return 'early-stop metric must be slice or val';
-  }
-  return null;
 }
 
 export type MergeMethod = 'swa' | 'distill' | 'fisher_soup' | 'adapter_fuse';
@@ -499,7 +479,7 @@ function checkParams(method: MethodName, p: Record<string, unknown>): void {
       str(p, 'earlyStopMetric', where, true);
       num(p, 'earlyStopMinDelta', where, true);
       num(p, 'earlyStopEvery', where, true);
-      const bad = validateForkRace(p as ForkRace) ?? validateEarlyStop(p as unknown as ForkParams);
+      const bad = validateForkRace(p as ForkRace) ?? validateForkEarlyStop(p as ForkEarlyStop, p.budgetSteps as number);
       if (bad) throw new ProtocolError(`${where}: ${bad}`);
       return;
     }

@@ -9,7 +9,7 @@
  * end-to-end test wires it to a page in headless Chromium.
  */
 import * as path from 'node:path';
-import { validateForkRace } from '../shared/fork';
+import { validateForkEarlyStop, validateForkRace } from '../shared/fork';
 import {
   type ConnectionDto,
   type EventDto,
@@ -192,9 +192,11 @@ export class Relay implements Disposable {
         const f = params as ParamsOf<'fork'>;
         // A race: explicit lr multipliers (their count is the variants) or a spread of
         // `variants` around lr_mul; 0 / '' leave eta, metric and mode to the supervisor's
-        // defaults (2, slice, asha). handle() has checked them already (decodeWebviewMessage);
-        // a direct dispatch() gets the same check.
-        const bad = validateForkRace(f);
+        // defaults (2, slice, asha). Early stopping: patience 0 = off; '' / 0 leave metric,
+        // min delta and cadence to the supervisor's defaults (slice, 0, budget/10).
+        // handle() has checked both already (decodeWebviewMessage); a direct dispatch()
+        // gets the same check.
+        const bad = validateForkRace(f) ?? validateForkEarlyStop(f, f.budgetSteps);
         if (bad) throw new RpcError(3, 'INVALID_ARGUMENT', bad);
         const muls = f.variantLrMuls ?? [];
         const reply = await ctl.call(
@@ -204,7 +206,9 @@ export class Relay implements Disposable {
             select: f.select,
             budget_steps: Math.max(0, Math.floor(f.budgetSteps)),
             lr_mul: f.lrMul,
-            wd_mul: f.wdMul ?? 0,
+            // Sent only when given: `optional double wd_mul` (unset = the supervisor's 1.0;
+            // an explicit 0 means no weight decay there).
+            ...(f.wdMul !== undefined ? { wd_mul: f.wdMul } : {}),
             adapters_rank: Math.max(0, Math.floor(f.adaptersRank)),
             variants: muls.length || (f.variants ?? 0),
             name: f.name ?? '',

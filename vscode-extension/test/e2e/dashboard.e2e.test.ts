@@ -10,9 +10,10 @@
  *
  * It checks that the charts fill, that Pause/Resume in the UI pause/resume the worker
  * (`onthefly status --json`), that a brushed histogram range fills the fork form and
- * Fork calls the supervisor (a new fork run when it answers ok, its error shown when
- * not), that an RPC error shows as a message, and it measures first paint, per-frame
- * and zoom round-trip times. Screenshots go to test-output/.
+ * Fork, with the form's early-stop fields, calls the supervisor (a new fork run whose
+ * spec and log say it stops early; a value the supervisor would refuse is refused in the
+ * form first), that an RPC error shows as a message, and it measures first paint,
+ * per-frame and zoom round-trip times. Screenshots go to test-output/.
  *
  * The default script is fixtures/slow_train.py: examples/minimal.py slowed down and made
  * longer, because minimal.py finishes its 72 steps in about a second — too fast to pause.
@@ -53,6 +54,8 @@ describe('dashboard in a browser against a real supervisor', { timeout: 180_000 
   const numbers: string[] = [];
   /** Machine-readable copy of the timings (test-output/perf.json). */
   const perfJson: Record<string, unknown> = { targets: TARGETS };
+  /** The run the fork test created (early stopping on). */
+  let forkRun = '';
 
   async function mainState(): Promise<{ run: string; worker: string }> {
     const s = await sup.cli<StatusJson>('status', '--json');
@@ -200,26 +203,38 @@ describe('dashboard in a browser against a real supervisor', { timeout: 180_000 
     await d.page.fill('#fork-budget', '30');
     await d.page.fill('#fork-lr', '0.5');
     await d.page.fill('#fork-rank', '0');
+    // Early stopping: patience 2, evaluated on the slice loss every 5 steps (2 x 5 < 30).
+    assert.equal(await d.page.isHidden('#fork-early-stop'), true, 'early-stop fields hidden with patience 0');
+    await d.page.fill('#fork-early-stop-patience', '2');
+    assert.equal(await d.page.getAttribute('#fork-early-stop-every', 'placeholder'), '3 (budget / 10)');
+    // What the supervisor refuses (it could not stop the 30-step fork before its end) is
+    // refused in the form, before any request.
+    await d.page.fill('#fork-early-stop-every', '15');
+    const sent = d.countRequests('fork');
+    await d.clickAndSettle('#btn-fork');
+    assert.match((await d.page.textContent('#fork-error')) ?? '', /^Fork: early-stop patience 2 with an evaluation every 15 steps cannot stop a 30-step fork before its end/);
+    assert.equal(d.countRequests('fork'), sent, 'nothing sent');
+    await d.page.fill('#fork-early-stop-every', '5');
+    await d.page.selectOption('#fork-early-stop-metric', 'slice');
+    await d.page.fill('#fork-early-stop-min-delta', '0.001');
     await d.clickAndSettle('#btn-fork', 60_000);
     const reply = d.lastResponse('fork');
     assert.ok(reply, 'the Fork button sent a fork request');
     await d.shot('03-fork');
-    if (reply.ok) {
-      const created = (reply.result as { runId: string }).runId;
-      numbers.push(`Fork: ok, new run ${created || '(unnamed)'}`);
-      const row = await waitFor('a run of kind "fork" in ListRuns and in the runs panel', async () => {
-        const runs = await d.relay.dispatch('listRuns', {});
-        return runs.some((r) => r.kind === 'fork') ? d.page.$('#runs-body tr[data-kind="fork"]') : undefined;
-      }, 60_000, 500);
-      assert.ok(row);
-      await d.shot('04-fork-run');
-    } else {
-      // Not built yet (or refused): the supervisor's message must be on screen, the UI alive.
-      numbers.push(`Fork: the supervisor answered ${reply.error.codeName}: ${reply.error.message}`);
-      const shown = await waitFor('the fork error as a message', async () => (await d.toasts()).find((t) => t.includes(reply.error.codeName) && t.includes(reply.error.message.slice(0, 40))), 10_000);
-      assert.match(shown, /^Fork failed: /);
-      assert.equal(await d.page.isEnabled('#btn-fork'), true, 'the Fork button works again');
-    }
+    assert.ok(reply.ok, `Fork failed: ${JSON.stringify(!reply.ok && reply.error)}`);
+    const result = reply.result as { runId: string; message: string; payload: Record<string, unknown> | null };
+    forkRun = result.runId;
+    numbers.push(`Fork: ok, new run ${forkRun || '(unnamed)'}: ${result.message}`);
+    // The supervisor took the early stopping: its answer and the fork's spec say so.
+    assert.match(result.message, /; early stop on the slice loss every 5 steps, patience 2, min delta 0\.001$/);
+    assert.deepEqual(result.payload?.early_stop, { patience: 2, metric: 'slice', min_delta: 0.001, every: 5 });
+    await waitFor('the fork toast with its early stopping', async () => (await d.toasts()).some((t) => t.includes(`(${forkRun})`) && t.includes('early stop on the slice loss every 5 steps, patience 2')));
+    const row = await waitFor('a run of kind "fork" in ListRuns and in the runs panel', async () => {
+      const runs = await d.relay.dispatch('listRuns', {});
+      return runs.some((r) => r.runId === forkRun && r.kind === 'fork') ? d.page.$(`#runs-body tr[data-run="${forkRun}"][data-kind="fork"]`) : undefined;
+    }, 60_000, 500);
+    assert.ok(row);
+    await d.shot('04-fork-run');
   });
 
   it('an RPC error shows as a message, never a frozen UI', async () => {
@@ -238,6 +253,19 @@ describe('dashboard in a browser against a real supervisor', { timeout: 180_000 
     }
     assert.equal(await d.page.isEnabled('#btn-health'), true);
     assert.equal(await d.page.isEnabled('#btn-pause'), true);
+  });
+
+  it('the fork trains with early stopping: its log in the dashboard says how it stops', async () => {
+    assert.ok(forkRun, 'the fork test made a fork');
+    // Its worker started while the health checks ran: usually no wait here.
+    const line = await waitFor(
+      `${forkRun}'s early-stopping log line`,
+      // Its worker (`${forkRun}-0`) says so when it starts.
+      () => d.page.evaluate((run) => [...document.querySelectorAll('#logs .log')].map((e) => e.textContent ?? '').find((t) => t.includes(` ${run}-`) && t.includes('early stopping on the slice loss every 5 steps, patience 2, min delta 0.001')), forkRun),
+      60_000,
+      250,
+    );
+    numbers.push(`fork log: ${line.trim()}`);
   });
 
   it('zoom and pan re-query GetMetrics; timings are within budget', async () => {

@@ -1,7 +1,7 @@
 /**
  * The views the real supervisor cannot drive on demand (plan cards, health verdicts,
- * compare table, gate / merge / automode, exports, the fork form's race of variants, a
- * reconnect in the middle), in the browser, against the fake ControlService
+ * compare table, gate / merge / automode, exports, the fork form's race of variants and
+ * early-stop fields, a reconnect in the middle), in the browser, against the fake ControlService
  * (test/fakeSupervisor.ts). Every click must reach the RPC the CLI calls, with the right
  * fields, and every answer must show.
  * The real-supervisor tests are dashboard.e2e.test.ts and failure.e2e.test.ts.
@@ -285,6 +285,71 @@ describe('dashboard views in a browser (fake supervisor)', { timeout: 120_000 },
       [single.variants, single.variant_lr_muls, single.race_eta, single.race_metric, single.race_mode],
       [1, [], 0, '', ''],
     );
+    assert.equal(forkCalls(), before + 2);
+  });
+
+  it('the fork form stops early: its fields reach ForkRequest, show only with a patience, and a value the supervisor would refuse shows inline', async () => {
+    type ForkCall = { budget_steps: number; variants: number; early_stop_patience: number; early_stop_metric: string; early_stop_min_delta: number; early_stop_every: number };
+    const early = (c: ForkCall) => [c.early_stop_patience, c.early_stop_metric, c.early_stop_min_delta, c.early_stop_every];
+    const forkCalls = () => sup.calls.filter((c) => c.method === 'Fork').length;
+    // Off by default: patience 0, the other fields hidden, none sent (the race test's forks had all zeros).
+    assert.equal(await d.page.inputValue('#fork-early-stop-patience'), '0');
+    assert.equal(await d.page.isHidden('#fork-early-stop'), true, 'early-stop fields hidden with patience 0');
+    assert.deepEqual(early(sup.lastCall('Fork') as ForkCall), [0, '', 0, 0]);
+
+    await d.page.fill('#fork-budget', '200');
+    await d.page.fill('#fork-early-stop-patience', '3');
+    assert.equal(await d.page.isVisible('#fork-early-stop'), true, 'early-stop fields shown with patience 3');
+    assert.equal(await d.page.inputValue('#fork-early-stop-metric'), 'slice');
+    assert.equal(await d.page.inputValue('#fork-early-stop-min-delta'), '0');
+    assert.equal(await d.page.inputValue('#fork-early-stop-every'), '');
+    assert.equal(await d.page.getAttribute('#fork-early-stop-every', 'placeholder'), '20 (budget / 10)', 'the default cadence for this budget');
+    // A patience alone: the rest at the supervisor's defaults.
+    await d.clickAndSettle('#btn-fork');
+    assert.deepEqual(early(sup.lastCall('Fork') as ForkCall), [3, 'slice', 0, 0]);
+
+    await d.page.selectOption('#fork-early-stop-metric', 'val');
+    await d.page.fill('#fork-early-stop-min-delta', '0.005');
+    await d.page.fill('#fork-early-stop-every', '25');
+    await d.clickAndSettle('#btn-fork');
+    const sent = sup.lastCall('Fork') as ForkCall;
+    assert.deepEqual([sent.budget_steps, ...early(sent)], [200, 3, 'val', 0.005, 25]);
+    assert.equal(await d.page.textContent('#fork-error'), '');
+
+    // The supervisor's rules, inline: no request to the host, no RPC.
+    const requests = d.countRequests('fork');
+    const before = forkCalls();
+    const rejects: [string, string, RegExp][] = [
+      ['#fork-early-stop-every', '80', /^Fork: early-stop patience 3 with an evaluation every 80 steps cannot stop a 200-step fork before its end; lower the patience or the early-stop every$/],
+      ['#fork-early-stop-patience', '10', /^Fork: early-stop patience 10 with an evaluation every 25 steps cannot stop a 200-step fork/],
+      ['#fork-early-stop-patience', '1.5', /^Fork: early-stop patience "1\.5": must be an integer in 0\.\.1000000 \(0 = off\)$/],
+      ['#fork-early-stop-min-delta', '-0.1', /^Fork: early-stop min delta -0\.1: must be a finite number >= 0$/],
+      ['#fork-early-stop-every', '2.5', /^Fork: early-stop every "2\.5": must be an integer number of steps >= 1/],
+    ];
+    for (const [sel, value, re] of rejects) {
+      const keep = await d.page.inputValue(sel);
+      await d.page.fill(sel, value);
+      await d.clickAndSettle('#btn-fork');
+      assert.match((await d.page.textContent('#fork-error')) ?? '', re, `${sel}=${value}`);
+      await d.page.fill(sel, keep);
+      assert.equal(await d.page.textContent('#fork-error'), '', 'editing clears the error');
+    }
+    assert.equal(d.countRequests('fork'), requests, 'nothing sent to the host');
+    assert.equal(forkCalls(), before, 'no Fork RPC');
+    await d.shot('22-fork-early-stop');
+
+    // Early stopping rides along with a race.
+    await d.page.fill('#fork-variants', '4');
+    await d.clickAndSettle('#btn-fork');
+    const race = sup.lastCall('Fork') as ForkCall;
+    assert.deepEqual([race.variants, ...early(race)], [4, 3, 'val', 0.005, 25]);
+    await d.page.fill('#fork-variants', '1');
+
+    // Patience 0 again: the fields hide and are not sent.
+    await d.page.fill('#fork-early-stop-patience', '0');
+    assert.equal(await d.page.isHidden('#fork-early-stop'), true);
+    await d.clickAndSettle('#btn-fork');
+    assert.deepEqual(early(sup.lastCall('Fork') as ForkCall), [0, '', 0, 0]);
     assert.equal(forkCalls(), before + 2);
   });
 

@@ -1,10 +1,24 @@
 /**
- * shared/fork.ts: the race fields of a fork (variants, lr multipliers, eta, metric, mode),
- * checked the CLI's way, and parsed from the dashboard's fork form.
+ * shared/fork.ts: the race fields of a fork (variants, lr multipliers, eta, metric, mode)
+ * and its early-stopping fields (patience, metric, min delta, every), checked the CLI's and
+ * the supervisor's way, and parsed from the dashboard's fork form.
  */
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { type ForkRaceForm, RACE_NEEDS_VARIANTS, forkRaceFromForm, parseLrMuls, validateForkRace } from '../../shared/fork';
+import {
+  EARLY_STOP_NEEDS_PATIENCE,
+  type ForkEarlyStop,
+  type ForkEarlyStopForm,
+  type ForkRaceForm,
+  RACE_NEEDS_VARIANTS,
+  earlyStopCadence,
+  effectiveBudget,
+  forkEarlyStopFromForm,
+  forkRaceFromForm,
+  parseLrMuls,
+  validateForkEarlyStop,
+  validateForkRace,
+} from '../../shared/fork';
 
 const form = (over: Partial<ForkRaceForm> = {}): ForkRaceForm => ({ variants: '1', eta: '', metric: '', mode: '', lrMuls: '', ...over });
 
@@ -90,6 +104,111 @@ describe('fork race: the dashboard form', () => {
   for (const [name, over, re] of bad) {
     it(`rejects ${name}`, () => {
       const r = forkRaceFromForm(form(over));
+      assert.ok('error' in r && re.test(r.error), `${name}: got ${JSON.stringify(r)}`);
+    });
+  }
+});
+
+describe('fork early stopping: validateForkEarlyStop (the supervisor\'s rules)', () => {
+  it('accepts off, the defaults and every option', () => {
+    assert.equal(validateForkEarlyStop({}), null);
+    assert.equal(validateForkEarlyStop({}, 30), null);
+    // What the relay sends for "off": 0 / '' are "not given", as the supervisor reads them.
+    assert.equal(validateForkEarlyStop({ earlyStopPatience: 0, earlyStopMetric: '' as never, earlyStopMinDelta: 0, earlyStopEvery: 0 }, 30), null);
+    assert.equal(validateForkEarlyStop({ earlyStopPatience: 3 }, 300), null);
+    assert.equal(validateForkEarlyStop({ earlyStopPatience: 2, earlyStopMetric: 'val', earlyStopMinDelta: 0.001, earlyStopEvery: 5 }, 30), null);
+    assert.equal(validateForkEarlyStop({ earlyStopPatience: 1_000_000, earlyStopEvery: 1 }, 10_000_000), null);
+    // Without a budget the cadence check is left out (the other rules still apply).
+    assert.equal(validateForkEarlyStop({ earlyStopPatience: 50, earlyStopEvery: 100 }), null);
+  });
+
+  it('uses the supervisor\'s budget and cadence defaults (300 steps; max(1, budget / 10))', () => {
+    assert.equal(effectiveBudget(0), 300);
+    assert.equal(effectiveBudget(-5), 300);
+    assert.equal(effectiveBudget(30.7), 30);
+    assert.equal(earlyStopCadence(300), 30);
+    assert.equal(earlyStopCadence(30), 3);
+    assert.equal(earlyStopCadence(7), 1);
+    assert.equal(earlyStopCadence(300, 7), 7);
+    // patience 9 every 30 steps: 270 < 300 stops in time; patience 10: 300 >= 300 cannot.
+    assert.equal(validateForkEarlyStop({ earlyStopPatience: 9 }, 0), null);
+    assert.match(validateForkEarlyStop({ earlyStopPatience: 10 }, 0) ?? '', /every 30 steps cannot stop a 300-step fork/);
+    // budget 7: one evaluation per step; patience 6 stops before the end, 7 cannot.
+    assert.equal(validateForkEarlyStop({ earlyStopPatience: 6 }, 7), null);
+    assert.match(validateForkEarlyStop({ earlyStopPatience: 7 }, 7) ?? '', /every 1 steps cannot stop a 7-step fork/);
+  });
+
+  const bad: [string, ForkEarlyStop, number | undefined, RegExp][] = [
+    ['a negative patience', { earlyStopPatience: -1 }, 300, /^early-stop patience -1: must be an integer in 0\.\.1000000 \(0 = off\)$/],
+    ['a patience over 1000000', { earlyStopPatience: 1_000_001 }, 300, /0\.\.1000000/],
+    ['a fractional patience', { earlyStopPatience: 2.5 }, 300, /early-stop patience 2\.5: must be an integer/],
+    ['a NaN patience', { earlyStopPatience: NaN }, 300, /early-stop patience NaN/],
+    ['a metric without a patience', { earlyStopMetric: 'val' }, 300, /^early-stop metric\/min delta\/every need a patience N \(N >= 1\)$/],
+    ['slice given without a patience (like the CLI)', { earlyStopPatience: 0, earlyStopMetric: 'slice' }, 300, /need a patience/],
+    ['a min delta without a patience', { earlyStopMinDelta: 0.01 }, 300, /need a patience/],
+    ['every without a patience', { earlyStopPatience: 0, earlyStopEvery: 10 }, 300, /need a patience/],
+    ['an unknown metric', { earlyStopPatience: 3, earlyStopMetric: 'train' as never }, 300, /^early-stop metric "train": one of slice, val$/],
+    ['a negative min delta', { earlyStopPatience: 3, earlyStopMinDelta: -0.1 }, 300, /^early-stop min delta -0\.1: must be a finite number >= 0$/],
+    ['an infinite min delta', { earlyStopPatience: 3, earlyStopMinDelta: Infinity }, 300, /min delta Infinity: must be a finite number/],
+    ['a negative every', { earlyStopPatience: 3, earlyStopEvery: -5 }, 300, /^early-stop every -5: must be an integer number of steps >= 1 \(0 = budget \/ 10\)$/],
+    ['a fractional every', { earlyStopPatience: 3, earlyStopEvery: 2.5 }, 300, /early-stop every 2\.5/],
+    ['every longer than the budget', { earlyStopPatience: 1, earlyStopEvery: 40 }, 30, /^early-stop patience 1 with an evaluation every 40 steps cannot stop a 30-step fork before its end; lower the patience or the early-stop every$/],
+    ['patience × every = the budget', { earlyStopPatience: 3, earlyStopEvery: 10 }, 30, /patience 3 with an evaluation every 10 steps cannot stop a 30-step fork/],
+    ['patience × budget/10 >= the budget', { earlyStopPatience: 10 }, 200, /every 20 steps cannot stop a 200-step fork/],
+  ];
+  for (const [name, es, budget, re] of bad) {
+    it(`rejects ${name}`, () => {
+      const err = validateForkEarlyStop(es, budget);
+      assert.ok(err && re.test(err), `${name}: got ${err}`);
+    });
+  }
+  it('says the other options need a patience, like the supervisor', () => {
+    assert.equal(EARLY_STOP_NEEDS_PATIENCE, 'early-stop metric/min delta/every need a patience N (N >= 1)');
+  });
+});
+
+describe('fork early stopping: the dashboard form', () => {
+  const es = (over: Partial<ForkEarlyStopForm> = {}): ForkEarlyStopForm => ({ patience: '0', metric: '', minDelta: '', every: '', ...over });
+
+  it('an empty or 0 patience is off: nothing sent', () => {
+    assert.deepEqual(forkEarlyStopFromForm(es(), 200), { earlyStop: {} });
+    assert.deepEqual(forkEarlyStopFromForm(es({ patience: '' }), 200), { earlyStop: {} });
+    assert.deepEqual(forkEarlyStopFromForm(es({ patience: ' 0 ' }), 200), { earlyStop: {} });
+    // A 0 min delta / every left over means "the default": still off, nothing sent.
+    assert.deepEqual(forkEarlyStopFromForm(es({ minDelta: '0', every: '0' }), 200), { earlyStop: {} });
+  });
+
+  it('a patience alone leaves the rest to the supervisor (slice, 0, budget / 10)', () => {
+    assert.deepEqual(forkEarlyStopFromForm(es({ patience: '3' }), 200), { earlyStop: { earlyStopPatience: 3 } });
+  });
+
+  it('sends every field the form shows', () => {
+    assert.deepEqual(forkEarlyStopFromForm(es({ patience: '2', metric: 'val', minDelta: '0.001', every: '5' }), 30), {
+      earlyStop: { earlyStopPatience: 2, earlyStopMetric: 'val', earlyStopMinDelta: 0.001, earlyStopEvery: 5 },
+    });
+    assert.deepEqual(forkEarlyStopFromForm(es({ patience: '4', metric: 'slice', minDelta: '0', every: '' }), 300), {
+      earlyStop: { earlyStopPatience: 4, earlyStopMetric: 'slice', earlyStopMinDelta: 0 },
+    });
+  });
+
+  const bad: [string, Partial<ForkEarlyStopForm>, number, RegExp][] = [
+    ['a fractional patience', { patience: '1.5' }, 200, /^early-stop patience "1\.5": must be an integer in 0\.\.1000000 \(0 = off\)$/],
+    ['a negative patience', { patience: '-2' }, 200, /early-stop patience -2: must be an integer in 0\.\.1000000/],
+    ['a text patience', { patience: 'x' }, 200, /early-stop patience "x"/],
+    ['options without a patience', { patience: '0', metric: 'val' }, 200, /^early-stop metric\/min delta\/every need a patience N \(N >= 1\)$/],
+    ['every without a patience', { patience: '', every: '10' }, 200, /need a patience/],
+    ['an unknown metric', { patience: '3', metric: 'acc' }, 200, /early-stop metric "acc": one of slice, val/],
+    ['a negative min delta', { patience: '3', minDelta: '-1' }, 200, /early-stop min delta -1: must be a finite number >= 0/],
+    ['a text min delta', { patience: '3', minDelta: 'abc' }, 200, /early-stop min delta "abc"/],
+    ['a fractional every', { patience: '3', every: '2.5' }, 200, /early-stop every "2\.5": must be an integer number of steps >= 1/],
+    ['a negative every', { patience: '3', every: '-1' }, 200, /early-stop every -1/],
+    ['a patience that cannot stop before the budget', { patience: '6', every: '5' }, 30, /patience 6 with an evaluation every 5 steps cannot stop a 30-step fork before its end/],
+    ['every past the budget', { patience: '1', every: '31' }, 30, /every 31 steps cannot stop a 30-step fork/],
+    ['patience 10 with the default cadence', { patience: '10' }, 200, /every 20 steps cannot stop a 200-step fork/],
+  ];
+  for (const [name, over, budget, re] of bad) {
+    it(`rejects ${name}`, () => {
+      const r = forkEarlyStopFromForm(es(over), budget);
       assert.ok('error' in r && re.test(r.error), `${name}: got ${JSON.stringify(r)}`);
     });
   }

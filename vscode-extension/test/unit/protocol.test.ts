@@ -26,6 +26,18 @@ describe('protocol: webview -> host', () => {
     assert.deepEqual(decodeWebviewMessage(encodeMessage(req)), req);
   });
 
+  it('round-trips a fork that stops early (with a race, too)', () => {
+    const req = makeRequest(9, 'fork', {
+      run: 'main', select: 'quantile:0.9:1.0', budgetSteps: 30, lrMul: 1, adaptersRank: 0,
+      earlyStopPatience: 2, earlyStopMetric: 'val', earlyStopMinDelta: 0.001, earlyStopEvery: 5,
+    });
+    assert.deepEqual(decodeWebviewMessage(encodeMessage(req)), req);
+    const race = makeRequest(10, 'fork', {
+      run: 'main', select: 'all', budgetSteps: 300, lrMul: 1, adaptersRank: 0, variants: 4, earlyStopPatience: 3,
+    });
+    assert.deepEqual(decodeWebviewMessage(encodeMessage(race)), race);
+  });
+
   it('accepts ready and notify', () => {
     assert.deepEqual(decodeWebviewMessage({ type: 'ready' }), { type: MessageType.Ready });
     assert.deepEqual(decodeWebviewMessage({ type: 'notify', level: 'error', text: 'x' }), { type: MessageType.Notify, level: 'error', text: 'x' });
@@ -50,8 +62,12 @@ describe('protocol: webview -> host', () => {
     ['race metric not a string', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variants: 2, raceMetric: 1 } }, /"raceMetric" must be a string/],
     ['lr multipliers not numbers', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variantLrMuls: ['0.5', 2] } }, /"variantLrMuls" must be an array of finite numbers/],
     ['a negative lr multiplier', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variantLrMuls: [0.5, -2] } }, /positive/],
-    ['negative early-stop patience', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, earlyStopPatience: -1 } }, /early-stop patience must be an integer >= 0/],
-    ['unknown early-stop metric', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, earlyStopPatience: 3, earlyStopMetric: 'train' } }, /early-stop metric must be slice or val/],
+    ['negative early-stop patience', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, earlyStopPatience: -1 } }, /early-stop patience -1: must be an integer in 0\.\.1000000 \(0 = off\)/],
+    ['unknown early-stop metric', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, earlyStopPatience: 3, earlyStopMetric: 'train' } }, /early-stop metric "train": one of slice, val/],
+    ['early-stop options without a patience', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, earlyStopEvery: 10 } }, /early-stop metric\/min delta\/every need a patience N \(N >= 1\)/],
+    ['early stopping that cannot stop before the budget', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, earlyStopPatience: 5, earlyStopEvery: 20 } }, /cannot stop a 100-step fork before its end/],
+    ['a negative early-stop min delta', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, earlyStopPatience: 2, earlyStopMinDelta: -1 } }, /early-stop min delta -1: must be a finite number >= 0/],
+    ['early-stop metric not a string', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, earlyStopPatience: 2, earlyStopMetric: 1 } }, /"earlyStopMetric" must be a string/],
     ['17 variants', { type: 'request', id: 1, method: 'fork', params: { run: 'main', select: 'all', budgetSteps: 100, lrMul: 1, adaptersRank: 0, variants: 17 } }, /1\.\.16/],
     ['bad merge method', { type: 'request', id: 1, method: 'merge', params: { method: 'average', runs: ['a'] } }, /method must be one of/],
     ['runs not strings', { type: 'request', id: 1, method: 'gate', params: { runs: ['a', 2] } }, /array of strings/],

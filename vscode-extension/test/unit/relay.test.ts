@@ -162,10 +162,17 @@ describe('relay + session watcher against a fake supervisor', () => {
       assert.equal(fork.ok, false);
       assert.equal(!fork.ok && fork.error.codeName, 'UNIMPLEMENTED');
       assert.match(!fork.ok ? fork.error.message : '', /not built yet/);
+      // wd_mul is `optional`: the relay leaves it unset unless the view gives one (unset = the
+      // supervisor's 1.0; 0 = no weight decay). Decoded, an unset optional has no `_wd_mul`
+      // case (and, with a proto where it is not optional yet, reads as the default 0).
+      const forkCall = (): Record<string, unknown> => {
+        const { wd_mul: wd, _wd_mul: wdSet, ...rest } = { ...sup.lastCall('Fork') } as Record<string, unknown>;
+        return { ...rest, wd_mul: wdSet === 'wd_mul' ? wd : 'unset' };
+      };
       assert.deepEqual(
-        { ...sup.lastCall('Fork') },
+        forkCall(),
         {
-          run: 'main', select: 'quantile:0.85:1.0', budget_steps: 100, lr_mul: 0.5, wd_mul: 0, adapters_rank: 4, variants: 0, name: '', checkpoint: '',
+          run: 'main', select: 'quantile:0.85:1.0', budget_steps: 100, lr_mul: 0.5, wd_mul: 'unset', adapters_rank: 4, variants: 0, name: '', checkpoint: '',
           variant_lr_muls: [], race_eta: 0, race_metric: '', race_mode: '',
           early_stop_patience: 0, early_stop_metric: '', early_stop_min_delta: 0, early_stop_every: 0,
         },
@@ -174,13 +181,18 @@ describe('relay + session watcher against a fake supervisor', () => {
       // A race of variants spread around lr_mul, with every race option.
       await h.request('fork', { run: 'main', select: 'all', budgetSteps: 240, lrMul: 0.5, adaptersRank: 0, variants: 4, raceEta: 3, raceMetric: 'val', raceMode: 'sync', name: 'r' });
       assert.deepEqual(
-        { ...sup.lastCall('Fork') },
+        forkCall(),
         {
-          run: 'main', select: 'all', budget_steps: 240, lr_mul: 0.5, wd_mul: 0, adapters_rank: 0, variants: 4, name: 'r', checkpoint: '',
+          run: 'main', select: 'all', budget_steps: 240, lr_mul: 0.5, wd_mul: 'unset', adapters_rank: 0, variants: 4, name: 'r', checkpoint: '',
           variant_lr_muls: [], race_eta: 3, race_metric: 'val', race_mode: 'sync',
           early_stop_patience: 0, early_stop_metric: '', early_stop_min_delta: 0, early_stop_every: 0,
         },
       );
+      // A weight-decay multiplier the view gives goes as given, 0 included.
+      for (const wdMul of [0.5, 0]) {
+        await h.request('fork', { run: 'main', select: 'all', budgetSteps: 200, lrMul: 1, adaptersRank: 0, wdMul });
+        assert.equal((sup.lastCall('Fork') as Record<string, unknown>).wd_mul, wdMul);
+      }
       // Early stopping rides along to the supervisor as given.
       await h.request('fork', { run: 'main', select: 'all', budgetSteps: 200, lrMul: 1, adaptersRank: 0, earlyStopPatience: 3, earlyStopMetric: 'val', earlyStopMinDelta: 0.001, earlyStopEvery: 20 });
       const early = sup.lastCall('Fork') as Record<string, unknown>;
@@ -205,6 +217,13 @@ describe('relay + session watcher against a fake supervisor', () => {
         [{ variants: 4, raceMode: 'fast' }, /race mode must be one of asha, sync/],
         [{ variantLrMuls: [0.5, -1] }, /positive/],
         [{ variants: 20 }, /1\.\.16/],
+        // Early stopping the supervisor would refuse is refused here with its rule.
+        [{ earlyStopPatience: -1 }, /early-stop patience -1: must be an integer in 0\.\.1000000/],
+        [{ earlyStopMetric: 'val' }, /early-stop metric\/min delta\/every need a patience N \(N >= 1\)/],
+        [{ earlyStopPatience: 2, earlyStopMetric: 'train' }, /early-stop metric "train": one of slice, val/],
+        [{ earlyStopPatience: 2, earlyStopMinDelta: -0.5 }, /early-stop min delta -0\.5/],
+        [{ earlyStopPatience: 2, earlyStopEvery: 2.5 }, /early-stop every 2\.5/],
+        [{ earlyStopPatience: 3, earlyStopEvery: 80 }, /every 80 steps cannot stop a 240-step fork before its end/],
       ] as [Record<string, unknown>, RegExp][]) {
         const r = await h.request('fork', { run: 'main', select: 'all', budgetSteps: 240, lrMul: 1, adaptersRank: 0, ...params });
         assert.equal(!r.ok && r.error.codeName, 'INVALID_ARGUMENT', JSON.stringify(params));
@@ -215,7 +234,15 @@ describe('relay + session watcher against a fake supervisor', () => {
         h.relay.dispatch('fork', { run: 'main', select: 'all', budgetSteps: 240, lrMul: 1, adaptersRank: 0, variants: 1, raceMode: 'sync' }),
         (e: unknown) => e instanceof RpcError && e.codeName === 'INVALID_ARGUMENT' && /race options need 2 or more variants/.test(e.message),
       );
-      assert.equal(sup.calls.filter((c) => c.method === 'Fork').length, forks, 'no Fork RPC for a bad race');
+      await assert.rejects(
+        h.relay.dispatch('fork', { run: 'main', select: 'all', budgetSteps: 30, lrMul: 1, adaptersRank: 0, earlyStopPatience: 10 }),
+        (e: unknown) => e instanceof RpcError && e.codeName === 'INVALID_ARGUMENT' && /early-stop patience 10 with an evaluation every 3 steps cannot stop a 30-step fork/.test(e.message),
+      );
+      await assert.rejects(
+        h.relay.dispatch('fork', { run: 'main', select: 'all', budgetSteps: 30, lrMul: 1, adaptersRank: 0, earlyStopEvery: 5 }),
+        (e: unknown) => e instanceof RpcError && e.codeName === 'INVALID_ARGUMENT' && /need a patience/.test(e.message),
+      );
+      assert.equal(sup.calls.filter((c) => c.method === 'Fork').length, forks, 'no Fork RPC for a bad race or early stop');
 
       const stop = await h.request('stop', { run: 'main' });
       assert.equal(!stop.ok && stop.error.codeName, 'FAILED_PRECONDITION');
