@@ -1776,7 +1776,7 @@ class ForkRequest(_message.Message):
     lr_mul: _builtins.float
     """0 = 1.0"""
     wd_mul: _builtins.float
-    """0 = 1.0"""
+    """weight decay multiplier; unset = 1.0, 0 = no weight decay"""
     adapters_rank: _builtins.int
     """0 = full weights"""
     variants: _builtins.int
@@ -1827,7 +1827,7 @@ class ForkRequest(_message.Message):
         select: _builtins.str = ...,
         budget_steps: _builtins.int = ...,
         lr_mul: _builtins.float = ...,
-        wd_mul: _builtins.float = ...,
+        wd_mul: _builtins.float | None = ...,
         adapters_rank: _builtins.int = ...,
         variants: _builtins.int = ...,
         name: _builtins.str = ...,
@@ -1841,11 +1841,13 @@ class ForkRequest(_message.Message):
         early_stop_min_delta: _builtins.float = ...,
         early_stop_every: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_wd_mul", b"_wd_mul", "wd_mul", b"wd_mul"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_rank", b"adapters_rank", "budget_steps", b"budget_steps", "checkpoint", b"checkpoint", "early_stop_every", b"early_stop_every", "early_stop_metric", b"early_stop_metric", "early_stop_min_delta", b"early_stop_min_delta", "early_stop_patience", b"early_stop_patience", "lr_mul", b"lr_mul", "name", b"name", "race_eta", b"race_eta", "race_metric", b"race_metric", "race_mode", b"race_mode", "run", b"run", "select", b"select", "variant_lr_muls", b"variant_lr_muls", "variants", b"variants", "wd_mul", b"wd_mul"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_wd_mul", b"_wd_mul", "adapters_rank", b"adapters_rank", "budget_steps", b"budget_steps", "checkpoint", b"checkpoint", "early_stop_every", b"early_stop_every", "early_stop_metric", b"early_stop_metric", "early_stop_min_delta", b"early_stop_min_delta", "early_stop_patience", b"early_stop_patience", "lr_mul", b"lr_mul", "name", b"name", "race_eta", b"race_eta", "race_metric", b"race_metric", "race_mode", b"race_mode", "run", b"run", "select", b"select", "variant_lr_muls", b"variant_lr_muls", "variants", b"variants", "wd_mul", b"wd_mul"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__wd_mul: _TypeAlias = _typing.Literal["wd_mul"]  # noqa: Y015
+    _WhichOneofArgType__wd_mul: _TypeAlias = _typing.Literal["_wd_mul", b"_wd_mul"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__wd_mul) -> _WhichOneofReturnType__wd_mul | None: ...
 
 Global___ForkRequest: _TypeAlias = ForkRequest  # noqa: Y015
 

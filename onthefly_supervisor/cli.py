@@ -963,7 +963,6 @@ def cmd_rpc(a: argparse.Namespace) -> int:
             select=a.select,
             budget_steps=a.budget_steps,
             lr_mul=a.lr_mul,
-            wd_mul=a.wd_mul,
             adapters_rank=a.adapters,
             variants=a.variants,
             name=a.name or "",
@@ -975,6 +974,8 @@ def cmd_rpc(a: argparse.Namespace) -> int:
             early_stop_min_delta=a.early_stop_min_delta,
             early_stop_every=a.early_stop_every,
         )
+        if a.wd_mul is not None:
+            req.wd_mul = a.wd_mul  # set (0 = no weight decay); unset = the script's
         method = "Fork"
     elif c == "rollback":
         skips = []
@@ -1410,7 +1411,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--budget-steps", type=int, default=300)
     f.add_argument("--lr-mul", type=float, default=1.0)
-    f.add_argument("--wd-mul", type=float, default=1.0)
+    f.add_argument(
+        "--wd-mul",
+        type=float,
+        default=None,
+        help="multiply the weight decay (default 1; 0 = none)",
+    )
     f.add_argument("--adapters", type=int, default=0, metavar="RANK")
     f.add_argument(
         "--variants",

@@ -231,10 +231,13 @@ class MethodOps:
         if not 1 <= budget <= 10_000_000:
             raise ValueError(f"--budget-steps {budget}: must be in 1..10000000")
         lr_mul = float(req.lr_mul or 1.0)
-        wd_mul = float(req.wd_mul or 1.0)
-        for name, v in (("--lr-mul", lr_mul), ("--wd-mul", wd_mul)):
-            if not (math.isfinite(v) and 0 < v <= 1000):
-                raise ValueError(f"{name} {v}: must be a finite number in (0, 1000]")
+        wd_mul = float(req.wd_mul) if req.HasField("wd_mul") else 1.0
+        if not (math.isfinite(lr_mul) and 0 < lr_mul <= 1000):
+            raise ValueError(f"--lr-mul {lr_mul}: must be a finite number in (0, 1000]")
+        if not (math.isfinite(wd_mul) and 0 <= wd_mul <= 1000):
+            raise ValueError(
+                f"--wd-mul {wd_mul}: must be a finite number in [0, 1000] (0 = no weight decay)"
+            )
         if req.adapters_rank < 0 or req.adapters_rank > 4096:
             raise ValueError(
                 f"--adapters {req.adapters_rank}: must be 0 (full weights) or a rank in 1..4096"

@@ -197,3 +197,13 @@ def test_forking_a_merge_or_an_adapter_fork_is_refused_saying_what_to_fork(
         pb.ExportSliceRequest(run="main", select="all", format="csv", path=str(Path(sup.dir))),
     )
     assert code is grpc.StatusCode.INVALID_ARGUMENT and "is a directory" in msg, msg
+
+
+def test_wd_mul_zero_means_no_weight_decay_and_unset_means_the_scripts(sup: Supervisor) -> None:
+    svc = ControlServicer(sup)
+    none = svc.Fork(pb.ForkRequest(select="all", wd_mul=0.0), FakeContext())
+    same = svc.Fork(pb.ForkRequest(select="all"), FakeContext())
+    specs = {r.run_id: r.spec for r in sup.store.runs()}
+    assert specs[none.run_id]["wd_mul"] == 0.0 and specs[same.run_id]["wd_mul"] == 1.0
+    code, msg = _refused(svc, "Fork", pb.ForkRequest(select="all", wd_mul=-1.0))
+    assert "--wd-mul -1.0: must be a finite number in [0, 1000] (0 = no weight decay)" in msg
