@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -193,13 +194,22 @@ def _meta_script(sdir: str) -> str:
 
 
 # -- live control ----------------------------------------------------------------------------
-def _client() -> ControlClient:
+def _client(session: str | None = None) -> ControlClient:
     try:
-        c = connect()
+        c = connect(session)
     except FileNotFoundError as e:
         raise CliError(str(e)) from None
     except NoSupervisor as e:
         raise CliError(str(e)) from None
+    if session is None:
+        with contextlib.suppress(FileNotFoundError):
+            latest = resolve_session(None)
+            if os.path.realpath(latest) != os.path.realpath(c.conn.session_dir):
+                print(
+                    f"[onthefly] the latest session {os.path.basename(latest)} has ended; "
+                    f"this goes to the live session {os.path.basename(c.conn.session_dir)}",
+                    file=sys.stderr,
+                )
     return c
 
 
@@ -228,7 +238,7 @@ def _act(client: ControlClient, method: str, run: str, timeout: float = 60.0) ->
 
 def cmd_simple(a: argparse.Namespace) -> int:
     method = {"pause": "Pause", "test": "Test", "stop": "Stop", "checkpoint": "Checkpoint"}[a.cmd]
-    return _act(_client(), method, a.run)
+    return _act(_client(a.session), method, a.run)
 
 
 def cmd_shutdown(a: argparse.Namespace) -> int:
@@ -1361,6 +1371,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         c = sub.add_parser(name, help=text)
         c.add_argument("--run", default="main")
+        c.add_argument("--session", default=None, help="a live session's id (default: latest)")
         c.set_defaults(fn=cmd_simple)
 
     sd = sub.add_parser(

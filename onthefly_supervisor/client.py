@@ -11,7 +11,7 @@ import grpc
 
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_proto import onthefly_pb2_grpc as pbg
-from onthefly_supervisor.store import resolve_session
+from onthefly_supervisor.store import resolve_session, sessions_root
 
 TOKEN_KEY = "x-onthefly-token"
 
@@ -29,9 +29,42 @@ class Connection:
     pid: int
 
 
+def live_sessions(project_dir: str = ".") -> list[str]:
+    """The session folders of this project whose supervisor is alive, oldest first."""
+    root = sessions_root(project_dir)
+    out = []
+    try:
+        names = sorted(n for n in os.listdir(root) if n != "latest" and not n.startswith("."))
+    except OSError:
+        return []
+    for n in names:
+        try:
+            with open(os.path.join(root, n, "connection.json"), encoding="utf-8") as f:
+                pid = int(json.load(f).get("pid", 0))
+            if pid > 0:
+                os.kill(pid, 0)
+                out.append(os.path.realpath(os.path.join(root, n)))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def read_connection(session: str | None = None, project_dir: str = ".") -> Connection:
     sdir = resolve_session(session, project_dir)
     path = os.path.join(sdir, "connection.json")
+    if not os.path.exists(path) and session is None:
+        # The latest session has ended but an earlier one started here is still live (two
+        # `onthefly run`s in one project): the only live one is the one meant.
+        live = [d for d in live_sessions(project_dir) if d != sdir]
+        if len(live) == 1:
+            sdir, path = live[0], os.path.join(live[0], "connection.json")
+        elif live:
+            raise NoSupervisor(
+                f"the latest session {os.path.basename(sdir)} has ended and "
+                f"{len(live)} sessions are live here ("
+                + ", ".join(os.path.basename(d) for d in live)
+                + "); name one with --session ID"
+            )
     if not os.path.exists(path):
         resume = ", `onthefly resume` continues its runs" if _has_unfinished_main(sdir) else ""
         raise NoSupervisor(

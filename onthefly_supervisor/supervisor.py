@@ -806,7 +806,9 @@ class Supervisor:
             if w.spec.role is Role.FORK and isinstance(early, dict):
                 self._record_early_stop(run_id, early)
             failure = str(summary.get("error", "")) if status is RunStatus.FAILED else ""
-            self._set_run_status(run_id, status, failure or None)
+            # A completed run carries no error (an earlier interruption's is in the events).
+            done = "" if status is RunStatus.COMPLETED else None
+            self._set_run_status(run_id, status, failure or done)
             self.bus.publish(
                 "finished",
                 run_id,

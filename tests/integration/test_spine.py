@@ -169,6 +169,28 @@ def test_pause_resume_stop_from_cli(project: Path) -> None:
             live.proc.kill()
 
 
+def test_a_second_run_in_the_project_leaves_the_live_one_reachable(project: Path) -> None:
+    """A short second `onthefly run` in the same folder ends and becomes `latest`; the
+    commands then reach the one live session (saying so), or the one --session names."""
+    live = start(project, SMALL, "--epochs", "50", "--step-sleep", "0.02")
+    try:
+        live.wait_for(lambda s: live.main_run(s)["step"] >= 3)
+        r = cli("run", "--headless", "--port", "0", str(SMALL), "--epochs", "1", cwd=project)
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = cli("pause", cwd=project)
+        assert r.returncode == 0 and "paused at step" in r.stdout, r.stdout + r.stderr
+        assert "has ended; this goes to the live session " + live.session_dir.name in r.stderr
+        st = cli_json("status", cwd=project)
+        assert st["live"] and st["session_id"] == live.session_dir.name, st
+        r = cli("stop", "--session", live.session_dir.name, cwd=project)
+        assert r.returncode == 0, r.stderr
+        code, out = live.finish()
+        assert code == 0, out
+    finally:
+        if live.proc.poll() is None:
+            live.proc.kill()
+
+
 def _cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         parts = f.read().split(") ", 1)[1].split()
