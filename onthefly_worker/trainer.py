@@ -307,13 +307,24 @@ class _Loop(CommandLoop):
             self._early_stop_start()
             self._status(pb.WORKER_STATE_RUNNING, "training")
             self._train()
+            # The trained weights are safe before any evaluation: a test set that fails
+            # loses nothing (`onthefly resume` then runs only the test pass).
+            self._checkpoint("final", wait=True)
             if self.run_test_on_stop and self.test_loader is not None:
-                test = self._evaluate(self.test_loader, "test")
+                try:
+                    test = self._evaluate(self.test_loader, "test")
+                except Exception:
+                    self.log(
+                        f"the test pass failed after training ended (step {self.step}); the "
+                        f"trained weights are in {self.last_checkpoint}: fix the test data and "
+                        "`onthefly resume` runs only the test pass",
+                        "warning",
+                    )
+                    raise
                 if self._console():
                     print(f"[onthefly] test loss {test['loss']:.4f}", flush=True)
             if self.env.role == "fork":
                 self._fork_reports()
-            self._checkpoint("final", wait=True)
             status = "stopped" if self.stop_reason else "completed"
             self.conn.send(
                 finished=pb.RunFinished(

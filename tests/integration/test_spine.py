@@ -191,6 +191,22 @@ def test_a_second_run_in_the_project_leaves_the_live_one_reachable(project: Path
             live.proc.kill()
 
 
+def test_a_failing_test_pass_after_training_keeps_the_trained_weights(project: Path) -> None:
+    """do_test_after's test set raises: the run fails with the root cause, but the trained
+    weights were checkpointed first, and `onthefly resume` goes straight to the test pass."""
+    args = ("--epochs", "1", "--n", "128", "--test", "--bad-test-loader")
+    r = cli("run", "--headless", "--port", "0", str(SMALL), *args, cwd=project, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "KeyError: 'test record 40 missing'" in out, out
+    assert "the test pass failed after training ended (step 4); the trained weights are in " in out
+    final = sorted((_latest(project) / "checkpoints" / "main").glob("step-*.pt"))
+    assert final and final[-1].name == "step-00000004.pt", final
+    r = cli("resume", "--headless", "--port", "0", cwd=project, timeout=120)
+    out = r.stdout + r.stderr
+    assert "resuming main from checkpoints/main/step-00000004.pt" in out, out
+    assert "test record 40 missing" in out and cli_json("runs", cwd=project)["runs"][0]["step"] == 4
+
+
 def _cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         parts = f.read().split(") ", 1)[1].split()
