@@ -97,6 +97,40 @@ def test_plain_python_prints_pause_resume_test_and_stop_from_another_terminal(
     assert "(step " in lines[found[2]], lines[found[2]]  # the on-demand pass names its step
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_plain_python_stops_on_a_signal_with_a_checkpoint_like_onthefly_run(
+    project: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM (a scheduler) or Ctrl+C on `python train.py`: the run stops at a step boundary
+    with a checkpoint and is `stopped` (resumable), not failed or lost since its last one."""
+    p = subprocess.Popen(
+        [PY, str(SMALL), "--epochs", "200", "--step-sleep", "0.01"],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not a background job's
+    )
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            runs = cli_json("runs", cwd=project)["runs"] if _latest_exists(project) else []
+            if runs and runs[0]["step"] >= 20:
+                break
+            time.sleep(0.2)
+        p.send_signal(sig)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode in (128 + sig, -sig), (p.returncode, out)
+    main = cli_json("runs", cwd=project)["runs"][0]
+    assert main["status"] == "stopped", main
+    step = main["step"]
+    assert (_latest(project) / "checkpoints" / "main" / f"step-{step:08d}.pt").exists(), out
+    assert f"stopped at step {step} (checkpoints/main/step-{step:08d}.pt)" in out, out
+
+
 def test_a_fork_of_a_plain_python_run_finishes_after_the_script_exits(project: Path) -> None:
     proc = _plain_python(project, "--epochs", "3", "--step-sleep", "0.03")
     try:
