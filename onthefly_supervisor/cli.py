@@ -60,7 +60,11 @@ def cmd_run(a: argparse.Namespace) -> int:
         hang_timeout_s=a.hang_timeout,
         warm_forks=a.warm_forks,
     )
-    return _serve(Supervisor(cfg), headless=a.headless)
+    try:
+        sup = Supervisor(cfg)
+    except ValueError as e:  # a bad option value (e.g. --gpus naming a GPU that is not there)
+        raise CliError(str(e)) from None
+    return _serve(sup, headless=a.headless)
 
 
 def _serve(sup: Supervisor, headless: bool) -> int:
@@ -1284,6 +1288,14 @@ def _race_losers(client: ControlClient, race: dict[str, Any]) -> list[str]:
     return out
 
 
+def _gpus(text: str) -> str:
+    if text != "auto" and not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text):
+        raise argparse.ArgumentTypeError(
+            f"--gpus must be 'auto' or a comma list of GPU indices (e.g. 0,1), got {text!r}"
+        )
+    return text
+
+
 def _port(s: str) -> int:
     try:
         v = int(s)
@@ -1330,7 +1342,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="restart a crashed main worker from its last checkpoint",
     )
-    r.add_argument("--gpus", default="auto", help="'auto' or a comma list of GPU indices for forks")
+    r.add_argument(
+        "--gpus", type=_gpus, default="auto", help="'auto' or a comma list of GPU indices for forks"
+    )
     r.add_argument(
         "--hang-timeout",
         type=float,

@@ -302,3 +302,14 @@ def test_the_compare_table_shows_a_missing_loss_as_a_dash(capsys: Any) -> None:
     _print_matrix(["main", "fork-1"], ["val", "fork-1"], [float("nan"), 0.5, None, float("inf")])
     rows = capsys.readouterr().out.splitlines()
     assert rows[1].split() == ["main", "—", "0.5"] and rows[2].split() == ["fork-1", "—", "inf"]
+
+
+def test_gpus_option_is_checked_when_parsed() -> None:
+    import argparse
+
+    from onthefly_supervisor.cli import _gpus
+
+    assert _gpus("auto") == "auto" and _gpus("0, 1") == "0, 1"
+    for bad in ("banana", "-1", "0,,1", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="comma list of GPU indices"):
+            _gpus(bad)
