@@ -403,11 +403,17 @@ def _stored_status(sdir: str, as_json: bool) -> int:
         }
         print(json.dumps(d, indent=2))
         return 0
+    main = next((r for r in runs if r.run_id == "main"), None)
+    where = (
+        "from its last checkpoint"
+        if main is not None and main.last_checkpoint
+        else "from the beginning (it has no checkpoint)"
+    )
     why = (
         "gone: killed? `onthefly resume` continues its runs"
         if gone
-        else "stopped; `onthefly resume` continues from its last checkpoint"
-        if state == "stopped"
+        else f"{state}; `onthefly resume` continues {where}"
+        if state in ("stopped", "failed")
         else f"{state}; `onthefly runs` for the lineage"
     )
     print(f"session {os.path.basename(sdir)} · no live supervisor ({why}) · {script}")

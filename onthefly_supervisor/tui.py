@@ -207,8 +207,16 @@ class TerminalView:
                 self.print(f"[onthefly] {ev.run_id} {p.get('status')}{extra}")
         elif k == "log":
             lvl = p.get("level", "info")
+            text = str(p.get("text", ""))
             if lvl == "debug":
                 pass  # housekeeping (pruning...): in the store's events, not on the terminal
+            elif (
+                lvl == "error"
+                and ev.run_id == "main"
+                and text.startswith(("the script exited with code ", "the script failed after "))
+                and not (self.sup.cfg.keep_alive or self.sup.bus.dashboards)
+            ):
+                pass  # the session ends on it: its last line says the same
             elif (
                 lvl == "error"
                 and re.match(r"worker \S+ failed: ", str(p.get("text", "")))

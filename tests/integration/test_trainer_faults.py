@@ -36,7 +36,8 @@ def test_a_second_fit_is_a_clear_error_and_a_nonzero_exit(project: Path) -> None
     code, out = _run(project, "--epochs", "1", "--second-fit")
     assert code == 1, out
     assert "Trainer.fit() was already called in this script (run main)" in out, out
-    assert "the script failed after main completed" in out, out
+    assert out.count("the script failed after ") == 1, out  # once: the last line
+    assert "the script failed after its run completed: " in out.rstrip().splitlines()[-1], out
     assert "main run failed: the main run failed" not in out, out
     assert "already attached" not in out  # the old, internal symptom
 
@@ -49,6 +50,7 @@ def test_sys_exit_after_fit_is_the_exit_code_of_onthefly_run(project: Path) -> N
     assert out.rstrip().splitlines()[-1] == (
         "[onthefly] the script exited with code 3 after its run completed"
     ), out
+    assert out.count("the script exited with code 3") == 1, out
 
 
 def test_reduce_lr_on_plateau_stepped_per_step_uses_the_step_loss(project: Path) -> None:
