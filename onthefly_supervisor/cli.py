@@ -46,6 +46,8 @@ def _script_path(script: str) -> str:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    if not a.script:
+        raise CliError("run needs your training script: onthefly run train.py [ARGS...]")
     script = _script_path(a.script)
     cfg = SupervisorConfig(
         script=script,
@@ -1365,8 +1367,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="standby copies of the script kept ready to become forks (auto: 1; on a CPU-only "
         "machine with < 4 cores it starts after the first fork)",
     )
-    r.add_argument("script")
-    r.add_argument("args", nargs=argparse.REMAINDER)
+    r.add_argument("script", nargs="?", default=None, help="your training script")
+    r.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments")
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser(
