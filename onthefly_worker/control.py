@@ -6,9 +6,13 @@ command is acknowledged with what happened — lives here once.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -52,6 +56,69 @@ class CommandLoop(ABC):
 
     def _request_stop(self, reason: str) -> None:
         self.stop_reason = reason
+
+    # -- `python train.py`: Ctrl+C / SIGTERM --------------------------------------------------
+    interrupted: int = 0
+    """The signal that stopped a `python train.py` run at a step boundary (0: none)."""
+
+    @contextlib.contextmanager
+    def graceful_signals(self, enabled: bool) -> Iterator[None]:
+        """`python train.py` (`enabled`): the first Ctrl+C/SIGTERM stops the run at the next
+        step boundary with a checkpoint, as `onthefly run` does (`onthefly resume` continues
+        it); a second one interrupts at once. Handlers the script installed are left alone."""
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        defaults: dict[int, Any] = {
+            signal.SIGINT: signal.default_int_handler,
+            signal.SIGTERM: signal.SIG_DFL,
+        }
+        mine = [sig for sig, h in defaults.items() if signal.getsignal(sig) is h]
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            if self.interrupted:
+                for sig in mine:
+                    signal.signal(sig, defaults[sig])
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise SystemExit(128 + signum)
+            self.interrupted = signum
+            what = "Ctrl+C" if signum == signal.SIGINT else "SIGTERM"
+            self._request_stop(f"interrupted ({what})")
+            self.run_test_on_stop = False
+            self.paused = False
+            if self.conn is not None:
+                self.conn.command_event.set()
+            print(
+                f"[onthefly] {what}: stopping at the next step boundary with a checkpoint "
+                "(again to interrupt at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        for sig in mine:
+            signal.signal(sig, on_signal)
+        try:
+            yield
+        finally:
+            for sig in mine:
+                if signal.getsignal(sig) is on_signal:
+                    signal.signal(sig, defaults[sig])
+
+    def end_as_interrupted(self, step: int, checkpoint: str) -> None:
+        """After a run stopped by `graceful_signals`: say where, then end the script as the
+        signal asks (KeyboardInterrupt for Ctrl+C, exit 128 + N otherwise)."""
+        if not self.interrupted:
+            return
+        print(
+            f"[onthefly] stopped at step {step} ({checkpoint or 'no checkpoint'}); "
+            "`onthefly resume` continues it",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.interrupted == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + self.interrupted)
 
     def _health(self, cmd: Command) -> None:
         assert self.conn is not None

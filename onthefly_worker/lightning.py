@@ -1365,11 +1365,13 @@ class _LightningRun(CommandLoop):
         assert self.conn is not None and self.rec is not None
         self._phase = None
         self.rec.flush()
+        # The trained weights are safe before any evaluation (a failing test set loses
+        # nothing; `onthefly resume` then runs only the test pass).
+        self._checkpoint("final", wait=True)
         if self.run_test_on_stop and self.test_loader is not None:
             self.evaluate(self.test_loader, "test")
         if self.env is not None and self.env.role == "fork":
             self._fork_reports()
-        self._checkpoint("final", wait=True)
         stopped = bool(self.stop_reason)
         self.status = "stopped" if stopped else "completed"
         self.conn.send(
@@ -1472,6 +1474,12 @@ class _LightningRun(CommandLoop):
     def on_exception(self, exc: BaseException) -> None:
         if self.conn is None or self.finished:
             return
+        if self.interrupted and type(exc).__name__ == "SIGTERMException":
+            # `python train.py` got SIGTERM: ours asked for the stop, Lightning's raised it
+            # at a batch boundary; a stopped run with its checkpoint, not a failure.
+            with contextlib.suppress(Exception):
+                self.finish()
+                return
         if self.rec is not None:
             with contextlib.suppress(Exception):
                 self.rec.flush()
@@ -1780,9 +1788,20 @@ def attach_lightning(
             from onthefly_worker.lightning_health import replay_and_report
 
             raise SystemExit(replay_and_report(run, lambda: original_fit(*args, **kwargs)))
+        selfhosted = bool(os.environ.get("ONTHEFLY_SELFHOSTED")) and run.env.role == "train"
         try:
-            out = original_fit(*args, **kwargs)
+            # Lightning's own Ctrl+C handling marks the run failed and exits: `python
+            # train.py` stops at a step boundary with a checkpoint instead (`onthefly run`'s
+            # supervisor does that itself).
+            with run.graceful_signals(selfhosted):
+                out = original_fit(*args, **kwargs)
             run.finish()  # no-op unless Lightning skipped training (e.g. max_epochs already met)
+        except BaseException as e:  # noqa: BLE001 - SIGTERMException is a SystemExit
+            # Lightning's own SIGTERM handler raises at the next batch once ours has asked
+            # for the stop: the run has been finished as stopped (see on_exception).
+            if not (run.interrupted and type(e).__name__ == "SIGTERMException"):
+                raise
+            out = None
         finally:
             run.close()
         att.result = {
@@ -1791,6 +1810,7 @@ def attach_lightning(
             "epoch": run.epoch,
             "checkpoint": run.last_checkpoint,
         }
+        run.end_as_interrupted(run.step, run.last_checkpoint)
         if run.env is not None and run.env.role != "train":
             # A fork's job ends with its role; the rest of the script is the generalist's.
             raise SystemExit(0 if run.status == "completed" else 1)

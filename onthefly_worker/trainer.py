@@ -13,11 +13,7 @@ import contextlib
 import json
 import math
 import os
-import signal
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -171,18 +167,7 @@ class Trainer:
         )
         result = loop.run()
         self.state = result
-        if loop.interrupted:
-            # `python train.py` got Ctrl+C/SIGTERM: the run stopped at a step boundary with a
-            # checkpoint; the script ends as the signal asks, after fit().
-            print(
-                f"[onthefly] stopped at step {result['step']} ({result['checkpoint']}); "
-                "`onthefly resume` continues it",
-                file=sys.stderr,
-                flush=True,
-            )
-            if loop.interrupted == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + loop.interrupted)
+        loop.end_as_interrupted(result["step"], result["checkpoint"])
         if env.role != "train":
             # A fork worker's job ends with its role; the rest of the script is the generalist's.
             raise SystemExit(0 if result.get("status") == "completed" else 1)
@@ -231,7 +216,6 @@ class _Loop(CommandLoop):
         self.sample_steps = 0
         self.paused = False
         self.stop_reason = ""
-        self.interrupted = 0  # the signal that stopped a `python train.py` run (0: none)
         self.run_test_on_stop = cfg.do_test_after
         self.nonfinite_run = 0
         self.nonfinite_total = 0
@@ -272,52 +256,8 @@ class _Loop(CommandLoop):
         self._last_hb = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _graceful_signals(self) -> Iterator[None]:
-        """`python train.py`: the first Ctrl+C/SIGTERM stops the run at the next step
-        boundary with a checkpoint, as `onthefly run` does (`onthefly resume` continues
-        it); a second one interrupts at once. Handlers the script installed are left alone."""
-        if not self._console() or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        defaults: dict[int, Any] = {
-            signal.SIGINT: signal.default_int_handler,
-            signal.SIGTERM: signal.SIG_DFL,
-        }
-        mine = [sig for sig, h in defaults.items() if signal.getsignal(sig) is h]
-
-        def on_signal(signum: int, _frame: Any) -> None:
-            if self.interrupted:
-                for sig in mine:
-                    signal.signal(sig, defaults[sig])
-                if signum == signal.SIGINT:
-                    raise KeyboardInterrupt
-                raise SystemExit(128 + signum)
-            self.interrupted = signum
-            what = "Ctrl+C" if signum == signal.SIGINT else "SIGTERM"
-            self._request_stop(f"interrupted ({what})")
-            self.run_test_on_stop = False
-            self.paused = False
-            if self.conn is not None:
-                self.conn.command_event.set()
-            print(
-                f"[onthefly] {what}: stopping at the next step boundary with a checkpoint "
-                f"(again to interrupt at once)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-        for sig in mine:
-            signal.signal(sig, on_signal)
-        try:
-            yield
-        finally:
-            for sig in mine:
-                if signal.getsignal(sig) is on_signal:
-                    signal.signal(sig, defaults[sig])
-
     def run(self) -> dict[str, Any]:
-        with self._graceful_signals():
+        with self.graceful_signals(self._console()):
             return self._run()
 
     def _run(self) -> dict[str, Any]:
