@@ -265,6 +265,16 @@ class Autopilot:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"plan {card.plan_id} is {card.status.value}, not proposed",
                 )
+            target = self.sup.store.run(card.target_run)
+            if card.action is pl.Action.EXPLORE and target is not None and target.status.terminal:
+                # Its race exists to hand the winning lr to the run, which can no longer
+                # take it: racing now would only spend compute.
+                raise ControlError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"plan {card.plan_id} races lr multipliers for {card.target_run} to adopt, "
+                    f"but {card.target_run} has {target.status.value}: reject it, or race forks "
+                    "yourself (`onthefly fork --variants N`)",
+                )
             self._set(card.with_status(pl.PlanStatus.APPROVED))
         threading.Thread(target=self._execute, args=(card.plan_id,), daemon=True).start()
         return pb.ActionReply(

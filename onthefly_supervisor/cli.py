@@ -910,9 +910,14 @@ def cmd_import_session(a: argparse.Namespace) -> int:
             )
         )
     else:
-        print(
-            f"imported session {res.session_id} ({res.files} files); `onthefly resume` continues it"
+        from onthefly_supervisor.client import _has_unfinished_main
+
+        then = (
+            "`onthefly resume` continues it"
+            if _has_unfinished_main(res.session_dir)
+            else "`onthefly runs` shows it, `onthefly serve` serves it to the dashboard"
         )
+        print(f"imported session {res.session_id} ({res.files} files); {then}")
     return 0
 
 

@@ -435,3 +435,40 @@ def test_runs_view_says_where_a_fork_stopped_early() -> None:
     assert _early_stop_note(spec) == (
         " · stopped early at step 60 (slice loss best 0.4123 at step 30; no gain > 0.01 in 3 evals)"
     )
+
+
+def test_an_explore_card_is_not_approved_once_its_run_has_finished(tmp_path: Path) -> None:
+    """Its race exists to hand the winning lr to the run: after the run ends, approving it
+    would only spend compute (a card proposed at a plateau can wait that long)."""
+    from types import SimpleNamespace
+
+    from onthefly_proto import onthefly_pb2 as pb
+    from onthefly_supervisor.autopilot import Autopilot
+    from onthefly_supervisor.lifecycle import RunStatus
+    from onthefly_supervisor.planner.detectors import Detection, DetectionKind
+    from onthefly_supervisor.planner.policy import PlannerState, propose
+    from onthefly_supervisor.supervisor import ControlError
+
+    status = {"main": RunStatus.RUNNING}
+    sup = SimpleNamespace(
+        automode=False,
+        bus=SimpleNamespace(publish=lambda *a, **kw: None),
+        store=SimpleNamespace(
+            put_plan=lambda *a: None,
+            run=lambda r: SimpleNamespace(status=status[r]) if r in status else None,
+            evals=lambda r: [],
+        ),
+        dir=str(tmp_path),
+        control_hooks={},
+        tick_hooks=[],
+        busy_hooks=[],
+        final_hooks=[],
+    )
+    ap = Autopilot(sup)  # type: ignore[arg-type]
+    d = Detection(DetectionKind.PLATEAU, 1000, 0.8, "plateau", {})
+    explore = propose([d], PlannerState(), ap.config, 1000, {"active_children": 0})[0]
+    ap._set(explore)
+    status["main"] = RunStatus.COMPLETED
+    with pytest.raises(ControlError, match="but main has completed: reject it"):
+        ap.approve(pb.PlanRequest(plan_id=explore.plan_id))
+    assert ap.cards[explore.plan_id].status.value == "proposed"
