@@ -17,7 +17,7 @@ import grpc
 
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_supervisor import serde
-from onthefly_supervisor.client import ControlClient, NoSupervisor, connect
+from onthefly_supervisor.client import ControlClient, NoSupervisor, connect, supervisor_alive
 from onthefly_supervisor.store import Store, resolve_session, sessions_root
 from onthefly_supervisor.supervisor import (
     DEFAULT_PORT,
@@ -342,7 +342,7 @@ def cmd_status(a: argparse.Namespace) -> int:
             sdir = resolve_session(None)
         except FileNotFoundError:  # no session at all: an error
             raise CliError(str(e)) from None
-        if _live(sdir):  # its supervisor lives but does not answer
+        if supervisor_alive(sdir):  # its supervisor lives but does not answer
             raise CliError(str(e)) from None
         return _stored_status(sdir, a.json)
     d = {**_status_dict(st), "live": True}
@@ -380,7 +380,8 @@ def _stored_status(sdir: str, as_json: bool) -> int:
     finally:
         st.close()
     gone = os.path.exists(os.path.join(sdir, "connection.json"))
-    main_status = next((r.status.value for r in runs if r.run_id == "main"), "")
+    main = next((r for r in runs if r.run_id == "main"), None)
+    main_status = main.status.value if main is not None else ""
     state = (
         "supervisor gone"
         if gone
@@ -405,7 +406,6 @@ def _stored_status(sdir: str, as_json: bool) -> int:
         }
         print(json.dumps(d, indent=2))
         return 0
-    main = next((r for r in runs if r.run_id == "main"), None)
     where = (
         "from its last checkpoint"
         if main is not None and main.last_checkpoint
@@ -600,7 +600,7 @@ def cmd_sessions(a: argparse.Namespace) -> int:
             except Exception as e:  # a damaged session is listed, not fatal
                 rows.append({"session_id": n, "error": str(e)})
                 continue
-            live = _live(d)
+            live = supervisor_alive(d)
             size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(d) for f in fs)
             main = next((r for r in runs if r.run_id == "main"), None)
             # Killed (SIGKILL): its connection.json stays, naming a dead pid.
@@ -637,7 +637,7 @@ def cmd_sessions(a: argparse.Namespace) -> int:
         if not a.session:
             raise CliError("sessions rm needs a SESSION id")
         d = resolve_session(a.session)
-        if _live(d):
+        if supervisor_alive(d):
             raise CliError(
                 f"session {a.session} is live; end it first (`onthefly shutdown` in its project)"
             )
@@ -652,7 +652,7 @@ def cmd_sessions(a: argparse.Namespace) -> int:
         removed = []
         for n in names[:-keep] if keep else names:
             d = os.path.join(root, n)
-            if _live(d):
+            if supervisor_alive(d):
                 continue
             shutil.rmtree(d, ignore_errors=True)
             removed.append(n)
@@ -680,21 +680,10 @@ def cmd_sessions(a: argparse.Namespace) -> int:
     raise CliError(f"unknown sessions action {a.action}")
 
 
-def _live(sdir: str) -> bool:
-    path = os.path.join(sdir, "connection.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            pid = int(json.load(f).get("pid", 0))
-        os.kill(pid, 0)
-        return pid > 0
-    except (OSError, ValueError):
-        return False
-
-
 def _serving(sdir: str) -> ControlClient | None:
     """A client of the live supervisor serving the session folder `sdir`, or None when the
     session has none (finished, or its supervisor does not answer)."""
-    if not _live(sdir):
+    if not supervisor_alive(sdir):
         return None
     try:
         client = connect(sdir)
@@ -1183,7 +1172,7 @@ def _stored_run(run_id: str) -> dict[str, Any] | None:
         sdir = resolve_session(None)
     except FileNotFoundError:
         return None
-    if _live(sdir):
+    if supervisor_alive(sdir):
         return None
     st = Store(sdir, readonly=True)
     try:

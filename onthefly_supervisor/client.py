@@ -29,24 +29,28 @@ class Connection:
     pid: int
 
 
+def supervisor_alive(sdir: str) -> bool:
+    """Whether the session folder's supervisor process (its connection.json's pid) lives."""
+    try:
+        with open(os.path.join(sdir, "connection.json"), encoding="utf-8") as f:
+            pid = int(json.load(f).get("pid", 0))
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def live_sessions(project_dir: str = ".") -> list[str]:
     """The session folders of this project whose supervisor is alive, oldest first."""
     root = sessions_root(project_dir)
-    out = []
     try:
         names = sorted(n for n in os.listdir(root) if n != "latest" and not n.startswith("."))
     except OSError:
         return []
-    for n in names:
-        try:
-            with open(os.path.join(root, n, "connection.json"), encoding="utf-8") as f:
-                pid = int(json.load(f).get("pid", 0))
-            if pid > 0:
-                os.kill(pid, 0)
-                out.append(os.path.realpath(os.path.join(root, n)))
-        except (OSError, ValueError):
-            continue
-    return out
+    dirs = [os.path.realpath(os.path.join(root, n)) for n in names]
+    return [d for d in dirs if supervisor_alive(d)]
 
 
 def read_connection(session: str | None = None, project_dir: str = ".") -> Connection:

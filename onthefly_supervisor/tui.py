@@ -195,12 +195,8 @@ class TerminalView:
             )
         elif k == "run_status" and rv is not None:
             rv.status = str(p.get("status"))
-            if (
-                p.get("status") == "failed"
-                and ev.run_id == "main"
-                and not (self.sup.cfg.keep_alive or self.sup.bus.dashboards)
-            ):
-                pass  # the session ends on it: its last line says "main run failed: <cause>"
+            if p.get("status") == "failed" and self._session_ends_on(ev.run_id):
+                pass  # its last line says "main run failed: <cause>"
             elif p.get("status") in ("paused", "completed", "failed", "stopped"):
                 err = str(p.get("error") or "")
                 extra = f": {err}" if err and not self._said(err) else ""
@@ -212,28 +208,19 @@ class TerminalView:
                 pass  # housekeeping (pruning...): in the store's events, not on the terminal
             elif (
                 lvl == "error"
-                and ev.run_id == "main"
                 and text.startswith(("the script exited with code ", "the script failed after "))
-                and not (self.sup.cfg.keep_alive or self.sup.bus.dashboards)
+                and self._session_ends_on(ev.run_id)
             ):
-                pass  # the session ends on it: its last line says the same
-            elif (
-                lvl == "error"
-                and re.match(r"worker \S+ failed: ", str(p.get("text", "")))
-                and self._said(str(p.get("text", "")))
-            ):
+                pass  # its last line says the same
+            elif lvl == "error" and re.match(r"worker \S+ failed: ", text) and self._said(text):
                 pass  # "worker X failed: <root cause>": printed with its traceback already
             elif (
                 lvl in ("warning", "error")
                 or ev.run_id == ""
-                or "resum" in str(p.get("text", ""))
-                or "paused" in str(p.get("text", ""))
+                or "resum" in text
+                or "paused" in text
             ):
-                self.print(
-                    f"[onthefly] {lvl}: {p.get('text')}"
-                    if lvl != "info"
-                    else f"[onthefly] {p.get('text')}"
-                )
+                self.print(f"[onthefly] {lvl}: {text}" if lvl != "info" else f"[onthefly] {text}")
         elif k == "error":
             where = location(p.get("filename"), p.get("lineno"))
             self._errors.append(str(p.get("message") or ""))
@@ -244,6 +231,11 @@ class TerminalView:
             self.print(
                 f"[onthefly] plan {p.get('plan_id')}: {p.get('action')} ({p.get('reason')}) → {p.get('status')}"
             )
+
+    def _session_ends_on(self, run_id: str) -> bool:
+        """Whether this event of `run_id` ends the session, whose last line (printed by
+        `onthefly run`) then gives its cause: the main run's, with nothing keeping it open."""
+        return run_id == "main" and not (self.sup.cfg.keep_alive or self.sup.bus.dashboards)
 
     def _render(self) -> Any:
         from rich.console import Group

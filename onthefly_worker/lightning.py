@@ -1471,12 +1471,16 @@ class _LightningRun(CommandLoop):
             self._log(es.describe())
             self._request_stop("")
 
+    def stopped_by_sigterm(self, exc: BaseException) -> bool:
+        """Lightning's own SIGTERM handler raises SIGTERMException at the next batch; after
+        ours (graceful_signals) has asked for the stop, that is the stop, not a failure."""
+        return bool(self.interrupted) and type(exc).__name__ == "SIGTERMException"
+
     def on_exception(self, exc: BaseException) -> None:
         if self.conn is None or self.finished:
             return
-        if self.interrupted and type(exc).__name__ == "SIGTERMException":
-            # `python train.py` got SIGTERM: ours asked for the stop, Lightning's raised it
-            # at a batch boundary; a stopped run with its checkpoint, not a failure.
+        if self.stopped_by_sigterm(exc):
+            # `python train.py` got SIGTERM: a stopped run with its checkpoint, not a failure.
             with contextlib.suppress(Exception):
                 self.finish()
                 return
@@ -1797,9 +1801,7 @@ def attach_lightning(
                 out = original_fit(*args, **kwargs)
             run.finish()  # no-op unless Lightning skipped training (e.g. max_epochs already met)
         except BaseException as e:  # noqa: BLE001 - SIGTERMException is a SystemExit
-            # Lightning's own SIGTERM handler raises at the next batch once ours has asked
-            # for the stop: the run has been finished as stopped (see on_exception).
-            if not (run.interrupted and type(e).__name__ == "SIGTERMException"):
+            if not run.stopped_by_sigterm(e):  # else finished as stopped (on_exception)
                 raise
             out = None
         finally:

@@ -145,6 +145,49 @@ def start(
     raise AssertionError("supervisor did not write connection.json")
 
 
+def wait_main_step(project: Path, step: int, timeout: float = 60) -> None:
+    """Wait (at most `timeout` s) until the latest session's main run has trained `step`
+    steps: for a `python train.py` run, which `start()` does not launch."""
+    db = project / ".onthefly" / "sessions" / "latest" / "session.db"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = cli_json("runs", cwd=project)["runs"] if db.exists() else []
+        if runs and runs[0]["step"] >= step:
+            return
+        time.sleep(0.2)
+
+
+def interrupt_plain_python(
+    project: Path, script: Path, args: tuple[str, ...], sig: int, timeout: float = 60
+) -> str:
+    """`python SCRIPT ARGS` in the project, sent `sig` once its main run has trained 20
+    steps; checks it stopped with a checkpoint at its step (status `stopped`, exit by the
+    signal, the 'stopped at step N' line); returns its output."""
+    p = subprocess.Popen(
+        [PY, str(script), *args],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not a background job's
+    )
+    try:
+        wait_main_step(project, 20, timeout)
+        p.send_signal(sig)
+        out, _ = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode in (128 + sig, -sig), (p.returncode, out)
+    main = cli_json("runs", cwd=project)["runs"][0]
+    assert main["status"] == "stopped", main
+    step = main["step"]
+    sdir = (project / ".onthefly" / "sessions" / "latest").resolve()
+    assert (sdir / "checkpoints" / "main" / f"step-{step:08d}.pt").exists(), out
+    assert f"stopped at step {step} (checkpoints/main/step-{step:08d}.pt)" in out, out
+    return out
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

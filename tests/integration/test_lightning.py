@@ -25,7 +25,7 @@ from torch import nn
 
 from onthefly_worker.errors import OnTheFlyError
 from onthefly_worker.lightning import normalize_model_factory, prediction_of
-from tests.conftest import EXAMPLES, PY, cli, cli_json, start
+from tests.conftest import EXAMPLES, PY, cli, cli_json, interrupt_plain_python, start
 
 LIT = """
 import argparse
@@ -604,30 +604,6 @@ def test_plain_python_lightning_stops_on_a_signal_with_a_checkpoint(
     """`python lit_train.py` + SIGTERM/Ctrl+C: a stopped run with a checkpoint at the step,
     as under `onthefly run` (Lightning alone marks it failed: its SIGTERM handler raises,
     and its Ctrl+C handling exits 1)."""
-    p = subprocess.Popen(
-        [PY, str(_script(project)), "--epochs", "200", "--step-sleep", "0.01"],
-        cwd=project,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            ok = (project / ".onthefly" / "sessions" / "latest" / "session.db").exists()
-            runs = cli_json("runs", cwd=project)["runs"] if ok else []
-            if runs and runs[0]["step"] >= 20:
-                break
-            time.sleep(0.2)
-        p.send_signal(sig)
-        out, _ = p.communicate(timeout=90)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode in (128 + sig, -sig), (p.returncode, out)
-    main = cli_json("runs", cwd=project)["runs"][0]
-    assert main["status"] == "stopped" and not main["error"], main
-    step = main["step"]
-    assert (_latest(project) / "checkpoints" / "main" / f"step-{step:08d}.pt").exists(), out
-    assert f"stopped at step {step} (checkpoints/main/step-{step:08d}.pt)" in out, out
+    args = ("--epochs", "200", "--step-sleep", "0.01")
+    interrupt_plain_python(project, _script(project), args, sig, timeout=90)
+    assert not cli_json("runs", cwd=project)["runs"][0]["error"]

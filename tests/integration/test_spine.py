@@ -17,7 +17,17 @@ import torch
 
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_proto import onthefly_pb2_grpc as pbg
-from tests.conftest import EXAMPLES, PY, SCRIPTS, cli, cli_json, pid_alive, start
+from tests.conftest import (
+    EXAMPLES,
+    PY,
+    SCRIPTS,
+    cli,
+    cli_json,
+    interrupt_plain_python,
+    pid_alive,
+    start,
+    wait_main_step,
+)
 
 SMALL = SCRIPTS / "train_small.py"
 
@@ -103,43 +113,13 @@ def test_plain_python_stops_on_a_signal_with_a_checkpoint_like_onthefly_run(
 ) -> None:
     """SIGTERM (a scheduler) or Ctrl+C on `python train.py`: the run stops at a step boundary
     with a checkpoint and is `stopped` (resumable), not failed or lost since its last one."""
-    p = subprocess.Popen(
-        [PY, str(SMALL), "--epochs", "200", "--step-sleep", "0.01"],
-        cwd=project,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not a background job's
-    )
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            runs = cli_json("runs", cwd=project)["runs"] if _latest_exists(project) else []
-            if runs and runs[0]["step"] >= 20:
-                break
-            time.sleep(0.2)
-        p.send_signal(sig)
-        out, _ = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode in (128 + sig, -sig), (p.returncode, out)
-    main = cli_json("runs", cwd=project)["runs"][0]
-    assert main["status"] == "stopped", main
-    step = main["step"]
-    assert (_latest(project) / "checkpoints" / "main" / f"step-{step:08d}.pt").exists(), out
-    assert f"stopped at step {step} (checkpoints/main/step-{step:08d}.pt)" in out, out
+    interrupt_plain_python(project, SMALL, ("--epochs", "200", "--step-sleep", "0.01"), sig)
 
 
 def test_a_fork_of_a_plain_python_run_finishes_after_the_script_exits(project: Path) -> None:
     proc = _plain_python(project, "--epochs", "3", "--step-sleep", "0.03")
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            runs = cli_json("runs", cwd=project)["runs"] if _latest_exists(project) else []
-            if runs and runs[0]["step"] >= 25:
-                break
-            time.sleep(0.2)
+        wait_main_step(project, 25)
         r = cli(
             "fork",
             "--run",
@@ -164,10 +144,6 @@ def test_a_fork_of_a_plain_python_run_finishes_after_the_script_exits(project: P
     assert not (sdir / "connection.json").exists(), "the supervisor exits after the fork"
     fork = next(r for r in cli_json("runs", cwd=project)["runs"] if r["run_id"] == "fork-1")
     assert fork["status"] == "completed" and fork["step"] == 90, fork
-
-
-def _latest_exists(project: Path) -> bool:
-    return (project / ".onthefly" / "sessions" / "latest" / "session.db").exists()
 
 
 def test_pause_resume_stop_from_cli(project: Path) -> None:

@@ -327,28 +327,42 @@ def test_early_stop_counts_evaluations_without_an_improvement_above_min_delta() 
 
 
 # -- automode: the plan card's early_stop reaches the fork request -------------------------
-def test_automode_forks_and_explores_use_the_cards_early_stop(tmp_path: Path) -> None:
+def _autopilot(tmp_path: Path, publish: Any, store: Any, **more: Any) -> Any:
+    """An Autopilot over a stand-in supervisor: its bus's publish, its store, `more`."""
     from types import SimpleNamespace
 
-    from onthefly_proto import onthefly_pb2 as pb
-    from onthefly_supervisor.autopilot import Autopilot, Execution
-    from onthefly_supervisor.planner.detectors import Detection, DetectionKind
-    from onthefly_supervisor.planner.policy import PlannerState, propose
+    from onthefly_supervisor.autopilot import Autopilot
 
-    logs: list[str] = []
-    evals: list[dict[str, Any]] = []
     sup = SimpleNamespace(
         automode=False,
-        bus=SimpleNamespace(publish=lambda kind, run, **kw: logs.append(str(kw.get("text")))),
-        store=SimpleNamespace(put_plan=lambda *a: None, run=lambda r: None, evals=lambda r: evals),
-        method=SimpleNamespace(latest_losses=lambda r: (np.array([1.0]),)),
+        bus=SimpleNamespace(publish=publish),
+        store=store,
         dir=str(tmp_path),
         control_hooks={},
         tick_hooks=[],
         busy_hooks=[],
         final_hooks=[],
+        **more,
     )
-    ap = Autopilot(sup)  # type: ignore[arg-type]
+    return Autopilot(sup)  # type: ignore[arg-type]
+
+
+def test_automode_forks_and_explores_use_the_cards_early_stop(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from onthefly_proto import onthefly_pb2 as pb
+    from onthefly_supervisor.autopilot import Execution
+    from onthefly_supervisor.planner.detectors import Detection, DetectionKind
+    from onthefly_supervisor.planner.policy import PlannerState, propose
+
+    logs: list[str] = []
+    evals: list[dict[str, Any]] = []
+    ap = _autopilot(
+        tmp_path,
+        publish=lambda kind, run, **kw: logs.append(str(kw.get("text"))),
+        store=SimpleNamespace(put_plan=lambda *a: None, run=lambda r: None, evals=lambda r: evals),
+        method=SimpleNamespace(latest_losses=lambda r: (np.array([1.0]),)),
+    )
     sent: list[Any] = []
 
     def call(method: str, req: Any) -> Any:
@@ -443,28 +457,21 @@ def test_an_explore_card_is_not_approved_once_its_run_has_finished(tmp_path: Pat
     from types import SimpleNamespace
 
     from onthefly_proto import onthefly_pb2 as pb
-    from onthefly_supervisor.autopilot import Autopilot
     from onthefly_supervisor.lifecycle import RunStatus
     from onthefly_supervisor.planner.detectors import Detection, DetectionKind
     from onthefly_supervisor.planner.policy import PlannerState, propose
     from onthefly_supervisor.supervisor import ControlError
 
     status = {"main": RunStatus.RUNNING}
-    sup = SimpleNamespace(
-        automode=False,
-        bus=SimpleNamespace(publish=lambda *a, **kw: None),
+    ap = _autopilot(
+        tmp_path,
+        publish=lambda *a, **kw: None,
         store=SimpleNamespace(
             put_plan=lambda *a: None,
             run=lambda r: SimpleNamespace(status=status[r]) if r in status else None,
             evals=lambda r: [],
         ),
-        dir=str(tmp_path),
-        control_hooks={},
-        tick_hooks=[],
-        busy_hooks=[],
-        final_hooks=[],
     )
-    ap = Autopilot(sup)  # type: ignore[arg-type]
     d = Detection(DetectionKind.PLATEAU, 1000, 0.8, "plateau", {})
     explore = propose([d], PlannerState(), ap.config, 1000, {"active_children": 0})[0]
     ap._set(explore)
