@@ -719,15 +719,25 @@ class Heartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STEP_FIELD_NUMBER: _builtins.int
+    STALLED_S_FIELD_NUMBER: _builtins.int
+    STUCK_AT_FIELD_NUMBER: _builtins.int
     step: _builtins.int
+    stalled_s: _builtins.float
+    """Seconds the training thread has made no progress (no step, no evaluation batch) while
+    not waiting on purpose; 0 while it progresses, or for a role that is not watched.
+    """
+    stuck_at: _builtins.str
+    """Where that thread is ("train.py:42 in __getitem__"), once stalled for a few seconds."""
     def __init__(
         self,
         *,
         step: _builtins.int = ...,
+        stalled_s: _builtins.float = ...,
+        stuck_at: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stalled_s", b"stalled_s", "step", b"step", "stuck_at", b"stuck_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1141,6 +1151,8 @@ class WorkerInfo(_message.Message):
     LAST_SEEN_FIELD_NUMBER: _builtins.int
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     EXIT_SIGNAL_FIELD_NUMBER: _builtins.int
+    STALLED_S_FIELD_NUMBER: _builtins.int
+    STUCK_AT_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     run_id: _builtins.str
     role: Global___Role.ValueType
@@ -1156,6 +1168,10 @@ class WorkerInfo(_message.Message):
     """unix seconds of its last message"""
     exit_code: _builtins.int
     exit_signal: _builtins.str
+    stalled_s: _builtins.float
+    """its training thread's time without progress (Heartbeat)"""
+    stuck_at: _builtins.str
+    """where that thread is, once stalled"""
     def __init__(
         self,
         *,
@@ -1171,10 +1187,12 @@ class WorkerInfo(_message.Message):
         last_seen: _builtins.float = ...,
         exit_code: _builtins.int = ...,
         exit_signal: _builtins.str = ...,
+        stalled_s: _builtins.float = ...,
+        stuck_at: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "epoch", b"epoch", "exit_code", b"exit_code", "exit_signal", b"exit_signal", "gpu", b"gpu", "last_seen", b"last_seen", "pid", b"pid", "role", b"role", "run_id", b"run_id", "state", b"state", "step", b"step", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "epoch", b"epoch", "exit_code", b"exit_code", "exit_signal", b"exit_signal", "gpu", b"gpu", "last_seen", b"last_seen", "pid", b"pid", "role", b"role", "run_id", b"run_id", "stalled_s", b"stalled_s", "state", b"state", "step", b"step", "stuck_at", b"stuck_at", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -288,6 +288,8 @@ def _status_dict(st: pb.SessionStatus) -> dict[str, Any]:
                 "epoch": w.epoch,
                 "exit_code": w.exit_code,
                 "exit_signal": w.exit_signal,
+                "stalled_s": round(w.stalled_s, 1),
+                "stuck_at": w.stuck_at,
             }
             for w in st.workers
         ],
@@ -354,6 +356,11 @@ def cmd_status(a: argparse.Namespace) -> int:
     for w in d["workers"]:
         print(
             f"  worker {w['worker_id']:<10} {w['role']:<6} {w['state']:<10} pid {w['pid']:<7} gpu {w['gpu'] or 'cpu':<4} step {w['step']}"
+            + (
+                f" · no progress for {w['stalled_s']:.0f} s at {w['stuck_at']}"
+                if w["stuck_at"]
+                else ""
+            )
         )
     for r in d["runs"]:
         print(
@@ -1351,7 +1358,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hang-timeout",
         type=float,
         default=30.0,
-        help="seconds without a heartbeat before a worker counts as hung",
+        help="seconds without a heartbeat before a worker counts as hung (and is stopped); "
+        "a training thread without progress this long is reported with where it is",
     )
     r.add_argument(
         "--warm-forks",

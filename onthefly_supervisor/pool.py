@@ -94,6 +94,12 @@ class Worker:
     epoch: int = 0
     exit: WorkerExit | None = None
     stop_requested: bool = False
+    stalled_s: float = 0.0
+    """Its training thread's time without progress, from its last heartbeat (activity.py)."""
+    stuck_at: str = ""
+    """Where that thread is, once stalled for a few seconds."""
+    stall_reported: float = 0.0
+    """The stall (seconds) the session was last told about; 0 while it progresses."""
 
     def transition(self, new: WorkerState) -> bool:
         """The one method that changes a worker's state; False when it is already there."""

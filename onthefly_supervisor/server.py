@@ -178,6 +178,8 @@ class ControlServicer(pbg.ControlServiceServicer):
                     step=w.step,
                     epoch=w.epoch,
                     last_seen=w.last_seen,
+                    stalled_s=w.stalled_s,
+                    stuck_at=w.stuck_at,
                     exit_code=(w.exit.exit_code or 0) if w.exit else 0,
                     exit_signal=w.exit.signal_name if w.exit else "",
                 )

@@ -477,6 +477,8 @@ class Supervisor:
             "step": w.step,
             "epoch": w.epoch,
             "last_seen": w.last_seen,
+            "stalled_s": round(w.stalled_s, 1),
+            "stuck_at": w.stuck_at,
             "exit_code": ex.exit_code if ex else None,
             "exit_signal": ex.signal_name if ex else "",
             "started": w.started,
@@ -818,7 +820,41 @@ class Supervisor:
                 checkpoint=f.final_checkpoint,
                 **({"early_stop": early} if isinstance(early, dict) else {}),
             )
-        # heartbeat: last_seen is enough
+        elif body == "heartbeat":
+            w.stalled_s, w.stuck_at = float(msg.heartbeat.stalled_s), msg.heartbeat.stuck_at
+
+    def _report_stall(self, w: Worker) -> None:
+        """A worker that still beats but whose training thread has made no progress for the
+        hang timeout: say where it is (a loop stuck in user code, a loader that blocks),
+        again each time the stall has doubled, and when it moves again. It is not
+        stopped: a slow step or evaluation is not a hang (`onthefly stop` stops it)."""
+        wid, limit = w.spec.worker_id, self.cfg.hang_timeout_s
+        if w.state is not WorkerState.RUNNING and w.state is not WorkerState.ATTACHED:
+            return
+        if w.stalled_s <= 0:
+            if w.stall_reported:
+                self.bus.publish(
+                    "log",
+                    w.spec.run_id,
+                    worker_id=wid,
+                    level="info",
+                    text=f"worker {wid} resumed progress (step {w.step})",
+                )
+                w.stall_reported = 0.0
+            return
+        if w.stalled_s < max(limit, 2 * w.stall_reported):
+            return
+        w.stall_reported = w.stalled_s
+        at = f"; its training thread is at {w.stuck_at}" if w.stuck_at else ""
+        self.bus.publish(
+            "log",
+            w.spec.run_id,
+            worker_id=wid,
+            level="warning",
+            text=f"worker {wid} has made no progress for {w.stalled_s:.0f} s (step {w.step}, "
+            f"the process is alive){at}. Not stopped: a slow step is not a hang; "
+            "`onthefly stop` stops it",
+        )
 
     def _record_early_stop(self, run_id: str, early: dict[str, Any]) -> None:
         """A fork that stopped early: its record (spec `early_stopped`: step, metric, best
@@ -974,6 +1010,7 @@ class Supervisor:
                 msg = f"worker {wid} sent nothing for {now - w.last_seen:.0f} s (heartbeat every {self.cfg.heartbeat_interval_ms / 1000:.0f} s): hung; stopping it"
                 self.bus.publish("log", w.spec.run_id, worker_id=wid, level="error", text=msg)
                 threading.Thread(target=self.launcher.stop, args=(wid, 2.0), daemon=True).start()
+            self._report_stall(w)
             dl = self.stop_deadline.get(wid)
             if dl is not None and time.monotonic() > dl:
                 del self.stop_deadline[wid]

@@ -20,6 +20,7 @@ import grpc
 
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_proto import onthefly_pb2_grpc as pbg
+from onthefly_worker import activity
 
 TOKEN_KEY = "x-onthefly-token"
 PROTOCOL_VERSION = 1
@@ -144,12 +145,21 @@ class WorkerConnection:
             return
         self._out.put(pb.WorkerMessage(worker_id=self.worker_id, time=time.time(), **body))
 
-    def start_heartbeat(self, interval_s: float, step: Callable[[], int]) -> None:
-        """Liveness from a thread of its own: a slow step is not a hang, a stopped process is."""
+    def start_heartbeat(
+        self, interval_s: float, step: Callable[[], int], watch: bool = False
+    ) -> None:
+        """Liveness from a thread of its own: a slow step is not a hang, a stopped process is.
+        With `watch`, called on the training thread: each beat also says how long that
+        thread has made no progress and where it is (see activity.py)."""
+        clock = activity.StallClock(step) if watch else None
 
         def beat() -> None:
             while not self.closed.wait(interval_s):
-                self.send(heartbeat=pb.Heartbeat(step=step()))
+                if clock is None:
+                    self.send(heartbeat=pb.Heartbeat(step=step()))
+                    continue
+                stalled, at = clock.sample()
+                self.send(heartbeat=pb.Heartbeat(step=step(), stalled_s=stalled, stuck_at=at))
 
         threading.Thread(target=beat, name="onthefly-heartbeat", daemon=True).start()
 

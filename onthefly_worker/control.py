@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from onthefly_proto import onthefly_pb2 as pb
+from onthefly_worker import activity
 from onthefly_worker.connection import Command, WorkerConnection
 from onthefly_worker.errors import OnTheFlyError, root_cause
 from onthefly_worker.recorder import Recorder
@@ -251,7 +252,8 @@ class CommandLoop(ABC):
                 return
             if conn.closed.is_set():
                 raise OnTheFlyError(f"lost the supervisor while paused: {conn.describe_error()}")
-            conn.command_event.wait(self.hb_s)
+            with activity.idle():
+                conn.command_event.wait(self.hb_s)
 
     def _handle(self, cmd: Command) -> None:
         conn = self.conn

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from onthefly_proto import onthefly_pb2 as pb
+from onthefly_worker import activity
 from onthefly_worker.connection import WorkerConnection
 from onthefly_worker.data import batch_len, split_batch, to_device
 from onthefly_worker.losses import PerSampleLoss
@@ -114,6 +115,7 @@ def evaluate_model(
                     out = fwd(x)
                     _, per = loss(out, y, n)
                 totals.add(per, out, y, n)
+                activity.tick()
         finally:
             model.train(was_training)
     return totals.result()

@@ -57,10 +57,10 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from onthefly_proto import onthefly_pb2 as pb
+from onthefly_worker import activity, recipe
 from onthefly_worker import checkpoint as ckpt
 from onthefly_worker import env as wenv
 from onthefly_worker import merge_math as mm
-from onthefly_worker import recipe
 from onthefly_worker import slices as sl
 from onthefly_worker.config import (
     TrainerConfig,
@@ -683,7 +683,7 @@ class _LightningRun(CommandLoop):
         # A replay (role=health) reports only its verdict: its steps are not the run's.
         send = self.conn.send if not self.replay_steps else _drop
         self.rec = Recorder(send, self.run_id, module.device, self.flush_s)
-        self.conn.start_heartbeat(self.hb_s, lambda: self.step)
+        self.conn.start_heartbeat(self.hb_s, lambda: self.step, watch=True)
 
     def _restore(
         self, trainer: pl.Trainer, module: pl.LightningModule, state: dict[str, Any]
@@ -1007,6 +1007,7 @@ class _LightningRun(CommandLoop):
             self._val_masks = self._slice_sums.masks(x, y, self._n)
 
     def on_validation_batch_end(self) -> None:
+        activity.tick()
         if self._phase in ("val", "val-done"):
             self._phase = None
             self._target = None

@@ -288,7 +288,7 @@ class _Loop(CommandLoop):
         self.rec.per_sample = self.loss.per_sample
         self.rec.row_weights = self.loss.row_weights
         self.rec.plain_ce = self.loss.plain_ce_ignore_index()
-        self.conn.start_heartbeat(self.hb_s, lambda: self.step)
+        self.conn.start_heartbeat(self.hb_s, lambda: self.step, watch=True)
         status = "failed"
         if self.env.role == "train" and not self.env.resume:
             self._note_validation()

@@ -41,6 +41,59 @@ def test_hung_worker_is_detected_and_reported(tmp_path: Path) -> None:
     assert main["status"] == "failed" and "hung" in main["error"]
 
 
+STUCK = """
+import sys, time, torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from onthefly import Trainer
+
+class Blocking(Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        if i == 40 and not getattr(self, "waited", False):
+            self.waited = True
+            time.sleep(float(sys.argv[1]))  # a loader that blocks, mid-epoch
+        time.sleep(0.001)  # (the run then lasts a few heartbeats)
+        return torch.full((4,), float(i % 5)), i % 2
+
+model = nn.Linear(4, 2)
+loader = DataLoader(Blocking(), batch_size=8)
+Trainer(project="p", max_epochs=40).fit(
+    model, torch.optim.SGD(model.parameters(), lr=0.01), nn.CrossEntropyLoss(), loader
+)
+"""
+
+
+def test_a_loop_stuck_in_user_code_is_reported_where_it_is_and_not_stopped(
+    tmp_path: Path,
+) -> None:
+    # Heartbeats come from a thread of their own, so the process is alive and not "hung";
+    # the training thread makes no progress: the session says where it is, keeps it, and
+    # says when it moves again.
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK)
+    live = start(tmp_path, script, "5", extra=("--hang-timeout", "2"))
+    st_ = live.wait_for(
+        lambda s: any(w["stuck_at"] for w in s["workers"] if w["role"] == "train"), timeout=60
+    )
+    w = next(w for w in st_["workers"] if w["role"] == "train")
+    assert w["stuck_at"].startswith("stuck.py:14 in __getitem__"), w
+    assert w["stalled_s"] >= 1 and w["step"] == 5, w
+    text = cli("status", cwd=tmp_path).stdout
+    assert "no progress for" in text and "stuck.py:14 in __getitem__" in text, text
+    code, out = live.finish(120)
+    assert code == 0, out
+    assert (
+        "has made no progress for 2 s (step 5, the process is alive); its training thread is "
+        "at stuck.py:14 in __getitem__" in out
+    ), out
+    assert "resumed progress" in out and "hung" not in out, out
+    main = cli_json("runs", cwd=tmp_path)["runs"][0]
+    assert main["status"] == "completed" and main["step"] == 320, main
+
+
 def test_unwritable_checkpoint_is_a_clear_error_and_the_previous_one_survives(
     tmp_path: Path,
 ) -> None:
