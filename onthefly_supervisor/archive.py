@@ -97,9 +97,9 @@ _SAMPLE_KINDS: dict[str, np.dtype[Any]] = {
 """samples/<run>/<kind>-NNNN.npy and the dtype each must have (labels.npy is int64)."""
 _SAMPLE_FILE = re.compile(r"^(epoch|margin|pred)-(\d+)\.npy$")
 
-KEEP_REASONS = ("pause", "final", "epoch")
+KEEP_REASONS = ("pause", "stop", "final", "epoch")
 """Checkpoint reasons whose latest instance per run prune always keeps: the state a
-paused or finished run resumes from, and the last epoch boundary."""
+paused, stopped or finished run resumes from, and the last epoch boundary."""
 
 
 @dataclass(frozen=True)

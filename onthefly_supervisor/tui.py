@@ -225,7 +225,7 @@ class TerminalView:
             where = location(p.get("filename"), p.get("lineno"))
             self._errors.append(str(p.get("message") or ""))
             self.print(f"[onthefly] error in {p.get('worker_id')}: {p.get('message')}{where}")
-        elif k == "checkpoint" and p.get("reason") in ("pause", "final", "request"):
+        elif k == "checkpoint" and p.get("reason") in ("pause", "stop", "final", "request"):
             self.print(f"[onthefly] {ev.run_id} checkpoint {p.get('path')} ({p.get('reason')})")
         elif k == "plan":
             self.print(

@@ -1368,7 +1368,7 @@ class _LightningRun(CommandLoop):
         self.rec.flush()
         # The trained weights are safe before any evaluation (a failing test set loses
         # nothing; `onthefly resume` then runs only the test pass).
-        self._checkpoint("final", wait=True)
+        self._checkpoint("stop" if self.stop_reason else "final", wait=True)
         if self.run_test_on_stop and self.test_loader is not None:
             self.evaluate(self.test_loader, "test")
         if self.env is not None and self.env.role == "fork":

@@ -314,7 +314,7 @@ class _Loop(CommandLoop):
             self._train()
             # The trained weights are safe before any evaluation: a test set that fails
             # loses nothing (`onthefly resume` then runs only the test pass).
-            self._checkpoint("final", wait=True)
+            self._checkpoint("stop" if self.stop_reason else "final", wait=True)
             if self.run_test_on_stop and self.test_loader is not None:
                 try:
                     test = self._evaluate(self.test_loader, "test")
