@@ -1102,8 +1102,13 @@ class Supervisor:
                 text=f"the script exited with code {ex.exit_code} after {run_id} completed",
             )
         if ex.ok or (finished and not ex.error):
+            # Asked to stop, it stopped (its run ended "stopped", or it never said it ended);
+            # a run that completed before the stop landed succeeded.
+            completed = finished and self.finished[wid].status != pb.RUN_STATUS_STOPPED
             state = (
-                WorkerState.STOPPED if w.stop_requested and not finished else WorkerState.SUCCEEDED
+                WorkerState.STOPPED
+                if w.stop_requested and not completed
+                else WorkerState.SUCCEEDED
             )
         elif w.stop_requested and not ex.error:
             state = WorkerState.STOPPED

@@ -174,6 +174,14 @@ def test_pause_resume_stop_from_cli(project: Path) -> None:
         assert code == 0, out
         main = cli_json("runs", cwd=project)["runs"][0]
         assert main["status"] == "stopped"
+        db = sqlite3.connect(live.session_dir / "session.db")
+        # The worker stopped (it did not "succeed"); its last checkpoint says why it ended.
+        assert db.execute("SELECT state FROM workers WHERE run_id='main'").fetchall() == [
+            ("stopped",)
+        ]
+        last = db.execute("SELECT reason FROM checkpoints ORDER BY step DESC LIMIT 1").fetchone()
+        db.close()
+        assert last == ("stop",), last
     finally:
         if live.proc.poll() is None:
             live.proc.kill()
