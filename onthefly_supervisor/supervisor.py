@@ -1106,9 +1106,7 @@ class Supervisor:
             # a run that completed before the stop landed succeeded.
             completed = finished and self.finished[wid].status != pb.RUN_STATUS_STOPPED
             state = (
-                WorkerState.STOPPED
-                if w.stop_requested and not completed
-                else WorkerState.SUCCEEDED
+                WorkerState.STOPPED if w.stop_requested and not completed else WorkerState.SUCCEEDED
             )
         elif w.stop_requested and not ex.error:
             state = WorkerState.STOPPED
