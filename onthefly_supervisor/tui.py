@@ -279,7 +279,8 @@ class TerminalView:
                 w.spec.worker_id,
                 w.spec.run_id,
                 w.spec.role.value,
-                w.state.value,
+                # A training thread without progress for a heartbeat or more: for how long.
+                w.state.value + (f" · stalled {w.stalled_s:.0f} s" if w.stalled_s >= 2 else ""),
                 str(w.pid),
                 w.spec.gpu or "cpu",
                 str(w.step),

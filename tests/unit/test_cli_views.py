@@ -313,3 +313,34 @@ def test_gpus_option_is_checked_when_parsed() -> None:
     for bad in ("banana", "-1", "0,,1", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="comma list of GPU indices"):
             _gpus(bad)
+
+
+def test_the_worker_table_shows_a_stalled_training_thread() -> None:
+    import threading
+
+    from rich.console import Console
+
+    from onthefly_supervisor.lifecycle import Role, WorkerState
+    from onthefly_supervisor.pool import Worker, WorkerSpec
+    from onthefly_supervisor.tui import TerminalView
+
+    def worker(wid: str, stalled: float) -> Worker:
+        spec = WorkerSpec(
+            worker_id=wid, run_id=wid, role=Role.TRAIN, script=__file__, argv=[], cwd="."
+        )
+        return Worker(spec, state=WorkerState.RUNNING, stalled_s=stalled)
+
+    sup = SimpleNamespace(
+        output_hooks=[],
+        session_id="s",
+        port=1,
+        cfg=SimpleNamespace(script="t.py"),
+        lock=threading.Lock(),
+        workers={"a": worker("a", 37.4), "b": worker("b", 1.0)},
+    )
+    view = TerminalView(sup, rich_mode=False)  # type: ignore[arg-type]
+    console = Console(width=200, record=True)
+    console.print(view._render())
+    rows = {line.split()[0]: line for line in console.export_text().splitlines() if line.strip()}
+    assert "running · stalled 37 s" in rows["a"], rows
+    assert "stalled" not in rows["b"], rows  # one heartbeat without a step is a slow step
