@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -54,6 +54,25 @@ class CommandLoop(ABC):
 
     @abstractmethod
     def _set_grad_clip(self, value: float) -> None: ...
+
+    @abstractmethod
+    def _log(self, text: str, level: str = "info") -> None: ...
+
+    def _test_after_training(
+        self, run: Callable[[], dict[str, Any]], checkpoint: str
+    ) -> dict[str, Any]:
+        """The test pass once training has ended and its weights are in `checkpoint`: a
+        test set that fails says where the weights are and that resume runs only it."""
+        try:
+            return run()
+        except Exception:
+            self._log(
+                f"the test pass failed after training ended (step {self.step}); the trained "
+                f"weights are in {checkpoint}: fix the test data and `onthefly resume` runs "
+                "only the test pass",
+                "warning",
+            )
+            raise
 
     def _request_stop(self, reason: str) -> None:
         self.stop_reason = reason

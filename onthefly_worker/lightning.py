@@ -1370,7 +1370,8 @@ class _LightningRun(CommandLoop):
         # nothing; `onthefly resume` then runs only the test pass).
         self._checkpoint("stop" if self.stop_reason else "final", wait=True)
         if self.run_test_on_stop and self.test_loader is not None:
-            self.evaluate(self.test_loader, "test")
+            loader = self.test_loader
+            self._test_after_training(lambda: self.evaluate(loader, "test"), self.last_checkpoint)
         if self.env is not None and self.env.role == "fork":
             self._fork_reports()
         stopped = bool(self.stop_reason)

@@ -316,16 +316,10 @@ class _Loop(CommandLoop):
             # loses nothing (`onthefly resume` then runs only the test pass).
             self._checkpoint("stop" if self.stop_reason else "final", wait=True)
             if self.run_test_on_stop and self.test_loader is not None:
-                try:
-                    test = self._evaluate(self.test_loader, "test")
-                except Exception:
-                    self.log(
-                        f"the test pass failed after training ended (step {self.step}); the "
-                        f"trained weights are in {self.last_checkpoint}: fix the test data and "
-                        "`onthefly resume` runs only the test pass",
-                        "warning",
-                    )
-                    raise
+                loader = self.test_loader
+                test = self._test_after_training(
+                    lambda: self._evaluate(loader, "test"), self.last_checkpoint
+                )
                 if self._console():
                     print(f"[onthefly] test loss {test['loss']:.4f}", flush=True)
             if self.env.role == "fork":
@@ -405,6 +399,9 @@ class _Loop(CommandLoop):
         self.conn.send(log=pb.LogLine(level=level, text=text))
         if level in ("warning", "error") and self._console():
             print(f"[onthefly] {level}: {text}", flush=True)
+
+    def _log(self, text: str, level: str = "info") -> None:
+        self.log(text, level)
 
     def _console(self) -> bool:
         """`python train.py`: the supervisor has no terminal view, so the training process

@@ -97,6 +97,30 @@ class _Loop(CommandLoop):
     def _set_grad_clip(self, value: float) -> None:
         pass
 
+    def _log(self, text: str, level: str = "info") -> None:
+        assert self.conn is not None
+        self.conn.send(log=pb.LogLine(level=level, text=text))
+
+
+def test_a_test_pass_that_fails_after_training_says_where_the_weights_are() -> None:
+    # Shared by the Trainer and attach_lightning: the final checkpoint precedes the pass.
+    loop = _Loop(DataLoader(_MissingRecord(), batch_size=16))
+    assert loop.test_loader is not None
+    loader = loop.test_loader
+    with pytest.raises(KeyError, match="test record 40 missing"):
+        loop._test_after_training(
+            lambda: loop._run_eval(loader, "test"), "checkpoints/main/step-00000007.pt"
+        )
+    (log,) = [b["log"] for b in loop.conn.sent if "log" in b]  # type: ignore[attr-defined]
+    assert log.level == "warning" and log.text == (
+        "the test pass failed after training ended (step 7); the trained weights are in "
+        "checkpoints/main/step-00000007.pt: fix the test data and `onthefly resume` runs only "
+        "the test pass"
+    )
+    loop.test_loader = DataLoader(TensorDataset(torch.zeros(8, 4), torch.zeros(8, 1)))
+    ok = loop._test_after_training(lambda: loop._run_eval(loop.test_loader, "test"), "x")
+    assert ok["samples"] == 8 and ok["loss"] >= 0
+
 
 def test_an_on_demand_test_pass_that_raises_is_answered_and_training_goes_on(
     monkeypatch: pytest.MonkeyPatch,
