@@ -823,6 +823,9 @@ class Supervisor:
         elif body == "heartbeat":
             w.stalled_s, w.stuck_at = float(msg.heartbeat.stalled_s), msg.heartbeat.stuck_at
 
+    def _worker_log(self, w: Worker, level: str, text: str) -> None:
+        self.bus.publish("log", w.spec.run_id, worker_id=w.spec.worker_id, level=level, text=text)
+
     def _report_stall(self, w: Worker) -> None:
         """A worker that still beats but whose training thread has made no progress for the
         hang timeout: say where it is (a loop stuck in user code, a loader that blocks),
@@ -833,25 +836,17 @@ class Supervisor:
             return
         if w.stalled_s <= 0:
             if w.stall_reported:
-                self.bus.publish(
-                    "log",
-                    w.spec.run_id,
-                    worker_id=wid,
-                    level="info",
-                    text=f"worker {wid} resumed progress (step {w.step})",
-                )
+                self._worker_log(w, "info", f"worker {wid} resumed progress (step {w.step})")
                 w.stall_reported = 0.0
             return
         if w.stalled_s < max(limit, 2 * w.stall_reported):
             return
         w.stall_reported = w.stalled_s
         at = f"; its training thread is at {w.stuck_at}" if w.stuck_at else ""
-        self.bus.publish(
-            "log",
-            w.spec.run_id,
-            worker_id=wid,
-            level="warning",
-            text=f"worker {wid} has made no progress for {w.stalled_s:.0f} s (step {w.step}, "
+        self._worker_log(
+            w,
+            "warning",
+            f"worker {wid} has made no progress for {w.stalled_s:.0f} s (step {w.step}, "
             f"the process is alive){at}. Not stopped: a slow step is not a hang; "
             "`onthefly stop` stops it",
         )
@@ -1014,12 +1009,10 @@ class Supervisor:
             dl = self.stop_deadline.get(wid)
             if dl is not None and time.monotonic() > dl:
                 del self.stop_deadline[wid]
-                self.bus.publish(
-                    "log",
-                    w.spec.run_id,
-                    worker_id=wid,
-                    level="warning",
-                    text=f"worker {wid} did not stop in {self.cfg.stop_grace_s:.0f} s: SIGTERM, then SIGKILL",
+                self._worker_log(
+                    w,
+                    "warning",
+                    f"worker {wid} did not stop in {self.cfg.stop_grace_s:.0f} s: SIGTERM, then SIGKILL",
                 )
                 threading.Thread(target=self.launcher.stop, args=(wid, 5.0), daemon=True).start()
         for hook in list(self.tick_hooks):
