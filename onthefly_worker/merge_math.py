@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_map
 
 from onthefly_worker.data import batch_len, split_batch, to_device
 
@@ -109,9 +110,15 @@ def _inputs(batch: Any, batch_fn: BatchFn | None) -> Any:
 
 
 def _forward(model: nn.Module, x: Any) -> Any:
-    if isinstance(x, dict):
-        return model(**x)
+    """The model on a batch's inputs exactly as training calls it: `model(inputs)`, also
+    when the inputs are a dict or a tuple (the model unpacks them)."""
     return model(x)
+
+
+def _rows(x: Any, lo: int, hi: int) -> Any:
+    """Rows lo:hi of every tensor of a batch's inputs (a tensor, or a dict/list/tuple of
+    them, batch dimension first); other leaves are kept as they are."""
+    return tree_map(lambda t: t[lo:hi] if isinstance(t, Tensor) and t.dim() > 0 else t, x)
 
 
 def _cycle(loader: Iterable[Any], what: str) -> Iterator[Any]:
@@ -305,18 +312,19 @@ def diagonal_fisher(
             else:
                 x, y = split_batch(batch)
             x, y = to_device(x, dev), to_device(y, dev)
-            if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            if not isinstance(y, Tensor) or y.dim() == 0 or batch_len(x) != int(y.shape[0]):
                 raise ValueError(
-                    "diagonal_fisher needs tensor inputs and targets (batch dimension first); "
-                    "pass batch_fn to adapt the loader's batches"
+                    "diagonal_fisher needs a target tensor with one row per sample (batch "
+                    "dimension first) and inputs of as many rows; pass batch_fn to adapt the "
+                    "loader's batches"
                 )
-            take = min(int(x.shape[0]), max_samples - seen)
-            x, y = x[:take], y[:take]
+            take = min(int(y.shape[0]), max_samples - seen)
+            x, y = _rows(x, 0, take), y[:take]
             start = 0
             if batched is not None and seen == 0:
                 # The check: the first few samples both ways must agree.
                 n_check = min(_FISHER_CHECK, take)
-                xc, yc = x[:n_check], y[:n_check]
+                xc, yc = _rows(x, 0, n_check), y[:n_check]
                 # One plain backward per sample: for a handful, cheaper than tracing vmap.
                 ref = _sq_grads_loop(model, loss_fn_per_sample, xc, yc)
                 why = batched.verify(loss_fn_per_sample, xc, yc, ref)
@@ -333,7 +341,7 @@ def diagonal_fisher(
                 start = n_check
             step = batched.chunk if batched is not None else chunk_size
             for lo in range(start, take, step):
-                xc, yc = x[lo : lo + step], y[lo : lo + step]
+                xc, yc = _rows(x, lo, lo + step), y[lo : lo + step]
                 if batched is not None:
                     sq = batched.sq_grads(loss_fn_per_sample, xc, yc)
                 else:
@@ -429,9 +437,9 @@ class _BatchedGrads:
                 handles.append(m.register_forward_hook(hook))
             with torch.enable_grad():
                 losses = loss_fn(self.model(x), y)
-                if losses.dim() != 1 or losses.shape[0] != x.shape[0]:
+                if losses.dim() != 1 or losses.shape[0] != y.shape[0]:
                     raise _NotRowwise(
-                        f"the per-sample loss has shape {tuple(losses.shape)}, not ({x.shape[0]},)"
+                        f"the per-sample loss has shape {tuple(losses.shape)}, not ({y.shape[0]},)"
                     )
                 outs = [o for c in calls.values() for _, o in c]
                 grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
@@ -445,7 +453,7 @@ class _BatchedGrads:
         for prefix, m in self.layers:
             pairs = [(a, next(it)) for a, _ in calls[id(m)]]
             pairs = [(a, g) for a, g in pairs if g is not None]
-            w, b = _layer_sq_grads(m, pairs, int(x.shape[0]))
+            w, b = _layer_sq_grads(m, pairs, int(y.shape[0]))
             result[f"{prefix}.weight" if prefix else "weight"] = w
             if m.bias is not None:
                 result[f"{prefix}.bias" if prefix else "bias"] = b
@@ -545,7 +553,7 @@ def _layer_sq_grads(
 
 
 def _sq_grads_vmap(
-    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor
+    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Any, y: Tensor
 ) -> StateDict:
     """Sum over the chunk of squared per-sample gradients, via torch.func."""
     from torch.func import functional_call, grad, vmap
@@ -553,8 +561,9 @@ def _sq_grads_vmap(
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
-    def one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+    def one(p: dict[str, Tensor], xi: Any, yi: Tensor) -> Tensor:
+        one_row = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, xi)
+        out = functional_call(model, (p, buffers), (one_row,))
         return loss_fn(out, yi.unsqueeze(0)).sum()
 
     g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
@@ -562,7 +571,7 @@ def _sq_grads_vmap(
 
 
 def _sq_grads_loop(
-    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor
+    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Any, y: Tensor
 ) -> StateDict:
     """The same sum with one ordinary backward per sample (for models vmap cannot trace)."""
     named = list(model.named_parameters())
@@ -572,9 +581,9 @@ def _sq_grads_loop(
     try:
         for p in params:
             p.requires_grad_(True)
-        for i in range(int(x.shape[0])):
+        for i in range(int(y.shape[0])):
             with torch.enable_grad():
-                loss = loss_fn(model(x[i : i + 1]), y[i : i + 1]).sum()
+                loss = loss_fn(model(_rows(x, i, i + 1)), y[i : i + 1]).sum()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             for (n, _), gi in zip(named, grads, strict=True):
                 if gi is not None:

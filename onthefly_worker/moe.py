@@ -27,8 +27,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
-from onthefly_worker.data import split_batch, to_device
+from onthefly_worker.data import batch_len, split_batch, to_device
 from onthefly_worker.merge_math import LoRALinear
 
 GateInput = Literal["input", "expert_outputs"]
@@ -119,6 +120,11 @@ def mix(probs: Tensor, stacked: Tensor) -> Tensor:
     return (p * stacked).sum(dim=1)
 
 
+def _take_rows(x: Any, rows: Tensor) -> Any:
+    """These rows of every tensor of a batch's inputs (a tensor, or a dict/tuple of them)."""
+    return tree_map(lambda t: t[rows] if isinstance(t, Tensor) else t, x)
+
+
 class MoE(nn.Module):
     """A soft mixture of experts: y = sum_e gate_e(x) * expert_e(x).
 
@@ -157,8 +163,13 @@ class MoE(nn.Module):
         self.last_aux_loss: Tensor | None = None
         self.last_gate: Tensor | None = None
 
-    def _route_features(self, x: Tensor, outs: list[Tensor] | None) -> Tensor:
+    def _route_features(self, x: Any, outs: list[Tensor] | None) -> Tensor:
         if self.gate_input == "input":
+            if not isinstance(x, Tensor):
+                raise ValueError(
+                    f"gate_input='input' needs one tensor input (batch first), got "
+                    f"{type(x).__name__}; use gate_input='expert_outputs'"
+                )
             if not x.is_floating_point():
                 raise ValueError(
                     f"gate_input='input' needs float inputs, got {x.dtype}; use "
@@ -176,7 +187,7 @@ class MoE(nn.Module):
         w = next(self.gate.parameters())
         return feats.to(w.dtype)
 
-    def _expert_outputs(self, x: Tensor) -> list[Tensor]:
+    def _expert_outputs(self, x: Any) -> list[Tensor]:
         outs = []
         for i, e in enumerate(self.experts):
             o = e(x)
@@ -192,12 +203,12 @@ class MoE(nn.Module):
                 )
         return outs
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor):
-            raise ValueError(f"MoE takes one tensor input (batch first), got {type(x).__name__}")
+    def forward(self, x: Any) -> Tensor:
+        """`x`: the experts' input as training gives it to the model (a tensor, or a dict or
+        tuple the model unpacks; batch dimension first)."""
         hard = self.hard and not self.training
         outs: list[Tensor] | None = None
-        if self.gate_input == "expert_outputs" or not hard or x.shape[0] == 0:
+        if self.gate_input == "expert_outputs" or not hard or batch_len(x) == 0:
             # (An empty batch has no rows to route; running every expert on it gives the
             # output shape.)
             outs = self._expert_outputs(x)
@@ -210,7 +221,7 @@ class MoE(nn.Module):
         assert outs is not None
         return mix(probs, torch.stack(outs, dim=1))
 
-    def _switch(self, x: Tensor, top: Tensor, outs: list[Tensor] | None) -> Tensor:
+    def _switch(self, x: Any, top: Tensor, outs: list[Tensor] | None) -> Tensor:
         if outs is not None:
             stacked = torch.stack(outs, dim=1)
             idx = top.reshape((-1, 1) + (1,) * (stacked.dim() - 2)).expand(
@@ -222,9 +233,9 @@ class MoE(nn.Module):
             rows = (top == e).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            y = expert(x[rows])
+            y = expert(_take_rows(x, rows))
             if result is None:
-                result = y.new_empty((x.shape[0],) + tuple(y.shape[1:]))
+                result = y.new_empty((batch_len(x),) + tuple(y.shape[1:]))
             result[rows] = y
         assert result is not None  # every row has a top-1 expert
         return result
@@ -307,13 +318,13 @@ def _cache_outputs(
         for batch in loader:
             x, y = _take(batch, batch_fn)
             x, y = to_device(x, dev), to_device(y, dev)
-            if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            if not isinstance(y, Tensor):
                 return None, seen, first
             o = moe._expert_outputs(x)
             f = moe._route_features(x, o)
             st = torch.stack(o, dim=1)
-            seen += int(x.shape[0])
-            first = first or int(x.shape[0])
+            seen += batch_len(x)
+            first = first or batch_len(x)
             used += sum(t.numel() * t.element_size() for t in (f, st, y))
             if used > limit:
                 return None, seen, first
