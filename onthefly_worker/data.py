@@ -118,6 +118,19 @@ class EpochOrder:
                 self.sampler = getattr(bsamp, "sampler", self.sampler)
         self.set_skip(skip)
 
+    @property
+    def full_epoch_steps(self) -> int:
+        """Steps in an epoch of the whole loader (the main run's epoch), whatever `subset`
+        a fork trains on: its epoch-interval scheduler steps at this cadence."""
+        if self.custom is not None:
+            return max(1, len(self.custom))  # type: ignore[arg-type]
+        try:
+            n = len(self.sampler)  # type: ignore[arg-type]
+        except TypeError:
+            n = self.n
+        bs = max(1, int(self.batch_size or 1))
+        return max(1, n // bs if self.drop_last else -(-n // bs))
+
     def set_skip(self, pairs: Iterable[Sequence[int]]) -> None:
         """Replace the skipped batches; (epoch, batch) pairs of non-negative integers."""
         out: dict[int, set[int]] = {}

@@ -717,6 +717,15 @@ class _Loop(CommandLoop):
         params = [p for g in opt.param_groups for p in g["params"]]
         max_epochs = (self.cfg.epoch_limit or 10**9) if self.env.role != "fork" else 10**9
         on_cpu = self.device.type == "cpu"
+        # A fork's epoch-interval scheduler steps every main-run epoch of steps.
+        fork_epoch = (
+            self.order.full_epoch_steps
+            if self.env.role == "fork"
+            and self.sched is not None
+            and self.cfg.scheduler_interval == "epoch"
+            else 0
+        )
+        window: list[float] = []  # the training losses since (ReduceLROnPlateau's metric)
         if not self.order.batches(self.epoch) and not self.order.skip:
             n = self.order.n if self.order.subset is None else self.order.subset.size
             if n <= 0:
@@ -838,6 +847,11 @@ class _Loop(CommandLoop):
                 )
                 if self._nonfinite_failure is not None:
                     raise self._nonfinite_failure
+                if fork_epoch:
+                    window.append(loss_value)
+                    if self.step % fork_epoch == 0:
+                        self._fork_epoch_sched(window)
+                        window = []
                 t_prev = t_end
                 every = self.cfg.checkpoint_every_n_steps
                 if every and self.step % every == 0:
@@ -1045,10 +1059,18 @@ class _Loop(CommandLoop):
             )
 
         self.rec.end_epoch(send_end)
+        # A fork's epoch is one pass over its slice: it validates at its end (and on its
+        # early-stop cadence), and its epoch-interval scheduler steps once per main-run
+        # epoch of steps (`_fork_epoch_sched`), not per pass over the slice.
+        fork = self.env.role == "fork"
         every = self.cfg.val_every_n_epochs
-        validate = bool(every and (epoch + 1) % every == 0 and self.val_loader is not None)
-        plateau = self.sched is not None and isinstance(
-            self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau
+        validate = bool(
+            not fork and every and (epoch + 1) % every == 0 and self.val_loader is not None
+        )
+        plateau = (
+            not fork
+            and self.sched is not None
+            and isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
         )
         if validate or self._console() or plateau:
             # Only these read the epoch's mean here, or must follow its end on the wire; the
@@ -1072,7 +1094,7 @@ class _Loop(CommandLoop):
                 f" · train loss {train}{val}",
                 flush=True,
             )
-        if self.sched is not None and self.cfg.scheduler_interval == "epoch":
+        if self.sched is not None and self.cfg.scheduler_interval == "epoch" and not fork:
             if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 metric = val_loss if val_loss is not None else mean
                 if math.isfinite(metric):
@@ -1092,6 +1114,19 @@ class _Loop(CommandLoop):
         self.batch = 0
         if self.epoch_ckpt.due(epoch):
             self._checkpoint("epoch")
+
+    def _fork_epoch_sched(self, losses: list[float]) -> None:
+        """A fork's epoch-interval scheduler, once per main-run epoch of steps: the schedule
+        runs at the main run's pace whatever the slice's size (a pass over a 5-batch slice
+        is not an epoch). ReduceLROnPlateau steps on the mean finite training loss of those
+        steps (a fork validates at its end)."""
+        assert self.sched is not None
+        if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            finite = [v for v in losses if math.isfinite(v)]
+            if finite:
+                self.sched.step(sum(finite) / len(finite))
+        else:
+            self.sched.step()
 
     def _evaluate(self, loader: DataLoader, split: str) -> dict[str, Any]:
         out = self._evaluate_once(loader, split)

@@ -743,3 +743,29 @@ def test_a_loop_stuck_in_user_code_shows_its_steps_and_says_there_is_no_checkpoi
         "[onthefly] interrupted; main had no checkpoint yet — `onthefly resume` starts it "
         "from the beginning"
     ), out
+
+
+def test_a_forks_epoch_scheduler_and_validation_keep_the_main_runs_pace(project: Path) -> None:
+    """A fork on a small slice passes over it every few steps; its StepLR (stepped per
+    epoch in the main run: 16 steps) still steps every 16 steps, not per pass, and it
+    validates at its end, not after each pass."""
+    live = start(project, SMALL, "--epochs", "2", "--val", extra=("--keep-alive",))
+    try:
+        live.wait_for(lambda s: live.main_run(s)["status"] == "completed", timeout=120)
+        r = cli("fork", "--select", "quantile:0.9:1.0", "--budget-steps", "40", "--wait",
+                cwd=project, timeout=180)  # fmt: skip
+        assert r.returncode == 0 and "fork-1 completed" in r.stdout, r.stdout + r.stderr
+        db = sqlite3.connect(live.session_dir / "session.db")
+        lrs = dict(db.execute("SELECT step, lr FROM metrics WHERE run_id='fork-1'").fetchall())
+        evals = db.execute("SELECT split, step FROM evals WHERE run_id='fork-1'").fetchall()
+        db.close()
+        assert sorted(lrs) == list(range(1, 41))
+        # (A step's lr is recorded after its optimizer step, before the epoch's scheduler step.)
+        start_lr = lrs[1]
+        assert all(lrs[k] == start_lr for k in range(1, 17)), lrs
+        assert all(lrs[k] == start_lr / 2 for k in range(17, 33)), lrs
+        assert all(lrs[k] == start_lr / 4 for k in range(33, 41)), lrs
+        assert [s for split, s in evals if split == "val"] == [40], evals
+    finally:
+        live.proc.send_signal(signal.SIGINT)
+        live.finish(60)
