@@ -102,7 +102,15 @@ def build(
         and r["test_loss"] is not None
         and not r.get("rejected")
     ]
-    best = min(candidates, key=lambda r: r["test_loss"]) if candidates else None
+    # The best run is chosen on its val loss (choosing on test would make its test loss
+    # optimistic); only when no candidate has one, on test, and the report says so.
+    on_val = [r for r in candidates if _num(r.get("val_loss")) is not None]
+    chosen_on = "val" if on_val else "test"
+    best = (
+        min(on_val, key=lambda r: r["val_loss"])
+        if on_val
+        else (min(candidates, key=lambda r: r["test_loss"]) if candidates else None)
+    )
     base = by_id.get(baseline_run) if baseline_run else None
     main = by_id.get("main")
     comparison: dict[str, Any] = {
@@ -112,6 +120,7 @@ def build(
         else (_num(main["test_loss"]) if main and not baseline_run else None),
         "baseline_is_matched_compute": bool(base),
         "best_run": best["run_id"] if best else None,
+        "best_chosen_on": chosen_on if best else None,
         "best_test_loss": _num(best["test_loss"]) if best else None,
         "compute_sample_steps": {r["run_id"]: r["sample_steps"] for r in runs},
     }
@@ -249,7 +258,7 @@ def render_html(rep: dict[str, Any]) -> str:
 <body><h1>OnTheFly session {esc(rep["session_id"])}</h1>
 <p>script {esc(rep["meta"].get("script"))} {esc(" ".join(rep["meta"].get("argv") or []))} · seed {esc(rep["meta"].get("seed"))}</p>
 <h2>Matched-compute comparison</h2>
-<table id="comparison"><tr><th>baseline</th><th>baseline test loss</th><th>best run</th><th>best test loss</th><th>best / baseline</th></tr>
+<table id="comparison"><tr><th>baseline</th><th>baseline test loss</th><th>best run (lowest {esc(c.get("best_chosen_on") or "val")} loss)</th><th>best test loss</th><th>best / baseline</th></tr>
 <tr><td>{esc(c.get("baseline_run") or "main (no matched-compute baseline in this session: `onthefly run --automode` trains one)")}</td><td>{esc(c.get("baseline_test_loss"))}</td><td>{esc(c.get("best_run"))}</td><td>{esc(c.get("best_test_loss"))}</td><td>{esc(c.get("best_over_baseline"))}</td></tr></table>
 <h2>Runs</h2><table id="runs"><tr><th>run</th><th>kind</th><th>status</th><th>parents</th><th>val loss</th><th>test loss</th><th>sample-steps</th><th>error</th></tr>{rows}</table>
 {figs}

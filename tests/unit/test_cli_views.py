@@ -344,3 +344,29 @@ def test_the_worker_table_shows_a_stalled_training_thread() -> None:
     rows = {line.split()[0]: line for line in console.export_text().splitlines() if line.strip()}
     assert "running · stalled 37 s" in rows["a"], rows
     assert "stalled" not in rows["b"], rows  # one heartbeat without a step is a slow step
+
+
+def test_the_report_picks_its_best_run_on_val_loss_not_test(tmp_path: Path) -> None:
+    from onthefly_supervisor.lifecycle import RunStatus
+    from onthefly_supervisor.report import build
+    from onthefly_supervisor.store import RunRow
+
+    store = Store(str(tmp_path))
+    t0 = time.time()
+    for rid, kind, val, test in (
+        ("main", "main", 0.30, 0.31),
+        ("fork-1", "fork", 0.20, 0.29),  # best on val
+        ("merge-1", "merge", 0.25, 0.10),  # best on test: picking it would peek at test
+    ):
+        store.add_run(RunRow(rid, rid, kind, RunStatus.COMPLETED, [], t0))
+        store.update_run(rid, val_loss=val, test_loss=test)
+    store.close()
+    c = build(str(tmp_path))["comparison"]
+    assert (c["best_run"], c["best_chosen_on"], c["best_test_loss"]) == ("fork-1", "val", 0.29)
+    # No run has a val loss: chosen on test, and the report says so.
+    store = Store(str(tmp_path))
+    for rid in ("main", "fork-1", "merge-1"):
+        store.update_run(rid, val_loss=None)
+    store.close()
+    c = build(str(tmp_path))["comparison"]
+    assert (c["best_run"], c["best_chosen_on"]) == ("merge-1", "test")
