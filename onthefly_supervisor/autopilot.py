@@ -275,6 +275,14 @@ class Autopilot:
                     f"but {card.target_run} has {target.status.value}: reject it, or race forks "
                     "yourself (`onthefly fork --variants N`)",
                 )
+            if card.action is pl.Action.STABILIZE and target is not None and target.status.terminal:
+                # It repairs the run's worker in place, and that worker is gone.
+                raise ControlError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"plan {card.plan_id} repairs {card.target_run} in place, but "
+                    f"{card.target_run} has {target.status.value}: reject it (`onthefly "
+                    f"reject {card.plan_id}`)",
+                )
             self._set(card.with_status(pl.PlanStatus.APPROVED))
         threading.Thread(target=self._execute, args=(card.plan_id,), daemon=True).start()
         return pb.ActionReply(

@@ -479,3 +479,14 @@ def test_an_explore_card_is_not_approved_once_its_run_has_finished(tmp_path: Pat
     with pytest.raises(ControlError, match="but main has completed: reject it"):
         ap.approve(pb.PlanRequest(plan_id=explore.plan_id))
     assert ap.cards[explore.plan_id].status.value == "proposed"
+    # A stabilize card repairs the run's worker in place: refused too, not "approved" and
+    # then failed with "worker main-0 ended before answering".
+    spike = Detection(
+        DetectionKind.SPIKE, 1000, 0.9, "gradient-norm spike", {}, subject="grad_norm"
+    )
+    stabilize = propose([spike], PlannerState(), ap.config, 1000, {"active_children": 0})[0]
+    assert stabilize.action.value == "stabilize"
+    ap._set(stabilize)
+    with pytest.raises(ControlError, match="repairs main in place, but main has completed"):
+        ap.approve(pb.PlanRequest(plan_id=stabilize.plan_id))
+    assert ap.cards[stabilize.plan_id].status.value == "proposed"
