@@ -137,7 +137,18 @@ class CommandLoop(ABC):
             flush=True,
         )
         if self.interrupted == signal.SIGINT:
-            raise KeyboardInterrupt
+            # The script ends as Ctrl+C ends it (a `try/except KeyboardInterrupt` around
+            # fit() still sees it), but an uncaught one prints no traceback: the line above
+            # says what happened.
+            stop = KeyboardInterrupt()
+            previous = sys.excepthook
+
+            def quiet(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+                if value is not stop:
+                    previous(kind, value, tb)
+
+            sys.excepthook = quiet
+            raise stop
         raise SystemExit(128 + self.interrupted)
 
     def _health(self, cmd: Command) -> None:

@@ -185,6 +185,7 @@ def interrupt_plain_python(
     sdir = (project / ".onthefly" / "sessions" / "latest").resolve()
     assert (sdir / "checkpoints" / "main" / f"step-{step:08d}.pt").exists(), out
     assert f"stopped at step {step} (checkpoints/main/step-{step:08d}.pt)" in out, out
+    assert "Traceback" not in out, out  # the line says it all
     return out
 
 
