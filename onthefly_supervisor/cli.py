@@ -483,6 +483,17 @@ def _rollback_note(spec: dict[str, Any], max_batches: int = 4) -> str:
     return out
 
 
+def _error_note(r: dict[str, Any]) -> str:
+    """' · error: ...' for a run's error; a raced variant that lost (completed or stopped,
+    not failed) is no error: ' · race: lost the race at rung 1 ...'."""
+    if not r["error"]:
+        return ""
+    race = (r.get("spec") or {}).get("race") or {}
+    if race.get("state") == "lost" and r["status"] != "failed":
+        return f" · race: {r['error']}"
+    return f" · error: {r['error']}"
+
+
 def _early_stop_note(spec: dict[str, Any]) -> str:
     """' · stopped early at step 60 (slice loss best 0.41 at step 30, 3 evals without
     gain)' for a fork that early stopping ended, or ''."""
@@ -564,7 +575,7 @@ def cmd_runs(a: argparse.Namespace) -> int:
             + f" val {_f(r['val_loss'])} test {_f(r['test_loss'])} · {r['sample_steps']} sample-steps"
             + _rollback_note(r.get("spec") or {})
             + _early_stop_note(r.get("spec") or {})
-            + (f" · error: {r['error']}" if r["error"] else "")
+            + _error_note(r)
         )
         for c in children.get(r["run_id"], []):
             show(c, depth + 1)

@@ -370,3 +370,24 @@ def test_the_report_picks_its_best_run_on_val_loss_not_test(tmp_path: Path) -> N
     store.close()
     c = build(str(tmp_path))["comparison"]
     assert (c["best_run"], c["best_chosen_on"]) == ("merge-1", "test")
+
+
+def test_runs_shows_a_lost_race_as_a_race_note_not_an_error() -> None:
+    from onthefly_supervisor.cli import _error_note
+
+    lost = {"state": "lost", "reason": "x"}
+    assert _error_note({"error": "", "status": "completed", "spec": {}}) == ""
+    assert (
+        _error_note(
+            {"error": "lost the race at rung 1", "status": "stopped", "spec": {"race": lost}}
+        )
+        == " · race: lost the race at rung 1"
+    )
+    assert (
+        _error_note({"error": "completed, but fork-6 finished the race better", "status": "completed", "spec": {"race": lost}})
+        == " · race: completed, but fork-6 finished the race better"
+    )  # fmt: skip
+    assert (
+        _error_note({"error": "boom", "status": "failed", "spec": {"race": lost}})
+        == " · error: boom"
+    )
