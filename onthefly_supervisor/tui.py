@@ -6,6 +6,7 @@ dashboard and the CLI see.
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 import sys
@@ -42,6 +43,26 @@ class RunView:
         self.status = "pending"
         self.t0 = time.time()
         self.step0 = 0
+        # (time of a step, samples trained since the previous entry): the wall-clock rate
+        # over the last ~10 s, pauses, epoch ends and evaluations included.
+        self.rate_window: collections.deque[tuple[float, float]] = collections.deque()
+
+    def add_rate(self, times: list[Any], sps: list[Any], step_ms: list[Any]) -> None:
+        """Each step's samples are its samples/s times its step time."""
+        n = 0.0
+        for r, ms in zip(sps, step_ms, strict=False):
+            ok = isinstance(r, (int, float)) and isinstance(ms, (int, float))
+            if ok and math.isfinite(r) and math.isfinite(ms):
+                n += r * ms / 1000.0
+        if not times or not isinstance(times[-1], (int, float)):
+            return
+        w = self.rate_window
+        w.append((float(times[-1]), n))
+        while len(w) > 2 and w[-1][0] - w[1][0] > 10.0:
+            w.popleft()
+        span = w[-1][0] - w[0][0]
+        if len(w) >= 2 and span > 0:
+            self.sps = sum(k for _, k in list(w)[1:]) / span
 
     @property
     def total_steps(self) -> int:
@@ -160,8 +181,9 @@ class TerminalView:
                 rv.step = steps[-1]
                 rv.epoch = (p.get("epoch") or [0])[-1]
                 rv.loss = (p.get("loss") or [None])[-1]
-                sps = [x for x in (p.get("samples_per_s") or []) if x]
-                rv.sps = sum(sps) / len(sps) if sps else rv.sps
+                rv.add_rate(
+                    p.get("time") or [], p.get("samples_per_s") or [], p.get("step_time_ms") or []
+                )
                 if not self.rich and time.time() - self._last_plain > 5.0:
                     self._last_plain = time.time()
                     self.print(

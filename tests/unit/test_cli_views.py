@@ -391,3 +391,18 @@ def test_runs_shows_a_lost_race_as_a_race_note_not_an_error() -> None:
         _error_note({"error": "boom", "status": "failed", "spec": {"race": lost}})
         == " · error: boom"
     )
+
+
+def test_the_live_samples_per_second_is_the_wall_clock_rate() -> None:
+    from onthefly_supervisor.tui import RunView
+
+    rv = RunView()
+    # Steps of 100 samples taking 10 ms each (10,000/s while stepping), but one batch of 5
+    # steps every second (data loading, evaluation...): 500 samples/s on the wall clock.
+    for k in range(1, 6):
+        t = 100.0 + k
+        rv.add_rate([t - 0.04 + i * 0.01 for i in range(5)], [10_000.0] * 5, [10.0] * 5)
+    assert rv.sps == pytest.approx(500.0)
+    for k in range(6, 30):  # the window keeps the last ~10 s
+        rv.add_rate([100.0 + k], [10_000.0], [10.0])
+    assert rv.sps == pytest.approx(100.0)
