@@ -577,6 +577,7 @@ class Autopilot:
                     since_step=since,
                     metric="grad_norm",
                     batch_sizes=batch,
+                    min_ratio=GRAD_SPIKE_MIN_RATIO,
                 ),
             )
             if d is not None
@@ -1237,6 +1238,11 @@ _MAX_LOOK = 20_000
 
 # The steps after a loss spike that tell a hard batch (the loss is back) from an instability.
 _SPIKE_AFTER = 5
+
+GRAD_SPIKE_MIN_RATIO = 4.0
+"""A gradient-norm spike is an instability only at 4x its recent median or more: a healthy
+AdamW/BatchNorm run's norm reaches 2-3x a tight median (many robust deviations), and
+halving its lr for that made it ~10% worse."""
 
 
 def _loss_stays_up(d: pl.Detection, steps: np.ndarray, loss: np.ndarray) -> bool | None:

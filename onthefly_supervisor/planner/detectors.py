@@ -335,8 +335,14 @@ def detect_spike(
     rel_floor: float = 0.01,
     batch_sizes: ArrayLike | None = None,
     batch_scaling: str = "auto",
+    min_ratio: float = 1.0,
 ) -> Detection | None:
-    """First upward spike (robust z-score above ``z``) after ``since_step``.
+    """First upward spike (robust z-score above ``z``, and at least ``min_ratio`` times
+    its recent median) after ``since_step``.
+
+    ``min_ratio`` keeps a jump that is large only relative to a very steady history from
+    counting: a healthy run's gradient norm can sit many robust deviations above a
+    tight median at 2x it, which is no instability.
 
     Only upward jumps count: a loss or gradient norm that suddenly *drops* is not an
     instability. Points at or before ``since_step`` still serve as history, so the
@@ -377,14 +383,18 @@ def detect_spike(
         hit = zs > z
     if since_step is not None:
         hit &= st > since_step
-    idx = np.flatnonzero(hit)
-    if idx.size == 0:
+    found: tuple[int, float] | None = None
+    for i in np.flatnonzero(hit).tolist():
+        hist = xs[max(0, i - window) : i]
+        hist = hist[np.isfinite(hist)]
+        med = float(np.median(hist))
+        if min_ratio <= 1.0 or not (med > 0 and xs[i] < min_ratio * med):
+            found = (int(i), med)
+            break
+    if found is None:
         return None
-    i = int(idx[0])
+    i, med = found
     zi = float(zs[i])
-    hist = xs[max(0, i - window) : i]
-    hist = hist[np.isfinite(hist)]
-    med = float(np.median(hist))
     name = "gradient norm" if metric == "grad_norm" else metric
     fi = float(factor[i])
     batch_note = ""
@@ -395,6 +405,7 @@ def detect_spike(
         "z": zi,
         "z_threshold": float(z),
         "ratio_to_median": float(xs[i] / med) if med != 0 else math.inf,
+        "min_ratio": float(min_ratio),
         "window": float(window),
     }
     if math.isfinite(ref):

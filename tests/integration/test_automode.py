@@ -292,7 +292,11 @@ const {{ chromium }} = require({json.dumps(str(pw))});
 
 
 def test_manual_mode_cards_wait_for_approval(tmp_path: Path) -> None:
-    live = start(tmp_path, SEQ, "--epochs", "12", "--step-sleep", "0.02", extra=("--keep-alive",))
+    # A NaN loss at step 30: a stabilize card for the live run (approved while it trains).
+    live = start(
+        tmp_path, SMALL, "--epochs", "60", "--step-sleep", "0.02", "--nan-at-step", "30",
+        extra=("--keep-alive",),
+    )  # fmt: skip
     try:
         deadline = time.time() + 120
         plans: list[dict] = []  # type: ignore[type-arg]

@@ -692,3 +692,19 @@ def test_a_loss_spike_that_is_gone_on_the_next_steps_is_a_hard_batch_not_an_inst
     shift[199:] += 1.0  # from step 200 on the loss stays up
     assert loss_spikes(shift, [400]) == [200]
     assert loss_spikes(shift, [202, 400]) == [200]  # waited at 202, reported at 400
+
+
+def test_a_grad_norm_spike_must_also_be_a_multiple_of_its_median() -> None:
+    # A steady norm (0.45 +- 1%) that reaches 2.3x for one step: many robust deviations,
+    # but no instability; 10x is one.
+    rng = np.random.default_rng(0)
+    norms = 0.45 * (1 + 0.01 * rng.standard_normal(120))
+    steps = np.arange(1, 121)
+    norms[100] = 2.3 * 0.45
+    d = detect_spike(steps, norms, metric="grad_norm")
+    assert d is not None and d.step == 101 and d.numbers["z"] > 6  # z alone fires
+    assert detect_spike(steps, norms, metric="grad_norm", min_ratio=4.0) is None
+    norms[110] = 10 * 0.45
+    d = detect_spike(steps, norms, metric="grad_norm", min_ratio=4.0)
+    assert d is not None and d.step == 111 and d.numbers["ratio_to_median"] > 9
+    assert d.numbers["min_ratio"] == 4.0
