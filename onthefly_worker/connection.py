@@ -31,7 +31,9 @@ _CLOSE = object()
 class Command:
     """A supervisor command, converted from protobuf at the boundary."""
 
-    kind: str  # pause | resume | checkpoint | eval | stop | health | set_hparams | embed | assign
+    # pause | resume | checkpoint | eval | stop | health | set_hparams | embed | assign, and
+    # `lost` (not from the supervisor: its stream ended without our closing it)
+    kind: str
     command_id: str = ""
     args: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +111,7 @@ class WorkerConnection:
         self._welcome_event = threading.Event()
         self.error: BaseException | None = None
         self.closed = threading.Event()
+        self._closing = False
         self._responses = self._stub.Attach(self._requests(), metadata=((TOKEN_KEY, token),))
         self._receiver = threading.Thread(target=self._receive, name="onthefly-recv", daemon=True)
         self._receiver.start()
@@ -135,6 +138,10 @@ class WorkerConnection:
             if not self.closed.is_set():
                 self.error = e
         finally:
+            if not self._closing and self.welcome is not None:
+                # The supervisor went away (killed, or its machine's network): the training
+                # loop learns it at its next step boundary (`lost`), like any command.
+                self.commands.append(Command("lost"))
             self.closed.set()
             self._welcome_event.set()
             self.command_event.set()
@@ -208,6 +215,7 @@ class WorkerConnection:
 
     def close(self, timeout: float = 5.0) -> None:
         """Flush what is queued, half-close the stream and wait for the supervisor to end it."""
+        self._closing = True
         self._out.put(_CLOSE)
         deadline = time.monotonic() + timeout
         while not self._out.empty() and time.monotonic() < deadline:

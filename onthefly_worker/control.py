@@ -288,6 +288,15 @@ class CommandLoop(ABC):
     def _handle(self, cmd: Command) -> None:
         conn = self.conn
         assert conn is not None and self.rec is not None
+        if cmd.kind == "lost":
+            if self.stop_reason:
+                return  # stopping anyway (the supervisor may end as it stops us)
+            # No worker outlives its supervisor: training on unrecorded would leave a
+            # session whose status, checkpoints and per-sample data no longer say what ran.
+            raise OnTheFlyError(
+                f"lost the supervisor at step {self.step} ({conn.describe_error()}): the run "
+                "stops here; `onthefly resume` continues it from its last recorded checkpoint"
+            )
         if cmd.kind == "pause":
             if not self.paused:
                 self.rec.flush()

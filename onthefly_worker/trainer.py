@@ -165,7 +165,12 @@ class Trainer:
             test_loader,
             scheduler,
         )
-        result = loop.run()
+        try:
+            result = loop.run()
+        except OnTheFlyError as e:
+            # Our own errors say what to do in their message (and were reported as the
+            # run's cause already): the script's traceback ends at its fit() line.
+            raise e.with_traceback(None) from None
         self.state = result
         loop.end_as_interrupted(result["step"], result["checkpoint"])
         if env.role != "train":

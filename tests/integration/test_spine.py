@@ -116,6 +116,26 @@ def test_plain_python_stops_on_a_signal_with_a_checkpoint_like_onthefly_run(
     interrupt_plain_python(project, SMALL, ("--epochs", "200", "--step-sleep", "0.01"), sig)
 
 
+def test_plain_python_stops_when_its_supervisor_is_killed(project: Path) -> None:
+    """No worker outlives its supervisor, under `python train.py` too: training on,
+    unrecorded, left a session whose status and checkpoints no longer said what ran."""
+    proc = _plain_python(project, "--epochs", "200", "--step-sleep", "0.01")
+    try:
+        wait_main_step(project, 20)
+        conn = json.loads((_latest(project) / "connection.json").read_text())
+        os.kill(int(conn["pid"]), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out
+    assert "lost the supervisor at step " in out and "`onthefly resume` continues it" in out, out
+    main = cli_json("runs", cwd=project)["runs"][0]
+    assert main["step"] < 200 * 16, main
+    st = cli_json("status", cwd=project)
+    assert not st["live"], st
+
+
 def test_a_fork_of_a_plain_python_run_finishes_after_the_script_exits(project: Path) -> None:
     proc = _plain_python(project, "--epochs", "3", "--step-sleep", "0.03")
     try:
