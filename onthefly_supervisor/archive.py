@@ -838,7 +838,7 @@ def check_session(session_dir: str | os.PathLike[str]) -> list[str]:
         elif not os.path.isfile(path):
             problems.append(f"checkpoint {rel} is recorded but missing")
         else:
-            actual = _sha256_file(path)
+            actual = sha256_file(path)
             if actual != sha:
                 problems.append(
                     f"checkpoint {rel} is corrupt: sha256 {actual[:12]}… != recorded {sha[:12]}…"
@@ -891,7 +891,7 @@ def _inside(sdir: str, rel: str) -> str | None:
     return path if path.startswith(sdir + os.sep) else None
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):

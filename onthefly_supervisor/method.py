@@ -1242,10 +1242,6 @@ class _DeterminismCheck:
 
 
 def _sha256(path: str) -> str:
-    import hashlib
+    from onthefly_supervisor.archive import sha256_file
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)

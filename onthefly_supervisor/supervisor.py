@@ -1182,7 +1182,7 @@ class Supervisor:
         if not runs and not races:
             raise SupervisorError(f"session {self.session_id} has no unfinished run to resume")
         for r in runs:
-            ck = self.store.latest_checkpoint(r.run_id)
+            ck = self._intact_checkpoint(r.run_id)
             # Why it stopped ("was running when exported", "supervisor gone") is in the
             # events; the resumed run's record starts clean.
             self._set_run_status(r.run_id, RunStatus.PENDING, "")
@@ -1193,6 +1193,40 @@ class Supervisor:
                 text=f"resuming {r.run_id} from {ck['path'] if ck else 'the beginning'}",
             )
             self.spawn(r.run_id, Role.TRAIN, resume=ck["path"] if ck else "")
+
+    def _intact_checkpoint(self, run_id: str) -> dict[str, Any] | None:
+        """The run's newest checkpoint whose file is there and whose sha256 is the one
+        recorded when it was written; a damaged or missing newer one is said and passed
+        over (what the run recorded after the one chosen is forgotten: it trains again)."""
+        from onthefly_supervisor.archive import sha256_file
+
+        rows = self.store.query(
+            "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step DESC, t DESC", (run_id,)
+        )
+        bad: list[str] = []
+        for row in rows:
+            ck = dict(row)
+            path = os.path.join(self.dir, ck["path"])
+            if not os.path.isfile(path):
+                bad.append(f"{ck['path']} is missing")
+                continue
+            if ck["sha256"] and sha256_file(path) != ck["sha256"]:
+                bad.append(f"{ck['path']} is damaged (its sha256 is not the one recorded)")
+                continue
+            break
+        else:
+            ck = None
+        if bad:
+            self.bus.publish(
+                "log",
+                run_id,
+                level="warning",
+                text="; ".join(bad)
+                + f": resuming {run_id} from "
+                + (f"the previous intact checkpoint, {ck['path']}" if ck else "the beginning"),
+            )
+            self.store.discard_after(run_id, int(ck["step"]) if ck else 0)
+        return ck
 
     def _decide_exit(self) -> None:
         with self.lock:

@@ -789,3 +789,34 @@ def test_a_forks_epoch_scheduler_and_validation_keep_the_main_runs_pace(project:
     finally:
         live.proc.send_signal(signal.SIGINT)
         live.finish(60)
+
+
+def test_resume_passes_over_a_damaged_checkpoint_to_the_previous_intact_one(
+    project: Path,
+) -> None:
+    live = start(project, SMALL, "--epochs", "3", "--step-sleep", "0.05", "--checkpoint-every", "5")
+    try:
+        live.wait_for(lambda s: live.main_run(s)["step"] >= 12)
+        assert cli("stop", cwd=project).returncode == 0
+        code, out = live.finish()
+        assert code == 0, out
+    finally:
+        if live.proc.poll() is None:
+            live.proc.kill()
+    db = sqlite3.connect(live.session_dir / "session.db")
+    cks = db.execute("SELECT path, step FROM checkpoints ORDER BY step DESC").fetchall()
+    db.close()
+    (newest, stopped_at), (previous, prev_step) = cks[0], cks[1]
+    with open(live.session_dir / newest, "r+b") as f:
+        f.truncate(500)  # a disk that filled up, a copy cut short
+    r = cli("resume", "--headless", "--port", "0", cwd=project, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert (
+        f"{newest} is damaged (its sha256 is not the one recorded): resuming main from the "
+        f"previous intact checkpoint, {previous}"
+    ) in out, out
+    assert f"resuming main from {previous}" in out, out
+    main = cli_json("runs", cwd=project)["runs"][0]
+    assert main["status"] == "completed" and main["step"] == 48, main
+    assert prev_step < stopped_at
