@@ -338,7 +338,14 @@ def _run_dict(r: pb.RunInfo) -> dict[str, Any]:
 
 def cmd_status(a: argparse.Namespace) -> int:
     try:
-        st = _client().ping(timeout=10)
+        client = _client()
+        try:
+            st = client.ping(timeout=10)
+        except grpc.RpcError as e:  # e.g. another supervisor now holds a dead one's port
+            raise CliError(
+                f"the supervisor at {client.conn.addr} did not answer as session "
+                f"{client.conn.session_id}: {e.details()} [{e.code().name}]"
+            ) from None
     except (CliError, NoSupervisor) as e:
         try:
             sdir = resolve_session(None)

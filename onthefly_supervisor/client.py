@@ -56,7 +56,10 @@ def live_sessions(project_dir: str = ".") -> list[str]:
 def read_connection(session: str | None = None, project_dir: str = ".") -> Connection:
     sdir = resolve_session(session, project_dir)
     path = os.path.join(sdir, "connection.json")
-    if not os.path.exists(path) and session is None:
+    # A connection.json whose supervisor is gone (SIGKILL leaves it behind) is no
+    # connection: its port may belong to another supervisor by now.
+    gone = os.path.exists(path) and not supervisor_alive(sdir)
+    if (gone or not os.path.exists(path)) and session is None:
         # The latest session has ended but an earlier one started here is still live (two
         # `onthefly run`s in one project): the only live one is the one meant.
         live = [d for d in live_sessions(project_dir) if d != sdir]
@@ -69,10 +72,11 @@ def read_connection(session: str | None = None, project_dir: str = ".") -> Conne
                 + ", ".join(os.path.basename(d) for d in live)
                 + "); name one with --session ID"
             )
-    if not os.path.exists(path):
+    if not os.path.exists(path) or not supervisor_alive(sdir):
         resume = ", `onthefly resume` continues its runs" if _has_unfinished_main(sdir) else ""
+        how = "its supervisor is gone" if os.path.exists(path) else "it has ended"
         raise NoSupervisor(
-            f"session {os.path.basename(sdir)} has no live supervisor (it has ended); "
+            f"session {os.path.basename(sdir)} has no live supervisor ({how}); "
             f"`onthefly serve` serves it for this command{resume}"
         )
     with open(path, encoding="utf-8") as f:

@@ -406,3 +406,35 @@ def test_the_live_samples_per_second_is_the_wall_clock_rate() -> None:
     for k in range(6, 30):  # the window keeps the last ~10 s
         rv.add_rate([100.0 + k], [10_000.0], [10.0])
     assert rv.sps == pytest.approx(100.0)
+
+
+def test_a_connection_file_left_by_a_killed_supervisor_is_no_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    import os
+    import subprocess
+
+    from onthefly_supervisor.client import NoSupervisor, read_connection
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    root = tmp_path / ".onthefly" / "sessions"
+    sdir = root / "20260101-000000-dead"
+    sdir.mkdir(parents=True)
+    Store(str(sdir)).close()
+    # Its port may belong to another supervisor by now: it must not be dialled.
+    conn = {"host": "127.0.0.1", "port": 47621, "token": "t", "pid": gone.pid}
+    (sdir / "connection.json").write_text(json.dumps({**conn, "session_id": sdir.name}))
+    (root / "latest").symlink_to(sdir.name)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NoSupervisor, match="has no live supervisor \\(its supervisor is gone\\)"):
+        read_connection()
+    assert cli.main(["status"]) == 0  # the stored status, not a gRPC traceback
+    assert "no live supervisor" in capsys.readouterr().out
+    # The one live session of the project is reached instead.
+    live = root / "20260101-000001-live"
+    live.mkdir()
+    (live / "connection.json").write_text(
+        json.dumps({**conn, "pid": os.getpid(), "session_id": live.name})
+    )
+    assert read_connection().session_dir == str(live)
