@@ -338,7 +338,7 @@ def _run_dict(r: pb.RunInfo) -> dict[str, Any]:
 
 def cmd_status(a: argparse.Namespace) -> int:
     try:
-        client = _client()
+        client = _client(a.session)
         try:
             st = client.ping(timeout=10)
         except grpc.RpcError as e:  # e.g. another supervisor now holds a dead one's port
@@ -348,7 +348,7 @@ def cmd_status(a: argparse.Namespace) -> int:
             ) from None
     except (CliError, NoSupervisor) as e:
         try:
-            sdir = resolve_session(None)
+            sdir = resolve_session(a.session)
         except FileNotFoundError:  # no session at all: an error
             raise CliError(str(e)) from None
         if supervisor_alive(sdir):  # its supervisor lives but does not answer
@@ -1403,6 +1403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="the live session: workers, runs, GPUs")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--session", default=None, help="a session's id (default: latest)")
     st.set_defaults(fn=cmd_status)
 
     for name, text in (

@@ -438,3 +438,7 @@ def test_a_connection_file_left_by_a_killed_supervisor_is_no_connection(
         json.dumps({**conn, "pid": os.getpid(), "session_id": live.name})
     )
     assert read_connection().session_dir == str(live)
+    # --session names the one meant (here the dead one, whatever is live).
+    assert cli.main(["status", "--json", "--session", sdir.name]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["session_id"] == sdir.name and doc["live"] is False
