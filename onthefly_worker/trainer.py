@@ -1149,7 +1149,7 @@ class _Loop(CommandLoop):
             result = evaluate_model(
                 self.model, loader, self.loss, self.device, context=self._autocast
             )
-            self._note_nonfinite_eval(split, result[0])
+            self._note_nonfinite_eval(split, result[0], result[2])
             return report_eval(self.conn, self.run_id, split, self.step, self.epoch, result)
         from onthefly_worker import slices as sl
 
@@ -1164,15 +1164,22 @@ class _Loop(CommandLoop):
         overall, per = sl.evaluate_with_slices(
             self.model, loader, self.loss, self.device, slices, context=self._autocast
         )
-        self._note_nonfinite_eval(split, overall[0])
+        self._note_nonfinite_eval(split, overall[0], overall[2])
         for name, res in per.items():  # before the overall loss: a reader sees them together
             report_eval(self.conn, self.run_id, f"val_slice:{name}", self.step, self.epoch, res)
         return report_eval(self.conn, self.run_id, split, self.step, self.epoch, overall)
 
-    def _note_nonfinite_eval(self, split: str, loss: float) -> None:
+    def _note_nonfinite_eval(self, split: str, loss: float, samples: int) -> None:
         """A non-finite evaluation loss is stored as "no value"; say why, once per split."""
         if not math.isfinite(loss) and split not in self._nonfinite_evals:
             self._nonfinite_evals.add(split)
+            if samples == 0:
+                self.log(
+                    f"the {split} loader yielded no samples (step {self.step}): there is no "
+                    f"{split} loss to report (said once)",
+                    "warning",
+                )
+                return
             self.log(
                 f"{split} loss is {loss} at step {self.step}: at least one {split} sample gives "
                 "a non-finite loss (check that data for NaN/Inf; said once)",

@@ -112,3 +112,28 @@ def test_a_script_that_exits_before_fit_keeps_its_exit_code(project: Path) -> No
     assert "error: unrecognized arguments: --no-such-flag" in out, out  # the script's stderr
     why = "train_small.py exited with code 2 before Trainer.fit(): nothing was trained"
     assert "worker main-0 failed" not in out and out.count(why) == 1, out  # once: the last line
+
+
+EMPTY_VAL = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from onthefly import Trainer
+x = torch.randn(64, 4); y = (x[:, 0] > 0).long()
+m = nn.Linear(4, 2)
+Trainer(project="e", max_epochs=2, val_every_n_epochs=1).fit(
+    m, torch.optim.SGD(m.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+    DataLoader(TensorDataset(x, y), batch_size=16),
+    DataLoader(TensorDataset(x[:0], y[:0]), batch_size=16),
+)
+"""
+
+
+def test_an_empty_val_loader_is_said_to_be_empty_not_non_finite(tmp_path: Path) -> None:
+    script = tmp_path / "ev.py"
+    script.write_text(EMPTY_VAL)
+    r = cli("run", "--headless", "--port", "0", str(script), cwd=tmp_path, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "the val loader yielded no samples (step 4): there is no val loss to report" in out
+    assert "non-finite" not in out, out
