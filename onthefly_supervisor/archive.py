@@ -665,6 +665,13 @@ def _verify_staged(staging: str, members: dict[str, Member]) -> None:
     problems = _db_integrity(os.path.join(staging, DB_NAME))
     if problems:
         raise ValueError(f"{DB_NAME} in the archive is damaged: {'; '.join(problems[:5])}")
+    # What `sessions check` would flag, refused before the session is in place: a
+    # checkpoint recorded with a path outside the session, a per-sample array that is not
+    # a plain float array (an object array is a pickle), fork files that do not match.
+    # (A checkpoint the export left out is not a problem: its run resumes from an earlier one.)
+    flagged = [p for p in check_session(staging) if not p.endswith("is recorded but missing")]
+    if flagged:
+        raise ValueError(f"the archive's session is not sound: {'; '.join(flagged[:5])}")
 
 
 LIVE_AT_EXPORT = "was running when exported"

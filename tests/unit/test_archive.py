@@ -640,3 +640,30 @@ def test_plan_prune_is_pure() -> None:
     assert [c.step for c in plan_prune(rows, {"c/1.pt"}, keep_last=2)] == [0, 2, 3, 4]
     assert plan_prune(rows, set(), keep_last=10) == []
     assert [c.step for c in plan_prune(rows, set(), keep_last=0)] == [0, 1, 2, 3, 4]
+
+
+def test_a_session_recording_paths_outside_itself_or_pickled_arrays_is_refused(
+    tmp_path: Path,
+) -> None:
+    # What `sessions check` flags is refused at import, before the session is in place.
+    src = tmp_path / "src" / SID
+    st = Store(str(src))
+    st.add_run(RunRow("main", "main", "main", RunStatus.STOPPED, [], time.time()))
+    with st.tx() as db:
+        db.execute(
+            "INSERT INTO checkpoints (path, run_id, step, epoch, batch, reason, sha256, bytes, t)"
+            " VALUES ('../../../../evil.pt', 'main', 5, 0, 5, 'stop', 'x', 1, 0)"
+        )
+    st.close()
+    out = tmp_path / "outside.tar"
+    export_session(src, out)
+    proj = tmp_path / "proj"
+    refuse(out, proj, "recorded with a path outside the session")
+
+    src2 = tmp_path / "src2" / SID
+    Store(str(src2)).close()
+    (src2 / "samples" / "main").mkdir(parents=True)
+    np.save(src2 / "samples" / "main" / "epoch-0000.npy", np.array([{"a": 1}], dtype=object))
+    out2 = tmp_path / "pickled.tar"
+    export_session(src2, out2)
+    refuse(out2, proj, "the archive's session is not sound: .*epoch-0000")
