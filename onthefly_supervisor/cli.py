@@ -126,8 +126,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if not a.owner_pid:
         sdir = resolve_session(a.args[0] if a.args else None)
         port = DEFAULT_PORT if a.port == "auto" else int(a.port)
+        script = os.path.abspath(a.script) if a.script else _meta_script(sdir)
+        if not os.path.isfile(script):
+            raise CliError(f"--script {a.script}: no such file")
         cfg = SupervisorConfig(
-            script=_meta_script(sdir), port=port, resume_dir=sdir, serve_only=True, keep_alive=True
+            script=script, port=port, resume_dir=sdir, serve_only=True, keep_alive=True
         )
         return _serve(Supervisor(cfg), headless=True)
     if a.args and a.args[0] == "--":
@@ -194,7 +197,8 @@ def _meta_script(sdir: str) -> str:
     if not script or not os.path.isfile(script):
         raise CliError(
             f"the session's script {script!r} is missing; give its copy with "
-            "`onthefly resume --script PATH` (an imported session keeps the original path)"
+            "`onthefly resume --script PATH` or `onthefly serve --script PATH` (an imported "
+            "session keeps the original path)"
         )
     return str(script)
 
@@ -1395,10 +1399,19 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve a finished session (dashboard, forks, exports) until Ctrl+C"
     )
     s.add_argument("--owner-pid", type=int, default=0, help=argparse.SUPPRESS)
-    s.add_argument("--project", default="default")
-    s.add_argument("--run-name", default="main")
-    s.add_argument("--port", default="auto")
-    s.add_argument("args", nargs=argparse.REMAINDER)
+    s.add_argument("--project", default="default", help=argparse.SUPPRESS)
+    s.add_argument("--run-name", default="main", help=argparse.SUPPRESS)
+    s.add_argument(
+        "--port",
+        default="auto",
+        help=f"TCP port on 127.0.0.1 (default {DEFAULT_PORT}; 0 = any free one)",
+    )
+    s.add_argument(
+        "--script",
+        default=None,
+        help="the session's script, when it is not at its recorded path (an imported session)",
+    )
+    s.add_argument("args", nargs=argparse.REMAINDER, metavar="SESSION", help="(default: latest)")
     s.set_defaults(fn=cmd_serve)
 
     st = sub.add_parser("status", help="the live session: workers, runs, GPUs")

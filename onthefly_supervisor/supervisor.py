@@ -209,6 +209,13 @@ class Supervisor:
         self._write_connection()
         point_latest(self.dir)
         st = self.store
+        if self.cfg.resume_dir:
+            # An imported or moved session: the script given (`--script`) is where it lives
+            # now, and a project folder that is gone is this one; workers start from these.
+            if self.cfg.script and self.cfg.script != st.get_meta("script", ""):
+                st.set_meta("script", self.cfg.script)
+            if not os.path.isdir(str(st.get_meta("cwd", ""))):
+                st.set_meta("cwd", os.path.abspath(self.cfg.project_dir))
         if not self.cfg.resume_dir:
             st.set_meta("script", self.cfg.script)
             st.set_meta("argv", list(self.cfg.argv))

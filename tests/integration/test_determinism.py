@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SCRIPTS, cli, cli_json, start
+from tests.conftest import PY, SCRIPTS, cli, cli_json, start
 
 SMALL = SCRIPTS / "train_small.py"
 # Shuffling, dropout, BatchNorm, SGD momentum and a StepLR scheduler are all in train_small.py.
@@ -156,7 +158,9 @@ def test_export_import_resume_in_a_fresh_folder_is_bit_exact(tmp_path: Path) -> 
     ref = run_plain(tmp_path / "ref")
     proj = tmp_path / "a"
     proj.mkdir()
-    live = start(proj, SMALL, *COMMON, "--step-sleep", "0.02")
+    orig = proj / "train.py"  # gone by the time the session is imported elsewhere
+    orig.write_text(SMALL.read_text())
+    live = start(proj, orig, *COMMON, "--step-sleep", "0.02")
     live.wait_for(lambda s: live.main_run(s)["step"] >= 20, timeout=60, every=0.05)
     live.proc.send_signal(2)  # Ctrl+C: stop at a step boundary with a checkpoint
     code, out = live.finish(60)
@@ -166,10 +170,13 @@ def test_export_import_resume_in_a_fresh_folder_is_bit_exact(tmp_path: Path) -> 
     assert r.returncode == 0, r.stderr
     r = cli("export-session", "-o", str(archive), cwd=proj)
     assert r.returncode != 0 and "exists" in r.stderr
+    orig.unlink()
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     r = cli("import-session", str(archive), cwd=fresh)
     assert r.returncode == 0, r.stderr
+    r = cli("resume", "--headless", "--port", "0", cwd=fresh)
+    assert r.returncode != 0 and "`onthefly resume --script PATH`" in r.stderr, r.stderr
     r = cli("resume", "--headless", "--port", "0", "--script", "nope.py", cwd=fresh)
     assert r.returncode != 0 and "--script nope.py: no such file" in r.stderr, r.stderr
     # The script from wherever the user keeps it now (an imported session keeps its path).
@@ -180,3 +187,22 @@ def test_export_import_resume_in_a_fresh_folder_is_bit_exact(tmp_path: Path) -> 
     assert final_hash(fresh) == ref
     runs = cli_json("runs", cwd=fresh)["runs"]
     assert runs[0]["status"] == "completed" and not runs[0]["error"], runs[0]
+    # The finished session served (forks, exports, dashboard) with the script's copy too.
+    r = cli("serve", "--port", "0", "--script", "nope.py", cwd=fresh)
+    assert r.returncode != 0 and "--script nope.py: no such file" in r.stderr, r.stderr
+    serve = subprocess.Popen(
+        [PY, "-m", "onthefly_supervisor", "serve", "--port", "0", "--script", str(copy)],
+        cwd=fresh,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        st: dict = {}  # type: ignore[type-arg]
+        while time.time() < deadline and not st.get("live"):
+            time.sleep(0.3)
+            st = cli_json("status", cwd=fresh)
+        assert st.get("live") and st["script"] == str(copy), st
+    finally:
+        serve.send_signal(2)
+        serve.wait(30)
