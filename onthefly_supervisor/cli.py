@@ -678,15 +678,25 @@ def cmd_sessions(a: argparse.Namespace) -> int:
         keep = a.keep
         if keep < 0:
             raise CliError(f"sessions gc --keep {keep}: must be >= 0 (how many newest to keep)")
+        # A session that never trained (`onthefly run train.py --help`, a script that failed
+        # before its first step) does not count towards --keep: it goes, and the newest N
+        # that trained stay.
+        empty = [n for n in names if _never_trained(os.path.join(root, n))]
+        trained = [n for n in names if n not in empty]
         removed = []
-        for n in names[:-keep] if keep else names:
+        for n in empty + (trained[:-keep] if keep else trained):
             d = os.path.join(root, n)
             if supervisor_alive(d):
                 continue
             shutil.rmtree(d, ignore_errors=True)
             removed.append(n)
         _fix_latest(root)
-        print(f"removed {len(removed)} session(s), kept the newest {keep}")
+        gone_empty = len([n for n in removed if n in empty])
+        print(
+            f"removed {len(removed)} session(s)"
+            + (f" ({gone_empty} that never trained)" if gone_empty else "")
+            + f", kept the newest {keep} that trained"
+        )
         return 0
     if a.action == "check":
         from onthefly_supervisor.archive import check_session
@@ -707,6 +717,23 @@ def cmd_sessions(a: argparse.Namespace) -> int:
         print(f"removed {len(removed)} checkpoint(s) no run, fork, plan or pin refers to")
         return 0
     raise CliError(f"unknown sessions action {a.action}")
+
+
+def _never_trained(sdir: str) -> bool:
+    """No run of the session trained a step and it holds no checkpoint (an unreadable
+    store counts as trained: gc keeps what it cannot judge)."""
+    try:
+        st = Store(sdir, readonly=True)
+    except Exception:  # noqa: BLE001 - unreadable: keep it
+        return False
+    try:
+        steps = st.query("SELECT COALESCE(MAX(step), 0) AS s FROM runs")[0]["s"]
+        ckpts = st.query("SELECT COUNT(*) AS n FROM checkpoints")[0]["n"]
+        return int(steps) == 0 and int(ckpts) == 0
+    except Exception:  # noqa: BLE001
+        return False
+    finally:
+        st.close()
 
 
 def _serving(sdir: str) -> ControlClient | None:

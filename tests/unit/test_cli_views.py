@@ -4,6 +4,7 @@ terminal view's lines, and automode's end-of-session report line."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -442,3 +443,28 @@ def test_a_connection_file_left_by_a_killed_supervisor_is_no_connection(
     assert cli.main(["status", "--json", "--session", sdir.name]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["session_id"] == sdir.name and doc["live"] is False
+
+
+def test_sessions_gc_keeps_the_newest_that_trained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from onthefly_supervisor.store import point_latest
+
+    root = tmp_path / ".onthefly" / "sessions"
+    made = []
+    for i, trained in enumerate([True, True, False, True, False, False]):
+        sdir = root / f"20260101-00000{i}-abcd"
+        st = Store(str(sdir))
+        st.add_run(RunRow("main", "main", "main", RunStatus.COMPLETED, [], time.time()))
+        if trained:  # `onthefly run train.py --help` trains nothing
+            st.update_run("main", step=10)
+        st.close()
+        made.append(sdir.name)
+    point_latest(str(root / made[-1]))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sessions", "gc", "--keep", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 4 session(s) (3 that never trained), kept the newest 2 that trained" in out
+    left = sorted(p.name for p in root.iterdir() if p.name != "latest")
+    assert left == [made[1], made[3]]
+    assert os.path.realpath(root / "latest") == str(root / made[3])
