@@ -99,7 +99,9 @@ def test_status_text_shows_rollbacks_from_the_store(
             )
         ],
     )
-    monkeypatch.setattr(cli, "_client", lambda: SimpleNamespace(ping=lambda timeout=3.0: reply))
+    monkeypatch.setattr(
+        cli, "_client", lambda session=None: SimpleNamespace(ping=lambda timeout=3.0: reply)
+    )
     assert cli.main(["status"]) == 0
     line = _main_line(capsys.readouterr().out, "run main")
     assert "rolled back 2x (last step 240 -> 220)" in line, line
