@@ -86,6 +86,15 @@ def test_do_test_after_without_a_test_loader_and_plateau_without_val_are_warning
     assert "ReduceLROnPlateau without a val_loader" in logs[1][1]
     logs.clear()
     for split in ("val", "val", "test"):
-        loop._note_nonfinite_eval(split, float("nan"))
-    loop._note_nonfinite_eval("val", 0.5)
+        loop._note_nonfinite_eval(split, float("nan"), 10)
+    loop._note_nonfinite_eval("val", 0.5, 10)
     assert [t.split(" loss is nan at step 0")[0] for _, t in logs] == ["val", "test"], logs
+    logs.clear()
+    loop._note_nonfinite_eval("slice:self", float("nan"), 0)  # an empty loader
+    assert logs == [
+        (
+            "warning",
+            "the slice:self loader yielded no samples (step 0): there is no slice:self loss "
+            "to report (said once)",
+        )
+    ], logs
