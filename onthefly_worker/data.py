@@ -287,13 +287,19 @@ def selection_loader(loader: DataLoader, subset: np.ndarray, batch_size: int | N
 
 
 def _alive(pid: int) -> bool:
+    """Whether the process runs: a zombie (dead, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: what kill(0) said
+    return state not in ("Z", "X")
 
 
 class _DieWithTrainingWorker:
@@ -315,6 +321,8 @@ class _DieWithTrainingWorker:
         # training worker's: the signal then follows the fork server (which ends with the
         # training worker), and only a training worker that is already gone ends us here.
         arm_parent_death_signal(0)
+        # (Armed after the training worker died, the signal never comes: a worker that died
+        # between the fork and here is dead or a zombie now.)
         if os.getppid() != self.parent_pid and not _alive(self.parent_pid):
             os._exit(1)
         if self.user is not None:

@@ -523,3 +523,28 @@ def test_a_bad_trainer_option_names_the_users_line_not_generated_code(tmp_path: 
         runpy.run_path(str(script))
     rec = error_record(info.value, str(tmp_path))
     assert (rec["filename"], rec["lineno"]) == (str(script), 3), rec
+
+
+def test_a_dead_training_worker_not_yet_reaped_counts_as_dead_for_its_loaders() -> None:
+    # A loader process forked just before its training worker died arms its death signal
+    # too late; it must see the worker (a zombie until reaped) as dead and exit.
+    import subprocess
+    import time as _time
+
+    from onthefly_worker.data import _alive
+
+    running = subprocess.Popen(["sleep", "5"])
+    done = subprocess.Popen(["true"])
+    try:
+        deadline = _time.time() + 5
+        while _time.time() < deadline:
+            with open(f"/proc/{done.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            _time.sleep(0.01)
+        assert _alive(running.pid) and not _alive(done.pid)  # a zombie is dead
+    finally:
+        running.kill()
+        running.wait()
+        done.wait()
+    assert not _alive(done.pid)  # reaped
