@@ -27,6 +27,15 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def _epoch_of(epoch: Any, of: int) -> str:
+    """An epoch as a person counts it, like `python train.py` prints it: 1-based, "2/10"
+    when the run ends after a known count of epochs (not a fork or a max_steps run, which
+    end on steps; the store keeps 0-based numbers: epoch-0001.npy)."""
+    if not isinstance(epoch, int):
+        return str(epoch)
+    return f"{epoch + 1}/{of}" if of > 0 else str(epoch + 1)
+
+
 class RunView:
     def __init__(self) -> None:
         self.step = 0
@@ -202,7 +211,7 @@ class TerminalView:
             )
         elif k == "epoch_end" and rv is not None:
             self.print(
-                f"[onthefly] {ev.run_id} epoch {p.get('epoch')} done · train loss {_fmt(p.get('train_loss'))} · p50/p90/p99 {_fmt(rv.p50)}/{_fmt(rv.p90)}/{_fmt(rv.p99)}"
+                f"[onthefly] {ev.run_id} epoch {_epoch_of(p.get('epoch'), 0 if rv.max_steps else rv.max_epochs)} done · train loss {_fmt(p.get('train_loss'))} · p50/p90/p99 {_fmt(rv.p50)}/{_fmt(rv.p90)}/{_fmt(rv.p99)}"
             )
         elif k == "early_stop":
             best = p.get("best")

@@ -470,3 +470,10 @@ def test_sessions_gc_keeps_the_newest_that_trained(
     left = sorted(p.name for p in root.iterdir() if p.name != "latest")
     assert left == [made[1], made[3]]
     assert os.path.realpath(root / "latest") == str(root / made[3])
+
+
+def test_epochs_are_counted_from_one_like_python_train_py() -> None:
+    from onthefly_supervisor.tui import _epoch_of
+
+    assert _epoch_of(0, 3) == "1/3" and _epoch_of(2, 3) == "3/3"
+    assert _epoch_of(6, 0) == "7"  # a fork or a max_steps run ends on steps
