@@ -35,6 +35,8 @@ class EventBus:
         self.last_seq = store.last_seq()
         self.watchers = 0
         self.dashboards = 0
+        self.remote_watchers = 0  # WatchEvents streams open now (dashboards, the CLI)
+        self.last_remote_end = 0.0  # time.monotonic() when one last ended
 
     def publish(self, kind: str, run_id: str = "", **payload: Any) -> Event:
         t = time.time()

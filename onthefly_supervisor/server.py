@@ -10,6 +10,7 @@ import hmac
 import json
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -199,18 +200,20 @@ class ControlServicer(pbg.ControlServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "from_seq must be >= 0")
         kinds = set(request.kinds)
         dash = request.client == "dashboard"
-        if dash:
-            with self.sup.lock:
-                self.sup.bus.dashboards += 1
+        bus = self.sup.bus
+        with self.sup.lock:
+            bus.remote_watchers += 1
+            bus.dashboards += int(dash)
         try:
-            for ev in self.sup.bus.follow(int(request.from_seq), alive=context.is_active):
+            for ev in bus.follow(int(request.from_seq), alive=context.is_active):
                 if kinds and ev.kind not in kinds:
                     continue
                 yield serde.event_to_proto(ev)
         finally:
-            if dash:
-                with self.sup.lock:
-                    self.sup.bus.dashboards -= 1
+            with self.sup.lock:
+                bus.remote_watchers -= 1
+                bus.dashboards -= int(dash)
+                bus.last_remote_end = time.monotonic()
 
     # -- run control -------------------------------------------------------------------------
     def _act(

@@ -368,6 +368,15 @@ class Supervisor:
         self.bus.close()
         for link in self.links.values():
             link.out.put(None)
+        # A watcher (the dashboard, the CLI) whose stream just ended is likely reconnecting
+        # from its last seq: a moment (at most 1 s) to replay it the session's last events.
+        linger = time.monotonic() + 1.0
+        while (
+            self.server is not None
+            and time.monotonic() < linger
+            and (self.bus.remote_watchers or time.monotonic() - self.bus.last_remote_end < 0.3)
+        ):
+            time.sleep(0.05)
         if self.server is not None:
             self.server.stop(grace=2.0).wait(3.0)
         with contextlib.suppress(FileNotFoundError):
