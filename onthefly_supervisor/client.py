@@ -58,13 +58,13 @@ def read_connection(session: str | None = None, project_dir: str = ".") -> Conne
     path = os.path.join(sdir, "connection.json")
     # A connection.json whose supervisor is gone (SIGKILL leaves it behind) is no
     # connection: its port may belong to another supervisor by now.
-    gone = os.path.exists(path) and not supervisor_alive(sdir)
-    if (gone or not os.path.exists(path)) and session is None:
+    alive = supervisor_alive(sdir)
+    if not alive and session is None:
         # The latest session has ended but an earlier one started here is still live (two
         # `onthefly run`s in one project): the only live one is the one meant.
         live = [d for d in live_sessions(project_dir) if d != sdir]
         if len(live) == 1:
-            sdir, path = live[0], os.path.join(live[0], "connection.json")
+            sdir, path, alive = live[0], os.path.join(live[0], "connection.json"), True
         elif live:
             raise NoSupervisor(
                 f"the latest session {os.path.basename(sdir)} has ended and "
@@ -72,7 +72,7 @@ def read_connection(session: str | None = None, project_dir: str = ".") -> Conne
                 + ", ".join(os.path.basename(d) for d in live)
                 + "); name one with --session ID"
             )
-    if not os.path.exists(path) or not supervisor_alive(sdir):
+    if not alive:
         resume = ", `onthefly resume` continues its runs" if _has_unfinished_main(sdir) else ""
         how = "its supervisor is gone" if os.path.exists(path) else "it has ended"
         raise NoSupervisor(

@@ -1216,12 +1216,8 @@ class Supervisor:
         over (what the run recorded after the one chosen is forgotten: it trains again)."""
         from onthefly_supervisor.archive import sha256_file
 
-        rows = self.store.query(
-            "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step DESC, t DESC", (run_id,)
-        )
         bad: list[str] = []
-        for row in rows:
-            ck = dict(row)
+        for ck in reversed(self.store.checkpoints(run_id)):  # newest first
             path = os.path.join(self.dir, ck["path"])
             if not os.path.isfile(path):
                 bad.append(f"{ck['path']} is missing")

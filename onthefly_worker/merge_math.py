@@ -115,10 +115,10 @@ def _forward(model: nn.Module, x: Any) -> Any:
     return model(x)
 
 
-def _rows(x: Any, lo: int, hi: int) -> Any:
-    """Rows lo:hi of every tensor of a batch's inputs (a tensor, or a dict/list/tuple of
-    them, batch dimension first); other leaves are kept as they are."""
-    return tree_map(lambda t: t[lo:hi] if isinstance(t, Tensor) and t.dim() > 0 else t, x)
+def take_rows(x: Any, rows: slice | Tensor) -> Any:
+    """These rows (a slice, or an index tensor) of every tensor of a batch's inputs (a
+    tensor, or a dict/list/tuple of them, batch dimension first); other leaves are kept."""
+    return tree_map(lambda t: t[rows] if isinstance(t, Tensor) and t.dim() > 0 else t, x)
 
 
 def _cycle(loader: Iterable[Any], what: str) -> Iterator[Any]:
@@ -319,12 +319,12 @@ def diagonal_fisher(
                     "loader's batches"
                 )
             take = min(int(y.shape[0]), max_samples - seen)
-            x, y = _rows(x, 0, take), y[:take]
+            x, y = take_rows(x, slice(0, take)), y[:take]
             start = 0
             if batched is not None and seen == 0:
                 # The check: the first few samples both ways must agree.
                 n_check = min(_FISHER_CHECK, take)
-                xc, yc = _rows(x, 0, n_check), y[:n_check]
+                xc, yc = take_rows(x, slice(0, n_check)), y[:n_check]
                 # One plain backward per sample: for a handful, cheaper than tracing vmap.
                 ref = _sq_grads_loop(model, loss_fn_per_sample, xc, yc)
                 why = batched.verify(loss_fn_per_sample, xc, yc, ref)
@@ -341,7 +341,7 @@ def diagonal_fisher(
                 start = n_check
             step = batched.chunk if batched is not None else chunk_size
             for lo in range(start, take, step):
-                xc, yc = _rows(x, lo, lo + step), y[lo : lo + step]
+                xc, yc = take_rows(x, slice(lo, lo + step)), y[lo : lo + step]
                 if batched is not None:
                     sq = batched.sq_grads(loss_fn_per_sample, xc, yc)
                 else:
@@ -583,7 +583,7 @@ def _sq_grads_loop(
             p.requires_grad_(True)
         for i in range(int(y.shape[0])):
             with torch.enable_grad():
-                loss = loss_fn(model(_rows(x, i, i + 1)), y[i : i + 1]).sum()
+                loss = loss_fn(model(take_rows(x, slice(i, i + 1))), y[i : i + 1]).sum()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             for (n, _), gi in zip(named, grads, strict=True):
                 if gi is not None:

@@ -27,10 +27,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
 from onthefly_worker.data import batch_len, split_batch, to_device
-from onthefly_worker.merge_math import LoRALinear
+from onthefly_worker.merge_math import LoRALinear, take_rows
 
 GateInput = Literal["input", "expert_outputs"]
 
@@ -118,11 +117,6 @@ def mix(probs: Tensor, stacked: Tensor) -> Tensor:
     """The soft mixture: sum_e probs[:, e] * stacked[:, e, ...] for expert outputs (B, E, ...)."""
     p = probs.to(stacked.dtype).reshape(probs.shape + (1,) * (stacked.dim() - 2))
     return (p * stacked).sum(dim=1)
-
-
-def _take_rows(x: Any, rows: Tensor) -> Any:
-    """These rows of every tensor of a batch's inputs (a tensor, or a dict/tuple of them)."""
-    return tree_map(lambda t: t[rows] if isinstance(t, Tensor) else t, x)
 
 
 class MoE(nn.Module):
@@ -233,7 +227,7 @@ class MoE(nn.Module):
             rows = (top == e).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            y = expert(_take_rows(x, rows))
+            y = expert(take_rows(x, rows))
             if result is None:
                 result = y.new_empty((batch_len(x),) + tuple(y.shape[1:]))
             result[rows] = y
