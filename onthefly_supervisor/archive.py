@@ -163,7 +163,8 @@ def export_session(
     if os.path.lexists(out) and not force:
         raise FileExistsError(f"{out} already exists; pass force=True (--force) to overwrite it")
     out_dir = os.path.dirname(out)
-    os.makedirs(out_dir, exist_ok=True)
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"folder {out_dir} does not exist")
     session_id = os.path.basename(sdir)
 
     tmp = _temp_name(out)
@@ -236,7 +237,11 @@ def _backup_db(src_path: str, dst_path: str) -> None:
     # transaction: a consistent snapshot even while the supervisor commits to the WAL.
     src = sqlite3.connect(src_path, timeout=30)
     try:
-        dst = sqlite3.connect(dst_path)
+        try:
+            dst = sqlite3.connect(dst_path)
+            dst.execute("PRAGMA user_version")  # opens the file: fails here when unwritable
+        except sqlite3.Error as e:
+            raise OSError(f"cannot write into {os.path.dirname(dst_path)}: {e}") from None
         try:
             src.backup(dst)
             # One self-contained file: a rollback-journal database needs no -wal/-shm
@@ -774,11 +779,20 @@ def _load_reason(e: BaseException) -> str:
     """The line of torch's error that says what was refused, without its advice to retry
     with weights_only=False (exactly what must not be done with an imported file)."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
-    reason = next((ln for ln in lines if "WeightsUnpickler error" in ln), "")
-    if reason:
-        reason = reason.split(". Please use", 1)[0]
-    else:
-        reason = next((ln for ln in lines if ln), "")
+    lines = [ln for ln in lines if ln]
+    reason = ""
+    for i, ln in enumerate(lines):
+        if "WeightsUnpickler error" in ln:
+            # "...file an issue...: WeightsUnpickler error: <reason>", the reason on this line
+            # or the next
+            reason = ln.split("WeightsUnpickler error", 1)[1].lstrip(": ")
+            if not reason and i + 1 < len(lines):
+                reason = lines[i + 1]
+            break
+    if not reason:
+        advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
+        reason = next((ln for ln in lines if not ln.startswith(advice)), lines[0] if lines else "")
+    reason = reason.split(". Please use", 1)[0]
     return f"{type(e).__name__}: {reason[:300]}"
 
 

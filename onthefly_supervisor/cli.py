@@ -11,13 +11,20 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 import grpc
 
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_supervisor import serde
-from onthefly_supervisor.client import ControlClient, NoSupervisor, connect, supervisor_alive
+from onthefly_supervisor.client import (
+    ControlClient,
+    NoSupervisor,
+    connect,
+    live_sessions,
+    supervisor_alive,
+)
 from onthefly_supervisor.store import Store, resolve_session, sessions_root
 from onthefly_supervisor.supervisor import (
     DEFAULT_PORT,
@@ -97,7 +104,9 @@ def _serve(sup: Supervisor, headless: bool) -> int:
     if code in (130, 143):  # SIGINT, SIGTERM
         bare = sup.without_checkpoint
         print(
-            "[onthefly] interrupted; unfinished runs were checkpointed — `onthefly resume` continues them"
+            "[onthefly] interrupted; no run was unfinished"
+            if not sup.left_unfinished
+            else "[onthefly] interrupted; unfinished runs were checkpointed — `onthefly resume` continues them"
             if not bare
             else f"[onthefly] interrupted; {', '.join(bare)} had no checkpoint yet — "
             "`onthefly resume` starts "
@@ -204,6 +213,54 @@ def _meta_script(sdir: str) -> str:
 
 
 # -- live control ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _served(session: str | None, script: str | None) -> Iterator[ControlClient]:
+    """A supervisor serving an ended session for one command (`onthefly serve`, started
+    here and shut down after): the commands that need the session's script (exporting a
+    model rebuilds it) work on a finished session as on a live one."""
+    import subprocess
+    import tempfile
+
+    sdir = resolve_session(session)
+    sid = os.path.basename(sdir)
+    cmd = [sys.executable, "-m", "onthefly_supervisor", "serve", "--port", "0"]
+    if script:
+        cmd += ["--script", os.path.abspath(script)]
+    print(f"[onthefly] session {sid} has ended: serving it for this command", file=sys.stderr)
+    project = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(sdir))))
+    client: ControlClient | None = None
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [*cmd, sid], cwd=project, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    lines = log.read().decode(errors="replace").strip().splitlines()
+                    why = lines[-1] if lines else f"exit code {proc.returncode}"
+                    raise CliError(f"could not serve session {sid}: {why}")
+                with contextlib.suppress(NoSupervisor, FileNotFoundError, grpc.RpcError):
+                    client = connect(sid, project)
+                    client.ping()
+                if client is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise CliError(f"session {sid}: its supervisor did not start in 120 s")
+                time.sleep(0.2)
+            yield client
+        finally:
+            if proc.poll() is None and client is not None:
+                with contextlib.suppress(Exception):
+                    client.call("Shutdown", pb.ShutdownRequest(reason="command done"), timeout=10)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.terminate()
+                    proc.wait()
+
+
 def _client(session: str | None = None) -> ControlClient:
     try:
         c = connect(session)
@@ -703,6 +760,14 @@ def cmd_sessions(a: argparse.Namespace) -> int:
 
         d = resolve_session(a.session)
         problems = check_session(d)
+        if a.json:
+            print(
+                json.dumps(
+                    {"session_id": os.path.basename(d), "ok": not problems, "problems": problems},
+                    indent=2,
+                )
+            )
+            return 1 if problems else 0
         if problems:
             for p in problems:
                 print(f"problem: {p}")
@@ -1013,8 +1078,25 @@ def cmd_rpc(a: argparse.Namespace) -> int:
             ) from None
         except FileNotFoundError as err:
             raise CliError(str(err)) from None
+    elif c == "export-model":
+        try:
+            client = _client(a.session)
+        except CliError:
+            # Served here only when no live supervisor could be meant.
+            if supervisor_alive(resolve_session(a.session)) or (
+                a.session is None and live_sessions(".")
+            ):
+                raise
+            with _served(a.session, a.script) as client:
+                return _rpc_command(a, client)
+        return _rpc_command(a, client)
     else:
         client = _client()
+    return _rpc_command(a, client)
+
+
+def _rpc_command(a: argparse.Namespace, client: ControlClient) -> int:
+    c = a.cmd
     if c == "fork":
         if a.budget_steps < 1:
             raise CliError(f"--budget-steps {a.budget_steps}: must be >= 1")
@@ -1028,8 +1110,10 @@ def cmd_rpc(a: argparse.Namespace) -> int:
             raise CliError(
                 f"--variants {a.variants}: must be >= 1 (1 = one fork, N >= 2 = race N variants)"
             )
-        if a.variants == 1 and (a.race_eta or a.race_metric or a.race_mode):
+        if a.variants == 1 and (a.race_eta is not None or a.race_metric or a.race_mode):
             raise CliError("--race-eta/--race-metric/--race-mode need --variants N with N >= 2")
+        if a.race_eta is not None and not 2 <= a.race_eta <= 8:
+            raise CliError(f"--race-eta {a.race_eta}: must be an integer in 2..8")
         req: Any = pb.ForkRequest(
             run=a.run,
             select=a.select,
@@ -1038,7 +1122,7 @@ def cmd_rpc(a: argparse.Namespace) -> int:
             adapters_rank=a.adapters,
             variants=a.variants,
             name=a.name or "",
-            race_eta=a.race_eta,
+            race_eta=a.race_eta or 0,
             race_metric=a.race_metric or "",
             race_mode=a.race_mode or "",
             early_stop_patience=a.early_stop_patience,
@@ -1129,10 +1213,8 @@ def cmd_rpc(a: argparse.Namespace) -> int:
     else:
         raise CliError(f"unknown command {c}")
     reply = _rpc(client, method, req, timeout=600)
-    from google.protobuf.json_format import MessageToDict
-
-    d = MessageToDict(reply, preserving_proto_field_name=True)
-    race = json.loads(d.get("payload_json") or "{}").get("race") if c == "fork" else None
+    d = _doc(reply)
+    race = (d.get("payload") or {}).get("race") if c == "fork" else None
     # With --json, stdout holds only the JSON document; progress lines go to stderr.
     progress = sys.stderr if getattr(a, "json", False) else sys.stdout
     if race and getattr(a, "wait", False):
@@ -1151,11 +1233,41 @@ def cmd_rpc(a: argparse.Namespace) -> int:
     return 0 if d.get("ok", True) else 1
 
 
+def _doc(msg: Any) -> dict[str, Any]:
+    """A reply as the JSON document `--json` prints: every field (0, "" and [] included),
+    64-bit integers as numbers, and each `*_json` text field as the object it encodes
+    (under the name without `_json`)."""
+    from google.protobuf.json_format import MessageToDict
+
+    def unpack(v: Any) -> Any:
+        if isinstance(v, list):
+            return [unpack(x) for x in v]
+        if not isinstance(v, dict):
+            return v
+        out: dict[str, Any] = {}
+        for k, x in v.items():
+            if k.endswith("_json") and isinstance(x, str):
+                try:
+                    out[k[: -len("_json")]] = json.loads(x) if x else None
+                    continue
+                except ValueError:
+                    pass
+            out[k] = unpack(x)
+        return out
+
+    return unpack(
+        MessageToDict(
+            msg,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+            unquote_int64_if_possible=True,
+        )
+    )
+
+
 def cmd_plans(a: argparse.Namespace) -> int:
     """The plan cards: from the live supervisor, else (a finished or killed session) from
     the session store, read-only."""
-    from google.protobuf.json_format import MessageToDict
-
     client: ControlClient | None = None
     try:
         live_client = connect(a.session)
@@ -1167,11 +1279,11 @@ def cmd_plans(a: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     if client is not None:
         reply = _rpc(client, "ListPlans", pb.ListPlansRequest(), timeout=60)
-        d = MessageToDict(reply, preserving_proto_field_name=True)
+        d = _doc(reply)
         sid, live = client.conn.session_id, True
     else:
         sdir = resolve_session(a.session)
-        d = MessageToDict(pb.PlanList(plans=_stored_plans(sdir)), preserving_proto_field_name=True)
+        d = _doc(pb.PlanList(plans=_stored_plans(sdir)))
         sid, live = os.path.basename(sdir), False
     if a.json:
         print(json.dumps({**d, "session_id": sid, "live": live}, indent=2))
@@ -1180,7 +1292,7 @@ def cmd_plans(a: argparse.Namespace) -> int:
     if not plans:
         print("no plan cards yet" if live else f"session {sid} has no plan cards")
     for p in plans:
-        diag = json.loads(p.get("diagnostics_json") or "{}")
+        diag = p.get("diagnostics") or {}
         print(
             f"{p['plan_id']:<10} {p.get('status', ''):<9} {p.get('action', ''):<9} {p.get('reason', ''):<22} {p.get('selection', ''):<18} {diag.get('summary', '')}"
         )
@@ -1375,10 +1487,20 @@ def _warm_forks(text: str) -> int:
         ) from None
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("onthefly")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="onthefly", description="Take control of PyTorch training while it runs."
     )
+    p.add_argument("--version", action="version", version=f"onthefly {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a training script under a supervisor")
@@ -1521,7 +1643,10 @@ def build_parser() -> argparse.ArgumentParser:
         "successive halving; the winner completes, the others end stopped",
     )
     f.add_argument(
-        "--race-eta", type=int, default=0, help="each rung keeps the best 1/ETA (default 2)"
+        "--race-eta",
+        type=int,
+        default=None,
+        help="each rung keeps the best 1/ETA, 2..8 (default 2)",
     )
     f.add_argument(
         "--race-metric",
@@ -1678,6 +1803,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--factory", default=None, help="package.module:callable that rebuilds a custom model class"
     )
     em.add_argument("--json", action="store_true")
+    em.add_argument("--session", default=None, help="a session's id (default: latest)")
+    em.add_argument(
+        "--script",
+        default=None,
+        help="the session's script, when it is not at its recorded path (an ended, imported "
+        "session: its model is rebuilt by running the script)",
+    )
     em.set_defaults(fn=cmd_rpc)
 
     ex = sub.add_parser("export-session", help="one checksummed archive of the session")
@@ -1721,16 +1853,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positionals_first(args: list[str], takes_value: set[str]) -> list[str]:
+    """`args` with its positionals ahead of its options. argparse gives an optional second
+    positional (`sessions check [SESSION]`) nothing once an option comes between the two
+    (`sessions check --json ID` would be refused)."""
+    pos: list[str] = []
+    opts: list[str] = []
+    it = iter(args)
+    for x in it:
+        if x == "--":
+            pos.extend(it)
+            break
+        if x.startswith("-") and len(x) > 1:
+            opts.append(x)
+            value = next(it, None) if x in takes_value else None
+            if value is not None:
+                opts.append(value)
+        else:
+            pos.append(x)
+    return pos + opts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["plans"] and args[1:2] and args[1] in ("approve", "reject", "edit", "automode"):
         args = args[1:]  # `onthefly plans approve ID` reads as well as `onthefly approve ID`
+    if args[:1] == ["sessions"]:
+        args = ["sessions", *_positionals_first(args[1:], takes_value={"--keep"})]
     a = parser.parse_args(args)
     try:
         return int(a.fn(a))
     except (CliError, SupervisorError, FileNotFoundError, NoSupervisor) as e:
         return _die(str(e))
+    except OSError as e:  # an output path the system refuses (permissions, a file as folder)
+        return _die(f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `onthefly status | head`

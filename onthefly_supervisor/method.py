@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -37,6 +38,9 @@ DETERMINISM_STEPS = 5
 DETERMINISM_TIMEOUT_S = 300.0
 """The side process's time for start-up (the script up to fit) and both replays."""
 MERGE_RUN = "merger"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The ids runs are given (fork-3, merge-1, moe-2, race-1...), and the main run's.
+_AUTO_ID = re.compile(r"main|(fork|merge|moe|race|variant|standby|health)-\d+(-\d+)?")
 EMBED_DIMS = 16
 """Width of the penultimate-layer embedding a kmeans selection asks a live worker for."""
 EMBED_TIMEOUT_S = 30.0
@@ -105,6 +109,26 @@ class MethodOps:
             if reserve:
                 self._reserved_ids.add(f"{prefix}-{n}")
             return f"{prefix}-{n}"
+
+    def _check_name(self, name: str) -> None:
+        """A run's --name is another way to refer to it (`--run NAME`), so it must be one:
+        made of letters, digits, '.', '_', '-', not an id another run has or will get
+        (fork-N, merge-N, moe-N...), and not the name of a run already in the session."""
+        if not name:
+            return
+        if not _NAME.fullmatch(name):
+            raise ValueError(
+                f"--name {name[:40]!r}: use 1-64 letters, digits, '.', '_' or '-', starting "
+                "with a letter or digit"
+            )
+        if _AUTO_ID.fullmatch(name):
+            raise ValueError(f"--name {name!r}: names like this are run ids; choose another")
+        taken = next((r for r in self.sup.store.runs() if name in (r.run_id, r.name)), None) or (
+            name if name in self._reserved_ids else None
+        )
+        if taken is not None:
+            who = taken if isinstance(taken, str) else taken.run_id
+            raise ValueError(f"--name {name!r}: run {who} already has that name or id")
 
     # -- selection over the parent's latest per-sample losses ---------------------------------
     def _loss_epochs(self, run_id: str) -> list[int]:
@@ -205,6 +229,7 @@ class MethodOps:
     # -- fork --------------------------------------------------------------------------------
     def fork(self, req: pb.ForkRequest) -> pb.ActionReply:
         sup = self.sup
+        self._check_name(req.name)
         parent = sup.resolve_run(req.run or "main")
         if parent.kind == "moe":
             raise self._err(
@@ -283,6 +308,11 @@ class MethodOps:
             ok=True,
             run_id=run_id,
             message=f"{run_id}: fork of {parent.run_id} on {selection.indices.size} samples ({selection.description}), budget {budget} steps"
+            + (
+                f", training rank-{req.adapters_rank} low-rank adapters (the base weights frozen)"
+                if req.adapters_rank
+                else ""
+            )
             + _early_note(early),
             payload_json=json.dumps(
                 {
@@ -695,6 +725,7 @@ class MethodOps:
         return runs
 
     def merge(self, req: pb.MergeRequest) -> pb.ActionReply:
+        self._check_name(req.name)
         if req.method not in MERGE_METHODS:
             raise ValueError(
                 f"unknown merge method {req.method!r}; use one of {', '.join(MERGE_METHODS)}"
@@ -798,6 +829,7 @@ class MethodOps:
             self.sup.bus.publish("log", run_id, level="warning", text=f"{run_id}: {note}")
 
     def gate(self, req: pb.GateRequest) -> pb.ActionReply:
+        self._check_name(req.name)
         runs = self._runs(list(req.runs), 2, "gate")
         for r in runs:
             if r.kind == "moe":

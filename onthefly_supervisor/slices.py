@@ -424,6 +424,8 @@ def export_slice(
     targets = [out, sidecar] if fmt_l == "csv" else [out]
     if os.path.isdir(out):
         raise IsADirectoryError(f"{out} is a directory; give the slice's file name")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise FileNotFoundError(f"folder {os.path.dirname(out)} does not exist")
     if not force:
         for t in targets:
             if os.path.lexists(t):
@@ -440,7 +442,6 @@ def export_slice(
     definition = slice_definition(sdir, run_id, run_name, data.epoch, sel)
     columns = _columns(data, ids)
 
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     if fmt_l == "csv":
         # The sidecar lands first: a CSV on disk then always has its definition beside it.
         _atomic_write(sidecar, lambda f: _write_text(f, json.dumps(definition, indent=2) + "\n"))
@@ -617,7 +618,10 @@ def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename == tmp:
+            # Name the file the user asked for, not our temp file beside it.
+            raise OSError(e.errno, e.strerror, path) from None
         raise

@@ -106,6 +106,9 @@ class SupervisorConfig:
             raise SupervisorError(f"--port {self.port}: must be 0 (any free port) or 1..65535")
         if self.max_restarts < 0:
             raise SupervisorError(f"--max-restarts {self.max_restarts}: must be >= 0")
+        if not 0 <= self.seed < 2**32:
+            # numpy, scikit-learn's k-means and DataLoader generators take 0..2**32-1.
+            raise SupervisorError(f"--seed {self.seed}: must be an integer in 0..{2**32 - 1}")
         if self.hang_timeout_s <= 0:
             raise SupervisorError("hang timeout must be > 0 seconds")
 
@@ -162,6 +165,8 @@ class Supervisor:
         self._owner_gone_noted = False
         self._root_cause = ""
         self.without_checkpoint: list[str] = []
+        # The runs that were still going when the supervisor stopped (set by shutdown).
+        self.left_unfinished: list[str] = []
         self._discard_dir = False
         self._shutdown = threading.Event()
         self.output_hooks: list[Callable[[str, str], None]] = []
@@ -357,6 +362,7 @@ class Supervisor:
             if r.status is not RunStatus.COMPLETED and not self.store.latest_checkpoint(r.run_id)
         ]
         with self.lock:
+            self.left_unfinished = [r.run_id for r in self.store.runs() if not r.status.terminal]
             for r in self.store.runs():
                 if not r.status.terminal:
                     self._set_run_status(

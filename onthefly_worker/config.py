@@ -126,8 +126,12 @@ class TrainerConfig:
             raise bad("grad_norm_every", self.grad_norm_every, "must be an integer >= 0 (0 = auto)")
         if self.scheduler_interval not in ("epoch", "step"):
             raise bad("scheduler_interval", self.scheduler_interval, 'must be "epoch" or "step"')
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", self.seed, "must be an integer or None")
+        if self.seed is not None and (
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not 0 <= self.seed < 2**32
+        ):
+            raise bad("seed", self.seed, f"must be None or an integer in 0..{2**32 - 1}")
         if self.nonfinite_patience < 1:
             raise bad("nonfinite_patience", self.nonfinite_patience, "must be >= 1")
         if not isinstance(self.amp, bool):

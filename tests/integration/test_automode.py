@@ -354,7 +354,7 @@ def test_a_race_goes_on_after_the_supervisor_is_killed_and_resumed(tmp_path: Pat
         )  # fmt: skip
         assert r.returncode == 0, r.stdout + r.stderr
         reply = json.loads(r.stdout[r.stdout.index("{") :])
-        race_id = json.loads(reply["payload_json"])["race"]
+        race_id = reply["payload"]["race"]
 
         def variants_started(s: dict) -> bool:  # type: ignore[type-arg]
             steps = [x["step"] for x in s["runs"] if x["run_id"].startswith("fork-")]

@@ -463,6 +463,9 @@ def test_tiny_selections_are_refused_up_front(regression) -> None:
         assert r.returncode != 0, args
         assert "has 1 sample; a fork needs at least 2" in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for eta in ("0", "1", "9"):
+        r = cli("fork", "--select", "all", "--variants", "3", "--race-eta", eta, cwd=cwd)
+        assert r.returncode != 0 and f"--race-eta {eta}: must be an integer in 2..8" in r.stderr
     assert _run_ids(cwd) == before
     # 5 samples, under one batch of 32: accepted, said so, and the BatchNorm model trains.
     out = _ok(cli("fork", "--select", "quantile:0.98:1.0", "--budget-steps", "3", "--wait",

@@ -17,6 +17,7 @@ import torch
 
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_proto import onthefly_pb2_grpc as pbg
+from onthefly_supervisor.client import supervisor_alive
 from tests.conftest import (
     EXAMPLES,
     PY,
@@ -604,6 +605,13 @@ def test_per_sample_losses_exact_for_a_plain_model(project: Path) -> None:
         expected = nn.functional.cross_entropy(model(x), y, reduction="none").numpy()
     got = np.load(sdir / "samples" / "main" / "epoch-0000.npy")
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    # export-model on the ended session: served for the command, then shut down again.
+    r = cli("export-model", "--run", "main", "-o", str(project / "m.pt"), cwd=project, timeout=120)
+    assert r.returncode == 0 and "serving it for this command" in r.stderr, r.stdout + r.stderr
+    exported = torch.load(project / "m.pt", weights_only=True)
+    weights = exported["model"]["state"]
+    assert torch.equal(weights["weight"], state["model"]["weight"]), weights
+    assert not supervisor_alive(str(sdir))
 
 
 SEQUENCES = """

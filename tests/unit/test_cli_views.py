@@ -154,7 +154,11 @@ def test_plans_without_a_live_supervisor_reads_the_store(
         ("plan-0001", "done"),
         ("plan-0002", "proposed"),
     ]
-    assert json.loads(doc["plans"][0]["recipe_json"])["training"] == {}
+    assert doc["plans"][0]["recipe"]["training"] == {}
+    # Numbers are numbers and encoded objects are objects (a script reads them as they are).
+    assert doc["plans"][0]["budget_steps"] == 200
+    assert doc["plans"][0]["diagnostics"]["summary"] == "the loss tail is heavy"
+    assert not any(k.endswith("_json") for k in doc["plans"][0]), doc["plans"][0]
     # Acting on a card needs the live supervisor, and the error says so.
     assert cli.main(["approve", "plan-0002"]) == 1
     err = capsys.readouterr().err

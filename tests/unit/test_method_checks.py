@@ -207,3 +207,29 @@ def test_wd_mul_zero_means_no_weight_decay_and_unset_means_the_scripts(sup: Supe
     assert specs[none.run_id]["wd_mul"] == 0.0 and specs[same.run_id]["wd_mul"] == 1.0
     code, msg = _refused(svc, "Fork", pb.ForkRequest(select="all", wd_mul=-1.0))
     assert "--wd-mul -1.0: must be a finite number in [0, 1000] (0 = no weight decay)" in msg
+
+
+def test_a_run_name_must_be_usable_as_a_reference(sup: Supervisor) -> None:
+    """--name is another way to say --run: names that are (or look like) run ids, that
+    another run has, or that no reference can carry are refused before any run exists."""
+    svc = ControlServicer(sup)
+    before = _run_ids(sup)
+    for name, says in (
+        ("main", "run ids"),
+        ("fork-9", "run ids"),
+        ("fork-1", "run ids"),
+        ("../x", "letters, digits"),
+        ("a b", "letters, digits"),
+        ("x" * 65, "letters, digits"),
+    ):
+        for method, req in (
+            ("Fork", pb.ForkRequest(select="all", budget_steps=10, name=name)),
+            ("Merge", pb.MergeRequest(method="swa", runs=["main", "fork-1"], name=name)),
+            ("TrainGate", pb.GateRequest(runs=["main", "fork-1"], name=name)),
+        ):
+            code, msg = _refused(svc, method, req)
+            assert code is grpc.StatusCode.INVALID_ARGUMENT and says in msg, (name, msg)
+    sup.store.add_run(RunRow("fork-7", "tails", "fork", RunStatus.COMPLETED, ["main"], 1.0))
+    code, msg = _refused(svc, "Fork", pb.ForkRequest(select="all", budget_steps=10, name="tails"))
+    assert "run fork-7 already has that name" in msg, msg
+    assert _run_ids(sup) == before | {"fork-7"}
