@@ -28,7 +28,7 @@ NOISY = SCRIPTS / "train_noisy.py"
 def verdicts(stdout: str) -> dict[str, dict[str, Any]]:
     out = {}
     for v in json.loads(stdout)["verdicts"]:
-        v["numbers"] = json.loads(v.get("numbers_json") or "{}")
+        v["numbers"] = v["numbers"] or {}  # --json prints numbers_json as an object (or null)
         out[v["check"]] = v
     return out
 
