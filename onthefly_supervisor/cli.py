@@ -105,7 +105,7 @@ def _serve(sup: Supervisor, headless: bool) -> int:
         bare = sup.without_checkpoint
         print(
             "[onthefly] interrupted; no run was unfinished"
-            if not sup.left_unfinished
+            if not sup.left_unfinished and not bare
             else "[onthefly] interrupted; unfinished runs were checkpointed — `onthefly resume` continues them"
             if not bare
             else f"[onthefly] interrupted; {', '.join(bare)} had no checkpoint yet — "

@@ -362,7 +362,10 @@ class Supervisor:
             if r.status is not RunStatus.COMPLETED and not self.store.latest_checkpoint(r.run_id)
         ]
         with self.lock:
-            self.left_unfinished = [r.run_id for r in self.store.runs() if not r.status.terminal]
+            self.left_unfinished = sorted(
+                {w.spec.run_id for w in live if w.spec.role in (Role.TRAIN, Role.FORK)}
+                | {r.run_id for r in self.store.runs() if not r.status.terminal}
+            )
             for r in self.store.runs():
                 if not r.status.terminal:
                     self._set_run_status(
