@@ -161,7 +161,9 @@ def export_session(
     if os.path.isdir(out):
         raise IsADirectoryError(f"{out} is a directory; give the archive's file name")
     if os.path.lexists(out) and not force:
-        raise FileExistsError(f"{out} already exists; pass force=True (--force) to overwrite it")
+        raise FileExistsError(
+            f"{out} already exists; overwrite it with --force (force=True from Python)"
+        )
     out_dir = os.path.dirname(out)
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"folder {out_dir} does not exist")

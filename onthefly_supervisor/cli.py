@@ -52,6 +52,18 @@ def _script_path(script: str) -> str:
     return path
 
 
+def session_seed(text: str | None) -> int | None:
+    """--seed / ONTHEFLY_SEED as the session seed: an integer, 'none' (no seeding), or
+    unset (0)."""
+    raw = "0" if text is None else text.strip().lower()
+    if raw in ("", "none", "off"):
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise CliError(f"--seed / ONTHEFLY_SEED {text!r}: give an integer or 'none'") from None
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     if not a.script:
         raise CliError("run needs your training script: onthefly run train.py [ARGS...]")
@@ -60,7 +72,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         script=script,
         argv=tuple(a.args),
         port=a.port,
-        seed=a.seed,
+        seed=session_seed(a.seed if a.seed is not None else os.environ.get("ONTHEFLY_SEED")),
         automode=a.automode,
         headless=a.headless,
         keep_alive=a.keep_alive,
@@ -154,9 +166,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         owner_pid=a.owner_pid,
         project=a.project,
         run_name=a.run_name,
-        seed=int(os.environ.get("ONTHEFLY_SEED", "0") or 0)
-        if os.environ.get("ONTHEFLY_SEED", "0").lstrip("-").isdigit()
-        else 0,
+        seed=session_seed(os.environ.get("ONTHEFLY_SEED")),
     )
     sup = Supervisor(cfg)
     should_stop = install_signal_handlers(sup)
@@ -182,6 +192,12 @@ def cmd_resume(a: argparse.Namespace) -> int:
     if client is not None:
         return _act(client, "Resume", a.run)
     sdir = resolve_session(a.session)
+    never = _never_reached_fit(sdir)
+    if never:
+        raise CliError(
+            f"session {os.path.basename(sdir)} has nothing to resume: {never}; "
+            "`onthefly run SCRIPT [ARGS...]` starts it again"
+        )
     script = os.path.abspath(a.script) if a.script else _meta_script(sdir)
     if not os.path.isfile(script):
         raise CliError(f"--script {a.script}: no such file")
@@ -195,6 +211,23 @@ def cmd_resume(a: argparse.Namespace) -> int:
         )
     )
     return _serve(sup, headless=a.headless)
+
+
+def _never_reached_fit(sdir: str) -> str:
+    """Why the session's main run has nothing to continue when its script ended cleanly
+    before Trainer.fit() (e.g. `onthefly run train.py --help`); "" otherwise."""
+    if not _never_trained(sdir):
+        return ""
+    try:
+        st = Store(sdir, readonly=True)
+    except Exception:  # noqa: BLE001 - unreadable: resume says what is wrong
+        return ""
+    try:
+        main = st.run("main")
+    finally:
+        st.close()
+    error = (main.error or "") if main is not None else ""
+    return error.splitlines()[0] if "exited before Trainer.fit()" in error else ""
 
 
 def _meta_script(sdir: str) -> str:
@@ -305,7 +338,20 @@ def _act(client: ControlClient, method: str, run: str, timeout: float = 60.0) ->
 
 def cmd_simple(a: argparse.Namespace) -> int:
     method = {"pause": "Pause", "test": "Test", "stop": "Stop", "checkpoint": "Checkpoint"}[a.cmd]
-    return _act(_client(a.session), method, a.run)
+    try:
+        client = _client(a.session)
+    except CliError:
+        sdir = resolve_session(a.session)
+        if supervisor_alive(sdir) or (a.session is None and live_sessions(".")):
+            raise
+        from onthefly_supervisor.client import has_unfinished_main
+
+        resumable = has_unfinished_main(sdir) and not _never_reached_fit(sdir)
+        raise CliError(
+            f"session {os.path.basename(sdir)} has ended: no run trains to {a.cmd}"
+            + (" (`onthefly resume` continues its unfinished runs)" if resumable else "")
+        ) from None
+    return _act(client, method, a.run)
 
 
 def cmd_shutdown(a: argparse.Namespace) -> int:
@@ -1020,11 +1066,11 @@ def cmd_import_session(a: argparse.Namespace) -> int:
             )
         )
     else:
-        from onthefly_supervisor.client import _has_unfinished_main
+        from onthefly_supervisor.client import has_unfinished_main
 
         then = (
             "`onthefly resume` continues it"
-            if _has_unfinished_main(res.session_dir)
+            if has_unfinished_main(res.session_dir)
             else "`onthefly runs` shows it, `onthefly serve` serves it to the dashboard"
         )
         print(f"imported session {res.session_id} ({res.files} files); {then}")
@@ -1514,7 +1560,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"loopback port (default {DEFAULT_PORT}; 0 = any free port)",
     )
     r.add_argument(
-        "--seed", type=int, default=0, help="session seed applied in every worker (default 0)"
+        "--seed",
+        default=None,
+        metavar="N|none",
+        help="session seed applied in every worker (default: ONTHEFLY_SEED, else 0; 'none': "
+        "no seeding)",
     )
     r.add_argument(
         "--max-restarts",

@@ -73,7 +73,7 @@ def read_connection(session: str | None = None, project_dir: str = ".") -> Conne
                 + "); name one with --session ID"
             )
     if not alive:
-        resume = ", `onthefly resume` continues its runs" if _has_unfinished_main(sdir) else ""
+        resume = ", `onthefly resume` continues its runs" if has_unfinished_main(sdir) else ""
         how = "its supervisor is gone" if os.path.exists(path) else "it has ended"
         raise NoSupervisor(
             f"session {os.path.basename(sdir)} has no live supervisor ({how}); "
@@ -90,7 +90,7 @@ def read_connection(session: str | None = None, project_dir: str = ".") -> Conne
     )
 
 
-def _has_unfinished_main(sdir: str) -> bool:
+def has_unfinished_main(sdir: str) -> bool:
     """Whether `onthefly resume` has something to continue (its main run did not complete);
     True when the store cannot be read, so the hint errs on the side of mentioning it."""
     import sqlite3

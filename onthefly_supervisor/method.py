@@ -276,8 +276,9 @@ class MethodOps:
         # The selection reads the arrays from the session folder, exactly as export-slice
         # and `onthefly clusters` do (the same spec picks the same samples in all three).
         sup.arrays.persist()
-        seed = int(sup.store.get_meta("seed", 0))
-        from onthefly_supervisor.slices import select_in_session
+        from onthefly_supervisor.slices import select_in_session, selection_seed
+
+        seed = selection_seed(sup.store.get_meta("seed", 0))
 
         _, _, _, _, selection = select_in_session(
             sup.dir, parent.run_id, parsed, base_dir=cwd, embedding=self.embedding, recent=True

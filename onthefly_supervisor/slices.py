@@ -322,7 +322,7 @@ def select_in_session(
             )
             raise ValueError(f"unknown run {run!r}; known runs: {known or '(none)'}")
         run_id, run_name = row.run_id, row.name
-        seed = int(store.get_meta("seed", 0) or 0)
+        seed = selection_seed(store.get_meta("seed", 0))
     finally:
         store.close()
     if row.kind in ("merge", "moe") and not os.path.isdir(os.path.join(sdir, "samples", run_id)):
@@ -392,6 +392,13 @@ def slice_definition(
             for c in sel.clusters
         ]
     return definition
+
+
+def selection_seed(session_seed: object) -> int:
+    """The seed of a selection's k-means: the session's, or 0 for a session run unseeded
+    (ONTHEFLY_SEED=none), so the same spec still picks the same samples."""
+    text = str(session_seed if session_seed is not None else 0)
+    return int(text) if text.isdigit() else 0
 
 
 def export_slice(

@@ -672,11 +672,14 @@ class SampleArrays:
                         found.add(int(name[6:-4]))
         return sorted(found)
 
-    def persist(self, only: tuple[str, int] | None = None) -> None:
-        """Write dirty arrays atomically (temp + rename); cheap to call often."""
+    def persist(self, only: tuple[str, int] | None = None, run: str | None = None) -> None:
+        """Write dirty arrays atomically (temp + rename); cheap to call often. `only`: one
+        run's epoch (and its labels); `run`: every dirty array of that run."""
         with self._persist_lock:
             with self._lock:
-                if only is not None:
+                if run is not None:
+                    keys = sorted(k for k in self._dirty if k[0] == run)
+                elif only is not None:
                     keys = [
                         k
                         for k in self._dirty

@@ -70,8 +70,8 @@ class SupervisorConfig:
     """Where `.onthefly/sessions/` lives (the current directory, like lightning_logs/)."""
     port: int = DEFAULT_PORT
     """Loopback port; 0 = any free port; -1 = the default port, else any free one."""
-    seed: int = 0
-    """Session seed given to every worker (ONTHEFLY_SEED)."""
+    seed: int | None = 0
+    """Session seed given to every worker (ONTHEFLY_SEED); None: no seeding ('none')."""
     automode: bool = False
     headless: bool = False
     keep_alive: bool = False
@@ -106,7 +106,7 @@ class SupervisorConfig:
             raise SupervisorError(f"--port {self.port}: must be 0 (any free port) or 1..65535")
         if self.max_restarts < 0:
             raise SupervisorError(f"--max-restarts {self.max_restarts}: must be >= 0")
-        if not 0 <= self.seed < 2**32:
+        if self.seed is not None and not 0 <= self.seed < 2**32:
             # numpy, scikit-learn's k-means and DataLoader generators take 0..2**32-1.
             raise SupervisorError(f"--seed {self.seed}: must be an integer in 0..{2**32 - 1}")
         if self.hang_timeout_s <= 0:
@@ -225,7 +225,7 @@ class Supervisor:
             st.set_meta("script", self.cfg.script)
             st.set_meta("argv", list(self.cfg.argv))
             st.set_meta("cwd", os.path.abspath(self.cfg.project_dir))
-            st.set_meta("seed", self.cfg.seed)
+            st.set_meta("seed", "none" if self.cfg.seed is None else self.cfg.seed)
             st.set_meta("project", self.cfg.project)
             st.set_meta("created", self.started)
             st.add_run(
@@ -438,7 +438,9 @@ class Supervisor:
             "ONTHEFLY_ROLE": role.value,
             "ONTHEFLY_RUN_ID": run_id,
             "ONTHEFLY_SESSION_DIR": self.dir,
-            "ONTHEFLY_SEED": str(self.store.get_meta("seed", self.cfg.seed)),
+            "ONTHEFLY_SEED": str(
+                self.store.get_meta("seed", "none" if self.cfg.seed is None else self.cfg.seed)
+            ),
             "ONTHEFLY_ERROR_FILE": os.path.join(self.dir, "logs", f"{wid}.error.json"),
             "ONTHEFLY_FIT_MARKER": os.path.join(self.dir, "logs", f"{wid}.fit"),
             "ONTHEFLY_ATTEMPT": str(attempt),
@@ -596,6 +598,8 @@ class Supervisor:
             "dataset_size": int(hello.dataset_size),
             "config_json": hello.config_json or "{}",
         }
+        earlier = self.store.run(run_id)
+        before = earlier.fingerprint if earlier is not None else ""
         if hello.data_fingerprint:
             fields["fingerprint"] = hello.data_fingerprint
         if run_id == "main" and hello.run_name:
@@ -604,20 +608,20 @@ class Supervisor:
             self.store.set_meta("project", hello.project)  # the script's Trainer(project=...)
         self.store.update_run(run_id, **fields)
         main = self.store.run("main")
-        if (
-            run_id != "main"
-            and main is not None
-            and main.fingerprint
-            and hello.data_fingerprint
-            and main.fingerprint != hello.data_fingerprint
-        ):
+        # A restarted or resumed run against its own earlier attempt; a new fork against main.
+        ref, whose = before, "its earlier attempt's (a restart or resume)"
+        if not ref and run_id != "main" and main is not None:
+            ref, whose = main.fingerprint, "the main run's"
+        if ref and hello.data_fingerprint and ref != hello.data_fingerprint:
             self.bus.publish(
                 "log",
                 run_id,
                 worker_id=worker_id,
                 level="warning",
-                text="this worker's training data differs from the main run's (data fingerprint mismatch): "
-                "the script builds different data on each run; seed it or build it deterministically",
+                text=f"this worker's training data differs from {whose} (data fingerprint "
+                "mismatch): the script builds different data on each run, so the per-sample "
+                "losses of different attempts are of different samples; seed it or build it "
+                "deterministically",
             )
         self._set_worker_state(worker_id, WorkerState.ATTACHED)
         self._set_run_status(run_id, RunStatus.RUNNING)
@@ -745,6 +749,10 @@ class Supervisor:
                     text=f"checkpoint path {c.path!r} escapes the session folder; ignored",
                 )
                 return
+            # The per-sample losses recorded before the checkpoint go to disk first: a
+            # resume from it trains only what follows, so they must not wait for the next
+            # periodic write (a supervisor killed in between lost them for good).
+            self.arrays.persist(run=run_id)
             self.store.add_checkpoint(
                 run_id,
                 c.path,

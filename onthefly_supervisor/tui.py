@@ -196,7 +196,7 @@ class TerminalView:
                 if not self.rich and time.time() - self._last_plain > 5.0:
                     self._last_plain = time.time()
                     self.print(
-                        f"[onthefly] {ev.run_id} step {rv.step} epoch {rv.epoch} loss {_fmt(rv.loss)} · {_fmt(rv.sps, 3)} samples/s"
+                        f"[onthefly] {ev.run_id} step {rv.step} epoch {rv.epoch + 1} loss {_fmt(rv.loss)} · {_fmt(rv.sps, 3)} samples/s"
                     )
         elif k == "samples" and rv is not None:
             rv.p50, rv.p90, rv.p99 = p.get("p50"), p.get("p90"), p.get("p99")
@@ -290,7 +290,7 @@ class TerminalView:
                 Text(f"{run_id:>10}"),
                 bar,
                 Text(
-                    f"{rv.step}/{rv.total_steps or '?'} · epoch {rv.epoch} · ETA {rv.eta()} · {rv.status}"
+                    f"{rv.step}/{rv.total_steps or '?'} · epoch {rv.epoch + 1} · ETA {rv.eta()} · {rv.status}"
                 ),
             )
             parts.append(line)

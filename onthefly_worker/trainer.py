@@ -872,6 +872,11 @@ class _Loop(CommandLoop):
             del it
             if self.batch >= len(batches):
                 self._end_epoch(len(batches), time.perf_counter() - t_epoch)
+                if conn.commands:
+                    # A pause or stop sent during the epoch's validation takes effect now,
+                    # not after one more step.
+                    rec.flush()
+                    self._poll()
         self._check_weights(f"when training ended at step {self.step}")
         rec.flush()
 

@@ -377,7 +377,7 @@ def test_export_refuses_overwrite_and_bad_names(tmp_path: Path) -> None:
     src = make_session(tmp_path / "a")
     out = tmp_path / "s.tar.gz"
     out.write_bytes(b"precious")
-    with pytest.raises(FileExistsError, match="already exists; pass force=True"):
+    with pytest.raises(FileExistsError, match="already exists; overwrite it with --force"):
         export_session(src, out)
     assert out.read_bytes() == b"precious"
     res = export_session(src, out, force=True)

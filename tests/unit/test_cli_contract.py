@@ -20,12 +20,14 @@ from onthefly_worker.config import TrainerConfig
 from onthefly_worker.errors import OnTheFlyError
 
 
-def _project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def _project(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: RunStatus = RunStatus.COMPLETED
+) -> str:
     root = tmp_path / ".onthefly" / "sessions"
     sid = "20250101-000000-abcd"
     st = Store(str(root / sid))
     try:
-        st.add_run(RunRow("main", "main", "main", RunStatus.COMPLETED, [], 1.0))
+        st.add_run(RunRow("main", "main", "main", status, [], 1.0))
     finally:
         st.close()
     (root / "latest").symlink_to(sid)
@@ -99,3 +101,42 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.startswith("onthefly ")
+
+
+def test_the_session_seed_comes_from_seed_or_onthefly_seed(tmp_path: Path) -> None:
+    assert cli.session_seed(None) == 0
+    assert cli.session_seed("7") == 7 and cli.session_seed(" none ") is None
+    with pytest.raises(cli.CliError, match="give an integer or 'none'"):
+        cli.session_seed("x")
+    from onthefly_supervisor.supervisor import Supervisor, SupervisorConfig
+    from tests.unit.test_supervisor_units import FakeLauncher
+
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")
+    cfg = SupervisorConfig(script=str(script), project_dir=str(tmp_path), port=0, seed=None)
+    sup = Supervisor(cfg, launcher=FakeLauncher())
+    sup.start()
+    try:
+        # Workers are told 'none' (no seeding), as `python train.py` under ONTHEFLY_SEED=none.
+        assert sup.store.get_meta("seed") == "none"
+    finally:
+        sup.shutdown()
+
+
+def test_a_session_whose_script_ended_before_fit_has_nothing_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sid = _project(tmp_path, monkeypatch, RunStatus.RUNNING)
+    st = Store(str(tmp_path / ".onthefly" / "sessions" / sid))
+    try:
+        st.set_run_status(
+            "main",
+            RunStatus.STOPPED,
+            "train.py exited before Trainer.fit() (exit code 0): nothing to train",
+        )
+    finally:
+        st.close()
+    assert cli.main(["resume", "--headless", "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert f"session {sid} has nothing to resume: train.py exited before" in err, err
+    assert "`onthefly run SCRIPT [ARGS...]` starts it again" in err and err.count("\n") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -419,5 +420,44 @@ def test_run_ids_handed_out_at_once_never_collide(tmp_path: Path) -> None:
         # A look ahead that creates nothing (a race's seed) reserves nothing.
         assert sup.method._next_id("fork", reserve=False) == "fork-9"
         assert sup.method._next_id("fork") == "fork-9"
+    finally:
+        sup.shutdown()
+
+
+def test_a_checkpoint_is_recorded_only_after_the_losses_before_it_are_on_disk(
+    tmp_path: Path,
+) -> None:
+    """A resume trains only what follows its checkpoint: the per-sample losses recorded
+    before it must be on disk when the checkpoint is (a supervisor killed before its next
+    periodic write lost them for good)."""
+    sup = _sup(tmp_path)
+    try:
+        wid = next(iter(sup.workers))
+        sup.dataset_sizes["main"] = 8
+        ids = np.array([5, 1, 7, 2], dtype="<i8")
+        losses = np.array([0.5, 1.5, 2.5, 3.5], dtype="<f4")
+        sup.on_worker_message(
+            wid,
+            pb.WorkerMessage(
+                samples=pb.SampleLosses(
+                    run_id="main", epoch=3, count=4, ids=ids.tobytes(), losses=losses.tobytes()
+                )
+            ),
+        )
+        rel = "checkpoints/main/step-00000004.pt"
+        os.makedirs(os.path.join(sup.dir, "checkpoints", "main"), exist_ok=True)
+        Path(sup.dir, rel).write_bytes(b"x")
+        sup.on_worker_message(
+            wid,
+            pb.WorkerMessage(
+                checkpoint=pb.CheckpointSaved(
+                    run_id="main", path=rel, sha256="x", step=4, epoch=3, batch=1, reason="cadence"
+                )
+            ),
+        )
+        assert sup.store.latest_checkpoint("main") is not None
+        on_disk = np.load(sup.arrays.path("main", 3))
+        np.testing.assert_array_equal(on_disk[ids], losses)
+        assert np.isnan(on_disk[[0, 3, 4, 6]]).all()
     finally:
         sup.shutdown()
