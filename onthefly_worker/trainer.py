@@ -298,6 +298,7 @@ class _Loop(CommandLoop):
         if self.env.role == "train" and not self.env.resume:
             self._note_validation()
             self._note_scheduler()
+            self._note_loss_units()
         try:
             self._restore()
             self._check_early_stop_setup()
@@ -956,6 +957,18 @@ class _Loop(CommandLoop):
         if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             text += "; ReduceLROnPlateau steps on the epoch's training loss meanwhile"
         self.log(text, "warning")
+
+    def _note_loss_units(self) -> None:
+        """Say once when the user's loss sums over the batch: the step loss shown is then a
+        batch sum, while the epoch's train loss, val/test losses and per-sample losses are
+        means over samples (side by side they would read as a 100x train/val gap)."""
+        if getattr(self.loss.user, "reduction", None) == "sum":
+            self.log(
+                f"{type(self.loss.user).__name__}(reduction='sum'): each step's loss is the "
+                "batch's sum; the epoch's train loss, the val/test losses and the per-sample "
+                "losses are per-sample means, so compare those with each other",
+                "warning",
+            )
 
     def _note_scheduler(self) -> None:
         """Say once when a scheduler built to step every batch (OneCycleLR, CyclicLR) is

@@ -98,3 +98,21 @@ def test_do_test_after_without_a_test_loader_and_plateau_without_val_are_warning
             "to report (said once)",
         )
     ], logs
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_a_summed_loss_says_which_numbers_compare(tmp_path: Path, reduction: str) -> None:
+    model = nn.Linear(4, 2)
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 2)), batch_size=4)
+    loop = _Loop(
+        TrainerConfig(max_epochs=1), train_env(tmp_path), model,
+        torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(reduction=reduction), loader,
+        None, None, None,
+    )  # fmt: skip
+    logs: list[tuple[str, str]] = []
+    loop.log = lambda text, level="info": logs.append((level, text))  # type: ignore[method-assign]
+    loop._note_loss_units()
+    if reduction == "mean":
+        assert logs == []
+    else:
+        assert len(logs) == 1 and "each step's loss is the batch's sum" in logs[0][1], logs
