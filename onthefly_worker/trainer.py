@@ -1168,7 +1168,7 @@ class _Loop(CommandLoop):
                 self.model, loader, self.loss, self.device, context=self._autocast
             )
             self._note_nonfinite_eval(split, result[0], result[2])
-            return report_eval(self.conn, self.run_id, split, self.step, self.epoch, result)
+            return report_eval(self.conn, self.run_id, split, self.step, self._eval_epoch(), result)
         from onthefly_worker import slices as sl
 
         if self.env.role == "train" and not getattr(self, "_slices_written", False):
@@ -1184,8 +1184,16 @@ class _Loop(CommandLoop):
         )
         self._note_nonfinite_eval(split, overall[0], overall[2])
         for name, res in per.items():  # before the overall loss: a reader sees them together
-            report_eval(self.conn, self.run_id, f"val_slice:{name}", self.step, self.epoch, res)
-        return report_eval(self.conn, self.run_id, split, self.step, self.epoch, overall)
+            report_eval(
+                self.conn, self.run_id, f"val_slice:{name}", self.step, self._eval_epoch(), res
+            )
+        return report_eval(self.conn, self.run_id, split, self.step, self._eval_epoch(), overall)
+
+    def _eval_epoch(self) -> int:
+        """The epoch the weights being evaluated finished in: at an epoch's end (the next
+        one not begun) that epoch, so a test after training and the last validation at the
+        same step name the same epoch."""
+        return self.epoch - 1 if self.batch == 0 and self.epoch > 0 else self.epoch
 
     def _note_nonfinite_eval(self, split: str, loss: float, samples: int) -> None:
         """A non-finite evaluation loss is stored as "no value"; say why, once per split."""

@@ -116,3 +116,15 @@ def test_a_summed_loss_says_which_numbers_compare(tmp_path: Path, reduction: str
         assert logs == []
     else:
         assert len(logs) == 1 and "each step's loss is the batch's sum" in logs[0][1], logs
+
+
+def test_an_evaluation_names_the_epoch_its_weights_finished_in(tmp_path: Path) -> None:
+    """The last validation of an epoch and a test right after it (at the same step) name
+    the same epoch, though the loop has moved on to the next one's first batch."""
+    loop, _ = _loop(tmp_path, "step", "epoch")
+    loop.epoch, loop.batch = 1, 2  # the validation at the end of epoch 1 (batches done)
+    assert loop._eval_epoch() == 1
+    loop.epoch, loop.batch = 2, 0  # the epoch ended: a test after training
+    assert loop._eval_epoch() == 1
+    loop.epoch, loop.batch = 0, 0  # before any training
+    assert loop._eval_epoch() == 0
