@@ -756,13 +756,14 @@ def cmd_sessions(a: argparse.Namespace) -> int:
         elif not rows:
             print(f"no sessions in {root}")
         else:
+            width = max((len(str(r.get("status", ""))) for r in rows), default=10)
             for r in rows:
                 if "error" in r:
                     print(f"{r['session_id']}  (unreadable: {r['error']})")
                     continue
                 mark = "*" if r["latest"] else " "
                 print(
-                    f"{mark} {r['session_id']}  {r['status']:<10} {r['runs']} run(s)  {r['bytes'] / 2**20:7.1f} MiB  {'live ' if r['live'] else ''}{r['script']}"
+                    f"{mark} {r['session_id']}  {r['status']:<{width}} {r['runs']:>3} run(s)  {r['bytes'] / 2**20:7.1f} MiB  {'live ' if r['live'] else ''}{r['script']}"
                 )
         return 0
     if a.action == "rm":
@@ -1936,12 +1937,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(a.fn(a))
     except (CliError, SupervisorError, FileNotFoundError, NoSupervisor) as e:
         return _die(str(e))
-    except OSError as e:  # an output path the system refuses (permissions, a file as folder)
-        return _die(f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `onthefly status | head`
         return 0
+    except OSError as e:  # an output path the system refuses (permissions, a file as folder)
+        return _die(f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e))
 
 
 if __name__ == "__main__":

@@ -140,3 +140,18 @@ def test_a_session_whose_script_ended_before_fit_has_nothing_to_resume(
     err = capsys.readouterr().err
     assert f"session {sid} has nothing to resume: train.py exited before" in err, err
     assert "`onthefly run SCRIPT [ARGS...]` starts it again" in err and err.count("\n") == 1
+
+
+def test_a_closed_pipe_is_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`onthefly sessions ls | head`: the reader went away; exit 0, nothing on stderr (a
+    BrokenPipeError is an OSError, which other paths report as an error)."""
+    _project(tmp_path, monkeypatch)
+
+    def closed(_a: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_sessions", closed)  # bound when main() builds its parser
+    assert cli.main(["sessions", "ls"]) == 0
+    assert capsys.readouterr().err == ""
