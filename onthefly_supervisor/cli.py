@@ -115,17 +115,18 @@ def _serve(sup: Supervisor, headless: bool) -> int:
         view.stop()
     if code in (130, 143):  # SIGINT, SIGTERM
         bare = sup.without_checkpoint
-        print(
-            "[onthefly] interrupted; no run was unfinished"
-            if not sup.left_unfinished and not bare
-            else "[onthefly] interrupted; unfinished runs were checkpointed — `onthefly resume` continues them"
-            if not bare
-            else f"[onthefly] interrupted; {', '.join(bare)} had no checkpoint yet — "
-            "`onthefly resume` starts "
-            + ("it" if len(bare) == 1 else "them")
-            + " from the beginning",
-            file=sys.stderr,
-        )
+        if bare:
+            line = (
+                f"interrupted; {', '.join(bare)} had no checkpoint yet — `onthefly resume` "
+                f"starts {'it' if len(bare) == 1 else 'them'} from the beginning"
+            )
+        elif sup.left_unfinished:
+            line = (
+                "interrupted; unfinished runs were checkpointed — `onthefly resume` continues them"
+            )
+        else:
+            line = "interrupted; no run was unfinished"
+        print(f"[onthefly] {line}", file=sys.stderr)
     elif code != 0:
         cause = sup.root_cause() or "the main run failed"
         what = "" if sup.failed_after_run else "main run failed: "
@@ -294,6 +295,16 @@ def _served(session: str | None, script: str | None) -> Iterator[ControlClient]:
                     proc.wait()
 
 
+def _ended_session(session: str | None) -> str | None:
+    """The folder of `session` (default: latest) when it has ended and no live supervisor
+    could be meant instead (none of its own, and for the default no other live session
+    here); None otherwise."""
+    sdir = resolve_session(session)
+    if supervisor_alive(sdir) or (session is None and live_sessions(".")):
+        return None
+    return sdir
+
+
 def _client(session: str | None = None) -> ControlClient:
     try:
         c = connect(session)
@@ -341,8 +352,8 @@ def cmd_simple(a: argparse.Namespace) -> int:
     try:
         client = _client(a.session)
     except CliError:
-        sdir = resolve_session(a.session)
-        if supervisor_alive(sdir) or (a.session is None and live_sessions(".")):
+        sdir = _ended_session(a.session)
+        if sdir is None:
             raise
         from onthefly_supervisor.client import has_unfinished_main
 
@@ -1129,10 +1140,7 @@ def cmd_rpc(a: argparse.Namespace) -> int:
         try:
             client = _client(a.session)
         except CliError:
-            # Served here only when no live supervisor could be meant.
-            if supervisor_alive(resolve_session(a.session)) or (
-                a.session is None and live_sessions(".")
-            ):
+            if _ended_session(a.session) is None:
                 raise
             with _served(a.session, a.script) as client:
                 return _rpc_command(a, client)

@@ -123,12 +123,11 @@ class MethodOps:
             )
         if _AUTO_ID.fullmatch(name):
             raise ValueError(f"--name {name!r}: names like this are run ids; choose another")
-        taken = next((r for r in self.sup.store.runs() if name in (r.run_id, r.name)), None) or (
-            name if name in self._reserved_ids else None
-        )
-        if taken is not None:
-            who = taken if isinstance(taken, str) else taken.run_id
-            raise ValueError(f"--name {name!r}: run {who} already has that name or id")
+        owner = next((r.run_id for r in self.sup.store.runs() if name in (r.run_id, r.name)), None)
+        if owner is None and name in self._reserved_ids:
+            owner = name
+        if owner is not None:
+            raise ValueError(f"--name {name!r}: run {owner} already has that name or id")
 
     # -- selection over the parent's latest per-sample losses ---------------------------------
     def _loss_epochs(self, run_id: str) -> list[int]:

@@ -99,6 +99,11 @@ class SupervisorConfig:
     warm_forks: int = -1
     """Standby copies of the script kept ready to become forks (-1 = auto; see warmpool.py)."""
 
+    @property
+    def seed_meta(self) -> int | str:
+        """The seed as the store and ONTHEFLY_SEED say it ('none': no seeding)."""
+        return "none" if self.seed is None else self.seed
+
     def __post_init__(self) -> None:
         if not (self.warm_forks == -1 or 0 <= self.warm_forks <= 16):
             raise SupervisorError(f"--warm-forks {self.warm_forks}: must be 'auto' or 0..16")
@@ -225,7 +230,7 @@ class Supervisor:
             st.set_meta("script", self.cfg.script)
             st.set_meta("argv", list(self.cfg.argv))
             st.set_meta("cwd", os.path.abspath(self.cfg.project_dir))
-            st.set_meta("seed", "none" if self.cfg.seed is None else self.cfg.seed)
+            st.set_meta("seed", self.cfg.seed_meta)
             st.set_meta("project", self.cfg.project)
             st.set_meta("created", self.started)
             st.add_run(
@@ -438,9 +443,7 @@ class Supervisor:
             "ONTHEFLY_ROLE": role.value,
             "ONTHEFLY_RUN_ID": run_id,
             "ONTHEFLY_SESSION_DIR": self.dir,
-            "ONTHEFLY_SEED": str(
-                self.store.get_meta("seed", "none" if self.cfg.seed is None else self.cfg.seed)
-            ),
+            "ONTHEFLY_SEED": str(self.store.get_meta("seed", self.cfg.seed_meta)),
             "ONTHEFLY_ERROR_FILE": os.path.join(self.dir, "logs", f"{wid}.error.json"),
             "ONTHEFLY_FIT_MARKER": os.path.join(self.dir, "logs", f"{wid}.fit"),
             "ONTHEFLY_ATTEMPT": str(attempt),
@@ -607,10 +610,10 @@ class Supervisor:
         if run_id == "main" and hello.project:
             self.store.set_meta("project", hello.project)  # the script's Trainer(project=...)
         self.store.update_run(run_id, **fields)
-        main = self.store.run("main")
         # A restarted or resumed run against its own earlier attempt; a new fork against main.
         ref, whose = before, "its earlier attempt's (a restart or resume)"
-        if not ref and run_id != "main" and main is not None:
+        main = self.store.run("main") if not ref and run_id != "main" else None
+        if main is not None:
             ref, whose = main.fingerprint, "the main run's"
         if ref and hello.data_fingerprint and ref != hello.data_fingerprint:
             self.bus.publish(
