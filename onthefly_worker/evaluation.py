@@ -34,6 +34,10 @@ def preserved_rng() -> Iterator[None]:
             np.random.set_state(npst)
 
 
+class EvalAborted(Exception):
+    """An evaluation given up between batches because `abort()` said so (a stop arrived)."""
+
+
 class EvalTotals:
     """The sums behind an evaluation's (loss, accuracy, samples). The loss is the user's
     over the whole set: per-sample values weighted as the user's 'mean' weighs them
@@ -93,9 +97,10 @@ def evaluate_model(
     device: torch.device,
     forward: Callable[[Any], Any] | None = None,
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    abort: Callable[[], bool] | None = None,
 ) -> tuple[float, float, int]:
     """(the loss over the set, accuracy or NaN unless classification, samples) in eval
-    mode (see EvalTotals).
+    mode (see EvalTotals). `abort` is asked before each batch: True raises EvalAborted.
 
     The model's train/eval mode and every RNG are restored afterwards, so evaluating in the
     middle of training changes nothing about the training trajectory.
@@ -107,6 +112,8 @@ def evaluate_model(
         model.eval()
         try:
             for raw in loader:
+                if abort is not None and abort():
+                    raise EvalAborted
                 x, y = split_batch(raw)
                 x = to_device(x, device)
                 y = to_device(y, device)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 from onthefly_worker.data import batch_len, split_batch, to_device
 from onthefly_worker.errors import OnTheFlyError
-from onthefly_worker.evaluation import EvalTotals, evaluate_model, preserved_rng
+from onthefly_worker.evaluation import EvalAborted, EvalTotals, evaluate_model, preserved_rng
 from onthefly_worker.losses import PerSampleLoss
 
 Result = tuple[float, float, int]
@@ -90,9 +90,11 @@ def evaluate_positions(
     slices: Mapping[str, Any],
     forward: Callable[[Any], Any] | None = None,
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    abort: Callable[[], bool] | None = None,
 ) -> dict[str, Result]:
     """{slice: result} for the slices given as validation-set positions, each evaluated on
-    its own small loader over `loader`'s dataset (predicate slices are skipped)."""
+    its own small loader over `loader`'s dataset (predicate slices are skipped); `abort`
+    as evaluate_model's."""
     out: dict[str, Result] = {}
     for k, v in slices.items():
         if callable(v):
@@ -108,7 +110,9 @@ def evaluate_positions(
             batch_size=loader.batch_size or 256,
             collate_fn=loader.collate_fn,
         )
-        out[k] = evaluate_model(model, sub, loss, device, forward=forward, context=context)
+        out[k] = evaluate_model(
+            model, sub, loss, device, forward=forward, context=context, abort=abort
+        )
     return out
 
 
@@ -121,8 +125,10 @@ def evaluate_with_slices(
     slices: Mapping[str, Any],
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     forward: Callable[[Any], Any] | None = None,
+    abort: Callable[[], bool] | None = None,
 ) -> tuple[Result, dict[str, Result]]:
-    """(overall result, {slice: result}) with results as evaluate_model's (loss, accuracy, n).
+    """(overall result, {slice: result}) with results as evaluate_model's (loss, accuracy, n);
+    `abort` as evaluate_model's.
 
     Predicate slices share the overall pass; a slice no sample fell into has NaN loss.
     `forward` replaces `model(x)` (e.g. to pick the logits out of a richer output)."""
@@ -134,6 +140,8 @@ def evaluate_with_slices(
         model.eval()
         try:
             for raw in loader:
+                if abort is not None and abort():
+                    raise EvalAborted
                 x, y = split_batch(raw)
                 n = batch_len(x)
                 masks = sums.masks(x, y, n)
@@ -147,7 +155,9 @@ def evaluate_with_slices(
             model.train(was_training)
     out_slices = sums.results(totals.classif)
     out_slices.update(
-        evaluate_positions(model, loader, loss, device, slices, forward=forward, context=context)
+        evaluate_positions(
+            model, loader, loss, device, slices, forward=forward, context=context, abort=abort
+        )
     )
     return totals.result(), out_slices
 

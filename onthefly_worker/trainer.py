@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ from onthefly_worker.data import (
     unused_batch_keys,
 )
 from onthefly_worker.errors import OnTheFlyError
-from onthefly_worker.evaluation import evaluate_model, report_eval
+from onthefly_worker.evaluation import EvalAborted, evaluate_model, report_eval
 from onthefly_worker.losses import PerSampleLoss
 from onthefly_worker.recorder import Recorder
 
@@ -1101,13 +1102,24 @@ class _Loop(CommandLoop):
             self.rec.flush()
         mean = means[0] if means else math.nan
         val_loss = None
+        val_given_up = False
         if validate and self.val_loader is not None:
             # An early-stop check may have just validated these weights (same step).
-            val_loss = (
-                self._evaluated["val"][1]["loss"]
-                if self._at_this_step("val")
-                else self._evaluate(self.val_loader, "val")["loss"]
-            )
+            if self._at_this_step("val"):
+                val_loss = self._evaluated["val"][1]["loss"]
+            else:
+                try:
+                    val_loss = self._evaluate(self.val_loader, "val", abortable=True)["loss"]
+                except EvalAborted:
+                    # A stop must not wait for a long validation pass (the supervisor's
+                    # SIGTERM would then lose the epoch): the epoch's checkpoint and the
+                    # stop follow at once.
+                    val_given_up = True
+                    self.log(
+                        f"validation at the end of epoch {epoch + 1} given up: a stop "
+                        "arrived during it (no val loss recorded for this epoch)",
+                        "warning",
+                    )
         if self._console():
             # `python train.py`: no terminal view of its own, so a line per epoch here.
             val = f" · val loss {val_loss:.4f}" if val_loss is not None else ""
@@ -1120,7 +1132,9 @@ class _Loop(CommandLoop):
         if self.sched is not None and self.cfg.scheduler_interval == "epoch" and not fork:
             if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 metric = val_loss if val_loss is not None else mean
-                if math.isfinite(metric):
+                if val_given_up:
+                    pass  # its metric is the val loss, which this epoch has none of
+                elif math.isfinite(metric):
                     self.sched.step(metric)
                 elif not self._plateau_skip_said:
                     # A NaN would count as "no improvement" and cut the learning rate.
@@ -1151,8 +1165,20 @@ class _Loop(CommandLoop):
         else:
             self.sched.step()
 
-    def _evaluate(self, loader: DataLoader, split: str) -> dict[str, Any]:
-        out = self._evaluate_once(loader, split)
+    def _evaluate(self, loader: DataLoader, split: str, abortable: bool = False) -> dict[str, Any]:
+        """Evaluate and report; `abortable`: a stop (command, lost supervisor, or signal)
+        arriving during the pass raises EvalAborted between batches."""
+        abort = None
+        if abortable:
+            assert self.conn is not None
+            conn, had = self.conn, self.stop_reason
+
+            def abort() -> bool:
+                return self.stop_reason != had or any(
+                    c.kind in ("stop", "lost") for c in conn.commands
+                )
+
+        out = self._evaluate_once(loader, split, abort)
         self._evaluated[split] = (self.step, out)
         return out
 
@@ -1160,12 +1186,14 @@ class _Loop(CommandLoop):
         done = self._evaluated.get(split)
         return done is not None and done[0] == self.step
 
-    def _evaluate_once(self, loader: DataLoader, split: str) -> dict[str, Any]:
+    def _evaluate_once(
+        self, loader: DataLoader, split: str, abort: Callable[[], bool] | None = None
+    ) -> dict[str, Any]:
         assert self.conn is not None
         slices = self.cfg.val_slices if split == "val" else None
         if not slices:
             result = evaluate_model(
-                self.model, loader, self.loss, self.device, context=self._autocast
+                self.model, loader, self.loss, self.device, context=self._autocast, abort=abort
             )
             self._note_nonfinite_eval(split, result[0], result[2])
             return report_eval(self.conn, self.run_id, split, self.step, self._eval_epoch(), result)
@@ -1180,7 +1208,7 @@ class _Loop(CommandLoop):
                     + ", ".join(f"{k} {n} samples" for k, n in sizes.items())
                 )
         overall, per = sl.evaluate_with_slices(
-            self.model, loader, self.loss, self.device, slices, context=self._autocast
+            self.model, loader, self.loss, self.device, slices, context=self._autocast, abort=abort
         )
         self._note_nonfinite_eval(split, overall[0], overall[2])
         for name, res in per.items():  # before the overall loss: a reader sees them together

@@ -167,6 +167,35 @@ def test_a_fork_of_a_plain_python_run_finishes_after_the_script_exits(project: P
     assert fork["status"] == "completed" and fork["step"] == 90, fork
 
 
+def test_a_stop_during_a_long_validation_gives_it_up_and_keeps_the_epoch(project: Path) -> None:
+    """A stop sent while the epoch-end validation runs (25 s of it here) does not wait for
+    the pass (past the supervisor's grace the worker would be killed and lose the epoch):
+    the pass is given up between batches and said so, the epoch's weights are checkpointed,
+    and the run stops."""
+    live = start(project, SMALL, "--epochs", "3", "--val", "--slow-val", "0.2")
+    try:
+        deadline = time.time() + 60
+        while not (project / "val-started").exists():
+            assert time.time() < deadline and live.proc.poll() is None, live.output()
+            time.sleep(0.1)
+        r = cli("stop", cwd=project)
+        assert r.returncode == 0, r.stderr
+        code, out = live.finish(timeout=40)
+        assert code == 0, out
+        assert "validation at the end of epoch 1 given up: a stop arrived during it" in out, out
+        main = cli_json("runs", cwd=project)["runs"][0]
+        assert main["status"] == "stopped" and main["step"] == 16, main
+        db = sqlite3.connect(live.session_dir / "session.db")
+        evals = db.execute("SELECT split, step FROM evals").fetchall()
+        ckpts = db.execute("SELECT reason FROM checkpoints WHERE step=16").fetchall()
+        db.close()
+        assert evals == [], evals  # no loss from a partial pass
+        assert ckpts, "the epoch's weights are checkpointed"
+    finally:
+        if live.proc.poll() is None:
+            live.proc.kill()
+
+
 def test_pause_resume_stop_from_cli(project: Path) -> None:
     live = start(project, SMALL, "--epochs", "50", "--step-sleep", "0.02")
     try:

@@ -58,6 +58,13 @@ p.add_argument(
     action="store_true",
     help="a test loader whose record 40 is missing (KeyError), for `onthefly test`",
 )
+p.add_argument(
+    "--slow-val",
+    type=float,
+    default=0.0,
+    help="with --val: each val sample takes this many seconds (batches of 8); the first "
+    "writes ./val-started",
+)
 args = p.parse_args()
 
 
@@ -146,6 +153,16 @@ train = DataLoader(
     ds, batch_size=args.batch_size, shuffle=not args.iterable, num_workers=args.num_workers
 )
 val = DataLoader(Data(128, args.regression), batch_size=64) if args.val else None
+if args.val and args.slow_val:
+
+    class SlowVal(Data):
+        def __getitem__(self, i: int):
+            if not os.path.exists("val-started"):
+                open("val-started", "w").close()
+            time.sleep(args.slow_val)
+            return super().__getitem__(i)
+
+    val = DataLoader(SlowVal(128, args.regression), batch_size=8)
 test = DataLoader(Data(128, args.regression), batch_size=64) if args.test else None
 if args.bad_test_loader:
 
