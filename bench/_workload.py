@@ -2,9 +2,11 @@
 
 python bench/_workload.py raw --model mlp --steps 1500      # prints JSON timing
 onthefly run bench/_workload.py onthefly --model mlp ...    # timing read from the store
+(--inline-raw FILE: the raw loop is also timed in that process, before and after fit)
 """
 
 import argparse
+import copy
 import json
 import time
 
@@ -17,6 +19,11 @@ p.add_argument("mode", choices=["raw", "onthefly"])
 p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
 p.add_argument("--steps", type=int, default=1000)
 p.add_argument("--warmup", type=int, default=50)
+p.add_argument(
+    "--inline-raw",
+    metavar="FILE",
+    help="onthefly mode: also time the raw loop before and after fit(), to FILE",
+)
 args = p.parse_args()
 
 torch.manual_seed(0)
@@ -49,29 +56,45 @@ opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 loss_fn = nn.CrossEntropyLoss()
 epochs = -(-args.steps // len(loader))
 
-if args.mode == "raw":
+
+def raw_loop(net: nn.Module, optim: torch.optim.Optimizer) -> float:
+    """The plain PyTorch loop over the same data for --steps steps; ms per step after --warmup."""
     step = 0
     t_start = 0.0
-    done = False
     for _ in range(epochs):
         for xb, yb in loader:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
+            optim.zero_grad(set_to_none=True)
+            loss = loss_fn(net(xb), yb)
             loss.backward()
-            opt.step()
+            optim.step()
             step += 1
             if step == args.warmup:
                 t_start = time.perf_counter()
             if step == args.steps:
-                done = True
-                break
-        if done:
-            break
-    t = time.perf_counter() - t_start
-    print(json.dumps({"step_ms": 1000 * t / (args.steps - args.warmup)}))
+                return 1000 * (time.perf_counter() - t_start) / (args.steps - args.warmup)
+    raise SystemExit(f"the data gives fewer than {args.steps} steps")
+
+
+def raw_copy() -> float:
+    """`raw_loop` on a copy of the model and a fresh optimizer (the supervised run's own
+    model and optimizer are left as they are)."""
+    net = copy.deepcopy(model)
+    return raw_loop(net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9))
+
+
+if args.mode == "raw":
+    print(json.dumps({"step_ms": raw_loop(model, opt)}))
 else:
     from onthefly import Trainer
 
+    # With --inline-raw the same process also runs the raw loop right before and right
+    # after fit() (the supervisor is up and idle then): three measurements seconds apart,
+    # where separate processes are tens of seconds apart on a VM whose speed drifts.
+    before = raw_copy() if args.inline_raw else None
     Trainer(project="bench", max_epochs=epochs, max_steps=args.steps).fit(
         model, opt, loss_fn, loader
     )
+    if args.inline_raw:
+        time.sleep(1.0)  # the supervisor finishes storing the run meanwhile
+        with open(args.inline_raw, "w") as f:
+            json.dump({"before_ms": before, "after_ms": raw_copy()}, f)

@@ -492,12 +492,15 @@ class EpochEnd(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     TRAIN_LOSS_FIELD_NUMBER: _builtins.int
     SECONDS_FIELD_NUMBER: _builtins.int
+    NONFINITE_STEPS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     epoch: _builtins.int
     step: _builtins.int
     train_loss: _builtins.float
-    """mean of the epoch's per-sample losses"""
+    """mean of the epoch's finite per-sample losses"""
     seconds: _builtins.float
+    nonfinite_steps: _builtins.int
+    """steps of the epoch whose loss was NaN/Inf (left out of the mean)"""
     def __init__(
         self,
         *,
@@ -506,10 +509,11 @@ class EpochEnd(_message.Message):
         step: _builtins.int = ...,
         train_loss: _builtins.float = ...,
         seconds: _builtins.float = ...,
+        nonfinite_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "run_id", b"run_id", "seconds", b"seconds", "step", b"step", "train_loss", b"train_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "nonfinite_steps", b"nonfinite_steps", "run_id", b"run_id", "seconds", b"seconds", "step", b"step", "train_loss", b"train_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

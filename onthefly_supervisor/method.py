@@ -1028,6 +1028,10 @@ class MethodOps:
         path = os.path.abspath(req.path)
         if not req.path:
             raise ValueError("export-model needs an output path (-o FILE)")
+        if os.path.isdir(path):
+            raise IsADirectoryError(
+                f"{req.path} is a folder; -o names the file to write (e.g. {req.path}/model.pt)"
+            )
         if os.path.exists(path) and not req.force:
             raise FileExistsError(f"{req.path} exists; pass --force to overwrite it")
         if not os.path.isdir(os.path.dirname(path)):

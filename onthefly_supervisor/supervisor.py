@@ -740,6 +740,7 @@ class Supervisor:
                 step=int(ee.step),
                 train_loss=_num(ee.train_loss),
                 seconds=ee.seconds,
+                nonfinite_steps=int(ee.nonfinite_steps),
             )
         elif body == "checkpoint":
             c = msg.checkpoint

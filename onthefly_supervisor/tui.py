@@ -27,6 +27,12 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def _nonfinite_note(p: dict[str, Any]) -> str:
+    """' (11 non-finite steps left out)' after an epoch's train loss, when it had any."""
+    n = int(p.get("nonfinite_steps") or 0)
+    return f" ({n} non-finite step{'s' if n != 1 else ''} left out)" if n else ""
+
+
 def _epoch_of(epoch: Any, of: int) -> str:
     """An epoch as a person counts it, like `python train.py` prints it: 1-based, "2/10"
     when the run ends after a known count of epochs (not a fork or a max_steps run, which
@@ -211,7 +217,7 @@ class TerminalView:
             )
         elif k == "epoch_end" and rv is not None:
             self.print(
-                f"[onthefly] {ev.run_id} epoch {_epoch_of(p.get('epoch'), 0 if rv.max_steps else rv.max_epochs)} done · train loss {_fmt(p.get('train_loss'))} · p50/p90/p99 {_fmt(rv.p50)}/{_fmt(rv.p90)}/{_fmt(rv.p99)}"
+                f"[onthefly] {ev.run_id} epoch {_epoch_of(p.get('epoch'), 0 if rv.max_steps else rv.max_epochs)} done · train loss {_fmt(p.get('train_loss'))}{_nonfinite_note(p)} · p50/p90/p99 {_fmt(rv.p50)}/{_fmt(rv.p90)}/{_fmt(rv.p99)}"
             )
         elif k == "early_stop":
             best = p.get("best")

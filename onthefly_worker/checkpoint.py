@@ -1012,7 +1012,7 @@ class EpochGate:
         if not self._said:
             self._said = True
             self._note(
-                f"epoch {epoch} ended {time.monotonic() - self._last:.2f} s after the last "
+                f"epoch {epoch + 1} ended {time.monotonic() - self._last:.2f} s after the last "
                 f"checkpoint: epoch ends checkpoint at most every {self.min_interval_s:g} s "
                 f"({self._owner}(checkpoint_min_interval_s=0) checkpoints every epoch; pause, "
                 "stop and the end of training always do)"

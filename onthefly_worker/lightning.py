@@ -739,7 +739,8 @@ class _LightningRun(CommandLoop):
                 "warning",
             )
         self._log(
-            f"resumed from {self._restore_path} at epoch {self.epoch}, batch {self.batch}, step {self.step}"
+            f"resumed from {self._restore_path} at step {self.step} (epoch {self.epoch + 1}, "
+            f"{self.batch} batch(es) into it)"
         )
 
     def _restore_adapters(

@@ -54,6 +54,8 @@ def _scalar_loss_error(
     why = (
         "returned a scalar even with reduction='none' (its forward ignores its `reduction` "
         "attribute)"
+        if ignores_reduction and module
+        else "returned a scalar even when called with reduction='none'"
         if ignores_reduction
         else "returned a scalar and has no reduction='none'"
     )
@@ -123,6 +125,9 @@ class PerSampleLoss:
                 self._kwarg = "reduction" in params or any(
                     p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
                 )
+                default = params["reduction"].default if "reduction" in params else None
+                if default in ("mean", "sum"):
+                    self.reduction = default  # (what its plain call reduces by; for notes)
             except (TypeError, ValueError):
                 self._kwarg = False
         self.name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
@@ -247,6 +252,20 @@ class PerSampleLoss:
             return total, self._rows(raw, target, batch)
         if self._none is not None:
             raw = self._none(output, target)
+        elif self._kwarg and torch.is_grad_enabled():
+            # A function that takes reduction=: backward uses its own plain call (its
+            # default reduction, and whatever else it adds, e.g. a weight penalty); the
+            # per-sample values come from a second, gradient-free reduction='none' call.
+            total = self.user(output, target)
+            if isinstance(total, torch.Tensor) and total.dim() == 0:
+                with torch.no_grad():
+                    raw = self.user(output, target, reduction="none")
+                if not isinstance(raw, torch.Tensor):
+                    raise OnTheFlyError(f"loss_fn returned {type(raw).__name__}, not a tensor")
+                if raw.dim() == 0:
+                    raise _scalar_loss_error(self.name, ignores_reduction=True)
+                return total, self._rows(raw, target, batch).detach()
+            raw = total  # its plain call gives one loss per sample: reduced below
         elif self._kwarg:
             raw = self.user(output, target, reduction="none")
         else:
@@ -256,7 +275,7 @@ class PerSampleLoss:
         if raw.dim() == 0:
             raise _scalar_loss_error(
                 self.name,
-                ignores_reduction=self._none is not None,
+                ignores_reduction=self._none is not None or self._kwarg,
                 module=isinstance(self.user, nn.Module)
                 and type(self.user).__module__ != "torch.nn.modules.loss",
             )

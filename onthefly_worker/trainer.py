@@ -225,6 +225,7 @@ class _Loop(CommandLoop):
         self.run_test_on_stop = cfg.do_test_after
         self.nonfinite_run = 0
         self.nonfinite_total = 0
+        self._epoch_nonfinite = 0  # this epoch's steps with a non-finite loss
         self.grad_clip = cfg.grad_clip
         # Gradient-norm cadence (see TrainerConfig.grad_norm_every); 0 until calibrated.
         self.gn_every = cfg.grad_norm_every
@@ -239,6 +240,7 @@ class _Loop(CommandLoop):
         self.epoch_ckpt = ckpt.EpochGate(cfg.checkpoint_min_interval_s, self.log, "Trainer")
         self.last_checkpoint = ""
         self.last_good = ""
+        self._written: list[tuple[int, str]] = []  # (step, path): checkpoints this run started
         self.adapters = False
         self.budget = int(self.spec.get("budget_steps", 0) or 0)
         # A raced fork variant stops at its rung to be compared with the others (variants.py).
@@ -475,12 +477,16 @@ class _Loop(CommandLoop):
         self.step = int(state["counters"]["step"])
         self.sample_steps = int(state["counters"]["sample_steps"])
         self._gn_ok_step = self.step
+        self._written.append((self.step, path))
         partial = state["counters"].get("epoch_loss")
         if partial and self.rec is not None:
             self.rec.set_epoch_partial(float(partial[0]), float(partial[1]))
         if not self.cfg.grad_norm_every:
             self.gn_every = int(state["counters"].get("grad_norm_every", 0) or 0)
-        self.log(f"resumed from {path} at epoch {self.epoch}, batch {self.batch}, step {self.step}")
+        self.log(
+            f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, "
+            f"{self.batch} batch(es) into it)"
+        )
         rollback = self.spec.get("rollback")
         if rollback:
             self._apply_rollback(dict(rollback), path)
@@ -658,6 +664,7 @@ class _Loop(CommandLoop):
             done(saved, err)
 
         self.writer.submit_live(state, path, meta, track)
+        self._written.append((step, rel))
         if wait:
             self.writer.wait()
             if self.writer.error is not None:
@@ -832,6 +839,7 @@ class _Loop(CommandLoop):
                     if self.nonfinite_run == 0:
                         self._check_weights(f"at step {self.step + 1} (its loss is non-finite)")
                     self._nonfinite("loss", self._nonfinite_samples(per, ids))
+                    self._epoch_nonfinite += 1
                 self.step += 1
                 self.sample_steps += n
                 b = self.batch
@@ -1025,13 +1033,19 @@ class _Loop(CommandLoop):
         weights = [p.detach() for g in self.opt.param_groups for p in g["params"]]
         if not weights or bool(torch.isfinite(torch.stack(torch._foreach_norm(weights))).all()):
             return
+        ok = self._gn_ok_step
+        good = [c for c in self._written if c[0] <= ok]
+        where = (
+            f"checkpoint {good[-1][1]} (step {good[-1][0]}) holds weights from before it"
+            if good
+            else f"no checkpoint of this run precedes step {ok + 1}"
+        )
         raise OnTheFlyError(
-            f"the weights are non-finite {why}: an update with "
-            f"NaN/Inf gradients was applied after step {self._gn_ok_step}, on a step whose "
-            f"gradient norm was not measured (it is measured every {self.gn_every} steps to "
-            "keep its cost under 1% of a step). `onthefly rollback` continues from a "
-            f"checkpoint before step {self._gn_ok_step + 1}; Trainer(grad_norm_every=1) "
-            "checks every update and skips bad ones"
+            f"the weights are non-finite {why}: an update with NaN/Inf gradients was applied "
+            f"after step {ok}, on a step whose gradient norm was not measured (it is measured "
+            f"every {self.gn_every} steps to keep its cost under 1% of a step); {where}. "
+            "Trainer(grad_norm_every=1) checks every update and skips bad ones; a lower "
+            "learning rate or grad_clip avoids them"
         )
 
     def _nonfinite_samples(self, per: Any, ids: np.ndarray) -> str:
@@ -1056,7 +1070,7 @@ class _Loop(CommandLoop):
         self.nonfinite_run += 1
         self.nonfinite_total += 1
         self.log(
-            f"non-finite {what} at step {self.step + 1} (epoch {self.epoch}, batch {self.batch})"
+            f"non-finite {what} at step {self.step + 1} (epoch {self.epoch + 1}, batch {self.batch + 1})"
             f"{detail}: update skipped",
             "warning",
         )
@@ -1065,20 +1079,26 @@ class _Loop(CommandLoop):
             # Raised once the step is recorded: its per-sample losses are stored too.
             self._nonfinite_failure = OnTheFlyError(
                 f"the {what} {verb} non-finite for {self.nonfinite_run} consecutive steps "
-                f"(last at step {self.step + 1}, epoch {self.epoch}); lower the learning rate, "
+                f"(last at step {self.step + 1}, epoch {self.epoch + 1}); lower the learning rate, "
                 "enable grad_clip, or check the data"
             )
 
     def _end_epoch(self, n_batches: int, seconds: float = 0.0) -> None:
         assert self.conn is not None and self.rec is not None
         conn, run_id, epoch, step = self.conn, self.run_id, self.epoch, self.step
+        bad, self._epoch_nonfinite = self._epoch_nonfinite, 0
         means: list[float] = []
 
         def send_end(mean: float) -> None:  # on the recorder's thread, after the last losses
             means.append(mean)
             conn.send(
                 epoch_end=pb.EpochEnd(
-                    run_id=run_id, epoch=epoch, step=step, train_loss=mean, seconds=seconds
+                    run_id=run_id,
+                    epoch=epoch,
+                    step=step,
+                    train_loss=mean,
+                    seconds=seconds,
+                    nonfinite_steps=bad,
                 )
             )
 
@@ -1124,6 +1144,8 @@ class _Loop(CommandLoop):
             # `python train.py`: no terminal view of its own, so a line per epoch here.
             val = f" · val loss {val_loss:.4f}" if val_loss is not None else ""
             train = f"{mean:.4f}" if math.isfinite(mean) else "—"
+            if bad:
+                train += f" ({bad} non-finite step{'s' if bad != 1 else ''} left out)"
             print(
                 f"[onthefly] epoch {epoch + 1}{f'/{n}' if (n := self.cfg.epoch_limit) else ''}"
                 f" · train loss {train}{val}",
@@ -1140,7 +1162,7 @@ class _Loop(CommandLoop):
                     # A NaN would count as "no improvement" and cut the learning rate.
                     self._plateau_skip_said = True
                     self.log(
-                        f"ReduceLROnPlateau not stepped at epoch {epoch}: its metric "
+                        f"ReduceLROnPlateau not stepped at epoch {epoch + 1}: its metric "
                         f"({'val' if val_loss is not None else 'train'} loss) is {metric}; "
                         "it is not stepped on non-finite values (said once)",
                         "warning",

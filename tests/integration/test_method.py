@@ -173,6 +173,8 @@ def test_gate_and_moe_export_round_trip(session, tmp_path: Path) -> None:
     _ok(cli("export-model", "--run", moe_id, "-o", str(path), cwd=session.cwd, timeout=300))
     r = cli("export-model", "--run", moe_id, "-o", str(path), cwd=session.cwd, timeout=300)
     assert r.returncode != 0 and "exists" in r.stderr
+    r = cli("export-model", "--run", moe_id, "-o", str(tmp_path), "--force", cwd=session.cwd)
+    assert r.returncode != 0 and f"{tmp_path} is a folder; -o names the file" in r.stderr, r.stderr
     # A fresh process, no supervisor: load the file and run it.
     code = (
         "import torch, json, sys\nfrom onthefly import load_model\n"

@@ -714,7 +714,10 @@ def _run_bad_step(project: Path, *flags: str) -> tuple[str, Path]:
 
 def test_nonfinite_losses_are_skipped_and_reported(project: Path) -> None:
     out, sdir = _run_bad_step(project, "--nan-at-step", "5")
-    assert "non-finite loss at step 5" in out
+    assert "non-finite loss at step 5 (epoch 1, batch 5)" in out, out
+    # The epoch's train loss is over the finite losses, and says what it left out.
+    assert "main epoch 1/1 done · train loss " in out, out
+    assert "(1 non-finite step left out)" in out, out
     # The warning names the batch's samples whose loss is non-finite (all 32 here: 8 + 24).
     assert "and 24 more (dataset positions): update skipped" in out, out
     arr = np.load(sdir / "samples" / "main" / "epoch-0000.npy")

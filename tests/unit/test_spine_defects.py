@@ -279,6 +279,65 @@ def test_a_composite_loss_module_without_reduction_is_told_how_to_fix_it() -> No
     assert "pass an nn loss module" not in msg and "its forward honours" in msg, msg
 
 
+def _sum_by_default(out: torch.Tensor, y: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    per = ((out - y) ** 2).squeeze(1)
+    return per.sum() if reduction == "sum" else per.mean() if reduction == "mean" else per
+
+
+_W = torch.tensor([[0.5, -1.0]], requires_grad=True)
+
+
+def _mean_plus_penalty(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    per = ((out - y) ** 2).squeeze(1)
+    return per if reduction == "none" else per.mean() + _W.pow(2).sum()
+
+
+def _none_by_default(out: torch.Tensor, y: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    return nn.functional.mse_loss(out, y, reduction=reduction).squeeze(1)
+
+
+def _passes_kwargs(out: torch.Tensor, y: torch.Tensor, **kw: Any) -> torch.Tensor:
+    return nn.functional.l1_loss(out, y, **kw).squeeze(-1) if kw else nn.functional.l1_loss(out, y)
+
+
+@pytest.mark.parametrize(
+    ("fn", "expected"),
+    [
+        (_sum_by_default, lambda o, y: ((o - y) ** 2).sum()),
+        (_mean_plus_penalty, lambda o, y: ((o - y) ** 2).mean() + _W.pow(2).sum()),
+        (_none_by_default, lambda o, y: ((o - y) ** 2).mean()),
+        (_passes_kwargs, lambda o, y: (o - y).abs().mean()),
+    ],
+)
+def test_a_loss_function_taking_reduction_trains_on_its_own_plain_call(
+    fn: Any, expected: Any
+) -> None:
+    """Backward uses the function's own plain call (its default reduction, a penalty it
+    adds), not the mean of its reduction='none' values; those are the per-sample losses."""
+    out = torch.randn(6, 1, requires_grad=True)
+    y = torch.randn(6, 1)
+    total, per = PerSampleLoss(fn)(out, y, 6)
+    assert torch.allclose(total, expected(out, y))
+    assert torch.allclose(per, fn(out, y, reduction="none").reshape(6))
+    assert not per.requires_grad
+    total.backward()
+    g = out.grad.clone()
+    out.grad = None
+    expected(out, y).backward()
+    assert torch.allclose(g, out.grad)
+
+
+def test_a_loss_function_ignoring_reduction_none_gets_a_clear_error() -> None:
+    def scalar_anyway(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return ((out - y) ** 2).mean()
+
+    with pytest.raises(OnTheFlyError) as ei:
+        PerSampleLoss(scalar_anyway)(torch.randn(8, 1, requires_grad=True), torch.randn(8, 1), 8)
+    assert "loss_fn scalar_anyway returned a scalar even when called with reduction='none'" in str(
+        ei.value
+    )
+
+
 # -- 3. a diverging run's epoch statistics ---------------------------------------------------
 
 
