@@ -78,6 +78,13 @@ class RunView:
         span = w[-1][0] - w[0][0]
         if len(w) >= 2 and span > 0:
             self.sps = sum(k for _, k in list(w)[1:]) / span
+        elif self.sps is None:
+            # The first batch of steps: their own median rate until the window spans two.
+            rates = sorted(
+                float(r) for r in sps if isinstance(r, (int, float)) and math.isfinite(r) and r > 0
+            )
+            if rates:
+                self.sps = rates[len(rates) // 2]
 
     @property
     def total_steps(self) -> int:

@@ -406,6 +406,9 @@ def test_the_live_samples_per_second_is_the_wall_clock_rate() -> None:
     rv = RunView()
     # Steps of 100 samples taking 10 ms each (10,000/s while stepping), but one batch of 5
     # steps every second (data loading, evaluation...): 500 samples/s on the wall clock.
+    # The first batch alone has no wall-clock span yet: its steps' own rate meanwhile.
+    rv.add_rate([100.0 - 0.04 + i * 0.01 for i in range(5)], [10_000.0] * 5, [10.0] * 5)
+    assert rv.sps == pytest.approx(10_000.0)
     for k in range(1, 6):
         t = 100.0 + k
         rv.add_rate([t - 0.04 + i * 0.01 for i in range(5)], [10_000.0] * 5, [10.0] * 5)
