@@ -662,10 +662,15 @@ def cmd_runs(a: argparse.Namespace) -> int:
         runs = [r.to_dict() for r in st.runs()]
         evals = st.evals()
         comparison = st.get_meta("comparison")
+        epochs = st.last_epochs()
     finally:
         st.close()
     for r in runs:
         r.pop("config", None)
+        # `last_loss` is the last step's; the last finished epoch's mean is the steadier one.
+        last = epochs.get(r["run_id"], {})
+        r["train_loss"] = last.get("train_loss")
+        r["train_loss_epoch"] = last.get("epoch")
         r["evals"] = [
             {k: e[k] for k in ("split", "step", "epoch", "loss", "accuracy", "samples")}
             for e in evals
@@ -696,6 +701,11 @@ def cmd_runs(a: argparse.Namespace) -> int:
         pad = "  " * depth + ("└─ " if depth else "")
         print(
             f"{pad}{r['run_id']} ({r['kind']}, {r['status']}){also} step {r['step']} loss {_f(r['last_loss'])}"
+            + (
+                f" (epoch {r['train_loss_epoch'] + 1} train {_f(r['train_loss'])})"
+                if r["train_loss"] is not None
+                else ""
+            )
             + (f" own slice {_f(r['slice_loss'])}" if r["slice_loss"] is not None else "")
             + f" val {_f(r['val_loss'])} test {_f(r['test_loss'])} · {r['sample_steps']} sample-steps"
             + _rollback_note(r.get("spec") or {})

@@ -521,6 +521,15 @@ class Store:
     def events_after(self, seq: int, limit: int = 1000) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
 
+    def last_epochs(self) -> dict[str, dict[str, Any]]:
+        """{run_id: the payload of its last epoch_end event} (epoch, step, train_loss: the
+        mean of that epoch's finite per-sample losses, nonfinite_steps)."""
+        rows = self.query(
+            "SELECT run_id, payload FROM events WHERE seq IN "
+            "(SELECT MAX(seq) FROM events WHERE kind = 'epoch_end' GROUP BY run_id)"
+        )
+        return {r["run_id"]: json.loads(r["payload"]) for r in rows}
+
     def last_seq(self) -> int:
         rows = self.query("SELECT MAX(seq) AS m FROM events")
         return int(rows[0]["m"] or 0)

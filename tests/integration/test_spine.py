@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -718,6 +719,10 @@ def test_nonfinite_losses_are_skipped_and_reported(project: Path) -> None:
     # The epoch's train loss is over the finite losses, and says what it left out.
     assert "main epoch 1/1 done · train loss " in out, out
     assert "(1 non-finite step left out)" in out, out
+    # `runs` shows the last epoch's train loss next to the last step's.
+    main = cli_json("runs", cwd=project)["runs"][0]
+    assert main["train_loss_epoch"] == 0 and math.isfinite(main["train_loss"]), main
+    assert f"(epoch 1 train {main['train_loss']:.4g})" in cli("runs", cwd=project).stdout
     # The warning names the batch's samples whose loss is non-finite (all 32 here: 8 + 24).
     assert "and 24 more (dataset positions): update skipped" in out, out
     arr = np.load(sdir / "samples" / "main" / "epoch-0000.npy")
