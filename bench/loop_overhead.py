@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from onthefly_worker.config import TrainerConfig
 from onthefly_worker.env import WorkerEnv
-from onthefly_worker.recorder import Recorder
 from onthefly_worker.trainer import _Loop
 
 EPOCHS = 6
@@ -66,8 +65,7 @@ def main() -> None:
             lp._checkpoint = lambda *a, **k: ""  # type: ignore[method-assign]
         conn = _NullConnection()
         lp.conn = conn  # type: ignore[assignment]
-        lp.rec = Recorder(conn.send, "main", torch.device("cpu"))
-        lp.rec.per_sample = lp.loss.per_sample
+        lp.rec = lp.make_recorder(conn.send)
         t = time.perf_counter()
         lp._train()
         lp.writer.wait()

@@ -292,10 +292,7 @@ class _Loop(CommandLoop):
         assert welcome is not None
         self.flush_s = welcome.flush_interval_s
         self.hb_s = welcome.heartbeat_interval_s
-        self.rec = Recorder(self.conn.send, self.run_id, self.device, self.flush_s)
-        self.rec.per_sample = self.loss.per_sample
-        self.rec.row_weights = self.loss.row_weights
-        self.rec.plain_ce = self.loss.plain_ce_ignore_index()
+        self.rec = self.make_recorder(self.conn.send, self.flush_s)
         self.conn.start_heartbeat(self.hb_s, lambda: self.step, watch=True)
         status = "failed"
         if self.env.role == "train" and not self.env.resume:
@@ -388,6 +385,15 @@ class _Loop(CommandLoop):
         finally:
             self.writer.wait()
             self.conn.close()
+
+    def make_recorder(self, send: Callable[..., None], flush_s: float = 0.05) -> Recorder:
+        """The recorder of this loop's steps, computing deferred per-sample losses (and a
+        plain CrossEntropy's margins) the way this loop's loss does."""
+        rec = Recorder(send, self.run_id, self.device, flush_s)
+        rec.per_sample = self.loss.per_sample
+        rec.row_weights = self.loss.row_weights
+        rec.plain_ce = self.loss.plain_ce_ignore_index()
+        return rec
 
     def _status(self, state: pb.WorkerState.ValueType, message: str = "") -> None:
         assert self.conn is not None

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from onthefly_worker.config import TrainerConfig
 from onthefly_worker.errors import OnTheFlyError
-from onthefly_worker.recorder import Recorder
 from onthefly_worker.trainer import _Loop
 from tests.conftest import train_env
 
@@ -45,8 +44,7 @@ def _trained_steps(
     loop._checkpoint = lambda *a, **k: ""  # type: ignore[method-assign]
     conn = conn or _Keep()
     loop.conn = conn  # type: ignore[assignment]
-    loop.rec = Recorder(conn.send, "main", torch.device("cpu"))
-    loop.rec.per_sample = loop.loss.per_sample
+    loop.rec = loop.make_recorder(conn.send)
     try:
         loop._train()
     finally:
