@@ -1207,6 +1207,7 @@ class Supervisor:
                 text=f"restarting {run_id} from {where} (restart {n}/{self.cfg.max_restarts})",
             )
             self._set_run_status(run_id, RunStatus.PENDING)
+            self.store.discard_after(run_id, int(ck["step"]) if ck else 0)
             self.spawn(run_id, Role.TRAIN, resume=ck["path"] if ck else "")
             return
         self._set_run_status(run_id, RunStatus.FAILED, cause)
@@ -1220,6 +1221,10 @@ class Supervisor:
             raise SupervisorError(f"session {self.session_id} has no unfinished run to resume")
         for r in runs:
             ck = self._intact_checkpoint(r.run_id)
+            # What the earlier attempt recorded after that checkpoint (steps, evaluations)
+            # is trained again: kept, the steps would be stored twice (and a detector would
+            # read the repeat as a drift).
+            self.store.discard_after(r.run_id, int(ck["step"]) if ck else 0)
             # Why it stopped ("was running when exported", "supervisor gone") is in the
             # events; the resumed run's record starts clean.
             self._set_run_status(r.run_id, RunStatus.PENDING, "")
@@ -1234,7 +1239,7 @@ class Supervisor:
     def _intact_checkpoint(self, run_id: str) -> dict[str, Any] | None:
         """The run's newest checkpoint whose file is there and whose sha256 is the one
         recorded when it was written; a damaged or missing newer one is said and passed
-        over (what the run recorded after the one chosen is forgotten: it trains again)."""
+        over (the caller forgets what the run recorded after the one chosen: it trains again)."""
         from onthefly_supervisor.archive import sha256_file
 
         bad: list[str] = []
@@ -1258,7 +1263,6 @@ class Supervisor:
                 + f": resuming {run_id} from "
                 + (f"the previous intact checkpoint, {ck['path']}" if ck else "the beginning"),
             )
-            self.store.discard_after(run_id, int(ck["step"]) if ck else 0)
         return ck
 
     def _decide_exit(self) -> None:

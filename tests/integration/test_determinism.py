@@ -117,6 +117,16 @@ def test_kill_and_restart_from_checkpoint_is_bit_exact(tmp_path: Path) -> None:
     for (ea, a), (eb, b) in zip(epoch_arrays(tmp_path / "ref"), epoch_arrays(proj), strict=True):
         assert ea == eb and np.array_equal(a, b, equal_nan=True), ea
     assert epoch_losses(proj) == pytest.approx(epoch_losses(tmp_path / "ref"), rel=1e-9)
+    assert_one_metric_row_per_step(proj)
+
+
+def assert_one_metric_row_per_step(project: Path) -> None:
+    """The steps an earlier attempt recorded after the checkpoint it resumed from are
+    trained again: stored once, not twice."""
+    db = sqlite3.connect(project / ".onthefly" / "sessions" / "latest" / "session.db")
+    steps = [s for (s,) in db.execute("SELECT step FROM metrics WHERE run_id='main' ORDER BY step")]
+    db.close()
+    assert steps == list(range(1, len(steps) + 1)), [s for s in steps if steps.count(s) > 1][:10]
 
 
 def epoch_arrays(project: Path) -> list[tuple[str, np.ndarray]]:
@@ -137,6 +147,18 @@ def _session_dir(project: Path) -> Path:
     return (project / ".onthefly" / "sessions" / "latest").resolve()
 
 
+def _steps_stored_past_checkpoint(session_dir: Path) -> bool:
+    db = sqlite3.connect(f"file:{session_dir / 'session.db'}?mode=ro", uri=True)
+    try:
+        (m,) = db.execute("SELECT MAX(step) FROM metrics WHERE run_id='main'").fetchone()
+        (c,) = db.execute("SELECT MAX(step) FROM checkpoints WHERE run_id='main'").fetchone()
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+    return m is not None and c is not None and m > c
+
+
 def test_supervisor_killed_then_onthefly_resume_is_bit_exact(tmp_path: Path) -> None:
     (tmp_path / "ref").mkdir()
     ref = run_plain(tmp_path / "ref", "--checkpoint-every", "7")
@@ -144,6 +166,10 @@ def test_supervisor_killed_then_onthefly_resume_is_bit_exact(tmp_path: Path) -> 
     proj.mkdir()
     live = start(proj, SMALL, *COMMON, "--checkpoint-every", "7", "--step-sleep", "0.02")
     live.wait_for(lambda s: live.main_run(s)["step"] >= 30, timeout=60, every=0.05)
+    # Until the store holds steps past the newest checkpoint: the resume trains them again.
+    deadline = time.time() + 60
+    while time.time() < deadline and not _steps_stored_past_checkpoint(live.session_dir):
+        time.sleep(0.05)
     live.proc.kill()  # SIGKILL the supervisor: its worker dies with it
     live.proc.wait(10)
     r = cli("resume", "--headless", "--port", "0", cwd=proj, timeout=180)
@@ -151,6 +177,7 @@ def test_supervisor_killed_then_onthefly_resume_is_bit_exact(tmp_path: Path) -> 
     assert "resuming main from checkpoints/main/step-" in r.stdout
     assert final_hash(proj) == ref
     assert cli("sessions", "check", cwd=proj).returncode == 0
+    assert_one_metric_row_per_step(proj)
 
 
 def test_export_import_resume_in_a_fresh_folder_is_bit_exact(tmp_path: Path) -> None:
