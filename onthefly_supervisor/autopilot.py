@@ -371,6 +371,7 @@ class Autopilot:
 
     def set_automode(self, req: pb.AutomodeRequest) -> pb.ActionReply:
         self.sup.automode = bool(req.enabled)
+        self.sup.store.set_meta("automode", self.sup.automode)
         self.sup.bus.publish("session", "", state="automode", automode=self.sup.automode)
         started: list[pl.PlanCard] = []
         if self.sup.automode:

@@ -202,6 +202,8 @@ def cmd_resume(a: argparse.Namespace) -> int:
     script = os.path.abspath(a.script) if a.script else _meta_script(sdir)
     if not os.path.isfile(script):
         raise CliError(f"--script {a.script}: no such file")
+    restored = not a.automode and _session_meta(sdir, "automode", False) is True
+    automode = bool(a.automode) or restored
     sup = Supervisor(
         SupervisorConfig(
             script=script,
@@ -209,8 +211,11 @@ def cmd_resume(a: argparse.Namespace) -> int:
             resume_dir=sdir,
             max_restarts=a.max_restarts,
             keep_alive=a.keep_alive,
+            automode=automode,
         )
     )
+    if restored:
+        print("[onthefly] automode on, as the session had it", flush=True)
     return _serve(sup, headless=a.headless)
 
 
@@ -231,12 +236,16 @@ def _never_reached_fit(sdir: str) -> str:
     return error.splitlines()[0] if "exited before Trainer.fit()" in error else ""
 
 
-def _meta_script(sdir: str) -> str:
+def _session_meta(sdir: str, key: str, default: Any) -> Any:
     st = Store(sdir, readonly=True)
     try:
-        script = st.get_meta("script", "")
+        return st.get_meta(key, default)
     finally:
         st.close()
+
+
+def _meta_script(sdir: str) -> str:
+    script = _session_meta(sdir, "script", "")
     if not script or not os.path.isfile(script):
         raise CliError(
             f"the session's script {script!r} is missing; give its copy with "
@@ -1664,6 +1673,12 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--max-restarts", type=int, default=0)
     rs.add_argument("--keep-alive", action="store_true")
     rs.add_argument("--headless", action="store_true")
+    rs.add_argument(
+        "--automode",
+        action="store_true",
+        help="let the planner act on its plan cards (a session that had automode on when it "
+        "ended gets it again without this)",
+    )
     rs.add_argument(
         "--script",
         default=None,

@@ -226,6 +226,7 @@ class Supervisor:
                 st.set_meta("script", self.cfg.script)
             if not os.path.isdir(str(st.get_meta("cwd", ""))):
                 st.set_meta("cwd", os.path.abspath(self.cfg.project_dir))
+        st.set_meta("automode", bool(self.automode))  # what a resume turns on again
         if not self.cfg.resume_dir:
             st.set_meta("script", self.cfg.script)
             st.set_meta("argv", list(self.cfg.argv))
@@ -376,7 +377,7 @@ class Supervisor:
                     self._set_run_status(
                         r.run_id,
                         RunStatus.STOPPED,
-                        "left unfinished when the supervisor stopped; `onthefly resume` continues it",
+                        "left unfinished when the supervisor stopped; " + _how_to_continue(r),
                     )
         self.bus.publish("session", "", state="finished", exit_code=self._exit_code or 0)
         self.bus.close()
@@ -1219,6 +1220,15 @@ class Supervisor:
         races = self.method.races.resume()
         if not runs and not races:
             raise SupervisorError(f"session {self.session_id} has no unfinished run to resume")
+        for r in self.store.runs():
+            # A single fork, merge or gate the previous supervisor left running (killed, it
+            # marked nothing) is not continued: say so, and a plan card waiting on it ends.
+            if not r.status.terminal and r.kind != "main" and not _raced(r):
+                self._set_run_status(
+                    r.run_id,
+                    RunStatus.STOPPED,
+                    "left unfinished by the previous supervisor; " + _how_to_continue(r),
+                )
         for r in runs:
             ck = self._intact_checkpoint(r.run_id)
             # What the earlier attempt recorded after that checkpoint (steps, evaluations)
@@ -1445,6 +1455,23 @@ def _fit_reached(w: Worker) -> bool:
     there); a worker started without one counts as having reached it."""
     marker = w.spec.env.get("ONTHEFLY_FIT_MARKER", "")
     return not marker or os.path.exists(marker)
+
+
+def _raced(run: RunRow) -> bool:
+    """Whether the run is a variant of a race (which `onthefly resume` continues)."""
+    return isinstance((run.spec or {}).get("race"), dict)
+
+
+def _how_to_continue(run: RunRow) -> str:
+    """What continues an unfinished run: `onthefly resume` for the training run and a
+    race's variants; a single fork, merge or gate is started again."""
+    if run.kind == "main" or _raced(run):
+        return "`onthefly resume` continues it"
+    again = {"fork": "onthefly fork", "merge": "onthefly merge", "moe": "onthefly gate"}
+    return (
+        f"`onthefly resume` does not continue a single {run.kind} run: "
+        f"`{again.get(run.kind, 'onthefly ' + run.kind)}` starts it again"
+    )
 
 
 def _pid_alive(pid: int) -> bool:

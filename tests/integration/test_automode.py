@@ -380,3 +380,34 @@ def test_a_race_goes_on_after_the_supervisor_is_killed_and_resumed(tmp_path: Pat
     assert runs[race["winner"]] == ("completed", 400)
     loser = next(x for x in race["runs"] if x != race["winner"])
     assert runs[loser] == ("stopped", race["rungs"][0])
+
+
+def test_a_single_fork_left_by_a_killed_supervisor_is_marked_stopped_on_resume(
+    tmp_path: Path,
+) -> None:
+    """`onthefly resume` continues the training run, not a single fork that was running:
+    the fork is marked stopped saying how to start it again (not left 'running' forever,
+    nor told that resume continues it)."""
+    live = start(tmp_path, SMALL, "--epochs", "3", "--n", "256", "--step-sleep", "0.25")
+    try:
+        live.wait_for(lambda s: live.main_run(s)["step"] >= 3, timeout=120)
+        r = cli("fork", "--select", "all", "--budget-steps", "400", cwd=tmp_path, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        def fork_trains(s: dict) -> bool:  # type: ignore[type-arg]
+            return any(x["run_id"] == "fork-1" and x["step"] >= 2 for x in s["runs"])
+
+        live.wait_for(fork_trains, timeout=120, every=0.1)
+        assert live.main_run(live.status())["status"] == "running"
+    finally:
+        live.proc.kill()  # SIGKILL: it marks nothing; its workers die with it
+        live.proc.wait(10)
+    r = cli("resume", "--headless", "--port", "0", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs = {x["run_id"]: x for x in cli_json("runs", cwd=tmp_path)["runs"]}
+    assert runs["main"]["status"] == "completed", runs["main"]
+    assert runs["fork-1"]["status"] == "stopped", runs["fork-1"]
+    assert runs["fork-1"]["error"] == (
+        "left unfinished by the previous supervisor; `onthefly resume` does not continue a "
+        "single fork run: `onthefly fork` starts it again"
+    ), runs["fork-1"]
