@@ -1365,10 +1365,12 @@ def cmd_plans(a: argparse.Namespace) -> int:
     plans = d.get("plans", [])
     if not plans:
         print("no plan cards yet" if live else f"session {sid} has no plan cards")
+    from onthefly_supervisor.tui import plan_status
+
     for p in plans:
         diag = p.get("diagnostics") or {}
         print(
-            f"{p['plan_id']:<10} {p.get('status', ''):<9} {p.get('action', ''):<9} {p.get('reason', ''):<22} {p.get('selection', ''):<18} {diag.get('summary', '')}"
+            f"{p['plan_id']:<10} {plan_status(p):<9} {p.get('action', ''):<9} {p.get('reason', ''):<22} {p.get('selection', ''):<18} {diag.get('summary', '')}"
         )
     if not live:
         print(

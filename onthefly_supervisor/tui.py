@@ -27,6 +27,14 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def plan_status(card: dict[str, Any]) -> str:
+    """A plan card's status as shown: 'done · rejected' for a merge that ran but lost to its
+    target (the outcome's verdict), else the status."""
+    status = str(card.get("status", ""))
+    verdict = ((card.get("diagnostics") or {}).get("outcome") or {}).get("verdict")
+    return f"{status} · {verdict}" if verdict else status
+
+
 def _nonfinite_note(p: dict[str, Any]) -> str:
     """' (11 non-finite steps left out)' after an epoch's train loss, when it had any."""
     n = int(p.get("nonfinite_steps") or 0)
@@ -273,7 +281,7 @@ class TerminalView:
             self.print(f"[onthefly] {ev.run_id} checkpoint {p.get('path')} ({p.get('reason')})")
         elif k == "plan":
             self.print(
-                f"[onthefly] plan {p.get('plan_id')}: {p.get('action')} ({p.get('reason')}) → {p.get('status')}"
+                f"[onthefly] plan {p.get('plan_id')}: {p.get('action')} ({p.get('reason')}) → {plan_status(p)}"
             )
 
     def _session_ends_on(self, run_id: str) -> bool:

@@ -484,3 +484,12 @@ def test_epochs_are_counted_from_one_like_python_train_py() -> None:
 
     assert _epoch_of(0, 3) == "1/3" and _epoch_of(2, 3) == "3/3"
     assert _epoch_of(6, 0) == "7"  # a fork or a max_steps run ends on steps
+
+
+def test_a_merge_that_lost_to_its_target_shows_as_rejected() -> None:
+    from onthefly_supervisor.tui import plan_status
+
+    lost = {"status": "done", "diagnostics": {"outcome": {"status": "done", "verdict": "rejected"}}}
+    assert plan_status(lost) == "done · rejected"
+    assert plan_status({"status": "done", "diagnostics": {"outcome": {"status": "done"}}}) == "done"
+    assert plan_status({"status": "proposed"}) == "proposed"
