@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -106,11 +107,20 @@ class TrainerConfig:
                 self.max_epochs,
                 "must be an integer >= 1 (or None: one epoch, no epoch limit with max_steps)",
             )
-        if not isinstance(self.max_steps, int) or self.max_steps < 0:
+        def count(v: Any, lo: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+        for name in ("project", "run_name"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise bad(name, v, "must be a non-empty string")
+        if not count(self.max_steps, 0):
             raise bad("max_steps", self.max_steps, "must be an integer >= 0 (0 = no limit)")
-        if not isinstance(self.val_every_n_epochs, int) or self.val_every_n_epochs < 0:
+        if not count(self.val_every_n_epochs, 0):
             raise bad("val_every_n_epochs", self.val_every_n_epochs, "must be an integer >= 0")
-        if not isinstance(self.checkpoint_every_n_steps, int) or self.checkpoint_every_n_steps < 0:
+        if not isinstance(self.do_test_after, bool):
+            raise bad("do_test_after", self.do_test_after, "must be True or False")
+        if not count(self.checkpoint_every_n_steps, 0):
             raise bad(
                 "checkpoint_every_n_steps", self.checkpoint_every_n_steps, "must be an integer >= 0"
             )
@@ -120,9 +130,14 @@ class TrainerConfig:
                 self.checkpoint_min_interval_s,
                 "must be a number of seconds >= 0 (0 = every epoch end)",
             )
-        if self.grad_clip < 0:
-            raise bad("grad_clip", self.grad_clip, "must be >= 0")
-        if not isinstance(self.grad_norm_every, int) or self.grad_norm_every < 0:
+        if (
+            not isinstance(self.grad_clip, (int, float))
+            or isinstance(self.grad_clip, bool)
+            or not math.isfinite(self.grad_clip)
+            or self.grad_clip < 0
+        ):
+            raise bad("grad_clip", self.grad_clip, "must be a number >= 0 (0 = no clipping)")
+        if not count(self.grad_norm_every, 0):
             raise bad("grad_norm_every", self.grad_norm_every, "must be an integer >= 0 (0 = auto)")
         if self.scheduler_interval not in ("epoch", "step"):
             raise bad("scheduler_interval", self.scheduler_interval, 'must be "epoch" or "step"')
@@ -132,8 +147,8 @@ class TrainerConfig:
             or not 0 <= self.seed < 2**32
         ):
             raise bad("seed", self.seed, f"must be None or an integer in 0..{2**32 - 1}")
-        if self.nonfinite_patience < 1:
-            raise bad("nonfinite_patience", self.nonfinite_patience, "must be >= 1")
+        if not count(self.nonfinite_patience, 1):
+            raise bad("nonfinite_patience", self.nonfinite_patience, "must be an integer >= 1")
         if not isinstance(self.amp, bool):
             raise bad("amp", self.amp, "must be True or False")
         if self.device is not None:

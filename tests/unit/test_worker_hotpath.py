@@ -227,6 +227,12 @@ def test_grad_norm_every_is_validated() -> None:
     [
         ({"device": "tpu"}, "Trainer(device='tpu'): must be a torch device"),
         ({"amp": "yes"}, "Trainer(amp='yes'): must be True or False"),
+        ({"do_test_after": "yes"}, "Trainer(do_test_after='yes'): must be True or False"),
+        ({"grad_clip": "1"}, "Trainer(grad_clip='1'): must be a number >= 0"),
+        ({"grad_clip": float("inf")}, "Trainer(grad_clip=inf): must be a number >= 0"),
+        ({"max_steps": True}, "Trainer(max_steps=True): must be an integer >= 0"),
+        ({"nonfinite_patience": 2.5}, "Trainer(nonfinite_patience=2.5): must be an integer"),
+        ({"project": ""}, "Trainer(project=''): must be a non-empty string"),
     ],
 )
 def test_device_and_amp_are_checked_when_the_trainer_is_built(
