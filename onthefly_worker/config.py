@@ -107,6 +107,7 @@ class TrainerConfig:
                 self.max_epochs,
                 "must be an integer >= 1 (or None: one epoch, no epoch limit with max_steps)",
             )
+
         def count(v: Any, lo: int) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
