@@ -253,6 +253,16 @@ def check_fork_size(selection: Selection, batch_size: int | None = None) -> str:
     parent's loader (`batch_size`, when known), "" otherwise."""
     n = int(selection.indices.size)
     what = f"the selection {selection.spec}"
+    if selection.clusters is not None and len(selection.clusters) == 1:
+        # A "specialist" on every seen sample is the generalist trained on: nothing to fork.
+        why = selection.description.split("; ", 1)[1] if "; " in selection.description else ""
+        raise ValueError(
+            f"{what} found one cluster, every one of the {n} seen samples"
+            + (f" ({why})" if why else "")
+            + ": no specialist to fork. `quantile:0.9:1.0` selects the hardest tail, "
+            "`kmeans:K` a fixed number of clusters (`onthefly clusters --select kmeans:K` "
+            "shows them), `all` forks on everything"
+        )
     if selection.selected_cluster is not None and selection.clusters:
         what += f" (cluster {selection.selected_cluster} of {len(selection.clusters)})"
     if n < MIN_FORK_SAMPLES:

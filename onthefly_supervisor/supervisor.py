@@ -993,6 +993,8 @@ class Supervisor:
                     if not w.state.terminal and w.spec.role in (Role.TRAIN, Role.FORK)
                 }
             )
+        # A worker still exiting after its run completed has nothing left to stop.
+        live = [r for r in live if (run := self.store.run(r)) is None or not run.status.terminal]
         why = reason or "requested by the user"
         self.bus.publish("log", "", level="info", text=f"supervisor shutting down: {why}")
         main = self.store.run("main")

@@ -267,12 +267,18 @@ class TerminalView:
             elif lvl == "error" and re.match(r"worker \S+ failed: ", text) and self._said(text):
                 pass  # "worker X failed: <root cause>": printed with its traceback already
             elif (
-                lvl in ("warning", "error")
+                lvl in ("warning", "error", "note")  # a note: said once, on purpose
                 or ev.run_id == ""
                 or "resum" in text
                 or "paused" in text
             ):
-                self.print(f"[onthefly] {lvl}: {text}" if lvl != "info" else f"[onthefly] {text}")
+                self.print(
+                    f"[onthefly] {lvl}: {text}"
+                    if lvl in ("warning", "error")
+                    else f"[onthefly] {ev.run_id}: {text}"
+                    if lvl == "note"
+                    else f"[onthefly] {text}"
+                )
         elif k == "error":
             where = location(p.get("filename"), p.get("lineno"))
             self._errors.append(str(p.get("message") or ""))

@@ -994,7 +994,7 @@ class EpochGate:
     of training and `checkpoint_every_n_steps` always checkpoint. `note` is called once,
     with a sentence, the first time an epoch end is skipped."""
 
-    def __init__(self, min_interval_s: float, note: Callable[[str], None], owner: str) -> None:
+    def __init__(self, min_interval_s: float, note: Callable[[str, str], None], owner: str) -> None:
         self.min_interval_s = float(min_interval_s)
         self._note = note
         self._owner = owner
@@ -1015,7 +1015,8 @@ class EpochGate:
                 f"epoch {epoch + 1} ended {time.monotonic() - self._last:.2f} s after the last "
                 f"checkpoint: epoch ends checkpoint at most every {self.min_interval_s:g} s "
                 f"({self._owner}(checkpoint_min_interval_s=0) checkpoints every epoch; pause, "
-                "stop and the end of training always do)"
+                "stop and the end of training always do)",
+                "note",
             )
         return False
 

@@ -412,8 +412,11 @@ class _Loop(CommandLoop):
     def log(self, text: str, level: str = "info") -> None:
         assert self.conn is not None
         self.conn.send(log=pb.LogLine(level=level, text=text))
-        if level in ("warning", "error") and self._console():
-            print(f"[onthefly] {level}: {text}", flush=True)
+        if level in ("warning", "error", "note") and self._console():
+            print(
+                f"[onthefly] {level}: {text}" if level != "note" else f"[onthefly] {text}",
+                flush=True,
+            )
 
     def _log(self, text: str, level: str = "info") -> None:
         self.log(text, level)
@@ -1025,7 +1028,8 @@ class _Loop(CommandLoop):
             self.log(
                 f"gradient norm measured every {self.gn_every} steps (it costs "
                 f"{norm_med * 1e3:.3f} ms of a {step_med * 1e3:.2f} ms step); "
-                "set Trainer(grad_norm_every=1) to measure it on every step"
+                "set Trainer(grad_norm_every=1) to measure it on every step",
+                "note",
             )
 
     def _check_weights(self, why: str) -> None:

@@ -13,18 +13,19 @@ from onthefly_worker.errors import OnTheFlyError
 
 def test_zero_interval_checkpoints_every_epoch() -> None:
     notes: list[str] = []
-    gate = EpochGate(0, notes.append, "Trainer")
+    gate = EpochGate(0, lambda text, level: notes.append(text), "Trainer")
     assert all(gate.due(e) for e in range(5))
     assert notes == []
 
 
 def test_short_epochs_skip_until_the_interval_has_passed() -> None:
-    notes: list[str] = []
-    gate = EpochGate(0.2, notes.append, "Trainer")
+    notes: list[tuple[str, str]] = []
+    gate = EpochGate(0.2, lambda text, level: notes.append((text, level)), "Trainer")
     assert not gate.due(0)
     assert not gate.due(1)
     # Said once, naming the option that restores every-epoch checkpoints.
-    assert len(notes) == 1 and "Trainer(checkpoint_min_interval_s=0)" in notes[0]
+    assert len(notes) == 1 and "Trainer(checkpoint_min_interval_s=0)" in notes[0][0]
+    assert notes[0][1] == "note"  # on the terminal, not only in the store
     time.sleep(0.25)
     assert gate.due(2)
     gate.checkpointed()
@@ -33,7 +34,7 @@ def test_short_epochs_skip_until_the_interval_has_passed() -> None:
 
 
 def test_any_checkpoint_restarts_the_interval() -> None:
-    gate = EpochGate(0.2, lambda _: None, "attach_lightning")
+    gate = EpochGate(0.2, lambda text, level: None, "attach_lightning")
     time.sleep(0.25)
     gate.checkpointed()  # e.g. a pause's checkpoint
     assert not gate.due(0)

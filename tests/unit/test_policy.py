@@ -651,7 +651,7 @@ def test_turning_automode_on_approves_the_cards_waiting_for_a_person(
     sup = SimpleNamespace(
         automode=False,
         bus=SimpleNamespace(publish=lambda kind, run, **kw: published.append((kind, kw))),
-        store=SimpleNamespace(put_plan=lambda *a: None),
+        store=SimpleNamespace(put_plan=lambda *a: None, set_meta=lambda *a: None),
         control_hooks={},
         tick_hooks=[],
         busy_hooks=[],

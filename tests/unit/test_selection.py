@@ -224,6 +224,11 @@ def test_a_fork_needs_at_least_two_samples_and_says_when_it_is_under_a_batch() -
         "5 samples, fewer than one batch of the parent's loader (~64): every step trains on all 5"
     )
     assert check_fork_size(five, batch_size=None) == check_fork_size(five, batch_size=4) == ""
+    # kmeans:auto finding no structure selects everything: refused, saying what to use.
+    flat = select("kmeans:auto", np.full(300, 0.5, dtype=np.float32), threads=1)
+    assert flat.clusters is not None and len(flat.clusters) == 1
+    with pytest.raises(ValueError, match=r"kmeans:auto found one cluster, every one of the 300"):
+        check_fork_size(flat)
 
 
 def test_kmeans_degrades_to_one_cluster_with_too_few_samples() -> None:
