@@ -1929,7 +1929,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(fn=cmd_rpc)
     ed = sub.add_parser("edit", help="edit a plan card: KEY=VALUE...")
     ed.add_argument("plan_id")
-    ed.add_argument("values", nargs="+")
+    ed.add_argument(
+        "values", nargs="+", metavar="KEY=VALUE", help="keys: " + ", ".join(PLAN_EDIT_KEYS)
+    )
     ed.add_argument("--json", action="store_true")
     ed.set_defaults(fn=cmd_rpc)
     am = sub.add_parser("automode", help="turn the planner's automode on or off")
@@ -1937,6 +1939,20 @@ def build_parser() -> argparse.ArgumentParser:
     am.add_argument("--json", action="store_true")
     am.set_defaults(fn=cmd_rpc)
     return p
+
+
+# What `onthefly edit` may change on a proposed card (autopilot.EDITABLE; a unit test keeps
+# the two the same without importing the planner for every command line).
+PLAN_EDIT_KEYS = (
+    "adapters_rank",
+    "budget_steps",
+    "early_stop_patience",
+    "grad_clip",
+    "lr_mul",
+    "method",
+    "selection",
+    "wd_mul",
+)
 
 
 def _positionals_first(args: list[str], takes_value: set[str]) -> list[str]:

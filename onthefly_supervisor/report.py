@@ -258,7 +258,7 @@ def render_html(rep: dict[str, Any]) -> str:
 <body><h1>OnTheFly session {esc(rep["session_id"])}</h1>
 <p>script {esc(rep["meta"].get("script"))} {esc(" ".join(rep["meta"].get("argv") or []))} · seed {esc(rep["meta"].get("seed"))}</p>
 <h2>Matched-compute comparison</h2>
-<table id="comparison"><tr><th>baseline</th><th>baseline test loss</th><th>best run (lowest {esc(c.get("best_chosen_on") or "val")} loss)</th><th>best test loss</th><th>best / baseline</th></tr>
+<table id="comparison"><tr><th>baseline</th><th>baseline test loss</th><th>best run (lowest {esc(c.get("best_chosen_on") or "val")} loss; the baseline is the yardstick, not a candidate)</th><th>best test loss</th><th>best / baseline</th></tr>
 <tr><td>{esc(c.get("baseline_run") or "main (no matched-compute baseline in this session: `onthefly run --automode` trains one)")}</td><td>{esc(c.get("baseline_test_loss"))}</td><td>{esc(c.get("best_run"))}</td><td>{esc(c.get("best_test_loss"))}</td><td>{esc(c.get("best_over_baseline"))}</td></tr></table>
 <h2>Runs</h2><table id="runs"><tr><th>run</th><th>kind</th><th>status</th><th>parents</th><th>val loss</th><th>test loss</th><th>sample-steps</th><th>error</th></tr>{rows}</table>
 {figs}

@@ -155,3 +155,10 @@ def test_a_closed_pipe_is_not_an_error(
     monkeypatch.setattr(cli, "cmd_sessions", closed)  # bound when main() builds its parser
     assert cli.main(["sessions", "ls"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_edit_help_lists_the_keys_a_plan_card_takes() -> None:
+    from onthefly_supervisor.autopilot import EDITABLE
+    from onthefly_supervisor.cli import PLAN_EDIT_KEYS
+
+    assert set(PLAN_EDIT_KEYS) == EDITABLE
