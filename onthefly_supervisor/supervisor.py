@@ -1210,8 +1210,7 @@ class Supervisor:
                 text=f"restarting {run_id} from {where} (restart {n}/{self.cfg.max_restarts})",
             )
             self._set_run_status(run_id, RunStatus.PENDING)
-            self.store.discard_after(run_id, int(ck["step"]) if ck else 0)
-            self.spawn(run_id, Role.TRAIN, resume=ck["path"] if ck else "")
+            self.spawn(run_id, Role.TRAIN, resume=self.continue_from(run_id, ck))
             return
         self._set_run_status(run_id, RunStatus.FAILED, cause)
 
@@ -1233,10 +1232,6 @@ class Supervisor:
                 )
         for r in runs:
             ck = self._intact_checkpoint(r.run_id)
-            # What the earlier attempt recorded after that checkpoint (steps, evaluations)
-            # is trained again: kept, the steps would be stored twice (and a detector would
-            # read the repeat as a drift).
-            self.store.discard_after(r.run_id, int(ck["step"]) if ck else 0)
             # Why it stopped ("was running when exported", "supervisor gone") is in the
             # events; the resumed run's record starts clean.
             self._set_run_status(r.run_id, RunStatus.PENDING, "")
@@ -1246,7 +1241,15 @@ class Supervisor:
                 level="info",
                 text=f"resuming {r.run_id} from {ck['path'] if ck else 'the beginning'}",
             )
-            self.spawn(r.run_id, Role.TRAIN, resume=ck["path"] if ck else "")
+            self.spawn(r.run_id, Role.TRAIN, resume=self.continue_from(r.run_id, ck))
+
+    def continue_from(self, run_id: str, ck: dict[str, Any] | None) -> str:
+        """The resume path of a run restarting from checkpoint `ck` (None: from its start).
+        What an earlier attempt recorded after that checkpoint (steps, evaluations) is
+        trained again, so it is forgotten: kept, the steps would be stored twice (and a
+        detector would read the repeat as a drift)."""
+        self.store.discard_after(run_id, int(ck["step"]) if ck else 0)
+        return str(ck["path"]) if ck else ""
 
     def _intact_checkpoint(self, run_id: str) -> dict[str, Any] | None:
         """The run's newest checkpoint whose file is there and whose sha256 is the one

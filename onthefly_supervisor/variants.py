@@ -351,7 +351,7 @@ class Races:
                     continue  # finished its rung (or ended): the next tick judges it
                 ck = st.latest_checkpoint(rid)
                 self.sup._set_run_status(rid, RunStatus.PENDING)
-                self.method.queue_fork(rid, resume=str(ck["path"]) if ck else "")
+                self.method.queue_fork(rid, resume=self.sup.continue_from(rid, ck))
                 restarted.append(f"{rid} from {ck['path'] if ck else 'the parent checkpoint'}")
             self.sup.bus.publish(
                 "log",

@@ -980,9 +980,9 @@ class _Loop(CommandLoop):
         """Say once when the user's loss sums over the batch: the step loss shown is then a
         batch sum, while the epoch's train loss, val/test losses and per-sample losses are
         means over samples (side by side they would read as a 100x train/val gap)."""
-        if getattr(self.loss.user, "reduction", None) == "sum":
+        if self.loss.reduction == "sum":
             self.log(
-                f"{type(self.loss.user).__name__}(reduction='sum'): each step's loss is the "
+                f"{self.loss.name}(reduction='sum'): each step's loss is the "
                 "batch's sum; the epoch's train loss, the val/test losses and the per-sample "
                 "losses are per-sample means, so compare those with each other",
                 "warning",
