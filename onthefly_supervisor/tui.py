@@ -123,6 +123,7 @@ class TerminalView:
         self._thread: threading.Thread | None = None
         self._last_plain = 0.0
         self._errors: list[str] = []  # worker root causes printed so far
+        self._notes: set[str] = set()  # notes printed so far, their numbers left out
         self._console: Any = None
         self._live: Any = None
         self.sup.output_hooks.append(self.on_output)
@@ -189,6 +190,15 @@ class TerminalView:
         """Whether `text` repeats a worker error already printed (the same root cause comes
         back as the worker's failure and the run's status)."""
         return any(m and m in text for m in self._errors)
+
+    def _noted(self, text: str) -> bool:
+        """Whether a note like `text` (the same words, other numbers) was printed already;
+        remembers it otherwise."""
+        shape = re.sub(r"\d+(\.\d+)?", "#", text)
+        if shape in self._notes:
+            return True
+        self._notes.add(shape)
+        return False
 
     def _on_event(self, ev: Event) -> None:
         p = ev.payload
@@ -266,6 +276,8 @@ class TerminalView:
                 pass  # its last line says the same
             elif lvl == "error" and re.match(r"worker \S+ failed: ", text) and self._said(text):
                 pass  # "worker X failed: <root cause>": printed with its traceback already
+            elif lvl == "note" and self._noted(text):
+                pass  # every fork of a script would say the same (in the store's events)
             elif (
                 lvl in ("warning", "error", "note")  # a note: said once, on purpose
                 or ev.run_id == ""

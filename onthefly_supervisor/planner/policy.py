@@ -727,6 +727,27 @@ class _Round:
                 a, r, f"the same plan ({self.pending_keys[draft.dedupe_key]}) is still pending", d
             )
             return False
+        if a is Action.FORK:
+            waiting = next(
+                (
+                    s
+                    for s in self.state.ungated
+                    if s.reason is r and s.selection == validate_selection(draft.selection)
+                ),
+                None,
+            )
+            if waiting is not None:
+                # A newer specialist on the same samples would supersede this one before the
+                # gate has judged whether specialists on them help at all.
+                self.block(
+                    a,
+                    r,
+                    f"specialist {waiting.run_id} ({waiting.plan_id}) on {waiting.selection} "
+                    "waits for the gate to judge it; another fork on the same samples would "
+                    "supersede it unused",
+                    d,
+                )
+                return False
         fails = self.state.consecutive_failures.get(a.value, 0)
         if fails >= cfg.give_up_after:
             self.block(
@@ -1378,6 +1399,13 @@ def apply_outcome(
     elif card.action is Action.GATE and status == "done":
         covered = set(card.gate_recipe.get("experts", ()))
         state = replace(state, ungated=tuple(s for s in state.ungated if s.run_id not in covered))
+        if not improved:
+            # The gate is what a specialist's own slice gain is for: when routing to them
+            # does not beat the target, forking more of them is tried less often too.
+            f = Action.FORK.value
+            mul = dict(state.cooldown_multiplier)
+            mul[f] = min(mul.get(f, 1.0) * cfg.cooldown_growth, cfg.max_cooldown_multiplier)
+            state = replace(state, cooldown_multiplier=mul)
     elif card.action is Action.MERGE and status == "done":
         covered = set(card.merge_recipe.get("runs", ()))
         state = replace(

@@ -493,3 +493,20 @@ def test_a_merge_that_lost_to_its_target_shows_as_rejected() -> None:
     assert plan_status(lost) == "done · rejected"
     assert plan_status({"status": "done", "diagnostics": {"outcome": {"status": "done"}}}) == "done"
     assert plan_status({"status": "proposed"}) == "proposed"
+
+
+def test_a_note_every_fork_repeats_is_printed_once() -> None:
+    view, lines = _view(None)
+    gn = "gradient norm measured every {} steps (it costs {} ms of a {} ms step); set Trainer(grad_norm_every=1) to measure it on every step"
+    for i, (run_id, text) in enumerate(
+        [
+            ("main", gn.format(4, "0.033", "0.83")),
+            ("fork-1", gn.format(2, "0.067", "4.16")),
+            ("fork-1", "epoch 1 ended 0.06 s after the last checkpoint: ..."),
+        ]
+    ):
+        view._on_event(Event(i, time.time(), "log", run_id, {"level": "note", "text": text}))
+    assert lines == [
+        f"[onthefly] main: {gn.format(4, '0.033', '0.83')}",
+        "[onthefly] fork-1: epoch 1 ended 0.06 s after the last checkpoint: ...",
+    ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -860,14 +861,21 @@ def test_a_newer_specialist_on_the_same_samples_supersedes_the_older_one() -> No
     the one forked from the newest weights per selection."""
     cfg = PlannerConfig(base_cooldown_steps=0, merge_every_steps=0, merge_max_lag_steps=10_000)
     state = PlannerState()
-    forks = []
-    for step, run in ((1000, "fork-1"), (2500, "fork-2")):
-        card = propose([TAIL], state, cfg, step, CTX)[0]
+    # The planner forks the same samples again only once the gate has judged the specialist
+    # on them (next test); two forks on them can still end up waiting together, e.g. a
+    # specialist of a fork that was still running when the supervisor restarted.
+    first = propose([TAIL], state, cfg, 1000, CTX)[0]
+    second = replace(first, plan_id="plan-0099", created_step=2500)
+    forks = [first, second]
+    for card in forks:
         state = record_started(record_proposed(state, [card]), card.plan_id)
+    for card, run in ((first, "fork-1"), (second, "fork-2")):
         state = apply_outcome(
-            state, card, {"improved": True, "runs": [run], "parent_step": step + 20}, cfg
+            state,
+            card,
+            {"improved": True, "runs": [run], "parent_step": card.created_step + 20},
+            cfg,
         )
-        forks.append(card)
     assert [(s.run_id, s.parent_step) for s in state.ungated] == [("fork-2", 2520)]
     assert [s.run_id for s in state.unmerged] == ["fork-2"]
     # A specialist on other samples is kept beside it.
@@ -882,6 +890,33 @@ def test_a_newer_specialist_on_the_same_samples_supersedes_the_older_one() -> No
         state, forks[0], {"improved": True, "runs": ["fork-0"], "parent_step": 500}, cfg
     )
     assert [s.run_id for s in late.ungated] == ["fork-2", "fork-3", "fork-0"]
+
+
+def test_the_same_samples_are_forked_again_only_after_the_gate_judged_their_specialist() -> None:
+    """An lr-0 run in automode forked its loss tail every 100 steps (8 specialists on the same
+    samples, each superseding the last) while its gates kept losing to main."""
+    cfg = PlannerConfig(base_cooldown_steps=100, merge_every_steps=0)
+    state = PlannerState()
+    card = propose([TAIL], state, cfg, 100, CTX)[0]
+    state = record_started(record_proposed(state, [card]), card.plan_id)
+    state = apply_outcome(state, card, {"improved": True, "runs": ["fork-1"]}, cfg)
+    res = plan([TAIL], state, cfg, 300, CTX)
+    assert [c.action for c in res.cards] == [Action.GATE]
+    why = next(b.why for b in res.blocked if b.action is Action.FORK)
+    assert "specialist fork-1" in why and "waits for the gate to judge it" in why
+    # A specialist on other samples is no reason to wait.
+    assert Action.FORK in [c.action for c in plan([CLUSTER], state, cfg, 300, CTX).cards]
+    gate = res.cards[0]
+    state = record_started(record_proposed(state, [gate]), gate.plan_id)
+    state = apply_outcome(state, gate, {"improved": False, "runs": ["moe-1"]}, cfg)
+    # Routing to it did not beat main: forking more is tried half as often.
+    assert effective_cooldown(state, cfg, Action.FORK) == 200
+    assert [c.action for c in propose([TAIL], state, cfg, 299, CTX)] == []
+    assert [c.action for c in propose([TAIL], state, cfg, 300, CTX)] == [Action.FORK]
+    # A gate that helps leaves the fork cooldown alone.
+    fresh = record_started(record_proposed(PlannerState(), [gate]), gate.plan_id)
+    fresh = apply_outcome(fresh, gate, {"improved": True, "runs": ["moe-1"]}, cfg)
+    assert effective_cooldown(fresh, cfg, Action.FORK) == 100
 
 
 def test_explore_is_not_proposed_when_its_race_cannot_end_before_the_run() -> None:

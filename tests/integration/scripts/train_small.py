@@ -23,6 +23,13 @@ p.add_argument("--batch-size", type=int, default=32)
 p.add_argument("--lr", type=float, default=0.05)
 p.add_argument("--optim", default="sgd", choices=["sgd", "adam"])
 p.add_argument("--step-sleep", type=float, default=0.0)
+p.add_argument(
+    "--fork-step-sleep",
+    type=float,
+    default=None,
+    help="the step sleep of a fork of this script (default: --step-sleep); lets a test pace "
+    "the main run without slowing the forks automode starts",
+)
 p.add_argument("--crash-at-step", type=int, default=0)
 p.add_argument("--crash-once-file", default="")
 p.add_argument("--nan-at-step", type=int, default=0)
@@ -66,6 +73,8 @@ p.add_argument(
     "writes ./val-started",
 )
 args = p.parse_args()
+if args.fork_step_sleep is not None and os.environ.get("ONTHEFLY_ROLE") == "fork":
+    args.step_sleep = args.fork_step_sleep
 
 
 class Data(Dataset):
