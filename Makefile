@@ -48,7 +48,7 @@ demo: setup
 
 ## test: the README's second command: set up, then run every test (Python + extension)
 test: setup check-proto
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --durations=15
 	@if [ -f $(EXT)/package.json ]; then $(MAKE) --no-print-directory ext-test; fi
 
 test-py: $(STAMP)
