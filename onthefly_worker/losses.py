@@ -48,6 +48,10 @@ _ROW_INDEPENDENT: tuple[type[nn.Module], ...] = (
 )
 
 
+# Of those, the losses whose target holds class ids or probabilities, never broadcast.
+_CLASS_TARGETS: tuple[type[nn.Module], ...] = (nn.CrossEntropyLoss, nn.NLLLoss)
+
+
 def _scalar_loss_error(
     name: str, ignores_reduction: bool = False, module: bool = False
 ) -> OnTheFlyError:
@@ -164,6 +168,10 @@ class PerSampleLoss:
             and output.dim() >= 1
             and target.dim() >= 1
             and output.shape[0] == target.shape[0]
+            # An elementwise loss on shapes that broadcast, e.g. output (B, 1) against target
+            # (B,) (torch warns), pairs every row with every target of its batch: rows of
+            # other steps must not join in.
+            and (type(self.user) in _CLASS_TARGETS or output.shape == target.shape)
             and output.numel() <= DEFER_OUTPUT
             and target.numel() <= DEFER_OUTPUT
             and not torch.is_autocast_enabled(output.device.type)

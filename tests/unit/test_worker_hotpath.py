@@ -179,6 +179,18 @@ def test_only_torchs_row_independent_losses_defer() -> None:
     assert not PerSampleLoss(nn.MSELoss()).deferrable(big, big)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not PerSampleLoss(nn.MSELoss()).deferrable(out, y)
+    # Output (B, 1) against target (B,) broadcasts to (B, B): each row's value is its mean over
+    # its own batch's targets, as the user's loss is; other steps' rows must not join in (a
+    # new user's regression stored means over the whole epoch's targets).
+    col, flat = torch.randn(24, 1), torch.randn(24)
+    psl = PerSampleLoss(nn.MSELoss())
+    assert not psl.deferrable(col, flat)
+    with pytest.warns(UserWarning):  # torch's own warning about the shapes
+        assert torch.allclose(psl.per_sample(col, flat), ((col - flat[None]) ** 2).mean(1))
+    # Class ids never broadcast: CrossEntropy stays deferrable.
+    assert PerSampleLoss(nn.CrossEntropyLoss()).deferrable(
+        torch.randn(4, 3), torch.tensor([0, 2, 1, 0])
+    )
 
 
 def test_recorder_margins_are_true_minus_best_other() -> None:
