@@ -1038,8 +1038,7 @@ def check_data(
                     "warn",
                     f"the training loop spends {_pct(share)} of its time waiting for data: "
                     "the DataLoader is the bottleneck. Raise num_workers (one per free CPU core "
-                    "is a good start), set pin_memory=True when training on a GPU, "
-                    "persistent_workers=True so workers survive between epochs, and move "
+                    "is a good start), set pin_memory=True when training on a GPU, and move "
                     "heavy decoding/augmentation out of __getitem__ or cache it",
                 )
             )
@@ -1215,8 +1214,7 @@ def check_throughput(
     if shares.get("data", 0.0) > loader_share_warn:
         findings.append(
             f"{_pct(shares['data'])} of each step is spent waiting for the DataLoader: raise "
-            "num_workers, set pin_memory=True (GPU) and persistent_workers=True, and make "
-            "__getitem__ cheaper"
+            "num_workers, set pin_memory=True (GPU), and make __getitem__ cheaper"
         )
     if shares.get("optimizer", 0.0) > optimizer_share_warn:
         findings.append(

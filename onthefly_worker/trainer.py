@@ -298,6 +298,7 @@ class _Loop(CommandLoop):
         if self.env.role == "train" and not self.env.resume:
             self._note_validation()
             self._note_scheduler()
+            self._note_persistent_workers()
             self._note_loss_units()
         try:
             self._restore()
@@ -999,6 +1000,19 @@ class _Loop(CommandLoop):
                 "(scheduler_interval='epoch', the default), but it is built to step every "
                 "batch; pass Trainer(scheduler_interval='step') to follow its schedule",
                 "warning",
+            )
+
+    def _note_persistent_workers(self) -> None:
+        """Say once that the loader's workers start again every epoch: each epoch's loader
+        is built from the epoch's data order, and workers seeded from (seed, epoch) are what
+        makes a resume draw the same random augmentations."""
+        if getattr(self.train_loader, "persistent_workers", False):
+            self.log(
+                "the train loader's persistent_workers=True is not kept: its worker processes "
+                "start again each epoch (each epoch's loader follows OnTheFly's data order, "
+                "and workers seeded per epoch make a resume repeat the same augmentations); "
+                "work done in worker_init_fn runs once per epoch",
+                "note",
             )
 
     def _note_unused_keys(self, batch: Any) -> None:

@@ -305,7 +305,7 @@ def test_data_warns_when_the_loader_is_the_bottleneck() -> None:
     v = check_data(64, [np.arange(64)], np.arange(64) % 4, waits, steps)
     assert v.verdict == "warn"
     assert float(num(v, "loader_share")) > 0.3
-    assert "num_workers" in v.hint and "pin_memory" in v.hint and "persistent_workers" in v.hint
+    assert "num_workers" in v.hint and "pin_memory" in v.hint
 
 
 def test_labels_of_reads_cheap_label_sources() -> None:

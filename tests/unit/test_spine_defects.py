@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -607,3 +608,23 @@ def test_a_dead_training_worker_not_yet_reaped_counts_as_dead_for_its_loaders() 
         running.wait()
         done.wait()
     assert not _alive(done.pid)  # reaped
+
+
+def test_persistent_workers_that_are_not_kept_are_said_to_be_not_kept(tmp_path: Path) -> None:
+    """A new user's loader with persistent_workers=True started its workers again every
+    epoch (its worker_init_fn ran each time) and nothing said so."""
+    from onthefly_worker.trainer import _Loop
+
+    logs: list[tuple[str, str]] = []
+    loop = SimpleNamespace(
+        train_loader=DataLoader(
+            TensorDataset(torch.zeros(4, 1)), num_workers=1, persistent_workers=True
+        ),
+        log=lambda text, level="info": logs.append((text, level)),
+    )
+    _Loop._note_persistent_workers(loop)  # type: ignore[arg-type]
+    assert len(logs) == 1 and logs[0][1] == "note"
+    assert "persistent_workers=True is not kept" in logs[0][0]
+    loop.train_loader = DataLoader(TensorDataset(torch.zeros(4, 1)))
+    _Loop._note_persistent_workers(loop)  # type: ignore[arg-type]
+    assert len(logs) == 1
