@@ -240,6 +240,17 @@ class PerSampleLoss:
 
     def __call__(self, output: Any, target: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         if (
+            isinstance(self.user, nn.modules.loss._Loss)
+            and type(self.user).__module__.startswith("torch.")
+            and not isinstance(output, torch.Tensor)
+        ):
+            # torch's own message would point into this wrapper's reduction='none' call.
+            raise OnTheFlyError(
+                f"the model returned a {type(output).__name__}, and {type(self.user).__name__} "
+                "takes a tensor: return the prediction tensor from forward(), or pass a "
+                "loss_fn that unpacks it (giving one loss per sample, or taking reduction=)"
+            )
+        if (
             self._none is not None
             and self.reduction in ("mean", "sum")
             and isinstance(output, torch.Tensor)

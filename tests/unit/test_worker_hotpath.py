@@ -489,3 +489,13 @@ def test_host_cross_entropy_and_margins_match_the_torch_pass(classes: int) -> No
     np.testing.assert_array_equal(got[2], ref[2])
     assert got[2][7] == 0 and got[2][3] == 1
     np.testing.assert_array_equal(got[3], ref[3])
+
+
+def test_a_model_returning_a_tuple_to_a_torch_loss_is_a_clear_error() -> None:
+    psl = PerSampleLoss(nn.CrossEntropyLoss())
+    with pytest.raises(OnTheFlyError, match="the model returned a tuple, and CrossEntropyLoss"):
+        psl((torch.randn(4, 3), torch.randn(4)), torch.tensor([0, 1, 2, 0]), 4)
+    # A loss function of the user's own may take what the model returns.
+    own = PerSampleLoss(lambda out, y: nn.functional.cross_entropy(out[0], y, reduction="none"))
+    total, per = own((torch.randn(4, 3), torch.randn(4)), torch.tensor([0, 1, 2, 0]), 4)
+    assert per.shape == (4,)
