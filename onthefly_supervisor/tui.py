@@ -256,6 +256,12 @@ class TerminalView:
                 f"loss did not improve in {p.get('patience')} evaluations ({shown})"
             )
         elif k == "run_status" and rv is not None:
+            if rv.status == "paused" and p.get("status") == "running":
+                # The rate and the ETA start again from the resume: a window spanning the
+                # pause read as a few samples/s.
+                rv.rate_window.clear()
+                rv.sps = None
+                rv.t0, rv.step0 = time.time(), rv.step
             rv.status = str(p.get("status"))
             if p.get("status") == "failed" and self._session_ends_on(ev.run_id):
                 pass  # its last line says "main run failed: <cause>"

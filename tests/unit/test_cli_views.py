@@ -510,3 +510,15 @@ def test_a_note_every_fork_repeats_is_printed_once() -> None:
         f"[onthefly] main: {gn.format(4, '0.033', '0.83')}",
         "[onthefly] fork-1: epoch 1 ended 0.06 s after the last checkpoint: ...",
     ]
+
+
+def test_the_rate_starts_again_after_a_resume() -> None:
+    """After `onthefly resume` the step line read '8.94 samples/s': the window spanned the
+    pause."""
+    view, _lines = _view(None)
+    rv = view._run("main")
+    rv.add_rate([100.0, 101.0, 102.0], [1000.0] * 3, [100.0] * 3)
+    for i, status in enumerate(("running", "paused", "running")):
+        view._on_event(Event(i, time.time(), "run_status", "main", {"status": status}))
+    rv.add_rate([160.0, 161.0], [1000.0] * 2, [100.0] * 2)
+    assert rv.sps == pytest.approx(1000.0)  # not (3 steps' samples) / 61 s
