@@ -1146,14 +1146,17 @@ class _Loop(CommandLoop):
             self.rec.flush()
         mean = means[0] if means else math.nan
         val_loss = None
+        val_acc = None
         val_given_up = False
         if validate and self.val_loader is not None:
             # An early-stop check may have just validated these weights (same step).
             if self._at_this_step("val"):
                 val_loss = self._evaluated["val"][1]["loss"]
+                val_acc = self._evaluated["val"][1].get("accuracy")
             else:
                 try:
-                    val_loss = self._evaluate(self.val_loader, "val", abortable=True)["loss"]
+                    res = self._evaluate(self.val_loader, "val", abortable=True)
+                    val_loss, val_acc = res["loss"], res.get("accuracy")
                 except EvalAborted:
                     # A stop must not wait for a long validation pass (the supervisor's
                     # SIGTERM would then lose the epoch): the epoch's checkpoint and the
@@ -1167,6 +1170,8 @@ class _Loop(CommandLoop):
         if self._console():
             # `python train.py`: no terminal view of its own, so a line per epoch here.
             val = f" · val loss {val_loss:.4f}" if val_loss is not None else ""
+            if val and isinstance(val_acc, float) and math.isfinite(val_acc):
+                val += f" · accuracy {val_acc:.4g}"  # as `onthefly run` shows it
             train = f"{mean:.4f}" if math.isfinite(mean) else "—"
             if bad:
                 train += f" ({bad} non-finite step{'s' if bad != 1 else ''} left out)"
