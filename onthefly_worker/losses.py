@@ -115,6 +115,10 @@ class PerSampleLoss:
                 f"loss_fn must be callable (e.g. nn.CrossEntropyLoss()), got {loss_fn!r}"
             )
         self.user = loss_fn
+        # One of torch's own loss modules: it takes a tensor, never a tuple or dict.
+        self._torch_loss = isinstance(loss_fn, nn.modules.loss._Loss) and type(
+            loss_fn
+        ).__module__.startswith("torch.")
         self.reduction: str = "mean"
         self._none: LossFn | None = None
         self._kwarg = False
@@ -239,11 +243,7 @@ class PerSampleLoss:
         return None if w is None else w.sum()
 
     def __call__(self, output: Any, target: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if (
-            isinstance(self.user, nn.modules.loss._Loss)
-            and type(self.user).__module__.startswith("torch.")
-            and not isinstance(output, torch.Tensor)
-        ):
+        if self._torch_loss and not isinstance(output, torch.Tensor):
             # torch's own message would point into this wrapper's reduction='none' call.
             raise OnTheFlyError(
                 f"the model returned a {type(output).__name__}, and {type(self.user).__name__} "

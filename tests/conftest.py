@@ -51,8 +51,8 @@ def train_env(session_dir: Path) -> Any:
 def cli_json(*args: str, cwd: Path) -> Any:
     """`onthefly ARGS --json` in `cwd`, parsed. It runs the CLI's own `main()` in this
     process: the tests poll `status`/`runs` every 0.2 s, and a fresh interpreter per poll
-    (~0.4 s of CPU) took a third of a 2-core CI machine from the workers under test. `cli()`
-    still runs the installed entry point as its own process for everything else."""
+    costs ~0.4 s of CPU on a 2-core CI machine (the wall-time gain measured small: the waits
+    are the workers' own). `cli()` still runs the installed entry point as its own process."""
     from onthefly_supervisor.cli import main
 
     out, err = io.StringIO(), io.StringIO()

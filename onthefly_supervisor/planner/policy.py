@@ -728,13 +728,9 @@ class _Round:
             )
             return False
         if a is Action.FORK:
+            sel = validate_selection(draft.selection)
             waiting = next(
-                (
-                    s
-                    for s in self.state.ungated
-                    if s.reason is r and s.selection == validate_selection(draft.selection)
-                ),
-                None,
+                (s for s in self.state.ungated if s.reason is r and s.selection == sel), None
             )
             if waiting is not None:
                 # A newer specialist on the same samples would supersede this one before the
@@ -1367,12 +1363,20 @@ def apply_outcome(
     improved = status == "done" and _improved(outcome)
     mul = dict(state.cooldown_multiplier)
     fails = dict(state.consecutive_failures)
+
+    def slow_down(action: str) -> None:
+        mul[action] = min(mul.get(action, 1.0) * cfg.cooldown_growth, cfg.max_cooldown_multiplier)
+
     if improved:
         mul[a] = 1.0
         fails[a] = 0
     else:
-        mul[a] = min(mul.get(a, 1.0) * cfg.cooldown_growth, cfg.max_cooldown_multiplier)
+        slow_down(a)
         fails[a] = fails.get(a, 0) + 1
+        if card.action is Action.GATE and status == "done":
+            # The gate is what a specialist's own slice gain is for: when routing to them
+            # does not beat the target, forking more of them is tried less often too.
+            slow_down(Action.FORK.value)
     state = replace(state, cooldown_multiplier=mul, consecutive_failures=fails)
 
     if card.action is Action.FORK and improved:
@@ -1399,13 +1403,6 @@ def apply_outcome(
     elif card.action is Action.GATE and status == "done":
         covered = set(card.gate_recipe.get("experts", ()))
         state = replace(state, ungated=tuple(s for s in state.ungated if s.run_id not in covered))
-        if not improved:
-            # The gate is what a specialist's own slice gain is for: when routing to them
-            # does not beat the target, forking more of them is tried less often too.
-            f = Action.FORK.value
-            mul = dict(state.cooldown_multiplier)
-            mul[f] = min(mul.get(f, 1.0) * cfg.cooldown_growth, cfg.max_cooldown_multiplier)
-            state = replace(state, cooldown_multiplier=mul)
     elif card.action is Action.MERGE and status == "done":
         covered = set(card.merge_recipe.get("runs", ()))
         state = replace(
