@@ -36,15 +36,33 @@ def memory_mb(device: torch.device) -> float:
 
 
 class _Pending:
-    """One flush worth of buffered steps, handed to the packing thread as a whole."""
+    """One flush worth of buffered steps, handed to the packing thread as a whole.
 
-    __slots__ = ("cls", "end", "epoch", "extra", "gnorms", "ids", "losses", "per", "points")
+    The training thread appends one tuple per step to `steps`, the least work a step can
+    do, and the packing thread unzips them (`unzip`). (Measured, a 128-sample MLP step of
+    ~1.3 ms, recording interleaved with not recording in one process: appending to nine
+    lists per step cost 4.6-5.4% of the step, one tuple 3.1-3.5%.)"""
+
+    __slots__ = (
+        "cls",
+        "end",
+        "epoch",
+        "extra",
+        "gnorms",
+        "ids",
+        "losses",
+        "per",
+        "points",
+        "steps",
+    )
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
         # Set by `Recorder.end_epoch`: called on the packing thread with the epoch's mean
         # once this buffer (the epoch's last) is sent.
         self.end: Callable[[float], None] | None = None
+        # (ids, per, loss, grad_norm, step, batch, time, lr, step_ms, data_ms, extra, cls)
+        self.steps: list[tuple[Any, ...]] = []
         self.ids: list[np.ndarray] = []
         self.per: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = []
         self.losses: list[torch.Tensor | float] = []
@@ -52,6 +70,20 @@ class _Pending:
         self.points: list[tuple[int, int, int, float, float, float, float, float]] = []
         self.extra: list[dict[str, float] | None] = []
         self.cls: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+
+    def unzip(self) -> None:
+        """The steps' tuples into the per-field lists (on the packing thread)."""
+        epoch = self.epoch
+        for ids, per, loss, gn, step, batch, t, lr, sms, dms, extra, cls in self.steps:
+            self.ids.append(ids)
+            self.per.append(per)
+            self.losses.append(loss)
+            self.gnorms.append(gn)
+            sps = len(ids) / (sms / 1000.0) if sms > 0 else 0.0
+            self.points.append((step, epoch, batch, t, lr, sps, sms, dms))
+            self.extra.append(extra)
+            self.cls.append(cls)
+        self.steps = []
 
 
 class Recorder:
@@ -74,8 +106,10 @@ class Recorder:
         self.device = device
         self.flush_interval_s = flush_interval_s
         self.max_pending_bytes = max_pending_bytes
+        # A flush is due at this many samples (12 bytes each: an int64 id, a float32 loss).
+        self._max_samples = max(1, max_pending_bytes // 12)
         self._buf = _Pending(-1)
-        self._pending = 0
+        self._pending = 0  # samples buffered
         self._last_flush = time.monotonic()
         self.epoch_sum = 0.0
         self.epoch_count: float = 0  # samples, or their weights (see _weights)
@@ -124,27 +158,36 @@ class Recorder:
         computes at flush time, batched the same way."""
         if self._error is not None:
             self._raise_error()
-        if self._thread is None:
+        if self._thread is None:  # (it also sends steps left unsent too long: _hand_off_stale)
             self._start_thread()
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()
         with self._lock:
             buf = self._buf
             if epoch != buf.epoch:
-                if buf.ids:
+                if buf.steps:
                     self._hand_off_locked()
                 buf = self._buf
                 buf.epoch = epoch
-            buf.ids.append(ids)
-            buf.per.append(per)
-            buf.losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
-            buf.gnorms.append(grad_norm)
-            n = len(ids)
-            sps = n / (step_ms / 1000.0) if step_ms > 0 else 0.0
-            buf.points.append((step, epoch, batch, time.time(), lr, sps, step_ms, data_ms))
-            buf.extra.append(extra)
-            buf.cls.append(cls)
-            self._pending += 12 * n
+            buf.steps.append(
+                (
+                    ids,
+                    per,
+                    loss,
+                    grad_norm,
+                    step,
+                    batch,
+                    time.time(),
+                    lr,
+                    step_ms,
+                    data_ms,
+                    extra,
+                    cls,
+                )
+            )
+            self._pending += len(ids)
             if (
-                self._pending >= self.max_pending_bytes
+                self._pending >= self._max_samples
                 or time.monotonic() - self._last_flush >= self.flush_interval_s
             ):
                 self._hand_off_locked()
@@ -163,7 +206,7 @@ class Recorder:
     def _hand_off_locked(self) -> None:
         self._last_flush = time.monotonic()
         buf = self._buf
-        if not buf.ids and buf.end is None:
+        if not buf.steps and buf.end is None:
             return
         self._buf = _Pending(buf.epoch)
         self._pending = 0
@@ -246,7 +289,7 @@ class Recorder:
         back to `record` since: a stalled loader, a loop stuck in user code) are sent from
         here, so the supervisor shows where the run is instead of its last flush."""
         with self._lock:
-            if self._buf.ids and time.monotonic() - self._last_flush >= self.stale_after_s:
+            if self._buf.steps and time.monotonic() - self._last_flush >= self.stale_after_s:
                 self._hand_off_locked()
 
     def _per_sample_values(
@@ -292,6 +335,7 @@ class Recorder:
         return self._mem
 
     def _pack(self, buf: _Pending) -> None:
+        buf.unzip()
         if buf.ids:
             self._pack_steps(buf)
         if buf.end is not None:

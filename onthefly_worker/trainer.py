@@ -797,11 +797,13 @@ class _Loop(CommandLoop):
                 opt.zero_grad(set_to_none=True)
                 with self._autocast():
                     out = model(x)
+                    # (logits, labels) for the margins, when a classification batch.
+                    cls = Recorder.classification(out, y)
                     if self.loss.deferrable(out, y):
                         # The user's loss for backward now; the per-sample values later on
                         # the recorder's thread, batched over many steps (same values).
                         total = self.loss.user(out, y)
-                        per: Any = (out.detach(), y.detach())
+                        per: Any = cls if cls is not None else (out.detach(), y.detach())
                     else:
                         total, per = self.loss(out, y, n)
                 # One host read of the loss per step (the value is recorded as a float, so
@@ -877,7 +879,7 @@ class _Loop(CommandLoop):
                     gnorm,
                     (t_end - t_prev) * 1000.0,
                     (t_data - t_prev) * 1000.0,
-                    cls=Recorder.classification(out, y),
+                    cls=cls,
                 )
                 if self._nonfinite_failure is not None:
                     raise self._nonfinite_failure
