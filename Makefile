@@ -82,6 +82,7 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/loop_overhead.py
+	$(PY) bench/recorder_ab.py
 	$(PY) bench/ingest.py
 	$(PY) bench/load.py
 	$(PY) bench/checkpoint.py
