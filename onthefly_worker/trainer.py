@@ -237,8 +237,7 @@ class _Loop(CommandLoop):
         self.grad_clip = cfg.grad_clip
         # Gradient-norm cadence (see TrainerConfig.grad_norm_every); 0 until calibrated.
         self.gn_every = cfg.grad_norm_every
-        self._gn_cal: list[tuple[float, float]] = []
-        self._gn_seen = 0  # steps that reached _calibrate_grad_norm
+        self._gn_cal: list[tuple[float, float]] = []  # (norm s, step s) of this process's steps
         self._gn_ok_step = 0  # the last step whose gradients were measured finite
         self._batch_checked = False
         self._nonfinite_evals: set[str] = set()  # splits whose non-finite loss was said
@@ -1040,19 +1039,17 @@ class _Loop(CommandLoop):
 
     def _calibrate_grad_norm(self, norm_s: float, t_step_start: float) -> None:
         """Auto cadence: measure the norm every N steps where N is the smallest (1-16) at
-        which it costs <= GRAD_NORM_BUDGET of a step, timed on steps 11-30 of this process (its first steps
-        warm up allocators and caches: timed there, a step looks slower and the norm
-        cheaper). Clipping and AMP measure every step."""
+        which it costs <= GRAD_NORM_BUDGET of a step, timed on this process's steps 11-30
+        (its first steps warm up allocators and caches, also after a resume: timed there,
+        a step looks slower and the norm cheaper). Clipping and AMP measure every step."""
         if self.grad_clip > 0 or self.scaler is not None:
             return
-        self._gn_seen += 1
-        if self._gn_seen <= _GN_WARMUP_STEPS:  # (this process's first steps, also after a resume)
-            return
         self._gn_cal.append((norm_s, time.perf_counter() - t_step_start))
-        if len(self._gn_cal) < _GN_TIMED_STEPS:
+        if len(self._gn_cal) < _GN_WARMUP_STEPS + _GN_TIMED_STEPS:
             return
-        norm_med = float(np.median([c[0] for c in self._gn_cal]))
-        step_med = float(np.median([c[1] for c in self._gn_cal]))
+        timed = self._gn_cal[_GN_WARMUP_STEPS:]
+        norm_med = float(np.median([c[0] for c in timed]))
+        step_med = float(np.median([c[1] for c in timed]))
         self.gn_every = max(
             1, min(16, math.ceil(norm_med / max(GRAD_NORM_BUDGET * step_med, 1e-9)))
         )

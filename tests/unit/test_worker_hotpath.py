@@ -514,7 +514,6 @@ def _cadence(norm_s: float, step_s: float, steps: int) -> tuple[int, list[str]]:
         scaler=None,
         gn_every=0,
         _gn_cal=[],
-        _gn_seen=0,
         log=lambda text, level="info": notes.append(text),
     )
     for _ in range(steps):
