@@ -13,6 +13,14 @@ the worker process itself, right before and right after fit() (seconds apart: th
 `onthefly run` (tens of seconds apart: printed as `separate-process ratio`, a cross-check
 that the worker process itself, e.g. its imports or environment, slows nothing down).
 BENCH_REPS rounds (default 5) give the medians.
+
+A steadier number comes with it on Linux: the share of the supervised run's wall time that
+the worker's training thread was on a CPU (from /proc/<pid>/schedstat, sampled while it
+trains). The raw loop's is ~100%; what is missing is time that thread waited for the GIL
+(held by the packing and gRPC threads) or for a CPU (taken by the supervisor and those
+threads). It does not drift with the VM's speed as step times do, so it shows changes of a
+fraction of a percent that the ratio cannot. The rest of the overhead is work the training
+thread itself does per step (bench/recorder_ab.py and bench/loop_overhead.py isolate it).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,37 +50,94 @@ def raw(model: str, steps: int, warmup: int) -> float:
     return float(json.loads(out.strip().splitlines()[-1])["step_ms"])
 
 
-def supervised(model: str, steps: int, warmup: int) -> tuple[float, float]:
+def _worker_pid(supervisor: int) -> int | None:
+    """The `onthefly run` worker's pid (a child of the supervisor), on Linux."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == supervisor and b"onthefly_worker" in cmd:
+            return int(stat.parent.name)
+    return None
+
+
+def _on_cpu_ns(pid: int) -> int | None:
+    """Nanoseconds the process's main thread (the training thread) has run on a CPU."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _last_step(db_path: str) -> int:
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1.0)
+        try:
+            return int(
+                db.execute("SELECT max(step) FROM metrics WHERE run_id='main'").fetchone()[0] or 0
+            )
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
+
+
+def supervised(model: str, steps: int, warmup: int) -> tuple[float, float, float | None]:
     """(supervised ms/step, the raw loop's ms/step in the same process: mean of the
-    timings before and after fit())."""
+    timings before and after fit(), the training thread's on-CPU share of the wall time
+    while it trained or None where /proc does not say)."""
     with tempfile.TemporaryDirectory() as d:
         inline = os.path.join(d, "inline-raw.json")
-        subprocess.run(
-            [
-                PY,
-                "-m",
-                "onthefly_supervisor",
-                "run",
-                "--headless",
-                "--port",
-                "0",
-                str(WORK),
-                "onthefly",
-                "--model",
-                model,
-                "--steps",
-                str(steps),
-                "--warmup",
-                str(warmup),
-                "--inline-raw",
-                inline,
-            ],
-            cwd=d,
-            capture_output=True,
-            text=True,
-            check=True,
+        cmd = [
+            PY,
+            "-m",
+            "onthefly_supervisor",
+            "run",
+            "--headless",
+            "--port",
+            "0",
+            str(WORK),
+            "onthefly",
+            "--model",
+            model,
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--inline-raw",
+            inline,
+        ]
+        db_path = os.path.join(d, ".onthefly", "sessions", "latest", "session.db")
+        proc = subprocess.Popen(cmd, cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Sample the training thread's CPU time from the first stored step past the warm-up
+        # to the last one stored before the run's end (flushes land every ~50 ms).
+        first: tuple[int, float] | None = None
+        last: tuple[int, float] | None = None
+        pid: int | None = None
+        while proc.poll() is None:
+            time.sleep(0.05)
+            if pid is None:
+                pid = _worker_pid(proc.pid)
+                continue
+            step = _last_step(db_path) if os.path.exists(db_path) else 0
+            ns = _on_cpu_ns(pid)
+            if ns is None or step <= warmup or step >= steps:
+                continue
+            if first is None:
+                first = (ns, time.monotonic())
+            else:
+                last = (ns, time.monotonic())
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"onthefly run failed ({proc.returncode}): {err.decode()[-2000:]}")
+        on_cpu = (
+            (last[0] - first[0]) / 1e9 / (last[1] - first[1])
+            if first is not None and last is not None and last[1] - first[1] > 0.5
+            else None
         )
-        db = sqlite3.connect(os.path.join(d, ".onthefly", "sessions", "latest", "session.db"))
+        db = sqlite3.connect(db_path)
         rows = db.execute(
             "SELECT step, t FROM metrics WHERE run_id='main' AND step IN (?, ?) ORDER BY step",
             (warmup, steps),
@@ -80,17 +146,20 @@ def supervised(model: str, steps: int, warmup: int) -> tuple[float, float]:
         (s0, t0), (s1, t1) = rows
         with open(inline) as f:
             around = json.load(f)
-        return 1000 * (t1 - t0) / (s1 - s0), (around["before_ms"] + around["after_ms"]) / 2
+        return 1000 * (t1 - t0) / (s1 - s0), (around["before_ms"] + around["after_ms"]) / 2, on_cpu
 
 
 def main() -> None:
     reps = int(os.environ.get("BENCH_REPS", "5"))
     for model, steps in (("mlp", 2000), ("cnn", 250)):
         rounds = []  # (raw in its own processes, raw in the worker process, supervised)
+        on_cpu = []
         for _ in range(reps):
             before = raw(model, steps, 50)
-            sup, inline = supervised(model, steps, 50)
+            sup, inline, busy = supervised(model, steps, 50)
             rounds.append(((before + raw(model, steps, 50)) / 2, inline, sup))
+            if busy is not None:
+                on_cpu.append(busy)
         inline_r = [s / i for _, i, s in rounds]
         separate_r = [s / r for r, _, s in rounds]
         print(
@@ -104,6 +173,11 @@ def main() -> None:
             + ", ".join(f"{x:.3f}" for x in separate_r)
             + ")"
         )
+        if on_cpu:
+            print(
+                f"{model} training thread on a CPU: {100 * statistics.median(on_cpu):.1f}% of "
+                "the wall time (" + ", ".join(f"{100 * x:.1f}" for x in on_cpu) + ")"
+            )
         print(f"{model} overhead ratio: {statistics.median(inline_r):.3f}")
 
 

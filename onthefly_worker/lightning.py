@@ -683,6 +683,7 @@ class _LightningRun(CommandLoop):
         # A replay (role=health) reports only its verdict: its steps are not the run's.
         send = self.conn.send if not self.replay_steps else _drop
         self.rec = Recorder(send, self.run_id, module.device, self.flush_s)
+        self.rec.hand_off_at_backward = True  # on_before_backward calls rec.before_backward()
         self.conn.start_heartbeat(self.hb_s, lambda: self.step, watch=True)
 
     def _restore(
@@ -839,6 +840,11 @@ class _LightningRun(CommandLoop):
         return per
 
     def on_before_backward(self) -> None:
+        self._fallback_forward()
+        if self.rec is not None:
+            self.rec.before_backward()  # a due flush is packed while backward runs
+
+    def _fallback_forward(self) -> None:
         """No forward hook fired in this training step: fall back to one eval-mode forward.
 
         Eval mode and a preserved RNG keep this extra forward from changing training

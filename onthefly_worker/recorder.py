@@ -22,6 +22,11 @@ import torch
 
 from onthefly_proto import onthefly_pb2 as pb
 
+# A due flush waits for the next backward (Recorder.before_backward) only after a step this
+# short: packing then costs the step a noticeable share, and the wait (the next step's data
+# and forward) is brief. After a longer step it is handed off at once.
+_DEFER_BELOW_MS = 25.0
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -136,6 +141,10 @@ class Recorder:
         # Each sample's weight in the user's 'mean' from deferred steps' targets
         # (PerSampleLoss.row_weights): the epoch's train loss is then the user's loss.
         self.row_weights: Callable[[torch.Tensor, int], torch.Tensor | None] | None = None
+        # A loop that calls `before_backward()` each step sets this: a due flush is then
+        # handed to the packing thread when the next backward starts (see before_backward).
+        self.hand_off_at_backward = False
+        self._due = False
 
     def record(
         self,
@@ -163,6 +172,8 @@ class Recorder:
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
         with self._lock:
+            if self._due:  # due at the last step and no backward since (a skipped update)
+                self._hand_off_locked()
             buf = self._buf
             if epoch != buf.epoch:
                 if buf.steps:
@@ -190,6 +201,21 @@ class Recorder:
                 self._pending >= self._max_samples
                 or time.monotonic() - self._last_flush >= self.flush_interval_s
             ):
+                if self.hand_off_at_backward and step_ms < _DEFER_BELOW_MS:
+                    self._due = True
+                else:
+                    self._hand_off_locked()
+
+    def before_backward(self) -> None:
+        """Hand a due flush to the packing thread now, as the step's backward starts.
+
+        The packing thread needs the GIL for most of its work (~0.4 ms a flush); backward
+        runs without it for its whole length, so packing then overlaps it instead of the
+        loop's GIL-bound Python (the next batch's collation, module calls) and the training
+        thread rarely waits for the GIL. Handing off where record() finds the flush due (the
+        end of a step) lands the packing on the next step's data loading instead."""
+        if self._due:
+            with self._lock:
                 self._hand_off_locked()
 
     def _start_thread(self) -> None:
@@ -204,6 +230,7 @@ class Recorder:
             self._hand_off_locked()
 
     def _hand_off_locked(self) -> None:
+        self._due = False
         self._last_flush = time.monotonic()
         buf = self._buf
         if not buf.steps and buf.end is None:
@@ -363,17 +390,15 @@ class Recorder:
                 and p[0].device == pairs[0][0].device
             ):
                 return None
-        if pairs[0][0].device.type == "cpu":
-            # On the host: numpy on the class-major logits (one copy), no torch call (each
-            # one is a GIL hand-off the training thread may wait on).
-            rows = [p[0].numpy() for p in pairs]
-            logits_cn = np.empty((rows[0].shape[1], sum(r.shape[0] for r in rows)), np.float32)
-            np.concatenate([r.T for r in rows], axis=1, out=logits_cn)  # class-major, C order
-            return _ce_and_margins_host(
-                logits_cn, np.concatenate([p[1].numpy() for p in pairs]), self.plain_ce
-            )
         logits = torch.cat([p[0] for p in pairs])
         target = torch.cat([p[1] for p in pairs])
+        if logits.device.type == "cpu":
+            # On the host: numpy on the class-major logits (one transposing copy) after
+            # two torch calls in all (each torch call is a GIL hand-off the training thread
+            # may wait on; concatenating in torch runs without the GIL).
+            return _ce_and_margins_host(
+                np.ascontiguousarray(logits.numpy().T), target.numpy(), self.plain_ce
+            )
         return _ce_and_margins(logits, target, self.plain_ce)
 
     def _weights(self, buf: _Pending, labels: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -546,11 +571,12 @@ def _ce_and_margins_host(
     cols = np.arange(n)
     y = np.clip(target, 0, logits_cn.shape[0] - 1)
     top = logits_cn.max(axis=0)
-    if logits_cn.shape[0] <= 32:
-        # argmax over axis 0 is not vectorised; the first class that reaches the max is.
-        pred = np.zeros(n, np.int64)
-        for c in range(logits_cn.shape[0] - 1, -1, -1):
-            pred[logits_cn[c] == top] = c
+    c = logits_cn.shape[0]
+    if c <= 100:
+        # argmax over axis 0 is not vectorised; a max over axis 0 is: weigh each class's
+        # "reaches the row max" by c - class, and the largest weight is the first such class.
+        weight = np.arange(c, 0, -1, dtype=np.int8)[:, None]
+        pred = c - ((logits_cn == top) * weight).max(axis=0).astype(np.int64)
         nan = np.isnan(top)  # a NaN row: the NaN's class, as torch's max gives
         if nan.any():
             pred[nan] = np.isnan(logits_cn[:, nan]).argmax(axis=0)

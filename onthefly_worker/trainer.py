@@ -402,6 +402,7 @@ class _Loop(CommandLoop):
         rec.per_sample = self.loss.per_sample
         rec.row_weights = self.loss.row_weights
         rec.plain_ce = self.loss.plain_ce_ignore_index()
+        rec.hand_off_at_backward = True  # _train calls rec.before_backward()
         return rec
 
     def _status(self, state: pb.WorkerState.ValueType, message: str = "") -> None:
@@ -810,6 +811,7 @@ class _Loop(CommandLoop):
                 loss_value = float(total.item())
                 gnorm = math.nan
                 if math.isfinite(loss_value):
+                    rec.before_backward()
                     if self.scaler is not None:
                         self.scaler.scale(total).backward()
                         self.scaler.unscale_(opt)

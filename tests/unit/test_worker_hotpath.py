@@ -313,6 +313,39 @@ def test_end_epoch_does_not_wait_and_its_message_follows_the_epochs_losses() -> 
     assert second == pytest.approx(6.5)
 
 
+def test_a_due_flush_after_a_short_step_waits_for_the_next_backward() -> None:
+    """With hand_off_at_backward, a flush found due after a short step is handed to the
+    packing thread at the next `before_backward()` (packing then overlaps backward, which
+    runs without the GIL); after a long step, or when the next step records without a
+    backward (a skipped update), it is handed off at once."""
+    sent: list[dict[str, object]] = []
+    rec = _recorder(sent, flush_interval_s=0.0)  # every step finds a flush due
+    rec.hand_off_at_backward = True
+
+    def record(step: int, step_ms: float) -> None:
+        per = torch.full((4,), float(step))
+        rec.record(step, 0, step, np.arange(4) + 4 * step, per, 1.0, 0.1, None, step_ms, 0.1)
+
+    def steps_sent() -> list[int]:
+        rec.wait_sent(rec._handed)
+        return [p.step for m in sent for p in m["samples"].metrics.points]  # type: ignore[attr-defined]
+
+    record(1, 2.0)
+    assert rec._handed == 0  # due, held for the next backward
+    rec.before_backward()
+    assert steps_sent() == [1]
+    rec.before_backward()  # nothing due: nothing handed off
+    assert rec._handed == 1
+    record(2, 2.0)
+    record(3, 2.0)  # no backward in between: step 2's flush goes now, with step 3 held
+    assert steps_sent() == [1, 2]
+    record(4, 500.0)  # a long step: at once (steps 3 and 4)
+    assert steps_sent() == [1, 2, 3, 4]
+    record(5, 2.0)
+    rec.flush()  # flush and epoch ends never wait for a backward
+    assert steps_sent() == [1, 2, 3, 4, 5]
+
+
 def test_wait_sent_orders_a_message_from_another_thread_after_earlier_steps() -> None:
     """A checkpoint's CheckpointSaved is sent from the writer's thread; waiting for the
     buffers handed off before the checkpoint puts it after their losses on the wire."""
