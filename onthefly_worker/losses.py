@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -139,6 +140,11 @@ class PerSampleLoss:
             except (TypeError, ValueError):
                 self._kwarg = False
         self.name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        # A loss that only ever returns a scalar (no reduction='none' to ask for): each
+        # sample's loss is the user's loss on that sample alone (torch.func.vmap over the
+        # batch), checked to give the user's scalar back as their mean or sum (_check_rows).
+        self.by_rows = False
+        self._rows_checked = False
         self._row_independent = (
             self._none is not None
             and type(loss_fn) in _ROW_INDEPENDENT
@@ -242,6 +248,84 @@ class PerSampleLoss:
         w = self._token_weights(target)
         return None if w is None else w.sum()
 
+    @property
+    def who(self) -> str:
+        """How messages name the user's loss."""
+        return "loss_fn" if self.name == "loss_fn" else f"loss_fn {self.name}"
+
+    def rows_of(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """For a `by_rows` loss: the user's loss on each sample alone, one value per row
+        (keeps the graph when gradients are enabled)."""
+        fn = self.user
+
+        def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return fn(o.unsqueeze(0), t.unsqueeze(0))
+
+        return torch.func.vmap(one)(output, target)
+
+    def _adopt_rows(
+        self, output: Any, target: Any, total: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """The user's loss returned a scalar and there is no reduction='none' to ask for:
+        take each sample's loss as the loss on that sample alone, if that gives the user's
+        scalar back (else a clear error, as before)."""
+        base = _scalar_loss_error(
+            self.name,
+            ignores_reduction=self._none is not None or self._kwarg,
+            module=isinstance(self.user, nn.Module)
+            and type(self.user).__module__ != "torch.nn.modules.loss",
+        )
+        if not (
+            isinstance(output, torch.Tensor)
+            and isinstance(target, torch.Tensor)
+            and output.dim() >= 1
+            and target.dim() >= 1
+            and output.shape[0] == target.shape[0] == batch
+        ):
+            raise base
+        try:
+            # (a warning the loss gives on one sample, e.g. std() of one value, is moot: the
+            # check below refuses such a loss with the reason)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                per = self.rows_of(output.detach(), target)
+        except Exception as e:  # noqa: BLE001 - vmap's own reason, in the user's error
+            raise OnTheFlyError(
+                f"{base}. (Its value on each sample alone, computed with torch.func.vmap, "
+                f"failed too: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from e
+        if not isinstance(per, torch.Tensor) or tuple(per.shape) != (batch,):
+            shape = tuple(per.shape) if isinstance(per, torch.Tensor) else type(per).__name__
+            raise OnTheFlyError(f"{base}. (On one sample it returned {shape}, not a scalar)")
+        self.by_rows = True
+        self._check_rows(per, total)
+        return per
+
+    def _check_rows(self, per: torch.Tensor, total: torch.Tensor) -> None:
+        """On the first batch with finite values: the per-sample losses must give the user's
+        scalar back as their mean (or sum), else the loss depends on the batch as a whole
+        and has no per-sample value."""
+        t = total.detach().float()
+        p = per.detach().float()
+        if not bool(torch.isfinite(t)):
+            return  # checked on a later batch
+        mean, tot = p.mean(), p.sum()
+        # (a finite batch loss from non-finite sample losses is neither: isclose is False)
+        if bool(torch.isclose(t, mean, rtol=1e-3, atol=1e-6)):
+            self.reduction = "mean"
+        elif bool(torch.isclose(t, tot, rtol=1e-3, atol=1e-6)):
+            self.reduction = "sum"
+        else:
+            raise OnTheFlyError(
+                f"{self.who} returned a scalar ({float(t):.6g}) that is neither the "
+                f"mean ({float(mean):.6g}) nor the sum ({float(tot):.6g}) of its value on each "
+                "sample alone: it depends on the batch as a whole (e.g. a contrastive or "
+                "batch-normalised loss), so a sample has no loss of its own. OnTheFly records "
+                "every sample's loss: make loss_fn accept reduction= (or return one loss per "
+                "sample)"
+            )
+        self._rows_checked = True
+
     def __call__(self, output: Any, target: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._torch_loss and not isinstance(output, torch.Tensor):
             # torch's own message would point into this wrapper's reduction='none' call.
@@ -250,6 +334,20 @@ class PerSampleLoss:
                 "takes a tensor: return the prediction tensor from forward(), or pass a "
                 "loss_fn that unpacks it (giving one loss per sample, or taking reduction=)"
             )
+        if self.by_rows:
+            total = self.user(output, target)
+            if not isinstance(total, torch.Tensor) or total.dim() != 0:
+                raise OnTheFlyError(
+                    f"{self.who} returned a scalar before and now "
+                    f"{type(total).__name__} {tuple(getattr(total, 'shape', ()))}"
+                )
+            if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)):
+                raise _scalar_loss_error(self.name)
+            with torch.no_grad():
+                per = self.rows_of(output.detach(), target)
+            if not self._rows_checked:
+                self._check_rows(per, total)
+            return total, per
         if (
             self._none is not None
             and self.reduction in ("mean", "sum")
@@ -267,7 +365,7 @@ class PerSampleLoss:
             if not isinstance(raw, torch.Tensor):
                 raise OnTheFlyError(f"loss_fn returned {type(raw).__name__}, not a tensor")
             if raw.dim() == 0:
-                raise _scalar_loss_error(self.name, ignores_reduction=True, module=True)
+                return total, self._adopt_rows(output, target, total, batch)
             return total, self._rows(raw, target, batch)
         if self._none is not None:
             raw = self._none(output, target)
@@ -282,7 +380,7 @@ class PerSampleLoss:
                 if not isinstance(raw, torch.Tensor):
                     raise OnTheFlyError(f"loss_fn returned {type(raw).__name__}, not a tensor")
                 if raw.dim() == 0:
-                    raise _scalar_loss_error(self.name, ignores_reduction=True)
+                    return total, self._adopt_rows(output, target, total, batch)
                 return total, self._rows(raw, target, batch).detach()
             raw = total  # its plain call gives one loss per sample: reduced below
         elif self._kwarg:
@@ -291,13 +389,8 @@ class PerSampleLoss:
             raw = self.user(output, target)
         if not isinstance(raw, torch.Tensor):
             raise OnTheFlyError(f"loss_fn returned {type(raw).__name__}, not a tensor")
-        if raw.dim() == 0:
-            raise _scalar_loss_error(
-                self.name,
-                ignores_reduction=self._none is not None or self._kwarg,
-                module=isinstance(self.user, nn.Module)
-                and type(self.user).__module__ != "torch.nn.modules.loss",
-            )
+        if raw.dim() == 0:  # (asked for reduction='none', it ignored it: the same scalar)
+            return raw, self._adopt_rows(output, target, raw, batch)
         per = self._rows(raw, target, batch)
         if self.reduction == "sum":
             total = raw.sum()

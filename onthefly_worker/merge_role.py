@@ -156,12 +156,18 @@ class MergeWorker:
 
     def loss_fn_with_grad(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample loss that keeps the graph (Fisher, gate training)."""
+        if self.loss.by_rows:
+            return self.loss.rows_of(out, y)
         if self.loss._none is not None:
             raw = self.loss._none(out, y)
         elif self.loss._kwarg:
             raw = self.loss.user(out, y, reduction="none")
         else:
             raw = self.loss.user(out, y)
+        if raw.dim() == 0:  # a loss that only returns scalars: adopt (or refuse) its rows
+            with torch.no_grad():
+                self.loss(out.detach(), y, batch_len(out))
+            return self.loss.rows_of(out, y)
         return raw.reshape(raw.shape[0], -1).mean(dim=1) if raw.dim() > 1 else raw
 
     def evaluate(self, model: nn.Module, loader: DataLoader) -> tuple[float, float, int]:

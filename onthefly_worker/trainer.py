@@ -240,6 +240,7 @@ class _Loop(CommandLoop):
         self._gn_cal: list[tuple[float, float]] = []  # (norm s, step s) of this process's steps
         self._gn_ok_step = 0  # the last step whose gradients were measured finite
         self._batch_checked = False
+        self._rows_noted = False
         self._nonfinite_evals: set[str] = set()  # splits whose non-finite loss was said
         self._plateau_skip_said = False
         # Set when non-finite steps run out nonfinite_patience (raised after the step's record).
@@ -806,6 +807,8 @@ class _Loop(CommandLoop):
                         per: Any = cls if cls is not None else (out.detach(), y.detach())
                     else:
                         total, per = self.loss(out, y, n)
+                if self.loss.by_rows and not self._rows_noted:
+                    self._note_by_rows()
                 # One host read of the loss per step (the value is recorded as a float, so
                 # the recorder never has to gather loss tensors).
                 loss_value = float(total.item())
@@ -1000,6 +1003,18 @@ class _Loop(CommandLoop):
                 "losses are per-sample means, so compare those with each other",
                 "warning",
             )
+
+    def _note_by_rows(self) -> None:
+        """Say once how a loss that only returns scalars gets per-sample values, and what
+        that costs."""
+        self._rows_noted = True
+        self.log(
+            f"{self.loss.who} returns one scalar for the batch: each sample's loss "
+            "is its value on that sample alone (torch.func.vmap, one extra gradient-free "
+            f"pass per step), checked to give the batch's {self.loss.reduction} back; a "
+            "loss_fn that accepts reduction= (or an nn loss module) makes that pass free",
+            "note",
+        )
 
     def _note_scheduler(self) -> None:
         """Say once when a scheduler built to step every batch (OneCycleLR, CyclicLR) is

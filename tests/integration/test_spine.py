@@ -399,7 +399,7 @@ def test_a_diverging_run_keeps_its_epoch_statistics(project: Path) -> None:
         (["--no-fit"], "finished without calling Trainer.fit()"),
         (["--raise-before-fit"], "RuntimeError: failed while building the data"),
         (["--bad-batch"], "OnTheFly needs (inputs, target)"),
-        (["--scalar-loss"], "returned a scalar and has no reduction='none'"),
+        (["--scalar-loss"], "it depends on the batch as a whole"),
         (["--data-raise-at", "7"], "OSError: corrupt record 7"),
         (["--iterable"], "reads an IterableDataset; OnTheFly needs a map-style dataset"),
     ],

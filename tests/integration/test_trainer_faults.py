@@ -77,12 +77,55 @@ model = nn.Linear(8, 3)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
 
-def loss_fn(out, y):
-    return F.cross_entropy(out, y, label_smoothing=0.1)
+def loss_fn(out, y):  # scaled by the batch's own spread: no per-sample value
+    return F.cross_entropy(out, y, label_smoothing=0.1) / (1 + y.float().std())
 
 
 Trainer(max_epochs=1).fit(model, opt, loss_fn, DataLoader(TensorDataset(x, y), batch_size=16))
 """
+
+
+SCALAR_ONLY = """import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from onthefly import Trainer
+
+torch.manual_seed(0)
+x, y = torch.randn(96, 8), torch.randint(0, 3, (96,))
+model = nn.Linear(8, 3)
+
+
+def loss_fn(out, y):  # a plain function returning the batch's scalar
+    return F.cross_entropy(out, y, label_smoothing=0.1)
+
+
+loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+opt = torch.optim.SGD(model.parameters(), lr=0.0)  # frozen: per-sample losses are checkable
+Trainer(max_epochs=1).fit(model, opt, loss_fn, loader)
+with torch.no_grad():
+    np.save("expected.npy", F.cross_entropy(model(x), y, label_smoothing=0.1, reduction="none"))
+"""
+
+
+def test_a_loss_function_returning_only_a_scalar_records_each_samples_own_loss(
+    project: Path,
+) -> None:
+    """No reduction= to ask for: each sample's loss is the function on that sample alone,
+    said once in the log, and the stored epoch array holds exactly those values."""
+    import numpy as np
+
+    script = project / "scalar_only.py"
+    script.write_text(SCALAR_ONLY)
+    r = cli("run", "--headless", "--port", "0", str(script), cwd=project, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert out.count("returns one scalar for the batch") == 1, out
+    sdir = (project / ".onthefly" / "sessions" / "latest").resolve()
+    got = np.load(sdir / "samples" / "main" / "epoch-0000.npy")
+    np.testing.assert_allclose(got, np.load(project / "expected.npy"), rtol=1e-5, atol=1e-6)
 
 
 def test_a_library_error_names_the_users_script_in_every_line(project: Path) -> None:
@@ -93,7 +136,7 @@ def test_a_library_error_names_the_users_script_in_every_line(project: Path) -> 
     r = cli("run", "--headless", "--port", "0", str(script), cwd=project, timeout=120)
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
-    lines = [ln for ln in out.splitlines() if "returned a scalar" in ln and ln.startswith("[")]
+    lines = [ln for ln in out.splitlines() if "depends on the batch" in ln and ln.startswith("[")]
     assert [ln.split(": ", 1)[0] for ln in lines] == [
         "[onthefly] error in main-0",
         "[onthefly] main run failed",

@@ -253,31 +253,80 @@ class _ScalarLoss(nn.modules.loss._Loss):
         return (out - y).abs().mean()
 
 
+def _same_step(fn: Any, out: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+    """PerSampleLoss(fn) on (out, y): asserts backward gets exactly fn's own scalar and
+    gradients; returns the per-sample losses."""
+    total, per = PerSampleLoss(fn)(out, y, batch)
+    assert torch.equal(total.detach(), fn(out, y).detach())
+    if out.requires_grad:
+        total.backward()
+        g = out.grad.clone()
+        out.grad = None
+        fn(out, y).backward()
+        assert torch.allclose(g, out.grad)
+    assert not per.requires_grad and per.shape == (batch,)
+    return per
+
+
 @pytest.mark.parametrize("fn", [_ScalarWithReduction(), _ScalarLoss()])
 @pytest.mark.parametrize("grad", [True, False])
-def test_a_loss_module_that_ignores_reduction_none_gets_a_clear_error(
+def test_a_loss_module_that_ignores_reduction_none_gets_each_samples_own_loss(
     fn: nn.Module, grad: bool
 ) -> None:
+    """A module whose forward only returns the batch's scalar: each sample's loss is the
+    module on that sample alone (vmap), which averages back to the scalar."""
+    torch.manual_seed(0)
     out = torch.randn(8, 1, requires_grad=grad)
-    with torch.set_grad_enabled(grad), pytest.raises(OnTheFlyError) as ei:
-        PerSampleLoss(fn)(out, torch.randn(8, 1), 8)
-    msg = str(ei.value)
-    assert "internal" not in msg
-    assert f"loss_fn {type(fn).__name__} returned a scalar even with reduction='none'" in msg
-    assert "a `reduction` attribute that its forward honours" in msg  # it is a module already
-    assert "return one loss per sample" in msg
+    y = torch.randn(8, 1)
+    with torch.set_grad_enabled(grad):
+        per = _same_step(fn, out, y, 8)
+    expected = torch.stack([fn(out[i : i + 1], y[i : i + 1]) for i in range(8)]).detach()
+    assert torch.allclose(per, expected)
+    assert torch.allclose(per.mean(), fn(out, y).detach())
 
 
-def test_a_composite_loss_module_without_reduction_is_told_how_to_fix_it() -> None:
+def test_a_composite_loss_module_without_reduction_gets_each_samples_own_loss() -> None:
     class CePlusL2(nn.Module):  # CE + a regulariser: a scalar, no reduction attribute
         def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return nn.functional.cross_entropy(out, y) + 0.01 * (out**2).mean()
 
+    torch.manual_seed(1)
+    out, y = torch.randn(8, 3, requires_grad=True), torch.randint(0, 3, (8,))
+    per = _same_step(CePlusL2(), out, y, 8)
+    ce = nn.functional.cross_entropy(out, y, reduction="none") + 0.01 * (out**2).mean(1)
+    assert torch.allclose(per, ce.detach(), atol=1e-6)
+
+
+def test_a_summing_scalar_loss_is_recognised_as_a_sum() -> None:
+    def sse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((out - y) ** 2).sum()
+
+    loss = PerSampleLoss(sse)
+    out, y = torch.randn(5, 2), torch.randn(5, 2)
+    _, per = loss(out, y, 5)
+    assert torch.allclose(per, ((out - y) ** 2).sum(1)) and loss.reduction == "sum"
+
+
+def test_a_scalar_loss_of_the_whole_batch_gets_a_clear_error() -> None:
+    """A loss normalised by the batch's own statistics has no per-sample value: refused,
+    with what to do, rather than recording numbers that are not the sample's loss."""
+
+    def per_batch_scaled(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((out - y) ** 2).mean() / (y.std() + 1e-3)
+
+    def item_inside(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((out - y) ** 2).mean() * float(y.abs().max().item())
+
+    out, y = torch.randn(8, 1), torch.randn(8, 1)
     with pytest.raises(OnTheFlyError) as ei:
-        PerSampleLoss(CePlusL2())(torch.randn(8, 3), torch.randint(0, 3, (8,)), 8)
+        PerSampleLoss(per_batch_scaled)(out, y, 8)
     msg = str(ei.value)
-    assert "loss_fn CePlusL2 returned a scalar and has no reduction='none'" in msg, msg
-    assert "pass an nn loss module" not in msg and "its forward honours" in msg, msg
+    assert "it depends on the batch as a whole" in msg and "accept reduction=" in msg, msg
+    with pytest.raises(OnTheFlyError) as ei:
+        PerSampleLoss(item_inside)(out, y, 8)
+    msg = str(ei.value)  # vmap cannot run it: the reason is in the error
+    assert "loss_fn item_inside returned a scalar and has no reduction='none'" in msg, msg
+    assert "torch.func.vmap, failed too" in msg, msg
 
 
 def _sum_by_default(out: torch.Tensor, y: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -328,15 +377,13 @@ def test_a_loss_function_taking_reduction_trains_on_its_own_plain_call(
     assert torch.allclose(g, out.grad)
 
 
-def test_a_loss_function_ignoring_reduction_none_gets_a_clear_error() -> None:
+def test_a_loss_function_ignoring_reduction_none_gets_each_samples_own_loss() -> None:
     def scalar_anyway(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return ((out - y) ** 2).mean()
 
-    with pytest.raises(OnTheFlyError) as ei:
-        PerSampleLoss(scalar_anyway)(torch.randn(8, 1, requires_grad=True), torch.randn(8, 1), 8)
-    assert "loss_fn scalar_anyway returned a scalar even when called with reduction='none'" in str(
-        ei.value
-    )
+    out, y = torch.randn(8, 1, requires_grad=True), torch.randn(8, 1)
+    per = _same_step(scalar_anyway, out, y, 8)
+    assert torch.allclose(per, ((out - y) ** 2).reshape(8).detach())
 
 
 # -- 3. a diverging run's epoch statistics ---------------------------------------------------
