@@ -984,6 +984,10 @@ Global___RunEval: _TypeAlias = RunEval  # noqa: Y015
 class Stop(_message.Message):
     """skip_test: the run's do_test_after test pass does not run at this stop (a supervisor
     shutdown such as Ctrl+C, a rollback's abandoned branch): nobody reads its result.
+    signal: the supervisor is ending on this signal (2: Ctrl+C, 15: SIGTERM); the worker's
+    fit() then ends its script as that signal would (KeyboardInterrupt, or exit 128 + N)
+    instead of returning, so code after fit() does not run. 0: a stop asked for (`onthefly
+    stop`, a budget): fit() returns and the script goes on.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -991,19 +995,22 @@ class Stop(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     RUN_TEST_FIELD_NUMBER: _builtins.int
     SKIP_TEST_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     run_test: _builtins.bool
     skip_test: _builtins.bool
+    signal: _builtins.int
     def __init__(
         self,
         *,
         reason: _builtins.str = ...,
         run_test: _builtins.bool = ...,
         skip_test: _builtins.bool = ...,
+        signal: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "run_test", b"run_test", "skip_test", b"skip_test"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "run_test", b"run_test", "signal", b"signal", "skip_test", b"skip_test"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

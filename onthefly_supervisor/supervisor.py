@@ -336,13 +336,21 @@ class Supervisor:
                 if not w.state.terminal and w.spec.worker_id not in self.external
             ]
         told = []
+        # Ending on Ctrl+C/SIGTERM (exit 128 + N): the workers' scripts end as that signal
+        # ends a script (code after fit() does not run), as under `python train.py`.
+        signum = self._exit_code - 128 if self._exit_code in (130, 143) else 0
+        reason = (
+            f"interrupted ({'Ctrl+C' if signum == signal.SIGINT else 'SIGTERM'})"
+            if signum
+            else "supervisor shutting down"
+        )
         for w in live:
             try:
                 # Attached workers stop at a step boundary and checkpoint; the rest get SIGTERM.
                 self._send(
                     w.spec.worker_id,
                     pb.SupervisorCommand(
-                        stop=pb.Stop(reason="supervisor shutting down", skip_test=True)
+                        stop=pb.Stop(reason=reason, skip_test=True, signal=signum)
                     ),
                 )
                 told.append(w)

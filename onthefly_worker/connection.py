@@ -72,7 +72,12 @@ def command_from_proto(msg: pb.SupervisorCommand) -> Command | Welcome:
         return Command(
             "stop",
             cid,
-            {"reason": stop.reason, "run_test": stop.run_test, "skip_test": stop.skip_test},
+            {
+                "reason": stop.reason,
+                "run_test": stop.run_test,
+                "skip_test": stop.skip_test,
+                "signal": stop.signal,
+            },
         )
     if body == "health":
         opts = json.loads(msg.health.options_json) if msg.health.options_json else {}

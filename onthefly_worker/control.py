@@ -79,7 +79,9 @@ class CommandLoop(ABC):
 
     # -- `python train.py`: Ctrl+C / SIGTERM --------------------------------------------------
     interrupted: int = 0
-    """The signal that stopped a `python train.py` run at a step boundary (0: none)."""
+    """The signal that stopped the run at a step boundary (0: none): Ctrl+C/SIGTERM on
+    `python train.py`, or on the `onthefly run` supervisor (its Stop carries the signal)."""
+    _interrupt_said_elsewhere = False
 
     @contextlib.contextmanager
     def graceful_signals(self, enabled: bool) -> Iterator[None]:
@@ -130,12 +132,13 @@ class CommandLoop(ABC):
         signal asks (KeyboardInterrupt for Ctrl+C, exit 128 + N otherwise)."""
         if not self.interrupted:
             return
-        print(
-            f"[onthefly] stopped at step {step} ({checkpoint or 'no checkpoint'}); "
-            "`onthefly resume` continues it",
-            file=sys.stderr,
-            flush=True,
-        )
+        if not self._interrupt_said_elsewhere:
+            print(
+                f"[onthefly] stopped at step {step} ({checkpoint or 'no checkpoint'}); "
+                "`onthefly resume` continues it",
+                file=sys.stderr,
+                flush=True,
+            )
         if self.interrupted == signal.SIGINT:
             # The script ends as Ctrl+C ends it (a `try/except KeyboardInterrupt` around
             # fit() still sees it), but an uncaught one prints no traceback: the line above
@@ -336,6 +339,12 @@ class CommandLoop(ABC):
                 self._on_demand_eval(cmd, loader, split)
         elif cmd.kind == "stop":
             self._request_stop(str(cmd.args.get("reason") or "stop requested"))
+            signum = int(cmd.args.get("signal") or 0)
+            if signum in (signal.SIGINT, signal.SIGTERM) and not self.interrupted:
+                # The supervisor ends on Ctrl+C/SIGTERM: fit() ends the script as that signal
+                # would (end_as_interrupted); the supervisor says where to resume from.
+                self.interrupted = signum
+                self._interrupt_said_elsewhere = True
             if cmd.args.get("run_test"):
                 self.run_test_on_stop = True
             elif cmd.args.get("skip_test"):

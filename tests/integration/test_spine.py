@@ -198,7 +198,10 @@ def test_a_stop_during_a_long_validation_gives_it_up_and_keeps_the_epoch(project
 
 
 def test_pause_resume_stop_from_cli(project: Path) -> None:
-    live = start(project, SMALL, "--epochs", "50", "--step-sleep", "0.02")
+    after = project / "after-fit.txt"
+    live = start(
+        project, SMALL, "--epochs", "50", "--step-sleep", "0.02", "--after-fit-file", str(after)
+    )
     try:
         live.wait_for(lambda s: live.main_run(s)["step"] >= 5)
         r = cli("pause", cwd=project)
@@ -233,6 +236,7 @@ def test_pause_resume_stop_from_cli(project: Path) -> None:
         last = db.execute("SELECT reason FROM checkpoints ORDER BY step DESC LIMIT 1").fetchone()
         db.close()
         assert last == ("stop",), last
+        assert after.exists(), "a stop asked for: fit() returns and the script goes on"
     finally:
         if live.proc.poll() is None:
             live.proc.kill()
@@ -489,7 +493,14 @@ def test_no_orphans_when_supervisor_is_killed(project: Path) -> None:
 
 
 def test_stop_reaps_every_process(project: Path) -> None:
-    live = start(project, SMALL, "--epochs", "50", "--step-sleep", "0.02", "--num-workers", "2")
+    """Ctrl+C: the run stops at a step boundary with a checkpoint, every process ends, and
+    the script ends as Ctrl+C ends a script: the code after fit() does not run (as under
+    `python train.py`, and as Lightning's Ctrl+C handling ends the script)."""
+    after = project / "after-fit.txt"
+    live = start(
+        project, SMALL, "--epochs", "50", "--step-sleep", "0.02", "--num-workers", "2",
+        "--after-fit-file", str(after),
+    )  # fmt: skip
     st = live.wait_for(lambda s: live.main_run(s)["step"] >= 3)
     worker_pid = live.worker_pids(st)[0]
     children = _descendants(worker_pid)
@@ -499,11 +510,16 @@ def test_stop_reaps_every_process(project: Path) -> None:
     assert not pid_alive(worker_pid)
     assert not any(pid_alive(c) for c in children)
     main = cli_json("runs", cwd=project)["runs"][0]
-    assert main["status"] == "stopped"
+    assert main["status"] == "stopped" and main["last_checkpoint"], main
+    assert not after.exists(), out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
 
 
 def test_sigterm_stops_every_process_and_exits_143(project: Path) -> None:
-    live = start(project, SMALL, "--epochs", "50", "--step-sleep", "0.02")
+    after = project / "after-fit.txt"
+    live = start(
+        project, SMALL, "--epochs", "50", "--step-sleep", "0.02", "--after-fit-file", str(after)
+    )
     st = live.wait_for(lambda s: live.main_run(s)["step"] >= 3)
     worker_pid = live.worker_pids(st)[0]
     live.proc.send_signal(signal.SIGTERM)  # what a job scheduler sends
@@ -513,6 +529,7 @@ def test_sigterm_stops_every_process_and_exits_143(project: Path) -> None:
     assert not pid_alive(worker_pid)
     main = cli_json("runs", cwd=project)["runs"][0]
     assert main["status"] == "stopped" and main["last_checkpoint"], main
+    assert not after.exists(), out  # the script ends as SIGTERM ends it
 
 
 def test_shutdown_ends_a_keep_alive_supervisor_with_a_checkpoint(project: Path) -> None:

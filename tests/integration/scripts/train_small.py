@@ -56,6 +56,7 @@ p.add_argument(
 p.add_argument("--grad-norm-every", type=int, default=0)
 p.add_argument("--second-fit", action="store_true", help="call Trainer.fit a second time")
 p.add_argument("--exit-after-fit", type=int, default=0, help="sys.exit(N) after fit()")
+p.add_argument("--after-fit-file", default="", help="write this file when fit() returns")
 p.add_argument(
     "--plateau-per-step", action="store_true", help="ReduceLROnPlateau stepped every step"
 )
@@ -223,5 +224,8 @@ if not args.no_fit:
     Trainer(**kw).fit(model, opt, loss_fn, train, val, test, scheduler=sched)
 if args.second_fit:  # e.g. a fine-tuning phase after pre-training
     Trainer(project="tests", run_name="finetune", max_epochs=1).fit(model, opt, loss_fn, train)
+if args.after_fit_file:
+    with open(args.after_fit_file, "w") as f:
+        f.write("the code after fit() ran")
 if args.exit_after_fit:
     sys.exit(args.exit_after_fit)
