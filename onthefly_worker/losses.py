@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 from onthefly_worker.errors import OnTheFlyError
 
@@ -77,6 +78,23 @@ def _scalar_loss_error(
     return OnTheFlyError(
         f"{who} {why}: OnTheFly records the loss of every sample from the training forward "
         f"pass, so {fix}"
+    )
+
+
+def _one_row(a: Any) -> Any:
+    return a.unsqueeze(0) if isinstance(a, torch.Tensor) else a
+
+
+def _detached(a: Any) -> Any:
+    return a.detach() if isinstance(a, torch.Tensor) else a
+
+
+def _batched(obj: Any, batch: int) -> bool:
+    """A tensor, or a tuple/list/dict of them, each with the batch as its first dimension
+    (what vmap can split into samples)."""
+    leaves, _ = tree_flatten(obj)
+    return bool(leaves) and all(
+        isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == batch for a in leaves
     )
 
 
@@ -258,8 +276,8 @@ class PerSampleLoss:
         (keeps the graph when gradients are enabled)."""
         fn = self.user
 
-        def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return fn(o.unsqueeze(0), t.unsqueeze(0))
+        def one(o: Any, t: Any) -> torch.Tensor:
+            return fn(tree_map(_one_row, o), tree_map(_one_row, t))
 
         return torch.func.vmap(one)(output, target)
 
@@ -275,20 +293,14 @@ class PerSampleLoss:
             module=isinstance(self.user, nn.Module)
             and type(self.user).__module__ != "torch.nn.modules.loss",
         )
-        if not (
-            isinstance(output, torch.Tensor)
-            and isinstance(target, torch.Tensor)
-            and output.dim() >= 1
-            and target.dim() >= 1
-            and output.shape[0] == target.shape[0] == batch
-        ):
+        if not (_batched(output, batch) and _batched(target, batch)):
             raise base
         try:
             # (a warning the loss gives on one sample, e.g. std() of one value, is moot: the
             # check below refuses such a loss with the reason)
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                per = self.rows_of(output.detach(), target)
+                per = self.rows_of(tree_map(_detached, output), target)
         except Exception as e:  # noqa: BLE001 - vmap's own reason, in the user's error
             raise OnTheFlyError(
                 f"{base}. (Its value on each sample alone, computed with torch.func.vmap, "
@@ -341,10 +353,10 @@ class PerSampleLoss:
                     f"{self.who} returned a scalar before and now "
                     f"{type(total).__name__} {tuple(getattr(total, 'shape', ()))}"
                 )
-            if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)):
+            if not (_batched(output, batch) and _batched(target, batch)):
                 raise _scalar_loss_error(self.name)
             with torch.no_grad():
-                per = self.rows_of(output.detach(), target)
+                per = self.rows_of(tree_map(_detached, output), target)
             if not self._rows_checked:
                 self._check_rows(per, total)
             return total, per

@@ -297,6 +297,24 @@ def test_a_composite_loss_module_without_reduction_gets_each_samples_own_loss() 
     assert torch.allclose(per, ce.detach(), atol=1e-6)
 
 
+def test_a_scalar_loss_of_a_tuple_output_gets_each_samples_own_loss() -> None:
+    """A model returning (logits, features) and a loss that unpacks them: vmap splits
+    every tensor of the tuple by sample."""
+
+    def loss_fn(out: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        logits, feats = out
+        return nn.functional.cross_entropy(logits, y) + 0.01 * feats.pow(2).mean()
+
+    torch.manual_seed(2)
+    logits = torch.randn(6, 3, requires_grad=True)
+    feats = torch.randn(6, 4, requires_grad=True)
+    y = torch.randint(0, 3, (6,))
+    total, per = PerSampleLoss(loss_fn)((logits, feats), y, 6)
+    assert torch.equal(total.detach(), loss_fn((logits, feats), y).detach())
+    want = nn.functional.cross_entropy(logits, y, reduction="none") + 0.01 * feats.pow(2).mean(1)
+    assert torch.allclose(per, want.detach(), atol=1e-6) and not per.requires_grad
+
+
 def test_a_summing_scalar_loss_is_recognised_as_a_sum() -> None:
     def sse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return ((out - y) ** 2).sum()
