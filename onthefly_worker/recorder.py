@@ -272,13 +272,22 @@ class Recorder:
                     return
                 self._cond.wait(left)
 
-    def end_epoch(self, then: Callable[[float], None]) -> None:
+    def end_epoch(self, then: Callable[[float], None], at_backward: bool = False) -> None:
         """Close the epoch without waiting for the packing thread: it sends what is still
         buffered, then calls `then(mean)` with the epoch's mean per-sample loss (NaN when
         no finite loss was seen) and starts the next epoch's mean. Messages `then` sends
-        therefore follow the epoch's last per-sample losses on the connection."""
+        therefore follow the epoch's last per-sample losses on the connection.
+
+        `at_backward` (with hand_off_at_backward): hand off at the next epoch's first
+        backward instead of now, as a due flush is (see before_backward): the packing then
+        overlaps that backward, not the next epoch's start (its loader and first batch),
+        which it slowed by ~1 ms an epoch. A flush (validation, a checkpoint, a pause, the
+        end of training) hands it off at once."""
         self._buf.end = then
-        self._hand_off()
+        if at_backward and self.hand_off_at_backward:
+            self._due = True
+        else:
+            self._hand_off()
 
     def flush(self) -> None:
         """Send everything recorded so far, and wait until it is queued on the connection."""
@@ -316,7 +325,10 @@ class Recorder:
         back to `record` since: a stalled loader, a loop stuck in user code) are sent from
         here, so the supervisor shows where the run is instead of its last flush."""
         with self._lock:
-            if self._buf.steps and time.monotonic() - self._last_flush >= self.stale_after_s:
+            buf = self._buf
+            if (buf.steps or buf.end is not None) and (
+                time.monotonic() - self._last_flush >= self.stale_after_s
+            ):
                 self._hand_off_locked()
 
     def _per_sample_values(

@@ -1158,7 +1158,7 @@ class _Loop(CommandLoop):
                 )
             )
 
-        self.rec.end_epoch(send_end)
+        self.rec.end_epoch(send_end, at_backward=True)
         # A fork's epoch is one pass over its slice: it validates at its end (and on its
         # early-stop cadence), and its epoch-interval scheduler steps once per main-run
         # epoch of steps (`_fork_epoch_sched`), not per pass over the slice.

@@ -342,8 +342,25 @@ def test_a_due_flush_after_a_short_step_waits_for_the_next_backward() -> None:
     record(4, 500.0)  # a long step: at once (steps 3 and 4)
     assert steps_sent() == [1, 2, 3, 4]
     record(5, 2.0)
-    rec.flush()  # flush and epoch ends never wait for a backward
+    rec.flush()  # a flush never waits for a backward
     assert steps_sent() == [1, 2, 3, 4, 5]
+    # An epoch's end may wait for the next epoch's first backward (at_backward=True) ...
+    means: list[float] = []
+    rec.end_epoch(means.append, at_backward=True)
+    assert rec._handed == 5 and not means
+    rec.before_backward()
+    rec.wait_sent(rec._handed)
+    assert means == [pytest.approx(3.0)]  # steps 1..5, all 4 samples each
+    # ... or for nothing (the default), and a stalled loop sends it after stale_after_s.
+    rec.end_epoch(means.append)
+    rec.wait_sent(rec._handed)
+    assert len(means) == 2
+    rec.stale_after_s = 0.1
+    rec.end_epoch(means.append, at_backward=True)
+    deadline = time.monotonic() + 5
+    while len(means) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(means) == 3
 
 
 def test_wait_sent_orders_a_message_from_another_thread_after_earlier_steps() -> None:
