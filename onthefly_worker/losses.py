@@ -54,6 +54,11 @@ _ROW_INDEPENDENT: tuple[type[nn.Module], ...] = (
 _CLASS_TARGETS: tuple[type[nn.Module], ...] = (nn.CrossEntropyLoss, nn.NLLLoss)
 
 
+def _loss_name(name: str) -> str:
+    """How messages name the user's loss."""
+    return "loss_fn" if name == "loss_fn" else f"loss_fn {name}"
+
+
 def _scalar_loss_error(
     name: str, ignores_reduction: bool = False, module: bool = False
 ) -> OnTheFlyError:
@@ -65,7 +70,6 @@ def _scalar_loss_error(
         if ignores_reduction
         else "returned a scalar and has no reduction='none'"
     )
-    who = "loss_fn" if name == "loss_fn" else f"loss_fn {name}"
     fix = (
         # A module of the user's own (e.g. CE + a regulariser): say how to make it work.
         "give it a `reduction` attribute that its forward honours ('none': one loss per "
@@ -76,7 +80,7 @@ def _scalar_loss_error(
         "reduction=, or one that returns one loss per sample"
     )
     return OnTheFlyError(
-        f"{who} {why}: OnTheFly records the loss of every sample from the training forward "
+        f"{_loss_name(name)} {why}: OnTheFly records the loss of every sample from the training forward "
         f"pass, so {fix}"
     )
 
@@ -269,7 +273,7 @@ class PerSampleLoss:
     @property
     def who(self) -> str:
         """How messages name the user's loss."""
-        return "loss_fn" if self.name == "loss_fn" else f"loss_fn {self.name}"
+        return _loss_name(self.name)
 
     def rows_of(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """For a `by_rows` loss: the user's loss on each sample alone, one value per row
@@ -281,26 +285,38 @@ class PerSampleLoss:
 
         return torch.func.vmap(one)(output, target)
 
+    def _rows_or_error(self, output: Any, target: Any, batch: int) -> torch.Tensor:
+        """`rows_of` on the detached output, gradient-free; the scalar-loss error when the
+        output or target is not split into samples by its first dimension."""
+        if not (_batched(output, batch) and _batched(target, batch)):
+            raise self._scalar_error()
+        with torch.no_grad():
+            return self.rows_of(tree_map(_detached, output), target)
+
+    def _scalar_error(self) -> OnTheFlyError:
+        """The error for a loss that returns a scalar where one loss per sample is needed."""
+        return _scalar_loss_error(
+            self.name,
+            ignores_reduction=self._none is not None or self._kwarg,
+            module=isinstance(self.user, nn.Module)
+            and type(self.user).__module__ != "torch.nn.modules.loss",
+        )
+
     def _adopt_rows(
         self, output: Any, target: Any, total: torch.Tensor, batch: int
     ) -> torch.Tensor:
         """The user's loss returned a scalar and there is no reduction='none' to ask for:
         take each sample's loss as the loss on that sample alone, if that gives the user's
         scalar back (else a clear error, as before)."""
-        base = _scalar_loss_error(
-            self.name,
-            ignores_reduction=self._none is not None or self._kwarg,
-            module=isinstance(self.user, nn.Module)
-            and type(self.user).__module__ != "torch.nn.modules.loss",
-        )
-        if not (_batched(output, batch) and _batched(target, batch)):
-            raise base
+        base = self._scalar_error()
         try:
             # (a warning the loss gives on one sample, e.g. std() of one value, is moot: the
             # check below refuses such a loss with the reason)
-            with torch.no_grad(), warnings.catch_warnings():
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                per = self.rows_of(tree_map(_detached, output), target)
+                per = self._rows_or_error(output, target, batch)
+        except OnTheFlyError:
+            raise
         except Exception as e:  # noqa: BLE001 - vmap's own reason, in the user's error
             raise OnTheFlyError(
                 f"{base}. (Its value on each sample alone, computed with torch.func.vmap, "
@@ -353,10 +369,7 @@ class PerSampleLoss:
                     f"{self.who} returned a scalar before and now "
                     f"{type(total).__name__} {tuple(getattr(total, 'shape', ()))}"
                 )
-            if not (_batched(output, batch) and _batched(target, batch)):
-                raise _scalar_loss_error(self.name)
-            with torch.no_grad():
-                per = self.rows_of(tree_map(_detached, output), target)
+            per = self._rows_or_error(output, target, batch)
             if not self._rows_checked:
                 self._check_rows(per, total)
             return total, per
