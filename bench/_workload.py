@@ -1,6 +1,7 @@
 """The bench workload: the same model, data and steps, as a raw PyTorch loop or under OnTheFly.
 
 python bench/_workload.py raw --model mlp --steps 1500      # prints JSON timing
+python bench/_workload.py rawserve --model mlp              # reads N, trains N raw steps, prints ms/step
 onthefly run bench/_workload.py onthefly --model mlp ...    # timing read from the store
 (--inline-raw FILE: the raw loop is also timed in that process, before and after fit)
 """
@@ -15,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 p = argparse.ArgumentParser()
-p.add_argument("mode", choices=["raw", "onthefly"])
+p.add_argument("mode", choices=["raw", "rawserve", "onthefly"])
 p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
 p.add_argument("--steps", type=int, default=1000)
 p.add_argument("--warmup", type=int, default=50)
@@ -82,8 +83,37 @@ def raw_copy() -> float:
     return raw_loop(net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9))
 
 
+def raw_serve() -> None:
+    """For bench/overhead_ab.py: each line on stdin is a number of steps N; train N more raw
+    steps (the same loop, continuing over epochs) and print their mean ms per step."""
+    batches = iter(())
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            return next(batches)
+
+    import sys
+
+    for line in sys.stdin:
+        n = int(line)
+        t = time.perf_counter()
+        for _ in range(n):
+            xb, yb = batch()
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            opt.step()
+        print(json.dumps({"step_ms": 1000 * (time.perf_counter() - t) / n}), flush=True)
+
+
 if args.mode == "raw":
     print(json.dumps({"step_ms": raw_loop(model, opt)}))
+elif args.mode == "rawserve":
+    raw_serve()
 else:
     from onthefly import Trainer
 

@@ -12,7 +12,7 @@ the worker process itself, right before and right after fit() (seconds apart: th
 `overhead ratio` divides by their mean), and in processes of its own before and after the
 `onthefly run` (tens of seconds apart: printed as `separate-process ratio`, a cross-check
 that the worker process itself, e.g. its imports or environment, slows nothing down).
-BENCH_REPS rounds (default 5) give the medians.
+BENCH_REPS rounds (default 5) give the medians; BENCH_MODELS=mlp (or cnn) runs one model.
 
 A steadier number comes with it on Linux: the share of the supervised run's wall time that
 the worker's training thread was on a CPU (from /proc/<pid>/schedstat, sampled while it
@@ -151,7 +151,10 @@ def supervised(model: str, steps: int, warmup: int) -> tuple[float, float, float
 
 def main() -> None:
     reps = int(os.environ.get("BENCH_REPS", "5"))
+    only = os.environ.get("BENCH_MODELS", "mlp,cnn").split(",")
     for model, steps in (("mlp", 2000), ("cnn", 250)):
+        if model not in only:
+            continue
         rounds = []  # (raw in its own processes, raw in the worker process, supervised)
         on_cpu = []
         for _ in range(reps):
