@@ -1043,7 +1043,20 @@ class _Loop(CommandLoop):
             )
 
     def _note_unused_keys(self, batch: Any) -> None:
-        """Say once when a dict batch carries keys the model never sees."""
+        """Say once when a dict batch carries keys the model never sees, or a tuple batch
+        items past (inputs, target): fine for a sample weight or an index, but a model with
+        two inputs (x1, x2, y) would otherwise train silently on x2 as its target."""
+        if isinstance(batch, (tuple, list)) and len(batch) > 2:
+            rest = "batch[2]" if len(batch) == 3 else f"batch[2:] ({len(batch) - 2} items)"
+            self.log(
+                f"each batch has {len(batch)} items: OnTheFly calls "
+                f"model(batch[0]) and the loss on (output, batch[1]), and {rest} is not used "
+                "(fine for a sample weight or index). If the model takes several inputs or "
+                "the target is not second, yield (inputs, target) with the inputs as one "
+                "tuple or dict the model unpacks",
+                "warning",
+            )
+            return
         unused, xk, yk = unused_batch_keys(batch)
         if unused:
             self.log(

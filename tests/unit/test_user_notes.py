@@ -66,6 +66,20 @@ def test_dict_batches_name_the_keys_the_model_never_sees(tmp_path: Path) -> None
     assert logs == []
 
 
+def test_tuple_batches_past_inputs_and_target_are_named(tmp_path: Path) -> None:
+    """(x1, x2, y) would train on x2 as the target: said once, with what is used."""
+    loop, logs = _loop(tmp_path, "step", "epoch")
+    loop._note_unused_keys((torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2)))
+    assert len(logs) == 1 and logs[0][0] == "warning"
+    assert "each batch has 3 items" in logs[0][1] and "batch[2] is not used" in logs[0][1]
+    logs.clear()
+    loop._note_unused_keys([1, 2, 3, 4])
+    assert "has 4 items" in logs[0][1] and "batch[2:] (2 items)" in logs[0][1]
+    logs.clear()
+    loop._note_unused_keys((torch.zeros(2, 4), torch.zeros(2)))
+    assert logs == []
+
+
 def test_do_test_after_without_a_test_loader_and_plateau_without_val_are_warnings(
     tmp_path: Path,
 ) -> None:
