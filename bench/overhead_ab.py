@@ -104,7 +104,12 @@ def measure(model: str, rounds: int) -> list[float]:
 
     try:
         client = _client(project, time.monotonic() + 60)
+        deadline = time.monotonic() + 120
         while _step(client) < 200:  # past start-up and the grad-norm calibration
+            if sup.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(
+                    f"the supervised run did not reach step 200 (see {project}/.onthefly)"
+                )
             time.sleep(0.2)
         raw_ms = raw_phase(1.0, 2.0)  # warm-up of the raw process
         _act(client, "Pause")
