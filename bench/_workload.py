@@ -9,7 +9,9 @@ onthefly run bench/_workload.py onthefly --model mlp ...    # timing read from t
 import argparse
 import copy
 import json
+import sys
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -58,16 +60,23 @@ loss_fn = nn.CrossEntropyLoss()
 epochs = -(-args.steps // len(loader))
 
 
+def raw_step(
+    net: nn.Module, optim: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor
+) -> None:
+    """One plain PyTorch training step."""
+    optim.zero_grad(set_to_none=True)
+    loss = loss_fn(net(xb), yb)
+    loss.backward()
+    optim.step()
+
+
 def raw_loop(net: nn.Module, optim: torch.optim.Optimizer) -> float:
     """The plain PyTorch loop over the same data for --steps steps; ms per step after --warmup."""
     step = 0
     t_start = 0.0
     for _ in range(epochs):
         for xb, yb in loader:
-            optim.zero_grad(set_to_none=True)
-            loss = loss_fn(net(xb), yb)
-            loss.backward()
-            optim.step()
+            raw_step(net, optim, xb, yb)
             step += 1
             if step == args.warmup:
                 t_start = time.perf_counter()
@@ -86,27 +95,17 @@ def raw_copy() -> float:
 def raw_serve() -> None:
     """For bench/overhead_ab.py: each line on stdin is a number of steps N; train N more raw
     steps (the same loop, continuing over epochs) and print their mean ms per step."""
-    batches = iter(())
 
-    def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        nonlocal batches
-        try:
-            return next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            return next(batches)
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from loader
 
-    import sys
-
+    it = batches()
     for line in sys.stdin:
         n = int(line)
         t = time.perf_counter()
         for _ in range(n):
-            xb, yb = batch()
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            opt.step()
+            raw_step(model, opt, *next(it))
         print(json.dumps({"step_ms": 1000 * (time.perf_counter() - t) / n}), flush=True)
 
 

@@ -80,7 +80,12 @@ def _phase_ms(db: sqlite3.Connection, t0: float, t1: float) -> float | None:
 
 
 def measure(model: str, rounds: int) -> list[float]:
-    project = tempfile.mkdtemp(prefix="otf-bench-ab-")
+    """One process pair: each supervised phase's step time ÷ the raw phases around it."""
+    with tempfile.TemporaryDirectory(prefix="otf-bench-ab-", ignore_cleanup_errors=True) as d:
+        return _measure_in(d, model, rounds)
+
+
+def _measure_in(project: str, model: str, rounds: int) -> list[float]:
     sup = subprocess.Popen(
         [ONTHEFLY, "run", "--port", "0", str(WORK), "onthefly", "--model", model]
         + ["--steps", "100000000"],
@@ -108,7 +113,8 @@ def measure(model: str, rounds: int) -> list[float]:
         while _step(client) < 200:  # past start-up and the grad-norm calibration
             if sup.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(
-                    f"the supervised run did not reach step 200 (see {project}/.onthefly)"
+                    "the supervised run did not reach step 200 within 2 min (`onthefly run "
+                    f"bench/_workload.py onthefly --model {model}` shows why)"
                 )
             time.sleep(0.2)
         raw_ms = raw_phase(1.0, 2.0)  # warm-up of the raw process
@@ -134,14 +140,17 @@ def measure(model: str, rounds: int) -> list[float]:
         except subprocess.TimeoutExpired:
             sup.terminate()
             sup.wait()
-    dbs = sorted(Path(project, ".onthefly", "sessions").glob("*/session.db"))
-    db = sqlite3.connect(f"file:{dbs[-1]}?mode=ro", uri=True)
-    ratios = []
-    for i, (t0, t1) in enumerate(windows):
-        ms = _phase_ms(db, t0, t1)
-        if ms is not None:
-            ratios.append(ms / ((raws[i] + raws[i + 1]) / 2))
-    return ratios
+    db_path = Path(project, ".onthefly", "sessions", "latest", "session.db")
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        ratios = []
+        for i, (t0, t1) in enumerate(windows):
+            ms = _phase_ms(db, t0, t1)
+            if ms is not None:
+                ratios.append(ms / ((raws[i] + raws[i + 1]) / 2))
+        return ratios
+    finally:
+        db.close()
 
 
 def main() -> None:
