@@ -77,17 +77,18 @@ class _Pending:
         self.cls: list[tuple[torch.Tensor, torch.Tensor] | None] = []
 
     def unzip(self) -> None:
-        """The steps' tuples into the per-field lists (on the packing thread)."""
+        """The steps' tuples into the per-field lists (on the packing thread), transposed in
+        one `zip` rather than appended field by field."""
+        if not self.steps:
+            return
+        ids, per, loss, gn, step, batch, t, lr, sms, dms, extra, cls = zip(*self.steps, strict=True)
+        self.ids, self.per, self.losses, self.gnorms = list(ids), list(per), list(loss), list(gn)
+        self.extra, self.cls = list(extra), list(cls)
         epoch = self.epoch
-        for ids, per, loss, gn, step, batch, t, lr, sms, dms, extra, cls in self.steps:
-            self.ids.append(ids)
-            self.per.append(per)
-            self.losses.append(loss)
-            self.gnorms.append(gn)
-            sps = len(ids) / (sms / 1000.0) if sms > 0 else 0.0
-            self.points.append((step, epoch, batch, t, lr, sps, sms, dms))
-            self.extra.append(extra)
-            self.cls.append(cls)
+        self.points = [
+            (s, epoch, b, ts, r, len(i) / (ms / 1000.0) if ms > 0 else 0.0, ms, d)
+            for s, b, ts, r, i, ms, d in zip(step, batch, t, lr, ids, sms, dms, strict=True)
+        ]
         self.steps = []
 
 
@@ -391,19 +392,23 @@ class Recorder:
         if self.plain_ce is None or any(c is None for c in buf.cls):
             return None
         pairs = buf.per
-        for p in pairs:
-            if not (
-                isinstance(p, tuple)
-                and p[0].dim() == 2
-                and p[0].dtype == torch.float32
-                and p[1].dim() == 1
-                and not p[1].is_floating_point()
-                and p[0].shape[1] == pairs[0][0].shape[1]
-                and p[0].device == pairs[0][0].device
-            ):
-                return None
-        logits = torch.cat([p[0] for p in pairs])
-        target = torch.cat([p[1] for p in pairs])
+        if not all(isinstance(p, tuple) for p in pairs):
+            return None
+        try:  # one check of the concatenation instead of one per step
+            logits = torch.cat([p[0] for p in pairs])
+            target = torch.cat([p[1] for p in pairs])
+        except (RuntimeError, TypeError):  # mixed devices, or shapes that do not line up
+            return None
+        if not (
+            logits.dim() == 2
+            and logits.dtype == torch.float32
+            and target.dim() == 1
+            and not target.is_floating_point()
+            and target.shape[0] == logits.shape[0]
+            # a float32 concatenation of float32 steps only (cat promotes mixed dtypes)
+            and all(p[0].dtype == torch.float32 for p in pairs)
+        ):
+            return None
         if logits.device.type == "cpu":
             # On the host: numpy on the class-major logits (one transposing copy) after
             # two torch calls in all (each torch call is a GIL hand-off the training thread
@@ -616,13 +621,22 @@ def _host(t: torch.Tensor | np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _host_floats(values: Sequence[torch.Tensor | float | None]) -> list[float]:
-    """Python floats from a mix of floats, None (not measured: NaN) and scalar tensors, with
-    one host copy for all the tensors."""
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    host = iter(
-        torch.stack([t.reshape(()).float() for t in tensors]).cpu().tolist() if tensors else []
-    )
-    return [
-        next(host) if isinstance(v, torch.Tensor) else (math.nan if v is None else float(v))
-        for v in values
-    ]
+    """Python floats from a mix of floats, None (not measured: NaN) and scalar tensors: CPU
+    tensors one `.item()` each (~0.2 us), device tensors with one host copy for them all
+    (one sync instead of one per tensor)."""
+    out: list[float] = []
+    dev: list[int] = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            if v.device.type == "cpu":
+                out.append(float(v.item()))
+                continue
+            dev.append(len(out))
+            out.append(math.nan)
+        else:
+            out.append(math.nan if v is None else float(v))
+    if dev:
+        host = torch.stack([values[i].reshape(()).float() for i in dev]).cpu().tolist()  # type: ignore[union-attr]
+        for i, x in zip(dev, host, strict=True):
+            out[i] = x
+    return out

@@ -584,3 +584,69 @@ def test_grad_norm_cadence_is_timed_after_the_warm_up_steps() -> None:
     assert _cadence(10e-6, 50e-3, 40) == (1, [])
     # At most every 16th step, however costly.
     assert _cadence(1e-3, 1e-3, 40)[0] == 16
+
+
+@pytest.mark.parametrize("mix", ["float64", "classes", "bfloat16"])
+def test_a_flush_of_mixed_logits_is_not_fused_and_keeps_every_loss(mix: str) -> None:
+    """The fused cross-entropy pass takes float32 [B, C] logits with one C over the whole
+    flush; a flush mixing class counts or dtypes falls back to the per-run computation,
+    with the same per-sample values as reduction='none' per step."""
+    psl = PerSampleLoss(nn.CrossEntropyLoss())
+    sent: list[dict[str, object]] = []
+    rec = _recorder(sent, flush_interval_s=10.0)
+    rec.per_sample = psl.per_sample
+    rec.plain_ce = psl.plain_ce_ignore_index()
+    torch.manual_seed(2)
+    refs = []
+    for step in range(1, 5):
+        c = 7 if mix == "classes" and step == 3 else 5
+        out = torch.randn(8, c)
+        if step == 2 and mix != "classes":
+            out = out.to(getattr(torch, mix))
+        y = torch.randint(0, 5, (8,))
+        refs.append(nn.functional.cross_entropy(out.float(), y, reduction="none"))
+        rec.record(
+            step,
+            0,
+            step - 1,
+            np.arange(8) + 8 * step,
+            (out, y),
+            1.0,
+            0.1,
+            None,
+            2.0,
+            0.1,
+            cls=Recorder.classification(out, y),
+        )
+    rec.flush()
+    msgs = [m["samples"] for m in sent if "samples" in m]
+    got = np.concatenate([np.frombuffer(m.losses, "<f4") for m in msgs])  # type: ignore[attr-defined]
+    np.testing.assert_allclose(
+        got,
+        torch.cat(refs).numpy(),
+        rtol=1e-2 if mix == "bfloat16" else 1e-5,
+        atol=1e-2 if mix == "bfloat16" else 1e-5,
+    )
+    ids = np.concatenate([np.frombuffer(m.ids, "<i8") for m in msgs])  # type: ignore[attr-defined]
+    assert ids.tolist() == list(range(8, 40))
+
+
+def test_step_values_reach_the_host_as_floats_whatever_they_were() -> None:
+    """Losses and grad norms arrive as floats, None (not measured: NaN) or scalar tensors of
+    any dtype, and become the metrics' floats in step order."""
+    from onthefly_worker.recorder import _host_floats
+
+    got = _host_floats(
+        [
+            1.5,
+            None,
+            torch.tensor(2.25),
+            torch.tensor(3.0, dtype=torch.float64),
+            torch.tensor(0.5, dtype=torch.bfloat16),
+            torch.tensor([4.0]),
+            7,
+        ]
+    )
+    assert got[0] == 1.5 and math.isnan(got[1])
+    assert got[2:] == [2.25, 3.0, 0.5, 4.0, 7.0]
+    assert all(type(v) is float for v in got)
