@@ -156,6 +156,7 @@ class WorkerMessage(_message.Message):
 
     WORKER_ID_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    AFTER_STREAM_FIELD_NUMBER: _builtins.int
     HELLO_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
@@ -172,6 +173,11 @@ class WorkerMessage(_message.Message):
     """as given in ONTHEFLY_WORKER_ID"""
     time: _builtins.float
     """unix seconds when the worker built the message"""
+    after_stream: _builtins.int
+    """In a sample feed only (see Welcome.sample_feed): how many messages the worker had
+    queued on its Attach stream (its hello included) when it wrote this record. The
+    supervisor handles the record after that many of the stream's messages.
+    """
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -201,6 +207,7 @@ class WorkerMessage(_message.Message):
         *,
         worker_id: _builtins.str = ...,
         time: _builtins.float = ...,
+        after_stream: _builtins.int = ...,
         hello: Global___Hello | None = ...,
         metrics: Global___MetricsBatch | None = ...,
         samples: Global___SampleLosses | None = ...,
@@ -216,7 +223,7 @@ class WorkerMessage(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "checkpoint", b"checkpoint", "epoch_end", b"epoch_end", "error", b"error", "eval", b"eval", "finished", b"finished", "heartbeat", b"heartbeat", "hello", b"hello", "log", b"log", "metrics", b"metrics", "samples", b"samples", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "checkpoint", b"checkpoint", "epoch_end", b"epoch_end", "error", b"error", "eval", b"eval", "finished", b"finished", "heartbeat", b"heartbeat", "hello", b"hello", "log", b"log", "metrics", b"metrics", "samples", b"samples", "status", b"status", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "after_stream", b"after_stream", "body", b"body", "checkpoint", b"checkpoint", "epoch_end", b"epoch_end", "error", b"error", "eval", b"eval", "finished", b"finished", "heartbeat", b"heartbeat", "hello", b"hello", "log", b"log", "metrics", b"metrics", "samples", b"samples", "status", b"status", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "metrics", "samples", "epoch_end", "checkpoint", "eval", "status", "log", "error", "heartbeat", "ack", "finished"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
@@ -884,6 +891,7 @@ class Welcome(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     FLUSH_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    SAMPLE_FEED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     session_dir: _builtins.str
     """absolute path of the session folder"""
@@ -891,6 +899,16 @@ class Welcome(_message.Message):
     flush_interval_ms: _builtins.int
     """how often to flush metric/sample buffers"""
     heartbeat_interval_ms: _builtins.int
+    sample_feed: _builtins.str
+    """The worker's sample feed, relative to session_dir ("" = none: send everything on the
+    stream). The worker appends its per-sample loss flushes to files named
+    `<sample_feed>.000000`, `.000001`, ... instead of sending them on the stream, so a
+    flush wakes no thread of the worker's or the supervisor's: the supervisor reads the
+    feed every ~100 ms and before each of the worker's stream messages. A record is a
+    little-endian uint32 length and that many bytes of a serialized WorkerMessage; a zero
+    length ends the file and the feed continues in the next one. The supervisor creates
+    the first file and deletes them all when the worker detaches.
+    """
     def __init__(
         self,
         *,
@@ -899,10 +917,11 @@ class Welcome(_message.Message):
         run_id: _builtins.str = ...,
         flush_interval_ms: _builtins.int = ...,
         heartbeat_interval_ms: _builtins.int = ...,
+        sample_feed: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["flush_interval_ms", b"flush_interval_ms", "heartbeat_interval_ms", b"heartbeat_interval_ms", "run_id", b"run_id", "session_dir", b"session_dir", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flush_interval_ms", b"flush_interval_ms", "heartbeat_interval_ms", b"heartbeat_interval_ms", "run_id", b"run_id", "sample_feed", b"sample_feed", "session_dir", b"session_dir", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -92,28 +92,21 @@ class WorkerServicer(pbg.WorkerServiceServicer):
             )
         wid = first.worker_id
         link, welcome = _guard(context, lambda: self.sup.attach(first.hello, wid))
+        link.handled = 1  # the hello
         yield welcome
 
         def read() -> None:
             try:
                 for msg in request_iterator:
-                    try:
-                        self.sup.on_worker_message(wid, msg)
-                    except (
-                        Exception
-                    ) as e:  # a bad message must not kill the stream or the supervisor
-                        self.sup.bus.publish(
-                            "log",
-                            "",
-                            worker_id=wid,
-                            level="error",
-                            text=f"bad message from {wid}: {type(e).__name__}: {e}",
-                        )
+                    self.sup.on_stream_message(link, msg)
             except grpc.RpcError:
                 pass
             finally:
-                link.closed.set()
-                link.out.put(None)
+                try:
+                    self.sup.close_feed(link)
+                finally:
+                    link.closed.set()
+                    link.out.put(None)
 
         reader = threading.Thread(target=read, name=f"onthefly-attach-{wid}", daemon=True)
         reader.start()

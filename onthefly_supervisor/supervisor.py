@@ -8,6 +8,7 @@ through `_set_worker_state` / `_set_run_status`, which also publish the event.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -31,6 +32,7 @@ from onthefly_proto import onthefly_pb2 as pb
 from onthefly_proto import onthefly_pb2_grpc as pbg
 from onthefly_supervisor import serde
 from onthefly_supervisor.events import EventBus
+from onthefly_supervisor.feeds import FeedError, FeedReader
 from onthefly_supervisor.gpu import GpuAllocator
 from onthefly_supervisor.lifecycle import InvalidTransition, Role, RunStatus, WorkerState
 from onthefly_supervisor.pool import Launcher, LocalLauncher, Worker, WorkerExit, WorkerSpec
@@ -129,11 +131,19 @@ class PendingAck:
 
 @dataclass
 class WorkerLink:
-    """The open Attach stream of a worker."""
+    """The open Attach stream of a worker, and its sample feed (feeds.py) if it has one."""
 
     worker_id: str
     out: queue.Queue[pb.SupervisorCommand | None] = field(default_factory=queue.Queue)
     closed: threading.Event = field(default_factory=threading.Event)
+    feed: FeedReader | None = None
+    # Messages of the stream handled so far (the hello included): a feed record is handled
+    # after the first `after_stream` of them.
+    handled: int = 0
+    # Feed records read and not yet handled (they wait for the stream's messages).
+    backlog: collections.deque[pb.WorkerMessage] = field(default_factory=collections.deque)
+    # Held while this worker's messages are handled: stream and feed take turns, in order.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Supervisor:
@@ -174,6 +184,7 @@ class Supervisor:
         self.left_unfinished: list[str] = []
         self._discard_dir = False
         self._shutdown = threading.Event()
+        self._feed_thread: threading.Thread | None = None
         self.output_hooks: list[Callable[[str, str], None]] = []
         self.dataset_sizes: dict[str, int] = {}
         self.shape: dict[str, tuple[int, int]] = {}
@@ -652,9 +663,9 @@ class Supervisor:
             framework=hello.framework,
             project=hello.project,
         )
-        return link, self._welcome(run_id)
+        return link, self._welcome(run_id, self._open_feed(link))
 
-    def _welcome(self, run_id: str) -> pb.SupervisorCommand:
+    def _welcome(self, run_id: str, feed: str = "") -> pb.SupervisorCommand:
         return pb.SupervisorCommand(
             welcome=pb.Welcome(
                 session_id=self.session_id,
@@ -662,8 +673,105 @@ class Supervisor:
                 run_id=run_id,
                 flush_interval_ms=self.cfg.flush_interval_ms,
                 heartbeat_interval_ms=self.cfg.heartbeat_interval_ms,
+                sample_feed=feed,
             )
         )
+
+    # -- a worker's messages: its stream and its sample feed, in order -------------------------
+    def _open_feed(self, link: WorkerLink) -> str:
+        """A sample feed for a worker that records per-sample losses; its path for the
+        welcome, or "" (the worker then sends them on its stream) when feeds are off
+        (ONTHEFLY_SAMPLE_FEED=0) or the file cannot be made."""
+        if os.environ.get("ONTHEFLY_SAMPLE_FEED", "1") == "0":
+            return ""
+        try:
+            link.feed = FeedReader(self.dir, link.worker_id)
+        except OSError as e:
+            self.bus.publish(
+                "log",
+                "",
+                worker_id=link.worker_id,
+                level="warning",
+                text=f"no sample feed ({e}): per-sample losses come on the gRPC stream",
+            )
+            return ""
+        with self.lock:
+            if self._feed_thread is None:
+                self._feed_thread = threading.Thread(
+                    target=self._read_feeds, name="onthefly-feeds", daemon=True
+                )
+                self._feed_thread.start()
+        return link.feed.rel
+
+    def _read_feeds(self) -> None:
+        """Every ~100 ms, the feeds' new records (a worker busy on its stream is read there)."""
+        while not self._shutdown.wait(0.1):
+            with self.lock:
+                links = [lk for lk in self.links.values() if lk.feed is not None]
+            for link in links:
+                if link.lock.acquire(blocking=False):
+                    try:
+                        self._drain_feed(link)
+                    finally:
+                        link.lock.release()
+
+    def on_stream_message(self, link: WorkerLink, msg: pb.WorkerMessage) -> None:
+        """A message of a worker's stream, after the feed records written before it."""
+        with link.lock:
+            self._drain_feed(link)
+            self.handle_worker_message(link.worker_id, msg)
+            link.handled += 1
+
+    def close_feed(self, link: WorkerLink) -> None:
+        """The worker's stream ended: handle what its feed still holds, delete its files."""
+        with link.lock:
+            self._drain_feed(link, final=True)
+            feed, link.feed = link.feed, None
+        if feed is not None:
+            left = feed.close()
+            if left:
+                self._worker_log_id(
+                    link.worker_id,
+                    "warning",
+                    f"the sample feed ended in an incomplete record ({left} bytes): the "
+                    "worker stopped while writing it; those steps' losses are not stored",
+                )
+
+    def _drain_feed(self, link: WorkerLink, final: bool = False) -> None:
+        """(link.lock held) Handle the feed's records that the stream does not hold back;
+        `final`: all of them (the stream has ended)."""
+        feed = link.feed
+        if feed is not None:
+            try:
+                for raw in feed.records():
+                    msg = pb.WorkerMessage()
+                    try:
+                        msg.ParseFromString(raw)
+                    except Exception as e:  # noqa: BLE001 - a bad record is logged, not fatal
+                        self._worker_log_id(link.worker_id, "error", f"bad sample feed record: {e}")
+                        continue
+                    link.backlog.append(msg)
+            except (FeedError, OSError) as e:
+                link.feed = None
+                feed.close()
+                self._worker_log_id(
+                    link.worker_id,
+                    "error",
+                    f"sample feed unreadable ({e}); this worker's later per-sample losses are lost",
+                )
+        while link.backlog and (final or link.backlog[0].after_stream <= link.handled):
+            self.handle_worker_message(link.worker_id, link.backlog.popleft())
+
+    def handle_worker_message(self, wid: str, msg: pb.WorkerMessage) -> None:
+        """`on_worker_message`, with a bad message logged instead of raised: it must not end
+        the worker's stream or the supervisor."""
+        try:
+            self.on_worker_message(wid, msg)
+        except Exception as e:
+            self._worker_log_id(wid, "error", f"bad message from {wid}: {type(e).__name__}: {e}")
+
+    def _worker_log_id(self, wid: str, level: str, text: str) -> None:
+        self.bus.publish("log", "", worker_id=wid, level=level, text=text)
 
     def detach(self, worker_id: str) -> None:
         with self.lock:

@@ -1,14 +1,19 @@
-"""The worker's one gRPC stream to the supervisor.
+"""The worker's link to the supervisor: one gRPC stream, and a sample feed.
 
 A sender thread drains an outgoing queue into `WorkerService.Attach`; a receiver thread
 turns supervisor commands into plain `Command` records on a deque that the training loop
 polls at step boundaries (one `len()` per step: no locks, no syscalls on the hot path).
+The recorder's per-sample loss flushes go to the sample feed the welcome names (a file
+the supervisor reads on its own clock; see the proto's `Welcome.sample_feed`): a write
+wakes no other thread, where a stream message wakes two of ours and one of the
+supervisor's.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import os
 import queue
 import threading
 import time
@@ -45,6 +50,7 @@ class Welcome:
     run_id: str
     flush_interval_s: float
     heartbeat_interval_s: float
+    sample_feed: str = ""
 
 
 def command_from_proto(msg: pb.SupervisorCommand) -> Command | Welcome:
@@ -58,6 +64,7 @@ def command_from_proto(msg: pb.SupervisorCommand) -> Command | Welcome:
             w.run_id,
             (w.flush_interval_ms or 50) / 1000.0,
             (w.heartbeat_interval_ms or 1000) / 1000.0,
+            w.sample_feed,
         )
     if body == "pause":
         return Command("pause", cid, {"reason": msg.pause.reason})
@@ -95,6 +102,52 @@ class ConnectionLost(RuntimeError):
     pass
 
 
+class SampleFeed:
+    """Appends records to a worker's sample feed (format: the proto's Welcome.sample_feed),
+    starting a new file every `segment_bytes` so the supervisor can delete read ones."""
+
+    def __init__(self, base: str, segment_bytes: int = 8 * 1024 * 1024) -> None:
+        self._base = base
+        self._seg = 0
+        self._size = 0
+        self.segment_bytes = segment_bytes
+        # The supervisor made the first file; later ones are ours (O_TRUNC: a stale one).
+        self._fd = os.open(self._path(0), os.O_WRONLY | os.O_APPEND)
+
+    def _path(self, k: int) -> str:
+        return f"{self._base}.{k:06d}"
+
+    def write(self, data: bytes) -> None:
+        """One record, in one write. Raises OSError (disk full...); the record may then be
+        partly written, and the reader never takes an incomplete record, so the caller
+        sends it another way and writes nothing more here."""
+        if self._size and self._size + 4 + len(data) > self.segment_bytes:
+            nxt = os.open(
+                self._path(self._seg + 1),
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                0o600,
+            )
+            _write_all(self._fd, b"\0\0\0\0")  # the end marker: go on in the next file
+            os.close(self._fd)
+            self._fd, self._seg, self._size = nxt, self._seg + 1, 0
+        _write_all(self._fd, len(data).to_bytes(4, "little") + data)
+        self._size += 4 + len(data)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError("write returned 0")
+        view = view[n:]
+
+
 class WorkerConnection:
     """Open stream to the supervisor. `send()` never blocks the training loop."""
 
@@ -110,6 +163,11 @@ class WorkerConnection:
         )
         self._stub = pbg.WorkerServiceStub(self._channel)
         self._out: queue.Queue[object] = queue.Queue()
+        # Messages put on the stream so far (under _send_lock): a feed record carries the
+        # count, and the supervisor handles it after that many of the stream's messages.
+        self._queued = 0
+        self._send_lock = threading.Lock()
+        self._feed: SampleFeed | None = None
         self.commands: collections.deque[Command] = collections.deque()
         self.command_event = threading.Event()
         self.welcome: Welcome | None = None
@@ -134,6 +192,7 @@ class WorkerConnection:
             for msg in self._responses:
                 cmd = command_from_proto(msg)
                 if isinstance(cmd, Welcome):
+                    self._open_feed(cmd)
                     self.welcome = cmd
                     self._welcome_event.set()
                 else:
@@ -155,7 +214,56 @@ class WorkerConnection:
         """Queue one WorkerMessage with exactly one body field, e.g. send(log=pb.LogLine(...))."""
         if self.closed.is_set():
             return
-        self._out.put(pb.WorkerMessage(worker_id=self.worker_id, time=time.time(), **body))
+        msg = pb.WorkerMessage(worker_id=self.worker_id, time=time.time(), **body)
+        with self._send_lock:
+            self._out.put(msg)
+            self._queued += 1
+
+    def send_bulk(self, **body: Any) -> None:
+        """Like `send`, through the sample feed when the supervisor gave one (the recorder's
+        flushes). The supervisor handles it after every message queued on the stream before
+        it and before every message sent after this returns, as if it were on the stream.
+        A feed that fails to write (disk full) is given up: this message and the rest go on
+        the stream, and nothing is lost."""
+        feed = self._feed
+        if feed is None or self.closed.is_set():
+            self.send(**body)
+            return
+        with self._send_lock:
+            after = self._queued
+        msg = pb.WorkerMessage(
+            worker_id=self.worker_id, time=time.time(), after_stream=after, **body
+        )
+        try:
+            feed.write(msg.SerializeToString())
+        except OSError as e:
+            self._feed = None
+            feed.close()
+            self.send(
+                log=pb.LogLine(
+                    level="warning",
+                    text=f"sample feed write failed ({e}): per-sample losses go on the "
+                    "gRPC stream from now on",
+                )
+            )
+            self.send(**body)
+
+    def _open_feed(self, welcome: Welcome) -> None:
+        if not welcome.sample_feed:
+            return
+        path = os.path.normpath(os.path.join(welcome.session_dir, welcome.sample_feed))
+        if not path.startswith(os.path.normpath(welcome.session_dir) + os.sep):
+            return  # not inside the session: not a feed we write to
+        try:
+            self._feed = SampleFeed(path)
+        except OSError as e:
+            self.send(
+                log=pb.LogLine(
+                    level="warning",
+                    text=f"sample feed {path} not opened ({e}): per-sample losses go on "
+                    "the gRPC stream",
+                )
+            )
 
     def start_heartbeat(
         self, interval_s: float, step: Callable[[], int], watch: bool = False
@@ -228,3 +336,6 @@ class WorkerConnection:
         self._receiver.join(max(0.0, deadline - time.monotonic()))
         self.closed.set()
         self._channel.close()
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            feed.close()

@@ -681,7 +681,7 @@ class _LightningRun(CommandLoop):
         self.flush_s = welcome.flush_interval_s
         self.hb_s = welcome.heartbeat_interval_s
         # A replay (role=health) reports only its verdict: its steps are not the run's.
-        send = self.conn.send if not self.replay_steps else _drop
+        send = self.conn.send_bulk if not self.replay_steps else _drop
         self.rec = Recorder(send, self.run_id, module.device, self.flush_s)
         self.rec.hand_off_at_backward = True  # on_before_backward calls rec.before_backward()
         self.conn.start_heartbeat(self.hb_s, lambda: self.step, watch=True)

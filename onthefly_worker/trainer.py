@@ -301,7 +301,7 @@ class _Loop(CommandLoop):
         assert welcome is not None
         self.flush_s = welcome.flush_interval_s
         self.hb_s = welcome.heartbeat_interval_s
-        self.rec = self.make_recorder(self.conn.send, self.flush_s)
+        self.rec = self.make_recorder(self.conn.send_bulk, self.flush_s)
         self.conn.start_heartbeat(self.hb_s, lambda: self.step, watch=True)
         status = "failed"
         if self.env.role == "train" and not self.env.resume:
