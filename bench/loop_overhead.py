@@ -34,6 +34,8 @@ class _NullConnection:
     def send(self, **_: Any) -> None:
         pass
 
+    send_bulk = send
+
 
 def main() -> None:
     pairs = int(sys.argv[1]) if len(sys.argv) > 1 else 7

@@ -111,6 +111,7 @@ class SampleFeed:
         self._seg = 0
         self._size = 0
         self.segment_bytes = segment_bytes
+        self._lock = threading.Lock()  # one record at a time, from any thread
         # The supervisor made the first file; later ones are ours (O_TRUNC: a stale one).
         self._fd = os.open(self._path(0), os.O_WRONLY | os.O_APPEND)
 
@@ -121,22 +122,24 @@ class SampleFeed:
         """One record, in one write. Raises OSError (disk full...); the record may then be
         partly written, and the reader never takes an incomplete record, so the caller
         sends it another way and writes nothing more here."""
-        if self._size and self._size + 4 + len(data) > self.segment_bytes:
-            nxt = os.open(
-                self._path(self._seg + 1),
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
-                0o600,
-            )
-            _write_all(self._fd, b"\0\0\0\0")  # the end marker: go on in the next file
-            os.close(self._fd)
-            self._fd, self._seg, self._size = nxt, self._seg + 1, 0
-        _write_all(self._fd, len(data).to_bytes(4, "little") + data)
-        self._size += 4 + len(data)
+        with self._lock:
+            if self._size and self._size + 4 + len(data) > self.segment_bytes:
+                nxt = os.open(
+                    self._path(self._seg + 1),
+                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                    0o600,
+                )
+                _write_all(self._fd, b"\0\0\0\0")  # the end marker: go on in the next file
+                os.close(self._fd)
+                self._fd, self._seg, self._size = nxt, self._seg + 1, 0
+            _write_all(self._fd, len(data).to_bytes(4, "little") + data)
+            self._size += 4 + len(data)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 def _write_all(fd: int, data: bytes) -> None:

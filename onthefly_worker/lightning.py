@@ -984,9 +984,10 @@ class _LightningRun(CommandLoop):
             return
         conn, run_id, epoch, step = self.conn, self.run_id, self.epoch, self.step
         seconds = time.perf_counter() - self._t_epoch
-        # Sent by the recorder's thread after the epoch's last losses: no wait here.
+        # Sent by the recorder's thread after the epoch's last losses, in the same sample
+        # feed (no wait here, and no stream message to wake anyone).
         self.rec.end_epoch(
-            lambda mean: conn.send(
+            lambda mean: conn.send_bulk(
                 epoch_end=pb.EpochEnd(
                     run_id=run_id, epoch=epoch, step=step, train_loss=mean, seconds=seconds
                 )

@@ -1160,7 +1160,9 @@ class _Loop(CommandLoop):
 
         def send_end(mean: float) -> None:  # on the recorder's thread, after the last losses
             means.append(mean)
-            conn.send(
+            # In the sample feed, after the epoch's last losses: a stream message here
+            # would wake the stream's threads and the supervisor's, every epoch.
+            conn.send_bulk(
                 epoch_end=pb.EpochEnd(
                     run_id=run_id,
                     epoch=epoch,

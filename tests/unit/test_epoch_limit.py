@@ -28,6 +28,8 @@ class _Keep:
     def send(self, **body: Any) -> None:
         self.sent.append(body)
 
+    send_bulk = send
+
 
 def _trained_steps(
     tmp_path: Path, n: int = 40, conn: _Keep | None = None, x: Any = None, **kwargs: Any
