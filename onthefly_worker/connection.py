@@ -12,6 +12,7 @@ supervisor's.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import queue
@@ -137,9 +138,10 @@ class SampleFeed:
 
     def close(self) -> None:
         with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                with contextlib.suppress(OSError):  # (a feed given up after an I/O error)
+                    os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

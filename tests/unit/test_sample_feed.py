@@ -160,3 +160,33 @@ def test_feeds_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         sup.detach(wid)
     finally:
         sup.shutdown()
+
+
+def test_a_feed_that_fails_to_write_hands_over_to_the_stream_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """A write error (disk full) gives the feed up: that message and every later one go on
+    the stream, after a warning that says so."""
+    import queue
+    import threading
+
+    from onthefly_worker.connection import WorkerConnection
+
+    reader = FeedReader(str(tmp_path), "w-0")
+    conn = object.__new__(WorkerConnection)
+    conn.worker_id = "w-0"
+    conn.closed = threading.Event()
+    conn._out = queue.Queue()
+    conn._send_lock = threading.Lock()
+    conn._queued = 1
+    conn._feed = SampleFeed(str(tmp_path / reader.rel))
+    conn.send_bulk(samples=_samples([0], 1.0))
+    assert conn._out.empty() and len(reader.records()) == 1
+    os.close(conn._feed._fd)  # the next write fails (EBADF) as a full disk's would (ENOSPC)
+    conn.send_bulk(samples=_samples([1], 2.0))
+    conn.send_bulk(samples=_samples([2], 3.0))
+    sent = [conn._out.get_nowait() for _ in range(3)]
+    assert sent[0].WhichOneof("body") == "log" and "go on the gRPC stream" in sent[0].log.text
+    assert [np.frombuffer(m.samples.ids, "<i8").tolist() for m in sent[1:]] == [[1], [2]]
+    assert conn._feed is None and conn._queued == 4
+    assert reader.records() == []
