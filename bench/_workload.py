@@ -3,13 +3,17 @@
 python bench/_workload.py raw --model mlp --steps 1500      # prints JSON timing
 python bench/_workload.py rawserve --model mlp              # reads N, trains N raw steps, prints ms/step
 onthefly run bench/_workload.py onthefly --model mlp ...    # timing read from the store
-(--inline-raw FILE: the raw loop is also timed in that process, before and after fit)
+(--inline-raw FILE: the raw loop is also timed in that process, before and after fit;
+ --raw-socket PATH: a thread of that process trains raw steps on request, for
+ bench/overhead_ab.py, while the supervised run is paused)
 """
 
 import argparse
 import copy
 import json
+import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -26,6 +30,11 @@ p.add_argument(
     "--inline-raw",
     metavar="FILE",
     help="onthefly mode: also time the raw loop before and after fit(), to FILE",
+)
+p.add_argument(
+    "--raw-socket",
+    metavar="PATH",
+    help="onthefly mode: serve raw phases from a thread of this process on a Unix socket",
 )
 args = p.parse_args()
 
@@ -109,6 +118,35 @@ def raw_serve() -> None:
         print(json.dumps({"step_ms": 1000 * (time.perf_counter() - t) / n}), flush=True)
 
 
+def raw_socket(path: str) -> None:
+    """For bench/overhead_ab.py: raw phases from a thread of the supervised worker itself,
+    on a copy of the model (its initial weights) and a loader of its own, run while the
+    supervised run is paused (its training thread waits). The same process runs both, so
+    a per-process speed offset (a few percent, either way, between two processes of the
+    same code) cancels. The protocol is rawserve's: a line N in, a JSON line out."""
+    net = copy.deepcopy(model)
+    optim = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    own = DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True, drop_last=True)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from own
+
+    it = batches()
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    conn, _ = srv.accept()
+    with conn, conn.makefile("rw") as f:
+        for line in f:
+            n = int(line)
+            t = time.perf_counter()
+            for _ in range(n):
+                raw_step(net, optim, *next(it))
+            f.write(json.dumps({"step_ms": 1000 * (time.perf_counter() - t) / n}) + "\n")
+            f.flush()
+
+
 if args.mode == "raw":
     print(json.dumps({"step_ms": raw_loop(model, opt)}))
 elif args.mode == "rawserve":
@@ -120,6 +158,8 @@ else:
     # after fit() (the supervisor is up and idle then): three measurements seconds apart,
     # where separate processes are tens of seconds apart on a VM whose speed drifts.
     before = raw_copy() if args.inline_raw else None
+    if args.raw_socket:
+        threading.Thread(target=raw_socket, args=(args.raw_socket,), daemon=True).start()
     Trainer(project="bench", max_epochs=epochs, max_steps=args.steps).fit(
         model, opt, loss_fn, loader
     )

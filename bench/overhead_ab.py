@@ -5,17 +5,20 @@ this VM's speed drifts by several percent over such times (the same code measure
 per pair), more than the overhead it measures. Here both run at once, taking turns:
 
 * `onthefly run bench/_workload.py onthefly` trains the workload for long, with per-sample
-  losses streamed and stored as usual; the bench pauses and resumes it over gRPC (as
+  losses recorded and stored as usual; the bench pauses and resumes it over gRPC (as
   `onthefly pause` / `onthefly resume` do);
-* while it is paused (and its pause checkpoint written), a raw PyTorch process of the same
-  workload (`_workload.py rawserve`, its model and data warm) trains as many steps.
+* while it is paused (and its pause checkpoint written), raw PyTorch steps of the same
+  workload (its model and data warm) train as many steps. By default they run on a thread
+  of the supervised worker process itself (`_workload.py --raw-socket`: its own copy of
+  the model and its own loader; the paused training thread waits without the GIL), so a
+  per-process speed offset cancels too: two processes of the same code can run a few
+  percent apart for their whole lives, either way (a CNN pair at 0.94, the next at 1.01).
+  BENCH_AB_RAW=process runs them in a separate process instead (`_workload.py rawserve`).
 
 Each supervised phase's step time is the wall time between its stored steps (`metrics.t`,
 taken by the worker at each step's end; its first 0.25 s are left out as the resume's
 warm-up), divided by the mean of the raw phases just before and after it, so drift over
-seconds cancels. What does not cancel is a per-process offset: a pair of processes can
-run a few percent apart for its whole life (seen both ways: a CNN pair at 0.94 and the
-next at 1.01), so the bench starts BENCH_AB_PAIRS fresh pairs (default 4) and prints the
+seconds cancels. The bench starts BENCH_AB_PAIRS fresh runs (default 4) and prints the
 median of their medians.
 
     python bench/overhead_ab.py                        # MLP (~2 ms steps), ~2.5 min
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -34,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TextIO
 
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_supervisor.client import ControlClient, connect
@@ -85,29 +90,78 @@ def measure(model: str, rounds: int) -> list[float]:
         return _measure_in(d, model, rounds)
 
 
+class _RawSteps:
+    """Raw phases: a line N to a rawserve protocol peer, its ms per step back."""
+
+    def __init__(self, project: str, model: str, inproc: bool) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+        self.sock: socket.socket | None = None
+        self.f: TextIO | None = None
+        self.path = os.path.join(project, "raw.sock")
+        if not inproc:
+            self.proc = subprocess.Popen(
+                [PY, str(WORK), "rawserve", "--model", model],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+
+    def connect(self, deadline: float) -> None:
+        """(in-process) The supervised worker's raw thread, once it listens."""
+        if self.proc is not None:
+            return
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self.path)
+                self.sock = s
+                self.f = s.makefile("rw")
+                return
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def phase(self, seconds: float, step_ms: float) -> float:
+        n = f"{max(20, int(seconds * 1000 / step_ms))}\n"
+        if self.proc is not None:
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            self.proc.stdin.write(n)
+            self.proc.stdin.flush()
+            return float(json.loads(self.proc.stdout.readline())["step_ms"])
+        assert self.f is not None
+        self.f.write(n)
+        self.f.flush()
+        line = self.f.readline()
+        if not line:
+            raise SystemExit("the supervised worker's raw thread closed its socket")
+        return float(json.loads(line)["step_ms"])
+
+    def close(self) -> None:
+        if self.proc is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        if self.sock is not None:
+            self.sock.close()
+
+
 def _measure_in(project: str, model: str, rounds: int) -> list[float]:
+    inproc = os.environ.get("BENCH_AB_RAW", "inproc") != "process"
+    raw = _RawSteps(project, model, inproc)
     sup = subprocess.Popen(
         [ONTHEFLY, "run", "--port", "0", str(WORK), "onthefly", "--model", model]
-        + ["--steps", "100000000"],
+        + ["--steps", "100000000"]
+        + (["--raw-socket", raw.path] if inproc else []),
         cwd=project,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    raw = subprocess.Popen(
-        [PY, str(WORK), "rawserve", "--model", model],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert raw.stdin is not None and raw.stdout is not None
-
-    def raw_phase(seconds: float, step_ms: float) -> float:
-        assert raw.stdin is not None and raw.stdout is not None
-        raw.stdin.write(f"{max(20, int(seconds * 1000 / step_ms))}\n")
-        raw.stdin.flush()
-        return float(json.loads(raw.stdout.readline())["step_ms"])
+    raw_phase = raw.phase
 
     try:
+        raw.connect(time.monotonic() + 60)
         client = _client(project, time.monotonic() + 60)
         deadline = time.monotonic() + 120
         while _step(client) < 200:  # past start-up and the grad-norm calibration
@@ -133,8 +187,7 @@ def _measure_in(project: str, model: str, rounds: int) -> list[float]:
             raws.append(raw_phase(PHASE_S, raws[-1]))
         _act(client, "Stop")
     finally:
-        raw.stdin.close()
-        raw.wait(timeout=30)
+        raw.close()
         try:
             sup.wait(timeout=60)
         except subprocess.TimeoutExpired:
