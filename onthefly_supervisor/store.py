@@ -644,6 +644,8 @@ class SampleArrays:
                         f"{kind} ({values.size}) and ids ({ids.size}) differ in length"
                     )
                 a = self._array(run_id, epoch, n, kind)
+                if kind == "labels" and np.array_equal(a[ids], values):
+                    continue  # the same labels every epoch: not rewritten each time
                 a[ids] = values
                 self._dirty.add((run_id, epoch if kind != "labels" else -1, kind))
             self.ingested += int(ids.size)
@@ -681,13 +683,18 @@ class SampleArrays:
                         found.add(int(name[6:-4]))
         return sorted(found)
 
-    def persist(self, only: tuple[str, int] | None = None, run: str | None = None) -> None:
+    def persist(
+        self, only: tuple[str, int] | None = None, run: str | None = None, before: int | None = None
+    ) -> None:
         """Write dirty arrays atomically (temp + rename); cheap to call often. `only`: one
-        run's epoch (and its labels); `run`: every dirty array of that run."""
+        run's epoch (and its labels); `run`: every dirty array of that run (with `before`:
+        of its epochs before that one, and its labels)."""
         with self._persist_lock:
             with self._lock:
                 if run is not None:
-                    keys = sorted(k for k in self._dirty if k[0] == run)
+                    keys = sorted(
+                        k for k in self._dirty if k[0] == run and (before is None or k[1] < before)
+                    )
                 elif only is not None:
                     keys = [
                         k
@@ -716,7 +723,7 @@ class SampleArrays:
 
     def evict(self, run_id: str, before_epoch: int) -> None:
         """Drop finished epochs from memory once persisted (bounded supervisor memory)."""
-        self.persist()
+        self.persist(run=run_id, before=before_epoch)
         with self._lock:
             for key in [k for k in self._arrays if k[0] == run_id and 0 <= k[1] < before_epoch]:
                 if key not in self._dirty:

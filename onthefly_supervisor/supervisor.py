@@ -47,6 +47,8 @@ from onthefly_supervisor.store import (
 
 DEFAULT_PORT = 47621
 TOKEN_KEY = "x-onthefly-token"
+# Epoch-end writes of per-sample arrays, at most this often per run (see on_worker_message).
+_EPOCH_PERSIST_S = 1.0
 
 
 class SupervisorError(RuntimeError):
@@ -185,6 +187,7 @@ class Supervisor:
         self._discard_dir = False
         self._shutdown = threading.Event()
         self._feed_thread: threading.Thread | None = None
+        self._epoch_persisted: dict[str, float] = {}  # run -> when its epochs were last written
         self.output_hooks: list[Callable[[str, str], None]] = []
         self.dataset_sizes: dict[str, int] = {}
         self.shape: dict[str, tuple[int, int]] = {}
@@ -847,8 +850,15 @@ class Supervisor:
                 self._on_metrics(w, run_id, msg.samples.metrics)
         elif body == "epoch_end":
             ee = msg.epoch_end
-            self.arrays.persist((run_id, int(ee.epoch)))
-            self.arrays.evict(run_id, int(ee.epoch))
+            now = time.monotonic()
+            if now - self._epoch_persisted.get(run_id, -1.0) >= _EPOCH_PERSIST_S:
+                # The epoch's arrays (and any earlier ones left dirty) to disk, the ones
+                # before it out of memory. Epochs shorter than _EPOCH_PERSIST_S are written
+                # together at most once that often (each write is 4 files, and a tiny
+                # dataset ends several epochs a second); until then they are in memory.
+                self._epoch_persisted[run_id] = now
+                self.arrays.persist(run=run_id, before=int(ee.epoch) + 1)
+                self.arrays.evict(run_id, int(ee.epoch))
             self._flush_live_events(force=True)
             self.bus.publish(
                 "epoch_end",
