@@ -11,8 +11,7 @@ import numpy as np
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_supervisor.lifecycle import WorkerState
 from onthefly_supervisor.store import SampleArrays
-from onthefly_supervisor.supervisor import Supervisor, SupervisorConfig
-from tests.unit.test_supervisor_units import FakeLauncher
+from tests.unit.test_supervisor_units import _sup
 
 
 def test_unchanged_labels_are_not_dirty_and_evict_writes_only_what_it_drops(
@@ -37,13 +36,7 @@ def test_unchanged_labels_are_not_dirty_and_evict_writes_only_what_it_drops(
 def test_epoch_ends_write_at_most_once_a_second_and_nothing_waits_longer(
     tmp_path: Path,
 ) -> None:
-    script = tmp_path / "train.py"
-    script.write_text("print('hi')\n")
-    sup = Supervisor(
-        SupervisorConfig(script=str(script), project_dir=str(tmp_path), port=0),
-        launcher=FakeLauncher(),
-    )
-    sup.start()
+    sup = _sup(tmp_path)
     try:
         (wid,) = [w for w in sup.workers if sup.workers[w].state is WorkerState.STARTING]
         sup.attach(pb.Hello(run_id="main", dataset_size=4), wid)

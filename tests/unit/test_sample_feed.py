@@ -13,9 +13,8 @@ import pytest
 from onthefly_proto import onthefly_pb2 as pb
 from onthefly_supervisor.feeds import FeedError, FeedReader
 from onthefly_supervisor.lifecycle import WorkerState
-from onthefly_supervisor.supervisor import Supervisor, SupervisorConfig
 from onthefly_worker.connection import SampleFeed
-from tests.unit.test_supervisor_units import FakeLauncher
+from tests.unit.test_supervisor_units import _sup
 
 
 def _files(tmp_path: Path) -> list[str]:
@@ -91,13 +90,7 @@ def test_feed_records_keep_their_place_among_the_streams_messages(tmp_path: Path
     """A resumed worker sends a reset of the epoch's rest on its stream, then trains: the
     feed's losses, written after the reset was queued, must not be wiped by it, even when
     the feed is read before the stream's message arrives."""
-    script = tmp_path / "train.py"
-    script.write_text("print('hi')\n")
-    sup = Supervisor(
-        SupervisorConfig(script=str(script), project_dir=str(tmp_path), port=0),
-        launcher=FakeLauncher(),
-    )
-    sup.start()
+    sup = _sup(tmp_path)
     try:
         (wid,) = [w for w in sup.workers if sup.workers[w].state is WorkerState.STARTING]
         hello = pb.Hello(run_id="main", dataset_size=8, steps_per_epoch=1, max_epochs=1)
@@ -146,13 +139,7 @@ def test_feed_records_keep_their_place_among_the_streams_messages(tmp_path: Path
 
 def test_feeds_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONTHEFLY_SAMPLE_FEED", "0")
-    script = tmp_path / "train.py"
-    script.write_text("print('hi')\n")
-    sup = Supervisor(
-        SupervisorConfig(script=str(script), project_dir=str(tmp_path), port=0),
-        launcher=FakeLauncher(),
-    )
-    sup.start()
+    sup = _sup(tmp_path)
     try:
         (wid,) = list(sup.workers)
         link, welcome = sup.attach(pb.Hello(run_id="main", dataset_size=8), wid)
