@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import json
 import os
+import shutil
 
 # A record longer than this is not one the worker wrote (the stream's own limit is 64 MB).
 MAX_RECORD = 64 * 1024 * 1024
@@ -114,3 +116,18 @@ class FeedReader:
         for p in glob.glob(glob.escape(self._base) + ".[0-9]*"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
+
+
+def clear_stale_feeds(session_dir: str) -> None:
+    """Delete the sample feeds an earlier supervisor of this session left when it was
+    killed (its workers died with it). Not while that supervisor lives (its pid in the
+    session's connection.json): they are its workers' feeds."""
+    try:
+        with open(os.path.join(session_dir, "connection.json"), encoding="utf-8") as f:
+            pid = int(json.load(f).get("pid", 0))
+        if pid > 0 and pid != os.getpid():
+            os.kill(pid, 0)
+            return
+    except (OSError, ValueError):
+        pass  # no connection file, or its supervisor is gone
+    shutil.rmtree(os.path.join(session_dir, "feeds"), ignore_errors=True)

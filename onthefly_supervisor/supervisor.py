@@ -32,7 +32,7 @@ from onthefly_proto import onthefly_pb2 as pb
 from onthefly_proto import onthefly_pb2_grpc as pbg
 from onthefly_supervisor import serde
 from onthefly_supervisor.events import EventBus
-from onthefly_supervisor.feeds import FeedError, FeedReader
+from onthefly_supervisor.feeds import FeedError, FeedReader, clear_stale_feeds
 from onthefly_supervisor.gpu import GpuAllocator
 from onthefly_supervisor.lifecycle import InvalidTransition, Role, RunStatus, WorkerState
 from onthefly_supervisor.pool import Launcher, LocalLauncher, Worker, WorkerExit, WorkerSpec
@@ -230,6 +230,7 @@ class Supervisor:
             # empty session behind for `sessions ls` (a resumed session is kept, of course).
             self._discard_dir = not self.cfg.resume_dir
             raise
+        clear_stale_feeds(self.dir)  # (before our connection.json replaces the last one)
         self._write_connection()
         point_latest(self.dir)
         st = self.store

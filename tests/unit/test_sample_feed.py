@@ -177,3 +177,44 @@ def test_a_feed_that_fails_to_write_hands_over_to_the_stream_and_loses_nothing(
     assert [np.frombuffer(m.samples.ids, "<i8").tolist() for m in sent[1:]] == [[1], [2]]
     assert conn._feed is None and conn._queued == 4
     assert reader.records() == []
+
+
+def test_a_resumed_session_starts_without_the_feeds_its_killed_supervisor_left(
+    tmp_path: Path,
+) -> None:
+    from onthefly_supervisor.supervisor import Supervisor, SupervisorConfig
+    from tests.unit.test_supervisor_units import FakeLauncher
+
+    sup = _sup(tmp_path)
+    sdir = sup.dir
+    sup.shutdown()
+    os.makedirs(os.path.join(sdir, "feeds"), exist_ok=True)
+    Path(sdir, "feeds", "fork-1-0.000003").write_bytes(b"left by a killed supervisor")
+    again = Supervisor(
+        SupervisorConfig(
+            script=str(tmp_path / "train.py"), project_dir=str(tmp_path), port=0, resume_dir=sdir
+        ),
+        launcher=FakeLauncher(),
+    )
+    again.start()
+    try:
+        assert not os.path.exists(os.path.join(sdir, "feeds", "fork-1-0.000003"))
+    finally:
+        for wid in list(again.workers):
+            again.launcher.stopped.add(wid)  # type: ignore[attr-defined]
+        again.shutdown()
+
+
+def test_feeds_of_a_live_supervisor_are_left_alone(tmp_path: Path) -> None:
+    import json
+
+    from onthefly_supervisor.feeds import clear_stale_feeds
+
+    os.makedirs(tmp_path / "feeds")
+    (tmp_path / "feeds" / "main-0.000000").write_bytes(b"live")
+    (tmp_path / "connection.json").write_text(json.dumps({"pid": os.getppid()}))
+    clear_stale_feeds(str(tmp_path))
+    assert _files(tmp_path) == ["main-0.000000"], "its supervisor (a live pid) still reads it"
+    (tmp_path / "connection.json").write_text(json.dumps({"pid": 2**22 + 12345}))
+    clear_stale_feeds(str(tmp_path))
+    assert not (tmp_path / "feeds").exists()
