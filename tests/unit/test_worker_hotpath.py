@@ -61,6 +61,24 @@ def _recorder(sent: list[dict[str, object]], **kw: object) -> Recorder:
     return Recorder(lambda **m: sent.append(m), "main", torch.device("cpu"), **kw)  # type: ignore[arg-type]
 
 
+def _ce_recorder(sent: list[dict[str, object]], psl: PerSampleLoss, **kw: object) -> Recorder:
+    """A recorder computing `psl`'s deferred per-sample losses, fused when it is a plain CE."""
+    rec = _recorder(sent, **kw)
+    rec.per_sample = psl.per_sample
+    rec.plain_ce = psl.plain_ce_ignore_index()
+    return rec
+
+
+def _record_logits(
+    rec: Recorder, step: int, ids: np.ndarray, out: torch.Tensor, y: torch.Tensor, loss: float = 1.0
+) -> None:
+    """One classification step of epoch 0, deferred as the trainer defers it."""
+    rec.record(
+        step, 0, step - 1, ids, (out, y), loss, 0.1, None, 2.0, 0.1,
+        cls=Recorder.classification(out, y),
+    )  # fmt: skip
+
+
 def test_recorder_sends_every_sample_in_order_with_margins_and_epoch_mean() -> None:
     sent: list[dict[str, object]] = []
     rec = _recorder(sent, flush_interval_s=0.0)  # a hand-off on every step
@@ -402,9 +420,7 @@ def test_plain_cross_entropy_losses_and_margins_come_from_one_pass(scale: float)
     assert PerSampleLoss(nn.CrossEntropyLoss(weight=torch.ones(3))).plain_ce_ignore_index() is None
     assert PerSampleLoss(nn.NLLLoss()).plain_ce_ignore_index() is None
     sent: list[dict[str, object]] = []
-    rec = _recorder(sent, flush_interval_s=10.0)
-    rec.per_sample = psl.per_sample
-    rec.plain_ce = psl.plain_ce_ignore_index()
+    rec = _ce_recorder(sent, psl, flush_interval_s=10.0)
     torch.manual_seed(1)
     outs, ys = [], []
     for step in range(1, 21):
@@ -413,19 +429,7 @@ def test_plain_cross_entropy_losses_and_margins_come_from_one_pass(scale: float)
         y[step % 16] = -1  # an ignored target
         outs.append(out)
         ys.append(y)
-        rec.record(
-            step,
-            0,
-            step - 1,
-            np.arange(16),
-            (out, y),
-            1.0,
-            0.1,
-            None,
-            2.0,
-            0.1,
-            cls=Recorder.classification(out, y),
-        )
+        _record_logits(rec, step, np.arange(16), out, y)
     rec.flush()
     msg = next(m["samples"] for m in sent if "samples" in m)
     got = np.frombuffer(msg.losses, "<f4")  # type: ignore[attr-defined]
@@ -501,9 +505,8 @@ def test_the_epochs_train_loss_is_the_users_loss_over_the_epoch(fused: bool) -> 
     )
     psl = PerSampleLoss(fn)
     sent: list[dict[str, object]] = []
-    rec = _recorder(sent)
-    rec.per_sample, rec.row_weights = psl.per_sample, psl.row_weights
-    rec.plain_ce = psl.plain_ce_ignore_index()
+    rec = _ce_recorder(sent, psl)
+    rec.row_weights = psl.row_weights
     assert (rec.plain_ce is not None) is fused
     g = torch.Generator().manual_seed(1)
     outs, ys = [], []
@@ -512,8 +515,7 @@ def test_the_epochs_train_loss_is_the_users_loss_over_the_epoch(fused: bool) -> 
         y[step % 8] = -100
         outs.append(out)
         ys.append(y)
-        rec.record(step, 0, step - 1, np.arange(8) + 8 * step, (out, y), float(fn(out, y)),
-                   0.1, None, 2.0, 0.1, cls=Recorder.classification(out, y))  # fmt: skip
+        _record_logits(rec, step, np.arange(8) + 8 * step, out, y, float(fn(out, y)))
     mean = rec.take_epoch_mean()
     assert mean == pytest.approx(float(fn(torch.cat(outs), torch.cat(ys))), rel=1e-5)
 
@@ -593,9 +595,7 @@ def test_a_flush_of_mixed_logits_is_not_fused_and_keeps_every_loss(mix: str) -> 
     with the same per-sample values as reduction='none' per step."""
     psl = PerSampleLoss(nn.CrossEntropyLoss())
     sent: list[dict[str, object]] = []
-    rec = _recorder(sent, flush_interval_s=10.0)
-    rec.per_sample = psl.per_sample
-    rec.plain_ce = psl.plain_ce_ignore_index()
+    rec = _ce_recorder(sent, psl, flush_interval_s=10.0)
     torch.manual_seed(2)
     refs = []
     for step in range(1, 5):
@@ -605,19 +605,7 @@ def test_a_flush_of_mixed_logits_is_not_fused_and_keeps_every_loss(mix: str) -> 
             out = out.to(getattr(torch, mix))
         y = torch.randint(0, 5, (8,))
         refs.append(nn.functional.cross_entropy(out.float(), y, reduction="none"))
-        rec.record(
-            step,
-            0,
-            step - 1,
-            np.arange(8) + 8 * step,
-            (out, y),
-            1.0,
-            0.1,
-            None,
-            2.0,
-            0.1,
-            cls=Recorder.classification(out, y),
-        )
+        _record_logits(rec, step, np.arange(8) + 8 * step, out, y)
     rec.flush()
     msgs = [m["samples"] for m in sent if "samples" in m]
     got = np.concatenate([np.frombuffer(m.losses, "<f4") for m in msgs])  # type: ignore[attr-defined]
