@@ -92,7 +92,6 @@ class WorkerServicer(pbg.WorkerServiceServicer):
             )
         wid = first.worker_id
         link, welcome = _guard(context, lambda: self.sup.attach(first.hello, wid))
-        link.handled = 1  # the hello
         yield welcome
 
         def read() -> None:

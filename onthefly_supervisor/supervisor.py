@@ -603,7 +603,7 @@ class Supervisor:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"worker {worker_id} belongs to run {w.spec.run_id}, not {hello.run_id}",
                 )
-            link = WorkerLink(worker_id)
+            link = WorkerLink(worker_id, handled=1)  # (the hello: the stream's first message)
             self.links[worker_id] = link
             if hello.pid:
                 w.pid = hello.pid
@@ -691,12 +691,10 @@ class Supervisor:
         try:
             link.feed = FeedReader(self.dir, link.worker_id)
         except OSError as e:
-            self.bus.publish(
-                "log",
-                "",
-                worker_id=link.worker_id,
-                level="warning",
-                text=f"no sample feed ({e}): per-sample losses come on the gRPC stream",
+            self._worker_log_id(
+                link.worker_id,
+                "warning",
+                f"no sample feed ({e}): per-sample losses come on the gRPC stream",
             )
             return ""
         with self.lock:
@@ -738,7 +736,8 @@ class Supervisor:
                     link.worker_id,
                     "warning",
                     f"the sample feed ended in an incomplete record ({left} bytes): the "
-                    "worker stopped while writing it; those steps' losses are not stored",
+                    "worker stopped while writing it (those steps' losses are not stored), "
+                    "or the write failed and the worker sent it on its stream instead",
                 )
 
     def _drain_feed(self, link: WorkerLink, final: bool = False) -> None:
@@ -774,8 +773,8 @@ class Supervisor:
         except Exception as e:
             self._worker_log_id(wid, "error", f"bad message from {wid}: {type(e).__name__}: {e}")
 
-    def _worker_log_id(self, wid: str, level: str, text: str) -> None:
-        self.bus.publish("log", "", worker_id=wid, level=level, text=text)
+    def _worker_log_id(self, wid: str, level: str, text: str, run_id: str = "") -> None:
+        self.bus.publish("log", run_id, worker_id=wid, level=level, text=text)
 
     def detach(self, worker_id: str) -> None:
         with self.lock:
@@ -989,7 +988,7 @@ class Supervisor:
             w.stalled_s, w.stuck_at = float(msg.heartbeat.stalled_s), msg.heartbeat.stuck_at
 
     def _worker_log(self, w: Worker, level: str, text: str) -> None:
-        self.bus.publish("log", w.spec.run_id, worker_id=w.spec.worker_id, level=level, text=text)
+        self._worker_log_id(w.spec.worker_id, level, text, w.spec.run_id)
 
     def _report_stall(self, w: Worker) -> None:
         """A worker that still beats but whose training thread has made no progress for the

@@ -95,7 +95,6 @@ def test_feed_records_keep_their_place_among_the_streams_messages(tmp_path: Path
         (wid,) = [w for w in sup.workers if sup.workers[w].state is WorkerState.STARTING]
         hello = pb.Hello(run_id="main", dataset_size=8, steps_per_epoch=1, max_epochs=1)
         link, welcome = sup.attach(hello, wid)
-        link.handled = 1  # the hello, as the Attach servicer counts it
         rel = welcome.welcome.sample_feed
         assert rel == os.path.join("feeds", wid)
         feed = SampleFeed(os.path.join(sup.dir, rel))
