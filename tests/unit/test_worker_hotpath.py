@@ -421,6 +421,7 @@ def test_plain_cross_entropy_losses_and_margins_come_from_one_pass(scale: float)
     assert PerSampleLoss(nn.NLLLoss()).plain_ce_ignore_index() is None
     sent: list[dict[str, object]] = []
     rec = _ce_recorder(sent, psl, flush_interval_s=10.0)
+    rec.stale_after_s = 60.0  # one flush: no hand-off of steps "left waiting" on a busy machine
     torch.manual_seed(1)
     outs, ys = [], []
     for step in range(1, 21):
